@@ -1,0 +1,402 @@
+// Per-tile kernel bodies of the CPU nca_step (csrc/cpu/nca_step.cpp).
+//
+// nca_step.cpp includes this file once per instruction set, each time inside a
+// `#pragma GCC target(...)` region and with FASTNCA_NCA_ISA naming the namespace and
+// FASTNCA_NCA_RB the rows of a GEMM register block, so the same source is compiled for
+// AVX2+FMA and for the baseline ISA and picked at run time (__builtin_cpu_supports).
+// No include guard on purpose. Types (Problem, Scratch, Partial, VecT) come from
+// nca_step.cpp; threading, chunking and the launch checks live there too.
+//
+// A tile is a segment of up to p.TW cells of one image row. All per-cell math runs in
+// small per-thread buffers ("Scratch"); rows of those buffers are cells, columns are
+// channels, padded to multiples of 8 elements so GEMM columns are whole vectors.
+
+namespace fastnca {
+namespace nca_cpu {
+namespace FASTNCA_NCA_ISA {
+
+constexpr int kRB = FASTNCA_NCA_RB;
+
+// C[R x NV*W] (init) + A[R x K] * B[K x NV*W]. A(r, k) = a[r*lda + k], or a[k*lda + r]
+// when kAT (the weight-gradient GEMMs read A transposed). B rows are ldb apart.
+// The accumulators stay in registers: R*NV vectors (12 ymm with R=6, NV=2 on AVX2).
+template <typename T, int R, int NV, int kInit, bool kAT>
+static inline void micro(int K, const T* __restrict a, int64_t lda, const T* __restrict b,
+                         int64_t ldb, T* __restrict c, int64_t ldc, const T* __restrict bias) {
+  using V = typename VecT<T>::type;
+  constexpr int W = sizeof(V) / sizeof(T);
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      if (kInit == kAccum) acc[r][j] = loadu<V>(c + r * ldc + j * W);
+      else if (kInit == kBias) acc[r][j] = loadu<V>(bias + j * W);
+      else acc[r][j] = V{};
+    }
+  for (int k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = loadu<V>(b + k * ldb + j * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T s = kAT ? a[k * lda + r] : a[r * lda + k];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * bv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) storeu(c + r * ldc + j * W, acc[r][j]);
+}
+
+template <typename T, int NV, int kInit, bool kAT, int R>
+static inline void micro_tail(int rows, int K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                              T* c, int64_t ldc, const T* bias) {
+  if constexpr (R > 0) {
+    if (rows == R) micro<T, R, NV, kInit, kAT>(K, a, lda, b, ldb, c, ldc, bias);
+    else micro_tail<T, NV, kInit, kAT, R - 1>(rows, K, a, lda, b, ldb, c, ldc, bias);
+  }
+}
+
+template <typename T, int NV, int kInit, bool kAT>
+static inline void panel(int M, int K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                         int64_t ldc, const T* bias) {
+  int i = 0;
+  for (; i + kRB <= M; i += kRB)
+    micro<T, kRB, NV, kInit, kAT>(K, a + (kAT ? i : i * lda), lda, b, ldb, c + i * ldc, ldc, bias);
+  if (i < M)
+    micro_tail<T, NV, kInit, kAT, kRB - 1>(M - i, K, a + (kAT ? i : i * lda), lda, b, ldb,
+                                            c + i * ldc, ldc, bias);
+}
+
+// C[M x N] = (0 | bias row | C) + A[M x K] B[K x N]; N is a multiple of the vector width
+// (the launcher pads every column count to 8). Column panels of 2 vectors outer, row
+// blocks inner: a K x 16 panel of B (<= 18 KB for the Med-NCA conv) stays in L1 while
+// every row block of the tile streams past it.
+template <typename T, int kInit, bool kAT>
+static void gemm(int M, int N, int K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                 int64_t ldc, const T* bias = nullptr) {
+  constexpr int W = sizeof(typename VecT<T>::type) / sizeof(T);
+  if (M <= 0) return;
+  int j = 0;
+  for (; j + 2 * W <= N; j += 2 * W)
+    panel<T, 2, kInit, kAT>(M, K, a, lda, b + j, ldb, c + j, ldc, bias ? bias + j : nullptr);
+  if (j < N) panel<T, 1, kInit, kAT>(M, K, a, lda, b + j, ldb, c + j, ldc, bias ? bias + j : nullptr);
+}
+
+// ---- tile I/O ------------------------------------------------------------------------
+
+template <typename T, int D>
+static inline T load_el(const Tensor4& t, int64_t off) {
+  return static_cast<T>(Scalar<D>::load(static_cast<const typename Scalar<D>::T*>(t.data) + off));
+}
+
+// nb[ky][xx][c] = state[b, c, pad(y+ky-1), pad(x0+xx-1)] for xx in [0, n+2): the 3-row
+// neighbourhood of the tile, channels contiguous, zeros where padding reads a zero.
+// The loop order follows the state layout (channel-inner for channels_last).
+template <typename T, int D>
+static void gather_rows(const Problem<T>& p, int64_t b, int64_t y, int64_t x0, int n,
+                        Scratch<T>& s) {
+  const int C = p.C, ncol = n + 2;
+  const Tensor4& st = p.state;
+  for (int xx = 0; xx < ncol; ++xx)
+    s.col[xx] = pad_index(static_cast<int>(x0) + xx - 1, static_cast<int>(p.W), p.padding);
+  for (int ky = 0; ky < 3; ++ky) {
+    T* dst = s.nb + static_cast<int64_t>(ky) * (p.TW + 2) * C;
+    const int yy = pad_index(static_cast<int>(y) + ky - 1, static_cast<int>(p.H), p.padding);
+    if (yy < 0) {
+      for (int e = 0; e < ncol * C; ++e) dst[e] = T(0);
+      continue;
+    }
+    const int64_t row = b * st.sB + yy * st.sH;
+    if (st.sC == 1 || st.sW != 1) {
+      for (int xx = 0; xx < ncol; ++xx) {
+        const int sx = s.col[xx];
+        T* d = dst + xx * C;
+        if (sx < 0) {
+          for (int c = 0; c < C; ++c) d[c] = T(0);
+        } else {
+          const int64_t base = row + sx * st.sW;
+          for (int c = 0; c < C; ++c) d[c] = load_el<T, D>(st, base + c * st.sC);
+        }
+      }
+    } else {
+      for (int c = 0; c < C; ++c) {
+        const int64_t base = row + c * st.sC;
+        for (int xx = 0; xx < ncol; ++xx) {
+          const int sx = s.col[xx];
+          dst[xx * C + c] = sx < 0 ? T(0) : load_el<T, D>(st, base + sx);
+        }
+      }
+    }
+  }
+}
+
+// io[i][c] (T) -> t[b, c, y, x0+i] in the storage dtype, layout-friendly loop order.
+template <typename T, int D>
+static void store_tile(const Tensor4& t, int C, int64_t b, int64_t y, int64_t x0, int n,
+                       const T* io) {
+  using S = typename Scalar<D>::T;
+  S* base = static_cast<S*>(t.data) + b * t.sB + y * t.sH + x0 * t.sW;
+  if (t.sC == 1 || t.sW != 1) {
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c) Scalar<D>::store(base + i * t.sW + c * t.sC, io[i * C + c]);
+  } else {
+    for (int c = 0; c < C; ++c)
+      for (int i = 0; i < n; ++i) Scalar<D>::store(base + c * t.sC + i, io[i * C + c]);
+  }
+}
+
+// io[i][c] = t[b, c, y, x0+i] (T), c in [c0, c0+nc), rows ld apart, for the listed cells.
+template <typename T, int D>
+static void load_cells(const Tensor4& t, int c0, int nc, int64_t b, int64_t y, int64_t x0,
+                       const int* cells, int m, T* io, int ld) {
+  const int64_t base = b * t.sB + y * t.sH + x0 * t.sW;
+  if (t.sC == 1 || t.sW != 1) {
+    for (int j = 0; j < m; ++j)
+      for (int c = 0; c < nc; ++c)
+        io[j * ld + c] = load_el<T, D>(t, base + cells[j] * t.sW + (c0 + c) * t.sC);
+  } else {
+    for (int c = 0; c < nc; ++c)
+      for (int j = 0; j < m; ++j)
+        io[j * ld + c] = load_el<T, D>(t, base + (c0 + c) * t.sC + cells[j]);
+  }
+}
+
+// ---- the shared front half: perception and hidden layer of the firing cells -------------
+
+// Fills s.A (im2col, [m][9C]), s.P ([m][LDP] = [x | conv | 0]) and s.Hb ([m][Hdp] =
+// relu(P w1^T + b1)) for the m firing cells s.idx[0..m) of the tile (nb already gathered).
+template <typename T>
+static void perceive_hidden(const Problem<T>& p, int m, Scratch<T>& s) {
+  const int C = p.C, K = p.K, C9 = 9 * C, LDP = p.LDP, nbw = p.TW + 2;
+  for (int j = 0; j < m; ++j) {
+    const int i = s.idx[j];
+    T* a = s.A + static_cast<int64_t>(j) * C9;
+    for (int ky = 0; ky < 3; ++ky)
+      for (int kx = 0; kx < 3; ++kx) {
+        const T* src = s.nb + (static_cast<int64_t>(ky) * nbw + i + kx) * C;
+        T* d = a + (ky * 3 + kx) * C;
+        for (int c = 0; c < C; ++c) d[c] = src[c];
+      }
+    const T* x = s.nb + (static_cast<int64_t>(nbw) + i + 1) * C;
+    T* prow = s.P + static_cast<int64_t>(j) * LDP;
+    for (int c = 0; c < C; ++c) prow[c] = x[c];
+  }
+  if (p.groups == 1) {
+    gemm<T, kBias, false>(m, p.Kp, C9, s.A, C9, p.wc, p.Kp, s.P + C, LDP, p.pb);
+  } else {  // depthwise: output channel o = c*F + f reads input channel c
+    const int F = p.F;
+    for (int j = 0; j < m; ++j) {
+      const T* a = s.A + static_cast<int64_t>(j) * C9;
+      T* q = s.P + static_cast<int64_t>(j) * LDP + C;
+      for (int o = 0; o < K; ++o) q[o] = p.pb[o];
+      for (int t = 0; t < 9; ++t) {
+        const T* at = a + t * C;
+        const T* wt = p.wc + t * p.Kp;
+        for (int c = 0; c < C; ++c) {
+          const T av = at[c];
+          for (int f = 0; f < F; ++f) q[c * F + f] += av * wt[c * F + f];
+        }
+      }
+    }
+  }
+  gemm<T, kBias, false>(m, p.Hdp, C + K, s.P, LDP, p.w1t, p.Hdp, s.Hb, p.Hdp, p.b1);
+  const int64_t nh = static_cast<int64_t>(m) * p.Hdp;
+  for (int64_t e = 0; e < nh; ++e) s.Hb[e] = s.Hb[e] > T(0) ? s.Hb[e] : T(0);
+}
+
+static inline int fire_list(uint64_t seed, uint64_t cell0, uint32_t step, uint32_t thr, int n,
+                            int* idx) {
+  int m = 0;
+  for (int i = 0; i < n; ++i)
+    if (fire(seed, cell0 + static_cast<uint64_t>(i), step, thr)) idx[m++] = i;
+  return m;
+}
+
+// ---- forward -----------------------------------------------------------------------------
+
+template <typename T, int D>
+static void forward_tiles(const Problem<T>& p, int64_t t0, int64_t t1, Scratch<T>& s) {
+  const int C = p.C, nbw = p.TW + 2;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (p.H * p.tiles_per_row), rem = t % (p.H * p.tiles_per_row);
+    const int64_t y = rem / p.tiles_per_row, x0 = (rem % p.tiles_per_row) * p.TW;
+    const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
+    const int m = fire_list(p.seed, static_cast<uint64_t>((b * p.H + y) * p.W + x0), p.step,
+                            p.threshold, n, s.idx);
+    gather_rows<T, D>(p, b, y, x0, n, s);
+    const T* xrow = s.nb + static_cast<int64_t>(nbw + 1) * C;  // centre row, from x0
+    for (int e = 0; e < n * C; ++e) s.io[e] = xrow[e];
+    if (m > 0 && p.Co > 0) {
+      perceive_hidden<T>(p, m, s);
+      gemm<T, kBias, false>(m, p.Cop, p.Hd, s.Hb, p.Hdp, p.w2t, p.Cop, s.Db, p.Cop, p.b2);
+      for (int j = 0; j < m; ++j) {
+        T* o = s.io + static_cast<int64_t>(s.idx[j]) * C + p.frozen;
+        const T* d = s.Db + static_cast<int64_t>(j) * p.Cop;
+        for (int c = 0; c < p.Co; ++c) o[c] += d[c];
+      }
+    }
+    store_tile<T, D>(p.out, C, b, y, x0, n, s.io);
+  }
+}
+
+// ---- backward pass 1: per firing cell, dP = d(loss)/d(perception), weight-grad partials --
+
+// Tiles [t0, t1) of image b (tile indices within the image), in order, accumulating into
+// `part` (one chunk's partial sums: the order of additions is fixed by the tile order).
+// Writes dP rows of the firing cells to the image workspace p.ws and all fire flags.
+template <typename T, int D>
+static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t t1,
+                            Scratch<T>& s, const PartialLayout& pl, T* part) {
+  const int C = p.C, K = p.K, C9 = 9 * C, LDP = p.LDP, Hdp = p.Hdp, Cop = p.Cop;
+  T* pwc = part + pl.wc;
+  T* ppb = part + pl.pb;
+  T* pw1 = part + pl.w1;
+  T* pb1 = part + pl.b1;
+  T* pw2 = part + pl.w2;
+  T* pb2 = part + pl.b2;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t y = t / p.tiles_per_row, x0 = (t % p.tiles_per_row) * p.TW;
+    const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
+    const int m = fire_list(p.seed, static_cast<uint64_t>((b * p.H + y) * p.W + x0), p.step,
+                            p.threshold, n, s.idx);
+    uint8_t* fl = p.flags + y * p.W + x0;
+    for (int i = 0; i < n; ++i) fl[i] = 0;
+    for (int j = 0; j < m; ++j) fl[s.idx[j]] = 1;
+    if (m == 0) continue;
+    gather_rows<T, D>(p, b, y, x0, n, s);
+    perceive_hidden<T>(p, m, s);
+    // gd = grad_out of the updated channels (m = 1 for every listed cell)
+    load_cells<T, D>(p.grad, p.frozen, p.Co, b, y, x0, s.idx, m, s.G, Cop);
+    // dh = gd w2; dz = dh * (z > 0) (z > 0 <=> h > 0); dP = dz w1
+    gemm<T, kZero, false>(m, Hdp, p.Co, s.G, Cop, p.w2, Hdp, s.dH, Hdp);
+    const int64_t nh = static_cast<int64_t>(m) * Hdp;
+    for (int64_t e = 0; e < nh; ++e) s.dH[e] = s.Hb[e] > T(0) ? s.dH[e] : T(0);
+    gemm<T, kZero, false>(m, LDP, p.Hd, s.dH, Hdp, p.w1, LDP, s.dP, LDP);
+    // weight-gradient partials: d_w2 += gd^T h, d_w1 += dz^T P, d_pw += patch^T dQ
+    gemm<T, kAccum, true>(p.Co, Hdp, m, s.G, Cop, s.Hb, Hdp, pw2, Hdp);
+    gemm<T, kAccum, true>(p.Hd, LDP, m, s.dH, Hdp, s.P, LDP, pw1, LDP);
+    for (int j = 0; j < m; ++j) {
+      const T* g = s.G + static_cast<int64_t>(j) * Cop;
+      for (int c = 0; c < p.Co; ++c) pb2[c] += g[c];
+      const T* dz = s.dH + static_cast<int64_t>(j) * Hdp;
+      for (int h = 0; h < p.Hd; ++h) pb1[h] += dz[h];
+      const T* dq = s.dP + static_cast<int64_t>(j) * LDP + C;
+      for (int o = 0; o < K; ++o) ppb[o] += dq[o];
+    }
+    if (p.groups == 1) {
+      gemm<T, kAccum, true>(C9, p.Kp, m, s.A, C9, s.dP + C, LDP, pwc, p.Kp);
+    } else {
+      const int F = p.F;
+      for (int j = 0; j < m; ++j) {
+        const T* a = s.A + static_cast<int64_t>(j) * C9;
+        const T* dq = s.dP + static_cast<int64_t>(j) * LDP + C;
+        for (int tap = 0; tap < 9; ++tap) {
+          T* w = pwc + tap * p.Kp;
+          for (int c = 0; c < C; ++c) {
+            const T av = a[tap * C + c];
+            for (int f = 0; f < F; ++f) w[c * F + f] += av * dq[c * F + f];
+          }
+        }
+      }
+    }
+    // dP rows (x part and conv part) to the workspace for pass 2
+    for (int j = 0; j < m; ++j) {
+      T* w = p.ws + (y * p.W + x0 + s.idx[j]) * p.LDW;
+      const T* d = s.dP + static_cast<int64_t>(j) * LDP;
+      for (int k = 0; k < C + K; ++k) w[k] = d[k];
+    }
+  }
+}
+
+// ---- backward pass 2: d_state by gathering over the inverse neighbourhood ------------------
+
+// d_state[s] = g[s] + dPx[s] + sum_tap sum_{p : tap of p reads s} dQ[p] . Wc[tap]. For each
+// source pixel and tap, the pixels p that read it through that tap are the products of the
+// per-axis inverse lists (pad_index inverted: usually one p, several at reflect/circular
+// borders and on tiny grids, none for zero padding at the edge). S[i][tap][o] sums their dQ
+// (non-firing p have dQ = 0: skipped via the flags), then one GEMM with the conv weights.
+template <typename T, int D>
+static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t t1,
+                            Scratch<T>& s) {
+  const int C = p.C, K = p.K, K9 = 9 * K, LDW = p.LDW;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t y = t / p.tiles_per_row, x0 = (t % p.tiles_per_row) * p.TW;
+    const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
+    for (int i = 0; i < n; ++i) {
+      const int64_t x = x0 + i;
+      T* srow = s.S + static_cast<int64_t>(i) * K9;
+      for (int ky = 0; ky < 3; ++ky) {
+        const int* ylo = p.inv_y + p.inv_y_off[y * 3 + ky];
+        const int* yhi = p.inv_y + p.inv_y_off[y * 3 + ky + 1];
+        for (int kx = 0; kx < 3; ++kx) {
+          const int* xlo = p.inv_x + p.inv_x_off[x * 3 + kx];
+          const int* xhi = p.inv_x + p.inv_x_off[x * 3 + kx + 1];
+          T* d = srow + (ky * 3 + kx) * K;
+          bool first = true;
+          for (const int* py = ylo; py < yhi; ++py)
+            for (const int* px = xlo; px < xhi; ++px) {
+              const int64_t q = static_cast<int64_t>(*py) * p.W + *px;
+              if (!p.flags[q]) continue;
+              const T* src = p.ws + q * LDW + C;
+              if (first) {
+                for (int o = 0; o < K; ++o) d[o] = src[o];
+              } else {
+                for (int o = 0; o < K; ++o) d[o] += src[o];
+              }
+              first = false;
+            }
+          if (first)
+            for (int o = 0; o < K; ++o) d[o] = T(0);
+        }
+      }
+    }
+    if (p.groups == 1) {
+      gemm<T, kZero, false>(n, p.Cp, K9, s.S, K9, p.wcb, p.Cp, s.dS, p.Cp);
+    } else {
+      const int F = p.F;
+      for (int i = 0; i < n; ++i) {
+        const T* srow = s.S + static_cast<int64_t>(i) * K9;
+        T* d = s.dS + static_cast<int64_t>(i) * p.Cp;
+        for (int c = 0; c < C; ++c) d[c] = T(0);
+        for (int tap = 0; tap < 9; ++tap) {
+          const T* st = srow + tap * K;
+          const T* wt = p.wc + tap * p.Kp;
+          for (int c = 0; c < C; ++c) {
+            T acc = d[c];
+            for (int f = 0; f < F; ++f) acc += st[c * F + f] * wt[c * F + f];
+            d[c] = acc;
+          }
+        }
+      }
+    }
+    // io = grad_out + dPx (firing cells) + conv-transpose part
+    int* all = s.idx;
+    for (int i = 0; i < n; ++i) all[i] = i;
+    load_cells<T, D>(p.grad, 0, C, b, y, x0, all, n, s.io, C);
+    for (int i = 0; i < n; ++i) {
+      T* o = s.io + static_cast<int64_t>(i) * C;
+      const T* d = s.dS + static_cast<int64_t>(i) * p.Cp;
+      const int64_t q = y * p.W + x0 + i;
+      if (p.flags[q]) {
+        const T* dx = p.ws + q * LDW;
+        for (int c = 0; c < C; ++c) o[c] += dx[c] + d[c];
+      } else {
+        for (int c = 0; c < C; ++c) o[c] += d[c];
+      }
+    }
+    store_tile<T, D>(p.dstate, C, b, y, x0, n, s.io);
+  }
+}
+
+template <typename T, int D>
+static Table<T> table() {
+  return Table<T>{&forward_tiles<T, D>, &backward1_tiles<T, D>, &backward2_tiles<T, D>};
+}
+
+}  // namespace FASTNCA_NCA_ISA
+}  // namespace nca_cpu
+}  // namespace fastnca
