@@ -72,7 +72,7 @@ def compare(state, weights, grad, groups, padding, p, frozen, seed=1234, step=5,
 
 # (B, C, H, W, F, groups, hidden, frozen, padding, update_prob): every padding with both
 # perception kinds, F 1..3, frozen 0/1/3, update_prob 0/0.5/1, sizes 2x2/3x5/17x31,
-# batch 1/3, C 1/3/16/32, hidden 1/7/64/128.
+# batch 1/3, C 1/3/16/32, hidden 1/7/64/128; rows longer than one tile.
 CASES = [
     (1, 1, 3, 5, 1, 1, 1, 0, "zeros", 1.0),
     (3, 1, 17, 31, 2, 1, 7, 0, "reflect", 0.5),
@@ -90,6 +90,8 @@ CASES = [
     (3, 32, 17, 31, 1, 32, 128, 0, "replicate", 0.5),
     (1, 32, 2, 2, 1, 1, 7, 0, "zeros", 0.5),
     (3, 16, 3, 5, 2, 1, 128, 0, "replicate", 0.0),
+    (2, 8, 6, 133, 2, 1, 16, 1, "reflect", 0.5),  # several tiles per row
+    (1, 8, 7, 130, 1, 8, 16, 0, "circular", 0.5),
 ]
 
 
@@ -108,6 +110,21 @@ def test_dtypes(dtype, groups, padding, channels_last):
                                 channels_last=channels_last, wdtype=wdtype)
     got = compare(state, weights, grad, groups, padding, 0.5, 1)
     assert got[0].dtype == dtype and got[1].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_baseline_isa(dtype):
+    """The portable (non-AVX2) build of the same kernels, forced through the test hook."""
+    C_ = _ext.load("_C")
+    before = C_.nca_step_cpu_set_isa("baseline")
+    try:
+        assert C_.nca_step_cpu_isa() == "baseline"
+        for groups, padding, frozen in ((1, "reflect", 1), (5, "circular", 0)):
+            state, weights, grad = make(2, 5, 6, 11, 2, groups, 13, frozen, dtype=dtype, wdtype=dtype,
+                                        seed=groups)
+            compare(state, weights, grad, groups, padding, 0.5, frozen)
+    finally:
+        C_.nca_step_cpu_set_isa("auto" if before == "avx2" else before)
 
 
 def test_weight_dtypes_are_kept():

@@ -26,9 +26,10 @@
 //  - Backward, per image, two passes:
 //    pass 1 (firing cells only): recompute P and h, dh = gd w2, dz, dP = dz w1, weight-grad
 //      partial sums of a fixed chunk of tiles; writes dP (x part and conv part dQ) to a
-//      per-image fp32 workspace [H*W][(F+1)C] plus a fire flag per cell.
+//      per-image workspace [H*W][(F+1)C] in the compute dtype (zero rows: no fire).
 //    pass 2 (every cell): d_state = g + dPx + conv-transpose of dQ as a GATHER over the
-//      inverse neighbourhood (pad_index inverted per axis), one GEMM per tile.
+//      inverse neighbourhood (pad_index inverted per axis): away from the borders a GEMM
+//      per tap straight from the workspace rows, at the borders a gather then a GEMM.
 //    Why two passes: the conv transpose at cell s needs dQ of all 9 neighbours, which
 //    belong to other tiles (and with reflect/circular padding to far-away border cells).
 //    A scatter from each firing cell would need atomics or a colouring; recomputing the
@@ -47,6 +48,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -77,6 +79,12 @@ constexpr int kPadTo = 8;        // column padding (one fp32 AVX vector, two fp6
 template <typename T> struct VecT;
 template <> struct VecT<float> { typedef float type __attribute__((vector_size(32))); };
 template <> struct VecT<double> { typedef double type __attribute__((vector_size(32))); };
+typedef int Int8x32 __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define FASTNCA_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FASTNCA_SHUF8(a, b, ...) __builtin_shuffle(a, b, Int8x32{__VA_ARGS__})
+#endif
 #else  // portable fallback: a fixed-size array the compiler may vectorise
 #define FASTNCA_FORCE_INLINE inline
 template <typename T, int N>
@@ -118,13 +126,13 @@ struct Problem {
   const T *wc, *pb, *w1t, *b1, *w2t, *b2;  // forward layouts
   const T *w2, *w1, *wcb;                  // backward layouts
   T* ws;                                   // backward: per-image dP workspace [H*W][LDW]
-  uint8_t* flags;                          // backward: per-image fire flags [H*W]
+  const uint8_t *simple_y, *simple_x;      // backward: one reader per tap (no border)
   const int *inv_y_off, *inv_y, *inv_x_off, *inv_x;  // inverse neighbourhood per axis
 };
 
 template <typename T>
 struct Scratch {
-  T *nb, *A, *P, *Hb, *Db, *G, *dH, *dP, *S, *dS, *io;
+  T *nb, *A, *P, *Hb, *Db, *G, *dH, *dP, *S, *dS, *dS2, *io;
   int *idx, *col;
 };
 
@@ -174,7 +182,7 @@ namespace fastnca {
 namespace nca_cpu {
 namespace {
 
-bool has_avx2() {
+bool cpu_has_avx2() {
 #ifdef FASTNCA_NCA_X86
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -183,7 +191,21 @@ bool has_avx2() {
 #endif
 }
 
+// Test hook: force the baseline kernels on an AVX2 machine (fastnca._C.nca_step_cpu_set_isa).
+std::atomic<bool> g_force_baseline{false};
+
+bool has_avx2() { return cpu_has_avx2() && !g_force_baseline.load(); }
+
 std::string isa_name() { return has_avx2() ? "avx2" : "baseline"; }
+
+std::string set_isa(const std::string& name) {
+  const std::string before = isa_name();
+  if (name == "baseline") g_force_baseline = true;
+  else if (name == "auto") g_force_baseline = false;
+  else if (name == "avx2" && cpu_has_avx2()) g_force_baseline = false;
+  else throw std::invalid_argument("nca_step_cpu_set_isa: '" + name + "' is not available here");
+  return before;
+}
 
 template <typename T, int D>
 Table<T> pick_table() {
@@ -255,7 +277,7 @@ struct ScratchBlock {
   ScratchBlock(const Problem<T>& p, int nthreads, bool backward) {
     const int64_t TW = p.TW, C = p.C;
     tsize = 3 * (TW + 2) * C + TW * 9 * C + TW * p.LDP + TW * p.Hdp + TW * p.Cop + TW * C;
-    if (backward) tsize += TW * p.Cop + TW * p.Hdp + TW * p.LDP + TW * 9 * p.K + TW * p.Cp;
+    if (backward) tsize += TW * p.Cop + TW * p.Hdp + TW * p.LDP + TW * 9 * p.K + 2 * TW * p.Cp;
     tsize = pad8(tsize) + 64;  // keep threads' blocks apart (no false sharing)
     isize = 2 * TW + 2 + 16;
     data.assign(static_cast<size_t>(tsize * nthreads), T(0));
@@ -278,6 +300,7 @@ struct ScratchBlock {
       s.dP = take(TW * p.LDP);
       s.S = take(TW * 9 * p.K);
       s.dS = take(TW * p.Cp);
+      s.dS2 = take(TW * p.Cp);
     }
     s.idx = ints.data() + isize * thread;
     s.col = s.idx + TW + 8;
@@ -334,8 +357,10 @@ void forward_impl(const Tensor4& state, const Tensor4& out, int dtype, const std
 }
 
 // Inverse of pad_index along one axis: for source s and tap k, the coordinates p in
-// [0, n) with pad_index(p + k - 1, n) == s, as CSR (off[s*3 + k] .. off[s*3 + k + 1]).
-void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx) {
+// [0, n) with pad_index(p + k - 1, n) == s, as CSR (off[s*3 + k] .. off[s*3 + k + 1]);
+// simple[s] = 1 when every tap k has exactly the one reader s - (k - 1).
+void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx,
+                  std::vector<uint8_t>& simple) {
   std::vector<int> count(static_cast<size_t>(3 * n) + 1, 0);
   for (int q = 0; q < n; ++q)
     for (int k = 0; k < 3; ++k) {
@@ -350,6 +375,13 @@ void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx)
     for (int k = 0; k < 3; ++k) {
       const int s = pad_index(q + k - 1, n, mode);
       if (s >= 0) idx[static_cast<size_t>(fill[static_cast<size_t>(s) * 3 + k]++)] = q;
+    }
+  simple.assign(static_cast<size_t>(n), 1);
+  for (int s = 0; s < n; ++s)
+    for (int k = 0; k < 3; ++k) {
+      const size_t a = static_cast<size_t>(off[static_cast<size_t>(s) * 3 + k]);
+      const size_t b = static_cast<size_t>(off[static_cast<size_t>(s) * 3 + k + 1]);
+      if (b - a != 1 || idx[a] != s - (k - 1)) simple[static_cast<size_t>(s)] = 0;
     }
 }
 
@@ -386,13 +418,13 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
 
   std::vector<T> partial(static_cast<size_t>(pl.size * nchunks));
   std::vector<double> acc(static_cast<size_t>(pl.size), 0.0);
-  // Not zero-filled (25 MB per 256x256 image): rows of non-firing cells are never read.
+  // Not zero-filled here (25 MB per 256x256 image): pass 1 writes every row.
   std::unique_ptr<T[]> ws(new T[static_cast<size_t>(p.H * p.W * p.LDW)]);
-  std::vector<uint8_t> flags(static_cast<size_t>(p.H * p.W), 0);
   std::vector<int> iyo, iy, ixo, ix;
-  inverse_axis(static_cast<int>(p.H), padding, iyo, iy);
-  inverse_axis(static_cast<int>(p.W), padding, ixo, ix);
-  p.ws = ws.get(); p.flags = flags.data();
+  std::vector<uint8_t> sy, sx;
+  inverse_axis(static_cast<int>(p.H), padding, iyo, iy, sy);
+  inverse_axis(static_cast<int>(p.W), padding, ixo, ix, sx);
+  p.ws = ws.get(); p.simple_y = sy.data(); p.simple_x = sx.data();
   p.inv_y_off = iyo.data(); p.inv_y = iy.data(); p.inv_x_off = ixo.data(); p.inv_x = ix.data();
   ScratchBlock<T> block(p, nt, true);
   T* part = partial.data();
@@ -455,6 +487,8 @@ FASTNCA_BINDINGS(m) {
   using namespace pybind11::literals;
   namespace py = pybind11;
   m.def("nca_step_cpu_isa", &isa_name, "Instruction set the CPU nca_step kernels run with.");
+  m.def("nca_step_cpu_set_isa", &set_isa, "name"_a,
+        "Test hook: 'baseline' forces the portable kernels, 'auto' restores; returns the previous.");
   m.def("nca_step_cpu_tile", [] { return kTileW; });
   m.def(
       "nca_step_forward",

@@ -93,12 +93,46 @@ static inline T load_el(const Tensor4& t, int64_t off) {
   return static_cast<T>(Scalar<D>::load(static_cast<const typename Scalar<D>::T*>(t.data) + off));
 }
 
+// dst[j*ldd + k] = src[k*lds + j] for j, k < 8: three shuffle stages (unpack pairs,
+// combine pairs of pairs, swap 128-bit halves). The NCHW gather spent 11% of the forward
+// in scalar transposing stores before this (Med-NCA config, update_prob 0.5).
+#ifdef FASTNCA_SHUF8
+template <typename T>
+FASTNCA_FORCE_INLINE void transpose8(const T* src, int64_t lds, T* dst, int64_t ldd) {
+  using V = typename VecT<float>::type;
+  V r[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) r[k] = loadu<V>(src + k * lds);
+  for (int a = 0; a < 4; ++a) {
+    t[2 * a] = FASTNCA_SHUF8(r[2 * a], r[2 * a + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * a + 1] = FASTNCA_SHUF8(r[2 * a], r[2 * a + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h)    // h = 0: channels 0-3 (t0..t3), 1: channels 4-7 (t4..t7)
+    for (int q = 0; q < 2; ++q) {  // q = 0: the "lo" unpacks (x 0,1,4,5), 1: "hi" (x 2,3,6,7)
+      const V& p0 = t[4 * h + q];
+      const V& p1 = t[4 * h + 2 + q];
+      u[4 * h + 2 * q] = FASTNCA_SHUF8(p0, p1, 0, 1, 8, 9, 4, 5, 12, 13);
+      u[4 * h + 2 * q + 1] = FASTNCA_SHUF8(p0, p1, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {  // u[j]: x = j and j + 4 of channels 0-3; u[4 + j]: 4-7
+    storeu(dst + j * ldd, V(FASTNCA_SHUF8(u[j], u[4 + j], 0, 1, 2, 3, 8, 9, 10, 11)));
+    storeu(dst + (j + 4) * ldd, V(FASTNCA_SHUF8(u[j], u[4 + j], 4, 5, 6, 7, 12, 13, 14, 15)));
+  }
+}
+#else
+template <typename T>
+inline void transpose8(const T* src, int64_t lds, T* dst, int64_t ldd) {
+  for (int j = 0; j < 8; ++j)
+    for (int k = 0; k < 8; ++k) dst[j * ldd + k] = src[k * lds + j];
+}
+#endif
+
 // nb[ky][xx][c] = state[b, c, pad(y+ky-1), pad(x0+xx-1)] for xx in [0, n+2): the 3-row
 // neighbourhood of the tile, channels contiguous, zeros where padding reads a zero.
 // The loop order follows the state layout (channel-inner for channels_last).
 template <typename T, int D>
 static void gather_rows(const Problem<T>& p, int64_t b, int64_t y, int64_t x0, int n,
                         Scratch<T>& s) {
+  using S = typename Scalar<D>::T;
   const int C = p.C, ncol = n + 2;
   const Tensor4& st = p.state;
   for (int xx = 0; xx < ncol; ++xx)
@@ -111,23 +145,38 @@ static void gather_rows(const Problem<T>& p, int64_t b, int64_t y, int64_t x0, i
       continue;
     }
     const int64_t row = b * st.sB + yy * st.sH;
-    if (st.sC == 1 || st.sW != 1) {
+    if (st.sW == 1 && st.sC != 1) {  // NCHW: read along x, transpose into the buffer
+      int c = 0;
+      if constexpr (D == kFloat32) {  // 8x8 register transposes of the interior columns
+        for (; c + 8 <= C; c += 8) {
+          const float* src = static_cast<const float*>(st.data) + row + c * st.sC + x0;
+          int xb = 0;
+          for (; xb + 8 <= n; xb += 8) transpose8(src + xb, st.sC, dst + (1 + xb) * C + c, C);
+          for (; xb < n; ++xb)
+            for (int k = 0; k < 8; ++k) dst[(1 + xb) * C + c + k] = src[k * st.sC + xb];
+        }
+      }
+      for (; c < C; ++c) {
+        const S* src = static_cast<const S*>(st.data) + row + c * st.sC + x0;  // no padding
+        for (int xx = 1; xx <= n; ++xx) dst[xx * C + c] = static_cast<T>(Scalar<D>::load(src + xx - 1));
+      }
+      for (int cc = 0; cc < C; ++cc)  // the two padded columns
+        for (int xx : {0, n + 1}) {
+          const int sx = s.col[xx];
+          dst[xx * C + cc] = sx < 0 ? T(0) : load_el<T, D>(st, row + cc * st.sC + sx);
+        }
+    } else {  // channels_last (sC == 1) or any other layout: channel-inner
       for (int xx = 0; xx < ncol; ++xx) {
         const int sx = s.col[xx];
         T* d = dst + xx * C;
         if (sx < 0) {
           for (int c = 0; c < C; ++c) d[c] = T(0);
+        } else if (st.sC == 1) {
+          const S* src = static_cast<const S*>(st.data) + row + sx * st.sW;
+          for (int c = 0; c < C; ++c) d[c] = static_cast<T>(Scalar<D>::load(src + c));
         } else {
           const int64_t base = row + sx * st.sW;
           for (int c = 0; c < C; ++c) d[c] = load_el<T, D>(st, base + c * st.sC);
-        }
-      }
-    } else {
-      for (int c = 0; c < C; ++c) {
-        const int64_t base = row + c * st.sC;
-        for (int xx = 0; xx < ncol; ++xx) {
-          const int sx = s.col[xx];
-          dst[xx * C + c] = sx < 0 ? T(0) : load_el<T, D>(st, base + sx);
         }
       }
     }
@@ -140,12 +189,51 @@ static void store_tile(const Tensor4& t, int C, int64_t b, int64_t y, int64_t x0
                        const T* io) {
   using S = typename Scalar<D>::T;
   S* base = static_cast<S*>(t.data) + b * t.sB + y * t.sH + x0 * t.sW;
-  if (t.sC == 1 || t.sW != 1) {
+  if (t.sC == 1) {
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c) Scalar<D>::store(base + i * t.sW + c, io[i * C + c]);
+  } else if (t.sW != 1) {
     for (int i = 0; i < n; ++i)
       for (int c = 0; c < C; ++c) Scalar<D>::store(base + i * t.sW + c * t.sC, io[i * C + c]);
   } else {
-    for (int c = 0; c < C; ++c)
+    int c = 0;
+    if constexpr (D == kFloat32) {
+      for (; c + 8 <= C; c += 8) {
+        int i = 0;
+        for (; i + 8 <= n; i += 8) transpose8(io + i * C + c, C, base + c * t.sC + i, t.sC);
+        for (; i < n; ++i)
+          for (int k = 0; k < 8; ++k) base[(c + k) * t.sC + i] = io[i * C + c + k];
+      }
+    }
+    for (; c < C; ++c)
       for (int i = 0; i < n; ++i) Scalar<D>::store(base + c * t.sC + i, io[i * C + c]);
+  }
+}
+
+// io[i][c] = t[b, c, y, x0+i] (T) for all n cells of the tile.
+template <typename T, int D>
+static void load_tile(const Tensor4& t, int C, int64_t b, int64_t y, int64_t x0, int n, T* io) {
+  using S = typename Scalar<D>::T;
+  const S* base = static_cast<const S*>(t.data) + b * t.sB + y * t.sH + x0 * t.sW;
+  if (t.sC == 1) {
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c) io[i * C + c] = static_cast<T>(Scalar<D>::load(base + i * t.sW + c));
+  } else if (t.sW != 1) {
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c)
+        io[i * C + c] = static_cast<T>(Scalar<D>::load(base + i * t.sW + c * t.sC));
+  } else {
+    int c = 0;
+    if constexpr (D == kFloat32) {
+      for (; c + 8 <= C; c += 8) {
+        int i = 0;
+        for (; i + 8 <= n; i += 8) transpose8(base + c * t.sC + i, t.sC, io + i * C + c, C);
+        for (; i < n; ++i)
+          for (int k = 0; k < 8; ++k) io[i * C + c + k] = base[(c + k) * t.sC + i];
+      }
+    }
+    for (; c < C; ++c)
+      for (int i = 0; i < n; ++i) io[i * C + c] = static_cast<T>(Scalar<D>::load(base + c * t.sC + i));
   }
 }
 
@@ -247,7 +335,8 @@ static void forward_tiles(const Problem<T>& p, int64_t t0, int64_t t1, Scratch<T
 
 // Tiles [t0, t1) of image b (tile indices within the image), in order, accumulating into
 // `part` (one chunk's partial sums: the order of additions is fixed by the tile order).
-// Writes dP rows of the firing cells to the image workspace p.ws and all fire flags.
+// Writes the dP row of every cell of the tiles to the image workspace p.ws (zeros for the
+// cells that do not fire), so pass 2 reads it without looking at the mask.
 template <typename T, int D>
 static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t t1,
                             Scratch<T>& s, const PartialLayout& pl, T* part) {
@@ -263,9 +352,8 @@ static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
     const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
     const int m = fire_list(p.seed, static_cast<uint64_t>((b * p.H + y) * p.W + x0), p.step,
                             p.threshold, n, s.idx);
-    uint8_t* fl = p.flags + y * p.W + x0;
-    for (int i = 0; i < n; ++i) fl[i] = 0;
-    for (int j = 0; j < m; ++j) fl[s.idx[j]] = 1;
+    T* wsrow = p.ws + (y * p.W + x0) * p.LDW;
+    for (int64_t e = 0; e < static_cast<int64_t>(n) * p.LDW; ++e) wsrow[e] = T(0);
     if (m == 0) continue;
     gather_rows<T, D>(p, b, y, x0, n, s);
     perceive_hidden<T>(p, m, s);
@@ -305,7 +393,7 @@ static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
     }
     // dP rows (x part and conv part) to the workspace for pass 2
     for (int j = 0; j < m; ++j) {
-      T* w = p.ws + (y * p.W + x0 + s.idx[j]) * p.LDW;
+      T* w = wsrow + static_cast<int64_t>(s.idx[j]) * p.LDW;
       const T* d = s.dP + static_cast<int64_t>(j) * LDP;
       for (int k = 0; k < C + K; ++k) w[k] = d[k];
     }
@@ -314,21 +402,29 @@ static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
 
 // ---- backward pass 2: d_state by gathering over the inverse neighbourhood ------------------
 
-// d_state[s] = g[s] + dPx[s] + sum_tap sum_{p : tap of p reads s} dQ[p] . Wc[tap]. For each
-// source pixel and tap, the pixels p that read it through that tap are the products of the
-// per-axis inverse lists (pad_index inverted: usually one p, several at reflect/circular
-// borders and on tiny grids, none for zero padding at the edge). S[i][tap][o] sums their dQ
-// (non-firing p have dQ = 0: skipped via the flags), then one GEMM with the conv weights.
+// d_state[s] = g[s] + dPx[s] + sum_tap sum_{p : tap of p reads s} dQ[p] . Wc[tap].
+// "Simple" cells (p.simple_y[y] && p.simple_x[x]: every tap has exactly the one reader
+// p = s - (ky-1, kx-1), the case away from the borders) run straight GEMMs whose A rows are
+// the workspace rows of the readers: a run of cells along x reads consecutive workspace
+// rows for each tap, so no gather at all. The other cells (borders, where reflect/circular
+// /replicate padding makes several p read one s or zero padding none; tiny grids) sum the
+// dQ of their readers (per-axis inverse lists of pad_index) into S[cell][tap][o] first.
+// Depthwise perception takes the S path everywhere (its GEMM is a per-channel dot).
 template <typename T, int D>
 static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t t1,
                             Scratch<T>& s) {
-  const int C = p.C, K = p.K, K9 = 9 * K, LDW = p.LDW;
+  const int C = p.C, K = p.K, K9 = 9 * K, LDW = p.LDW, Cp = p.Cp;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t y = t / p.tiles_per_row, x0 = (t % p.tiles_per_row) * p.TW;
     const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
-    for (int i = 0; i < n; ++i) {
-      const int64_t x = x0 + i;
-      T* srow = s.S + static_cast<int64_t>(i) * K9;
+    const bool row_simple = p.groups == 1 && p.simple_y[y];
+    int ne = 0;  // cells of the gather path, in s.idx
+    for (int i = 0; i < n; ++i)
+      if (!(row_simple && p.simple_x[x0 + i])) s.idx[ne++] = i;
+    // gather path: S rows of the listed cells, then dS2 = S Wc
+    for (int j = 0; j < ne; ++j) {
+      const int64_t x = x0 + s.idx[j];
+      T* srow = s.S + static_cast<int64_t>(j) * K9;
       for (int ky = 0; ky < 3; ++ky) {
         const int* ylo = p.inv_y + p.inv_y_off[y * 3 + ky];
         const int* yhi = p.inv_y + p.inv_y_off[y * 3 + ky + 1];
@@ -336,31 +432,22 @@ static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
           const int* xlo = p.inv_x + p.inv_x_off[x * 3 + kx];
           const int* xhi = p.inv_x + p.inv_x_off[x * 3 + kx + 1];
           T* d = srow + (ky * 3 + kx) * K;
-          bool first = true;
+          for (int o = 0; o < K; ++o) d[o] = T(0);
           for (const int* py = ylo; py < yhi; ++py)
             for (const int* px = xlo; px < xhi; ++px) {
-              const int64_t q = static_cast<int64_t>(*py) * p.W + *px;
-              if (!p.flags[q]) continue;
-              const T* src = p.ws + q * LDW + C;
-              if (first) {
-                for (int o = 0; o < K; ++o) d[o] = src[o];
-              } else {
-                for (int o = 0; o < K; ++o) d[o] += src[o];
-              }
-              first = false;
+              const T* src = p.ws + (static_cast<int64_t>(*py) * p.W + *px) * LDW + C;
+              for (int o = 0; o < K; ++o) d[o] += src[o];
             }
-          if (first)
-            for (int o = 0; o < K; ++o) d[o] = T(0);
         }
       }
     }
     if (p.groups == 1) {
-      gemm<T, kZero, false>(n, p.Cp, K9, s.S, K9, p.wcb, p.Cp, s.dS, p.Cp);
+      gemm<T, kZero, false>(ne, Cp, K9, s.S, K9, p.wcb, Cp, s.dS2, Cp);
     } else {
       const int F = p.F;
-      for (int i = 0; i < n; ++i) {
-        const T* srow = s.S + static_cast<int64_t>(i) * K9;
-        T* d = s.dS + static_cast<int64_t>(i) * p.Cp;
+      for (int j = 0; j < ne; ++j) {
+        const T* srow = s.S + static_cast<int64_t>(j) * K9;
+        T* d = s.dS2 + static_cast<int64_t>(j) * Cp;
         for (int c = 0; c < C; ++c) d[c] = T(0);
         for (int tap = 0; tap < 9; ++tap) {
           const T* st = srow + tap * K;
@@ -373,20 +460,37 @@ static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
         }
       }
     }
-    // io = grad_out + dPx (firing cells) + conv-transpose part
-    int* all = s.idx;
-    for (int i = 0; i < n; ++i) all[i] = i;
-    load_cells<T, D>(p.grad, 0, C, b, y, x0, all, n, s.io, C);
+    for (int j = 0; j < ne; ++j) {
+      const T* src = s.dS2 + static_cast<int64_t>(j) * Cp;
+      T* dst = s.dS + static_cast<int64_t>(s.idx[j]) * Cp;
+      for (int c = 0; c < C; ++c) dst[c] = src[c];
+    }
+    // direct path: runs of simple cells, one GEMM per tap accumulating into dS
+    if (row_simple) {
+      for (int i = 0; i < n;) {
+        if (!p.simple_x[x0 + i]) { ++i; continue; }
+        int e = i;
+        while (e < n && p.simple_x[x0 + e]) ++e;
+        const int64_t q0 = y * p.W + x0 + i;
+        for (int tap = 0; tap < 9; ++tap) {
+          const int64_t reader = q0 - (tap / 3 - 1) * p.W - (tap % 3 - 1);  // >= 0: simple
+          const T* a = p.ws + reader * LDW + C;
+          const T* w = p.wcb + static_cast<int64_t>(tap) * K * Cp;
+          T* c = s.dS + static_cast<int64_t>(i) * Cp;
+          if (tap == 0) gemm<T, kZero, false>(e - i, Cp, K, a, LDW, w, Cp, c, Cp);
+          else gemm<T, kAccum, false>(e - i, Cp, K, a, LDW, w, Cp, c, Cp);
+        }
+        i = e;
+      }
+    }
+    // io = grad_out + dPx (zero rows for non-firing cells) + conv-transpose part
+    load_tile<T, D>(p.grad, C, b, y, x0, n, s.io);
+    const T* dx = p.ws + (y * p.W + x0) * LDW;
     for (int i = 0; i < n; ++i) {
       T* o = s.io + static_cast<int64_t>(i) * C;
-      const T* d = s.dS + static_cast<int64_t>(i) * p.Cp;
-      const int64_t q = y * p.W + x0 + i;
-      if (p.flags[q]) {
-        const T* dx = p.ws + q * LDW;
-        for (int c = 0; c < C; ++c) o[c] += dx[c] + d[c];
-      } else {
-        for (int c = 0; c < C; ++c) o[c] += d[c];
-      }
+      const T* d = s.dS + static_cast<int64_t>(i) * Cp;
+      const T* x = dx + static_cast<int64_t>(i) * LDW;
+      for (int c = 0; c < C; ++c) o[c] += x[c] + d[c];
     }
     store_tile<T, D>(p.dstate, C, b, y, x0, n, s.io);
   }
