@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnca
+from fastnca.nn import draw_seed as _draw_seed
 
 __all__ = [
     "BackboneNCA",
@@ -47,12 +48,6 @@ __all__ = [
     "preprocess_volume",
     "synthetic_ellipses",
 ]
-
-
-def _draw_seed() -> int:
-    """A 64-bit mask seed from torch's default generator (``torch.manual_seed`` repeats runs)."""
-    lo, hi = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
-    return lo | (hi << 32)
 
 
 # --------------------------------------------------------------------------- backbone
