@@ -57,3 +57,32 @@ def test_neighborhood_attention_module():
         attn(torch.randn(2, 5, 6, 8))
     with pytest.raises(ValueError, match="divisible"):
         NeighborhoodAttention2d(10, 4)
+
+
+def test_import_without_compiled_modules():
+    """A missing fastnca._C / _C_cuda is a supported configuration: import works, backends()
+    says why, and auto-selection falls back to the reference backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['fastnca._C'] = None; sys.modules['fastnca._C_cuda'] = None\n"
+        "import torch, fastnca\n"
+        "s = fastnca.backends()\n"
+        "assert isinstance(s['cpu'], str) and 'not importable' in s['cpu'], s\n"
+        "assert isinstance(s['cuda'], str), s\n"
+        "m = fastnca.fire_mask(2, 3, 4, 0.5, seed=1)\n"
+        "x = torch.randn(1, 2, 3, 3)\n"
+        "y = fastnca.nca_step(x, torch.randn(4, 2, 3, 3), None, torch.randn(4, 6), None, torch.randn(2, 4), seed=0)\n"
+        "q = torch.randn(1, 3, 3, 1, 4)\n"
+        "o = fastnca.neighborhood_attention2d(q, q, q)\n"
+        "try:\n"
+        "    fastnca.fire_mask(1, 1, 1, 0.5, seed=0, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not importable' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('cpu backend should be unusable')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
