@@ -1,0 +1,97 @@
+"""Which backends are usable here, and which one runs a call.
+
+``backends()`` reports availability; ``resolve()`` turns the user's ``backend=`` argument
+(or ``FASTNCA_BACKEND``) into a concrete backend name for an op and a device, with an
+error that says why when the request cannot be honoured.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+OPS = ("fire_mask", "nca_step", "neighborhood_attention")
+
+# Auto-selection order per device type. The Triton interpreter is a correctness tool,
+# never auto-selected on CPU. On CUDA the order follows benchmarks/results/.
+_AUTO = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _availability(name: str) -> bool | str:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return _ext.error("_C") or True
+    if name == "cuda":
+        if _ext.load("_C_cuda") is None:
+            return "fastnca._C_cuda was not built (no CUDA toolkit at build time, or FASTNCA_CUDA=off)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return True
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton not installed (pip install fastnca[triton])"
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return "no CUDA device (set TRITON_INTERPRET=1 before import to run Triton on CPU tensors)"
+        return True
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def backends() -> dict[str, bool | str]:
+    """Backend name -> True when usable here, else a string saying why not."""
+    return {name: _availability(name) for name in BACKENDS}
+
+
+def has_kernel(backend: str, op: str) -> bool:
+    return importlib.util.find_spec(f"fastnca.kernels.{backend}.{op}") is not None
+
+
+def kernel(backend: str, op: str):
+    """The module ``fastnca.kernels.<backend>.<op>`` holding the op's kernels."""
+    return importlib.import_module(f"fastnca.kernels.{backend}.{op}")
+
+
+def _usable_on(backend: str, device: torch.device) -> bool | str:
+    status = _availability(backend)
+    if status is not True:
+        return status
+    if backend == "cpu" and device.type != "cpu":
+        return f"backend 'cpu' runs on CPU tensors, got {device.type} tensors"
+    if backend == "cuda" and device.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors, got {device.type} tensors"
+    if backend == "triton" and device.type == "cpu" and not _triton_interpret():
+        return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
+    if backend == "triton" and device.type not in ("cpu", "cuda"):
+        return f"backend 'triton' runs on CUDA tensors, got {device.type} tensors"
+    return True
+
+
+def resolve(backend: str | None, op: str, device: torch.device) -> str:
+    """Concrete backend for ``op`` on ``device``; raises with the reason when impossible."""
+    if backend is None:
+        backend = os.environ.get("FASTNCA_BACKEND") or None
+    if backend is None:
+        for name in _AUTO.get(device.type, ("reference",)):
+            if _usable_on(name, device) is True and has_kernel(name, op):
+                return name
+        return "reference"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    status = _usable_on(backend, device)
+    if status is not True:
+        raise RuntimeError(f"fastnca backend {backend!r} is not usable for {op}: {status}")
+    if not has_kernel(backend, op):
+        raise NotImplementedError(f"fastnca backend {backend!r} has no {op} kernel")
+    return backend

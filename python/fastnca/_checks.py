@@ -1,0 +1,89 @@
+"""Argument validation shared by the public ops. Every error names the argument and says
+what was expected, so a wrong call fails here and never inside a kernel."""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted too: it is the gradcheck dtype of the reference and CPU kernels.
+COMPUTE_DTYPES = FLOAT_DTYPES + (torch.float64,)
+PADDINGS = ("reflect", "zeros", "circular", "replicate")
+BORDERS = ("zeros", "mask", "circular", "shift")
+
+
+def tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def floating(x: torch.Tensor, name: str, dtypes: Iterable[torch.dtype] = COMPUTE_DTYPES) -> None:
+    dtypes = tuple(dtypes)
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}; got {str(x.dtype).replace('torch.', '')}")
+
+
+def shape(x: torch.Tensor, name: str, expected: tuple, what: str = "") -> None:
+    if tuple(x.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(x.shape)}")
+
+
+def same_device(ref: torch.Tensor, ref_name: str, **others: torch.Tensor | None) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; all inputs must share a device")
+
+
+def finite_values(x: torch.Tensor, name: str) -> None:
+    """Cheap check used only where a NaN would otherwise be silent (not on hot paths)."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def integer(x, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An int in [low, high) (Python int, numpy int or 0-dim integer tensor)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        x = int(x.item())
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    x = int(x)
+    if (low is not None and x < low) or (high is not None and x >= high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        raise ValueError(f"{name} must be in [{lo}, {hi}), got {x}")
+    return x
+
+
+def probability(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(x).__name__}")
+    x = float(x)
+    if not 0.0 <= x <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {x}")
+    return x
+
+
+def choice(x, name: str, options: tuple) -> str:
+    if x not in options:
+        raise ValueError(f"{name} must be one of {options}, got {x!r}")
+    return x
+
+
+def seed(x, name: str = "seed") -> int:
+    return integer(x, name, 0, 1 << 64)
+
+
+# Seeds span [0, 2^64) but torch.library schemas carry int64: pass them two's-complement.
+def seed_to_i64(s: int) -> int:
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def seed_from_i64(s: int) -> int:
+    return s & ((1 << 64) - 1)

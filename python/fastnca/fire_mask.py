@@ -1,0 +1,48 @@
+"""``fastnca.fire_mask``: the stochastic update mask of an NCA step.
+
+A pure function of (seed, step, b, y, x) -- Philox4x32-10 keyed by the seed, counter
+(cell index, step) -- bit-identical on every backend, so fused kernels draw it in
+registers and backward regenerates it instead of storing it (as FlashAttention does with
+dropout).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+
+
+@torch.library.custom_op("fastnca::fire_mask", mutates_args=())
+def _fire_mask_op(
+    batch: int, height: int, width: int, update_prob: float, seed: int, step: int,
+    device: torch.device, backend: str,
+) -> torch.Tensor:
+    kernel = _backend.kernel(backend, "fire_mask")
+    return kernel.fire_mask(batch, height, width, update_prob, _checks.seed_from_i64(seed), step, device)
+
+
+@_fire_mask_op.register_fake
+def _(batch, height, width, update_prob, seed, step, device, backend):
+    return torch.empty(batch, height, width, dtype=torch.bool, device=device)
+
+
+def fire_mask(
+    batch: int, height: int, width: int, update_prob: float, seed: int, step: int = 0,
+    device: torch.device | str | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """Bool mask [batch, height, width]: True where a cell updates at ``step``.
+
+    Cell (b, y, x) updates iff ``u < update_prob`` with u the top 24 bits of Philox4x32-10
+    output word 0 (key = seed, counter = ((b*H + y)*W + x, step)) times 2^-24.
+    """
+    batch = _checks.integer(batch, "batch", 0)
+    height = _checks.integer(height, "height", 0)
+    width = _checks.integer(width, "width", 0)
+    update_prob = _checks.probability(update_prob, "update_prob")
+    seed = _checks.seed(seed)
+    step = _checks.integer(step, "step", 0, 1 << 64)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    backend = _backend.resolve(backend, "fire_mask", device)
+    # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
+    return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),
+                         step & 0xFFFFFFFF, device, backend)

@@ -1,0 +1,1 @@
+"""Launchers of the C++ CPU kernels in ``fastnca._C``."""

@@ -1,0 +1,1 @@
+"""Launchers of the CUDA kernels in ``fastnca._C_cuda``."""

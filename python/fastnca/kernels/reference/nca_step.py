@@ -1,0 +1,90 @@
+"""One NCA step in plain PyTorch, written to read like the definition in DESIGN.md.
+
+Backward re-runs this forward under autograd from the saved inputs: the reference keeps
+the same memory contract as the fused kernels (only inputs are saved).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fire_mask import fire_mask
+
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _compute_dtype(state: torch.Tensor) -> torch.dtype:
+    return torch.float64 if state.dtype == torch.float64 else torch.float32
+
+
+def perceive(x, pw, pb, groups, padding):
+    """P = cat([x, conv3x3(pad(x), pw, pb)]) -- [B, (F+1)C, H, W]."""
+    conv = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=_PAD_MODE[padding]), pw, pb, groups=groups)
+    return torch.cat([x, conv], dim=1)
+
+
+def _pad_adjoint(n: int, padding: str, device, dtype) -> torch.Tensor:
+    """[n, n+2] matrix R with R[src, p] = 1 when padded index p reads source index src;
+    the adjoint of padding one axis is then d_src = R @ d_padded."""
+    r = torch.zeros(n, n + 2, dtype=dtype, device=device)
+    for p in range(-1, n + 1):
+        if 0 <= p < n:
+            src = p
+        elif padding == "reflect":
+            src = -p if p < 0 else 2 * (n - 1) - p
+        elif padding == "replicate":
+            src = 0 if p < 0 else n - 1
+        elif padding == "circular":
+            src = p % n
+        else:
+            continue  # zeros: the padded read is a constant
+        r[src, p + 1] += 1
+    return r
+
+
+def _prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step):
+    """Everything the step computes, in the compute dtype (float32, float64 for float64)."""
+    ct = _compute_dtype(state)
+    x = state.to(ct)
+    pw, pb, w1, b1, w2, b2 = (t.to(ct) for t in (pw, pb, w1, b1, w2, b2))
+    p = perceive(x, pw, pb, groups, padding)
+    z = torch.einsum("bkhw,jk->bjhw", p, w1) + b1[:, None, None]
+    h = torch.relu(z)
+    B, _, H, W = x.shape
+    m = fire_mask(B, H, W, update_prob, seed, step, x.device)[:, None].to(ct)
+    return x, (pw, pb, w1, b1, w2, b2), p, z, h, m
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    x, (_, _, _, _, w2, b2), _, _, h, m = _prepare(
+        state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step)
+    delta = torch.einsum("bjhw,cj->bchw", h, w2) + b2[:, None, None]
+    out = torch.empty_like(state)
+    out.copy_(torch.cat([x[:, :frozen], x[:, frozen:] + m * delta], dim=1))
+    return out
+
+
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    """Gradients of every input, recomputing the forward's intermediates (nothing saved)."""
+    x, (pw_, _, w1_, _, w2_, _), p, z, h, m = _prepare(
+        state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step)
+    C, H, W = x.shape[1:]
+    g = grad_out.to(x.dtype)
+    gd = g[:, frozen:] * m  # gradient of delta
+    d_w2 = torch.einsum("bchw,bjhw->cj", gd, h)
+    d_b2 = gd.sum((0, 2, 3))
+    dz = torch.einsum("bchw,cj->bjhw", gd, w2_) * (z > 0)
+    d_w1 = torch.einsum("bjhw,bkhw->jk", dz, p)
+    d_b1 = dz.sum((0, 2, 3))
+    dp = torch.einsum("bjhw,jk->bkhw", dz, w1_)
+    dconv = dp[:, C:]
+    xp = F.pad(x, (1, 1, 1, 1), mode=_PAD_MODE[padding])
+    d_pw = torch.nn.grad.conv2d_weight(xp, pw_.shape, dconv, groups=groups)
+    d_pb = dconv.sum((0, 2, 3))
+    d_xp = torch.nn.grad.conv2d_input(xp.shape, pw_, dconv, groups=groups)
+    ry = _pad_adjoint(H, padding, x.device, x.dtype)
+    rx = _pad_adjoint(W, padding, x.device, x.dtype)
+    dx = g + dp[:, :C] + torch.einsum("yp,bcpq,xq->bcyx", ry, d_xp, rx)
+    d_state = torch.empty_like(state).copy_(dx)
+    grads = (d_state, d_pw, d_pb, d_w1, d_b1, d_w2, d_b2)
+    return tuple(d.to(t.dtype) for d, t in zip(grads, (state, pw, pb, w1, b1, w2, b2)))

@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""

@@ -1,0 +1,260 @@
+"""``fastnca.nca_step`` and ``fastnca.nca_rollout``: the NCA update rule as one op.
+
+Per cell: perception P = [state | conv3x3(pad(state))], h = relu(fc1(P)), delta = fc2(h),
+new = state + fire_mask * delta on the non-frozen channels. Kernels never write P, h or
+the mask to memory; backward recomputes them from the saved inputs (and the mask from
+(seed, step)). The rollout saves only every k-th state and recomputes each segment in
+backward (k = ceil(sqrt(steps)) by default), so memory is O(sqrt(steps)) states.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _checks
+
+# ---------------------------------------------------------------------------------------
+# Custom ops. Seeds travel as two's-complement int64 (schemas have no uint64).
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastnca::nca_step", mutates_args=())
+def _nca_step_op(
+    state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, groups: int, padding: str, update_prob: float, seed: int,
+    step: int, frozen: int, backend: str,
+) -> torch.Tensor:
+    k = _backend.kernel(backend, "nca_step")
+    return k.forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob,
+                     _checks.seed_from_i64(seed), step, frozen)
+
+
+@_nca_step_op.register_fake
+def _(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, backend):
+    return torch.empty_like(state)
+
+
+@torch.library.custom_op("fastnca::nca_step_backward", mutates_args=())
+def _nca_step_backward_op(
+    grad_out: torch.Tensor, state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, groups: int,
+    padding: str, update_prob: float, seed: int, step: int, frozen: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _backend.kernel(backend, "nca_step")
+    return k.backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob,
+                      _checks.seed_from_i64(seed), step, frozen)
+
+
+@_nca_step_backward_op.register_fake
+def _(grad_out, state, pw, pb, w1, b1, w2, b2, *args):
+    return tuple(torch.empty_like(t) for t in (state, pw, pb, w1, b1, w2, b2))
+
+
+def _nca_step_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])  # the inputs only: nothing computed is kept
+    ctx.params = inputs[7:]
+
+
+def _nca_step_grad(ctx, grad_out):
+    grads = _nca_step_backward_op(grad_out, *ctx.saved_tensors, *ctx.params)
+    return (*grads, *([None] * len(ctx.params)))
+
+
+_nca_step_op.register_autograd(_nca_step_grad, setup_context=_nca_step_setup)
+
+
+def _empty_checkpoints(state: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, B, C, H, W] in the state's memory format (channels_last stays channels_last)."""
+    B, C, H, W = state.shape
+    if n > 0 and state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) \
+            and not state.is_contiguous():
+        return torch.empty(n, B, H, W, C, dtype=state.dtype, device=state.device).permute(0, 1, 4, 2, 3)
+    return torch.empty(n, B, C, H, W, dtype=state.dtype, device=state.device)
+
+
+def _segments(steps: int, every: int) -> list[tuple[int, int]]:
+    return [(s, min(s + every, steps)) for s in range(0, steps, every)]
+
+
+@torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
+def _nca_rollout_op(
+    state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, steps: int, start_step: int, every: int, keep: bool,
+    groups: int, padding: str, update_prob: float, seed: int, frozen: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = _backend.kernel(backend, "nca_step")
+    seed = _checks.seed_from_i64(seed)
+    segs = _segments(steps, every)
+    ckpt = _empty_checkpoints(state, len(segs) - 1 if keep else 0)
+    x = state
+    for j, (a, b) in enumerate(segs):
+        if keep and j > 0:
+            ckpt[j - 1].copy_(x)
+        for i in range(a, b):
+            x = k.forward(x, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed,
+                          (start_step + i) & 0xFFFFFFFF, frozen)
+    return (x.clone() if steps == 0 else x), ckpt
+
+
+@_nca_rollout_op.register_fake
+def _(state, pw, pb, w1, b1, w2, b2, steps, start_step, every, keep, *args):
+    n = len(_segments(steps, every)) - 1 if keep else 0
+    return torch.empty_like(state), _empty_checkpoints(state, n)
+
+
+@torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
+def _nca_rollout_backward_op(
+    grad_out: torch.Tensor, state: torch.Tensor, ckpt: torch.Tensor, pw: torch.Tensor,
+    pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+    steps: int, start_step: int, every: int, groups: int, padding: str, update_prob: float,
+    seed: int, frozen: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _backend.kernel(backend, "nca_step")
+    seed = _checks.seed_from_i64(seed)
+    weights = (pw, pb, w1, b1, w2, b2)
+    acc_dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
+    dweights = [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
+    g = grad_out
+    segs = _segments(steps, every)
+    for j in range(len(segs) - 1, -1, -1):
+        a, b = segs[j]
+        # Recompute the segment's states from its checkpoint (transient, not saved).
+        xs = [state if j == 0 else ckpt[j - 1]]
+        for i in range(a, b - 1):
+            xs.append(k.forward(xs[-1], *weights, groups, padding, update_prob, seed,
+                                (start_step + i) & 0xFFFFFFFF, frozen))
+        for i in range(b - 1, a - 1, -1):
+            g, *dw = k.backward(g, xs[i - a], *weights, groups, padding, update_prob, seed,
+                                (start_step + i) & 0xFFFFFFFF, frozen)
+            for acc, d in zip(dweights, dw):
+                acc += d
+        del xs
+    if steps == 0:
+        g = torch.empty_like(state).copy_(grad_out)
+    return (g, *(d.to(w.dtype) for d, w in zip(dweights, weights)))
+
+
+@_nca_rollout_backward_op.register_fake
+def _(grad_out, state, ckpt, pw, pb, w1, b1, w2, b2, *args):
+    return tuple(torch.empty_like(t) for t in (state, pw, pb, w1, b1, w2, b2))
+
+
+def _nca_rollout_setup(ctx, inputs, output):
+    state, pw, pb, w1, b1, w2, b2 = inputs[:7]
+    steps, start_step, every, keep = inputs[7:11]
+    ctx.save_for_backward(state, output[1], pw, pb, w1, b1, w2, b2)
+    ctx.params = (steps, start_step, every) + tuple(inputs[11:])
+    ctx.keep = keep
+
+
+def _nca_rollout_grad(ctx, grad_out, grad_ckpt):
+    if not ctx.keep:
+        raise RuntimeError("nca_rollout ran without keeping checkpoints (grad was disabled "
+                           "or no input required grad) but backward was called")
+    state, ckpt, *weights = ctx.saved_tensors
+    grads = _nca_rollout_backward_op(grad_out, state, ckpt, *weights, *ctx.params)
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+_nca_rollout_op.register_autograd(_nca_rollout_grad, setup_context=_nca_rollout_setup)
+
+# ---------------------------------------------------------------------------------------
+# Public functions: checks, normalisation, dispatch.
+# ---------------------------------------------------------------------------------------
+
+
+def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed,
+                         frozen):
+    _checks.tensor(state, "state", ndim=4)
+    _checks.floating(state, "state")
+    B, C, H, W = state.shape
+    if min(B, C, H, W) < 1:
+        raise ValueError(f"state must be non-empty [B, C, H, W], got shape {tuple(state.shape)}")
+    padding = _checks.choice(padding, "padding", _checks.PADDINGS)
+    if padding == "reflect" and (H < 2 or W < 2):
+        raise ValueError(f"padding='reflect' needs height and width >= 2, got state of shape {tuple(state.shape)}")
+    groups = _checks.integer(groups, "groups")
+    if groups not in (1, C):
+        raise ValueError(f"groups must be 1 or the channel count {C}, got {groups}")
+    frozen = _checks.integer(frozen, "frozen_channels", 0, C + 1)
+    update_prob = _checks.probability(update_prob, "update_prob")
+    seed = _checks.seed(seed)
+
+    _checks.tensor(pw, "perception_weight", ndim=4)
+    if pw.shape[0] % C or pw.shape[0] == 0 or tuple(pw.shape[1:]) != (C // groups, 3, 3):
+        raise ValueError(f"perception_weight must have shape [F*{C}, {C // groups}, 3, 3] (F >= 1 filters "
+                         f"per channel, groups={groups}), got {tuple(pw.shape)}")
+    nf = pw.shape[0] // C
+    _checks.tensor(w1, "fc1_weight", ndim=2)
+    if w1.shape[1] != (nf + 1) * C or w1.shape[0] < 1:
+        raise ValueError(f"fc1_weight must have shape [hidden, {(nf + 1) * C}] ((F+1)*C with F={nf}), "
+                         f"got {tuple(w1.shape)}")
+    hidden = w1.shape[0]
+    _checks.tensor(w2, "fc2_weight", ndim=2)
+    if w2.shape[1] != hidden or w2.shape[0] not in (C, C - frozen):
+        raise ValueError(f"fc2_weight must have shape [{C}, {hidden}] or [{C - frozen}, {hidden}] "
+                         f"(C or C - frozen_channels rows), got {tuple(w2.shape)}")
+    for name, b, n in (("perception_bias", pb, nf * C), ("fc1_bias", b1, hidden), ("fc2_bias", b2, w2.shape[0])):
+        if b is not None:
+            _checks.tensor(b, name, ndim=1)
+            _checks.shape(b, name, (n,))
+    for name, t in (("perception_weight", pw), ("perception_bias", pb), ("fc1_weight", w1),
+                    ("fc1_bias", b1), ("fc2_weight", w2), ("fc2_bias", b2)):
+        if t is not None:
+            _checks.floating(t, name)
+    _checks.same_device(state, "state", perception_weight=pw, perception_bias=pb, fc1_weight=w1,
+                        fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
+
+    def zeros(n, like):
+        return torch.zeros(n, dtype=like.dtype, device=like.device)
+
+    pb = zeros(nf * C, pw) if pb is None else pb
+    b1 = zeros(hidden, w1) if b1 is None else b1
+    b2 = zeros(w2.shape[0], w2) if b2 is None else b2
+    if w2.shape[0] == C and frozen:
+        w2, b2 = w2[frozen:], b2[frozen:]  # rows of frozen channels are ignored
+    return (state, pw, pb, w1, b1, w2, b2), (groups, padding, update_prob, seed, frozen)
+
+
+def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
+             fc2_bias=None, *, groups=1, padding="reflect", update_prob=0.5, seed, step=0,
+             frozen_channels=0, backend=None):
+    """One NCA update step (DESIGN.md, Op 2). Returns the new state [B, C, H, W].
+
+    Saves only its inputs for backward: perception, hidden activations and the fire mask
+    are recomputed.
+    """
+    tensors, (groups, padding, update_prob, seed, frozen) = _check_and_normalise(
+        state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+        groups, padding, update_prob, seed, frozen_channels)
+    step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
+    backend = _backend.resolve(backend, "nca_step", state.device)
+    return _nca_step_op(*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step,
+                        frozen, backend)
+
+
+def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
+                fc2_bias=None, *, steps, start_step=0, checkpoint_every=None, groups=1,
+                padding="reflect", update_prob=0.5, seed, frozen_channels=0, backend=None):
+    """``steps`` applications of :func:`nca_step` with ``step = start_step + i``.
+
+    Saves the input and every ``checkpoint_every``-th state (default ceil(sqrt(steps))) --
+    at most ceil(steps / checkpoint_every) + 1 states -- and recomputes each segment in
+    backward.
+    """
+    tensors, (groups, padding, update_prob, seed, frozen) = _check_and_normalise(
+        state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+        groups, padding, update_prob, seed, frozen_channels)
+    steps = _checks.integer(steps, "steps", 0)
+    start_step = _checks.integer(start_step, "start_step", 0, 1 << 64)
+    if checkpoint_every is None:
+        every = max(1, math.ceil(math.sqrt(steps)))
+    else:
+        every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
+    start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    backend = _backend.resolve(backend, "nca_step", state.device)
+    out, _ = _nca_rollout_op(*tensors, steps, start_step, every, keep, groups, padding,
+                             update_prob, _checks.seed_to_i64(seed), frozen, backend)
+    return out

@@ -1,0 +1,109 @@
+"""``fastnca.neighborhood_attention2d``: every cell attends to its kernel_size x kernel_size
+neighbourhood (GeCA's 3x3 local attention; NATTEN's semantics under ``border="shift"``).
+
+Forward saves q, k, v, o and the log-sum-exp; backward recomputes the probabilities
+(FlashAttention-style, D_i = <do_i, o_i>) and gathers dk, dv over each key's inverse
+neighbourhood, deterministically.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _backend, _checks
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastnca::neighborhood_attention2d", mutates_args=())
+def _na2d_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, border: str,
+    scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backend.kernel(backend, "neighborhood_attention").forward(q, k, v, kernel_size, border, scale)
+
+
+@_na2d_op.register_fake
+def _(q, k, v, kernel_size, border, scale, backend):
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return o, torch.empty(q.shape[:-1], dtype=_lse_dtype(q), device=q.device)
+
+
+@torch.library.custom_op("fastnca::neighborhood_attention2d_backward", mutates_args=())
+def _na2d_backward_op(
+    grad_o: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, kernel_size: int, border: str,
+    scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kern = _backend.kernel(backend, "neighborhood_attention")
+    return kern.backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale)
+
+
+@_na2d_backward_op.register_fake
+def _(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _na2d_setup(ctx, inputs, output):
+    q, k, v, kernel_size, border, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # the whole memory contract: q, k, v, o, lse
+    ctx.params = (kernel_size, border, scale, backend)
+
+
+def _na2d_grad(ctx, grad_o, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros_like(o)
+    dq, dk, dv = _na2d_backward_op(grad_o, grad_lse, q, k, v, o, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+_na2d_op.register_autograd(_na2d_grad, setup_context=_na2d_setup)
+
+
+def _check(query, key, value, kernel_size, border, scale):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _checks.tensor(t, name, ndim=5)
+        _checks.floating(t, name)
+    if not (query.shape == key.shape == value.shape):
+        raise ValueError("query, key and value must have the same shape [B, H, W, heads, D], got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    _checks.same_device(query, "query", key=key, value=value)
+    B, H, W, nh, D = query.shape
+    if min(B, H, W, nh, D) < 1:
+        raise ValueError(f"query must be non-empty [B, H, W, heads, D], got shape {tuple(query.shape)}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides "
+                             f"{tuple(t.stride())}; call .contiguous() or slice a packed QKV tensor on dim -2 or earlier")
+    kernel_size = _checks.integer(kernel_size, "kernel_size")
+    if kernel_size not in (3, 5, 7):
+        raise ValueError(f"kernel_size must be 3, 5 or 7 (odd, 3 is the 8-neighbourhood plus the cell), got {kernel_size}")
+    border = _checks.choice(border, "border", _checks.BORDERS)
+    if border == "shift" and (H < kernel_size or W < kernel_size):
+        raise ValueError(f"border='shift' needs height and width >= kernel_size={kernel_size}, got {H}x{W}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    return kernel_size, border, float(scale)
+
+
+def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", scale=None,
+                             return_lse=False, backend=None):
+    """Neighbourhood attention over [B, H, W, heads, D] tensors (DESIGN.md, Op 3).
+
+    Returns o [B, H, W, heads, D] in the input dtype, and with ``return_lse`` also the
+    float32 log-sum-exp [B, H, W, heads] of each query's window.
+    """
+    kernel_size, border, scale = _check(query, key, value, kernel_size, border, scale)
+    backend = _backend.resolve(backend, "neighborhood_attention", query.device)
+    o, lse = _na2d_op(query, key, value, kernel_size, border, scale, backend)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,101 @@
+"""``torch.nn`` modules over the fastnca ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .nca_step import nca_rollout
+from .neighborhood_attention import neighborhood_attention2d
+
+
+def draw_seed() -> int:
+    """A 63-bit seed from torch's default generator (``torch.manual_seed`` repeats runs)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+class NCA(nn.Module):
+    """An NCA update rule: 3x3 perception (F filter banks, full or depthwise), per-cell
+    MLP (fc1 + ReLU + fc2), stochastic residual update; ``forward`` runs a checkpointed
+    rollout.
+
+    Args:
+        channels: cell channels C.
+        hidden: hidden width of the per-cell MLP.
+        filters: F, perception filter banks per channel (Med-NCA: 2).
+        groups: 1 (full 3x3 convs, Med-NCA) or ``channels`` (depthwise, Growing-NCA style).
+        padding: "reflect", "zeros", "circular" or "replicate".
+        update_prob: probability that a cell updates at a step.
+        frozen_channels: leading channels never updated (e.g. the input image).
+        fc2_bias: whether fc2 has a bias (Med-NCA: no).
+        checkpoint_every: rollout checkpoint interval (default ceil(sqrt(steps))).
+        backend: fastnca backend, None to auto-select.
+    """
+
+    def __init__(self, channels: int, hidden: int = 128, filters: int = 2, groups: int = 1,
+                 padding: str = "reflect", update_prob: float = 0.5, frozen_channels: int = 0,
+                 fc2_bias: bool = False, checkpoint_every: int | None = None,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        if groups not in (1, channels):
+            raise ValueError(f"groups must be 1 or channels={channels}, got {groups}")
+        kw = {"device": device, "dtype": dtype}
+        self.channels, self.hidden, self.filters, self.groups = channels, hidden, filters, groups
+        self.padding, self.update_prob, self.frozen_channels = padding, update_prob, frozen_channels
+        self.checkpoint_every, self.backend = checkpoint_every, backend
+        fan_in = 9 * channels // groups
+        bound = 1 / math.sqrt(fan_in)
+        self.perception_weight = nn.Parameter(torch.empty(filters * channels, channels // groups, 3, 3, **kw).uniform_(-bound, bound))
+        self.perception_bias = nn.Parameter(torch.empty(filters * channels, **kw).uniform_(-bound, bound))
+        fc1 = nn.Linear((filters + 1) * channels, hidden, **kw)
+        self.fc1_weight, self.fc1_bias = fc1.weight, fc1.bias
+        # Zero-initialised output layer: a fresh rule leaves the state unchanged.
+        self.fc2_weight = nn.Parameter(torch.zeros(channels - frozen_channels, hidden, **kw))
+        self.fc2_bias = nn.Parameter(torch.zeros(channels - frozen_channels, **kw)) if fc2_bias else None
+
+    def forward(self, state: torch.Tensor, steps: int, seed: int | None = None,
+                start_step: int = 0) -> torch.Tensor:
+        return nca_rollout(
+            state, self.perception_weight, self.perception_bias, self.fc1_weight, self.fc1_bias,
+            self.fc2_weight, self.fc2_bias, steps=steps, start_step=start_step,
+            checkpoint_every=self.checkpoint_every, groups=self.groups, padding=self.padding,
+            update_prob=self.update_prob, seed=draw_seed() if seed is None else seed,
+            frozen_channels=self.frozen_channels, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, hidden={self.hidden}, filters={self.filters}, "
+                f"groups={self.groups}, padding={self.padding!r}, update_prob={self.update_prob}, "
+                f"frozen_channels={self.frozen_channels}")
+
+
+class NeighborhoodAttention2d(nn.Module):
+    """QKV projection, neighbourhood attention, output projection over [B, H, W, dim].
+
+    q, k and v are strided views of the one packed QKV output (no copies).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 3, border: str = "zeros",
+                 qkv_bias: bool = False, proj_bias: bool = True, scale: float | None = None,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        kw = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kernel_size, self.border, self.scale, self.backend = kernel_size, border, scale, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **kw)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, H, W, {self.dim}], got {tuple(x.shape)}")
+        B, H, W, _ = x.shape
+        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        o = neighborhood_attention2d(q, k, v, self.kernel_size, self.border, self.scale,
+                                     backend=self.backend)
+        return self.proj(o.reshape(B, H, W, self.dim))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"border={self.border!r}")
