@@ -8,7 +8,6 @@ plain autograd) that shares only the state-dict names."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -463,14 +462,12 @@ def test_tiny_model_overfits():
     t = torch.tensor([50, 200, 400, 600])
     noise = torch.randn(4, 4, 8, 8, generator=g)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
-    losses, t0 = [], time.time()
-    for it in range(80):
-        loss = d.training_losses(m, x0, t, y, noise=noise, steps=6)["loss"].mean()
+    losses = []
+    for it in range(40):  # ~1 s on an idle core; fixed count so a loaded machine is only slower
+        loss = d.training_losses(m, x0, t, y, noise=noise, steps=4)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if time.time() - t0 > 20:
-            break
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last, len(losses))
