@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnca
+from fastnca import _backend
 from fastnca.models.mednca import (
     BackboneNCA,
     MedNCA,
@@ -34,20 +35,28 @@ HIPPO = SHARED / "data" / "mednca-hippocampus"
 HIPPO_DICE, HIPPO_TOL = 0.8925, 0.005
 
 
-def _cpu_nca_available() -> bool:
-    if fastnca.backends().get("cpu") is not True:
-        return False
-    try:  # the cpu backend may be built before its nca_step kernel lands
-        s = torch.zeros(1, 2, 2, 2)
-        fastnca.nca_step(s, torch.zeros(4, 2, 3, 3), torch.zeros(4), torch.zeros(3, 6), torch.zeros(3),
-                         torch.zeros(2, 3), seed=0, backend="cpu")
-    except (ImportError, NotImplementedError, AttributeError, RuntimeError):
-        return False
-    return True
+def _model_backends():
+    """reference always; cpu, cuda and triton (on a GPU only: the interpreter is too slow for
+    whole models) when usable here with an nca_step kernel."""
+    params = [pytest.param("reference", id="reference")]
+    for name in ("cpu", "cuda", "triton"):
+        status = fastnca.backends()[name]
+        marks = [pytest.mark.gpu] if name in ("cuda", "triton") else []
+        if name == "triton" and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="triton: no GPU (the interpreter is too slow for a model test)"))
+        elif status is not True:
+            marks.append(pytest.mark.skip(reason=f"{name}: {status}"))
+        elif not _backend.has_kernel(name, "nca_step"):
+            marks.append(pytest.mark.skip(reason=f"{name} has no nca_step kernel yet"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
 
 
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    not _cpu_nca_available(), reason="cpu nca_step kernel not available"))]
+BACKENDS = _model_backends()
+
+
+def _device(backend):
+    return torch.device("cuda" if backend in ("cuda", "triton") else "cpu")
 
 
 def _n_params(module):
@@ -134,8 +143,11 @@ def test_backbone_matches_original_convention(backend):
     torch.manual_seed(1)
     x = torch.randn(2, 7, 10, C, dtype=torch.float64)  # H != W: the transposition matters
     expected = orig(x, steps).permute(0, 3, 1, 2)
-    got = ours(x.permute(0, 3, 1, 2), steps, seed=123, backend=backend)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32  # GPU kernels: no fp64
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    dev = _device(backend)
+    got = ours.to(dev, dtype)(x.permute(0, 3, 1, 2).to(dev, dtype), steps, seed=123, backend=backend)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
     # without the kernel transposition the result is different: the test can see the convention
     wrong = BackboneNCA(C, hidden, fire_rate=0.0).double()
     wrong.load_original_state_dict(orig.state_dict())
@@ -219,8 +231,10 @@ def test_hippocampus_preprocessing(hippocampus):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hippocampus_dice(hippocampus, backend):
     model, img, lab = hippocampus
+    dev = _device(backend)
+    model, img = model.to(dev), img.to(dev)
     with torch.no_grad():
-        dice = [soft_dice(torch.sigmoid(model(img, seed=s, backend=backend)), lab) for s in range(5)]
+        dice = [soft_dice(torch.sigmoid(model(img, seed=s, backend=backend)).cpu(), lab) for s in range(5)]
     assert abs(np.mean(dice) - HIPPO_DICE) < HIPPO_TOL, dice
     assert np.std(dice) < 0.005, dice  # masks differ per seed, but not by much
 
