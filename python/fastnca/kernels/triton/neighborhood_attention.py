@@ -9,22 +9,22 @@ Assumptions (the launchers enforce them):
     written by exactly one program, so gradients are bitwise reproducible.
 
 Tiling. One program owns a BLOCK_Y x BLOCK_X tile of cells of one image times BLOCK_H
-heads; the tile is a [BLOCK_M, BLOCK_D] register block with BLOCK_M = BLOCK_Y * BLOCK_X *
-BLOCK_H rows, row m = (ty * BLOCK_X + tx) * BLOCK_H + h (heads fastest, so for small D
-the rows of neighbouring heads -- adjacent in memory -- are loaded together), and D padded
-to a power of two with masks. Every window load is a gather of whole rows: the
-kernel_size^2 shifted copies of a tile overlap, so after the first they come from L1/L2
-and DRAM sees each of q, k, v, o about once (the op is memory-bound: ~36*D FLOP per
-query-head for k=3 against >= 8*D bytes in fp16). 2-D tiles (BLOCK_Y > 1) cut the
+heads, held as a [BLOCK_M, BLOCK_D] register block: BLOCK_M = BLOCK_Y * BLOCK_X * BLOCK_H
+rows, row m = (ty * BLOCK_X + tx) * BLOCK_H + h (heads fastest, so for small D the rows of
+neighbouring heads, adjacent in memory, load together), D padded to a power of two with
+masks. Every window load is a gather of whole rows through the border map; the
+kernel_size^2 shifted copies of a tile overlap, so after the first they hit L1/L2 and
+DRAM sees q, k, v and o about once each. The op is memory-bound (~36*D FLOP per
+query-head at k=3 against >= 8*D bytes in fp16); 2-D tiles (BLOCK_Y > 1) cut the
 vertical halo re-read from L2 from (1 + 2r)x to (1 + 2r / BLOCK_Y)x.
 
-Forward: online softmax over the window, the centre offset first so the running max is
-finite from the start even under border="mask" (the centre key is always inside).
-Backward: `_na2d_backward_preprocess_kernel` writes the per-(cell, head) float32
-workspace (lse_i, Di = <do_i, o_i> - dlse_i); `_na2d_backward_kernel` then, per tile,
-gathers dq over each query's window and dk, dv over each key's inverse neighbourhood
-(recomputing p_ij = exp(s_ij - lse_i) from q_i, k_j). Fusing the dq and dk/dv passes
-into one program reads each own q/k/v/do tile from DRAM once instead of twice.
+Forward: online softmax in fp32 over the window, row by row of offsets.
+Backward: `_na2d_backward_preprocess_kernel` writes a float32 workspace (lse_i,
+Di = <do_i, o_i> - dlse_i) per (cell, head); `_na2d_backward_kernel` then, per tile,
+gathers dq over each query's window and dk, dv over each key's inverse neighbourhood,
+recomputing p_ij = exp(s_ij - lse_i) from q_i and k_j. One program does both passes,
+so its own q, k, v, do tiles come from DRAM once (9 D-rows of traffic per query-head
+for the whole backward instead of 12 with separate dq and dk/dv kernels).
 
 Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca._ext).
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -62,7 +63,7 @@ def _key_index(i, a, n, R: tl.constexpr, BORDER: tl.constexpr):
 
 @triton.jit
 def _query_index(j, a, n, R: tl.constexpr, BORDER: tl.constexpr):
-    """The query coordinate that reads key j through offset a (zeros/mask/circular), or -1."""
+    """The query coordinate reading key j through offset a (zeros/mask/circular), or -1."""
     if BORDER == _CIRCULAR:
         i = (j - a + R * n) % n
     else:
@@ -73,8 +74,9 @@ def _query_index(j, a, n, R: tl.constexpr, BORDER: tl.constexpr):
 
 @triton.jit
 def _shift_query_range(j, n, R: tl.constexpr):
-    """border="shift": the queries whose clamped window holds key j form the contiguous
-    range [lo, hi] (clamp is monotone): at most 2r+1 cells inside, up to 4r+1 at edges."""
+    """border="shift": the queries whose clamped window holds key j form the range
+    [lo, hi] (clamp is monotone): 2r+1 of them inside the grid, up to 4r+1 near edges
+    (a subset of borders.h's query_range [j-2r, j+2r])."""
     lo = tl.where(j <= 2 * R, 0, j - R)
     hi = tl.where(j >= n - 1 - 2 * R, n - 1, j + R)
     return lo, hi
@@ -82,8 +84,8 @@ def _shift_query_range(j, n, R: tl.constexpr):
 
 @triton.jit
 def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's image b and per-row (y, x, head) coordinates; heads fastest in the
-    program order too, so programs sharing cells run together (L2 reuse)."""
+    """This program's image b and per-row (y, x, head) coordinates. Head tiles vary
+    fastest in the program order, so programs sharing cells run together (L2 reuse)."""
     pid = tl.program_id(0)
     n_th = tl.cdiv(NH, BLOCK_H)
     n_tx = tl.cdiv(W, BLOCK_X)
@@ -103,15 +105,26 @@ def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.co
 
 
 @triton.jit
-def _cell(y, x, sy, sx):
-    """Row offset of cell (y, x) in int64 (large batches overflow int32)."""
-    return y.to(tl.int64) * sy + x.to(tl.int64) * sx
+def _ptrs(ptr, base, y, x, sy, sx, d, sd, VEC: tl.constexpr):
+    """[BLOCK_M, BLOCK_D] pointers of the D-rows of cells (y, x); base = b*sb + h*sh (int64:
+    big batches overflow int32). The launcher proves every row offset a multiple of VEC
+    elements, so gathered rows load as 16-byte vectors even where the compiler cannot
+    see it (head stride 8, say). sd is the last-dim stride: 1 (specialised away) except
+    for a strided grad_o."""
+    off = tl.multiple_of(base + y.to(tl.int64) * sy + x.to(tl.int64) * sx, VEC)
+    return ptr + off[:, None] + d[None, :].to(tl.int64) * sd
+
+
+@triton.jit
+def _out_rows(b64, y, x, h, H, W, NH):
+    """Row index ((b*H + y)*W + x)*NH + h of the contiguous outputs and workspaces."""
+    return ((b64 * H + y) * W + x) * NH + h
 
 
 # ---- forward -------------------------------------------------------------------------
 @triton.jit
-def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_base, sky, skx, v_base, svy, svx, H, W,
-             KS: tl.constexpr, BORDER: tl.constexpr):
+def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
     """Online-softmax update with the KS keys of window row a (offsets (a, -r..r))."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
@@ -119,8 +132,8 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_base, sky, skx, v_base, svy
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = (ky >= 0) & (kx >= 0)
         m2 = (ok & inside)[:, None] & dm[None, :]
-        k = tl.load(k_base[:, None] + _cell(ky, kx, sky, skx)[:, None] + d[None, :], mask=m2, other=0.0)
-        v = tl.load(v_base[:, None] + _cell(ky, kx, svy, svx)[:, None] + d[None, :], mask=m2, other=0.0)
+        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0)
+        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0)
         s = tl.sum(q * k.to(tl.float32), 1)
         if BORDER == _MASK:
             # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
@@ -144,8 +157,8 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_base, sky, skx, v_base, svy
 def _na2d_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
-    H, W, NH, D, scale,
-    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
@@ -156,32 +169,31 @@ def _na2d_forward_kernel(
     tile_mask = ok[:, None] & dm[None, :]
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    k_base = k_ptr + b64 * skb + h64 * skh
-    v_base = v_ptr + b64 * svb + h64 * svh
-    q = tl.load((q_ptr + b64 * sqb + h64 * sqh + _cell(y, x, sqy, sqx))[:, None] + d[None, :],
-                mask=tile_mask, other=0.0).to(tl.float32) * scale
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
+    q = q.to(tl.float32) * scale
 
-    # Running max starts at -FLT_MAX, not -inf: with border="mask" a row may begin with
-    # outside keys, and -inf - -inf would be NaN.
+    # The running max starts at -FLT_MAX, not -inf: under border="mask" a window may open
+    # with outside keys, and -inf - -inf would be NaN.
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # UNROLL: the whole window unrolled lets the compiler issue all of its loads at once
-    # (k=3); for k=5/7 that hoisting spills (sm_90: 255 regs + stack at k=7), so window
-    # rows run as a loop and only the KS loads of one row are unrolled.
+    # UNROLL (k=3): the whole window unrolled lets the compiler issue all its loads at once.
+    # At k=5/7 that hoisting spills (sm_90, 8 warps: 255 regs + 6 KB stack at k=7 fwd), so
+    # window rows run as a loop and only the KS loads of one row are unrolled (128 regs).
     if UNROLL:
         for ai in tl.static_range(KS):
-            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_base, sky, skx,
-                                     v_base, svy, svx, H, W, KS, BORDER)
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
     else:
         for ai in range(KS):
-            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_base, sky, skx,
-                                     v_base, svy, svx, H, W, KS, BORDER)
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
 
-    # Outputs are contiguous: row index ((b*H + y)*W + x)*NH + h.
-    row = ((b64 * H + y) * W + x) * NH + h
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + row[:, None] * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=tile_mask)
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    out = tl.multiple_of(row * D, VEC)
+    tl.store(o_ptr + out[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=ok)
 
 
@@ -190,42 +202,42 @@ def _na2d_forward_kernel(
 def _na2d_backward_preprocess_kernel(
     o_ptr, do_ptr, lse_ptr, dlse_ptr, ws_ptr,
     sob, soy, sox, soh, sdob, sdoy, sdox, sdoh, sdod, slb, sly, slx, slh, sgb, sgy, sgx, sgh,
-    H, W, NH, D,
-    HAS_DLSE: tl.constexpr,
+    H, W, NH, D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i), float32, row = ((b*H + y)*W + x)*NH + h."""
+    """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i) in float32."""
     b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     tile_mask = ok[:, None] & (d < D)[None, :]
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    o = tl.load((o_ptr + b64 * sob + h64 * soh + _cell(y, x, soy, sox))[:, None] + d[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load((do_ptr + b64 * sdob + h64 * sdoh + _cell(y, x, sdoy, sdox))[:, None] + d[None, :].to(tl.int64) * sdod,
-                 mask=tile_mask, other=0.0)
+    o = tl.load(_ptrs(o_ptr, b64 * sob + h64 * soh, y, x, soy, sox, d, 1, VEC), mask=tile_mask, other=0.0)
+    do = tl.load(_ptrs(do_ptr, b64 * sdob + h64 * sdoh, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
     di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        di -= tl.load(dlse_ptr + b64 * sgb + h64 * sgh + _cell(y, x, sgy, sgx), mask=ok, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + b64 * slb + h64 * slh + _cell(y, x, sly, slx), mask=ok, other=0.0)
-    row = ((b64 * H + y) * W + x) * NH + h
+        dlse = tl.load(dlse_ptr + b64 * sgb + h64 * sgh + y.to(tl.int64) * sgy + x.to(tl.int64) * sgx,
+                       mask=ok, other=0.0)
+        di -= dlse.to(tl.float32)
+    lse = tl.load(lse_ptr + b64 * slb + h64 * slh + y.to(tl.int64) * sly + x.to(tl.int64) * slx, mask=ok, other=0.0)
+    row = _out_rows(b64, y, x, h, H, W, NH)
     tl.store(ws_ptr + 2 * row, lse, mask=ok)
     tl.store(ws_ptr + 2 * row + 1, di, mask=ok)
 
 
 @triton.jit
-def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_base, sky, skx, v_base, svy, svx, H, W,
-            KS: tl.constexpr, BORDER: tl.constexpr):
+def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+            H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
-    nothing (zeros border: k = 0; mask: p = 0)."""
+    nothing (zeros border: k_j = 0; mask: p_ij = 0)."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
     for bi in tl.static_range(KS):
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = ok & (ky >= 0) & (kx >= 0)
         m2 = inside[:, None] & dm[None, :]
-        k = tl.load(k_base[:, None] + _cell(ky, kx, sky, skx)[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        v = tl.load(v_base[:, None] + _cell(ky, kx, svy, svx)[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
         p = tl.where(inside, tl.exp(tl.sum(q * k, 1) - lse), 0.0)  # q carries the scale
         ds = p * (tl.sum(do * v, 1) - di)
         dq += ds[:, None] * k
@@ -233,14 +245,13 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_base, sky, skx, v_base, sv
 
 
 @triton.jit
-def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_base, sqy, sqx,
-                do_base, sdoy, sdox, sdod, ws_ptr, d, dm):
-    """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid=False add 0."""
+def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC: tl.constexpr):
+    """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0."""
     m2 = valid[:, None] & dm[None, :]
-    qi = tl.load(q_base[:, None] + _cell(iy, ix, sqy, sqx)[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    doi = tl.load(do_base[:, None] + _cell(iy, ix, sdoy, sdox)[:, None] + d[None, :].to(tl.int64) * sdod,
-                  mask=m2, other=0.0).to(tl.float32)
-    row = ((b64 * H + iy) * W + ix) * NH + h
+    qi = tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
+    doi = tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0.0).to(tl.float32)
+    row = _out_rows(b64, iy, ix, h, H, W, NH)
     lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
     di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
     p = tl.where(valid, tl.exp(tl.sum(qi * kj, 1) - lse_i), 0.0)  # kj carries the scale
@@ -251,18 +262,18 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_base, sqy, sq
 
 
 @triton.jit
-def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_base, sqy, sqx, do_base, sdoy, sdox, sdod,
-             ws_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr):
-    """dk_j, dv_j from the queries that read key j through window row a (zeros/mask/circular:
-    one query per offset; circular grids smaller than the window repeat a pair once per
+def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
+             sdoy, sdox, sdod, ws_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+    """dk_j, dv_j from the queries reading key j through window row a: one per offset for
+    zeros/mask/circular (circular grids smaller than the window repeat a pair once per
     offset, exactly as the forward counts it)."""
     R: tl.constexpr = KS // 2
     iy = _query_index(y, a, H, R, BORDER)
     for bi in tl.static_range(KS):
         ix = _query_index(x, bi - R, W, R, BORDER)
         valid = ok & (iy >= 0) & (ix >= 0)
-        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_base, sqy, sqx,
-                             do_base, sdoy, sdox, sdod, ws_ptr, d, dm)
+        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                             do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
     return dk, dv
 
 
@@ -270,8 +281,8 @@ def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_base, sqy, sqx, do
 def _na2d_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dq_ptr, dk_ptr, dv_ptr,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
-    H, W, NH, D, scale,
-    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     R: tl.constexpr = KS // 2
@@ -282,42 +293,42 @@ def _na2d_backward_kernel(
     tile_mask = ok[:, None] & dm[None, :]
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q_base = q_ptr + b64 * sqb + h64 * sqh
-    k_base = k_ptr + b64 * skb + h64 * skh
-    v_base = v_ptr + b64 * svb + h64 * svh
-    do_base = do_ptr + b64 * sdob + h64 * sdoh
-    row = ((b64 * H + y) * W + x) * NH + h
-    out_off = row[:, None] * D + d[None, :]
+    q_base = b64 * sqb + h64 * sqh
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    do_base = b64 * sdob + h64 * sdoh
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
 
-    # Pass 1, this tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
-    q = tl.load(q_base[:, None] + _cell(y, x, sqy, sqx)[:, None] + d[None, :], mask=tile_mask,
-                other=0.0).to(tl.float32) * scale
-    do = tl.load(do_base[:, None] + _cell(y, x, sdoy, sdox)[:, None] + d[None, :].to(tl.int64) * sdod,
-                 mask=tile_mask, other=0.0).to(tl.float32)
+    # Pass 1, the tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
+    q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
+    q = q.to(tl.float32) * scale
+    do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
+    do = do.to(tl.float32)
     lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
     di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if UNROLL:  # see the forward kernel
+    if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
-            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_base, sky, skx, v_base, svy, svx,
-                         H, W, KS, BORDER)
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
     else:
         for ai in range(KS):
-            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_base, sky, skx, v_base, svy, svx,
-                         H, W, KS, BORDER)
-    tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+    tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
-    # Pass 2, this tile as keys: gather over the queries whose window holds key j.
-    kj = tl.load(k_base[:, None] + _cell(y, x, sky, skx)[:, None] + d[None, :], mask=tile_mask,
-                 other=0.0).to(tl.float32) * scale
-    vj = tl.load(v_base[:, None] + _cell(y, x, svy, svx)[:, None] + d[None, :], mask=tile_mask,
-                 other=0.0).to(tl.float32)
+    # Pass 2, the tile as keys: gather over the queries whose window holds key j.
+    kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=tile_mask, other=0.0)
+    kj = kj.to(tl.float32) * scale
+    vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=tile_mask, other=0.0)
+    vj = vj.to(tl.float32)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BORDER == _SHIFT:
         # Window keys are distinct under shift, so each (query, key) pair counts once and
         # the offset need not be known: scan the per-axis query ranges. Interior tiles run
-        # (2r+1)^2 iterations, edge tiles up to (4r+1)^2 (tile-wide maximum range).
+        # (2r+1)^2 steps, edge tiles up to (4r+1)^2 (the tile-wide longest range).
         lo_y, hi_y = _shift_query_range(y, H, R)
         lo_x, hi_x = _shift_query_range(x, W, R)
         n_y = tl.max(tl.where(ok, hi_y - lo_y + 1, 0), 0)
@@ -327,18 +338,18 @@ def _na2d_backward_kernel(
             for w in range(0, n_x):
                 ix = lo_x + w
                 valid = ok & (iy <= hi_y) & (ix <= hi_x)
-                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_base, sqy, sqx,
-                                     do_base, sdoy, sdox, sdod, ws_ptr, d, dm)
+                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                                     do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
     elif UNROLL:
         for ai in tl.static_range(KS):
-            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_base, sqy, sqx,
-                              do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER)
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
     else:
         for ai in range(KS):
-            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_base, sqy, sqx,
-                              do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER)
-    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ---- launch configuration ------------------------------------------------------------
@@ -347,60 +358,79 @@ def _interpreting() -> bool:
 
 
 def _autotuning() -> bool:
-    # FASTNCA_TRITON_AUTOTUNE=0 pins the default tile (bitwise-identical results across
-    # processes; autotuning may pick a different reduction layout per process).
+    # FASTNCA_TRITON_AUTOTUNE=0 pins the default tile: bitwise-identical results across
+    # processes too (tuning may pick another tile, hence another reduction order, per process).
     return os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") not in ("", "0") and not _interpreting()
 
 
 def _head_tile(nh: int, D: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_D): D padded to a power of two (>= 2: size-1 blocks are avoided),
-    and enough heads per row group that a cell's slice spans >= 128 elements, so small-D
-    tiles still read whole 128-byte lines when the heads are adjacent in memory."""
+    """(BLOCK_H, BLOCK_D): D padded to a power of two (>= 2, no size-1 blocks) and enough
+    heads per cell that its slice spans >= 128 elements, so small-D tiles still read whole
+    lines when the heads are adjacent in memory (qkv from a Linear)."""
     block_d = max(2, triton.next_power_of_2(D))
     block_h = min(triton.next_power_of_2(nh), max(1, 128 // block_d))
     return block_h, block_d
 
 
-def _tile_configs(width: int, backward: bool) -> list[triton.Config]:
-    """Candidate (BLOCK_Y, BLOCK_X, num_warps) for a cell slice of `width` elements.
+def _vec(D: int, tensors) -> int:
+    """Largest power of two (<= 16 bytes) dividing D and every stride but the last, i.e.
+    every row offset the kernels form (base pointer alignment is Triton's own check)."""
+    g = D
+    for t in tensors:
+        g = math.gcd(g, *t.stride()[:-1])
+    vec = 1
+    while vec * 2 <= 16 // tensors[0].element_size() and g % (vec * 2) == 0:
+        vec *= 2
+    return vec
 
-    Forward keeps 4 live [BLOCK_M, BLOCK_D] fp32 blocks (q, acc, k, v), backward 6
-    (q/do/dq then k/v/dk/dv + gathered q/do): aim at 4096 (fwd) / 2048 (bwd) elements per
-    block, i.e. 16-32 fp32 registers per block and thread at 4-8 warps, which leaves room
-    for several programs per SM to keep loads in flight. Tiles of 2-4 rows trade the
-    vertical halo re-read against the horizontal one. Unmeasured on a GPU so far.
+
+def _unroll(kernel_size: int, vec: int) -> bool:
+    # Fully unrolled k=3 windows: fine with vector loads (109 regs fwd / 159 bwd on sm_90
+    # at D=64), but scalar loads (unaligned D) carry a 64-bit address per element and the
+    # hoisted loads of 9 offsets spill (fp32 D=5: 255 regs + 248 B stack).
+    return kernel_size == 3 and vec > 1
+
+
+def _tile_configs(H: int, W: int, width: int, backward: bool) -> list[triton.Config]:
+    """Candidates (BLOCK_Y, BLOCK_X, num_warps) for cells of `width` = BLOCK_H * BLOCK_D.
+
+    Budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (4 live fp32 blocks: q,
+    acc, k, v), 2048 backward (6: k/v/dk/dv + the gathered q/do), i.e. 8-16 fp32 values per
+    thread and block at 8 warps. sm_90 register counts at D=64 fp16: forward 4096 x 4 warps
+    spills (255 + stack), 8 warps 109-122 regs; backward 2048 x 8 warps 159, x 4 warps
+    186-196. Half-size tiles give more programs per SM for small grids. Tiles are capped
+    at the grid (no fully masked rows). Not yet timed on a GPU: autotuning decides.
     """
-    budget = 2048 if backward else 4096
-    cells = max(1, budget // width)
-    out = []
-    for by in (1, 2, 4):
-        bx = max(1, cells // by)
-        for nw in ((4, 8) if cells * width >= 2048 else (2, 4)):
-            out.append(triton.Config({"BLOCK_Y": by, "BLOCK_X": bx}, num_warps=nw))
+    hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+    out, seen = [], set()
+    for budget, nw in ((2048 if backward else 4096, 8), (1024 if backward else 2048, 4)):
+        cells = max(1, budget // width)
+        for by in (1, 2, 4):
+            by_ = min(by, hp)
+            bx = min(max(1, cells // by_), wp)
+            key = (by_, bx, nw)
+            if key not in seen:
+                seen.add(key)
+                out.append(triton.Config({"BLOCK_Y": by_, "BLOCK_X": bx}, num_warps=nw))
     return out
 
 
 def _default_config(H: int, W: int, width: int, backward: bool) -> dict:
     if _interpreting():
-        # The interpreter pays per program and per op, not per element: cover small grids
-        # with one tile.
+        # The interpreter pays per program and per op, not per element: one tile per image.
         return {"BLOCK_Y": min(triton.next_power_of_2(H), 8),
                 "BLOCK_X": min(triton.next_power_of_2(W), 32), "num_warps": 4}
-    cfg = _tile_configs(width, backward)[2]  # BLOCK_Y = 2, mid-size warps
+    cfg = _tile_configs(H, W, width, backward)[1]  # full budget, 2 rows, 8 warps
     return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
 
-def _unroll(kernel_size: int) -> bool:
-    return kernel_size == 3
-
-
-_AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER"]
+_AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER", "VEC"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, width: int, backward: bool):
-    # One Autotuner per (kernel, cell-slice width): the candidate list depends on width.
-    return triton.autotune(configs=_tile_configs(width, backward), key=_AUTOTUNE_KEY)(globals()[kernel_name])
+def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool):
+    # One Autotuner per candidate list (it depends on the slice width and the grid caps).
+    return triton.autotune(configs=_tile_configs(hp, wp, width, backward), key=_AUTOTUNE_KEY)(globals()[kernel_name])
 
 
 def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
@@ -409,10 +439,10 @@ def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
                 * triton.cdiv(NH, meta["BLOCK_H"]),)
 
     if _autotuning():
-        _tuned(kernel_name, width, backward)[grid](*args, **consts)
+        hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+        _tuned(kernel_name, hp, wp, width, backward)[grid](*args, **consts)
     else:
-        cfg = _default_config(H, W, width, backward)
-        globals()[kernel_name][grid](*args, **consts, **cfg)
+        globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward))
 
 
 def _check(q, k, v):
@@ -435,11 +465,12 @@ def forward(q, k, v, kernel_size, border, scale):
     o = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
     block_h, block_d = _head_tile(NH, D)
+    vec = _vec(D, (q, k, v))
     with _device_guard(q):
         _launch("_na2d_forward_kernel", False, B, H, W, NH, block_h * block_d,
-                (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, D, float(scale)),
-                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size), BLOCK_H=block_h,
-                     BLOCK_D=block_d))
+                (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D),
+                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
+                     BLOCK_H=block_h, BLOCK_D=block_d))
     return o, lse
 
 
@@ -450,25 +481,27 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     B, H, W, NH, D = q.shape
     block_h, block_d = _head_tile(NH, D)
     width = block_h * block_d
+    # grad_o's last stride may be anything (0 for the gradient of o.sum()): then no vectors.
+    vec = _vec(D, (q, k, v, o, grad_o)) if grad_o.stride(-1) == 1 else 1
     ws = torch.empty((B, H, W, NH, 2), dtype=torch.float32, device=q.device)  # (lse, Di)
     has_dlse = grad_lse is not None
-    dlse = grad_lse if has_dlse else lse  # placeholder pointer, never read
+    dlse = grad_lse if has_dlse else lse  # placeholder, never read
     dq = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     with _device_guard(q):
-        # The preprocess pass is a plain streaming reduction: fixed tile, no tuning.
-        pre = {"BLOCK_Y": 1, "BLOCK_X": max(1, 4096 // width) if not _interpreting()
-               else min(triton.next_power_of_2(W), 32), "num_warps": 4}
+        # Preprocess: a streaming reduction over o and do, one image row of cells per program.
         if _interpreting():
-            pre["BLOCK_Y"] = min(triton.next_power_of_2(H), 8)
+            pre = {"BLOCK_Y": min(triton.next_power_of_2(H), 8), "BLOCK_X": min(triton.next_power_of_2(W), 32)}
+        else:
+            pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), triton.next_power_of_2(W))}
         grid = (B * triton.cdiv(H, pre["BLOCK_Y"]) * triton.cdiv(W, pre["BLOCK_X"]) * triton.cdiv(NH, block_h),)
         _na2d_backward_preprocess_kernel[grid](
             o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
-            H, W, NH, D, HAS_DLSE=has_dlse, BLOCK_H=block_h, BLOCK_D=block_d, **pre)
+            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
         _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
                 (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
-                 *grad_o.stride(), H, W, NH, D, float(scale)),
-                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size), BLOCK_H=block_h,
-                     BLOCK_D=block_d))
+                 *grad_o.stride(), H, W, NH, float(scale), D),
+                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
+                     BLOCK_H=block_h, BLOCK_D=block_d))
     return dq, dk, dv
