@@ -23,8 +23,9 @@ Backward: `_na2d_backward_preprocess_kernel` writes a float32 workspace (lse_i,
 Di = <do_i, o_i> - dlse_i) per (cell, head); `_na2d_backward_kernel` then, per tile,
 gathers dq over each query's window and dk, dv over each key's inverse neighbourhood,
 recomputing p_ij = exp(s_ij - lse_i) from q_i and k_j. One program does both passes,
-so its own q, k, v, do tiles come from DRAM once (9 D-rows of traffic per query-head
-for the whole backward instead of 12 with separate dq and dk/dv kernels).
+so its own q, k, v, do tiles come from DRAM once: 9 D-rows of traffic per query-head for
+the whole backward (o, do; q, k, v, do; dq, dk, dv) instead of 12 for a dq kernel that
+also computes Di plus a separate dk/dv kernel.
 
 Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca._ext).
 """
@@ -394,23 +395,24 @@ def _unroll(kernel_size: int, vec: int) -> bool:
 def _tile_configs(H: int, W: int, width: int, backward: bool) -> list[triton.Config]:
     """Candidates (BLOCK_Y, BLOCK_X, num_warps) for cells of `width` = BLOCK_H * BLOCK_D.
 
-    Budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (4 live fp32 blocks: q,
-    acc, k, v), 2048 backward (6: k/v/dk/dv + the gathered q/do), i.e. 8-16 fp32 values per
-    thread and block at 8 warps. sm_90 register counts at D=64 fp16: forward 4096 x 4 warps
-    spills (255 + stack), 8 warps 109-122 regs; backward 2048 x 8 warps 159, x 4 warps
-    186-196. Half-size tiles give more programs per SM for small grids. Tiles are capped
-    at the grid (no fully masked rows). Not yet timed on a GPU: autotuning decides.
+    Full budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (live fp32 blocks q,
+    acc, k, v), 2048 backward (k/v/dk/dv + the gathered q/do), at 8 warps; then half and
+    quarter tiles at 4 warps for more resident programs. sm_90 compiles at D=64 fp16, k=3
+    (registers/thread): forward 4096 x 8 warps 111-148, 2048 x 4 warps 119-149 (4096 x 4
+    warps spills); backward 2048 x 8 warps 151, 1024 x 4 warps 158-225, 512 x 4 warps 128
+    (16 warps/SM). Tiles are capped at the grid (no program made only of padding). Not
+    yet timed on a GPU: the autotuner picks.
     """
     hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+    full = 2048 if backward else 4096
     out, seen = [], set()
-    for budget, nw in ((2048 if backward else 4096, 8), (1024 if backward else 2048, 4)):
+    for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
         cells = max(1, budget // width)
-        for by in (1, 2, 4):
+        for by in rows:
             by_ = min(by, hp)
             bx = min(max(1, cells // by_), wp)
-            key = (by_, bx, nw)
-            if key not in seen:
-                seen.add(key)
+            if (by_, bx, nw) not in seen:
+                seen.add((by_, bx, nw))
                 out.append(triton.Config({"BLOCK_Y": by_, "BLOCK_X": bx}, num_warps=nw))
     return out
 
