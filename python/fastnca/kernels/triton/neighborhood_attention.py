@@ -392,7 +392,7 @@ def _unroll(kernel_size: int, vec: int) -> bool:
     return kernel_size == 3 and vec > 1
 
 
-def _tile_configs(H: int, W: int, width: int, backward: bool) -> list[triton.Config]:
+def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> list[triton.Config]:
     """Candidates (BLOCK_Y, BLOCK_X, num_warps) for cells of `width` = BLOCK_H * BLOCK_D.
 
     Full budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (live fp32 blocks q,
@@ -400,11 +400,13 @@ def _tile_configs(H: int, W: int, width: int, backward: bool) -> list[triton.Con
     quarter tiles at 4 warps for more resident programs. sm_90 compiles at D=64 fp16, k=3
     (registers/thread): forward 4096 x 8 warps 111-148, 2048 x 4 warps 119-149 (4096 x 4
     warps spills); backward 2048 x 8 warps 151, 1024 x 4 warps 158-225, 512 x 4 warps 128
-    (16 warps/SM). Tiles are capped at the grid (no program made only of padding). Not
-    yet timed on a GPU: the autotuner picks.
+    (16 warps/SM). Unaligned rows (vec = 1) load element by element, each with a 64-bit
+    address: a quarter of the budget (fp32 D=5 forward at 4096 spills: 255 regs + stack).
+    Tiles are capped at the grid (no program made only of padding). Not yet timed on a
+    GPU: the autotuner picks.
     """
     hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
-    full = 2048 if backward else 4096
+    full = (2048 if backward else 4096) // (4 if vec == 1 else 1)
     out, seen = [], set()
     for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
         cells = max(1, budget // width)
@@ -417,12 +419,12 @@ def _tile_configs(H: int, W: int, width: int, backward: bool) -> list[triton.Con
     return out
 
 
-def _default_config(H: int, W: int, width: int, backward: bool) -> dict:
+def _default_config(H: int, W: int, width: int, backward: bool, vec: int) -> dict:
     if _interpreting():
         # The interpreter pays per program and per op, not per element: one tile per image.
         return {"BLOCK_Y": min(triton.next_power_of_2(H), 8),
                 "BLOCK_X": min(triton.next_power_of_2(W), 32), "num_warps": 4}
-    cfg = _tile_configs(H, W, width, backward)[1]  # full budget, 2 rows, 8 warps
+    cfg = _tile_configs(H, W, width, backward, vec)[1]  # full budget, 2 rows, 8 warps
     return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
 
@@ -430,9 +432,10 @@ _AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER", "VEC"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool):
-    # One Autotuner per candidate list (it depends on the slice width and the grid caps).
-    return triton.autotune(configs=_tile_configs(hp, wp, width, backward), key=_AUTOTUNE_KEY)(globals()[kernel_name])
+def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool, vec: int):
+    # One Autotuner per candidate list (it depends on the slice width, grid caps and vec).
+    configs = _tile_configs(hp, wp, width, backward, vec)
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(globals()[kernel_name])
 
 
 def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
@@ -442,9 +445,9 @@ def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
 
     if _autotuning():
         hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
-        _tuned(kernel_name, hp, wp, width, backward)[grid](*args, **consts)
+        _tuned(kernel_name, hp, wp, width, backward, consts["VEC"])[grid](*args, **consts)
     else:
-        globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward))
+        globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward, consts["VEC"]))
 
 
 def _check(q, k, v):
