@@ -1,0 +1,603 @@
+"""``nca_step`` in Triton: one fused forward kernel and a two-kernel recomputing backward.
+
+Layout and assumptions (the launchers below enforce them):
+- state / grad_out / out / d_state: [B, C, H, W] fp32, fp16 or bf16 with ANY element
+  strides (NCHW and channels_last are read in place, never copied). Compute is fp32.
+- Cells are flattened as i = (b*H + y)*W + x (the fire-mask counter); a program owns
+  BLOCK_M consecutive cells, i.e. a strip along a row that wraps onto the next rows.
+  N = B*H*W < 2^31; addresses are computed in int64.
+- Weights are re-laid out by the launcher once per call (tiny): fp32, contiguous, zero
+  padded to C_PAD = HID_PAD = next_pow2 >= 16 (tl.dot needs every dim >= 16) and FC to a
+  multiple of FC_BLK (the conv output channels are processed in FC_BLK chunks so that a
+  C=128, F=3 rule never holds a [BLOCK_M, 384] conv tile):
+    w1at [C_PAD, HID_PAD] = w1[:, :C]^T     w1bt [FC_CEIL, HID_PAD] = w1[:, C:]^T
+    w2t  [HID_PAD, C_PAD] = w2^T placed in columns frozen..C-1 (frozen columns zero)
+    b1p [HID_PAD], b2p [C_PAD] (frozen entries zero), pbp [FC_CEIL]
+    pwt  dense (groups=1):      [9, C_PAD, FC_CEIL], pwt[tap, c, o] = pw[o, c, tap]
+         depthwise (groups=C):  [9, FC_CEIL],        pwt[tap, o]    = pw[o, 0, tap]
+  Padded rows/columns are zero, so padded lanes contribute exact zeros everywhere.
+- Padding index maps are those of csrc/include/fastnca/borders.h (pad_index).
+- Matmuls use input_precision="ieee" (true fp32) unless the user enabled TF32 for
+  matmuls (torch.backends.cuda.matmul.allow_tf32), following torch's convention.
+
+Backward (nothing but the inputs is saved; everything is recomputed):
+- kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
+  tiles pid, pid+G, ... and recomputes x, conv, z, h; then gd = m*g, dz, dP. It writes
+  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and accumulates its
+  weight-grad partials into its own slot of [G, ...] buffers (read-modify-write of a
+  private slot in a fixed tile order: deterministic, no atomics).
+- kernel B (_nca_step_backward_input_kernel): per source cell, gathers dQ over the
+  inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
+  including the extra reflect/replicate/circular reads at the borders) and adds the
+  transposed conv to g + dP_x.
+- The [G, ...] partials are reduced with torch.sum(dim=0) (fixed order).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _ext
+from ._philox import fire_bits
+
+# ---------------------------------------------------------------------------------------
+# Device helpers. (Few and coarse on purpose: under TRITON_INTERPRET=1 every call of a
+# jit helper costs milliseconds, so the hot loops call none.)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pad_index(p, n, PAD: tl.constexpr):
+    """borders.h pad_index for p in [-1, n]: (source index, valid). Codes: zeros 0,
+    reflect 1, replicate 2, circular 3. For zeros the index is clamped (never read)."""
+    if PAD == 1:
+        q = tl.where(p < 0, -p, p)
+        q = tl.where(q >= n, 2 * (n - 1) - q, q)
+        ok = q == q
+    elif PAD == 2:
+        q = tl.minimum(tl.maximum(p, 0), n - 1)
+        ok = q == q
+    elif PAD == 3:
+        q = tl.where(p < 0, p + n, tl.where(p >= n, p - n, p))
+        ok = q == q
+    else:
+        ok = (p >= 0) & (p < n)
+        q = tl.where(ok, p, 0)
+    return q, ok
+
+
+@triton.jit
+def _cell_coords(offs_m, H, W):
+    hw = H * W
+    b = offs_m // hw
+    r = offs_m - b * hw
+    y = r // W
+    return b, y, r - y * W
+
+
+@triton.jit
+def _neighbours(xb, y, xx, H, W, s_h, s_w, rows, PAD: tl.constexpr):
+    """Row and column address offsets of the 3x3 padded neighbourhood of cells (y, xx):
+    rows above/centre/below (r0, r1, r2; r0 includes the batch offset xb) with validity
+    (v0, v1, v2; v1 = rows), columns left/centre/right (c0, c1, c2) with validity
+    (u0, u2). Tap (ky, kx) reads r_ky + c_kx, valid when v_ky & u_kx."""
+    ny, v0 = _pad_index(y - 1, H, PAD)
+    r0 = xb + ny.to(tl.int64) * s_h
+    ny, v2 = _pad_index(y + 1, H, PAD)
+    r2 = xb + ny.to(tl.int64) * s_h
+    r1 = xb + y.to(tl.int64) * s_h
+    nx, u0 = _pad_index(xx - 1, W, PAD)
+    c0 = nx.to(tl.int64) * s_w
+    nx, u2 = _pad_index(xx + 1, W, PAD)
+    c2 = nx.to(tl.int64) * s_w
+    c1 = xx.to(tl.int64) * s_w
+    return r0, r1, r2, rows & v0, rows, rows & v2, c0, c1, c2, u0, u2
+
+
+@triton.jit
+def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
+    """Fire mask of cells offs_m as fp32 0/1, bit-identical to fastnca.fire_mask."""
+    bits = fire_bits(offs_m.to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
+                     step_lo.to(tl.uint32))
+    return (bits < threshold.to(tl.uint32)).to(tl.float32)
+
+
+@triton.jit
+def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_f, fmask,
+                pw_ptr, pb_ptr, dq, dpw_ptr,
+                F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+                BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
+                DOT_PREC: tl.constexpr, ACC_DPW: tl.constexpr):
+    """conv[m, o] for the FC_BLK output channels offs_f (bias included).
+
+    Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
+    a strip touches stay in L1/L2). With ACC_DPW (backward) the same tile also feeds
+    d_pw[tap] += dq^T @ tile, read-modify-written in this program's private slot."""
+    conv = tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32)
+    if DEPTHWISE:
+        ch = (offs_f // F).to(tl.int64) * s_c  # groups=C: output channel o reads o // F
+        chmask = fmask
+    else:
+        ch = offs_c.to(tl.int64) * s_c
+        chmask = cmask
+    for ky in tl.static_range(3):
+        if ky == 0:
+            ro = r0
+            rv = v0
+        elif ky == 1:
+            ro = r1
+            rv = v1
+        else:
+            ro = r2
+            rv = v2
+        for kx in tl.static_range(3):
+            if kx == 0:
+                off = ro + c0
+                ok = rv & u0
+            elif kx == 1:
+                off = ro + c1
+                ok = rv
+            else:
+                off = ro + c2
+                ok = rv & u2
+            tap = ky * 3 + kx
+            t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
+                        other=0.0).to(tl.float32)
+            if DEPTHWISE:
+                conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
+                if ACC_DPW:
+                    p_pw = dpw_ptr + tap * FC_CEIL + offs_f
+                    tl.store(p_pw, tl.load(p_pw) + tl.sum(dq * t, axis=0))
+            else:
+                w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
+                conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
+                if ACC_DPW:
+                    p_pw = dpw_ptr + tap * FC_CEIL * C_PAD + offs_f[:, None] * C_PAD + offs_c[None, :]
+                    tl.store(p_pw, tl.dot(tl.trans(dq), t, tl.load(p_pw), input_precision=DOT_PREC))
+    return conv + tl.load(pb_ptr + offs_f)[None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
+def _nca_step_forward_kernel(
+    x_ptr, out_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
+    seed_lo, seed_hi, step_lo, threshold,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, FROZEN: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < N
+    b, y, xx = _cell_coords(offs_m, H, W)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    offs_h = tl.arange(0, HID_PAD)
+    io_mask = rows[:, None] & cmask[None, :]
+    r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
+                                                             s_h, s_w, rows, PAD)
+
+    x = tl.load(x_ptr + (r1 + c1)[:, None] + offs_c.to(tl.int64)[None, :] * s_c,
+                mask=io_mask, other=0.0).to(tl.float32)
+    # z = x @ W1a^T + conv @ W1b^T: the conv is produced FC_BLK channels at a time and
+    # consumed at once, so the perception P never exists as a whole.
+    z = tl.dot(x, tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]),
+               input_precision=DOT_PREC)
+    for f0 in range(0, FC, FC_BLK):
+        offs_f = f0 + tl.arange(0, FC_BLK)
+        conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                           offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+        z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
+    h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+    delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]),
+                   input_precision=DOT_PREC)
+    delta += tl.load(b2_ptr + offs_c)[None, :]
+    m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+    new = tl.where(offs_c[None, :] >= FROZEN, x + m[:, None] * delta, x)
+    ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+    tl.store(out_ptr + ob[:, None] + offs_c.to(tl.int64)[None, :] * o_c,
+             new.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _forward_prune(configs, named_args, **kwargs):
+    """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
+    would need more than ~128 registers per thread (spills)."""
+    a = {**named_args, **kwargs}
+    width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
+    return keep or configs[:1]
+
+
+# Untuned starting set (no GPU was available when this was written): strips of 32-128
+# cells, 4 or 8 warps, no software pipelining (num_stages=1: the chunk loop is short and
+# extra stages would only multiply the shared-memory staging of the dot operands).
+_nca_step_forward_kernel_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+             for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
+    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC"],
+    prune_configs_by={"early_config_prune": _forward_prune},
+)(_nca_step_forward_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
+def _nca_step_backward_cell_kernel(
+    g_ptr, x_ptr, ws_ptr,
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr,
+    N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
+    seed_lo, seed_hi, step_lo, threshold,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, FROZEN: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    slot = pid.to(tl.int64)
+    dw1a_ptr += slot * (HID_PAD * C_PAD)
+    dw1b_ptr += slot * (HID_PAD * FC_CEIL)
+    db1_ptr += slot * HID_PAD
+    dw2_ptr += slot * (C_PAD * HID_PAD)
+    db2_ptr += slot * C_PAD
+    if DEPTHWISE:
+        dpw_ptr += slot * (9 * FC_CEIL)
+    else:
+        dpw_ptr += slot * (9 * FC_CEIL * C_PAD)
+    dpb_ptr += slot * FC_CEIL
+
+    K1 = C + FC  # workspace row: [g + dP_x (C) | dQ (FC)]
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    offs_h = tl.arange(0, HID_PAD)
+    for tile in range(pid, num_tiles, nprog):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < N
+        b, y, xx = _cell_coords(offs_m, H, W)
+        io_mask = rows[:, None] & cmask[None, :]
+        ws_row = offs_m.to(tl.int64) * K1
+        r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
+                                                                 s_h, s_w, rows, PAD)
+
+        # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
+        x = tl.load(x_ptr + (r1 + c1)[:, None] + offs_c.to(tl.int64)[None, :] * s_c,
+                    mask=io_mask, other=0.0).to(tl.float32)
+        z = tl.dot(x, tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]),
+                   input_precision=DOT_PREC)
+        for f0 in range(0, FC, FC_BLK):
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                               offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, dpw_ptr,
+                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+            z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                       input_precision=DOT_PREC)
+        h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+
+        # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows)
+        g = tl.load(g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
+                    + offs_c.to(tl.int64)[None, :] * g_c, mask=io_mask, other=0.0).to(tl.float32)
+        m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+        gd = tl.where(offs_c[None, :] >= FROZEN, g * m[:, None], 0.0)
+
+        # (distinct pointer names: a name reassigned inside a later loop with another
+        # shape would become an ill-typed loop-carried value for the compiler)
+        p_w2 = dw2_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]
+        tl.store(p_w2, tl.dot(tl.trans(gd), h, tl.load(p_w2), input_precision=DOT_PREC))
+        p_b2 = db2_ptr + offs_c
+        tl.store(p_b2, tl.load(p_b2) + tl.sum(gd, axis=0))
+
+        dh = tl.dot(gd, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_c[:, None]),
+                    input_precision=DOT_PREC)
+        dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
+        p_b1 = db1_ptr + offs_h
+        tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
+        p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]
+        tl.store(p_w1a, tl.dot(tl.trans(dz), x, tl.load(p_w1a), input_precision=DOT_PREC))
+
+        # direct part of d_state: g + dP[:, :C]
+        dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_c[None, :] * HID_PAD), g,
+                     input_precision=DOT_PREC)
+        tl.store(ws_ptr + ws_row[:, None] + offs_c[None, :], dpx, mask=io_mask)
+
+        # ---- conv part: dQ = dz @ W1b per chunk; d_w1b, d_pb, d_pw partials
+        for f0 in range(0, FC, FC_BLK):
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            fmask = offs_f < FC
+            dq = tl.dot(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]),
+                        input_precision=DOT_PREC)
+            tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
+                     mask=rows[:, None] & fmask[None, :])
+            p_pb = dpb_ptr + offs_f
+            tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
+            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                               offs_f, fmask, pw_ptr, pb_ptr, dq, dpw_ptr,
+                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, True)
+            p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
+            tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
+        # The next tile re-reads this tile's partial slots, whose elements may live in other
+        # threads than the ones that stored them: make the stores visible CTA-wide.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _readers(s, n, rows, PAD: tl.constexpr):
+    """Inverse neighbourhood along one axis: the output coordinates that read source
+    coordinate s through tap k (offset k - 1). In-grid reader d_k = s - (k - 1); for
+    k = 0 / 2 also the border reader e = 0 / n-1, whose OUT-of-grid read (-1 / n) the
+    padding maps onto s (never for zeros). On tiny grids several readers (and several
+    taps of one reader) can hit the same source: each is a separate read, all are summed.
+    Returns (d0, d1, d2, e0, e2) and their validity (dv0, dv1, dv2, ev0, ev2)."""
+    zero = tl.zeros_like(s)
+    lo, lo_ok = _pad_index(zero - 1, n, PAD)
+    hi, hi_ok = _pad_index(zero + n, n, PAD)
+    return (s + 1, s, s - 1, zero, zero + (n - 1),
+            rows & (s + 1 < n), rows, rows & (s >= 1), rows & lo_ok & (s == lo), rows & hi_ok & (s == hi))
+
+
+@triton.jit
+def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
+                BORDER_Y: tl.constexpr, BORDER_X: tl.constexpr, PAD: tl.constexpr):
+    """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell
+    through one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates."""
+    cm = colmask[None, :]
+    acc = tl.load(ws_ptr + ((yd + xd) * K1)[:, None] + cols[None, :], mask=(yv & xv)[:, None] & cm, other=0.0)
+    if PAD != 0:  # zeros padding has no border readers
+        if BORDER_X:
+            acc += tl.load(ws_ptr + ((yd + xb) * K1)[:, None] + cols[None, :], mask=(yv & xbv)[:, None] & cm,
+                           other=0.0)
+        if BORDER_Y:
+            acc += tl.load(ws_ptr + ((yb + xd) * K1)[:, None] + cols[None, :], mask=(ybv & xv)[:, None] & cm,
+                           other=0.0)
+            if BORDER_X:
+                acc += tl.load(ws_ptr + ((yb + xb) * K1)[:, None] + cols[None, :],
+                               mask=(ybv & xbv)[:, None] & cm, other=0.0)
+    return acc
+
+
+@triton.jit
+def _nca_step_backward_input_kernel(
+    ws_ptr, pw_ptr, dx_ptr, N, H, W, d_b, d_c, d_h, d_w,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
+    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
+    dQ from the readers of each source cell (no atomics)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < N
+    b, y, xx = _cell_coords(offs_m, H, W)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    K1 = C + FC
+    io_mask = rows[:, None] & cmask[None, :]
+    acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask, other=0.0)
+
+    cb = b.to(tl.int64) * H
+    yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2 = _readers(y, H, rows, PAD)
+    yd0 = (cb + yd0) * W  # cell-row bases
+    yd1 = (cb + yd1) * W
+    yd2 = (cb + yd2) * W
+    yb0 = (cb + yb0) * W
+    yb2 = (cb + yb2) * W
+    xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2 = _readers(xx, W, rows, PAD)
+    for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
+        offs_f = f0 + tl.arange(0, FC_BLK)
+        fmask = offs_f < FC
+        for ky in tl.static_range(3):
+            if ky == 0:
+                yd = yd0
+                yv = yv0
+                yb = yb0
+                ybv = ybv0
+            elif ky == 1:
+                yd = yd1
+                yv = yv1
+                yb = yd1
+                ybv = yv1
+            else:
+                yd = yd2
+                yv = yv2
+                yb = yb2
+                ybv = ybv2
+            for kx in tl.static_range(3):
+                if kx == 0:
+                    xd = xd0
+                    xv = xv0
+                    xb = xb0
+                    xbv = xbv0
+                elif kx == 1:
+                    xd = xd1
+                    xv = xv1
+                    xb = xd1
+                    xbv = xv1
+                else:
+                    xd = xd2
+                    xv = xv2
+                    xb = xb2
+                    xbv = xbv2
+                tap = ky * 3 + kx
+                if DEPTHWISE:
+                    for f in tl.static_range(F):
+                        o = offs_c * F + f  # the output channels that read input channel c
+                        gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1,
+                                         ky != 1, kx != 1, PAD)
+                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
+                else:
+                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1,
+                                     ky != 1, kx != 1, PAD)
+                    w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
+                                + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
+                    acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
+    db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
+    tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
+             acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_FC_BLK_MAX = 64  # conv channels per chunk: [BLOCK_M, 64] conv tile + [C_PAD, 64] weights
+_PARTIAL_BUDGET = 256 << 20  # bytes of backward weight-grad partials (all programs)
+_sm_count: dict = {}
+# Under TRITON_INTERPRET=1 the cost is per interpreted op, not per element: big strips,
+# few programs (still > 1 tile per backward program, so the persistent loop is tested).
+_INTERPRET_BLOCK_M, _INTERPRET_PROGRAMS = 256, 3
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _dot_precision() -> str:
+    # "ieee": true fp32 products (FMA path). TF32 tensor cores only when the user opted in
+    # for matmuls, like torch (the default there is off).
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+class _Rule:
+    """The rule's weights re-laid out for the kernels, and the constexpr sizes."""
+
+    def __init__(self, state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
+        if state.dtype not in _SUPPORTED:
+            raise TypeError(f"triton nca_step supports float32, float16 and bfloat16 states, got {state.dtype}")
+        B, C, H, W = state.shape
+        if B * H * W >= 2 ** 31:
+            raise ValueError(f"triton nca_step needs B*H*W < 2^31 cells, got {B * H * W}")
+        dev = state.device
+        FC, hid = pw.shape[0], w1.shape[0]
+        self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
+        self.C_PAD, self.HID_PAD = _pow2(C), _pow2(hid)
+        self.FC_BLK = min(_pow2(FC), _FC_BLK_MAX)
+        self.FC_CEIL = triton.cdiv(FC, self.FC_BLK) * self.FC_BLK
+        self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
+        self.PAD = _ext.PADDING_CODES[padding]
+        f32 = dict(dtype=torch.float32, device=dev)
+        w1 = w1.to(torch.float32)
+        self.w1at = torch.zeros(self.C_PAD, self.HID_PAD, **f32)
+        self.w1at[:C, :hid] = w1[:, :C].T
+        self.w1bt = torch.zeros(self.FC_CEIL, self.HID_PAD, **f32)
+        self.w1bt[:FC, :hid] = w1[:, C:].T
+        self.b1 = torch.zeros(self.HID_PAD, **f32)
+        self.b1[:hid] = b1
+        self.w2t = torch.zeros(self.HID_PAD, self.C_PAD, **f32)
+        self.w2t[:hid, frozen:C] = w2.to(torch.float32).T
+        self.b2 = torch.zeros(self.C_PAD, **f32)
+        self.b2[frozen:C] = b2
+        taps = pw.to(torch.float32).reshape(FC, -1, 9)  # [o, c, tap]
+        if self.DEPTHWISE:
+            self.pwt = torch.zeros(9, self.FC_CEIL, **f32)
+            self.pwt[:, :FC] = taps[:, 0, :].T
+        else:
+            self.pwt = torch.zeros(9, self.C_PAD, self.FC_CEIL, **f32)
+            self.pwt[:, :C, :FC] = taps.permute(2, 1, 0)
+        self.pb = torch.zeros(self.FC_CEIL, **f32)
+        self.pb[:FC] = pb
+
+    def weights(self):
+        return (self.w1at, self.w1bt, self.b1, self.w2t, self.b2, self.pwt, self.pb)
+
+    def constexprs(self):
+        return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID, FROZEN=self.FROZEN,
+                    C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, FC_BLK=self.FC_BLK,
+                    FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD, DOT_PREC=_dot_precision())
+
+
+def _fire_args(update_prob, seed, step):
+    return (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, _ext.fire_threshold(update_prob))
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    B, C, H, W = state.shape
+    N = B * H * W
+    out = torch.empty_like(state)
+    args = (state, out, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
+            *_fire_args(update_prob, seed, step))
+    if _interpreting(state.device):
+        _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
+            *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
+    else:
+        with torch.cuda.device(state.device):
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
+            _nca_step_forward_kernel_autotuned[grid](*args, **rule.constexprs())
+    return out
+
+
+def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
+    """(BLOCK_M, num_warps, programs) for the backward. Not autotuned on purpose: the
+    tile partition fixes the partial-sum order, so it must be a pure function of the
+    shapes and the device for grads to be bitwise reproducible across processes."""
+    if _interpreting(device):
+        block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
+    else:
+        # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
+        block_m = 32 if rule.HID_PAD >= 256 or rule.C_PAD >= 128 else 64
+        warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
+        if device.index not in _sm_count:
+            _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * _sm_count[device.index]
+    slot = 4 * (rule.HID_PAD * (rule.C_PAD + rule.FC_CEIL) + rule.HID_PAD + rule.C_PAD * (rule.HID_PAD + 1)
+                + rule.FC_CEIL * (9 * (1 if rule.DEPTHWISE else rule.C_PAD) + 1))
+    programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // slot))
+    return block_m, warps, programs
+
+
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    B, C, H, W = state.shape
+    N = B * H * W
+    dev = state.device
+    block_m, warps, G = _backward_tiling(rule, dev, N)
+    f32 = dict(dtype=torch.float32, device=dev)
+    hp, cp, fcc = rule.HID_PAD, rule.C_PAD, rule.FC_CEIL
+    d_w1a = torch.zeros(G, hp, cp, **f32)
+    d_w1b = torch.zeros(G, hp, fcc, **f32)
+    d_b1 = torch.zeros(G, hp, **f32)
+    d_w2 = torch.zeros(G, cp, hp, **f32)
+    d_b2 = torch.zeros(G, cp, **f32)
+    d_pw = torch.zeros((G, 9, fcc) if rule.DEPTHWISE else (G, 9, fcc, cp), **f32)
+    d_pb = torch.zeros(G, fcc, **f32)
+    ws = torch.empty(N, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    d_state = torch.empty_like(state)
+    cx = rule.constexprs()
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _nca_step_backward_cell_kernel[(G,)](
+            grad_out, state, ws, *rule.weights(), d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb,
+            N, H, W, triton.cdiv(N, block_m), *state.stride(), *grad_out.stride(),
+            *_fire_args(update_prob, seed, step), **cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
+            ws, rule.pwt, d_state, N, H, W, *d_state.stride(),
+            C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=cp, FC_BLK=rule.FC_BLK, FC_CEIL=fcc,
+            DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m,
+            num_warps=warps, num_stages=1)
+    hid, FC = rule.HID, rule.FC
+    g_w1 = torch.cat([d_w1a.sum(0)[:hid, :C], d_w1b.sum(0)[:hid, :FC]], dim=1)
+    if rule.DEPTHWISE:
+        g_pw = d_pw.sum(0)[:, :FC].T.reshape(FC, 1, 3, 3)
+    else:
+        g_pw = d_pw.sum(0)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
+    grads = (g_pw, d_pb.sum(0)[:FC], g_w1, d_b1.sum(0)[:hid], d_w2.sum(0)[frozen:C, :hid],
+             d_b2.sum(0)[frozen:C])
+    return (d_state, *(g.to(w.dtype).reshape(w.shape) for g, w in zip(grads, (pw, pb, w1, b1, w2, b2))))
+
