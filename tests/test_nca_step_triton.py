@@ -104,8 +104,6 @@ CASES = [
     (1, 3, 3, 5, 5, 3, 1, 1, "circular", 1.0),
     (1, 3, 1, 3, 5, 2, 1, 0, "circular", 0.5),       # H = 1: every vertical tap wraps to row 0
     (2, 1, 3, 5, 1, 3, 1, 0, "replicate", 0.5),      # C = 1, hidden = 1
-    (1, 24, 3, 5, 16, 3, 1, 2, "reflect", 0.5),      # F*C = 72: two conv chunks
-    (1, 24, 3, 5, 16, 3, "C", 0, "circular", 0.5),
     (3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5),     # several tiles per backward program
     (3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5),
 ]
@@ -120,6 +118,17 @@ def test_every_padding(padding, groups):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_matches_reference(case):
     check_against_reference(case)
+
+
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_channel_chunks(monkeypatch, groups):
+    """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
+    chunk budget so that a small rule takes 2 channel chunks and 3 conv chunks."""
+    monkeypatch.setattr(tri, "_DOT_TILE", 256)
+    state, _, *w = make_inputs(1, 24, 2, 2, 16, 3, 1, 0)
+    rule = tri._Rule(state, *w, 1, "zeros", 0)
+    assert (rule.C_BLK, rule.FC_BLK, rule.FC_CEIL) == (16, 32, 96)
+    check_against_reference((1, 24, 3, 5, 16, 3, groups, 2, "reflect", 0.5))
 
 
 @pytest.mark.parametrize("dtype,wdtype,channels_last", [

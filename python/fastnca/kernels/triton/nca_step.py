@@ -7,9 +7,10 @@ Layout and assumptions (the launchers below enforce them):
   BLOCK_M consecutive cells, i.e. a strip along a row that wraps onto the next rows.
   N = B*H*W < 2^31; addresses are computed in int64.
 - Weights are re-laid out by the launcher once per call (tiny): fp32, contiguous, zero
-  padded to C_PAD = HID_PAD = next_pow2 >= 16 (tl.dot needs every dim >= 16) and FC to a
-  multiple of FC_BLK (the conv output channels are processed in FC_BLK chunks so that a
-  C=128, F=3 rule never holds a [BLOCK_M, 384] conv tile):
+  padded to C_PAD, HID_PAD = next_pow2 >= 16 (tl.dot needs every dim >= 16) and FC to a
+  multiple of FC_BLK. Channels are processed C_BLK and conv outputs FC_BLK at a time
+  (see _DOT_TILE), so a C=128, F=3, hidden=256 rule never holds a [BLOCK_M, 384] conv
+  tile nor a 128 KB weight operand:
     w1at [C_PAD, HID_PAD] = w1[:, :C]^T     w1bt [FC_CEIL, HID_PAD] = w1[:, C:]^T
     w2t  [HID_PAD, C_PAD] = w2^T placed in columns frozen..C-1 (frozen columns zero)
     b1p [HID_PAD], b2p [C_PAD] (frozen entries zero), pbp [FC_CEIL]
@@ -17,8 +18,8 @@ Layout and assumptions (the launchers below enforce them):
          depthwise (groups=C):  [9, FC_CEIL],        pwt[tap, o]    = pw[o, 0, tap]
   Padded rows/columns are zero, so padded lanes contribute exact zeros everywhere.
 - Padding index maps are those of csrc/include/fastnca/borders.h (pad_index).
-- Matmuls use input_precision="ieee" (true fp32) unless the user enabled TF32 for
-  matmuls (torch.backends.cuda.matmul.allow_tf32), following torch's convention.
+- fp32 matmuls run as tf32x3 on sm_80+ (fp32-level accuracy on tensor cores), see
+  _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch.
 
 Backward (nothing but the inputs is saved; everything is recomputed):
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
@@ -115,7 +116,10 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
 
     Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
     a strip touches stay in L1/L2). With ACC_DPW (backward) the same tile also feeds
-    d_pw[tap] += dq^T @ tile, read-modify-written in this program's private slot."""
+    d_pw[tap] += dq^T @ tile, read-modify-written in this program's private slot.
+    The tap loop is a runtime loop on purpose: unrolled, the compiler hoisted all 9 tiles
+    out of the chunk loop (loop-invariant) into shared memory -- 320 KB for C=128 with
+    tf32x3, over the 227 KB limit -- and ptxas compile time / registers grew ~9x."""
     conv = tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32)
     if DEPTHWISE:
         ch = (offs_f // F).to(tl.int64) * s_c  # groups=C: output channel o reads o // F
@@ -123,40 +127,24 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
     else:
         ch = offs_c.to(tl.int64) * s_c
         chmask = cmask
-    for ky in tl.static_range(3):
-        if ky == 0:
-            ro = r0
-            rv = v0
-        elif ky == 1:
-            ro = r1
-            rv = v1
+    for tap in range(9):
+        ky = tap // 3
+        kx = tap - ky * 3
+        off = tl.where(ky == 0, r0, tl.where(ky == 1, r1, r2)) + tl.where(kx == 0, c0, tl.where(kx == 1, c1, c2))
+        ok = tl.where(ky == 0, v0, tl.where(ky == 1, v1, v2)) & tl.where(kx == 0, u0, tl.where(kx == 1, True, u2))
+        t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
+                    other=0.0).to(tl.float32)
+        if DEPTHWISE:
+            conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
+            if ACC_DPW:
+                p_pw = dpw_ptr + tap * FC_CEIL + offs_f
+                tl.store(p_pw, tl.load(p_pw) + tl.sum(dq * t, axis=0))
         else:
-            ro = r2
-            rv = v2
-        for kx in tl.static_range(3):
-            if kx == 0:
-                off = ro + c0
-                ok = rv & u0
-            elif kx == 1:
-                off = ro + c1
-                ok = rv
-            else:
-                off = ro + c2
-                ok = rv & u2
-            tap = ky * 3 + kx
-            t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
-                        other=0.0).to(tl.float32)
-            if DEPTHWISE:
-                conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
-                if ACC_DPW:
-                    p_pw = dpw_ptr + tap * FC_CEIL + offs_f
-                    tl.store(p_pw, tl.load(p_pw) + tl.sum(dq * t, axis=0))
-            else:
-                w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
-                conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
-                if ACC_DPW:
-                    p_pw = dpw_ptr + tap * FC_CEIL * C_PAD + offs_f[:, None] * C_PAD + offs_c[None, :]
-                    tl.store(p_pw, tl.dot(tl.trans(dq), t, tl.load(p_pw), input_precision=DOT_PREC))
+            w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
+            conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
+            if ACC_DPW:
+                p_pw = dpw_ptr + tap * FC_CEIL * C_PAD + offs_f[:, None] * C_PAD + offs_c[None, :]
+                tl.store(p_pw, tl.dot(tl.trans(dq), t, tl.load(p_pw), input_precision=DOT_PREC))
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
@@ -169,10 +157,11 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
 def _nca_step_forward_kernel(
     x_ptr, out_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
-    seed_lo, seed_hi, step_lo, threshold,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, FROZEN: tl.constexpr,
-    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    seed_lo, seed_hi, step_lo, threshold, frozen,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
+    FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,16 +170,22 @@ def _nca_step_forward_kernel(
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
-    io_mask = rows[:, None] & cmask[None, :]
     r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
                                                              s_h, s_w, rows, PAD)
+    x_row = x_ptr + (r1 + c1)[:, None]
+    ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+    o_row = out_ptr + ob[:, None]
 
-    x = tl.load(x_ptr + (r1 + c1)[:, None] + offs_c.to(tl.int64)[None, :] * s_c,
-                mask=io_mask, other=0.0).to(tl.float32)
-    # z = x @ W1a^T + conv @ W1b^T: the conv is produced FC_BLK channels at a time and
-    # consumed at once, so the perception P never exists as a whole.
-    z = tl.dot(x, tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]),
-               input_precision=DOT_PREC)
+    # z = x @ W1a^T + conv @ W1b^T. Channels come C_BLK and the conv FC_BLK at a time so
+    # no dot operand exceeds ~32 KB (a C=128, hidden=256 rule still fits shared memory)
+    # and the perception P never exists as a whole.
+    z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+    for k0 in range(0, C, C_BLK):
+        offs_k = k0 + tl.arange(0, C_BLK)
+        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=rows[:, None] & (offs_k < C)[None, :],
+                     other=0.0).to(tl.float32)
+        z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
     for f0 in range(0, FC, FC_BLK):
         offs_f = f0 + tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
@@ -199,14 +194,16 @@ def _nca_step_forward_kernel(
         z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                    input_precision=DOT_PREC)
     h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
-    delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]),
-                   input_precision=DOT_PREC)
-    delta += tl.load(b2_ptr + offs_c)[None, :]
     m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
-    new = tl.where(offs_c[None, :] >= FROZEN, x + m[:, None] * delta, x)
-    ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
-    tl.store(out_ptr + ob[:, None] + offs_c.to(tl.int64)[None, :] * o_c,
-             new.to(out_ptr.dtype.element_ty), mask=io_mask)
+    for k0 in range(0, C, C_BLK):
+        offs_k = k0 + tl.arange(0, C_BLK)
+        kmask = rows[:, None] & (offs_k < C)[None, :]
+        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+        delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]),
+                       input_precision=DOT_PREC)
+        delta += tl.load(b2_ptr + offs_k)[None, :]
+        new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
+        tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
 def _forward_prune(configs, named_args, **kwargs):
@@ -240,10 +237,11 @@ def _nca_step_backward_cell_kernel(
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr,
     N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
-    seed_lo, seed_hi, step_lo, threshold,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, FROZEN: tl.constexpr,
-    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    seed_lo, seed_hi, step_lo, threshold, frozen,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
+    FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot."""
     pid = tl.program_id(0)
@@ -268,16 +266,20 @@ def _nca_step_backward_cell_kernel(
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < N
         b, y, xx = _cell_coords(offs_m, H, W)
-        io_mask = rows[:, None] & cmask[None, :]
         ws_row = offs_m.to(tl.int64) * K1
         r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
                                                                  s_h, s_w, rows, PAD)
+        x_row = x_ptr + (r1 + c1)[:, None]
+        g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
 
         # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
-        x = tl.load(x_ptr + (r1 + c1)[:, None] + offs_c.to(tl.int64)[None, :] * s_c,
-                    mask=io_mask, other=0.0).to(tl.float32)
-        z = tl.dot(x, tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]),
-                   input_precision=DOT_PREC)
+        z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
+                         mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+            z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                       input_precision=DOT_PREC)
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + tl.arange(0, FC_BLK)
             conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
@@ -287,31 +289,38 @@ def _nca_step_backward_cell_kernel(
                        input_precision=DOT_PREC)
         h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
 
-        # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows)
-        g = tl.load(g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
-                    + offs_c.to(tl.int64)[None, :] * g_c, mask=io_mask, other=0.0).to(tl.float32)
+        # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
+        # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
+        # name reassigned in a later loop with another shape would become an ill-typed
+        # loop-carried value for the compiler.)
         m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
-        gd = tl.where(offs_c[None, :] >= FROZEN, g * m[:, None], 0.0)
-
-        # (distinct pointer names: a name reassigned inside a later loop with another
-        # shape would become an ill-typed loop-carried value for the compiler)
-        p_w2 = dw2_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]
-        tl.store(p_w2, tl.dot(tl.trans(gd), h, tl.load(p_w2), input_precision=DOT_PREC))
-        p_b2 = db2_ptr + offs_c
-        tl.store(p_b2, tl.load(p_b2) + tl.sum(gd, axis=0))
-
-        dh = tl.dot(gd, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_c[:, None]),
-                    input_precision=DOT_PREC)
+        dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c,
+                         mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+            gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
+            p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
+            tl.store(p_w2, tl.dot(tl.trans(gdk), h, tl.load(p_w2), input_precision=DOT_PREC))
+            p_b2 = db2_ptr + offs_k
+            tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
+            dh = tl.dot(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
+                        input_precision=DOT_PREC)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         p_b1 = db1_ptr + offs_h
         tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
-        p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]
-        tl.store(p_w1a, tl.dot(tl.trans(dz), x, tl.load(p_w1a), input_precision=DOT_PREC))
 
-        # direct part of d_state: g + dP[:, :C]
-        dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_c[None, :] * HID_PAD), g,
-                     input_precision=DOT_PREC)
-        tl.store(ws_ptr + ws_row[:, None] + offs_c[None, :], dpx, mask=io_mask)
+        # ---- d_w1[:, :C] partial, and the direct part of d_state: g + dP[:, :C]
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            kmask = rows[:, None] & (offs_k < C)[None, :]
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+            p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
+            tl.store(p_w1a, tl.dot(tl.trans(dz), xk, tl.load(p_w1a), input_precision=DOT_PREC))
+            gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
+            dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
+                         input_precision=DOT_PREC)
+            tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
         # ---- conv part: dQ = dz @ W1b per chunk; d_w1b, d_pb, d_pw partials
         for f0 in range(0, FC, FC_BLK):
@@ -350,21 +359,18 @@ def _readers(s, n, rows, PAD: tl.constexpr):
 
 @triton.jit
 def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
-                BORDER_Y: tl.constexpr, BORDER_X: tl.constexpr, PAD: tl.constexpr):
+                PAD: tl.constexpr):
     """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell
     through one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates."""
     cm = colmask[None, :]
     acc = tl.load(ws_ptr + ((yd + xd) * K1)[:, None] + cols[None, :], mask=(yv & xv)[:, None] & cm, other=0.0)
     if PAD != 0:  # zeros padding has no border readers
-        if BORDER_X:
-            acc += tl.load(ws_ptr + ((yd + xb) * K1)[:, None] + cols[None, :], mask=(yv & xbv)[:, None] & cm,
-                           other=0.0)
-        if BORDER_Y:
-            acc += tl.load(ws_ptr + ((yb + xd) * K1)[:, None] + cols[None, :], mask=(ybv & xv)[:, None] & cm,
-                           other=0.0)
-            if BORDER_X:
-                acc += tl.load(ws_ptr + ((yb + xb) * K1)[:, None] + cols[None, :],
-                               mask=(ybv & xbv)[:, None] & cm, other=0.0)
+        acc += tl.load(ws_ptr + ((yd + xb) * K1)[:, None] + cols[None, :], mask=(yv & xbv)[:, None] & cm,
+                       other=0.0)
+        acc += tl.load(ws_ptr + ((yb + xd) * K1)[:, None] + cols[None, :], mask=(ybv & xv)[:, None] & cm,
+                       other=0.0)
+        acc += tl.load(ws_ptr + ((yb + xb) * K1)[:, None] + cols[None, :], mask=(ybv & xbv)[:, None] & cm,
+                       other=0.0)
     return acc
 
 
@@ -398,51 +404,28 @@ def _nca_step_backward_input_kernel(
     for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
         offs_f = f0 + tl.arange(0, FC_BLK)
         fmask = offs_f < FC
-        for ky in tl.static_range(3):
-            if ky == 0:
-                yd = yd0
-                yv = yv0
-                yb = yb0
-                ybv = ybv0
-            elif ky == 1:
-                yd = yd1
-                yv = yv1
-                yb = yd1
-                ybv = yv1
+        for tap in range(9):  # runtime loop: see _conv_chunk
+            ky = tap // 3
+            kx = tap - ky * 3
+            # in-grid reader, and the border reader (none for the centre row / column)
+            yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
+            yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
+            yb = tl.where(ky == 0, yb0, yb2)
+            ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
+            xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
+            xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
+            xb = tl.where(kx == 0, xb0, xb2)
+            xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
+            if DEPTHWISE:
+                for f in tl.static_range(F):
+                    o = offs_c * F + f  # the output channels that read input channel c
+                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1, PAD)
+                    acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
             else:
-                yd = yd2
-                yv = yv2
-                yb = yb2
-                ybv = ybv2
-            for kx in tl.static_range(3):
-                if kx == 0:
-                    xd = xd0
-                    xv = xv0
-                    xb = xb0
-                    xbv = xbv0
-                elif kx == 1:
-                    xd = xd1
-                    xv = xv1
-                    xb = xd1
-                    xbv = xv1
-                else:
-                    xd = xd2
-                    xv = xv2
-                    xb = xb2
-                    xbv = xbv2
-                tap = ky * 3 + kx
-                if DEPTHWISE:
-                    for f in tl.static_range(F):
-                        o = offs_c * F + f  # the output channels that read input channel c
-                        gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1,
-                                         ky != 1, kx != 1, PAD)
-                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
-                else:
-                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1,
-                                     ky != 1, kx != 1, PAD)
-                    w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
-                                + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
-                    acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
+                gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
+                w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
+                            + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
+                acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
@@ -453,7 +436,11 @@ def _nca_step_backward_input_kernel(
 # ---------------------------------------------------------------------------------------
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_FC_BLK_MAX = 64  # conv channels per chunk: [BLOCK_M, 64] conv tile + [C_PAD, 64] weights
+# Channel chunks: every weight operand of a dot stays <= _DOT_TILE fp32 elements (16 KB;
+# tf32x3 stages a second, "small" copy): large rules (C=128, hidden=256) then fit in
+# shared memory and the per-chunk partial-grad tiles in registers. Small rules
+# (C <= 32, hidden <= 128) run in one chunk.
+_DOT_TILE = 4096
 _PARTIAL_BUDGET = 256 << 20  # bytes of backward weight-grad partials (all programs)
 _sm_count: dict = {}
 # Under TRITON_INTERPRET=1 the cost is per interpreted op, not per element: big strips,
@@ -469,10 +456,28 @@ def _interpreting(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _dot_precision() -> str:
-    # "ieee": true fp32 products (FMA path). TF32 tensor cores only when the user opted in
-    # for matmuls, like torch (the default there is off).
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _has_tf32x3() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return "tf32x3" in CUDAOptions.allowed_dot_input_precisions
+    except Exception:  # noqa: BLE001 -- an older/other backend: fall back to ieee
+        return False
+
+
+_TF32X3 = _has_tf32x3()
+
+
+def _dot_precision(device: torch.device) -> str:
+    """fp32 matmul mode. "tf32x3" (3 TF32 tensor-core products, fp32-level error: ~4e-7
+    max-norm relative at K=512 in a CPU emulation, same as plain fp32) on sm_80+. "ieee"
+    (FMA) compiled to 32 registers + KBs of spills for the C=16, hidden=128 rule on sm_90a
+    (ptxas, triton 3.9), so it is only the fallback. "tf32" when the user allowed TF32
+    matmuls (torch.backends.cuda.matmul.allow_tf32), like torch."""
+    if device.type != "cuda":
+        return "ieee"  # interpreter: numpy fp32
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 class _Rule:
@@ -484,11 +489,12 @@ class _Rule:
         B, C, H, W = state.shape
         if B * H * W >= 2 ** 31:
             raise ValueError(f"triton nca_step needs B*H*W < 2^31 cells, got {B * H * W}")
-        dev = state.device
+        dev = self.device = state.device
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
         self.C_PAD, self.HID_PAD = _pow2(C), _pow2(hid)
-        self.FC_BLK = min(_pow2(FC), _FC_BLK_MAX)
+        self.C_BLK = min(self.C_PAD, max(16, _DOT_TILE // self.HID_PAD))
+        self.FC_BLK = min(_pow2(FC), 64, max(16, 2 * _DOT_TILE // self.HID_PAD))
         self.FC_CEIL = triton.cdiv(FC, self.FC_BLK) * self.FC_BLK
         self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
         self.PAD = _ext.PADDING_CODES[padding]
@@ -518,9 +524,10 @@ class _Rule:
         return (self.w1at, self.w1bt, self.b1, self.w2t, self.b2, self.pwt, self.pb)
 
     def constexprs(self):
-        return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID, FROZEN=self.FROZEN,
-                    C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, FC_BLK=self.FC_BLK,
-                    FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD, DOT_PREC=_dot_precision())
+        return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
+                    C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
+                    FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
+                    DOT_PREC=_dot_precision(self.device))
 
 
 def _fire_args(update_prob, seed, step):
@@ -533,7 +540,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     N = B * H * W
     out = torch.empty_like(state)
     args = (state, out, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
-            *_fire_args(update_prob, seed, step))
+            *_fire_args(update_prob, seed, step), frozen)
     if _interpreting(state.device):
         _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
             *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
@@ -585,7 +592,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         _nca_step_backward_cell_kernel[(G,)](
             grad_out, state, ws, *rule.weights(), d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb,
             N, H, W, triton.cdiv(N, block_m), *state.stride(), *grad_out.stride(),
-            *_fire_args(update_prob, seed, step), **cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+            *_fire_args(update_prob, seed, step), frozen, **cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)
         _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
             ws, rule.pwt, d_state, N, H, W, *d_state.stride(),
             C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=cp, FC_BLK=rule.FC_BLK, FC_CEIL=fcc,
