@@ -141,12 +141,19 @@ def test_dtypes_and_layouts(dtype, wdtype, channels_last):
     check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), dtype, wdtype, channels_last)
 
 
-def test_strided_grad_out_and_state():
-    """Arbitrary strides (a channel-sliced view, a transposed grad) are read in place."""
-    state, grad_out, *w = make_inputs(2, 6, 5, 7, 5, 2, 1, 0)
+def test_strided_inputs():
+    """Arbitrary strides are read in place: a channel-sliced state, a transposed grad,
+    non-contiguous weights (channels_last pw, transposed w1, offset w2 / b2 views) and
+    an fp64 bias."""
+    state, grad_out, pw, pb, w1, b1, w2, b2 = make_inputs(2, 6, 5, 7, 5, 2, 1, 0)
     big = torch.randn(2, 9, 5, 7, device=DEVICE)
     state = big[:, 1:7]
     grad_out = grad_out.transpose(2, 3).contiguous().transpose(2, 3)
+    pw = pw.contiguous(memory_format=torch.channels_last)
+    w1 = w1.t().contiguous().t()
+    w2 = torch.cat([torch.randn(2, 5, device=DEVICE), w2])[2:]
+    b2 = torch.cat([torch.randn(2, device=DEVICE), b2])[2:]
+    w = (pw, pb, w1, b1.double(), w2, b2)
     args = (*w, 1, "circular", 0.5, 3, 1, 0)
     assert rel_err(tri.forward(state, *args), ref.forward(state, *args)) <= 1e-5
     for a, b in zip(tri.backward(grad_out, state, *args), ref.backward(grad_out, state, *args)):

@@ -6,7 +6,7 @@ Layout and assumptions (the launchers below enforce them):
 - Cells are flattened as i = (b*H + y)*W + x (the fire-mask counter); a program owns
   BLOCK_M consecutive cells, i.e. a strip along a row that wraps onto the next rows.
   N = B*H*W < 2^31; addresses are computed in int64.
-- Weights are re-laid out by the launcher once per call (tiny): fp32, contiguous, zero
+- Weights are re-laid out once per call by one small kernel: fp32, contiguous, zero
   padded to C_PAD, HID_PAD = next_pow2 >= 16 (tl.dot needs every dim >= 16) and FC to a
   multiple of FC_BLK. Channels are processed C_BLK and conv outputs FC_BLK at a time
   (see _DOT_TILE), so a C=128, F=3, hidden=256 rule never holds a [BLOCK_M, 384] conv
@@ -149,6 +149,74 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
 
 
 # ---------------------------------------------------------------------------------------
+# Weight layout (one launch per call instead of a dozen small torch ops: a rollout of
+# small states is launch-bound)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nca_step_arrange_kernel(
+    out_ptr, pw_ptr, pb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    pw_s0, pw_s1, pw_s2, pw_s3, pb_s, w1_s0, w1_s1, b1_s, w2_s0, w2_s1, b2_s, frozen,
+    C: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, C_PAD: tl.constexpr,
+    HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Fill the flat fp32 buffer [w1at | w1bt | b1p | w2t | b2p | pwt | pbp] (module
+    docstring) from the raw weights (any float dtype, any strides); padding is zero."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    E0 = C_PAD * HID_PAD
+    E1 = E0 + FC_CEIL * HID_PAD
+    E2 = E1 + HID_PAD
+    E3 = E2 + HID_PAD * C_PAD
+    E4 = E3 + C_PAD
+    if DEPTHWISE:
+        E5 = E4 + 9 * FC_CEIL
+    else:
+        E5 = E4 + 9 * C_PAD * FC_CEIL
+    E6 = E5 + FC_CEIL
+    # w1at[c, h] = w1[h, c]
+    r = i // HID_PAD
+    k = i % HID_PAD
+    val = tl.load(w1_ptr + k * w1_s0 + r * w1_s1, mask=(i < E0) & (r < C) & (k < HID), other=0.0).to(tl.float32)
+    # w1bt[o, h] = w1[h, C + o]
+    j = i - E0
+    r = j // HID_PAD
+    k = j % HID_PAD
+    val += tl.load(w1_ptr + k * w1_s0 + (C + r) * w1_s1, mask=(j >= 0) & (i < E1) & (r < FC) & (k < HID),
+                   other=0.0).to(tl.float32)
+    # b1p
+    j = i - E1
+    val += tl.load(b1_ptr + j * b1_s, mask=(j >= 0) & (j < HID), other=0.0).to(tl.float32)
+    # w2t[h, c] = w2[c - frozen, h] for frozen <= c < C
+    j = i - E2
+    r = j // C_PAD
+    k = j % C_PAD
+    val += tl.load(w2_ptr + (k - frozen) * w2_s0 + r * w2_s1,
+                   mask=(j >= 0) & (i < E3) & (r < HID) & (k >= frozen) & (k < C), other=0.0).to(tl.float32)
+    # b2p[c] = b2[c - frozen]
+    j = i - E3
+    val += tl.load(b2_ptr + (j - frozen) * b2_s, mask=(j >= frozen) & (j < C) & (i < E4), other=0.0).to(tl.float32)
+    # pwt
+    j = i - E4
+    if DEPTHWISE:  # [9, FC_CEIL]
+        tap = j // FC_CEIL
+        r = j % FC_CEIL
+        src = r * pw_s0 + (tap // 3) * pw_s2 + (tap % 3) * pw_s3
+        ok = (j >= 0) & (i < E5) & (r < FC)
+    else:  # [9, C_PAD, FC_CEIL]
+        tap = j // (C_PAD * FC_CEIL)
+        k = (j // FC_CEIL) % C_PAD
+        r = j % FC_CEIL
+        src = r * pw_s0 + k * pw_s1 + (tap // 3) * pw_s2 + (tap % 3) * pw_s3
+        ok = (j >= 0) & (i < E5) & (r < FC) & (k < C)
+    val += tl.load(pw_ptr + src, mask=ok, other=0.0).to(tl.float32)
+    # pbp
+    j = i - E5
+    val += tl.load(pb_ptr + j * pb_s, mask=(j >= 0) & (j < FC), other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, val, mask=i < E6)
+
+
+# ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
 
@@ -235,7 +303,7 @@ _nca_step_forward_kernel_autotuned = triton.autotune(
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
-    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr,
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr, SLOT: tl.constexpr,
     N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
     seed_lo, seed_hi, step_lo, threshold, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
@@ -246,17 +314,14 @@ def _nca_step_backward_cell_kernel(
     """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    slot = pid.to(tl.int64)
-    dw1a_ptr += slot * (HID_PAD * C_PAD)
-    dw1b_ptr += slot * (HID_PAD * FC_CEIL)
-    db1_ptr += slot * HID_PAD
-    dw2_ptr += slot * (C_PAD * HID_PAD)
-    db2_ptr += slot * C_PAD
-    if DEPTHWISE:
-        dpw_ptr += slot * (9 * FC_CEIL)
-    else:
-        dpw_ptr += slot * (9 * FC_CEIL * C_PAD)
-    dpb_ptr += slot * FC_CEIL
+    slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
+    dw1a_ptr += slot
+    dw1b_ptr += slot
+    db1_ptr += slot
+    dw2_ptr += slot
+    db2_ptr += slot
+    dpw_ptr += slot
+    dpb_ptr += slot
 
     K1 = C + FC  # workspace row: [g + dP_x (C) | dQ (FC)]
     offs_c = tl.arange(0, C_PAD)
@@ -448,6 +513,10 @@ _sm_count: dict = {}
 _INTERPRET_BLOCK_M, _INTERPRET_PROGRAMS = 256, 3
 
 
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -498,30 +567,25 @@ class _Rule:
         self.FC_CEIL = triton.cdiv(FC, self.FC_BLK) * self.FC_BLK
         self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
         self.PAD = _ext.PADDING_CODES[padding]
-        f32 = dict(dtype=torch.float32, device=dev)
-        w1 = w1.to(torch.float32)
-        self.w1at = torch.zeros(self.C_PAD, self.HID_PAD, **f32)
-        self.w1at[:C, :hid] = w1[:, :C].T
-        self.w1bt = torch.zeros(self.FC_CEIL, self.HID_PAD, **f32)
-        self.w1bt[:FC, :hid] = w1[:, C:].T
-        self.b1 = torch.zeros(self.HID_PAD, **f32)
-        self.b1[:hid] = b1
-        self.w2t = torch.zeros(self.HID_PAD, self.C_PAD, **f32)
-        self.w2t[:hid, frozen:C] = w2.to(torch.float32).T
-        self.b2 = torch.zeros(self.C_PAD, **f32)
-        self.b2[frozen:C] = b2
-        taps = pw.to(torch.float32).reshape(FC, -1, 9)  # [o, c, tap]
-        if self.DEPTHWISE:
-            self.pwt = torch.zeros(9, self.FC_CEIL, **f32)
-            self.pwt[:, :FC] = taps[:, 0, :].T
-        else:
-            self.pwt = torch.zeros(9, self.C_PAD, self.FC_CEIL, **f32)
-            self.pwt[:, :C, :FC] = taps.permute(2, 1, 0)
-        self.pb = torch.zeros(self.FC_CEIL, **f32)
-        self.pb[:FC] = pb
+        # One flat layout for the arranged weights and, in the backward, for each
+        # program's partial-grad slot: [w1a | w1b | b1 | w2 | b2 | pw | pb].
+        cp, hp, fcc = self.C_PAD, self.HID_PAD, self.FC_CEIL
+        self.sizes = (cp * hp, fcc * hp, hp, hp * cp, cp, 9 * fcc * (1 if self.DEPTHWISE else cp), fcc)
+        self.SLOT = sum(self.sizes)  # every size is a multiple of 16: aligned segments
+        buf = torch.empty(self.SLOT, dtype=torch.float32, device=dev)
+        with _on_device(dev):
+            _nca_step_arrange_kernel[(triton.cdiv(self.SLOT, 1024),)](
+                buf, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
+                *w2.stride(), *b2.stride(), frozen, C=C, FC=FC, HID=hid, C_PAD=cp, HID_PAD=hp,
+                FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, BLOCK=1024)
+        self._weights = self.split(buf)
+
+    def split(self, flat):
+        """Views of the 7 segments of ``flat`` [..., SLOT] (w1a, w1b, b1, w2, b2, pw, pb)."""
+        return flat.split(self.sizes, dim=-1)
 
     def weights(self):
-        return (self.w1at, self.w1bt, self.b1, self.w2t, self.b2, self.pwt, self.pb)
+        return self._weights
 
     def constexprs(self):
         return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
@@ -545,7 +609,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
             *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
     else:
-        with torch.cuda.device(state.device):
+        with _on_device(state.device):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
             _nca_step_forward_kernel_autotuned[grid](*args, **rule.constexprs())
     return out
@@ -564,9 +628,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         if device.index not in _sm_count:
             _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         programs = 2 * _sm_count[device.index]
-    slot = 4 * (rule.HID_PAD * (rule.C_PAD + rule.FC_CEIL) + rule.HID_PAD + rule.C_PAD * (rule.HID_PAD + 1)
-                + rule.FC_CEIL * (9 * (1 if rule.DEPTHWISE else rule.C_PAD) + 1))
-    programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // slot))
+    programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs
 
 
@@ -577,34 +639,30 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     dev = state.device
     block_m, warps, G = _backward_tiling(rule, dev, N)
     f32 = dict(dtype=torch.float32, device=dev)
-    hp, cp, fcc = rule.HID_PAD, rule.C_PAD, rule.FC_CEIL
-    d_w1a = torch.zeros(G, hp, cp, **f32)
-    d_w1b = torch.zeros(G, hp, fcc, **f32)
-    d_b1 = torch.zeros(G, hp, **f32)
-    d_w2 = torch.zeros(G, cp, hp, **f32)
-    d_b2 = torch.zeros(G, cp, **f32)
-    d_pw = torch.zeros((G, 9, fcc) if rule.DEPTHWISE else (G, 9, fcc, cp), **f32)
-    d_pb = torch.zeros(G, fcc, **f32)
+    partials = torch.zeros(G, rule.SLOT, **f32)  # one private slot per program
     ws = torch.empty(N, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
     d_state = torch.empty_like(state)
     cx = rule.constexprs()
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with _on_device(dev):
         _nca_step_backward_cell_kernel[(G,)](
-            grad_out, state, ws, *rule.weights(), d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb,
+            grad_out, state, ws, *rule.weights(), *rule.split(partials), rule.SLOT,
             N, H, W, triton.cdiv(N, block_m), *state.stride(), *grad_out.stride(),
-            *_fire_args(update_prob, seed, step), frozen, **cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)
+            *_fire_args(update_prob, seed, step), frozen, **cx, BLOCK_M=block_m, num_warps=warps,
+            num_stages=1)
         _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
-            ws, rule.pwt, d_state, N, H, W, *d_state.stride(),
-            C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=cp, FC_BLK=rule.FC_BLK, FC_CEIL=fcc,
-            DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m,
-            num_warps=warps, num_stages=1)
-    hid, FC = rule.HID, rule.FC
-    g_w1 = torch.cat([d_w1a.sum(0)[:hid, :C], d_w1b.sum(0)[:hid, :FC]], dim=1)
+            ws, rule.weights()[5], d_state, N, H, W, *d_state.stride(),
+            C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+            FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+            DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
+    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(partials.sum(0))  # fixed order
+    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
     if rule.DEPTHWISE:
-        g_pw = d_pw.sum(0)[:, :FC].T.reshape(FC, 1, 3, 3)
+        g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)
     else:
-        g_pw = d_pw.sum(0)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
-    grads = (g_pw, d_pb.sum(0)[:FC], g_w1, d_b1.sum(0)[:hid], d_w2.sum(0)[frozen:C, :hid],
-             d_b2.sum(0)[frozen:C])
-    return (d_state, *(g.to(w.dtype).reshape(w.shape) for g, w in zip(grads, (pw, pb, w1, b1, w2, b2))))
+        g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
+    grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
+    # (copies: the returned grads must not be views sharing one buffer)
+    return (d_state, *(g.to(w.dtype, copy=True).reshape(w.shape)
+                       for g, w in zip(grads, (pw, pb, w1, b1, w2, b2))))
 
