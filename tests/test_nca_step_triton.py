@@ -192,7 +192,8 @@ def test_public_op_autograd_and_rollout():
     for backend in ("triton", "reference"):
         out = fastnca.nca_rollout(*params, steps=3, checkpoint_every=2, backend=backend, **kw)
         one = fastnca.nca_step(*params, step=1, backend=backend, **kw)
-        loss = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum() + one.square().sum()
+        ramp = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        loss = (out * ramp).sum() + one.square().sum()
         res[backend] = (out, one, *torch.autograd.grad(loss, params))
     for a, b in zip(res["triton"], res["reference"]):
         assert rel_err(a, b) <= 1e-5
