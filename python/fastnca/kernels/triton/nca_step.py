@@ -1,0 +1,676 @@
+"""``nca_step`` in Triton: one fused forward kernel and a two-kernel recomputing backward.
+
+Layout and assumptions (the launchers below enforce them):
+- state / grad_out / out / d_state: [B, C, H, W] fp32, fp16 or bf16 with ANY element
+  strides (NCHW and channels_last are read in place, never copied). Compute is fp32.
+- Cells are flattened as i = (b*H + y)*W + x (the fire-mask counter); a program owns
+  BLOCK_M consecutive cells, i.e. a strip along a row that wraps onto the next rows.
+  N = B*H*W < 2^31; addresses are computed in int64.
+- Weights are re-laid out once per call by one small kernel: fp32, contiguous, zero
+  padded to C_PAD, HID_PAD = next_pow2 >= 16 (tl.dot needs every dim >= 16) and FC to a
+  multiple of FC_BLK. Channels are processed C_BLK and conv outputs FC_BLK at a time
+  (see _DOT_TILE), so a C=128, F=3, hidden=256 rule never holds a [BLOCK_M, 384] conv
+  tile nor a 128 KB weight operand:
+    w1at [C_PAD, HID_PAD] = w1[:, :C]^T     w1bt [FC_CEIL, HID_PAD] = w1[:, C:]^T
+    w2t  [HID_PAD, C_PAD] = w2^T placed in columns frozen..C-1 (frozen columns zero)
+    b1p [HID_PAD], b2p [C_PAD] (frozen entries zero), pbp [FC_CEIL]
+    pwt  dense (groups=1):      [9, C_PAD, FC_CEIL], pwt[tap, c, o] = pw[o, c, tap]
+         depthwise (groups=C):  [9, FC_CEIL],        pwt[tap, o]    = pw[o, 0, tap]
+  Padded rows/columns are zero, so padded lanes contribute exact zeros everywhere.
+- Padding index maps are those of csrc/include/fastnca/borders.h (pad_index).
+- fp32 matmuls run as tf32x3 on sm_80+ (fp32-level accuracy on tensor cores), see
+  _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch.
+
+Backward (nothing but the inputs is saved; everything is recomputed):
+- kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
+  tiles pid, pid+G, ... and recomputes x, conv, z, h; then gd = m*g, dz, dP. It writes
+  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and accumulates its
+  weight-grad partials into its own slot of [G, ...] buffers (read-modify-write of a
+  private slot in a fixed tile order: deterministic, no atomics).
+- kernel B (_nca_step_backward_input_kernel): per source cell, gathers dQ over the
+  inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
+  including the extra reflect/replicate/circular reads at the borders) and adds the
+  transposed conv to g + dP_x.
+- The [G, ...] partials are reduced with torch.sum(dim=0) (fixed order).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _ext
+from ._philox import fire_bits
+
+# ---------------------------------------------------------------------------------------
+# Device helpers. (Few and coarse on purpose: under TRITON_INTERPRET=1 every call of a
+# jit helper costs milliseconds, so the hot loops call none.)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pad_index(p, n, PAD: tl.constexpr):
+    """borders.h pad_index for p in [-1, n]: (source index, valid). Codes: zeros 0,
+    reflect 1, replicate 2, circular 3. For zeros the index is clamped (never read)."""
+    if PAD == 1:
+        q = tl.where(p < 0, -p, p)
+        q = tl.where(q >= n, 2 * (n - 1) - q, q)
+        ok = q == q
+    elif PAD == 2:
+        q = tl.minimum(tl.maximum(p, 0), n - 1)
+        ok = q == q
+    elif PAD == 3:
+        q = tl.where(p < 0, p + n, tl.where(p >= n, p - n, p))
+        ok = q == q
+    else:
+        ok = (p >= 0) & (p < n)
+        q = tl.where(ok, p, 0)
+    return q, ok
+
+
+@triton.jit
+def _cell_coords(offs_m, H, W):
+    hw = H * W
+    b = offs_m // hw
+    r = offs_m - b * hw
+    y = r // W
+    return b, y, r - y * W
+
+
+@triton.jit
+def _neighbours(xb, y, xx, H, W, s_h, s_w, rows, PAD: tl.constexpr):
+    """Row and column address offsets of the 3x3 padded neighbourhood of cells (y, xx):
+    rows above/centre/below (r0, r1, r2; r0 includes the batch offset xb) with validity
+    (v0, v1, v2; v1 = rows), columns left/centre/right (c0, c1, c2) with validity
+    (u0, u2). Tap (ky, kx) reads r_ky + c_kx, valid when v_ky & u_kx."""
+    ny, v0 = _pad_index(y - 1, H, PAD)
+    r0 = xb + ny.to(tl.int64) * s_h
+    ny, v2 = _pad_index(y + 1, H, PAD)
+    r2 = xb + ny.to(tl.int64) * s_h
+    r1 = xb + y.to(tl.int64) * s_h
+    nx, u0 = _pad_index(xx - 1, W, PAD)
+    c0 = nx.to(tl.int64) * s_w
+    nx, u2 = _pad_index(xx + 1, W, PAD)
+    c2 = nx.to(tl.int64) * s_w
+    c1 = xx.to(tl.int64) * s_w
+    return r0, r1, r2, rows & v0, rows, rows & v2, c0, c1, c2, u0, u2
+
+
+@triton.jit
+def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
+    """Fire mask of cells offs_m as fp32 0/1, bit-identical to fastnca.fire_mask."""
+    bits = fire_bits(offs_m.to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
+                     step_lo.to(tl.uint32))
+    return (bits < threshold.to(tl.uint32)).to(tl.float32)
+
+
+@triton.jit
+def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_f, fmask,
+                pw_ptr, pb_ptr, dq, dpw_ptr,
+                F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+                BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
+                DOT_PREC: tl.constexpr, ACC_DPW: tl.constexpr):
+    """conv[m, o] for the FC_BLK output channels offs_f (bias included).
+
+    Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
+    a strip touches stay in L1/L2). With ACC_DPW (backward) the same tile also feeds
+    d_pw[tap] += dq^T @ tile, read-modify-written in this program's private slot.
+    The tap loop is a runtime loop on purpose. Unrolled (static_range), the compiler
+    hoisted all 9 tiles out of the chunk loop (loop-invariant) into shared memory: 320 KB
+    for C=128, hidden=256 with tf32x3, over the 227 KB of an H100; and sm_90a compile
+    times were ~7x longer (AOT compile here: backward cell kernel 162 s -> 22 s)."""
+    conv = tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32)
+    if DEPTHWISE:
+        ch = (offs_f // F).to(tl.int64) * s_c  # groups=C: output channel o reads o // F
+        chmask = fmask
+    else:
+        ch = offs_c.to(tl.int64) * s_c
+        chmask = cmask
+    for tap in range(9):
+        ky = tap // 3
+        kx = tap - ky * 3
+        off = (tl.where(ky == 0, r0, tl.where(ky == 1, r1, r2))
+               + tl.where(kx == 0, c0, tl.where(kx == 1, c1, c2)))
+        ok = (tl.where(ky == 0, v0, tl.where(ky == 1, v1, v2))
+              & tl.where(kx == 0, u0, tl.where(kx == 1, True, u2)))
+        t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
+                    other=0.0).to(tl.float32)
+        if DEPTHWISE:
+            conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
+            if ACC_DPW:
+                p_pw = dpw_ptr + tap * FC_CEIL + offs_f
+                tl.store(p_pw, tl.load(p_pw) + tl.sum(dq * t, axis=0))
+        else:
+            w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
+            conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
+            if ACC_DPW:
+                p_pw = dpw_ptr + tap * FC_CEIL * C_PAD + offs_f[:, None] * C_PAD + offs_c[None, :]
+                tl.store(p_pw, tl.dot(tl.trans(dq), t, tl.load(p_pw), input_precision=DOT_PREC))
+    return conv + tl.load(pb_ptr + offs_f)[None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# Weight layout (one launch per call instead of a dozen small torch ops: a rollout of
+# small states is launch-bound)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nca_step_arrange_kernel(
+    out_ptr, pw_ptr, pb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    pw_s0, pw_s1, pw_s2, pw_s3, pb_s, w1_s0, w1_s1, b1_s, w2_s0, w2_s1, b2_s, frozen,
+    C: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, C_PAD: tl.constexpr,
+    HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Fill the flat fp32 buffer [w1at | w1bt | b1p | w2t | b2p | pwt | pbp] (module
+    docstring) from the raw weights (any float dtype, any strides); padding is zero."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    E0 = C_PAD * HID_PAD
+    E1 = E0 + FC_CEIL * HID_PAD
+    E2 = E1 + HID_PAD
+    E3 = E2 + HID_PAD * C_PAD
+    E4 = E3 + C_PAD
+    if DEPTHWISE:
+        E5 = E4 + 9 * FC_CEIL
+    else:
+        E5 = E4 + 9 * C_PAD * FC_CEIL
+    E6 = E5 + FC_CEIL
+    # w1at[c, h] = w1[h, c]
+    r = i // HID_PAD
+    k = i % HID_PAD
+    val = tl.load(w1_ptr + k * w1_s0 + r * w1_s1, mask=(i < E0) & (r < C) & (k < HID),
+                  other=0.0).to(tl.float32)
+    # w1bt[o, h] = w1[h, C + o]
+    j = i - E0
+    r = j // HID_PAD
+    k = j % HID_PAD
+    val += tl.load(w1_ptr + k * w1_s0 + (C + r) * w1_s1, mask=(j >= 0) & (i < E1) & (r < FC) & (k < HID),
+                   other=0.0).to(tl.float32)
+    # b1p
+    j = i - E1
+    val += tl.load(b1_ptr + j * b1_s, mask=(j >= 0) & (j < HID), other=0.0).to(tl.float32)
+    # w2t[h, c] = w2[c - frozen, h] for frozen <= c < C
+    j = i - E2
+    r = j // C_PAD
+    k = j % C_PAD
+    val += tl.load(w2_ptr + (k - frozen) * w2_s0 + r * w2_s1,
+                   mask=(j >= 0) & (i < E3) & (r < HID) & (k >= frozen) & (k < C), other=0.0).to(tl.float32)
+    # b2p[c] = b2[c - frozen]
+    j = i - E3
+    val += tl.load(b2_ptr + (j - frozen) * b2_s, mask=(j >= frozen) & (j < C) & (i < E4),
+                   other=0.0).to(tl.float32)
+    # pwt
+    j = i - E4
+    if DEPTHWISE:  # [9, FC_CEIL]
+        tap = j // FC_CEIL
+        r = j % FC_CEIL
+        src = r * pw_s0 + (tap // 3) * pw_s2 + (tap % 3) * pw_s3
+        ok = (j >= 0) & (i < E5) & (r < FC)
+    else:  # [9, C_PAD, FC_CEIL]
+        tap = j // (C_PAD * FC_CEIL)
+        k = (j // FC_CEIL) % C_PAD
+        r = j % FC_CEIL
+        src = r * pw_s0 + k * pw_s1 + (tap // 3) * pw_s2 + (tap % 3) * pw_s3
+        ok = (j >= 0) & (i < E5) & (r < FC) & (k < C)
+    val += tl.load(pw_ptr + src, mask=ok, other=0.0).to(tl.float32)
+    # pbp
+    j = i - E5
+    val += tl.load(pb_ptr + j * pb_s, mask=(j >= 0) & (j < FC), other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, val, mask=i < E6)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
+def _nca_step_forward_kernel(
+    x_ptr, out_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
+    seed_lo, seed_hi, step_lo, threshold, frozen,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
+    FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < N
+    b, y, xx = _cell_coords(offs_m, H, W)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    offs_h = tl.arange(0, HID_PAD)
+    r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
+                                                             s_h, s_w, rows, PAD)
+    x_row = x_ptr + (r1 + c1)[:, None]
+    ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+    o_row = out_ptr + ob[:, None]
+
+    # z = x @ W1a^T + conv @ W1b^T. Channels come C_BLK and the conv FC_BLK at a time so
+    # no weight operand exceeds 16-32 KB (a C=128, hidden=256 rule still fits shared
+    # memory) and the perception P never exists as a whole.
+    z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+    for k0 in range(0, C, C_BLK):
+        offs_k = k0 + tl.arange(0, C_BLK)
+        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
+                     mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+        z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
+    for f0 in range(0, FC, FC_BLK):
+        offs_f = f0 + tl.arange(0, FC_BLK)
+        conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                           offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+        z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
+    h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+    m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+    for k0 in range(0, C, C_BLK):
+        offs_k = k0 + tl.arange(0, C_BLK)
+        kmask = rows[:, None] & (offs_k < C)[None, :]
+        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+        delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]),
+                       input_precision=DOT_PREC)
+        delta += tl.load(b2_ptr + offs_k)[None, :]
+        new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
+        tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+def _forward_prune(configs, named_args, **kwargs):
+    """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
+    would need more than ~128 registers per thread (spills)."""
+    a = {**named_args, **kwargs}
+    width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
+    return keep or configs[:1]
+
+
+# Untuned starting set (no GPU was available when this was written): strips of 32-128
+# cells, 4 or 8 warps, no software pipelining (num_stages=1: the loops are short and
+# extra stages would multiply the shared-memory staging of the dot operands). sm_90a AOT
+# compiles (triton 3.9, tf32x3): C=16, F=2, hidden=128 -> 234-255 registers, no spills,
+# 16-48 KB shared memory for these tiles; C=128, F=3, hidden=256 at 32/8 warps -> 80 KB,
+# 1.4 KB spills.
+_nca_step_forward_kernel_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+             for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
+    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC"],
+    prune_configs_by={"early_config_prune": _forward_prune},
+)(_nca_step_forward_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
+def _nca_step_backward_cell_kernel(
+    g_ptr, x_ptr, ws_ptr,
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr, SLOT: tl.constexpr,
+    N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
+    seed_lo, seed_hi, step_lo, threshold, frozen,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
+    FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
+    dw1a_ptr += slot
+    dw1b_ptr += slot
+    db1_ptr += slot
+    dw2_ptr += slot
+    db2_ptr += slot
+    dpw_ptr += slot
+    dpb_ptr += slot
+
+    K1 = C + FC  # workspace row: [g + dP_x (C) | dQ (FC)]
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    offs_h = tl.arange(0, HID_PAD)
+    for tile in range(pid, num_tiles, nprog):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < N
+        b, y, xx = _cell_coords(offs_m, H, W)
+        ws_row = offs_m.to(tl.int64) * K1
+        r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
+                                                                 s_h, s_w, rows, PAD)
+        x_row = x_ptr + (r1 + c1)[:, None]
+        g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
+
+        # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
+        z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
+                         mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+            z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                       input_precision=DOT_PREC)
+        for f0 in range(0, FC, FC_BLK):
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                               offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, dpw_ptr,
+                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+            z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                       input_precision=DOT_PREC)
+        h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+
+        # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
+        # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
+        # name reassigned in a later loop with another shape would become an ill-typed
+        # loop-carried value for the compiler.)
+        m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+        dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c,
+                         mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+            gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
+            p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
+            tl.store(p_w2, tl.dot(tl.trans(gdk), h, tl.load(p_w2), input_precision=DOT_PREC))
+            p_b2 = db2_ptr + offs_k
+            tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
+            dh = tl.dot(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
+                        input_precision=DOT_PREC)
+        dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
+        p_b1 = db1_ptr + offs_h
+        tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
+
+        # ---- d_w1[:, :C] partial, and the direct part of d_state: g + dP[:, :C]
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            kmask = rows[:, None] & (offs_k < C)[None, :]
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+            p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
+            tl.store(p_w1a, tl.dot(tl.trans(dz), xk, tl.load(p_w1a), input_precision=DOT_PREC))
+            gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
+            dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
+                         input_precision=DOT_PREC)
+            tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
+
+        # ---- conv part: dQ = dz @ W1b per chunk; d_w1b, d_pb, d_pw partials
+        for f0 in range(0, FC, FC_BLK):
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            fmask = offs_f < FC
+            dq = tl.dot(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]),
+                        input_precision=DOT_PREC)
+            tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
+                     mask=rows[:, None] & fmask[None, :])
+            p_pb = dpb_ptr + offs_f
+            tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
+            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                               offs_f, fmask, pw_ptr, pb_ptr, dq, dpw_ptr,
+                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, True)
+            p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
+            tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
+        # The next tile re-reads this tile's partial slots, whose elements may live in other
+        # threads than the ones that stored them: make the stores visible CTA-wide.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _readers(s, n, rows, PAD: tl.constexpr):
+    """Inverse neighbourhood along one axis: the output coordinates that read source
+    coordinate s through tap k (offset k - 1). In-grid reader d_k = s - (k - 1); for
+    k = 0 / 2 also the border reader e = 0 / n-1, whose OUT-of-grid read (-1 / n) the
+    padding maps onto s (never for zeros). On tiny grids several readers (and several
+    taps of one reader) can hit the same source: each is a separate read, all are summed.
+    Returns (d0, d1, d2, e0, e2) and their validity (dv0, dv1, dv2, ev0, ev2)."""
+    zero = tl.zeros_like(s)
+    lo, lo_ok = _pad_index(zero - 1, n, PAD)
+    hi, hi_ok = _pad_index(zero + n, n, PAD)
+    return (s + 1, s, s - 1, zero, zero + (n - 1),
+            rows & (s + 1 < n), rows, rows & (s >= 1), rows & lo_ok & (s == lo), rows & hi_ok & (s == hi))
+
+
+@triton.jit
+def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
+                PAD: tl.constexpr):
+    """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell
+    through one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates."""
+    cm = colmask[None, :]
+    acc = tl.load(ws_ptr + ((yd + xd) * K1)[:, None] + cols[None, :], mask=(yv & xv)[:, None] & cm, other=0.0)
+    if PAD != 0:  # zeros padding has no border readers
+        acc += tl.load(ws_ptr + ((yd + xb) * K1)[:, None] + cols[None, :], mask=(yv & xbv)[:, None] & cm,
+                       other=0.0)
+        acc += tl.load(ws_ptr + ((yb + xd) * K1)[:, None] + cols[None, :], mask=(ybv & xv)[:, None] & cm,
+                       other=0.0)
+        acc += tl.load(ws_ptr + ((yb + xb) * K1)[:, None] + cols[None, :], mask=(ybv & xbv)[:, None] & cm,
+                       other=0.0)
+    return acc
+
+
+@triton.jit
+def _nca_step_backward_input_kernel(
+    ws_ptr, pw_ptr, dx_ptr, N, H, W, d_b, d_c, d_h, d_w,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
+    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
+    dQ from the readers of each source cell (no atomics)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < N
+    b, y, xx = _cell_coords(offs_m, H, W)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    K1 = C + FC
+    io_mask = rows[:, None] & cmask[None, :]
+    acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask, other=0.0)
+
+    cb = b.to(tl.int64) * H
+    yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2 = _readers(y, H, rows, PAD)
+    yd0 = (cb + yd0) * W  # cell-row bases
+    yd1 = (cb + yd1) * W
+    yd2 = (cb + yd2) * W
+    yb0 = (cb + yb0) * W
+    yb2 = (cb + yb2) * W
+    xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2 = _readers(xx, W, rows, PAD)
+    for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
+        offs_f = f0 + tl.arange(0, FC_BLK)
+        fmask = offs_f < FC
+        for tap in range(9):  # runtime loop: see _conv_chunk
+            ky = tap // 3
+            kx = tap - ky * 3
+            # in-grid reader, and the border reader (none for the centre row / column)
+            yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
+            yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
+            yb = tl.where(ky == 0, yb0, yb2)
+            ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
+            xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
+            xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
+            xb = tl.where(kx == 0, xb0, xb2)
+            xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
+            if DEPTHWISE:
+                for f in tl.static_range(F):
+                    o = offs_c * F + f  # the output channels that read input channel c
+                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1, PAD)
+                    acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
+            else:
+                gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
+                w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
+                            + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
+                acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
+    db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
+    tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
+             acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+# Channel chunks: every weight operand of a dot stays <= _DOT_TILE fp32 elements (16 KB;
+# tf32x3 stages a second, "small" copy): large rules (C=128, hidden=256) then fit in
+# shared memory and the per-chunk partial-grad tiles in registers. Small rules
+# (C <= 32, hidden <= 128) run in one chunk.
+_DOT_TILE = 4096
+_PARTIAL_BUDGET = 256 << 20  # bytes of backward weight-grad partials (all programs)
+_sm_count: dict = {}
+# Under TRITON_INTERPRET=1 the cost is per interpreted op, not per element: big strips,
+# few programs (still > 1 tile per backward program, so the persistent loop is tested).
+_INTERPRET_BLOCK_M, _INTERPRET_PROGRAMS = 256, 3
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _has_tf32x3() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return "tf32x3" in CUDAOptions.allowed_dot_input_precisions
+    except Exception:  # noqa: BLE001 -- an older/other backend: fall back to ieee
+        return False
+
+
+_TF32X3 = _has_tf32x3()
+
+
+def _dot_precision(device: torch.device) -> str:
+    """fp32 matmul mode. "tf32x3" (3 TF32 tensor-core products, fp32-level error: ~4e-7
+    max-norm relative at K=512 in a CPU emulation, same as plain fp32) on sm_80+. "ieee"
+    (FMA) compiled to 32 registers + KBs of spills for the C=16, hidden=128 rule on sm_90a
+    (ptxas, triton 3.9), so it is only the fallback. "tf32" when the user allowed TF32
+    matmuls (torch.backends.cuda.matmul.allow_tf32), like torch."""
+    if device.type != "cuda":
+        return "ieee"  # interpreter: numpy fp32
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+
+
+class _Rule:
+    """The rule's weights re-laid out for the kernels, and the constexpr sizes."""
+
+    def __init__(self, state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
+        if state.dtype not in _SUPPORTED:
+            raise TypeError(f"triton nca_step supports float32, float16 and bfloat16 states, got {state.dtype}")
+        B, C, H, W = state.shape
+        if B * H * W >= 2 ** 31:
+            raise ValueError(f"triton nca_step needs B*H*W < 2^31 cells, got {B * H * W}")
+        dev = self.device = state.device
+        FC, hid = pw.shape[0], w1.shape[0]
+        self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
+        self.C_PAD, self.HID_PAD = _pow2(C), _pow2(hid)
+        self.C_BLK = min(self.C_PAD, max(16, _DOT_TILE // self.HID_PAD))
+        self.FC_BLK = min(_pow2(FC), 64, max(16, 2 * _DOT_TILE // self.HID_PAD))
+        self.FC_CEIL = triton.cdiv(FC, self.FC_BLK) * self.FC_BLK
+        self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
+        self.PAD = _ext.PADDING_CODES[padding]
+        # One flat layout for the arranged weights and, in the backward, for each
+        # program's partial-grad slot: [w1a | w1b | b1 | w2 | b2 | pw | pb].
+        cp, hp, fcc = self.C_PAD, self.HID_PAD, self.FC_CEIL
+        self.sizes = (cp * hp, fcc * hp, hp, hp * cp, cp, 9 * fcc * (1 if self.DEPTHWISE else cp), fcc)
+        self.SLOT = sum(self.sizes)  # every size is a multiple of 16: aligned segments
+        buf = torch.empty(self.SLOT, dtype=torch.float32, device=dev)
+        with _on_device(dev):
+            _nca_step_arrange_kernel[(triton.cdiv(self.SLOT, 1024),)](
+                buf, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
+                *w2.stride(), *b2.stride(), frozen, C=C, FC=FC, HID=hid, C_PAD=cp, HID_PAD=hp,
+                FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, BLOCK=1024)
+        self._weights = self.split(buf)
+
+    def split(self, flat):
+        """Views of the 7 segments of ``flat`` [..., SLOT] (w1a, w1b, b1, w2, b2, pw, pb)."""
+        return flat.split(self.sizes, dim=-1)
+
+    def weights(self):
+        return self._weights
+
+    def constexprs(self):
+        return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
+                    C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
+                    FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
+                    DOT_PREC=_dot_precision(self.device))
+
+
+def _fire_args(update_prob, seed, step):
+    return (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, _ext.fire_threshold(update_prob))
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    B, C, H, W = state.shape
+    N = B * H * W
+    out = torch.empty_like(state)
+    args = (state, out, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
+            *_fire_args(update_prob, seed, step), frozen)
+    if _interpreting(state.device):
+        _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
+            *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
+    else:
+        with _on_device(state.device):
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
+            _nca_step_forward_kernel_autotuned[grid](*args, **rule.constexprs())
+    return out
+
+
+def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
+    """(BLOCK_M, num_warps, programs) for the backward. Not autotuned on purpose: the
+    tile partition fixes the partial-sum order, so it must be a pure function of the
+    shapes and the device for grads to be bitwise reproducible across processes."""
+    if _interpreting(device):
+        block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
+    else:
+        # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
+        block_m = 32 if rule.HID_PAD >= 256 or rule.C_PAD >= 128 else 64
+        warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
+        if device.index not in _sm_count:
+            _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * _sm_count[device.index]
+    programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
+    return block_m, warps, programs
+
+
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    B, C, H, W = state.shape
+    N = B * H * W
+    dev = state.device
+    block_m, warps, G = _backward_tiling(rule, dev, N)
+    f32 = dict(dtype=torch.float32, device=dev)
+    partials = torch.zeros(G, rule.SLOT, **f32)  # one private slot per program
+    ws = torch.empty(N, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    d_state = torch.empty_like(state)
+    cx = rule.constexprs()
+    with _on_device(dev):
+        _nca_step_backward_cell_kernel[(G,)](
+            grad_out, state, ws, *rule.weights(), *rule.split(partials), rule.SLOT,
+            N, H, W, triton.cdiv(N, block_m), *state.stride(), *grad_out.stride(),
+            *_fire_args(update_prob, seed, step), frozen, **cx, BLOCK_M=block_m, num_warps=warps,
+            num_stages=1)
+        _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
+            ws, rule.weights()[5], d_state, N, H, W, *d_state.stride(),
+            C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+            FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+            DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
+    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(partials.sum(0))  # fixed order
+    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
+    if rule.DEPTHWISE:
+        g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)
+    else:
+        g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
+    grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
+    # (copies: the returned grads must not be views sharing one buffer)
+    return (d_state, *(g.to(w.dtype, copy=True).reshape(w.shape)
+                       for g, w in zip(grads, (pw, pb, w1, b1, w2, b2))))
+

@@ -1,0 +1,229 @@
+"""nca_step, ``triton`` backend: forward output and all 7 gradients against the reference
+backend, over every padding, dense and depthwise perception, F = 1..3, frozen channels,
+update probabilities 0 / 0.5 / 1, tiny and odd grid sizes, batch 1 and 3, fp32 / fp16 /
+bf16, NCHW and channels_last; the in-kernel fire mask against fastnca.fire_mask; bitwise
+reproducible gradients.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (slow: sizes are
+small here; the larger shapes are marked ``gpu``)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / fastnca are imported
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import fastnca  # noqa: E402
+from fastnca.kernels.reference import nca_step as ref  # noqa: E402
+from fastnca.kernels.triton import nca_step as tri  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# Max-norm relative error allowed against the reference (same inputs, same dtype). fp32
+# differs only in summation order; half outputs may differ by one rounding of the result.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_NAMES = ("d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2")
+
+
+@pytest.fixture(autouse=True)
+def _true_fp32_reference():
+    """On GPU the reference's conv would use TF32 by default: compare against true fp32."""
+    if not CUDA:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_inputs(B, C, H, W, hidden, F, groups, frozen, dtype=torch.float32, wdtype=torch.float32,
+                channels_last=False, seed=0):
+    """Backend-level inputs: (state, grad_out, pw, pb, w1, b1, w2, b2); w2/b2 already have
+    the frozen rows removed, as the public layer passes them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(DEVICE)
+
+    state = r(B, C, H, W, s=1.0).to(dtype)
+    grad_out = r(B, C, H, W, s=1.0).to(dtype)
+    if channels_last:
+        state = state.contiguous(memory_format=torch.channels_last)
+    weights = [r(F * C, C // groups, 3, 3), r(F * C), r(hidden, (F + 1) * C), r(hidden),
+               r(C - frozen, hidden), r(C - frozen)]
+    return (state, grad_out, *(w.to(wdtype) for w in weights))
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_against_reference(case, dtype=torch.float32, wdtype=torch.float32, channels_last=False,
+                            grads=True, seed=0):
+    B, C, H, W, hidden, F, groups, frozen, padding, p = case
+    groups = C if groups == "C" else groups
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, groups, frozen, dtype, wdtype,
+                                      channels_last, seed)
+    args = (*w, groups, padding, p, 2**33 + 12345, 7, frozen)
+    out = tri.forward(state, *args)
+    expected = ref.forward(state, *args)
+    assert out.dtype == state.dtype and out.shape == state.shape and out.stride() == state.stride()
+    tol = REL_TOL[dtype]
+    assert rel_err(out, expected) <= tol, f"out: rel err {rel_err(out, expected):.2e}"
+    # Frozen channels are copied bit for bit.
+    assert torch.equal(out[:, :frozen], state[:, :frozen])
+    if not grads:
+        return
+    got = tri.backward(grad_out, state, *args)
+    want = ref.backward(grad_out, state, *args)
+    assert got[0].stride() == state.stride()
+    for name, a, b, t in zip(GRAD_NAMES, got, want, (state, *w)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        # weight grads are sums over every cell of fp32 products (in weight dtype)
+        gt = max(tol, REL_TOL[t.dtype])
+        assert rel_err(a, b) <= gt, f"{name}: rel err {rel_err(a, b):.2e}"
+
+
+# (B, C, H, W, hidden, F, groups, frozen, padding, update_prob)
+PADDINGS = ["reflect", "zeros", "replicate", "circular"]
+CASES = [
+    (1, 3, 2, 2, 5, 1, 1, 0, "circular", 1.0),
+    (1, 3, 2, 2, 5, 3, "C", 3, "reflect", 0.5),     # every channel frozen
+    (3, 3, 2, 2, 5, 2, "C", 1, "replicate", 0.5),
+    (3, 3, 3, 5, 5, 1, "C", 0, "zeros", 0.0),        # nothing fires
+    (1, 3, 3, 5, 5, 3, 1, 1, "circular", 1.0),
+    (1, 3, 1, 3, 5, 2, 1, 0, "circular", 0.5),       # H = 1: every vertical tap wraps to row 0
+    (2, 1, 3, 5, 1, 3, 1, 0, "replicate", 0.5),      # C = 1, hidden = 1
+    (3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5),     # several tiles per backward program
+    (3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5),
+]
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_every_padding(padding, groups):
+    check_against_reference((2, 3, 3, 5, 5, 2, groups, 1, padding, 0.5))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_matches_reference(case):
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_channel_chunks(monkeypatch, groups):
+    """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
+    chunk budget so that a small rule takes 2 channel chunks and 3 conv chunks."""
+    monkeypatch.setattr(tri, "_DOT_TILE", 256)
+    state, _, *w = make_inputs(1, 24, 2, 2, 16, 3, 1, 0)
+    rule = tri._Rule(state, *w, 1, "zeros", 0)
+    assert (rule.C_BLK, rule.FC_BLK, rule.FC_CEIL) == (16, 32, 96)
+    check_against_reference((1, 24, 3, 5, 16, 3, groups, 2, "reflect", 0.5))
+
+
+@pytest.mark.parametrize("dtype,wdtype,channels_last", [
+    (torch.float32, torch.float32, True),
+    (torch.float16, torch.float32, True),
+    (torch.bfloat16, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, True),
+], ids=["fp32-cl", "fp16-cl", "bf16", "bf16-bf16weights-cl"])
+def test_dtypes_and_layouts(dtype, wdtype, channels_last):
+    check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), dtype, wdtype, channels_last)
+
+
+def test_strided_inputs():
+    """Arbitrary strides are read in place: a channel-sliced state, a transposed grad,
+    non-contiguous weights (channels_last pw, transposed w1, offset w2 / b2 views) and
+    an fp64 bias."""
+    state, grad_out, pw, pb, w1, b1, w2, b2 = make_inputs(2, 6, 5, 7, 5, 2, 1, 0)
+    big = torch.randn(2, 9, 5, 7, device=DEVICE)
+    state = big[:, 1:7]
+    grad_out = grad_out.transpose(2, 3).contiguous().transpose(2, 3)
+    pw = pw.contiguous(memory_format=torch.channels_last)
+    w1 = w1.t().contiguous().t()
+    w2 = torch.cat([torch.randn(2, 5, device=DEVICE), w2])[2:]
+    b2 = torch.cat([torch.randn(2, device=DEVICE), b2])[2:]
+    w = (pw, pb, w1, b1.double(), w2, b2)
+    args = (*w, 1, "circular", 0.5, 3, 1, 0)
+    assert rel_err(tri.forward(state, *args), ref.forward(state, *args)) <= 1e-5
+    for a, b in zip(tri.backward(grad_out, state, *args), ref.backward(grad_out, state, *args)):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("seed,step,p", [(0, 0, 0.3), (2**32 + 5, 2**32 - 1, 0.999),
+                                         (2**64 - 1, 12345, 2.0**-23), (123456789, 2**31, 0.5)])
+def test_mask_is_fire_mask(seed, step, p):
+    """delta = 1 on every channel (w2 = 0, b2 = 1), zero state: out is exactly the mask."""
+    B, C, H, W = 2, 3, 5, 7
+    state, _, pw, pb, w1, b1, w2, b2 = make_inputs(B, C, H, W, 5, 1, 1, 0)
+    out = tri.forward(torch.zeros_like(state), pw, pb, w1, b1, torch.zeros_like(w2), torch.ones_like(b2),
+                      1, "zeros", p, seed, step, 0)
+    m = fastnca.fire_mask(B, H, W, p, seed, step, device=DEVICE, backend="reference")
+    assert torch.equal(out, m[:, None].expand(B, C, H, W).float())
+
+
+def test_gradients_are_bitwise_reproducible():
+    state, grad_out, *w = make_inputs(2, 3, 17, 31, 5, 2, 1, 1)  # 5 tiles over 3 programs
+    args = (*w, 1, "reflect", 0.5, 11, 2, 1)
+    g1 = tri.backward(grad_out, state, *args)
+    g2 = tri.backward(grad_out, state, *args)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
+def test_public_op_autograd_and_rollout():
+    """Through fastnca.nca_step / nca_rollout(backend="triton") with autograd."""
+    state, _, pw, pb, w1, b1, w2, b2 = make_inputs(1, 4, 6, 5, 8, 2, 1, 1)
+    # fc2 with all C rows: the public layer drops the frozen row
+    w2, b2 = torch.cat([torch.randn(1, 8, device=DEVICE), w2]), torch.cat([torch.randn(1, device=DEVICE), b2])
+    params = [t.clone().requires_grad_(True) for t in (state, pw, pb, w1, b1, w2, b2)]
+    kw = dict(padding="replicate", update_prob=0.5, seed=5, frozen_channels=1)
+    res = {}
+    for backend in ("triton", "reference"):
+        out = fastnca.nca_rollout(*params, steps=3, checkpoint_every=2, backend=backend, **kw)
+        one = fastnca.nca_step(*params, step=1, backend=backend, **kw)
+        ramp = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        loss = (out * ramp).sum() + one.square().sum()
+        res[backend] = (out, one, *torch.autograd.grad(loss, params))
+    for a, b in zip(res["triton"], res["reference"]):
+        assert rel_err(a, b) <= 1e-5
+
+
+# ---- GPU-size shapes (too slow for the interpreter) -----------------------------------
+
+GPU_CASES = [
+    (4, 16, 64, 64, 128, 2, 1, 1, "reflect", 0.5),    # Med-NCA backbone
+    (8, 16, 32, 32, 128, 3, "C", 4, "zeros", 0.5),    # Growing-NCA style, depthwise
+    (2, 128, 16, 24, 256, 3, 1, 0, "circular", 0.5),  # largest supported rule
+    (2, 48, 33, 17, 96, 2, "C", 3, "replicate", 0.5),
+    (1, 5, 300, 7, 40, 1, 1, 0, "reflect", 1.0),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_shapes(case, dtype):
+    check_against_reference(case, dtype, channels_last=dtype == torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_gradients_are_bitwise_reproducible():
+    state, grad_out, *w = make_inputs(4, 16, 64, 64, 128, 2, 1, 1)
+    args = (*w, 1, "reflect", 0.5, 11, 2, 1)
+    g1 = tri.backward(grad_out, state, *args)
+    g2 = tri.backward(grad_out, state, *args)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), name
