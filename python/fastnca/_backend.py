@@ -49,13 +49,20 @@ def _availability(name: str) -> bool | str:
     raise ValueError(f"unknown backend {name!r}")
 
 
+# Settled once at import (as DESIGN.md says: TRITON_INTERPRET must be set before import),
+# so that resolve() is plain dict lookups when torch.compile traces a call.
+_STATUS = {name: _availability(name) for name in BACKENDS}
+_KERNELS = {(b, op): importlib.util.find_spec(f"fastnca.kernels.{b}.{op}") is not None
+            for b in BACKENDS for op in OPS}
+
+
 def backends() -> dict[str, bool | str]:
     """Backend name -> True when usable here, else a string saying why not."""
-    return {name: _availability(name) for name in BACKENDS}
+    return dict(_STATUS)
 
 
 def has_kernel(backend: str, op: str) -> bool:
-    return importlib.util.find_spec(f"fastnca.kernels.{backend}.{op}") is not None
+    return _KERNELS[(backend, op)]
 
 
 def kernel(backend: str, op: str):
@@ -64,7 +71,7 @@ def kernel(backend: str, op: str):
 
 
 def _usable_on(backend: str, device: torch.device) -> bool | str:
-    status = _availability(backend)
+    status = _STATUS[backend]
     if status is not True:
         return status
     if backend == "cpu" and device.type != "cpu":

@@ -1,0 +1,385 @@
+"""Train a GeCA diffusion model (Elbatel et al., MICCAI 2024) with fastnca.
+
+Default: image space on a built-in synthetic multi-label data set generated on the
+fly (coloured shapes on a dark background; label k = "shape k is in the picture";
+4 channels = RGB + the shape-coverage mask, all in [-1, 1]), so the script runs
+anywhere with no download:
+
+    python examples/train_geca.py --model GeCA-XS --image-size 32 --iters 20000
+
+Own data: a folder of images and a CSV ``filename,label_0,...,label_{K-1}`` (multi-hot
+0/1 columns, header row) -> RGB images in [-1, 1] (in_channels 3):
+
+    python examples/train_geca.py --data path/to/images --labels labels.csv --image-size 64
+
+Latent space (as in the paper: 256 px images -> 32x32x4 SD-VAE latents, scale 0.18215),
+only with a LOCAL diffusers AutoencoderKL (nothing is downloaded):
+
+    python examples/train_geca.py --data imgs --labels labels.csv --image-size 256 --vae /path/to/sd-vae-ft-ema
+
+Multi-GPU: ``torchrun --nproc_per_node 8 examples/train_geca.py ...`` (DDP; --batch-size is global).
+Checkpoints hold {"model", "ema", "opt", "args", "step"}; sample with examples/sample_geca.py.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from fastnca.models.geca import CONFIGS, GeCA, GeCAConfig  # noqa: E402
+from fastnca.models.geca_diffusion import create_diffusion  # noqa: E402
+
+LATENT_SCALE = 0.18215
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def write_png(path, img) -> None:
+    """Write a uint8 [H, W, 3] (or [H, W]) tensor/array as PNG (PIL if importable, else zlib)."""
+    img = torch.as_tensor(img).to(torch.uint8).cpu()
+    if img.ndim == 2:
+        img = img[..., None].expand(-1, -1, 3)
+    try:
+        from PIL import Image
+        Image.fromarray(img.numpy()).save(path)
+        return
+    except ImportError:
+        pass
+    H, W, _ = img.shape
+    raw = b"".join(b"\x00" + img[y].contiguous().numpy().tobytes() for y in range(H))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> uint8 grid [H', W', 3] (first 3 channels; 1 channel -> grey)."""
+    x = x.detach().float().cpu()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    N, _, H, W = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(N))))
+    rows = math.ceil(N / nrow)
+    grid = torch.zeros(3, rows * (H + pad) + pad, nrow * (W + pad) + pad, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i]
+    return grid.permute(1, 2, 0)
+
+
+# --------------------------------------------------------------------------- data
+
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross")
+
+
+def synthetic_batch(n: int, size: int, num_classes: int = 5, generator: torch.Generator | None = None):
+    """n images [n, 4, size, size] in [-1, 1] and multi-hot labels [n, num_classes]: each
+    present shape (probability 0.5 each, at least one) is drawn with a random colour,
+    centre and radius; channel 3 is the union of the shapes' masks."""
+    g = generator
+    K = min(num_classes, len(SHAPES))
+    labels = (torch.rand(n, num_classes, generator=g) < 0.5).float()
+    labels[:, K:] = 0
+    none = labels[:, :K].sum(1) == 0
+    labels[none, torch.randint(0, K, (int(none.sum()),), generator=g)] = 1
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    img = torch.full((n, 3, size, size), -0.8)
+    img += 0.1 * torch.randn(n, 3, 1, 1, generator=g)  # background tint
+    cover = torch.zeros(n, size, size)
+    for k in range(K):
+        cx, cy = (torch.rand(2, n, 1, 1, generator=g) * 0.6 + 0.2) * size
+        r = (torch.rand(n, 1, 1, generator=g) * 0.12 + 0.12) * size
+        dx, dy = xx - cx, yy - cy
+        if SHAPES[k] == "disc":
+            m = dx ** 2 + dy ** 2 <= r ** 2
+        elif SHAPES[k] == "square":
+            m = (dx.abs() <= 0.8 * r) & (dy.abs() <= 0.8 * r)
+        elif SHAPES[k] == "triangle":
+            m = (dy <= 0.8 * r) & (dy >= -r + 2 * dx.abs())
+        elif SHAPES[k] == "ring":
+            d2 = dx ** 2 + dy ** 2
+            m = (d2 <= r ** 2) & (d2 >= (0.55 * r) ** 2)
+        else:  # cross
+            m = ((dx.abs() <= 0.3 * r) & (dy.abs() <= r)) | ((dy.abs() <= 0.3 * r) & (dx.abs() <= r))
+        m = m & (labels[:, k, None, None] > 0)
+        colour = torch.rand(n, 3, 1, 1, generator=g) * 1.6 - 0.6
+        img = torch.where(m[:, None], colour.expand_as(img), img)
+        cover = torch.maximum(cover, m.float())
+    return torch.cat([img, cover[:, None] * 2 - 1], 1).clamp(-1, 1), labels
+
+
+class SyntheticShapes(torch.utils.data.IterableDataset):
+    def __init__(self, size: int, num_classes: int, batch: int, seed: int):
+        self.size, self.num_classes, self.batch, self.seed = size, num_classes, batch, seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield synthetic_batch(self.batch, self.size, self.num_classes, g)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images listed in a CSV (first column: file name relative to ``root``; other columns:
+    multi-hot labels) -> RGB [3, size, size] in [-1, 1] (centre crop + resize)."""
+
+    def __init__(self, root: str, labels_csv: str, size: int, hflip: bool = True):
+        from PIL import Image  # noqa: F401  (needed for own data)
+        self.root, self.size, self.hflip = Path(root), size, hflip
+        with open(labels_csv, newline="") as f:
+            rows = list(csv.reader(f))
+        header, rows = rows[0], [r for r in rows[1:] if r]
+        self.class_names = header[1:]
+        self.files = [r[0] for r in rows]
+        self.labels = torch.tensor([[float(v) for v in r[1:]] for r in rows])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        im = Image.open(self.root / self.files[i]).convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((self.size, self.size), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        x = x.permute(2, 0, 1).float() / 127.5 - 1
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def load_vae(path: str, device):
+    if not Path(path).exists():
+        raise SystemExit(f"--vae {path}: not a local path (this script never downloads weights)")
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as e:
+        raise SystemExit(f"--vae needs diffusers installed: {e}")
+    return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="GeCA-XS", choices=sorted(CONFIGS) + ["custom"])
+    p.add_argument("--num-classes", type=int, default=5)
+    for name in ("embed-dim", "heads", "dim-head", "mlp-dim", "hidden-channels"):
+        p.add_argument(f"--{name}", type=int, default=None, help="override the --model size")
+    p.add_argument("--ca-steps", type=int, default=12)
+    p.add_argument("--update-prob", type=float, default=0.5)
+    p.add_argument("--backend", default=None, help="fastnca backend (default: fastest available)")
+
+
+def build_model(args, in_channels: int) -> GeCA:
+    sizes = dict(CONFIGS.get(args.model, CONFIGS["GeCA-XS"]))
+    for k in ("embed_dim", "heads", "dim_head", "mlp_dim", "hidden_channels"):
+        if getattr(args, k, None) is not None:
+            sizes[k] = getattr(args, k)
+    cfg = GeCAConfig(**sizes, in_channels=in_channels, num_classes=args.num_classes,
+                     ca_steps=args.ca_steps, update_prob=args.update_prob)
+    return GeCA(cfg, backend=args.backend)
+
+
+def label_bank(num_classes: int, n: int) -> torch.Tensor:
+    """n label vectors for sample grids: each class alone, then pairs, cycled."""
+    vecs = [torch.eye(num_classes)[k] for k in range(num_classes)]
+    vecs += [torch.eye(num_classes)[k] + torch.eye(num_classes)[(k + 1) % num_classes] for k in range(num_classes)]
+    return torch.stack([vecs[i % len(vecs)] for i in range(n)])
+
+
+@torch.no_grad()
+def sample_images(model, y, size, in_channels, *, sample_steps, cfg_scale, ghg=True, carry=None, device,
+                  vae=None, seed=0, progress=False, clip=None):
+    """Respaced ancestral sampling (x0 clipped to [-1, 1] in image space), decoded by the VAE if any."""
+    diff = create_diffusion(str(sample_steps))
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = diff.sample(model, y.to(device), (len(y), in_channels, size, size), cfg_scale=cfg_scale, ghg=ghg,
+                    carry=carry, clip_denoised=(vae is None) if clip is None else clip, generator=g,
+                    progress=progress)
+    if vae is not None:
+        x = vae.decode(x / LATENT_SCALE).sample
+    return x
+
+
+# --------------------------------------------------------------------------- train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--data", default=None, help="image folder (default: synthetic shapes)")
+    p.add_argument("--labels", default=None, help="CSV: filename,label_0,...")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder -> latent space")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (the paper: 128)")
+    p.add_argument("--iters", type=int, default=20000)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.9999)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast on GPU (auto: bf16 if supported, else fp16)")
+    p.add_argument("--no-step-checkpoint", action="store_true",
+                   help="store every CA step's activations instead of recomputing them in backward")
+    p.add_argument("--out", default="runs/geca")
+    p.add_argument("--ckpt-every", type=int, default=2000)
+    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--sample-n", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=50, help="respaced steps for preview grids")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main_proc = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    local_batch = args.batch_size // world
+    out = Path(args.out)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # data
+    vae = load_vae(args.vae, device) if args.vae else None
+    if args.data:
+        if not args.labels:
+            raise SystemExit("--data needs --labels CSV")
+        ds = FolderDataset(args.data, args.labels, args.image_size)
+        args.num_classes = ds.labels.shape[1]
+        sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) \
+            if world > 1 else torch.utils.data.RandomSampler(ds)
+        loader = torch.utils.data.DataLoader(ds, local_batch, sampler=sampler, num_workers=args.workers,
+                                             drop_last=True, pin_memory=device.type == "cuda",
+                                             persistent_workers=args.workers > 0)
+        in_channels = 4 if vae is not None else 3
+
+        def batches():
+            epoch = 0
+            while True:
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                yield from loader
+                epoch += 1
+    else:
+        if vae is not None:
+            raise SystemExit("--vae needs --data (the synthetic set is image-space)")
+        ds = SyntheticShapes(args.image_size, args.num_classes, local_batch, args.seed * 1000 + rank)
+        in_channels = 4
+
+        def batches():
+            yield from ds
+    size = args.image_size // 8 if vae is not None else args.image_size
+
+    # model
+    model = build_model(args, in_channels).to(device)
+    model.checkpoint_steps = not args.no_step_checkpoint
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = 0
+    if args.resume:
+        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = int(ck.get("step", 0))
+    diffusion = create_diffusion("")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    amp_dtype = None
+    if device.type == "cuda" and args.amp != "none":
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            args.amp, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    n_params = sum(p.numel() for p in model.parameters())
+    if main_proc:
+        print(f"{args.model}: {n_params:,} parameters, cells {model.cell_channels} ch, grid {size}x{size}, "
+              f"device {device}, world {world}, amp {amp_dtype}, step checkpoint {model.checkpoint_steps}")
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=args.iters, initial=step, disable=not main_proc, dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    fixed_y = label_bank(args.num_classes, args.sample_n)
+    it = batches()
+    t0, seen, loss_avg = time.time(), 0, None
+    model.train()
+    while step < args.iters:
+        x0, y = next(it)
+        x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if vae is not None:
+            with torch.no_grad():
+                x0 = vae.encode(x0).latent_dist.sample() * LATENT_SCALE
+        t = diffusion.sample_timesteps(x0.shape[0], device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = diffusion.training_losses(net, x0, t, y)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - args.ema)
+        step += 1
+        seen += x0.shape[0] * world
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", mse=f"{losses['mse'].mean().item():.4f}",
+                            img_s=f"{seen / (time.time() - t0):.0f}")
+        if main_proc and (step % args.sample_every == 0 or step == args.iters):
+            imgs = sample_images(ema, fixed_y, size, in_channels, sample_steps=args.sample_steps,
+                                 cfg_scale=args.cfg_scale, ghg=True, device=device, vae=vae)
+            write_png(out / f"samples_{step:07d}.png", image_grid(imgs))
+        if main_proc and (step % args.ckpt_every == 0 or step == args.iters):
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "args": vars(args) | {"in_channels": in_channels, "latent_size": size}, "step": step},
+                       out / "checkpoint.pt")
+    if bar is not None:
+        bar.close()
+    if main_proc:
+        dt = time.time() - t0
+        print(f"| iters | images | time (s) | images/s | final loss (EMA-smoothed) |\n"
+              f"| {step} | {seen} | {dt:.1f} | {seen / dt:.1f} | {loss_avg:.4f} |")
+        print(f"checkpoint: {out / 'checkpoint.pt'}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Timing, memory measurement, roofs and the result table shared by the benchmarks."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    config: str
+    impl: str  # "fastnca:<backend>" or a baseline name
+    dtype: str
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    saved_mb: float | None = None  # bytes autograd keeps for backward
+    peak_mb: float | None = None  # peak device memory of fwd+bwd (CUDA only)
+    note: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
+              max_seconds: float = 20.0) -> float:
+    """Median wall time of ``fn`` in ms (CUDA-synchronised); stops early past max_seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def saved_mb(fn: Callable[[], object]) -> float:
+    """MB of distinct storages autograd saves for backward while ``fn`` runs."""
+    seen: dict = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), t.device)] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2**20
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def matmul_roof_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Achieved GFLOP/s of a large square matmul: the compute roof the NCA kernels are held to."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device, warmup=2, reps=5)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Achieved GB/s (read + write) of a large device copy: the roof for memory-bound ops."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    ms = median_ms(lambda: b.copy_(a), device, warmup=2, reps=7)
+    return 2 * a.nbytes / (ms * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                           text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    try:
+        from .. import __version__
+
+        env["fastnca"] = __version__
+    except ImportError:
+        pass
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        env["device"] = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return env
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
+    """One table per (op, config, dtype): every implementation with ratios vs the baseline."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.config, r.dtype), []).append(r)
+    header = f"{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'saved MB':>10}{'peak MB':>10}{'x fwd':>8}{'x f+b':>8}{'x saved':>9}  note"
+    for key, rows in groups.items():
+        base = next((r for r in rows if r.impl == baselines.get(key[0])), None)
+        print(f"\n== {key[0]} | {key[1]} | {key[2]}")
+        print(header)
+        for r in rows:
+            def ratio(attr, inverse=False):
+                b, v = (getattr(base, attr) if base else None), getattr(r, attr)
+                if not b or not v:
+                    return "-"
+                return f"{(v / b if inverse else b / v):.2f}"
+            print(f"{r.impl:<24}{fmt(r.fwd_ms):>10}{fmt(r.fwd_bwd_ms):>12}{fmt(r.saved_mb):>10}"
+                  f"{fmt(r.peak_mb):>10}{ratio('fwd_ms'):>8}{ratio('fwd_bwd_ms'):>8}{ratio('saved_mb'):>9}  {r.note}")
+    print("\nx = baseline / fastnca (higher is better: speed-up, or times less memory)")
+
+
+def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": env, "roofs": roofs, "args": args,
+                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)

@@ -1,0 +1,169 @@
+"""nca_step / nca_rollout against the NCA update written the way the papers' code does it
+(conv perception + linear layers under autograd, Med-NCA's channels-last layout)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastnca
+from fastnca import _backend
+
+from .common import Result, median_ms, peak_mb, saved_mb
+
+
+class PaperStep(torch.nn.Module):
+    """One Med-NCA-style step in plain PyTorch: state [B, H, W, C] channels-last, perception
+    convs applied after transpose(1, 3), Linear layers, mask drawn per step on the device."""
+
+    def __init__(self, rule, groups, padding, update_prob, frozen):
+        super().__init__()
+        pw, pb, w1, b1, w2, b2 = rule
+        self.pw, self.pb, self.w1, self.b1, self.w2, self.b2 = pw, pb, w1, b1, w2, b2
+        self.groups, self.update_prob, self.frozen = groups, update_prob, frozen
+        self.mode = {"zeros": "constant"}.get(padding, padding)
+
+    def forward(self, s):
+        x = s.transpose(1, 3)
+        conv = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=self.mode), self.pw, self.pb, groups=self.groups)
+        p = torch.cat([x, conv], 1).transpose(1, 3)
+        dx = F.linear(torch.relu(F.linear(p, self.w1, self.b1)), self.w2, self.b2)
+        m = (torch.rand(s.shape[:3] + (1,), device=s.device) < self.update_prob).to(s.dtype)
+        f = self.frozen
+        return torch.cat([s[..., :f], s[..., f:] + m * dx], -1)
+
+
+def flops_per_cell(C, hidden, nf, groups):
+    conv = 9 * (C // groups) * nf * C * 2
+    return conv + (nf + 1) * C * hidden * 2 + hidden * C * 2
+
+
+def make_rule(C, hidden, nf, groups, frozen, device, dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_(True)
+
+    return [r(nf * C, C // groups, 3, 3), r(nf * C), r(hidden, (nf + 1) * C), r(hidden),
+            r(C - frozen, hidden), r(C - frozen)]
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
+    results = []
+    if device.type == "cuda":
+        B, size, steps = 8, 256, 64
+    else:
+        B, size, steps = 1, (64 if quick else 256), (16 if quick else 64)
+    configs = [
+        ("mednca", dict(C=32, hidden=128, nf=2, groups=1, padding="reflect", frozen=1)),
+        ("ncalab-depthwise", dict(C=16, hidden=128, nf=2, groups="C", padding="zeros", frozen=1)),
+    ]
+    if quick:
+        configs = configs[:1]
+    dname = str(dtype).replace("torch.", "")
+    backends = [b for b in ("reference", "cpu", "cuda", "triton")
+                if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "nca_step")]
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    for name, cfg in configs:
+        C, hidden, nf = cfg["C"], cfg["hidden"], cfg["nf"]
+        groups = C if cfg["groups"] == "C" else cfg["groups"]
+        frozen, padding = cfg["frozen"], cfg["padding"]
+        rule = make_rule(C, hidden, nf, groups, frozen, device, dtype)
+        x = torch.randn(B, C, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        g = torch.randn_like(x)
+        cells = B * size * size
+        fpc = flops_per_cell(C, hidden, nf, groups)
+        label = f"{name} C={C} h={hidden} F={nf} groups={groups} {padding} B={B} {size}x{size}"
+        kw = dict(groups=groups, padding=padding, update_prob=0.5, frozen_channels=frozen)
+
+        def fast_step(backend, grad):
+            def f():
+                with torch.set_grad_enabled(grad):
+                    y = fastnca.nca_step(x, *rule, seed=1, step=0, backend=backend, **kw)
+                    if grad:
+                        torch.autograd.backward(y, g)
+                return y
+            return f
+
+        def fast_rollout(backend, grad):
+            def f():
+                with torch.set_grad_enabled(grad):
+                    y = fastnca.nca_rollout(x, *rule, steps=steps, seed=1, backend=backend, **kw)
+                    if grad:
+                        torch.autograd.backward(y, g)
+                return y
+            return f
+
+        paper = PaperStep(rule, groups, padding, 0.5, frozen)
+        xl = x.detach().permute(0, 2, 3, 1).contiguous().requires_grad_(True)  # [B, H, W, C]
+        gl = g.permute(0, 2, 3, 1).contiguous()
+        impls = [("pytorch", paper)]
+        if device.type == "cuda" or not quick:
+            impls.append(("pytorch+compile", torch.compile(paper)))
+
+        def paper_step(mod, grad):
+            def f():
+                with torch.set_grad_enabled(grad):
+                    y = mod(xl)
+                    if grad:
+                        torch.autograd.backward(y, gl)
+                return y
+            return f
+
+        def paper_rollout(mod, grad):
+            def f():
+                with torch.set_grad_enabled(grad):
+                    y = xl
+                    for _ in range(steps):
+                        y = mod(y)
+                    if grad:
+                        torch.autograd.backward(y, gl)
+                return y
+            return f
+
+        runners = [(n, paper_step(m, False), paper_step(m, True), paper_rollout(m, False), paper_rollout(m, True))
+                   for n, m in impls]
+        runners += [(f"fastnca:{b}", fast_step(b, False), fast_step(b, True), fast_rollout(b, False),
+                     fast_rollout(b, True)) for b in backends]
+        reps = 3 if quick else 5
+        for impl, s_f, s_fb, r_f, r_fb in runners:
+            reps_i = reps
+            log(f"  nca_step {name} {impl} ...")
+            try:
+                fwd = median_ms(s_f, device, reps=reps_i)
+                fb = median_ms(s_fb, device, reps=reps_i)
+                extra = {"gflops_fwd": cells * fpc / (fwd * 1e-3) / 1e9,
+                         "gflops_train": 4 * cells * fpc / (fb * 1e-3) / 1e9}
+                roof = roofs.get(f"matmul_{dname}_gflops")
+                if roof:
+                    extra["roof_fraction_fwd"] = extra["gflops_fwd"] / roof
+                backend = impl.split(":")[1] if impl.startswith("fastnca") else None
+
+                def keep_step():
+                    with torch.enable_grad():
+                        return paper(xl) if backend is None else fastnca.nca_step(
+                            x, *rule, seed=1, backend=backend, **kw)
+
+                def keep_rollout():
+                    with torch.enable_grad():
+                        if backend is not None:
+                            return fastnca.nca_rollout(x, *rule, steps=steps, seed=1, backend=backend, **kw)
+                        y = xl
+                        for _ in range(steps):
+                            y = paper(y)
+                        return y
+
+                results.append(Result("nca_step", label, impl, dname, fwd, fb, saved_mb(keep_step),
+                                      peak_mb(s_fb, device), extra=extra))
+                rfwd = median_ms(r_f, device, reps=max(2, reps_i - 2), warmup=1)
+                rfb = median_ms(r_fb, device, reps=max(2, reps_i - 2), warmup=1)
+                results.append(Result("nca_rollout", f"{label} steps={steps}", impl, dname, rfwd, rfb,
+                                      saved_mb(keep_rollout), peak_mb(r_fb, device)))
+            except Exception as e:  # a failing implementation is reported, not fatal
+                results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+            x.grad = None
+            xl.grad = None
+            for t in rule:
+                t.grad = None
+    return results

@@ -1,0 +1,117 @@
+"""neighborhood_attention2d against the unfold-based 3x3 attention GeCA's code uses,
+FlexAttention with a neighbourhood block mask, and NATTEN when importable."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastnca
+from fastnca import _backend
+
+from .common import Result, median_ms, peak_mb, saved_mb
+
+
+def unfold_attention(q, k, v):
+    """GeCA-style local attention: unfold K and V into their 9 zero-padded neighbours."""
+    B, H, W, nh, D = q.shape
+    to_grid = lambda t: t.permute(0, 3, 4, 1, 2).reshape(B, nh * D, H, W)  # noqa: E731
+    kk = F.unfold(to_grid(k), 3, padding=1).view(B, nh, D, 9, H, W).permute(0, 4, 5, 1, 3, 2)
+    vv = F.unfold(to_grid(v), 3, padding=1).view(B, nh, D, 9, H, W).permute(0, 4, 5, 1, 3, 2)
+    s = torch.einsum("bhwnd,bhwnjd->bhwnj", q, kk) * D ** -0.5
+    return torch.einsum("bhwnj,bhwnjd->bhwnd", s.float().softmax(-1).to(q.dtype), vv)
+
+
+def flex_attention_fn(B, H, W, nh, D, device):
+    """FlexAttention with a 3x3 neighbourhood block mask (``mask`` border semantics), compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def neighbours(b, h, qi, ki):
+        return ((qi // W - ki // W).abs() <= 1) & ((qi % W - ki % W).abs() <= 1)
+
+    block_mask = create_block_mask(neighbours, None, None, H * W, H * W, device=str(device))
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v):
+        qt, kt, vt = (t.reshape(B, H * W, nh, D).transpose(1, 2) for t in (q, k, v))
+        return compiled(qt, kt, vt, block_mask=block_mask).transpose(1, 2).reshape(B, H, W, nh, D)
+
+    return run
+
+
+def natten_fn():
+    try:
+        import natten  # noqa: F401
+        from natten.functional import na2d
+    except Exception:
+        return None
+    return lambda q, k, v: na2d(q, k, v, kernel_size=3)
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
+    results = []
+    dname = str(dtype).replace("torch.", "")
+    if device.type == "cuda":
+        shapes = [("GeCA-S", 32, 32, 32, 12, 64), ("GeCA-XS", 32, 32, 32, 6, 64), ("high-res", 4, 128, 128, 4, 32)]
+    elif quick:
+        shapes = [("GeCA-XS", 4, 32, 32, 6, 64)]
+    else:
+        shapes = [("GeCA-S", 8, 32, 32, 12, 64), ("GeCA-XS", 8, 32, 32, 6, 64), ("high-res", 1, 128, 128, 4, 32)]
+    backends = [b for b in ("reference", "cpu", "cuda", "triton")
+                if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "neighborhood_attention")]
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]
+    bw = roofs.get("copy_gbs")
+    for name, B, H, W, nh, D in shapes:
+        label = f"{name} B={B} {H}x{W} heads={nh} D={D}"
+        qkv = torch.randn(B, H, W, 3, nh, D, device=device, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.unbind(3)
+        do = torch.randn(B, H, W, nh, D, device=device, dtype=dtype)
+        elem = q.element_size()
+        n = B * H * W * nh * D
+        bytes_fwd = 4 * n * elem + B * H * W * nh * 4
+        bytes_bwd = 8 * n * elem + B * H * W * nh * 4
+        impls = [("unfold (GeCA)", unfold_attention, True)]
+        if not quick or device.type == "cuda":
+            try:
+                impls.append(("flex_attention", flex_attention_fn(B, H, W, nh, D, device), device.type == "cuda"))
+            except Exception as e:  # not every torch / device has it
+                results.append(Result("neighborhood_attention", label, "flex_attention", dname,
+                                      note=f"unavailable: {type(e).__name__}"))
+        nat = natten_fn()
+        if nat is not None:
+            impls.append(("natten", nat, True))
+        for b in backends:
+            impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
+        reps = 5 if quick else 9
+        for impl, fn, has_bwd in impls:
+            log(f"  attention {name} {impl} ...")
+            try:
+                def fwd():
+                    with torch.no_grad():
+                        return fn(q, k, v)
+
+                def fwd_bwd():
+                    o = fn(q, k, v)
+                    torch.autograd.backward(o, do)
+                    return o
+
+                f_ms = median_ms(fwd, device, reps=reps)
+                fb_ms = median_ms(fwd_bwd, device, reps=reps) if has_bwd else None
+                extra = {"gbs_fwd": bytes_fwd / (f_ms * 1e-3) / 1e9}
+                if fb_ms:
+                    extra["gbs_fwd_bwd"] = (bytes_fwd + bytes_bwd) / (fb_ms * 1e-3) / 1e9
+                if bw:
+                    extra["bw_fraction_fwd"] = extra["gbs_fwd"] / bw
+                    if fb_ms:
+                        extra["bw_fraction_fwd_bwd"] = extra["gbs_fwd_bwd"] / bw
+                smb = saved_mb(lambda: fn(q, k, v)) if has_bwd else None
+                note = "" if has_bwd else "no backward on this device"
+                if impl == "flex_attention":
+                    note = (note + "; " if note else "") + "mask-border semantics"
+                results.append(Result("neighborhood_attention", label, impl, dname, f_ms, fb_ms, smb,
+                                      peak_mb(fwd_bwd, device) if has_bwd else None, note, extra))
+            except Exception as e:
+                results.append(Result("neighborhood_attention", label, impl, dname,
+                                      note=f"error: {type(e).__name__}: {e}"[:120]))
+            qkv.grad = None
+    return results

@@ -1,0 +1,75 @@
+"""The ``fastnca`` command: ``fastnca bench`` runs the benchmarks on whatever device is
+here and prints a table; ``fastnca info`` says which backends are usable and why not."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _info(args) -> int:
+    import fastnca
+
+    print(f"fastnca {fastnca.__version__}, torch {torch.__version__}")
+    for name, status in fastnca.backends().items():
+        print(f"  {name:<10} {'available' if status is True else status}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .benchmark import common, nca_step, neighborhood_attention
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
+    torch.manual_seed(0)
+    env = common.environment(device)
+    print(f"fastnca bench on {env['device']} ({device.type}, {env['threads']} threads), torch {env['torch']}"
+          f", triton {env['triton']}, cuda {env['cuda']}, commit {str(env.get('git_commit'))[:10]}")
+    t0 = time.time()
+    roofs = {"copy_gbs": common.copy_bandwidth_gbs(device)}
+    for d in dtypes:
+        roofs[f"matmul_{d}_gflops"] = common.matmul_roof_gflops(device, getattr(torch, d))
+    print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
+    suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
+    if not args.quick:
+        from .benchmark import models
+        suites.update(models.SUITES)
+    results = []
+    for name in args.ops or list(suites):
+        if name not in suites:
+            print(f"unknown benchmark {name!r}; choose from {list(suites)}", file=sys.stderr)
+            return 2
+        for d in dtypes:
+            print(f"[{name} {d}]", flush=True)
+            results += suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
+    common.print_table(results, {"nca_step": "pytorch", "nca_rollout": "pytorch",
+                                 "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
+                                 "geca_train": "pytorch"})
+    print(f"\n{time.time() - t0:.0f} s")
+    if args.json:
+        common.write_json(args.json, env, roofs, results, vars(args))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastnca", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run the speed/memory benchmarks and print a table")
+    b.add_argument("--quick", action="store_true", help="small shapes, under a minute on 2 CPU cores")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
+                   help="repeatable; default bfloat16 and float32 on GPU, float32 on CPU")
+    b.add_argument("--ops", action="append", help="nca, attention, mednca, geca (default: all)")
+    b.add_argument("--json", help="write the results (with device and versions) to this JSON file")
+    b.set_defaults(func=_bench)
+    i = sub.add_parser("info", help="list backends and why any is unavailable")
+    i.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

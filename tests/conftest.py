@@ -1,0 +1,50 @@
+"""Shared test helpers: which backends to test, dtype tolerances, comparison to reference."""
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter when there is no GPU; the
+# variable must be set before triton (and fastnca) are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastnca  # noqa: E402
+from fastnca import _backend  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+# (rtol, atol) of a fast backend against the reference, by dtype. fp32 is tight: the
+# kernels accumulate in fp32 like the reference and differ only in summation order.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def fast_backends(op: str) -> list:
+    """Every non-reference backend with a kernel for ``op``; unusable ones become skips."""
+    params = []
+    for name in ("cpu", "cuda", "triton"):
+        status = fastnca.backends()[name]
+        marks = [pytest.mark.gpu] if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else []
+        if status is not True:
+            marks.append(pytest.mark.skip(reason=f"{name}: {status}"))
+        elif not _backend.has_kernel(name, op):
+            marks.append(pytest.mark.skip(reason=f"{name} has no {op} kernel yet"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def assert_close(actual, expected, dtype, name="", scale=1.0):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale,
+                               atol=atol * scale, msg=lambda m: f"{name}: {m}")

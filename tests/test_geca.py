@@ -1,0 +1,473 @@
+"""GeCA model and diffusion (fastnca.models.geca, fastnca.models.geca_diffusion).
+
+The equivalence test checks the model against an independent, deliberately plain
+re-implementation of the authors' forward structure written below (token sequence,
+``F.unfold`` 3x3 attention with zero padding, conditioning recomputed every step,
+plain autograd) that shares only the state-dict names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnca
+from fastnca.models.geca import GeCA, GeCAConfig, geca_s, geca_xs
+from fastnca.models.geca_diffusion import (
+    cfg_combine,
+    create_diffusion,
+    discretized_gaussian_log_likelihood,
+    heredity_cells,
+    normal_kl,
+    space_timesteps,
+)
+
+TINY = dict(embed_dim=32, heads=2, dim_head=16, mlp_dim=48, hidden_channels=8, num_classes=5)
+
+
+def tiny(**kw) -> GeCA:
+    return GeCA(GeCAConfig(**{**TINY, **kw}))
+
+
+def perturb_(model: nn.Module, std: float = 0.15, seed: int = 0) -> nn.Module:
+    """Overwrite every parameter with random values (so zero-initialised layers can't hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(base + std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(B=2, H=6, W=7, ncls=5, seed=1, in_ch=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, in_ch, H, W, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    y = (torch.rand(B, ncls, generator=g) < 0.5).float()
+    return x, t, y
+
+
+# --------------------------------------------------------------------------- original structure
+
+
+class _OrigTimestep(nn.Module):
+    def __init__(self, D):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+
+    def forward(self, t):
+        freqs = torch.tensor([math.exp(-math.log(10000) * i / 128) for i in range(128)])
+        a = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(a), torch.sin(a)], 1))
+
+
+class _OrigLabels(nn.Module):
+    def __init__(self, n, D):
+        super().__init__()
+        self.embedding_table = nn.Sequential(nn.Linear(n, D), nn.Linear(D, D))
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class _OrigAttn(nn.Module):
+    def __init__(self, D, heads, dh):
+        super().__init__()
+        self.heads, self.dh = heads, dh
+        self.to_qkv = nn.Linear(D, 3 * heads * dh, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dh, D), nn.Dropout(0.0))
+
+    def forward(self, x, H, W):
+        B, N, _ = x.shape
+        h, d = self.heads, self.dh
+        q, k, v = (z.reshape(B, N, h, d).transpose(1, 2) for z in self.to_qkv(x).chunk(3, dim=-1))  # b h n d
+
+        def unfold(z):  # [b, h, n, d] -> [b, h, d, 9, n], zero outside the grid
+            img = z.transpose(2, 3).reshape(B * h, d, H, W)
+            return F.unfold(img, kernel_size=3, padding=1).view(B, h, d, 9, N)
+
+        logits = torch.einsum("bhnd,bhdjn->bhnj", q, unfold(k)) * d ** -0.5
+        attn = logits.softmax(dim=-1)
+        out = torch.einsum("bhnj,bhdjn->bhnd", attn, unfold(v))
+        return self.to_out(out.transpose(1, 2).reshape(B, N, h * d))
+
+
+class _OrigFF(nn.Module):
+    def __init__(self, D, m):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, m), nn.GELU(), nn.Dropout(0.0), nn.Linear(m, D), nn.Dropout(0.0))
+
+
+class _OrigPreNorm(nn.Module):
+    def __init__(self, D, fn):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fn = fn
+
+
+class _OrigTransformer(nn.Module):
+    def __init__(self, D, heads, dh, m):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleList([_OrigPreNorm(D, _OrigAttn(D, heads, dh)),
+                                                    _OrigPreNorm(D, _OrigFF(D, m))])])
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+
+class _OrigFinal(nn.Module):
+    def __init__(self, D, out):
+        super().__init__()
+        self.linear = nn.Linear(D, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+
+class OriginalGeCA(nn.Module):
+    """Plain re-statement of the authors' forward (tokens [B, N, C], raster order)."""
+
+    def __init__(self, D, heads, dh, mlp, hidden, ncls, in_ch=4):
+        super().__init__()
+        self.D, self.in_ch = D, in_ch
+        self.t_embedder = _OrigTimestep(D)
+        self.y_embedder = _OrigLabels(ncls, D)
+        self.cell_to_embedding = nn.Linear(3 * in_ch + hidden, D)
+        self.transformer = _OrigTransformer(D, heads, dh, mlp)
+        self.final_layer = _OrigFinal(D, 2 * in_ch + hidden)
+
+    def pos(self, N):
+        pe = torch.zeros(N, self.D, dtype=torch.float64)
+        for n in range(N):
+            for c in range(self.D):
+                a = n * math.exp(-math.log(10000.0) * c / self.D)
+                pe[n, c] = math.sin(a) if c % 2 == 0 else math.cos(a)
+        return pe.float()
+
+    def forward(self, cells, t, y, steps, masks):
+        B, C, H, W = cells.shape
+        N = H * W
+        pe = self.pos(N)
+        for i in range(steps):
+            c = self.t_embedder(t) + self.y_embedder(y)
+            x = self.cell_to_embedding(cells.permute(0, 2, 3, 1).reshape(B, N, C)) + pe
+            sm, cm, gm, sf, cf, gf = self.transformer.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=2)
+            attn, ff = self.transformer.layers[0]
+            x = x + gm * attn.fn(attn.norm(x) * (1 + cm) + sm, H, W)
+            x = x + gf * ff.fn.net(ff.norm(x) * (1 + cf) + sf)
+            shift, scale = self.final_layer.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
+            x = F.layer_norm(x, (self.D,), eps=1e-6) * (1 + scale) + shift
+            upd = self.final_layer.linear(x).reshape(B, H, W, -1).permute(0, 3, 1, 2)
+            if masks is not None:
+                upd = upd * masks[i][:, None].float()
+            cells = torch.cat([cells[:, : self.in_ch], cells[:, self.in_ch:] + upd], dim=1)
+        return cells
+
+
+def _original_for(model: GeCA) -> OriginalGeCA:
+    c = model.config
+    ref = OriginalGeCA(c.embed_dim, c.heads, c.dim_head, c.mlp_dim, c.hidden_channels, c.num_classes, c.in_channels)
+    ref.load_state_dict(model.state_dict(), strict=True)  # same names, same shapes
+    return ref
+
+
+# --------------------------------------------------------------------------- shapes / params
+
+
+@pytest.mark.parametrize("make,ncls,count", [
+    (geca_s, 11, 13_312_584), (geca_s, 5, 13_307_976), (geca_xs, 5, 2_253_416), (geca_xs, 11, 2_255_720)])
+def test_param_counts(make, ncls, count):
+    assert sum(p.numel() for p in make(ncls).parameters()) == count
+
+
+def test_shapes_and_state_dict_names():
+    m = tiny()
+    x, t, y = inputs()
+    out, cells = m(x, t, y, return_cells=True)
+    assert out.shape == (2, 8, 6, 7) and cells.shape == (2, 4 + 8 + 8, 6, 7)
+    keys = set(m.state_dict())
+    for k in ["t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.1.weight",
+              "cell_to_embedding.weight", "transformer.layers.0.0.norm.weight", "transformer.layers.0.0.fn.to_qkv.weight",
+              "transformer.layers.0.0.fn.to_out.0.bias", "transformer.layers.0.1.fn.net.0.weight",
+              "transformer.layers.0.1.fn.net.3.bias", "transformer.adaLN_modulation.1.weight",
+              "final_layer.linear.weight", "final_layer.adaLN_modulation.1.bias"]:
+        assert k in keys
+    assert "transformer.layers.0.0.fn.to_qkv.bias" not in keys
+    assert m.state_dict()["transformer.layers.0.0.fn.to_qkv.weight"].shape == (96, 32)
+
+
+def test_load_original_checkpoint_dict():
+    src = perturb_(tiny())
+    ema = {k: v + 1 for k, v in src.state_dict().items()}
+    ckpt = {"model": {"module." + k: v for k, v in src.state_dict().items()}, "ema": ema, "opt": {}, "args": None}
+    m = tiny()
+    m.load_original_state_dict(ckpt)
+    assert all(torch.equal(m.state_dict()[k], ema[k]) for k in ema)
+    m.load_original_state_dict(ckpt, key="model")
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_seed_cells():
+    m = tiny()
+    x = torch.randn(3, 4, 5, 6)
+    c = m.seed_cells(x)
+    assert torch.equal(c[:, :4], x)
+    centre = torch.zeros(5, 6, dtype=torch.bool)
+    centre[2, 3] = True
+    assert (c[:, 4:12, centre] != 0).all()
+    assert (c[:, 4:12][..., ~centre] == 0).all() and (c[:, 12:] == 0).all()
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def test_zero_init_is_identity():
+    m = tiny()
+    x, t, y = inputs()
+    cells = m.seed_cells(x)
+    out = m.evolve(cells, t, y)
+    assert torch.equal(out, cells)
+
+
+@pytest.mark.parametrize("update_prob", [1.0, 0.5])
+def test_equivalent_to_original_structure(update_prob):
+    torch.manual_seed(0)
+    m = perturb_(tiny(update_prob=update_prob)).eval()
+    ref = _original_for(m)
+    x, t, y = inputs(B=2, H=6, W=7)
+    cells = m.seed_cells(x)
+    cells[:, 12:] = 0.3 * torch.randn_like(cells[:, 12:])  # nonzero hidden too
+    steps, seed = 12, 1234567
+    masks = None if update_prob >= 1 else [fastnca.fire_mask(2, 6, 7, update_prob, seed, step=i) for i in range(steps)]
+    ours = m.evolve(cells, t, y, steps=steps, seed=seed)
+    theirs = ref(cells, t, y, steps, masks)
+    assert ours.shape == theirs.shape
+    scale = theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5 * scale)
+    assert not torch.allclose(ours, cells)  # the test would be vacuous otherwise
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_equivalence_other_backends(backend):
+    from fastnca import _backend
+    avail = fastnca.backends().get(backend)
+    if avail is not True:
+        pytest.skip(f"{backend} backend unavailable: {avail}")
+    if not _backend.has_kernel(backend, "neighborhood_attention"):
+        pytest.skip(f"{backend} backend has no neighborhood_attention kernel yet")
+    m = perturb_(tiny(update_prob=1.0), seed=3).eval()
+    ref = _original_for(m)
+    m.backend = backend
+    x, t, y = inputs(B=1, H=5, W=5, seed=4)
+    cells = m.seed_cells(x)
+    ours = m.evolve(cells, t, y, steps=4)
+    theirs = ref(cells, t, y, 4, None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5 * theirs.abs().max().item())
+
+
+def test_gradients_flow_and_checkpoint_matches():
+    x, t, y = inputs(B=2, H=5, W=6)
+    grads = {}
+    for ckpt in (True, False):
+        m = perturb_(tiny(class_dropout_prob=0.0)).train()
+        m.checkpoint_steps = ckpt
+        torch.manual_seed(0)  # same centre-cell seed values in both runs
+        out = m(x, t, y, seed=99, steps=4)
+        (out ** 2).mean().backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in m.named_parameters()}
+        for n, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_saves_one_step_of_activations():
+    def saved_bytes(ckpt, steps):
+        m = perturb_(tiny(class_dropout_prob=0.0)).train()
+        m.checkpoint_steps = ckpt
+        x, t, y = inputs(B=2, H=8, W=8)
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda z: z):
+            m(x, t, y, steps=steps, seed=5)
+        return total[0]
+
+    plain = saved_bytes(False, 8) - saved_bytes(False, 4)
+    ck = saved_bytes(True, 8) - saved_bytes(True, 4)
+    # each checkpointed step keeps its input cells (+ mask); each plain step keeps every activation
+    assert ck * 10 < plain
+
+
+def test_label_dropout_train_only():
+    m = tiny(class_dropout_prob=0.5)
+    y = torch.ones(64, 5)
+    m.eval()
+    assert torch.equal(m.y_embedder(y), m.y_embedder(y))
+    m.train()
+    torch.manual_seed(0)
+    e1 = m.y_embedder(y)
+    assert not torch.equal(e1, m.y_embedder.embedding_table(y))
+    null = m.y_embedder.embedding_table(torch.zeros(1, 5))
+    assert any(torch.allclose(r, null[0]) for r in e1)  # some rows dropped fully: the null label
+
+
+def test_position_embedding_odd_channels_use_own_index():
+    from fastnca.models.geca import position_embedding_1d
+    pe = position_embedding_1d(10, 8)
+    n, c = 7, 3
+    assert pe[n, c].item() == pytest.approx(math.cos(n * math.exp(-math.log(1e4) * c / 8)), abs=1e-6)
+    assert pe[n, 2].item() == pytest.approx(math.sin(n * math.exp(-math.log(1e4) * 2 / 8)), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+def test_space_timesteps_and_respacing():
+    kept = space_timesteps(1000, "250")
+    assert len(kept) == 250 and 0 in kept and 999 in kept
+    assert space_timesteps(100, "10,20") == {round(i * 49 / 9) for i in range(10)} | {50 + round(i * 49 / 19) for i in range(20)}
+    assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
+    full, sp = create_diffusion(""), create_diffusion("250")
+    assert full.num_timesteps == 1000 and sp.num_timesteps == 250
+    assert full.betas[0].item() == pytest.approx(1e-4) and full.betas[-1].item() == pytest.approx(2e-2)
+    idx = sp.timestep_map
+    torch.testing.assert_close(sp.alphas_cumprod, full.alphas_cumprod[idx], rtol=1e-12, atol=0)
+
+
+def test_vb_terms():
+    d = create_diffusion("")
+    x0 = torch.rand(3, 4, 4, 4) * 2 - 1
+    t = torch.tensor([0, 10, 500])
+    xt = d.q_sample(x0, t)
+    # a perfect model (true epsilon, v = -1 -> posterior variance) has zero KL for t > 0
+    eps = (xt - d._at(d.sqrt_alphas_cumprod, t, x0) * x0) / d._at(d.sqrt_one_minus_alphas_cumprod, t, x0)
+    vb = d.vb_terms_bpd(torch.cat([eps, -torch.ones_like(eps)], 1), x0, xt, t)
+    assert vb[1:].abs().max() < 1e-3
+    assert vb[0] > 0  # t = 0: decoder NLL in bits, positive
+    assert normal_kl(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2)).abs().max() == 0
+    ll = discretized_gaussian_log_likelihood(torch.tensor([-1.0, 0.0, 1.0]), torch.zeros(3), torch.full((3,), -3.0))
+    assert (ll <= 0).all()
+
+
+def test_training_losses_vb_does_not_train_the_mean():
+    d = create_diffusion("")
+    m = perturb_(tiny(class_dropout_prob=0.0))
+    x0, _, y = inputs(B=2, H=5, W=5)
+    t = torch.tensor([3, 700])
+    out = d.training_losses(m, x0.clamp(-1, 1), t, y, steps=2, seed=1)
+    assert set(out) >= {"loss", "mse", "vb"} and torch.isfinite(out["loss"]).all()
+    captured = {}
+
+    def model(xt, tt, yy):
+        o = torch.randn(2, 8, 5, 5, requires_grad=True)
+        captured["o"] = o
+        return o
+
+    d.training_losses(model, x0, t, y)["vb"].sum().backward()
+    g = captured["o"].grad
+    assert (g[:, :4] == 0).all() and g[:, 4:].abs().sum() > 0
+
+
+def test_cfg_changes_only_epsilon_channels():
+    cond, uncond = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    out = cfg_combine(torch.cat([cond, uncond]), 1.5, 4)
+    torch.testing.assert_close(out[:, :4], uncond[:, :4] + 1.5 * (cond[:, :4] - uncond[:, :4]))
+    assert torch.equal(out[:, 4:], cond[:, 4:])
+    torch.testing.assert_close(cfg_combine(torch.cat([cond, uncond]), 1.0, 4), cond)
+
+
+def test_heredity_cells_carry_hidden_reseed_out():
+    m = tiny()
+    prev = torch.randn(2, 20, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    c = heredity_cells(m, prev, "hidden", g)
+    assert torch.equal(c[:, 12:], prev[:, 12:])
+    outc = c[:, 4:12]
+    assert (outc[:, :, 2, 2] != 0).all() and not torch.equal(outc[:, :, 2, 2], prev[:, 4:12, 2, 2])
+    outc = outc.clone()
+    outc[:, :, 2, 2] = 0
+    assert (outc == 0).all()
+    both = heredity_cells(m, prev, "out+hidden", g)
+    assert torch.equal(both[:, 4:], prev[:, 4:])
+    none = heredity_cells(m, prev, "none", g)
+    assert (none[:, 12:] == 0).all()
+
+
+class _Recorder(nn.Module):
+    """Wraps a GeCA and records the start and final cells of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = []
+        self.in_channels, self.out_channels = model.in_channels, model.out_channels
+
+    def seed_cells(self, *a, **k):
+        return self.model.seed_cells(*a, **k)
+
+    def forward(self, x, t, y, cells=None, **kw):
+        out, final = self.model(x, t, y, cells=cells, **kw)
+        self.calls.append(dict(x=x.clone(), y=y.clone(), start=None if cells is None else cells.clone(),
+                               final=final.clone()))
+        return out, final
+
+
+@pytest.mark.parametrize("cfg,ghg,carried", [(1.5, True, "hidden"), (1.0, True, "out+hidden"), (1.5, False, "none")])
+def test_sampler_gene_heredity(cfg, ghg, carried):
+    d = create_diffusion("4")
+    rec = _Recorder(perturb_(tiny()).eval())
+    y = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
+    x0 = d.sample(rec, y, (2, 4, 5, 5), cfg_scale=cfg, ghg=ghg, ca_steps=2, generator=torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 4, 5, 5) and torch.isfinite(x0).all()
+    assert len(rec.calls) == 4
+    B = 4 if cfg != 1.0 else 2
+    for prev, cur in zip(rec.calls, rec.calls[1:]):
+        assert cur["start"].shape[0] == B
+        if cfg != 1.0:
+            assert torch.equal(cur["x"][:2], cur["x"][2:]) and (cur["y"][2:] == 0).all()
+        hid_same = torch.equal(cur["start"][:, 12:], prev["final"][:, 12:])
+        out_same = torch.equal(cur["start"][:, 4:12], prev["final"][:, 4:12])
+        assert hid_same == (carried in ("hidden", "out+hidden"))
+        assert out_same == (carried == "out+hidden")
+        if carried == "none":
+            assert (cur["start"][:, 12:] == 0).all()
+        if not out_same:  # re-seeded: zero except the centre cell
+            o = cur["start"][:, 4:12].clone()
+            assert (o[:, :, 2, 2] != 0).all()
+            o[:, :, 2, 2] = 0
+            assert (o == 0).all()
+
+
+def test_sampler_repeatable_with_generator():
+    d = create_diffusion("3")
+    m = perturb_(tiny()).eval()
+    y = torch.ones(1, 5)
+    a = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=2)
+    b = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=2)
+    assert torch.equal(a, b)
+
+
+def test_tiny_model_overfits():
+    torch.manual_seed(0)
+    d = create_diffusion("")
+    m = tiny(embed_dim=32, heads=2, dim_head=16, mlp_dim=64, hidden_channels=8, class_dropout_prob=0.0)
+    m.train()
+    m.checkpoint_steps = False
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(4, 4, 8, 8, generator=g) * 2 - 1)
+    y = torch.eye(5)[:4]
+    t = torch.tensor([50, 200, 400, 600])
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for it in range(40):  # ~1 s on an idle core; fixed count so a loaded machine is only slower
+        loss = d.training_losses(m, x0, t, y, noise=noise, steps=4)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last, len(losses))

@@ -1,0 +1,348 @@
+"""nca_step / nca_rollout: the reference against a naive per-cell loop, gradients,
+rollout semantics, the memory contract, argument checks, and every fast backend
+against the reference."""
+import math
+
+import pytest
+import torch
+
+import fastnca
+from conftest import TOLERANCES, assert_close, device_for, fast_backends
+
+PADDINGS = ["reflect", "zeros", "circular", "replicate"]
+
+
+def make_rule(C, hidden=6, F=2, groups=1, frozen=0, fc2_rows=None, dtype=torch.float32,
+              device="cpu", seed=0, requires_grad=False, fc2_bias=True):
+    """Random (never zero) weights of an NCA rule, in DESIGN.md's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    rows = C if fc2_rows is None else fc2_rows
+
+    def r(*shape, s=0.5):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    return [r(F * C, C // groups, 3, 3), r(F * C), r(hidden, (F + 1) * C), r(hidden),
+            r(rows, hidden), r(rows) if fc2_bias else None]
+
+
+def make_state(B, C, H, W, dtype=torch.float32, device="cpu", seed=1, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype).to(device)
+    return x.requires_grad_(requires_grad)
+
+
+def naive_step(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+    """Explicit loops over cells and taps, float64 -- the definition, spelled out."""
+    B, C, H, W = state.shape
+    nf = pw.shape[0] // C
+    x = state.double()
+    pw, pb, w1, b1, w2 = (t.double() for t in (pw, pb, w1, b1, w2))
+    b2 = torch.zeros(w2.shape[0], dtype=torch.float64) if b2 is None else b2.double()
+    if w2.shape[0] == C:
+        w2, b2 = w2[frozen:], b2[frozen:]
+
+    def src(p, n):
+        if 0 <= p < n:
+            return p
+        if padding == "zeros":
+            return None
+        if padding == "reflect":
+            return -p if p < 0 else 2 * (n - 1) - p
+        if padding == "replicate":
+            return 0 if p < 0 else n - 1
+        return p % n
+
+    mask = fastnca.fire_mask(B, H, W, update_prob, seed, step)
+    out = x.clone()
+    for b in range(B):
+        for y in range(H):
+            for xx in range(W):
+                conv = pb.clone()
+                for o in range(nf * C):
+                    ins = range(C) if groups == 1 else [o // nf]
+                    for ci, c in enumerate(ins):
+                        for dy in range(3):
+                            for dx in range(3):
+                                sy, sx = src(y + dy - 1, H), src(xx + dx - 1, W)
+                                if sy is not None and sx is not None:
+                                    conv[o] += pw[o, ci, dy, dx] * x[b, c, sy, sx]
+                p = torch.cat([x[b, :, y, xx], conv])
+                h = torch.relu(w1 @ p + b1)
+                delta = w2 @ h + b2
+                if mask[b, y, xx]:
+                    out[b, frozen:, y, xx] += delta
+    return out
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("groups", ["full", "depthwise"])
+@pytest.mark.parametrize("F,frozen,shape", [(1, 0, (1, 3, 2, 3)), (2, 1, (2, 3, 3, 4)), (3, 2, (1, 4, 2, 2))])
+def test_reference_matches_naive_loops(padding, groups, F, frozen, shape):
+    B, C, H, W = shape
+    g = 1 if groups == "full" else C
+    rule = make_rule(C, hidden=5, F=F, groups=g, frozen=frozen, dtype=torch.float64)
+    x = make_state(*shape, dtype=torch.float64)
+    kw = dict(groups=g, padding=padding, update_prob=0.6, seed=11, step=2, frozen_channels=frozen)
+    out = fastnca.nca_step(x, *rule, backend="reference", **kw)
+    expected = naive_step(x, *rule, g, padding, 0.6, 11, 2, frozen)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_one_by_one_grid_and_fc2_rows():
+    """1x1 grids work for non-reflect paddings; fc2 may have C or C - frozen rows."""
+    C, frozen = 3, 1
+    full = make_rule(C, F=2, frozen=frozen, dtype=torch.float64)
+    short = full[:4] + [full[4][frozen:], full[5][frozen:]]
+    x = make_state(2, C, 1, 1, dtype=torch.float64)
+    kw = dict(padding="zeros", update_prob=1.0, seed=0, frozen_channels=frozen, backend="reference")
+    a = fastnca.nca_step(x, *full, **kw)
+    b = fastnca.nca_step(x, *short, **kw)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, naive_step(x, *full, 1, "zeros", 1.0, 0, 0, frozen))
+    assert torch.equal(a[:, :frozen], x[:, :frozen])
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("groups", ["full", "depthwise"])
+def test_reference_gradcheck(padding, groups):
+    C = 3
+    g = 1 if groups == "full" else C
+    rule = make_rule(C, hidden=4, F=2, groups=g, dtype=torch.float64, requires_grad=True)
+    x = make_state(2, C, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *rule):
+        return fastnca.nca_step(x, *rule, groups=g, padding=padding, update_prob=0.5, seed=3,
+                                step=1, frozen_channels=1, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, *rule))
+
+
+def test_rollout_gradcheck_and_optional_biases():
+    C = 3
+    pw, _, w1, b1, w2, _ = make_rule(C, hidden=4, dtype=torch.float64, requires_grad=True)
+    x = make_state(1, C, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, pw, w1, b1, w2):
+        return fastnca.nca_rollout(x, pw, None, w1, b1, w2, None, steps=5, checkpoint_every=2,
+                                   padding="circular", seed=9, frozen_channels=1, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, pw, w1, b1, w2))
+
+
+@pytest.mark.parametrize("every", [None, 1, 3, 7, 100])
+def test_rollout_equals_loop_of_steps(every):
+    C, steps, start = 4, 7, 5
+    rule = make_rule(C, hidden=8, frozen=1, requires_grad=True, seed=5)
+    x0 = make_state(2, C, 5, 6, requires_grad=True)
+    kw = dict(padding="reflect", update_prob=0.5, seed=123, frozen_channels=1, backend="reference")
+    out = fastnca.nca_rollout(x0, *rule, steps=steps, start_step=start, checkpoint_every=every, **kw)
+    x = x0
+    for i in range(steps):
+        x = fastnca.nca_step(x, *rule, step=start + i, **kw)
+    assert torch.equal(out, x)
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(out, [x0, *rule], g)
+    gb = torch.autograd.grad(x, [x0, *rule], g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_zero_steps_and_no_grad():
+    rule = make_rule(3)
+    x = make_state(1, 3, 4, 4)
+    out = fastnca.nca_rollout(x, *rule, steps=0, seed=1, backend="reference")
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    with torch.no_grad():
+        y = fastnca.nca_rollout(x, *rule, steps=3, seed=1, backend="reference")
+    assert y.grad_fn is None
+
+
+def saved_bytes(fn):
+    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_step_saves_only_its_inputs():
+    rule = make_rule(8, hidden=32, requires_grad=True)
+    x = make_state(2, 8, 16, 16, requires_grad=True)
+    nbytes, _ = saved_bytes(lambda: fastnca.nca_step(x, *rule, seed=0, backend="reference"))
+    inputs = x.nbytes + sum(t.nbytes for t in rule)
+    assert nbytes <= inputs
+
+
+@pytest.mark.parametrize("steps,every", [(64, None), (64, 4), (10, 3), (1, None)])
+def test_rollout_checkpoint_contract(steps, every):
+    rule = make_rule(4, hidden=8, requires_grad=True)
+    x = make_state(1, 4, 8, 8, requires_grad=True)
+    nbytes, _ = saved_bytes(lambda: fastnca.nca_rollout(x, *rule, steps=steps, checkpoint_every=every,
+                                                         seed=0, backend="reference"))
+    k = every or math.ceil(math.sqrt(steps))
+    allowed = (math.ceil(steps / k) + 1) * x.nbytes + sum(t.nbytes for t in rule)
+    assert nbytes <= allowed
+
+
+def test_mednca_rollout_saves_twenty_times_less_than_autograd():
+    """Issue 3's contract: a 64-step Med-NCA rollout (C=32, h=128, F=2, reflect) keeps
+    <= 1/20 of the bytes plain autograd keeps for the same computation."""
+    import torch.nn.functional as F
+
+    C, hid = 32, 128
+    rule = make_rule(C, hidden=hid, F=2, frozen=1, requires_grad=True)
+    x = make_state(1, C, 24, 24, requires_grad=True)
+    fast, _ = saved_bytes(lambda: fastnca.nca_rollout(x, *rule, steps=64, seed=0, frozen_channels=1))
+
+    def plain():
+        pw, pb, w1, b1, w2, b2 = rule
+        s = x
+        for i in range(64):
+            p = torch.cat([s, F.conv2d(F.pad(s, (1, 1, 1, 1), mode="reflect"), pw, pb)], 1)
+            h = torch.relu(F.conv2d(p, w1[:, :, None, None], b1))
+            d = F.conv2d(h, w2[1:, :, None, None], b2[1:])
+            m = fastnca.fire_mask(1, 24, 24, 0.5, 0, i)[:, None]
+            s = torch.cat([s[:, :1], s[:, 1:] + m * d], 1)
+        return s
+
+    eager, _ = saved_bytes(plain)
+    assert fast * 20 <= eager, (fast, eager)
+
+
+ARG_ERRORS = [
+    (dict(state=torch.zeros(2, 3, 4)), ValueError, "state must have 4 dimensions"),
+    (dict(state=torch.zeros(1, 3, 4, 4, dtype=torch.int32)), TypeError, "state must have dtype"),
+    (dict(state=torch.zeros(1, 3, 1, 4)), ValueError, "padding='reflect' needs height and width >= 2"),
+    (dict(padding="mirror"), ValueError, "padding must be one of"),
+    (dict(groups=2), ValueError, "groups must be 1 or the channel count 3"),
+    (dict(perception_weight=torch.zeros(5, 3, 3, 3)), ValueError, "perception_weight must have shape"),
+    (dict(perception_weight=torch.zeros(6, 3, 5, 5)), ValueError, "perception_weight must have shape"),
+    (dict(fc1_weight=torch.zeros(6, 8)), ValueError, "fc1_weight must have shape \\[hidden, 9\\]"),
+    (dict(fc2_weight=torch.zeros(3, 5)), ValueError, "fc2_weight must have shape \\[3, 6\\] or \\[2, 6\\]"),
+    (dict(fc1_bias=torch.zeros(5)), ValueError, "fc1_bias must have shape \\(6,\\)"),
+    (dict(perception_bias=torch.zeros(6, 1)), ValueError, "perception_bias must have 1 dimensions"),
+    (dict(fc2_weight=torch.zeros(3, 6, dtype=torch.int64)), TypeError, "fc2_weight must have dtype"),
+    (dict(frozen_channels=4), ValueError, "frozen_channels must be in \\[0, 4\\)"),
+    (dict(update_prob=-0.1), ValueError, "update_prob must be in \\[0, 1\\]"),
+    (dict(seed=-3), ValueError, "seed must be in"),
+    (dict(step=-1), ValueError, "step must be in"),
+    (dict(backend="fast"), ValueError, "backend must be None or one of"),
+    (dict(fc1_weight="w"), TypeError, "fc1_weight must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", ARG_ERRORS)
+def test_nca_step_argument_errors(override, exc, match):
+    pw, pb, w1, b1, w2, b2 = make_rule(3, hidden=6)
+    args = dict(state=make_state(1, 3, 4, 4), perception_weight=pw, perception_bias=pb, fc1_weight=w1,
+                fc1_bias=b1, fc2_weight=w2, fc2_bias=b2, seed=0, frozen_channels=1)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        fastnca.nca_step(**args)
+
+
+@pytest.mark.parametrize("override,match", [
+    (dict(steps=-1), "steps must be in"), (dict(checkpoint_every=0), "checkpoint_every must be in"),
+    (dict(start_step=2**64), "start_step must be in")])
+def test_nca_rollout_argument_errors(override, match):
+    args = dict(steps=3, seed=0)
+    args.update(override)
+    with pytest.raises(ValueError, match=match):
+        fastnca.nca_rollout(make_state(1, 3, 4, 4), *make_rule(3), **args)
+
+
+# --------------------------------------------------------------------------------------
+# Every fast backend against the reference.
+# --------------------------------------------------------------------------------------
+
+CASES = [  # (B, C, H, W, hidden, F, groups, frozen, padding, update_prob)
+    (1, 3, 2, 2, 5, 2, 1, 1, "reflect", 0.5),
+    (3, 4, 3, 5, 7, 1, "C", 0, "zeros", 1.0),
+    (1, 5, 17, 31, 16, 3, 1, 3, "circular", 0.5),
+    (2, 8, 5, 4, 8, 2, "C", 1, "replicate", 0.0),
+    (1, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5),
+]
+
+
+def _run(backend, dtype, case, channels_last=False, device="cpu", grads=True):
+    B, C, H, W, hid, F, groups, frozen, padding, p = case
+    groups = C if groups == "C" else groups
+    rule = make_rule(C, hidden=hid, F=F, groups=groups, device=device, requires_grad=True, seed=7)
+    x = make_state(B, C, H, W, dtype=dtype, device=device, seed=8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = fastnca.nca_step(x, *rule, groups=groups, padding=padding, update_prob=p, seed=99, step=4,
+                           frozen_channels=frozen, backend=backend)
+    if not grads:
+        return out, []
+    g = make_state(B, C, H, W, dtype=dtype, device=device, seed=9)
+    return out, torch.autograd.grad(out, [x, *rule[:5]] + ([rule[5]] if rule[5] is not None else []), g)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_backend_matches_reference(backend, dtype, case):
+    dev = device_for(backend)
+    out, grads = _run(backend, dtype, case, device=dev)
+    ref_out, ref_grads = _run("reference", dtype, case, device=dev)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, dtype, "out")
+    names = ["d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2"]
+    for name, a, b in zip(names, grads, ref_grads):
+        # Weight grads sum over every cell: allow for the longer fp32 sums in half runs.
+        assert_close(a, b, dtype, name, scale=1.0 if dtype == torch.float32 else 4.0)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+def test_backend_channels_last_and_rollout(backend):
+    dev = device_for(backend)
+    case = (2, 6, 7, 5, 12, 2, 1, 1, "reflect", 0.5)
+    out, grads = _run(backend, torch.float32, case, channels_last=True, device=dev)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref_out, ref_grads = _run("reference", torch.float32, case, device=dev)
+    assert_close(out, ref_out, torch.float32, "out")
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, torch.float32, "grad")
+    rule = make_rule(6, hidden=12, device=dev, requires_grad=True)
+    x = make_state(1, 6, 6, 6, device=dev, requires_grad=True)
+    kw = dict(steps=9, checkpoint_every=4, seed=5, frozen_channels=1)
+    a = fastnca.nca_rollout(x, *rule, backend=backend, **kw)
+    b = fastnca.nca_rollout(x, *rule, backend="reference", **kw)
+    assert_close(a, b, torch.float32, "rollout", scale=10)
+    ga = torch.autograd.grad(a.sum(), [x, *rule])
+    gb = torch.autograd.grad(b.sum(), [x, *rule])
+    for u, v in zip(ga, gb):
+        assert_close(u, v, torch.float32, "rollout grad", scale=10)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+def test_backend_mask_is_fire_mask(backend):
+    """With fc2 producing delta = 1 everywhere, out - state is exactly the fire mask."""
+    dev = device_for(backend)
+    B, C, H, W = 2, 4, 9, 11
+    pw, pb, w1, b1, w2, b2 = make_rule(C, hidden=3, device=dev)
+    w2 = torch.zeros_like(w2)
+    b2 = torch.ones_like(b2)
+    x = make_state(B, C, H, W, device=dev)
+    out = fastnca.nca_step(x, pw, pb, w1, b1, w2, b2, update_prob=0.4, seed=2**40 + 3, step=17,
+                           backend=backend)
+    m = fastnca.fire_mask(B, H, W, 0.4, 2**40 + 3, 17, device=dev)
+    torch.testing.assert_close(out - x, m[:, None].expand(B, C, H, W).float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+def test_backend_gradients_are_deterministic(backend):
+    dev = device_for(backend)
+    case = (2, 8, 9, 10, 16, 2, 1, 1, "reflect", 0.5)
+    _, g1 = _run(backend, torch.float32, case, device=dev)
+    _, g2 = _run(backend, torch.float32, case, device=dev)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

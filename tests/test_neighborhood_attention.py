@@ -1,0 +1,224 @@
+"""neighborhood_attention2d: the reference against naive loops for every border and
+kernel size, properties, gradients, the memory contract, argument checks, and every
+fast backend against the reference."""
+import math
+
+import pytest
+import torch
+
+import fastnca
+from conftest import assert_close, device_for, fast_backends
+
+BORDERS = ["zeros", "mask", "circular", "shift"]
+
+
+def make_qkv(B, H, W, nh, D, dtype=torch.float32, device="cpu", seed=0, packed=False, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    if packed:  # strided views of one packed QKV projection, as a model produces them
+        qkv = torch.randn(B, H, W, 3, nh, D, generator=g, dtype=torch.float64).to(dtype).to(device)
+        qkv.requires_grad_(requires_grad)
+        return qkv.unbind(3)
+    return [torch.randn(B, H, W, nh, D, generator=g, dtype=torch.float64).to(dtype).to(device)
+            .requires_grad_(requires_grad) for _ in range(3)]
+
+
+def naive(q, k, v, ks, border, scale):
+    B, H, W, nh, D = q.shape
+    r = ks // 2
+    q, k, v = q.double(), k.double(), v.double()
+    o = torch.zeros_like(q)
+    lse = torch.zeros(B, H, W, nh, dtype=torch.float64)
+
+    def coord(i, a, n):
+        if border == "circular":
+            return (i + a) % n
+        if border == "shift":
+            return min(max(i, r), n - 1 - r) + a
+        return i + a if 0 <= i + a < n else None
+
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                for h in range(nh):
+                    logits, values = [], []
+                    for a in range(-r, r + 1):
+                        for c in range(-r, r + 1):
+                            ky, kx = coord(y, a, H), coord(x, c, W)
+                            if ky is None or kx is None:
+                                if border == "zeros":  # zero key, logit 0; zero value
+                                    logits.append(torch.tensor(0.0, dtype=torch.float64))
+                                    values.append(torch.zeros(D, dtype=torch.float64))
+                                continue
+                            logits.append(scale * q[b, y, x, h] @ k[b, ky, kx, h])
+                            values.append(v[b, ky, kx, h])
+                    s = torch.stack(logits)
+                    p = torch.softmax(s, 0)
+                    o[b, y, x, h] = p @ torch.stack(values)
+                    lse[b, y, x, h] = torch.logsumexp(s, 0)
+    return o, lse
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("ks", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 2, 3, 2, 3), (2, 5, 7, 1, 8), (1, 7, 8, 2, 4)])
+def test_reference_matches_naive_loops(border, ks, shape):
+    B, H, W, nh, D = shape
+    if border == "shift" and min(H, W) < ks:
+        pytest.skip("shift needs H, W >= kernel_size")
+    q, k, v = make_qkv(*shape, dtype=torch.float64)
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, ks, border, return_lse=True, backend="reference")
+    eo, else_ = naive(q, k, v, ks, border, D ** -0.5)
+    torch.testing.assert_close(o, eo, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, else_, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("D", [1, 3, 8, 64])
+def test_reference_head_dims_and_scale(D):
+    q, k, v = make_qkv(1, 3, 4, 2, D, dtype=torch.float64, seed=D)
+    o = fastnca.neighborhood_attention2d(q, k, v, 3, "mask", scale=0.3, backend="reference")
+    torch.testing.assert_close(o, naive(q, k, v, 3, "mask", 0.3)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("border", ["mask", "circular", "shift"])
+def test_softmax_weights_sum_to_one(border):
+    q, k, _ = make_qkv(2, 7, 9, 3, 5)
+    o = fastnca.neighborhood_attention2d(q, k, torch.ones_like(k), 3, border, backend="reference")
+    torch.testing.assert_close(o, torch.ones_like(o))
+
+
+def test_zeros_border_corner_logits_are_zero():
+    """At the (0, 0) corner 5 of the 9 neighbours are outside: each is a zero key with
+    logit exactly 0, so the corner's lse is logsumexp(4 inside logits, 0 x 5)."""
+    q, k, v = make_qkv(1, 4, 4, 1, 8, dtype=torch.float64)
+    _, lse = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", return_lse=True, backend="reference")
+    s = [(q[0, 0, 0, 0] @ k[0, y, x, 0]) * 8 ** -0.5 for y in (0, 1) for x in (0, 1)]
+    expected = torch.logsumexp(torch.stack(s + [torch.tensor(0.0, dtype=torch.float64)] * 5), 0)
+    torch.testing.assert_close(lse[0, 0, 0, 0], expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("ks", [3, 5])
+def test_reference_gradcheck(border, ks):
+    q, k, v = make_qkv(1, ks, ks + 1, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        return fastnca.neighborhood_attention2d(q, k, v, ks, border, return_lse=True, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=ks > 3)
+
+
+def test_packed_views_are_not_copied_and_gradients_reach_qkv():
+    q, k, v = make_qkv(2, 4, 5, 3, 8, packed=True, requires_grad=True)
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    o = fastnca.neighborhood_attention2d(q, k, v, backend="reference")
+    o.sum().backward()
+    assert q._base.grad is not None and q._base.grad.abs().sum() > 0
+
+
+def _saved(fn):
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_memory_contract_q_k_v_o_lse_only():
+    """GeCA-S attention shape (B=2 here, 32x32, 12 heads, D=64): the op keeps q, k, v, o and
+    lse; the unfold implementation keeps 9x copies of K and V as well."""
+    B, H, W, nh, D = 2, 32, 32, 12, 64
+    q, k, v = make_qkv(B, H, W, nh, D, requires_grad=True)
+    got = _saved(lambda: fastnca.neighborhood_attention2d(q, k, v))
+    per = q.nbytes
+    assert got == 4 * per + B * H * W * nh * 4  # q, k, v, o + float32 lse
+
+    def unfold_attention():
+        kk = torch.nn.functional.unfold(k.permute(0, 3, 4, 1, 2).reshape(B, nh * D, H, W), 3, padding=1)
+        vv = torch.nn.functional.unfold(v.permute(0, 3, 4, 1, 2).reshape(B, nh * D, H, W), 3, padding=1)
+        kk = kk.view(B, nh, D, 9, H, W).permute(0, 4, 5, 1, 3, 2)
+        vv = vv.view(B, nh, D, 9, H, W).permute(0, 4, 5, 1, 3, 2)
+        s = torch.einsum("bhwnd,bhwnjd->bhwnj", q, kk) * D ** -0.5
+        return torch.einsum("bhwnj,bhwnjd->bhwnd", s.softmax(-1), vv)
+
+    assert _saved(unfold_attention) >= 18 * per  # 9 K + 9 V copies
+
+
+ARG_ERRORS = [
+    (dict(query=torch.zeros(1, 2, 2, 4)), ValueError, "query must have 5 dimensions"),
+    (dict(key=torch.zeros(1, 4, 4, 2, 7)), ValueError, "must have the same shape"),
+    (dict(value=torch.zeros(1, 4, 4, 2, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+    (dict(query=torch.zeros(1, 4, 4, 2, 8, dtype=torch.int32)), TypeError, "query must have dtype"),
+    (dict(key=torch.zeros(1, 4, 4, 8, 2).transpose(-1, -2)), ValueError, "key must be contiguous in its last"),
+    (dict(kernel_size=4), ValueError, "kernel_size must be 3, 5 or 7"),
+    (dict(kernel_size=9), ValueError, "kernel_size must be 3, 5 or 7"),
+    (dict(border="reflect"), ValueError, "border must be one of"),
+    (dict(border="shift", kernel_size=5), ValueError, "border='shift' needs height and width >= kernel_size=5"),
+    (dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
+    (dict(backend="natten"), ValueError, "backend must be None or one of"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", ARG_ERRORS)
+def test_argument_errors(override, exc, match):
+    q, k, v = make_qkv(1, 4, 4, 2, 8)
+    args = dict(query=q, key=k, value=v)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        fastnca.neighborhood_attention2d(**args)
+
+
+# --------------------------------------------------------------------------------------
+# Every fast backend against the reference.
+# --------------------------------------------------------------------------------------
+
+CASES = [  # (B, H, W, heads, D, kernel_size, border, packed)
+    (1, 1, 1, 1, 1, 3, "zeros", False),
+    (2, 2, 2, 1, 5, 3, "mask", True),
+    (1, 3, 5, 6, 16, 3, "circular", False),
+    (1, 8, 8, 1, 64, 5, "shift", True),
+    (1, 31, 17, 2, 96, 3, "zeros", True),
+    (1, 7, 9, 2, 8, 7, "shift", False),
+    (2, 5, 6, 3, 4, 7, "circular", True),
+]
+
+
+def _run(backend, dtype, case, device):
+    B, H, W, nh, D, ks, border, packed = case
+    q, k, v = make_qkv(B, H, W, nh, D, dtype=dtype, device=device, seed=3, packed=packed, requires_grad=True)
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, ks, border, return_lse=True, backend=backend)
+    g = torch.Generator().manual_seed(4)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).float().to(device)
+    leaves = [q._base] if packed else [q, k, v]
+    grads = torch.autograd.grad([o, lse], leaves, [do, dlse])
+    if packed:
+        grads = grads[0].unbind(3)
+    return o, lse, grads
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backend_matches_reference(backend, dtype, case):
+    dev = device_for(backend)
+    o, lse, grads = _run(backend, dtype, case, dev)
+    ro, rlse, rgrads = _run("reference", dtype, case, dev)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close(o, ro, dtype, "o")
+    assert_close(lse, rlse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(a, b, dtype, name, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+def test_backend_gradients_are_deterministic(backend):
+    dev = device_for(backend)
+    case = (2, 9, 10, 2, 16, 3, "zeros", True)
+    _, _, g1 = _run(backend, torch.float32, case, dev)
+    _, _, g2 = _run(backend, torch.float32, case, dev)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
