@@ -2,9 +2,9 @@
 # Run fastnca's CUDA kernels under compute-sanitizer: memcheck (out-of-bounds and misaligned
 # accesses), racecheck (shared-memory hazards: a missing __syncthreads), initcheck (reads of
 # uninitialised device memory, e.g. a workspace slot no kernel wrote) and synccheck (barrier
-# misuse). Needs a GPU, compute-sanitizer (CUDA toolkit) and fastnca._C_cuda built in place
-# (scripts/build_inplace.sh). The caching allocator is off so memcheck sees every tensor's
-# own bounds.
+# misuse). Needs a GPU and compute-sanitizer (CUDA toolkit); builds fastnca._C_cuda in place
+# first when it is missing (for sm_90 only unless FASTNCA_CUDA_ARCHS says otherwise). The
+# caching allocator is off so memcheck sees every tensor's own bounds.
 # Usage: scripts/sanitize_cuda.sh [tool ...]   (default: memcheck racecheck initcheck synccheck)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,10 @@ if [[ -z "$sanitizer" ]]; then
   exit 2
 fi
 py=$(command -v python3 || command -v python)
+if ! ls python/fastnca/_C_cuda*.so >/dev/null 2>&1; then
+  PATH="$(dirname "$py"):$PATH" FASTNCA_CUDA=on FASTNCA_CUDA_ARCHS="${FASTNCA_CUDA_ARCHS:-90}" \
+    JOBS="${JOBS:-8}" scripts/build_inplace.sh build/sanitize
+fi
 tools=("$@")
 [[ ${#tools[@]} -gt 0 ]] || tools=(memcheck racecheck initcheck synccheck)
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1

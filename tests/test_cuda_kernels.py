@@ -89,6 +89,8 @@ def gpu():
 def rel_err(a, b):
     """max |a - b| / max |b| (0 when both vanish)."""
     a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0
     scale = b.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff / scale if scale > 0 else diff
@@ -160,6 +162,8 @@ NCA_EMULATED = [  # B, C, H, W, F, hidden, groups, padding, frozen, p, layout
     (1, 35, 3, 2, 1, 8, 1, "zeros", 2, 1.0, "nchw"),  # C > 32: several channel chunks
     (1, 16, 17, 31, 2, 64, 1, "reflect", 1, 0.5, "nchw"),  # several tiles per persistent block
     (1, 3, 4, 4, 2, 8, 1, "reflect", 0, 0.0, "nchw"),  # nothing fires
+    (1, 3, 3, 3, 1, 8, 1, "zeros", 3, 0.5, "nchw"),    # every channel frozen
+    (2, 1, 1, 1, 1, 1, 1, "replicate", 0, 1.0, "nchw"),  # 1x1 grid, C = hidden = 1
 ]
 
 
@@ -246,6 +250,30 @@ def test_gpu_nca_step_is_deterministic(gpu):
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
     assert torch.equal(cuda_nca.forward(x, *args), cuda_nca.forward(x, *args))
+
+
+def _expanded_grads_check(device):
+    """grad_out of out.sum() is an expanded tensor (all strides 0): read through its strides."""
+    x, weights, _ = make_nca(device, 2, 4, 5, 6, 2, 16, 1, 1, torch.float32, "nchw")
+    args = (*weights, 1, "reflect", 0.5, 3, 2, 1)
+    g = torch.ones(1, 1, 1, 1, device=device).expand(x.shape)
+    for name, a, b in zip("xpPwWvV", cuda_nca.backward(g, x, *args), ref_nca.backward(g, x, *args)):
+        assert_matches(name, a, b, torch.float32)
+    q, k, v = make_qkv(device, 1, 3, 4, 3, 2, torch.float32, True)
+    o, lse = cuda_na.forward(q, k, v, 3, "zeros", 0.7)
+    go = torch.ones(1, 1, 1, 1, 1, device=device).expand(q.shape)
+    ref = ref_na.backward(go, None, q, k, v, o, lse, 3, "zeros", 0.7)
+    for name, a, b in zip(("dq", "dk", "dv"), cuda_na.backward(go, None, q, k, v, o, lse, 3, "zeros", 0.7), ref):
+        assert_matches(name, a, b, torch.float32)
+
+
+def test_emulated_expanded_grads(emulated):
+    _expanded_grads_check(emulated)
+
+
+@pytest.mark.gpu
+def test_gpu_expanded_grads(gpu):
+    _expanded_grads_check(gpu)
 
 
 def _mask_check(device, fire_mask):
