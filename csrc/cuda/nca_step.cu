@@ -8,15 +8,16 @@
 //   * groups in {1, C}; reflect padding only with H, W >= 2; 1 <= F; depthwise F <= 25.
 //   * sizes fit in int except B*H*W and offsets, which use int64.
 //
-// Forward: one thread per cell (two on the fast path, CPT = 2), a block owns a tile of
-// consecutive cells (b, y, x order). Per-cell vectors that do not fit in registers live in
+// Forward: one thread per cell (two on the fast path, CPT = 2). A block owns a tile of
+// consecutive cells (b, y, x order), copies the ones that do not fire, and runs the MLP on a
+// compacted list of the firing ones only (about update_prob of the work, list_firing). Per-cell vectors that do not fit in registers live in
 // shared memory as one column per cell ([row][cell], conflict-free for thread-per-cell
 // access): the perception P ([K][S]) and the fc2 accumulator ([Cu][S]). Outputs are
 // computed kChunk = 32 at a time in registers, so any C and hidden size work; weights are
 // staged through one shared buffer of `nstage` floats and read as warp-wide broadcasts.
 //
 // Backward (recompute, deterministic, no float atomics), three kernels + reductions:
-//   1. main: per tile, recompute P and z, gd = m * g; per hidden chunk dh, dz, accumulate
+//   1. main: per tile (firing cells only, compacted as in the forward), recompute P and z; per hidden chunk dh, dz, accumulate
 //      dP = dz @ w1 in shared memory, and add the tile's dz^T [P|1] and gd^T [h|1] into the
 //      block's own slice of a partial buffer (persistent grid, fixed tile order). Writes
 //      ws = [g + dP[:C] ; dQ] channel-major [K][N] (fp32 workspace).
@@ -27,6 +28,7 @@
 //      perception_readers (pad_index) and sums dQ(output) . pw(tap).
 //   4. reduce_parts: sums the partials over blocks in a fixed order.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <pybind11/stl.h>
@@ -269,32 +271,83 @@ FASTNCA_DEVICE void fc1_chunk(const Dims& d, const Weights& w, int jc, const flo
   }
 }
 
+// ---- firing-cell compaction ------------------------------------------------------------------
+// Only firing cells run the MLP (about update_prob of them): a block takes a candidate tile
+// of T cells, lists its firing ones, and processes the list in passes of S = threads * CPT
+// slots; T is chosen on the host so that one pass usually holds them all (plan_tile).
+
+constexpr int kMaxCandidatesPerThread = 32;  // T <= 32 * threads (one bit each)
+constexpr int kMaxTileFactor = 8;            // T <= kMaxTileFactor * slots (plan_tile)
+static_assert(kMaxTileFactor * 2 <= kMaxCandidatesPerThread, "candidates of a thread must fit the bit mask");
+
+struct Firing {
+  uint32_t bits;  // bit i: candidate tid + i*threads fires
+  int count;      // firing cells of the tile
+};
+
+// list[0..count) = offsets from c0 of the tile's firing cells, in a fixed order (thread-major,
+// from a block-wide scan: deterministic). `scan` holds blockDim.x ints, `list` T ints.
+FASTNCA_DEVICE Firing list_firing(int64_t c0, int T, const Dims& d, const Rng& rng, int* scan, int* list) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  Firing f{0u, 0};
+  int mine = 0;
+  for (int i = 0; tid + i * nt < T; ++i) {
+    const int64_t cell = c0 + tid + i * nt;
+    if (cell < d.N && fire(rng.seed, static_cast<uint64_t>(cell), rng.step, rng.threshold)) {
+      f.bits |= 1u << i;
+      ++mine;
+    }
+  }
+  scan[tid] = mine;
+  __syncthreads();
+  for (int off = 1; off < nt; off <<= 1) {  // inclusive Hillis-Steele scan
+    const int v = tid >= off ? scan[tid - off] : 0;
+    __syncthreads();
+    scan[tid] += v;
+    __syncthreads();
+  }
+  int pos = scan[tid] - mine;
+  f.count = scan[nt - 1];
+  for (int i = 0; tid + i * nt < T; ++i)
+    if (f.bits >> i & 1u) list[pos++] = tid + i * nt;
+  __syncthreads();  // list complete; scan free for the next tile
+  return f;
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 template <typename T, int CPT>
 __global__ void __launch_bounds__(kThreads)
 nca_forward_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ out, Strides4 os, Dims d,
-                   Weights w, Rng rng, int nstage) {
+                   Weights w, Rng rng, int nstage, int tile) {
   FASTNCA_DYNAMIC_SMEM(smem4);
   float* stage = reinterpret_cast<float*>(smem4);
   const int tid = threadIdx.x, nt = blockDim.x, ld = nt * CPT;
   float* P = stage + nstage;                       // [K][ld]
   float* D = P + static_cast<int64_t>(d.K) * ld;   // [Cu][ld]: fc2 output (delta)
+  int* scan = reinterpret_cast<int*>(D + static_cast<int64_t>(d.Cu) * ld);  // [nt]
+  int* list = scan + nt;                                                    // [tile]
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * tile;
 
-  Nb nb[CPT];
-  bool fires[CPT];
-  int any = 0;
-#pragma unroll
-  for (int r = 0; r < CPT; ++r) {
-    const int64_t cell = static_cast<int64_t>(blockIdx.x) * ld + r * nt + tid;
-    nb[r] = make_nb(cell, d, xs);
-    fires[r] = nb[r].cell >= 0 &&
-               fire(rng.seed, static_cast<uint64_t>(cell), rng.step, rng.threshold);
-    any |= fires[r];
+  const Firing f = list_firing(c0, tile, d, rng, scan, list);
+  for (int i = 0; tid + i * nt < tile; ++i) {  // cells that do not fire keep their state
+    const int64_t cell = c0 + tid + i * nt;
+    if (cell >= d.N || (f.bits >> i & 1u)) continue;
+    const Nb nb = make_nb(cell, d, xs);
+    for (int c = 0; c < d.C; ++c)
+      store(out + offset_of(os, nb.b, c, nb.y, nb.x),
+            load(x + nb.base + c * xs.c + nb.row[1] + nb.col[1]));
   }
-  perceive<T, CPT>(x, xs, d, w, nb, P, ld, stage, nstage);
 
-  if (__syncthreads_or(any)) {  // a tile with no firing cell only copies its state
+  for (int base = 0; base < f.count; base += ld) {
+    Nb nb[CPT];
+#pragma unroll
+    for (int r = 0; r < CPT; ++r) {
+      const int s = base + r * nt + tid;
+      nb[r] = make_nb(s < f.count ? c0 + list[s] : d.N, d, xs);  // d.N: an idle slot
+    }
+    __syncthreads();  // the previous pass's readers of P and D are done
+    perceive<T, CPT>(x, xs, d, w, nb, P, ld, stage, nstage);
     for (int c = 0; c < d.Cu; ++c) {
       const float bias = w.b2[c];
 #pragma unroll
@@ -308,27 +361,26 @@ nca_forward_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ out, St
       for (int r = 0; r < CPT; ++r)
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) h[r][i] = fmaxf(h[r][i], 0.f);
-      for (int c0 = 0; c0 < d.Cu; c0 += cpc) {
-        const int cn = min(cpc, d.Cu - c0);
+      for (int k0 = 0; k0 < d.Cu; k0 += cpc) {
+        const int cn = min(cpc, d.Cu - k0);
         __syncthreads();
-        stage_copy(stage, w.w2 + (static_cast<int64_t>(jc) * d.Cu + c0) * kChunk, cn * kChunk);
+        stage_copy(stage, w.w2 + (static_cast<int64_t>(jc) * d.Cu + k0) * kChunk, cn * kChunk);
         __syncthreads();
         for (int cl = 0; cl < cn; ++cl)
 #pragma unroll
           for (int r = 0; r < CPT; ++r)
-            D[(c0 + cl) * ld + r * nt + tid] += dot_chunk(stage + cl * kChunk, h[r]);
+            D[(k0 + cl) * ld + r * nt + tid] += dot_chunk(stage + cl * kChunk, h[r]);
       }
     }
-  }
-
 #pragma unroll
-  for (int r = 0; r < CPT; ++r) {
-    if (nb[r].cell < 0) continue;
-    const int slot = r * nt + tid;
-    for (int c = 0; c < d.C; ++c) {
-      float v = P[c * ld + slot];
-      if (c >= d.frozen && fires[r]) v += D[(c - d.frozen) * ld + slot];
-      store(out + offset_of(os, nb[r].b, c, nb[r].y, nb[r].x), v);
+    for (int r = 0; r < CPT; ++r) {
+      if (nb[r].cell < 0) continue;
+      const int slot = r * nt + tid;
+      for (int c = 0; c < d.C; ++c) {
+        float v = P[c * ld + slot];
+        if (c >= d.frozen) v += D[(c - d.frozen) * ld + slot];
+        store(out + offset_of(os, nb[r].b, c, nb[r].y, nb[r].x), v);
+      }
     }
   }
 }
@@ -375,37 +427,48 @@ FASTNCA_DEVICE void accumulate_outer(float* __restrict__ part, int ldp, const fl
 
 // Partial layout per block: [HD][K+1] (d_w1 | d_b1) then [Cu][HD+1] (d_w2 | d_b2).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 nca_backward_main_kernel(const T* __restrict__ g, Strides4 gs, const T* __restrict__ x, Strides4 xs,
-                         Dims d, Weights w, Rng rng, int nstage, float* __restrict__ ws,
+                         Dims d, Weights w, Rng rng, int nstage, int tile, float* __restrict__ ws,
                          float* __restrict__ part, int64_t part_stride) {
   FASTNCA_DYNAMIC_SMEM(smem4);
   float* stage = reinterpret_cast<float*>(smem4);
-  const int tid = threadIdx.x, S = blockDim.x, ld = S + 1;
+  const int tid = threadIdx.x, nt = blockDim.x, S = nt, ld = S + 1;
   float* P = stage + nstage;                            // [K+1][ld], row K = 1 (bias grads)
-  float* G = P + static_cast<int64_t>(d.K + 1) * ld;    // [Cu][ld]: m * grad of updated channels
+  float* G = P + static_cast<int64_t>(d.K + 1) * ld;    // [Cu][ld]: grad of updated channels
   float* dP = G + static_cast<int64_t>(d.Cu) * ld;      // [K][ld]
   float* Hc = dP + static_cast<int64_t>(d.K) * ld;      // [32][ld]: h of the hidden chunk
   float* Zc = Hc + kChunk * ld;                         // [32][ld]: dz of the hidden chunk
+  int* scan = reinterpret_cast<int*>(Zc + kChunk * ld); // [nt]
+  int* list = scan + nt;                                // [tile]
   float* part_w1 = part + blockIdx.x * part_stride;
   float* part_w2 = part_w1 + static_cast<int64_t>(d.HD) * (d.K + 1);
   const int cpc = nstage / kChunk;
-  const int64_t ntiles = (d.N + S - 1) / S;
+  const int64_t ntiles = (d.N + tile - 1) / tile;
 
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    __syncthreads();  // the previous tile's readers of P, G, Hc, Zc are done
-    const int64_t cell = tile * S + tid;
-    Nb nb[1] = {make_nb(cell, d, xs)};
-    const bool valid = nb[0].cell >= 0;
-    const bool fires = valid && fire(rng.seed, static_cast<uint64_t>(cell), rng.step, rng.threshold);
-    perceive<T, 1>(x, xs, d, w, nb, P, ld, stage, nstage);
-    P[d.K * ld + tid] = valid ? 1.f : 0.f;
-    for (int c = 0; c < d.Cu; ++c)
-      G[c * ld + tid] =
-          fires ? load(g + offset_of(gs, nb[0].b, d.frozen + c, nb[0].y, nb[0].x)) : 0.f;
-    for (int k = 0; k < d.K; ++k) dP[k * ld + tid] = 0.f;
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    const int64_t c0 = t * tile;
+    const Firing f = list_firing(c0, tile, d, rng, scan, list);
+    // Cells that do not fire: dP = 0, so ws = [g ; 0].
+    for (int i = 0; tid + i * nt < tile; ++i) {
+      const int64_t cell = c0 + tid + i * nt;
+      if (cell >= d.N || (f.bits >> i & 1u)) continue;
+      const Nb nb = make_nb(cell, d, xs);
+      for (int k = 0; k < d.K; ++k)
+        ws[k * d.N + cell] = k < d.C ? load(g + offset_of(gs, nb.b, k, nb.y, nb.x)) : 0.f;
+    }
 
-    if (__syncthreads_or(fires)) {
+    for (int base = 0; base < f.count; base += S) {
+      const int64_t cell = base + tid < f.count ? c0 + list[base + tid] : d.N;  // d.N: idle slot
+      Nb nb[1] = {make_nb(cell, d, xs)};
+      const bool valid = nb[0].cell >= 0;  // every listed cell fires
+      __syncthreads();  // the previous pass's readers of P, G, Hc, Zc are done
+      perceive<T, 1>(x, xs, d, w, nb, P, ld, stage, nstage);
+      P[d.K * ld + tid] = valid ? 1.f : 0.f;
+      for (int c = 0; c < d.Cu; ++c)
+        G[c * ld + tid] = valid ? load(g + offset_of(gs, nb[0].b, d.frozen + c, nb[0].y, nb[0].x)) : 0.f;
+      for (int k = 0; k < d.K; ++k) dP[k * ld + tid] = 0.f;
+
       for (int jc = 0; jc < d.HDP / kChunk; ++jc) {
         const int jn = min(kChunk, d.HD - jc * kChunk);
         float z[1][kChunk];
@@ -413,13 +476,13 @@ nca_backward_main_kernel(const T* __restrict__ g, Strides4 gs, const T* __restri
         float dh[1][kChunk];  // dh = gd @ w2 (this chunk's columns)
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) dh[0][i] = 0.f;
-        for (int c0 = 0; c0 < d.Cu; c0 += cpc) {
-          const int cn = min(cpc, d.Cu - c0);
+        for (int k0 = 0; k0 < d.Cu; k0 += cpc) {
+          const int cn = min(cpc, d.Cu - k0);
           __syncthreads();
-          stage_copy(stage, w.w2 + (static_cast<int64_t>(jc) * d.Cu + c0) * kChunk, cn * kChunk);
+          stage_copy(stage, w.w2 + (static_cast<int64_t>(jc) * d.Cu + k0) * kChunk, cn * kChunk);
           __syncthreads();
           for (int cl = 0; cl < cn; ++cl) {
-            const float gv[1] = {G[(c0 + cl) * ld + tid]};
+            const float gv[1] = {G[(k0 + cl) * ld + tid]};
             axpy_chunk<1>(dh, stage + cl * kChunk, gv);
           }
         }
@@ -450,14 +513,14 @@ nca_backward_main_kernel(const T* __restrict__ g, Strides4 gs, const T* __restri
         __syncthreads();
       }
       accumulate_outer(part_w2 + d.HD, d.HD + 1, G, d.Cu, P + d.K * ld, 1, ld, S);  // d_b2
-    }
 
-    if (valid)
-      for (int k = 0; k < d.K; ++k) {
-        float v = dP[k * ld + tid];
-        if (k < d.C) v += load(g + offset_of(gs, nb[0].b, k, nb[0].y, nb[0].x));
-        ws[k * d.N + cell] = v;
-      }
+      if (valid)
+        for (int k = 0; k < d.K; ++k) {
+          float v = dP[k * ld + tid];
+          if (k < d.C) v += load(g + offset_of(gs, nb[0].b, k, nb[0].y, nb[0].x));
+          ws[k * d.N + cell] = v;
+        }
+    }
   }
 }
 
@@ -749,13 +812,34 @@ struct CellPlan {
   size_t smem;
 };
 
+// Shared memory of the firing-cell list: the scan (threads ints) and the list (tile ints,
+// sized for the largest tile, kMaxTileFactor * slots).
+
+size_t list_smem(int threads, int slots) {
+  return (static_cast<size_t>(threads) + static_cast<size_t>(kMaxTileFactor) * slots) * sizeof(int);
+}
+
 size_t forward_smem(const Dims& d, int threads, int cpt, int nstage) {
-  return (static_cast<size_t>(nstage) + static_cast<size_t>(d.K + d.Cu) * threads * cpt) * sizeof(float);
+  return (static_cast<size_t>(nstage) + static_cast<size_t>(d.K + d.Cu) * threads * cpt) * sizeof(float) +
+         list_smem(threads, threads * cpt);
 }
 
 size_t backward_main_smem(const Dims& d, int threads, int nstage) {
   const size_t rows = static_cast<size_t>(d.K + 1) + d.Cu + d.K + 2 * kChunk;
-  return (static_cast<size_t>(nstage) + rows * (threads + 1)) * sizeof(float);
+  return (static_cast<size_t>(nstage) + rows * (threads + 1)) * sizeof(float) + list_smem(threads, threads);
+}
+
+// Candidate cells per tile: about slots / update_prob, cut so that the firing count
+// (binomial) exceeds one pass of `slots` only about once in a thousand tiles (mean + 3 sd
+// <= slots); between slots (update_prob = 1) and kMaxTileFactor * slots (rare firing).
+int plan_tile(int slots, uint32_t threshold) {
+#if defined(FASTNCA_TEST_TILE_FACTOR)  // tests: force multi-pass tiles
+  return FASTNCA_TEST_TILE_FACTOR * slots;
+#endif
+  const double p = static_cast<double>(threshold) / static_cast<double>(1u << 24);
+  int tile = kMaxTileFactor * slots;
+  while (tile > slots && tile * p + 3.0 * std::sqrt(tile * p * (1.0 - p)) > slots) --tile;
+  return tile;
 }
 
 int staging_floats(const Dims& d, int preferred) {
@@ -806,6 +890,7 @@ CellPlan plan_backward_main(const Dims& d, const DeviceInfo& info, int* blocks_p
 
 struct BackwardPlan {
   CellPlan main;
+  int main_tile;         // candidate cells per tile of the main kernel
   int main_blocks;       // persistent grid of the main kernel = partial slices
   int64_t main_part;     // floats per slice: HD*(K+1) + Cu*(HD+1)
   int conv_slices;       // weight tiles of conv_grad (grid.x)
@@ -817,13 +902,14 @@ struct BackwardPlan {
 };
 
 template <typename T>
-BackwardPlan plan_backward(const Dims& d) {
+BackwardPlan plan_backward(const Dims& d, uint32_t threshold) {
   const DeviceInfo info = device_info();
   BackwardPlan p;
   int per_sm = 0;
   p.main = plan_backward_main<T>(d, info, &per_sm);
   p.main_part = static_cast<int64_t>(d.HD) * (d.K + 1) + static_cast<int64_t>(d.Cu) * (d.HD + 1);
-  const int64_t tiles = (d.N + p.main.threads - 1) / p.main.threads;
+  p.main_tile = plan_tile(p.main.threads, threshold);
+  const int64_t tiles = (d.N + p.main_tile - 1) / p.main_tile;
   int64_t blocks = std::min<int64_t>(tiles, static_cast<int64_t>(per_sm) * info.sms);
   blocks = std::min<int64_t>(blocks, std::max<int64_t>(1, kPartBudget / p.main_part));
   p.main_blocks = static_cast<int>(std::max<int64_t>(1, blocks));
@@ -873,28 +959,28 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
   const CellPlan plan = plan_forward(d, device_info(), cpt);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t cells_per_block = static_cast<int64_t>(plan.threads) * plan.cpt;
-    const dim3 grid(static_cast<unsigned>((d.N + cells_per_block - 1) / cells_per_block));
+    const int tile = plan_tile(plan.threads * plan.cpt, threshold);
+    const dim3 grid(static_cast<unsigned>((d.N + tile - 1) / tile));
     if (plan.cpt == 2) {
       prepare_kernel(nca_forward_kernel<T, 2>, plan.threads, plan.smem);
       launch("nca_step_forward", nca_forward_kernel<T, 2>, grid, dim3(plan.threads), plan.smem,
-             as_stream(stream), ptr<const T>(state), xs, ptr<T>(out), os, d, w, rng, plan.nstage);
+             as_stream(stream), ptr<const T>(state), xs, ptr<T>(out), os, d, w, rng, plan.nstage, tile);
     } else {
       prepare_kernel(nca_forward_kernel<T, 1>, plan.threads, plan.smem);
       launch("nca_step_forward", nca_forward_kernel<T, 1>, grid, dim3(plan.threads), plan.smem,
-             as_stream(stream), ptr<const T>(state), xs, ptr<T>(out), os, d, w, rng, plan.nstage);
+             as_stream(stream), ptr<const T>(state), xs, ptr<T>(out), os, d, w, rng, plan.nstage, tile);
     }
   });
 }
 
 // Workspace sizes for nca_step_backward (floats): the caller allocates them with torch.
 pybind11::dict nca_step_backward_plan_cuda(int B, int C, int H, int W, int F, int hidden, int frozen,
-                                           bool depthwise, int padding, int dtype) {
+                                           bool depthwise, int padding, uint32_t threshold, int dtype) {
   const Dims d = make_dims(B, C, H, W, F, hidden, frozen, depthwise, padding);
   pybind11::dict out;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const BackwardPlan p = plan_backward<T>(d);
+    const BackwardPlan p = plan_backward<T>(d, threshold);
     out["ws"] = static_cast<int64_t>(d.K) * d.N;
     out["main_blocks"] = p.main_blocks;
     out["main_part"] = p.main_part;
@@ -922,7 +1008,7 @@ void nca_step_backward_cuda(std::uintptr_t grad, const std::vector<int64_t>& gra
   const cudaStream_t s = as_stream(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const BackwardPlan p = plan_backward<T>(d);
+    const BackwardPlan p = plan_backward<T>(d, threshold);
     if (p.main_blocks != main_blocks || p.conv_parts != conv_parts)
       throw std::invalid_argument("fastnca nca_step (cuda): workspace plan changed between "
                                   "nca_step_backward_plan and nca_step_backward");
@@ -931,7 +1017,7 @@ void nca_step_backward_cuda(std::uintptr_t grad, const std::vector<int64_t>& gra
     prepare_kernel(nca_backward_main_kernel<T>, p.main.threads, p.main.smem);
     launch("nca_step_backward_main", nca_backward_main_kernel<T>, dim3(p.main_blocks),
            dim3(p.main.threads), p.main.smem, s, ptr<const T>(grad), gs, ptr<const T>(state), xs, d, w,
-           rng, p.main.nstage, wsp, ptr<float>(main_part), p.main_part);
+           rng, p.main.nstage, p.main_tile, wsp, ptr<float>(main_part), p.main_part);
     // 2. perception weight partials
     const size_t conv_smem = conv_grad_smem(p, d);
     const int64_t conv_cells = p.conv_cells;
@@ -973,7 +1059,7 @@ FASTNCA_BINDINGS(m) {
         "cells_per_thread"_a = 0,
         "Fused NCA step. weights: pointers to the arranged fp32 (pw, pb, w1, b1, w2, b2, pwt).");
   m.def("nca_step_backward_plan", &fastnca::nca_step_backward_plan_cuda, "B"_a, "C"_a, "H"_a, "W"_a,
-        "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a, "padding"_a, "dtype"_a,
+        "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a, "padding"_a, "threshold"_a, "dtype"_a,
         "Workspace sizes (floats) of nca_step_backward on the current device.");
   m.def("nca_step_backward", &fastnca::nca_step_backward_cuda, "grad"_a, "grad_strides"_a, "state"_a,
         "state_strides"_a, "d_state"_a, "d_state_strides"_a, "B"_a, "C"_a, "H"_a, "W"_a, "F"_a,

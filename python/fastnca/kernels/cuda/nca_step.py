@@ -171,7 +171,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     with _device_guard(dev):
         keep, ptrs = _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
         code, pad = _ext.DTYPE_CODES[state.dtype], _ext.PADDING_CODES[padding]
-        plan = mod.nca_step_backward_plan(B, C, H, W, nf, hidden, frozen, depthwise, pad, code)
+        threshold = _ext.fire_threshold(update_prob)
+        plan = mod.nca_step_backward_plan(B, C, H, W, nf, hidden, frozen, depthwise, pad, threshold, code)
         ws = torch.empty(plan["ws"], dtype=torch.float32, device=dev)
         main_part = torch.zeros(plan["main_blocks"] * plan["main_part"], dtype=torch.float32, device=dev)
         conv_part = torch.empty(plan["conv_parts"] * plan["conv_part"], dtype=torch.float32, device=dev)
@@ -180,7 +181,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         mod.nca_step_backward(
             grad_out.data_ptr(), list(grad_out.stride()), state.data_ptr(), list(state.stride()),
             d_state.data_ptr(), list(d_state.stride()), B, C, H, W, nf, hidden, frozen, depthwise, pad,
-            int(seed), int(step) & 0xFFFFFFFF, _ext.fire_threshold(update_prob), ptrs,
+            int(seed), int(step) & 0xFFFFFFFF, threshold, ptrs,
             ws.data_ptr(), main_part.data_ptr(), plan["main_blocks"], conv_part.data_ptr(),
             plan["conv_parts"], d_fc.data_ptr(), d_conv.data_ptr(), code, _stream(dev))
         del keep, ws, main_part, conv_part
