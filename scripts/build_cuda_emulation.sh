@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Test-only build: compile the CUDA kernel sources (csrc/cuda/nca_step.cu,
+# csrc/cuda/neighborhood_attention.cu) with the host C++ compiler against the emulation
+# layer in csrc/include/fastnca/emulation_cuda.cuh, into the Python extension
+# fastnca_cuda_emu (same functions as fastnca._C_cuda, operating on CPU pointers).
+# tests/test_cuda_kernels.py then runs the CUDA launchers on CPU tensors through it, which
+# checks the kernels' logic on machines without a GPU. Needs the CUDA headers (nvcc's
+# toolkit) for cuda_fp16.h / cuda_bf16.h / cuda_runtime.h; nothing CUDA is linked.
+# Usage: scripts/build_cuda_emulation.sh [out-dir]   (default build/cuda-emu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-build/cuda-emu}
+mkdir -p "$out"
+# nvcc may be a wrapper script: ask it where its toolkit lives.
+cuda_home=${CUDA_HOME:-$(nvcc --dryrun -E -x cu /dev/null 2>&1 | sed -n "s/^#\$ TOP=//p" | head -1)}
+cuda_home=${cuda_home:-/usr/local/cuda}
+py=$(command -v python)
+ext=$("$py" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+cat > "$out/emu_module.cpp" <<'CPP'
+#include "fastnca/bindings.h"
+#include "fastnca/emulation_cuda.cuh"
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+PYBIND11_MODULE(fastnca_cuda_emu, m) {
+  m.doc() = "fastnca CUDA kernels compiled for host emulation (tests only)";
+  for (auto& bind : fastnca::binders()) bind(m);
+}
+CPP
+flags=(-std=c++17 -O1 -g0 -fPIC -shared -pthread -DFASTNCA_CUDA_EMULATION -Wno-attributes
+       -Icsrc/include -I"$cuda_home/include" $("$py" -m pybind11 --includes))
+objs=()
+for src in "$out/emu_module.cpp" csrc/cuda/nca_step.cu csrc/cuda/neighborhood_attention.cu; do
+  obj="$out/$(basename "$src").o"
+  ${CXX:-g++} "${flags[@]}" -x c++ -c "$src" -o "$obj" &
+  objs+=("$obj")
+done
+wait
+${CXX:-g++} -shared -pthread "${objs[@]}" -o "$out/fastnca_cuda_emu$ext"
+echo "$out/fastnca_cuda_emu$ext"

@@ -1,0 +1,410 @@
+"""The CUDA kernels (csrc/cuda, fastnca._C_cuda) against the reference backend.
+
+Three layers, so that most of it runs somewhere:
+  * the module builds and exposes its functions (wherever it was built, GPU or not);
+  * emulated: the same .cu sources compiled for the host by scripts/build_cuda_emulation.sh
+    (thread blocks on host threads, real barriers and group shuffles) run through the CUDA
+    launchers on CPU tensors -- the kernels' logic without a GPU; skipped unless built;
+  * gpu: the real kernels over paddings / borders, groups, F, frozen channels, update
+    probabilities, kernel sizes, odd sizes, head dims, strided views, channels_last and
+    every dtype, plus determinism and the fire mask.
+Autograd / rollout integration of the public ops is covered for every backend by
+test_nca_step.py and test_neighborhood_attention.py.
+"""
+import contextlib
+import glob
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fastnca import _ext
+from fastnca.kernels.cuda import nca_step as cuda_nca
+from fastnca.kernels.cuda import neighborhood_attention as cuda_na
+from fastnca.kernels.reference import fire_mask as ref_fire_mask
+from fastnca.kernels.reference import nca_step as ref_nca
+from fastnca.kernels.reference import neighborhood_attention as ref_na
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+PADDINGS = ["reflect", "zeros", "circular", "replicate"]
+BORDERS = ["zeros", "mask", "circular", "shift"]
+
+
+# ---------------------------------------------------------------------------------------
+# Where the kernels run
+# ---------------------------------------------------------------------------------------
+
+def _emulation_path():
+    path = os.environ.get("FASTNCA_CUDA_EMULATION")
+    if path:
+        return path
+    found = glob.glob(os.path.join(ROOT, "build", "cuda-emu", "fastnca_cuda_emu*.so"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def _emulation_module():
+    path = _emulation_path()
+    if path is None or not os.path.exists(path):
+        pytest.skip("host emulation of the CUDA kernels not built (scripts/build_cuda_emulation.sh)")
+    spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def emulated(_emulation_module, monkeypatch):
+    """Run the CUDA launchers on CPU tensors through the host emulation; yields the device."""
+    for launcher in (cuda_nca, cuda_na):
+        monkeypatch.setattr(launcher, "_module", lambda: _emulation_module)
+        monkeypatch.setattr(launcher, "_is_cuda", lambda t: True)
+        monkeypatch.setattr(launcher, "_device_guard", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(launcher, "_stream", lambda device: 0)
+    yield torch.device("cpu")
+
+
+def _gpu_ready():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if _ext.load("_C_cuda") is None:
+        return _ext.error("_C_cuda")
+    return None
+
+
+@pytest.fixture
+def gpu():
+    reason = _gpu_ready()
+    if reason:
+        pytest.skip(reason)
+    return torch.device("cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------
+
+def rel_err(a, b):
+    """max |a - b| / max |b| (0 when both vanish)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_matches(name, a, b, dtype, grad=False):
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if dtype == torch.float32:
+        err = rel_err(a, b)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e} > 1e-5"
+    else:
+        tol = HALF_TOL[dtype] * (4 if grad else 1)
+        torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=tol, atol=tol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# nca_step
+# ---------------------------------------------------------------------------------------
+
+def make_nca(device, B, C, H, W, F, hidden, groups, frozen, dtype, layout, weight_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.4):
+        return (torch.randn(*shape, generator=g) * s).to(device)
+
+    if layout == "strided":  # a non-contiguous view into a bigger tensor
+        big = r(B, C + 3, H + 2, 2 * W, s=1.0).to(dtype)
+        x = big[:, 2:2 + C, 1:1 + H, ::2]
+    else:
+        x = r(B, C, H, W, s=1.0).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    pw = r(F * C, C // groups, 3, 3).to(weight_dtype)
+    pb = r(F * C, s=0.1).to(weight_dtype)
+    w1 = r((F + 1) * C, hidden, s=0.3).t().to(weight_dtype)  # a transposed (strided) weight
+    b1 = r(hidden, s=0.1).to(weight_dtype)
+    w2 = r(C - frozen, hidden, s=0.3).to(weight_dtype)
+    b2 = r(C - frozen, s=0.1).to(weight_dtype)
+    gout = r(B, C, H, W, s=1.0).to(dtype)
+    return x, (pw, pb, w1, b1, w2, b2), gout
+
+
+def check_nca(device, B, C, H, W, F=2, hidden=32, groups=1, padding="reflect", frozen=0, p=0.5,
+              dtype=torch.float32, layout="nchw", weight_dtype=torch.float32, seed=3, step=11):
+    groups = C if groups == "C" else groups
+    x, weights, gout = make_nca(device, B, C, H, W, F, hidden, groups, frozen, dtype, layout, weight_dtype)
+    args = (*weights, groups, padding, p, seed, step, frozen)
+    out = cuda_nca.forward(x, *args)
+    ref = ref_nca.forward(x, *args)
+    assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
+    assert_matches("out", out, ref, dtype)
+    grads = cuda_nca.backward(gout, x, *args)
+    ref_grads = ref_nca.backward(gout, x, *args)
+    names = ("d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2")
+    for name, a, b, like in zip(names, grads, ref_grads, (x, *weights)):
+        assert a.dtype == like.dtype and a.shape == like.shape, name
+        # a 16-bit gradient (state or weight) is compared at that dtype's tolerance
+        assert_matches(name, a, b, dtype if a.dtype == torch.float32 else a.dtype, grad=True)
+    return out, grads
+
+
+# Small cases for the emulation (each thread block runs on host threads).
+NCA_EMULATED = [  # B, C, H, W, F, hidden, groups, padding, frozen, p, layout
+    (1, 4, 3, 5, 2, 40, 1, "reflect", 1, 0.5, "nchw"),
+    (2, 3, 2, 2, 1, 33, "C", "zeros", 0, 1.0, "nchw"),
+    (1, 5, 3, 4, 3, 64, "C", "circular", 3, 0.5, "channels_last"),
+    (1, 4, 5, 3, 2, 16, 1, "replicate", 0, 1.0, "strided"),
+    (1, 35, 3, 2, 1, 8, 1, "zeros", 2, 1.0, "nchw"),  # C > 32: several channel chunks
+    (1, 16, 17, 31, 2, 64, 1, "reflect", 1, 0.5, "nchw"),  # several tiles per persistent block
+    (1, 3, 4, 4, 2, 8, 1, "reflect", 0, 0.0, "nchw"),  # nothing fires
+    (1, 3, 3, 3, 1, 8, 1, "zeros", 3, 0.5, "nchw"),    # every channel frozen
+    (2, 1, 1, 1, 1, 1, 1, "replicate", 0, 1.0, "nchw"),  # 1x1 grid, C = hidden = 1
+]
+
+
+@pytest.mark.parametrize("case", NCA_EMULATED, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_nca_step_matches_reference(emulated, case):
+    B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
+    check_nca(emulated, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_nca_step_half(emulated, dtype):
+    check_nca(emulated, 1, 8, 3, 5, 2, 32, 8, "zeros", 1, 0.5, dtype=dtype, layout="channels_last",
+              weight_dtype=torch.bfloat16)
+
+
+def test_emulated_nca_step_one_cell_per_thread(emulated, monkeypatch):
+    monkeypatch.setenv("FASTNCA_CUDA_NCA_CPT", "1")
+    check_nca(emulated, 1, 16, 5, 7, 2, 64, 1, "reflect", 1, 0.5)
+
+
+def test_emulated_nca_step_rejects_float64(emulated):
+    x, weights, _ = make_nca(emulated, 1, 3, 3, 3, 1, 8, 1, 0, torch.float64, "nchw")
+    with pytest.raises(TypeError, match="float64"):
+        cuda_nca.forward(x, *weights, 1, "reflect", 0.5, 1, 0, 0)
+
+
+# GPU matrix: every padding x groups, then sizes, F, frozen, p, layouts, dtypes.
+NCA_GPU = [
+    *[(1, 4, 3, 5, 2, 24, g, pad, 1, 0.5, "nchw") for pad in PADDINGS for g in (1, "C")],
+    *[(2, 6, 2, 2, f, 33, g, pad, fr, p, lay)
+      for f, fr, p, lay in ((1, 0, 1.0, "channels_last"), (3, 3, 0.5, "strided"))
+      for g in (1, "C") for pad in PADDINGS],
+    (2, 16, 17, 31, 2, 128, 1, "reflect", 1, 0.5, "nchw"),      # Med-NCA-like
+    (2, 16, 17, 31, 2, 128, 1, "reflect", 1, 0.5, "channels_last"),
+    (3, 16, 17, 31, 2, 128, "C", "circular", 0, 0.5, "channels_last"),  # growing-NCA-like
+    (1, 32, 9, 11, 2, 64, 1, "zeros", 3, 0.5, "nchw"),
+    (1, 32, 9, 11, 2, 128, 1, "replicate", 1, 1.0, "strided"),
+    (1, 64, 9, 11, 2, 64, 1, "reflect", 0, 0.5, "channels_last"),
+    (1, 64, 9, 11, 3, 128, 1, "circular", 3, 0.5, "nchw"),
+    (1, 128, 5, 7, 2, 256, 1, "reflect", 1, 0.5, "nchw"),        # the generic, large path
+    (1, 128, 5, 7, 3, 256, "C", "zeros", 3, 0.5, "channels_last"),
+    (2, 12, 128, 160, 2, 40, 1, "reflect", 1, 0.5, "nchw"),     # persistent blocks loop
+    (1, 3, 4, 4, 2, 8, 1, "reflect", 0, 0.0, "nchw"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NCA_GPU, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_nca_step_matches_reference(gpu, case):
+    B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
+    check_nca(gpu, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    (2, 16, 17, 31, 2, 128, 1, "reflect", 1, 0.5, "channels_last"),
+    (1, 5, 3, 5, 3, 33, "C", "circular", 3, 1.0, "strided"),
+    (1, 64, 9, 11, 1, 64, 1, "zeros", 0, 0.5, "nchw"),
+], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_nca_step_half(gpu, dtype, case):
+    B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
+    check_nca(gpu, B, C, H, W, F, hidden, groups, padding, frozen, p, dtype=dtype, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpt", ["1", "2"])
+def test_gpu_nca_step_cells_per_thread(gpu, monkeypatch, cpt):
+    monkeypatch.setenv("FASTNCA_CUDA_NCA_CPT", cpt)
+    check_nca(gpu, 2, 16, 17, 31, 2, 128, 1, "reflect", 1, 0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_nca_step_weights_in_other_dtypes(gpu):
+    check_nca(gpu, 1, 8, 7, 9, 2, 32, 1, "reflect", 1, 0.5, weight_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_nca_step_is_deterministic(gpu):
+    x, weights, gout = make_nca(gpu, 2, 16, 33, 35, 2, 128, 1, 1, torch.float32, "channels_last")
+    args = (*weights, 1, "reflect", 0.5, 5, 3, 1)
+    runs = [cuda_nca.backward(gout, x, *args) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    assert torch.equal(cuda_nca.forward(x, *args), cuda_nca.forward(x, *args))
+
+
+def _expanded_grads_check(device):
+    """grad_out of out.sum() is an expanded tensor (all strides 0): read through its strides."""
+    x, weights, _ = make_nca(device, 2, 4, 5, 6, 2, 16, 1, 1, torch.float32, "nchw")
+    args = (*weights, 1, "reflect", 0.5, 3, 2, 1)
+    g = torch.ones(1, 1, 1, 1, device=device).expand(x.shape)
+    for name, a, b in zip("xpPwWvV", cuda_nca.backward(g, x, *args), ref_nca.backward(g, x, *args)):
+        assert_matches(name, a, b, torch.float32)
+    q, k, v = make_qkv(device, 1, 3, 4, 3, 2, torch.float32, True)
+    o, lse = cuda_na.forward(q, k, v, 3, "zeros", 0.7)
+    go = torch.ones(1, 1, 1, 1, 1, device=device).expand(q.shape)
+    ref = ref_na.backward(go, None, q, k, v, o, lse, 3, "zeros", 0.7)
+    for name, a, b in zip(("dq", "dk", "dv"), cuda_na.backward(go, None, q, k, v, o, lse, 3, "zeros", 0.7), ref):
+        assert_matches(name, a, b, torch.float32)
+
+
+def test_emulated_expanded_grads(emulated):
+    _expanded_grads_check(emulated)
+
+
+@pytest.mark.gpu
+def test_gpu_expanded_grads(gpu):
+    _expanded_grads_check(gpu)
+
+
+def _mask_check(device, fire_mask):
+    B, C, H, W = 2, 4, 9, 11
+    x, (pw, pb, w1, b1, w2, b2), _ = make_nca(device, B, C, H, W, 2, 8, 1, 0, torch.float32, "nchw")
+    w2, b2 = torch.zeros_like(w2), torch.ones_like(b2)
+    for p, seed, step in ((0.4, 2**40 + 3, 17), (0.0, 1, 0), (1.0, 2**64 - 1, 2**32 - 1)):
+        out = cuda_nca.forward(x, pw, pb, w1, b1, w2, b2, 1, "zeros", p, seed, step, 0)
+        m = fire_mask(B, H, W, p, seed, step, device)
+        assert torch.equal((out - x) != 0, m[:, None].expand(B, C, H, W))
+
+
+def test_emulated_nca_step_mask_is_fire_mask(emulated):
+    _mask_check(emulated, ref_fire_mask.fire_mask)
+
+
+@pytest.mark.gpu
+def test_gpu_nca_step_mask_is_fire_mask(gpu):
+    from fastnca.kernels.cuda import fire_mask as cuda_fire_mask
+    _mask_check(gpu, cuda_fire_mask.fire_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# neighborhood_attention2d
+# ---------------------------------------------------------------------------------------
+
+def make_qkv(device, B, H, W, nh, D, dtype, packed, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    if packed:  # q, k, v as strided views of one [B, H, W, 3, heads, D] tensor
+        qkv = torch.randn(B, H, W, 3, nh, D, generator=g).to(dtype).to(device)
+        return qkv.unbind(3)
+    return [torch.randn(B, H, W, nh, D, generator=g).to(dtype).to(device) for _ in range(3)]
+
+
+def check_na(device, B, H, W, nh, D, ks, border, dtype=torch.float32, packed=False, with_dlse=True,
+             strided_grad=False):
+    q, k, v = make_qkv(device, B, H, W, nh, D, dtype, packed)
+    scale = D ** -0.5
+    o, lse = cuda_na.forward(q, k, v, ks, border, scale)
+    ro, rlse = ref_na.forward(q, k, v, ks, border, scale)
+    assert o.dtype == dtype and o.is_contiguous() and lse.dtype == torch.float32
+    assert_matches("o", o, ro, dtype)
+    assert_matches("lse", lse, rlse, torch.float32 if dtype == torch.float32 else dtype)
+    g = torch.Generator().manual_seed(9)
+    if strided_grad:  # a non-contiguous grad_o, last dim included
+        do = torch.randn(B, H, W, D, nh, generator=g).to(dtype).to(device).transpose(-1, -2)
+    else:
+        do = torch.randn(B, H, W, nh, D, generator=g).to(dtype).to(device)
+    dlse = torch.randn(B, H, W, nh, generator=g).to(device) if with_dlse else None
+    grads = cuda_na.backward(do, dlse, q, k, v, o, lse, ks, border, scale)
+    ref_grads = ref_na.backward(do, dlse, q, k, v, ro, rlse, ks, border, scale)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert a.dtype == dtype and a.is_contiguous()
+        assert_matches(name, a, b, dtype, grad=True)
+    return o, grads
+
+
+NA_EMULATED = [  # B, H, W, heads, D, kernel, border, packed, with_dlse
+    (1, 3, 5, 2, 5, 3, "zeros", True, True),
+    (1, 4, 4, 1, 33, 3, "mask", False, False),
+    (2, 2, 3, 1, 16, 5, "circular", True, True),
+    (1, 7, 8, 2, 3, 5, "shift", False, True),
+    (1, 3, 5, 1, 1, 7, "zeros", False, True),
+    (1, 2, 2, 1, 130, 3, "circular", False, True),  # D > 4 * 32: several key-kernel passes
+]
+
+
+@pytest.mark.parametrize("case", NA_EMULATED, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_attention_matches_reference(emulated, case):
+    B, H, W, nh, D, ks, border, packed, with_dlse = case
+    check_na(emulated, B, H, W, nh, D, ks, border, packed=packed, with_dlse=with_dlse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_attention_half_and_strided_grad(emulated, dtype):
+    check_na(emulated, 1, 3, 4, 2, 6, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)
+
+
+def test_emulated_attention_rejects_float64(emulated):
+    q, k, v = make_qkv(emulated, 1, 3, 3, 1, 4, torch.float64, False)
+    with pytest.raises(TypeError, match="float64"):
+        cuda_na.forward(q, k, v, 3, "zeros", 0.5)
+
+
+NA_GPU = [
+    *[(1, 2, 2, 1, D, 3, b, True, True) for b in ("zeros", "mask", "circular") for D in (1, 5)],
+    *[(2, 3, 5, nh, D, 3, b, packed, True) for b in ("zeros", "mask", "circular")
+      for nh, D, packed in ((1, 16, False), (6, 64, True))],
+    *[(1, 17, 31, nh, D, ks, b, packed, dl) for ks in (3, 5, 7) for b in BORDERS
+      for nh, D, packed, dl in ((1, 5, False, False), (6, 96, True, True))],
+    (2, 7, 9, 6, 64, 7, "shift", True, True),
+    (1, 5, 5, 2, 300, 5, "zeros", False, True),   # D > 128: several passes
+    (4, 64, 64, 6, 32, 3, "zeros", True, True),   # GeCA-like
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NA_GPU, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_attention_matches_reference(gpu, case):
+    B, H, W, nh, D, ks, border, packed, with_dlse = case
+    check_na(gpu, B, H, W, nh, D, ks, border, packed=packed, with_dlse=with_dlse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    (2, 17, 31, 6, 64, 3, "zeros", True, True),
+    (1, 9, 8, 1, 5, 7, "shift", False, False),
+    (1, 3, 5, 2, 96, 5, "mask", True, True),
+], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_attention_half(gpu, dtype, case):
+    B, H, W, nh, D, ks, border, packed, with_dlse = case
+    check_na(gpu, B, H, W, nh, D, ks, border, dtype=dtype, packed=packed, with_dlse=with_dlse)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_strided_grad_and_determinism(gpu):
+    _, g1 = check_na(gpu, 2, 9, 10, 2, 16, 3, "zeros", packed=True, strided_grad=True)
+    _, g2 = check_na(gpu, 2, 9, 10, 2, 16, 3, "zeros", packed=True, strided_grad=True)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled module (no GPU needed)
+# ---------------------------------------------------------------------------------------
+
+def test_cuda_module_exposes_kernels():
+    mod = _ext.load("_C_cuda")
+    if mod is None:
+        pytest.skip(_ext.error("_C_cuda") or "fastnca._C_cuda not built")
+    for name in ("fire_mask", "nca_step_forward", "nca_step_backward_plan", "nca_step_backward",
+                 "na2d_forward", "na2d_backward"):
+        assert callable(getattr(mod, name, None)), f"fastnca._C_cuda lacks {name}"
