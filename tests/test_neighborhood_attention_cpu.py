@@ -83,14 +83,15 @@ def test_dtypes(dtype, D, border, ks, grid):
     check((2, *grid, 3, D), ks, border, dtype=dtype, packed=True, seed=D)
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx2-wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_instruction_set_paths(isa, dtype, monkeypatch):
-    """Every compiled variant this CPU can run (FASTNCA_CPU_ISA caps the choice)."""
+    """Every compiled variant this CPU can run (FASTNCA_CPU_ISA caps the choice); avx2-wide
+    is the AVX-512 variant's 16-lane code built for AVX2, for machines without AVX-512."""
     monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
     if cpu.isa() != isa:
         pytest.skip(f"this CPU runs at most {cpu.isa()}")
-    for D in (7, 64):
+    for D in (7, 32, 64, 128):
         check((1, 6, 5, 2, D), 3, "zeros", dtype=dtype, packed=True, seed=D)
         check((1, 5, 5, 1, D), 5, "shift", dtype=dtype, seed=D + 1, lse_grad=False)
 

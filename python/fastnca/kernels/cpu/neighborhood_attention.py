@@ -7,6 +7,7 @@ contiguous. Every assumption the kernels make is checked here, loudly.
 
 Environment: ``FASTNCA_CPU_ISA=base|avx2|avx512`` caps the instruction set (tests use it
 to run the portable path on an AVX2 machine); default is the best the CPU supports.
+``avx2-wide`` (tests only) runs the AVX-512 variant's 16-lane code compiled for AVX2.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ... import _ext
 
-_ISA_CODES = {"": -1, "auto": -1, "base": 0, "avx2": 1, "avx512": 2}
+_ISA_CODES = {"": -1, "auto": -1, "base": 0, "avx2": 1, "avx512": 2, "avx2-wide": 3}
 
 
 def _isa() -> int:
