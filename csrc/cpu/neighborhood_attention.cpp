@@ -1,7 +1,7 @@
 // neighborhood_attention2d on the CPU (DESIGN.md, Op 3): fused forward and backward.
 //
-// Kernel assumptions (python/fastnca/kernels/cpu/neighborhood_attention.py enforces them,
-// na2d_check() below re-checks the scalar ones):
+// Kernel assumptions (python/fastnca/kernels/cpu/neighborhood_attention.py enforces them;
+// make_problem() below re-checks the scalar ones and every pointer for null):
 //  * q, k, v, o, grad_o: [B, H, W, heads, D] views given by a data pointer and the element
 //    strides of dims 0..3; dim 4 (D) has stride 1. q/k/v may be strided views of one
 //    packed qkv tensor; they are only read.
@@ -24,7 +24,8 @@
 //    (covers shift's asymmetric windows and circular's repeats on grids smaller than the
 //    window). Every output element is written by one thread in a fixed order: bitwise
 //    deterministic whatever the thread count, no atomics.
-//  * Parallel over (b, y) rows (OpenMP, static contiguous ranges, torch's thread count).
+//  * Parallel over (b, y) rows (OpenMP, static contiguous ranges, torch's thread count);
+//    within a query position the heads go in chunks, phase by phase (see kHeadChunk).
 //  * SIMD: GCC vector extensions, templated on the vector width, compiled three times with
 //    target attributes (avx512f+bw+vl at 64-byte vectors, avx2+fma+f16c at 32 bytes, the
 //    x86-64 baseline) and picked at run time with __builtin_cpu_supports: the wheel is
@@ -44,7 +45,6 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <utility>
 #include <vector>
 #ifdef FASTNCA_OPENMP
 #include <omp.h>
@@ -56,8 +56,7 @@ namespace fastnca {
 namespace {
 
 constexpr int kMaxWindow = 49;  // 7 x 7
-// Logit arrays are padded to whole vectors (16 lanes at most) and to whole reduction
-// groups; 64 covers 49 for every lane count.
+// Logit arrays are padded to whole vectors (16 lanes at most): 64 covers 49.
 constexpr int kWindowPad = 64;
 // Pairs per key in backward pass 2: at most (3r+1)^2 = 100 (shift, r = 3, next to a
 // border); make_problem() checks the bound.
@@ -94,13 +93,6 @@ template <> struct VecTypes<double, 32> {
 template <> struct VecTypes<double, 64> {
   typedef double V __attribute__((vector_size(64)));
 };
-
-// Lane t of one step of the horizontal-sum tree (see Cfg::reduce_tree): output lanes
-// [0, L/2) come from x, [L/2, L) from y; each source holds groups of G lanes, of which
-// the low and high halves are added.
-constexpr int tree_src(int t, int L, int G, bool hi) {
-  return (t < L / 2 ? 0 : L) + ((t % (L / 2)) / (G / 2)) * G + (t % (L / 2)) % (G / 2) + (hi ? G / 2 : 0);
-}
 
 // Cfg<dtype code, vector bytes, D (0 = run time)>: storage type T, compute type C, lanes L.
 template <int kDType_, int kVB_, int kD_>
@@ -172,24 +164,6 @@ struct Cfg {
     return t[0];
   }
 
-  // One step of the tree: pairs of vectors holding groups of G lanes -> groups of G/2.
-  template <int G, int... I>
-  static FASTNCA_NA_INLINE V tree_step(V x, V y, std::integer_sequence<int, I...>) {
-    return __builtin_shufflevector(x, y, tree_src(I, L, G, false)...) +
-           __builtin_shufflevector(x, y, tree_src(I, L, G, true)...);
-  }
-  // Lane j of the result = sum of the lanes of a[j], for L vectors a (overwritten): L-1
-  // shuffle pairs instead of L separate horizontal sums.
-  template <int G = L>
-  static FASTNCA_NA_INLINE V reduce_tree(V* a) {
-    if constexpr (G == 1) {
-      return a[0];
-    } else {
-      for (int i = 0; i < G / 2; ++i) a[i] = tree_step<G>(a[2 * i], a[2 * i + 1], std::make_integer_sequence<int, L>{});
-      return reduce_tree<G / 2>(a);
-    }
-  }
-
   // exp of every lane. float: Cody-Waite reduction by ln2 and the Cephes expf polynomial
   // (max rel. error ~1.5e-7 on our inputs, which are <= 0); exactly 0 below -87.3 (and
   // for -inf). Inputs above 88 saturate at e^88: logits minus their max never get there.
@@ -258,10 +232,10 @@ FASTNCA_NA_INLINE typename K::C dot(const typename K::C* __restrict a, const typ
   return s;
 }
 
-// out[j] = <a, ptrs[j]> for j < n, and out[n .. next multiple of L) = 0. Lane partial
-// sums go to a stack array (two keys per sweep share the loads of a) and are reduced L
-// keys at a time by reduce_tree. Measured on the GeCA shape (D=64, AVX2): 1 hsum per key
-// cost ~25% of the forward.
+// out[j] = <a, ptrs[j]> for j < n, and out[n .. next multiple of L) = 0. Two keys per
+// sweep share the loads of a; all lane sums are formed before any horizontal sum so the
+// sweeps do not wait on the reductions. (A shuffle-tree reduction of L keys at a time
+// measured the same as one horizontal sum per key: 148 vs 154 ns/query-head forward.)
 template <class K>
 FASTNCA_NA_INLINE void multi_dot(const typename K::C* __restrict a, const typename K::T* const* ptrs, int n,
                                  int Drt, typename K::C* __restrict out) {
@@ -291,8 +265,8 @@ FASTNCA_NA_INLINE void multi_dot(const typename K::C* __restrict a, const typena
     acc[j] = acc0;
   }
   const int npad = (n + L - 1) / L * L;
-  for (j = n; j < npad; ++j) acc[j] = V{};
-  for (j = 0; j < npad; j += L) K::storec(out + j, K::template reduce_tree<>(acc + j));
+  for (j = 0; j < n; ++j) out[j] = K::hsum(acc[j]);
+  for (j = n; j < npad; ++j) out[j] = 0;
   if (nv * L < D) {
     for (j = 0; j < n; ++j) {
       C s = 0;
@@ -435,9 +409,11 @@ FASTNCA_NA_INLINE void gather_window(const Problem& P, const int64_t* ks_, const
 // Heads of one query position are processed in chunks, phase by phase (all dot products,
 // then all softmaxes, then all weighted sums): the heads' dependency chains (dots ->
 // reduction -> max -> exp -> sum -> weights) are independent, and the out-of-order core
-// overlaps them. One head at a time left it latency-bound.
-// TUNING(kHeadChunk): in-cache forward, D=64 fp32, AVX2, 1 thread: 146 ns/query-head one
-// head at a time -> see the measured number in the report below the constant.
+// overlaps them; one head at a time was latency-bound.
+// TUNING(kHeadChunk): GeCA-XS heads (6 x 64, fp32, AVX2, 1 thread, CPU time per
+// query-head): one head at a time -> chunks of 8 (with fp32 q read in place):
+// forward 158 -> 145 ns in cache (1x16x16), 300 -> 231 ns at 8x32x32; backward 864/520
+// -> 523 ns at 8x32x32 (noisy: 2 cores shared with other jobs).
 constexpr int kHeadChunk = 8;
 
 // The query-side vector of head h in the compute type: the tensor itself for fp32/fp64
@@ -679,7 +655,7 @@ FASTNCA_NA_VARIANT(base, )
 
 // kIsaAvx2Wide is a test hook, never picked automatically: the AVX-512 kernels' 64-byte
 // (16 fp32 lanes) code compiled for AVX2, so CI machines without AVX-512 still check the
-// 16-lane logic (reduction tree, 16-lane fp16/bf16 widening, block splits) that the
+// 16-lane logic (16-lane fp16/bf16 widening, sums, block splits, padding) that the
 // AVX-512 variant runs.
 enum Isa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx2Wide = 3 };
 
@@ -784,9 +760,11 @@ void parallel_rows(int64_t rows, int threads, Fn fn) {
   fn(0, rows);
 }
 
-// Below this many multiply-adds a call runs on one thread: the fork/join (~5-10 us) is
-// more than the work (a 1x8x8x1x16 problem is ~9k FMAs).
-constexpr int64_t kSerialWork = 1 << 16;
+// TUNING(kSerialWork): below this many window multiply-adds (B*H*W*heads*D*ks^2) a call
+// runs on one thread. Forward, fp32, AVX2, 2 cores shared with other jobs: 1x16x16x6x64
+// (885k) 191 us on 1 thread, 103 us on 2; 1x8x8x6x64 (221k) 48 us on 1 thread but 758 us
+// on 2 (waking a descheduled OpenMP worker). 2^19 keeps every parallel call >= ~100 us.
+constexpr int64_t kSerialWork = 1 << 19;
 
 int threads_for(const Problem& P, int threads) {
   const int64_t work = static_cast<int64_t>(P.B) * P.H * P.W * P.NH * P.D * P.ks * P.ks;
