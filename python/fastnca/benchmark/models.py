@@ -72,14 +72,83 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
     return results
 
 
+def _paper_mednca(model, image, target, patch, generator):
+    """Two-level Med-NCA in the original structure: channels-last states, PaperStep
+    (conv perception + Linear layers) under plain autograd for every step."""
+    import torch.nn.functional as F
+
+    from fastnca.models.mednca import downscale
+
+    from .nca_step import PaperStep
+
+    f, (s0, s1) = model.downscale, model.steps
+    steps = []
+    for bb in model.backbones:
+        rule = (bb.perception_weight, bb.perception_bias, bb.fc1_weight, bb.fc1_bias,
+                bb.fc2_weight[bb.input_channels:], None)
+        steps.append(PaperStep(rule, 1, bb.padding, bb.update_prob, bb.input_channels))
+    B, _, H, W = image.shape
+    low = downscale(image, f)
+    x = torch.zeros(B, low.shape[2], low.shape[3], model.channels, device=image.device)
+    x = torch.cat([low.permute(0, 2, 3, 1), x[..., 1:]], -1)
+    for _ in range(s0):
+        x = steps[0](x)
+    x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=f, mode="nearest").permute(0, 2, 3, 1)
+    img, tgt = image, target
+    if patch:
+        y0 = int(torch.randint(0, H - patch + 1, (), generator=generator))
+        x0 = int(torch.randint(0, W - patch + 1, (), generator=generator))
+        x = x[:, y0:y0 + patch, x0:x0 + patch]
+        img, tgt = image[..., y0:y0 + patch, x0:x0 + patch], target[..., y0:y0 + patch, x0:x0 + patch]
+    x = torch.cat([img.permute(0, 2, 3, 1), x[..., 1:]], -1)
+    for _ in range(s1):
+        x = steps[1](x)
+    return x[..., 1:2].permute(0, 3, 1, 2), tgt
+
+
 def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
-    try:
-        from fastnca.models import mednca as m
-    except ImportError as e:
-        return [Result("mednca_train", "-", "-", str(dtype), note=f"unavailable: {e}")]
-    if not hasattr(m, "benchmark_cases"):
-        return []
-    return m.benchmark_cases(device, dtype, quick, log)
+    from fastnca.models.mednca import MedNCA, dice_bce_loss
+
+    results = []
+    dname = str(dtype).replace("torch.", "")
+    B, size = (8, 256) if device.type == "cuda" else (1, 64)
+    label = f"Med-NCA C=32 h=128 B={B} {size}x{size} 64+64 steps"
+    image = torch.rand(B, 1, size, size, device=device)
+    target = (torch.rand(B, 1, size, size, device=device) > 0.7).float()
+    impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in _backends(device, "nca_step")]
+    for mode, patch in (("patch 64", 64), ("full-res", None)):
+        for impl, backend in impls:
+            torch.manual_seed(0)
+            model = MedNCA(channels=32, hidden=128, steps=64).to(device)
+            for bb in model.backbones:  # a trained-like rule: fc2 is not zero
+                torch.nn.init.normal_(bb.fc2_weight, std=0.02)
+            opt = torch.optim.Adam(model.parameters(), lr=1.6e-3, betas=(0.5, 0.5))
+            gen = torch.Generator().manual_seed(0)
+            amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+            def train_step():
+                with amp:
+                    if backend is None:
+                        logits, tgt = _paper_mednca(model, image, target, patch, gen)
+                    elif patch:
+                        logits, tgt = model.forward_patch(image, target, patch, backend=backend)
+                    else:
+                        logits, tgt = model(image, backend=backend), target
+                    loss = dice_bce_loss(logits.float(), tgt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            log(f"  mednca {mode} {impl} ...")
+            try:
+                ms = median_ms(train_step, device, reps=3, warmup=1)
+                results.append(Result("mednca_train", f"{label} {mode}", impl, dname, None, ms, None,
+                                      peak_mb(train_step, device)))
+            except Exception as e:
+                results.append(Result("mednca_train", f"{label} {mode}", impl, dname,
+                                      note=f"error: {type(e).__name__}: {e}"[:120]))
+            del model, opt
+    return results
 
 
 SUITES = {"geca": geca, "mednca": mednca}

@@ -1,0 +1,512 @@
+"""Triton kernels for ``fastnca.neighborhood_attention2d`` (DESIGN.md, Op 3).
+
+Assumptions (the launchers enforce them):
+  - q, k, v [B, H, W, heads, D] float32/float16/bfloat16 with stride(-1) == 1; every
+    other stride is free, so views of one packed qkv tensor run without a copy.
+    grad_o and grad_lse may have any strides (even 0, e.g. the gradient of ``o.sum()``).
+  - o, dq, dk, dv are written contiguous in the input dtype; lse contiguous float32.
+  - Softmax and all accumulations in float32. No atomics: every output element is
+    written by exactly one program, so gradients are bitwise reproducible.
+
+Tiling. One program owns a BLOCK_Y x BLOCK_X tile of cells of one image times BLOCK_H
+heads, held as a [BLOCK_M, BLOCK_D] register block: BLOCK_M = BLOCK_Y * BLOCK_X * BLOCK_H
+rows, row m = (ty * BLOCK_X + tx) * BLOCK_H + h (heads fastest, so for small D the rows of
+neighbouring heads, adjacent in memory, load together), D padded to a power of two with
+masks. Every window load is a gather of whole rows through the border map; the
+kernel_size^2 shifted copies of a tile overlap, so after the first they hit L1/L2 and
+DRAM sees q, k, v and o about once each. The op is memory-bound (~36*D FLOP per
+query-head at k=3 against >= 8*D bytes in fp16); 2-D tiles (BLOCK_Y > 1) cut the
+vertical halo re-read from L2 from (1 + 2r)x to (1 + 2r / BLOCK_Y)x.
+
+Forward: online softmax in fp32 over the window, row by row of offsets.
+Backward: `_na2d_backward_preprocess_kernel` writes a float32 workspace (lse_i,
+Di = <do_i, o_i> - dlse_i) per (cell, head); `_na2d_backward_kernel` then, per tile,
+gathers dq over each query's window and dk, dv over each key's inverse neighbourhood,
+recomputing p_ij = exp(s_ij - lse_i) from q_i and k_j. One program does both passes,
+so its own q, k, v, do tiles come from DRAM once: 9 D-rows of traffic per query-head for
+the whole backward (o, do; q, k, v, do; dq, dk, dv) instead of 12 for a dq kernel that
+also computes Di plus a separate dk/dv kernel.
+
+Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca._ext).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _ext
+
+_ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
+_MASK = tl.constexpr(_ext.BORDER_CODES["mask"])
+_CIRCULAR = tl.constexpr(_ext.BORDER_CODES["circular"])
+_SHIFT = tl.constexpr(_ext.BORDER_CODES["shift"])
+
+
+# ---- shared index math ---------------------------------------------------------------
+@triton.jit
+def _key_index(i, a, n, R: tl.constexpr, BORDER: tl.constexpr):
+    """Key coordinate read by query coordinate i through offset a, or -1 (outside)."""
+    if BORDER == _CIRCULAR:
+        k = (i + a + R * n) % n  # + R*n keeps the dividend >= 0 (C and Python % agree)
+    elif BORDER == _SHIFT:
+        k = tl.minimum(tl.maximum(i, R), n - 1 - R) + a
+    else:
+        k = i + a
+        k = tl.where((k >= 0) & (k < n), k, -1)
+    return k
+
+
+@triton.jit
+def _query_index(j, a, n, R: tl.constexpr, BORDER: tl.constexpr):
+    """The query coordinate reading key j through offset a (zeros/mask/circular), or -1."""
+    if BORDER == _CIRCULAR:
+        i = (j - a + R * n) % n
+    else:
+        i = j - a
+        i = tl.where((i >= 0) & (i < n), i, -1)
+    return i
+
+
+@triton.jit
+def _shift_query_range(j, n, R: tl.constexpr):
+    """border="shift": the queries whose clamped window holds key j form the range
+    [lo, hi] (clamp is monotone): 2r+1 of them inside the grid, up to 4r+1 near edges
+    (a subset of borders.h's query_range [j-2r, j+2r])."""
+    lo = tl.where(j <= 2 * R, 0, j - R)
+    hi = tl.where(j >= n - 1 - 2 * R, n - 1, j + R)
+    return lo, hi
+
+
+@triton.jit
+def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's image b and per-row (y, x, head) coordinates. Head tiles vary
+    fastest in the program order, so programs sharing cells run together (L2 reuse)."""
+    pid = tl.program_id(0)
+    n_th = tl.cdiv(NH, BLOCK_H)
+    n_tx = tl.cdiv(W, BLOCK_X)
+    n_ty = tl.cdiv(H, BLOCK_Y)
+    th = pid % n_th
+    rest = pid // n_th
+    tx = rest % n_tx
+    rest = rest // n_tx
+    ty = rest % n_ty
+    b = rest // n_ty
+    m = tl.arange(0, BLOCK_Y * BLOCK_X * BLOCK_H)
+    h = th * BLOCK_H + m % BLOCK_H
+    x = tx * BLOCK_X + (m // BLOCK_H) % BLOCK_X
+    y = ty * BLOCK_Y + m // (BLOCK_H * BLOCK_X)
+    ok = (y < H) & (x < W) & (h < NH)
+    return b, y, x, h, ok
+
+
+@triton.jit
+def _ptrs(ptr, base, y, x, sy, sx, d, sd, VEC: tl.constexpr):
+    """[BLOCK_M, BLOCK_D] pointers of the D-rows of cells (y, x); base = b*sb + h*sh (int64:
+    big batches overflow int32). The launcher proves every row offset a multiple of VEC
+    elements, so gathered rows load as 16-byte vectors even where the compiler cannot
+    see it (head stride 8, say). sd is the last-dim stride: 1 (specialised away) except
+    for a strided grad_o."""
+    off = tl.multiple_of(base + y.to(tl.int64) * sy + x.to(tl.int64) * sx, VEC)
+    return ptr + off[:, None] + d[None, :].to(tl.int64) * sd
+
+
+@triton.jit
+def _out_rows(b64, y, x, h, H, W, NH):
+    """Row index ((b*H + y)*W + x)*NH + h of the contiguous outputs and workspaces."""
+    return ((b64 * H + y) * W + x) * NH + h
+
+
+# ---- forward -------------------------------------------------------------------------
+@triton.jit
+def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+    """Online-softmax update with the KS keys of window row a (offsets (a, -r..r))."""
+    R: tl.constexpr = KS // 2
+    ky = _key_index(y, a, H, R, BORDER)
+    for bi in tl.static_range(KS):
+        kx = _key_index(x, bi - R, W, R, BORDER)
+        inside = (ky >= 0) & (kx >= 0)
+        m2 = (ok & inside)[:, None] & dm[None, :]
+        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0)
+        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0)
+        s = tl.sum(q * k.to(tl.float32), 1)
+        if BORDER == _MASK:
+            # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
+            # (ok = 0, never stored) count as inside with s = 0, so nothing turns NaN.
+            keep = inside | (ok == 0)
+            s = tl.where(keep, s, m_i)
+        elif BORDER == _ZEROS:
+            s = tl.where(inside, s, 0.0)  # a zero key: logit exactly 0, still in the softmax
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp(m_i - m_new)  # exactly 0 at the first key (m_i = -FLT_MAX)
+        p = tl.exp(s - m_new)
+        if BORDER == _MASK:
+            p = tl.where(keep, p, 0.0)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _na2d_forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    R: tl.constexpr = KS // 2
+    BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
+    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    tile_mask = ok[:, None] & dm[None, :]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
+    q = q.to(tl.float32) * scale
+
+    # The running max starts at -FLT_MAX, not -inf: under border="mask" a window may open
+    # with outside keys, and -inf - -inf would be NaN.
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # UNROLL (k=3): the whole window unrolled lets the compiler issue all its loads at once.
+    # At k=5/7 that hoisting spills (sm_90, 8 warps: 255 regs + 6 KB stack at k=7 fwd), so
+    # window rows run as a loop and only the KS loads of one row are unrolled (128 regs).
+    if UNROLL:
+        for ai in tl.static_range(KS):
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+    else:
+        for ai in range(KS):
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    out = tl.multiple_of(row * D, VEC)
+    tl.store(o_ptr + out[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=ok)
+
+
+# ---- backward ------------------------------------------------------------------------
+@triton.jit
+def _na2d_backward_preprocess_kernel(
+    o_ptr, do_ptr, lse_ptr, dlse_ptr, ws_ptr,
+    sob, soy, sox, soh, sdob, sdoy, sdox, sdoh, sdod, slb, sly, slx, slh, sgb, sgy, sgx, sgh,
+    H, W, NH, D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i) in float32."""
+    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    tile_mask = ok[:, None] & (d < D)[None, :]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o = tl.load(_ptrs(o_ptr, b64 * sob + h64 * soh, y, x, soy, sox, d, 1, VEC), mask=tile_mask, other=0.0)
+    do = tl.load(_ptrs(do_ptr, b64 * sdob + h64 * sdoh, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
+    di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dlse = tl.load(dlse_ptr + b64 * sgb + h64 * sgh + y.to(tl.int64) * sgy + x.to(tl.int64) * sgx,
+                       mask=ok, other=0.0)
+        di -= dlse.to(tl.float32)
+    lse = tl.load(lse_ptr + b64 * slb + h64 * slh + y.to(tl.int64) * sly + x.to(tl.int64) * slx, mask=ok, other=0.0)
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    tl.store(ws_ptr + 2 * row, lse, mask=ok)
+    tl.store(ws_ptr + 2 * row + 1, di, mask=ok)
+
+
+@triton.jit
+def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+            H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+    """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
+    nothing (zeros border: k_j = 0; mask: p_ij = 0)."""
+    R: tl.constexpr = KS // 2
+    ky = _key_index(y, a, H, R, BORDER)
+    for bi in tl.static_range(KS):
+        kx = _key_index(x, bi - R, W, R, BORDER)
+        inside = ok & (ky >= 0) & (kx >= 0)
+        m2 = inside[:, None] & dm[None, :]
+        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
+        p = tl.where(inside, tl.exp(tl.sum(q * k, 1) - lse), 0.0)  # q carries the scale
+        ds = p * (tl.sum(do * v, 1) - di)
+        dq += ds[:, None] * k
+    return dq
+
+
+@triton.jit
+def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC: tl.constexpr):
+    """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0."""
+    m2 = valid[:, None] & dm[None, :]
+    qi = tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
+    doi = tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0.0).to(tl.float32)
+    row = _out_rows(b64, iy, ix, h, H, W, NH)
+    lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
+    di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
+    p = tl.where(valid, tl.exp(tl.sum(qi * kj, 1) - lse_i), 0.0)  # kj carries the scale
+    ds = p * (tl.sum(doi * vj, 1) - di_i)
+    dk += ds[:, None] * qi
+    dv += p[:, None] * doi
+    return dk, dv
+
+
+@triton.jit
+def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
+             sdoy, sdox, sdod, ws_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+    """dk_j, dv_j from the queries reading key j through window row a: one per offset for
+    zeros/mask/circular (circular grids smaller than the window repeat a pair once per
+    offset, exactly as the forward counts it)."""
+    R: tl.constexpr = KS // 2
+    iy = _query_index(y, a, H, R, BORDER)
+    for bi in tl.static_range(KS):
+        ix = _query_index(x, bi - R, W, R, BORDER)
+        valid = ok & (iy >= 0) & (ix >= 0)
+        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                             do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
+    return dk, dv
+
+
+@triton.jit
+def _na2d_backward_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dq_ptr, dk_ptr, dv_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    R: tl.constexpr = KS // 2
+    BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
+    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    tile_mask = ok[:, None] & dm[None, :]
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = b64 * sqb + h64 * sqh
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    do_base = b64 * sdob + h64 * sdoh
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
+
+    # Pass 1, the tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
+    q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
+    q = q.to(tl.float32) * scale
+    do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
+    do = do.to(tl.float32)
+    lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
+    di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if UNROLL:  # as in the forward kernel
+        for ai in tl.static_range(KS):
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+    else:
+        for ai in range(KS):
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+    tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+    # Pass 2, the tile as keys: gather over the queries whose window holds key j.
+    kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=tile_mask, other=0.0)
+    kj = kj.to(tl.float32) * scale
+    vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=tile_mask, other=0.0)
+    vj = vj.to(tl.float32)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BORDER == _SHIFT:
+        # Window keys are distinct under shift, so each (query, key) pair counts once and
+        # the offset need not be known: scan the per-axis query ranges. Interior tiles run
+        # (2r+1)^2 steps, edge tiles up to (4r+1)^2 (the tile-wide longest range).
+        lo_y, hi_y = _shift_query_range(y, H, R)
+        lo_x, hi_x = _shift_query_range(x, W, R)
+        n_y = tl.max(tl.where(ok, hi_y - lo_y + 1, 0), 0)
+        n_x = tl.max(tl.where(ok, hi_x - lo_x + 1, 0), 0)
+        for u in range(0, n_y):
+            iy = lo_y + u
+            for w in range(0, n_x):
+                ix = lo_x + w
+                valid = ok & (iy <= hi_y) & (ix <= hi_x)
+                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                                     do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
+    elif UNROLL:
+        for ai in tl.static_range(KS):
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
+    else:
+        for ai in range(KS):
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# ---- launch configuration ------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotuning() -> bool:
+    # FASTNCA_TRITON_AUTOTUNE=0 pins the default tile: bitwise-identical results across
+    # processes too (tuning may pick another tile, hence another reduction order, per process).
+    return os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") not in ("", "0") and not _interpreting()
+
+
+def _head_tile(nh: int, D: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D): D padded to a power of two (>= 2, no size-1 blocks) and enough
+    heads per cell that its slice spans >= 128 elements, so small-D tiles still read whole
+    lines when the heads are adjacent in memory (qkv from a Linear)."""
+    block_d = max(2, triton.next_power_of_2(D))
+    block_h = min(triton.next_power_of_2(nh), max(1, 128 // block_d))
+    return block_h, block_d
+
+
+def _vec(D: int, tensors) -> int:
+    """Largest power of two (<= 16 bytes) dividing D and every stride but the last, i.e.
+    every row offset the kernels form (base pointer alignment is Triton's own check)."""
+    g = D
+    for t in tensors:
+        g = math.gcd(g, *t.stride()[:-1])
+    vec = 1
+    while vec * 2 <= 16 // tensors[0].element_size() and g % (vec * 2) == 0:
+        vec *= 2
+    return vec
+
+
+def _unroll(kernel_size: int, vec: int) -> bool:
+    # Fully unrolled k=3 windows: fine with vector loads (109 regs fwd / 159 bwd on sm_90
+    # at D=64), but scalar loads (unaligned D) carry a 64-bit address per element and the
+    # hoisted loads of 9 offsets spill (fp32 D=5: 255 regs + 248 B stack).
+    return kernel_size == 3 and vec > 1
+
+
+def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> list[triton.Config]:
+    """Candidates (BLOCK_Y, BLOCK_X, num_warps) for cells of `width` = BLOCK_H * BLOCK_D.
+
+    Full budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (live fp32 blocks q,
+    acc, k, v), 2048 backward (k/v/dk/dv + the gathered q/do), at 8 warps; then half and
+    quarter tiles at 4 warps for more resident programs. sm_90 compiles at D=64 fp16, k=3
+    (registers/thread): forward 4096 x 8 warps 111-148, 2048 x 4 warps 119-149 (4096 x 4
+    warps spills); backward 2048 x 8 warps 151, 1024 x 4 warps 158-225, 512 x 4 warps 128
+    (16 warps/SM). Unaligned rows (vec = 1) load element by element, each with a 64-bit
+    address: a quarter of the budget (fp32 D=5 forward at 4096 spills: 255 regs + stack).
+    Tiles are capped at the grid (no program made only of padding). Not yet timed on a
+    GPU: the autotuner picks.
+    """
+    hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+    full = (2048 if backward else 4096) // (4 if vec == 1 else 1)
+    out, seen = [], set()
+    for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
+        cells = max(1, budget // width)
+        for by in rows:
+            by_ = min(by, hp)
+            bx = min(max(1, cells // by_), wp)
+            if (by_, bx, nw) not in seen:
+                seen.add((by_, bx, nw))
+                out.append(triton.Config({"BLOCK_Y": by_, "BLOCK_X": bx}, num_warps=nw))
+    return out
+
+
+def _default_config(H: int, W: int, width: int, backward: bool, vec: int) -> dict:
+    if _interpreting():
+        # The interpreter pays per program and per op, not per element: one tile per image.
+        return {"BLOCK_Y": min(triton.next_power_of_2(H), 8),
+                "BLOCK_X": min(triton.next_power_of_2(W), 32), "num_warps": 4}
+    cfg = _tile_configs(H, W, width, backward, vec)[1]  # full budget, 2 rows, 8 warps
+    return {**cfg.kwargs, "num_warps": cfg.num_warps}
+
+
+_AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER", "VEC"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool, vec: int):
+    # One Autotuner per candidate list (it depends on the slice width, grid caps and vec).
+    configs = _tile_configs(hp, wp, width, backward, vec)
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(globals()[kernel_name])
+
+
+def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
+    def grid(meta):
+        return (B * triton.cdiv(H, meta["BLOCK_Y"]) * triton.cdiv(W, meta["BLOCK_X"])
+                * triton.cdiv(NH, meta["BLOCK_H"]),)
+
+    if _autotuning():
+        hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+        _tuned(kernel_name, hp, wp, width, backward, consts["VEC"])[grid](*args, **consts)
+    else:
+        globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward, consts["VEC"]))
+
+
+def _check(q, k, v):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend supports float32, float16 and bfloat16, got {q.dtype}; "
+                        "use backend='cpu' or 'reference' for float64")
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---- host launchers (backend interface) ----------------------------------------------
+def forward(q, k, v, kernel_size, border, scale):
+    _check(q, k, v)
+    B, H, W, NH, D = q.shape
+    o = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
+    block_h, block_d = _head_tile(NH, D)
+    vec = _vec(D, (q, k, v))
+    with _device_guard(q):
+        _launch("_na2d_forward_kernel", False, B, H, W, NH, block_h * block_d,
+                (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D),
+                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
+                     BLOCK_H=block_h, BLOCK_D=block_d))
+    return o, lse
+
+
+def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
+    _check(q, k, v)
+    if o.stride(-1) != 1:  # o is ours (contiguous) unless a caller mixes backends
+        o = o.contiguous()
+    B, H, W, NH, D = q.shape
+    block_h, block_d = _head_tile(NH, D)
+    width = block_h * block_d
+    # grad_o's last stride may be anything (0 for the gradient of o.sum()): then no vectors.
+    vec = _vec(D, (q, k, v, o, grad_o)) if grad_o.stride(-1) == 1 else 1
+    ws = torch.empty((B, H, W, NH, 2), dtype=torch.float32, device=q.device)  # (lse, Di)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse if has_dlse else lse  # placeholder, never read
+    dq = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    with _device_guard(q):
+        # Preprocess: a streaming reduction over o and do, one image row of cells per program.
+        if _interpreting():
+            pre = {"BLOCK_Y": min(triton.next_power_of_2(H), 8), "BLOCK_X": min(triton.next_power_of_2(W), 32)}
+        else:
+            pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), triton.next_power_of_2(W))}
+        grid = (B * triton.cdiv(H, pre["BLOCK_Y"]) * triton.cdiv(W, pre["BLOCK_X"]) * triton.cdiv(NH, block_h),)
+        _na2d_backward_preprocess_kernel[grid](
+            o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
+            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
+        _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
+                (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
+                 *grad_o.stride(), H, W, NH, float(scale), D),
+                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
+                     BLOCK_H=block_h, BLOCK_D=block_d))
+    return dq, dk, dv

@@ -1,0 +1,561 @@
+"""Med-NCA (Kalkhof et al., IPMI 2023) on top of ``fastnca.nca_rollout``.
+
+Two BackboneNCAs: level 0 runs on the image downscaled by ``downscale`` (4), its
+state is upsampled (nearest) to full resolution, channel 0 is replaced by the
+full-resolution image, and level 1 continues from there. The segmentation logit is
+channel ``input_channels`` (1). The authors' conventions, which this module
+reproduces, are summarised in ``shared/seeds/MEDNCA.md``:
+
+- one step: perception ``cat(x, p0(x), p1(x))`` with two full 3x3 convolutions
+  (reflect padding, bias), ``fc0`` (bias) -> ReLU -> ``fc1`` (no bias,
+  zero-initialised); the update is masked per cell with probability
+  ``1 - fire_rate`` and the image channel is kept frozen;
+- the original keeps the state channels-last ``[B, H, W, C]`` and applies the convs
+  after ``transpose(1, 3)``, i.e. on the W,H-transposed grid. Our state is NCHW on
+  the untransposed grid, so :meth:`MedNCA.from_original` transposes each 3x3
+  kernel spatially on load; the fully-connected part is per cell and unchanged.
+
+The fire mask is fastnca's counter-based Philox mask (``update_prob = 1 -
+fire_rate``), not ``torch.rand``: results match the original in distribution, not
+bit for bit (the Dice over mask seeds is the comparison, see the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnca
+from fastnca.nn import draw_seed as _draw_seed
+
+__all__ = [
+    "BackboneNCA",
+    "MedNCA",
+    "EnsembleResult",
+    "dice_bce_loss",
+    "soft_dice",
+    "downscale",
+    "resize_cubic",
+    "resize_nearest",
+    "preprocess_slice",
+    "preprocess_volume",
+    "synthetic_ellipses",
+]
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+class BackboneNCA(nn.Module):
+    """One Med-NCA level: ``steps`` NCA updates of a ``[B, C, H, W]`` state.
+
+    Parameters in fastnca layout (the original ``p0, p1, fc0, fc1`` in brackets):
+
+    - ``perception_weight`` [2C, C, 3, 3] (``cat(p0.weight, p1.weight)``, kernels
+      given on our NCHW grid), ``perception_bias`` [2C];
+    - ``fc1_weight`` [hidden, 3C], ``fc1_bias`` [hidden] (``fc0``);
+    - ``fc2_weight`` [C, hidden], zero-initialised, no bias (``fc1``). Row ``c <
+      input_channels`` is kept (the paper counts it) but never used: those channels
+      are frozen.
+
+    35,008 parameters for C=32, hidden=128.
+    """
+
+    def __init__(
+        self,
+        channels: int = 32,
+        hidden: int = 128,
+        fire_rate: float = 0.5,
+        input_channels: int = 1,
+        padding: str = "reflect",
+        checkpoint_every: int | None = None,
+    ):
+        super().__init__()
+        if not 0 <= input_channels < channels:
+            raise ValueError(f"input_channels must be in [0, channels={channels}), got {input_channels}")
+        if not 0.0 <= fire_rate <= 1.0:
+            raise ValueError(f"fire_rate must be in [0, 1], got {fire_rate}")
+        self.channels = channels
+        self.hidden = hidden
+        self.fire_rate = float(fire_rate)
+        self.input_channels = input_channels
+        self.padding = padding
+        self.checkpoint_every = checkpoint_every
+        C = channels
+        self.perception_weight = nn.Parameter(torch.empty(2 * C, C, 3, 3))
+        self.perception_bias = nn.Parameter(torch.empty(2 * C))
+        self.fc1_weight = nn.Parameter(torch.empty(hidden, 3 * C))
+        self.fc1_bias = nn.Parameter(torch.empty(hidden))
+        self.fc2_weight = nn.Parameter(torch.zeros(C, hidden))
+        self.reset_parameters()
+
+    @property
+    def update_prob(self) -> float:
+        return 1.0 - self.fire_rate
+
+    def reset_parameters(self) -> None:
+        # PyTorch's Conv2d / Linear defaults, as in the original (p0 and p1 share fan-in).
+        for w, b in ((self.perception_weight, self.perception_bias), (self.fc1_weight, self.fc1_bias)):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            fan_in = w[0].numel()
+            nn.init.uniform_(b, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+        nn.init.zeros_(self.fc2_weight)
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        steps: int,
+        seed: int | None = None,
+        start_step: int = 0,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """Run ``steps`` updates on ``state`` [B, C, H, W] (any memory format).
+
+        Mask of step i: ``fastnca.fire_mask(..., seed, start_step + i)``. The rollout
+        is checkpointed by ``fastnca.nca_rollout`` (``checkpoint_every``).
+        """
+        if seed is None:
+            seed = _draw_seed()
+        return fastnca.nca_rollout(
+            state,
+            self.perception_weight,
+            self.perception_bias,
+            self.fc1_weight,
+            self.fc1_bias,
+            self.fc2_weight,
+            None,
+            steps=steps,
+            start_step=start_step,
+            checkpoint_every=self.checkpoint_every,
+            groups=1,
+            padding=self.padding,
+            update_prob=self.update_prob,
+            seed=seed,
+            frozen_channels=self.input_channels,
+            backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, hidden={self.hidden}, fire_rate={self.fire_rate}, "
+            f"input_channels={self.input_channels}, padding={self.padding!r}"
+        )
+
+    @torch.no_grad()
+    def load_original_state_dict(self, sd: dict) -> None:
+        """Load an original Med-NCA BackboneNCA state dict (``p0, p1, fc0, fc1``).
+
+        The original convs act on the W,H-transposed grid: transposing each 3x3
+        kernel spatially gives the same map on our untransposed NCHW grid.
+        """
+        pw = torch.cat([sd["p0.weight"], sd["p1.weight"]], 0).transpose(-1, -2)
+        pb = torch.cat([sd["p0.bias"], sd["p1.bias"]], 0)
+        expected = {
+            "perception_weight": (self.perception_weight, pw),
+            "perception_bias": (self.perception_bias, pb),
+            "fc1_weight": (self.fc1_weight, sd["fc0.weight"]),
+            "fc1_bias": (self.fc1_bias, sd["fc0.bias"]),
+            "fc2_weight": (self.fc2_weight, sd["fc1.weight"]),
+        }
+        for name, (param, value) in expected.items():
+            if param.shape != value.shape:
+                raise ValueError(f"{name}: checkpoint gives shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+            param.copy_(value)
+        if sd.get("fc1.bias") is not None and torch.any(sd["fc1.bias"] != 0):
+            raise ValueError("the original fc1 has no bias; this checkpoint has a nonzero one")
+
+
+# --------------------------------------------------------------------------- two-level model
+
+
+def downscale(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear (align_corners=False, no antialias) downscale by an integer factor.
+
+    What the original's linear resampler does; for factor 4 each output pixel is the
+    mean of the centre 2x2 pixels of its 4x4 block.
+    """
+    if factor == 1:
+        return image
+    H, W = image.shape[-2:]
+    return F.interpolate(image, size=(H // factor, W // factor), mode="bilinear", align_corners=False)
+
+
+class EnsembleResult(NamedTuple):
+    mean: torch.Tensor  # [B, out, H, W] mean probability over the ensemble
+    std: torch.Tensor  # [B, out, H, W] standard deviation of the probability
+    score: torch.Tensor  # [B] sum(std) / sum(mean): higher = less reliable (M3D-NCA)
+
+
+class MedNCA(nn.Module):
+    """Two-level Med-NCA.
+
+    ``forward(image)`` takes the full-resolution image [B, input_channels, H, W]
+    (H, W divisible by ``downscale``) and returns the logits [B, output_channels, H, W].
+    ``forward_patch(image, target, patch_size)`` is the paper's memory-saving
+    training mode: level 1 runs on one random patch per image, gradients reach level
+    0 through the patch and the nearest upsampling.
+    """
+
+    def __init__(
+        self,
+        channels: int = 32,
+        hidden: int = 128,
+        fire_rate: float = 0.5,
+        steps: int | Sequence[int] = 64,
+        downscale: int = 4,
+        input_channels: int = 1,
+        output_channels: int = 1,
+        checkpoint_every: int | None = None,
+    ):
+        super().__init__()
+        if input_channels + output_channels > channels:
+            raise ValueError("input_channels + output_channels must not exceed channels")
+        steps = (int(steps), int(steps)) if isinstance(steps, int) else tuple(int(s) for s in steps)
+        if len(steps) != 2:
+            raise ValueError(f"steps: one int or one per level (2), got {steps}")
+        self.steps = steps
+        self.downscale = int(downscale)
+        self.input_channels = input_channels
+        self.output_channels = output_channels
+        kw = dict(channels=channels, hidden=hidden, fire_rate=fire_rate, input_channels=input_channels,
+                  checkpoint_every=checkpoint_every)
+        self.backbones = nn.ModuleList([BackboneNCA(**kw), BackboneNCA(**kw)])
+        self._config = dict(kw, steps=list(steps), downscale=self.downscale, output_channels=output_channels)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    @property
+    def channels(self) -> int:
+        return self.backbones[0].channels
+
+    # -- helpers
+    def _seed_state(self, image: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = image.shape
+        dtype = image.dtype
+        if torch.is_autocast_enabled(image.device.type):
+            # the NCA state itself goes to the autocast dtype (the kernels compute in fp32)
+            dtype = torch.get_autocast_dtype(image.device.type)
+        state = image.new_zeros(B, self.channels, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        state[:, : self.input_channels] = image
+        return state
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        if image.dim() != 4 or image.shape[1] != self.input_channels:
+            raise ValueError(f"image must be [B, {self.input_channels}, H, W], got {tuple(image.shape)}")
+        H, W = image.shape[-2:]
+        f = self.downscale
+        if H % f or W % f or H // f < 2 or W // f < 2:
+            raise ValueError(f"image H, W must be multiples of downscale={f} with H/{f}, W/{f} >= 2, got {H}x{W}")
+
+    def _level0(self, image, seed, backend):
+        state0 = self._seed_state(downscale(image, self.downscale))
+        return self.backbones[0](state0, self.steps[0], seed=seed, start_step=0, backend=backend)
+
+    def _level1(self, state, image, seed, backend):
+        # channel swap: the full-resolution image replaces the upsampled low-res one
+        state = torch.cat([image.to(state.dtype), state[:, self.input_channels:]], 1)
+        state = state.contiguous(memory_format=torch.channels_last)
+        # level 1 continues the step counter so its masks differ from level 0's
+        return self.backbones[1](state, self.steps[1], seed=seed, start_step=self.steps[0], backend=backend)
+
+    def _logits(self, state):
+        return state[:, self.input_channels : self.input_channels + self.output_channels]
+
+    # -- modes
+    def forward(self, image: torch.Tensor, seed: int | None = None, backend: str | None = None,
+                return_state: bool = False) -> torch.Tensor:
+        """Full-resolution inference/training: logits [B, output_channels, H, W]."""
+        self._check_image(image)
+        if seed is None:
+            seed = _draw_seed()
+        state = self._level0(image, seed, backend)
+        state = F.interpolate(state, scale_factor=self.downscale, mode="nearest")
+        state = self._level1(state, image, seed, backend)
+        return state if return_state else self._logits(state)
+
+    def forward_patch(
+        self,
+        image: torch.Tensor,
+        target: torch.Tensor,
+        patch_size: int = 64,
+        seed: int | None = None,
+        backend: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch training mode: returns (logits, target) on one random patch per image.
+
+        Level 0 runs on the whole downscaled image; its state is upsampled only
+        where the patch lies (gather from the low-res state = nearest upsample +
+        crop), so gradients reach level 0 through the patch.
+        """
+        self._check_image(image)
+        B, _, H, W = image.shape
+        p = int(patch_size)
+        if p > H or p > W or p < 2:
+            raise ValueError(f"patch_size must be in [2, min(H, W)], got {p} for {H}x{W}")
+        if seed is None:
+            seed = _draw_seed()
+        state0 = self._level0(image, seed, backend)
+        gen_dev = generator.device if generator is not None else "cpu"
+        y0 = torch.randint(0, H - p + 1, (B,), generator=generator, device=gen_dev).to(image.device)
+        x0 = torch.randint(0, W - p + 1, (B,), generator=generator, device=gen_dev).to(image.device)
+        ar = torch.arange(p, device=image.device)
+        rows, cols = y0[:, None] + ar, x0[:, None] + ar  # [B, p] full-res coordinates
+        b = torch.arange(B, device=image.device)[:, None, None]
+        f = self.downscale
+        state = state0[b, :, (rows // f)[:, :, None], (cols // f)[:, None, :]].permute(0, 3, 1, 2)
+        img_p = image[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        tgt_p = target[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        state = self._level1(state, img_p, seed, backend)
+        return self._logits(state), tgt_p
+
+    @torch.no_grad()
+    def ensemble(self, image: torch.Tensor, n: int = 10, seed: int | None = None,
+                 backend: str | None = None) -> EnsembleResult:
+        """M3D-NCA pseudo-ensemble: ``n`` inferences with different fire masks.
+
+        Returns the mean probability, its (unbiased) standard deviation map and the
+        quality score ``sum(std) / sum(mean)`` per image (higher = less reliable).
+        All members run as one batch (member i of image b is batch row i*B + b, so
+        every member sees its own mask).
+        """
+        if n < 2:
+            raise ValueError(f"n must be >= 2 for a standard deviation, got {n}")
+        B = image.shape[0]
+        logits = self.forward(image.repeat(n, 1, 1, 1), seed=seed, backend=backend)
+        prob = torch.sigmoid(logits.float()).reshape(n, B, *logits.shape[1:])
+        mean, std = prob.mean(0), prob.std(0)
+        score = std.flatten(1).sum(1) / mean.flatten(1).sum(1).clamp_min(torch.finfo(mean.dtype).tiny)
+        return EnsembleResult(mean, std, score)
+
+    # -- persistence
+    @classmethod
+    def from_original(
+        cls,
+        model0_path: str | Path,
+        model1_path: str | Path,
+        config: str | Path | dict | None = None,
+        *,
+        steps: int | Sequence[int] | None = None,
+        fire_rate: float | None = None,
+        downscale: int | None = None,
+        input_channels: int | None = None,
+        output_channels: int | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> "MedNCA":
+        """Load the authors' Med-NCA / M3D-NCA 2D checkpoints (one state dict per level).
+
+        ``config`` (path to their ``config.json`` or its dict) supplies steps
+        (``inference_steps``), ``cell_fire_rate``, input/output channels and the
+        downscale factor (from ``input_size``); keyword arguments override it.
+        Channels and hidden size come from the weights.
+        """
+        cfg = {}
+        if config is not None:
+            if not isinstance(config, dict):
+                cfg = json.loads(Path(config).read_text())
+            else:
+                cfg = config
+            if isinstance(cfg, list):  # their config.json is a one-element list
+                cfg = cfg[0]
+        sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
+        C = sds[0]["p0.weight"].shape[0]
+        hidden = sds[0]["fc0.weight"].shape[0]
+        if downscale is None:
+            sizes = cfg.get("input_size")
+            downscale = int(sizes[-1][0] // sizes[0][0]) if sizes else 4
+        model = cls(
+            channels=C,
+            hidden=hidden,
+            fire_rate=fire_rate if fire_rate is not None else cfg.get("cell_fire_rate", 0.5),
+            steps=steps if steps is not None else cfg.get("inference_steps", 64),
+            downscale=downscale,
+            input_channels=input_channels if input_channels is not None else cfg.get("input_channels", 1),
+            output_channels=output_channels if output_channels is not None else cfg.get("output_channels", 1),
+        )
+        for backbone, sd in zip(model.backbones, sds):
+            backbone.load_original_state_dict(sd)
+        return model
+
+    def save(self, path: str | Path) -> None:
+        """Save config + weights: ``torch.save`` dict, or safetensors for ``*.safetensors``."""
+        path = Path(path)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(path), metadata={"format": "fastnca.mednca", "config": json.dumps(self.config)})
+        else:
+            torch.save({"format": "fastnca.mednca", "version": 1, "config": self.config, "state_dict": sd}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "MedNCA":
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                config = json.loads(f.metadata()["config"])
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+            if not isinstance(blob, dict) or blob.get("format") != "fastnca.mednca":
+                raise ValueError(f"{path} is not a fastnca MedNCA checkpoint (use from_original for the authors')")
+            config, sd = blob["config"], blob["state_dict"]
+        model = cls(**config)
+        model.load_state_dict(sd)
+        return model
+
+
+# --------------------------------------------------------------------------- losses / metrics
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Med-NCA loss: sum over output channels of BCE + (1 - Dice), each over the whole batch.
+
+    logits, target: [B, out, H, W]. Dice is soft (on sigmoid probabilities) with
+    ``smooth`` added to numerator and denominator, as in the original.
+    """
+    logits, target = logits.float(), target.float()
+    loss = logits.new_zeros(())
+    for c in range(logits.shape[1]):
+        x, y = logits[:, c].flatten(), target[:, c].flatten()
+        p = torch.sigmoid(x)
+        dice = (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
+        loss = loss + F.binary_cross_entropy_with_logits(x, y) + (1.0 - dice)
+    return loss
+
+
+def soft_dice(prob: torch.Tensor, target: torch.Tensor) -> float:
+    """``2 sum(p y) / (sum(p) + sum(y))`` over everything (the original evaluation, no smoothing)."""
+    prob, target = prob.double(), target.double()
+    return float(2.0 * (prob * target).sum() / (prob.sum() + target.sum()))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _cubic_matrix(n_src: int, n_dst: int) -> np.ndarray:
+    """[n_dst, n_src] weights of OpenCV's INTER_CUBIC along one axis.
+
+    OpenCV: half-pixel mapping ``fx = (dst + 0.5) * scale - 0.5`` in float32,
+    Keys kernel with a = -0.75, taps sx-1..sx+2, out-of-range taps clamped to the
+    edge (replicate).
+    """
+    scale = 1.0 / (n_dst / n_src)  # as cv::resize computes it from dsize
+    fx = np.float32((np.arange(n_dst) + 0.5) * scale - 0.5)
+    sx = np.floor(fx).astype(np.int64)
+    x = (fx - sx).astype(np.float32)
+    A = np.float32(-0.75)
+    w0 = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A
+    w1 = ((A + 2) * x - (A + 3)) * x * x + 1
+    w2 = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1
+    w3 = 1 - w0 - w1 - w2
+    weights = np.stack([w0, w1, w2, w3], 1).astype(np.float64)
+    idx = np.clip(sx[:, None] + np.arange(-1, 3), 0, n_src - 1)
+    M = np.zeros((n_dst, n_src))
+    np.add.at(M, (np.repeat(np.arange(n_dst), 4), idx.ravel()), weights.ravel())
+    return M
+
+
+def resize_cubic(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC)`` for a 2D float array."""
+    img = np.asarray(img, dtype=np.float64)
+    return _cubic_matrix(img.shape[0], height) @ img @ _cubic_matrix(img.shape[1], width).T
+
+
+def resize_nearest(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``cv2.resize(..., INTER_NEAREST)``: src index = floor(dst * src / dst_size)."""
+    img = np.asarray(img)
+    rows = np.minimum(np.floor(np.arange(height) * (img.shape[0] / height)).astype(np.int64), img.shape[0] - 1)
+    cols = np.minimum(np.floor(np.arange(width) * (img.shape[1] / width)).astype(np.int64), img.shape[1] - 1)
+    return img[rows[:, None], cols[None, :]]
+
+
+def preprocess_slice(
+    image: np.ndarray,
+    label: np.ndarray | None = None,
+    size: int | tuple[int, int] = 64,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The original Med-NCA evaluation preprocessing of one 2D slice (rows = first axis).
+
+    1. cubic resize (OpenCV INTER_CUBIC) to ``size``; label nearest;
+    2. min-max normalise to [0, 1];
+    3. z-normalise + rescale to [0, 1] between the given percentiles, clipped (which
+       is min-max of the percentile-clipped slice: z-normalising is affine);
+    4. label: nonzero -> 1.
+    Returns float32 image [h, w] and float32 label [h, w] (or None).
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    img = resize_cubic(image, h, w)
+    rng = img.max() - img.min()
+    img = (img - img.min()) / rng if rng > 0 else np.zeros_like(img)
+    lo, hi = np.percentile(img, percentiles)
+    img = (np.clip(img, lo, hi) - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    lab = None
+    if label is not None:
+        lab = (resize_nearest(label, h, w) != 0).astype(np.float32)
+    return img.astype(np.float32), lab
+
+
+def preprocess_volume(
+    image: np.ndarray,
+    label: np.ndarray | None = None,
+    size: int | tuple[int, int] = 64,
+    axis: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slice a 3D volume along ``axis`` and :func:`preprocess_slice` each slice.
+
+    Returns image [Z, 1, h, w] and label [Z, 1, h, w] (or None) float32 tensors.
+    """
+    image = np.moveaxis(np.asarray(image), axis, 0)
+    label = None if label is None else np.moveaxis(np.asarray(label), axis, 0)
+    imgs, labs = [], []
+    for z in range(image.shape[0]):
+        i, l = preprocess_slice(image[z], None if label is None else label[z], size)
+        imgs.append(i)
+        labs.append(l)
+    img_t = torch.from_numpy(np.stack(imgs))[:, None]
+    lab_t = None if label is None else torch.from_numpy(np.stack(labs))[:, None]
+    return img_t, lab_t
+
+
+def synthetic_ellipses(
+    n: int,
+    size: int = 64,
+    noise: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy segmentation set: one bright random ellipse per image on a textured background.
+
+    Returns image [n, 1, size, size] in [0, 1] and its binary mask [n, 1, size, size].
+    The ellipse is brighter than the background on average but overlaps it in
+    intensity (noise, a smooth gradient and a dimmer distractor blob), so the task
+    needs context, not a threshold.
+    """
+    g = generator
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    cy, cx = (u(n, 2) * 1.0 - 0.5).unbind(1)
+    ry, rx = (0.2 + 0.35 * u(n, 2)).unbind(1)
+    th = u(n) * math.pi
+    dy, dx = yy - cy[:, None, None], xx - cx[:, None, None]
+    c, s = torch.cos(th)[:, None, None], torch.sin(th)[:, None, None]
+    a, b = c * dy + s * dx, -s * dy + c * dx
+    mask = ((a / ry[:, None, None]) ** 2 + (b / rx[:, None, None]) ** 2 <= 1.0).float()
+    # distractor: a dimmer round blob somewhere else
+    by, bx = (u(n, 2) * 1.6 - 0.8).unbind(1)
+    blob = (((yy - by[:, None, None]) ** 2 + (xx - bx[:, None, None]) ** 2) <= 0.15**2).float()
+    grad = (u(n)[:, None, None] - 0.5) * 0.3 * (yy + xx)
+    img = 0.25 + grad + 0.45 * mask + 0.25 * blob * (1 - mask) + noise * torch.randn(n, size, size, generator=g)
+    return img.clamp(0, 1)[:, None], mask[:, None]

@@ -1,0 +1,369 @@
+"""Med-NCA model: parameter count, the original's conventions, real-data Dice, I/O, training."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnca
+from fastnca import _backend
+from fastnca.models.mednca import (
+    BackboneNCA,
+    MedNCA,
+    dice_bce_loss,
+    downscale,
+    preprocess_volume,
+    resize_cubic,
+    resize_nearest,
+    soft_dice,
+    synthetic_ellipses,
+)
+
+_REPO = Path(__file__).parents[1]
+# shared/ sits beside the checkout (CI), inside it (device runs) or where FASTNCA_SHARED points
+SHARED = next((p for p in (Path(os.environ.get("FASTNCA_SHARED", _REPO / ".." / "shared")), _REPO / "shared")
+               if p.is_dir()), _REPO / ".." / "shared")
+HIPPO = SHARED / "data" / "mednca-hippocampus"
+
+# Original code on image_hippocampus_374, 10 mask seeds: 0.8925 +- 0.0011 (seeds/MEDNCA.md).
+HIPPO_DICE, HIPPO_TOL = 0.8925, 0.005
+
+
+def _model_backends():
+    """reference always; cpu, cuda and triton (on a GPU only: the interpreter is too slow for
+    whole models) when usable here with an nca_step kernel."""
+    params = [pytest.param("reference", id="reference")]
+    for name in ("cpu", "cuda", "triton"):
+        status = fastnca.backends()[name]
+        marks = [pytest.mark.gpu] if name in ("cuda", "triton") else []
+        if name == "triton" and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="triton: no GPU (the interpreter is too slow for a model test)"))
+        elif status is not True:
+            marks.append(pytest.mark.skip(reason=f"{name}: {status}"))
+        elif not _backend.has_kernel(name, "nca_step"):
+            marks.append(pytest.mark.skip(reason=f"{name} has no nca_step kernel yet"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+BACKENDS = _model_backends()
+
+
+def _device(backend):
+    return torch.device("cuda" if backend in ("cuda", "triton") else "cpu")
+
+
+def _n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_param_count_paper():
+    # Table 1 of the paper: 2 (9C^2 + C) + (3Ch + h) + hC = 35,008 per level (C=32, h=128)
+    assert _n_params(BackboneNCA(32, 128)) == 35_008
+    assert _n_params(MedNCA(channels=32, hidden=128)) == 70_016
+
+
+@pytest.mark.skipif(not HIPPO.exists(), reason="shared/ data not present")
+def test_param_count_shipped_model():
+    cfg = json.loads((HIPPO / "config.json").read_text())[0]
+    C, h = cfg["channel_n"], cfg["hidden_size"]
+    model = MedNCA.from_original(HIPPO / "model0.pth", HIPPO / "model1.pth", HIPPO / "config.json")
+    assert model.channels == C and model.steps == (cfg["inference_steps"],) * 2
+    assert model.downscale == cfg["input_size"][1][0] // cfg["input_size"][0][0] == 4
+    assert model.backbones[0].update_prob == 1 - cfg["cell_fire_rate"]
+    assert _n_params(model) == 2 * (2 * (9 * C * C + C) + 3 * C * h + h + h * C)
+    original = sum(v.numel() for p in ("model0.pth", "model1.pth")
+                   for v in torch.load(HIPPO / p, map_location="cpu", weights_only=True).values())
+    assert _n_params(model) == original
+
+
+# --------------------------------------------------------------------------- original conventions
+
+
+class _OriginalBackbone(nn.Module):
+    """Independent re-implementation of the authors' step (see seeds/MEDNCA.md):
+    channels-last state [B, H, W, C], convs applied after transpose(1, 3)."""
+
+    def __init__(self, C, hidden, fire_rate):
+        super().__init__()
+        self.p0 = nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect")
+        self.p1 = nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect")
+        self.fc0 = nn.Linear(3 * C, hidden)
+        self.fc1 = nn.Linear(hidden, C, bias=False)
+        self.fire_rate = fire_rate
+
+    def update(self, x_in):
+        x = x_in.transpose(1, 3)  # [B, C, W, H]
+        dx = torch.cat([x, self.p0(x), self.p1(x)], 1).transpose(1, 3)  # [B, H, W, 3C]
+        dx = self.fc1(F.relu(self.fc0(dx)))
+        keep = (torch.rand([dx.size(0), dx.size(1), dx.size(2), 1]) > self.fire_rate).float()
+        return x_in + dx * keep
+
+    def forward(self, x, steps):
+        for _ in range(steps):
+            x2 = self.update(x)
+            x = torch.cat([x[..., :1], x2[..., 1:]], 3)
+        return x
+
+
+def _original_mednca(b0, b1, image_nhwc, steps):
+    """The original two-level pipeline on channels-last tensors."""
+    B, H, W, _ = image_nhwc.shape
+    C = b0.p0.in_channels
+    small = image_nhwc.reshape(B, H // 4, 4, W // 4, 4, 1)[:, :, 1:3, :, 1:3].mean((2, 4))
+    x = torch.cat([small, small.new_zeros(B, H // 4, W // 4, C - 1)], 3)
+    x = b0(x, steps)
+    x = x.repeat_interleave(4, 1).repeat_interleave(4, 2)  # nearest x4
+    x = torch.cat([image_nhwc, x[..., 1:]], 3)
+    return b1(x, steps)[..., 1]
+
+
+def _random_original(C, hidden, fire_rate=0.0, seed=0):
+    torch.manual_seed(seed)
+    b = _OriginalBackbone(C, hidden, fire_rate)
+    nn.init.normal_(b.fc1.weight, std=0.05)  # the original zero-inits it: make the test see it
+    return b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backbone_matches_original_convention(backend):
+    C, hidden, steps = 8, 16, 3
+    orig = _random_original(C, hidden).double()
+    ours = BackboneNCA(C, hidden, fire_rate=0.0).double()  # fire_rate 0: every cell updates
+    ours.load_original_state_dict(orig.state_dict())
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 10, C, dtype=torch.float64)  # H != W: the transposition matters
+    expected = orig(x, steps).permute(0, 3, 1, 2)
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32  # GPU kernels: no fp64
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    dev = _device(backend)
+    got = ours.to(dev, dtype)(x.permute(0, 3, 1, 2).to(dev, dtype), steps, seed=123, backend=backend)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
+    # without the kernel transposition the result is different: the test can see the convention
+    wrong = BackboneNCA(C, hidden, fire_rate=0.0).double()
+    wrong.load_original_state_dict(orig.state_dict())
+    with torch.no_grad():
+        wrong.perception_weight.copy_(wrong.perception_weight.transpose(-1, -2).clone())
+    bad = wrong(x.permute(0, 3, 1, 2), steps, seed=0, backend="reference")
+    assert (bad - expected).abs().max() > 1e-2
+
+
+def test_mednca_matches_original_pipeline():
+    C, hidden, steps = 6, 12, 2
+    b0, b1 = _random_original(C, hidden, seed=0).double(), _random_original(C, hidden, seed=1).double()
+    model = MedNCA(C, hidden, fire_rate=0.0, steps=steps).double()
+    model.backbones[0].load_original_state_dict(b0.state_dict())
+    model.backbones[1].load_original_state_dict(b1.state_dict())
+    torch.manual_seed(2)
+    img = torch.rand(2, 12, 16, 1, dtype=torch.float64)
+    expected = _original_mednca(b0, b1, img, steps)
+    got = model(img.permute(0, 3, 1, 2), seed=5, backend="reference")
+    torch.testing.assert_close(got[:, 0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_downscale_is_centre_mean():
+    x = torch.rand(3, 1, 16, 24)
+    ref = x.reshape(3, 1, 4, 4, 6, 4)[:, :, :, 1:3, :, 1:3].mean((3, 5))
+    torch.testing.assert_close(downscale(x, 4), ref)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_resize_cubic_matches_opencv_values():
+    # cv2.resize(a, (4, 7), interpolation=cv2.INTER_CUBIC), a float64 (opencv 5.0.0)
+    a = (np.arange(30, dtype=np.float64) ** 2 % 17).reshape(5, 6)
+    expected = [
+        [-0.264190492453, 1.955777517287, 11.196508063935, 10.455562590389],
+        [2.431488039438, 9.521673262585, 14.017161425203, 7.646500299219],
+        [7.255432602018, 14.639937033178, 10.722936257487, 3.043547770241],
+        [10.05859375, 11.39453125, 2.828125, 0.12109375],
+        [2.555604335386, 7.622409708332, 11.741433990188, 1.744350541383],
+        [6.081802990753, 9.100218519568, 15.134667722974, 4.692236902658],
+        [15.573584503494, 13.150466125458, 11.812077797018, 6.428048393689],
+    ]
+    np.testing.assert_allclose(resize_cubic(a, 7, 4), expected, atol=1e-9)
+    np.testing.assert_array_equal(resize_cubic(a, 5, 6), a)  # same size: identity
+    np.testing.assert_array_equal(resize_nearest(a, 7, 4), a[[0, 0, 1, 2, 2, 3, 4]][:, [0, 1, 3, 4]])
+
+
+def test_resize_matches_opencv_if_installed():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for h, w, H, W in [(38, 48, 64, 64), (100, 80, 37, 51), (9, 13, 64, 30)]:
+        a = rng.random((h, w)) * 1000
+        np.testing.assert_allclose(resize_cubic(a, H, W), cv2.resize(a, (W, H), interpolation=cv2.INTER_CUBIC),
+                                   rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(resize_nearest(a, H, W), cv2.resize(a, (W, H), interpolation=cv2.INTER_NEAREST))
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def hippocampus():
+    nib = pytest.importorskip("nibabel")
+    if not HIPPO.exists():
+        pytest.skip("shared/ data not present")
+    image = nib.load(HIPPO / "image_hippocampus_374.nii.gz").get_fdata()
+    label = nib.load(HIPPO / "label_hippocampus_374.nii.gz").get_fdata()
+    img, lab = preprocess_volume(image, label, size=64, axis=2)
+    model = MedNCA.from_original(HIPPO / "model0.pth", HIPPO / "model1.pth", HIPPO / "config.json").eval()
+    return model, img, lab
+
+
+def test_hippocampus_preprocessing(hippocampus):
+    _, img, lab = hippocampus
+    assert img.shape == lab.shape == (39, 1, 64, 64)
+    assert img.min() == 0 and img.max() == 1
+    assert set(lab.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hippocampus_dice(hippocampus, backend):
+    model, img, lab = hippocampus
+    dev = _device(backend)
+    model, img = model.to(dev), img.to(dev)
+    with torch.no_grad():
+        dice = [soft_dice(torch.sigmoid(model(img, seed=s, backend=backend)).cpu(), lab) for s in range(5)]
+    assert abs(np.mean(dice) - HIPPO_DICE) < HIPPO_TOL, dice
+    assert np.std(dice) < 0.005, dice  # masks differ per seed, but not by much
+
+
+# --------------------------------------------------------------------------- save / load, ensemble
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_roundtrip(tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    model = MedNCA(channels=8, hidden=16, steps=(3, 4), fire_rate=0.3, downscale=2)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.1)
+    model.save(tmp_path / f"m{suffix}")
+    loaded = MedNCA.load(tmp_path / f"m{suffix}")
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    img = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(img, seed=7, backend="reference"), loaded(img, seed=7, backend="reference"))
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    torch.save({"p0.weight": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="from_original"):
+        MedNCA.load(tmp_path / "x.pt")
+
+
+def test_seed_none_uses_torch_generator():
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=3)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.2)
+    img = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = model(img, backend="reference")
+        torch.manual_seed(3)
+        b = model(img, backend="reference")
+        c = model(img, backend="reference")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ensemble():
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=4)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img = torch.rand(3, 1, 8, 12)
+    res = model.ensemble(img, n=5, seed=11, backend="reference")
+    assert res.mean.shape == res.std.shape == (3, 1, 8, 12) and res.score.shape == (3,)
+    assert (res.mean >= 0).all() and (res.mean <= 1).all() and (res.std >= 0).all() and res.std.max() > 0
+    torch.testing.assert_close(res.score, res.std.sum((1, 2, 3)) / res.mean.sum((1, 2, 3)))
+    # same seed -> same ensemble; the members are exactly n separate forward passes on a batch
+    again = model.ensemble(img, n=5, seed=11, backend="reference")
+    assert torch.equal(res.mean, again.mean) and torch.equal(res.std, again.std)
+    with torch.no_grad():
+        members = torch.sigmoid(model(img.repeat(5, 1, 1, 1), seed=11, backend="reference")).reshape(5, 3, 1, 8, 12)
+    torch.testing.assert_close(res.mean, members.mean(0))
+    # no randomness, no spread
+    model.backbones[0].fire_rate = model.backbones[1].fire_rate = 0.0
+    det = model.ensemble(img, n=3, seed=0, backend="reference")
+    assert det.std.abs().max() < 1e-6 and det.score.abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_patch_mode_crops_the_upsampled_state():
+    """Level 1 without updates (fc2 = 0): patch logits are crops of the full-res logits,
+    and the returned target patch sits at the same place."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=3, fire_rate=0.0)
+    nn.init.normal_(model.backbones[0].fc2_weight, std=0.3)
+    img = torch.rand(3, 1, 16, 16)
+    coords = torch.arange(256.0).reshape(1, 1, 16, 16).expand(3, 1, 16, 16)  # target = position code
+    full = model(img, seed=0, backend="reference")
+    logits, tgt = model.forward_patch(img, coords, patch_size=6, seed=0, backend="reference",
+                                      generator=torch.Generator().manual_seed(4))
+    assert logits.shape == tgt.shape == (3, 1, 6, 6)
+    for b in range(3):
+        y0, x0 = divmod(int(tgt[b, 0, 0, 0]), 16)
+        torch.testing.assert_close(tgt[b, 0], coords[b, 0, y0:y0 + 6, x0:x0 + 6])
+        torch.testing.assert_close(logits[b], full[b, :, y0:y0 + 6, x0:x0 + 6])
+
+
+def test_patch_gradients_reach_level0():
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=3)
+    img, tgt = synthetic_ellipses(2, 16, generator=torch.Generator().manual_seed(0))
+    logits, t = model.forward_patch(img, tgt, patch_size=8, seed=1, backend="reference")
+    dice_bce_loss(logits, t).backward()
+    for b in model.backbones:
+        assert b.fc2_weight.grad.abs().sum() > 0  # zero-initialised, so this is the first signal
+
+
+def test_dice_bce_loss():
+    y = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    perfect = dice_bce_loss((y * 2 - 1) * 30, y)
+    assert perfect < 1e-3
+    x = torch.randn(2, 2, 8, 8)
+    y2 = (torch.rand(2, 2, 8, 8) > 0.5).float()
+    expected = sum(F.binary_cross_entropy(torch.sigmoid(x[:, c]), y2[:, c])
+                   + 1 - (2 * (torch.sigmoid(x[:, c]) * y2[:, c]).sum() + 1)
+                   / (torch.sigmoid(x[:, c]).sum() + y2[:, c].sum() + 1) for c in range(2))
+    torch.testing.assert_close(dice_bce_loss(x, y2), expected)
+
+
+@pytest.mark.parametrize("mode", ["patch", "full"])
+def test_training_lowers_loss(mode):
+    torch.manual_seed(0)
+    img, tgt = synthetic_ellipses(8, 16, generator=torch.Generator().manual_seed(0))
+    model = MedNCA(channels=8, hidden=32, steps=6)
+    opt = torch.optim.Adam(model.parameters(), lr=1.6e-2, betas=(0.5, 0.5))
+
+    def loss_on(i, x, y):
+        if mode == "patch":
+            return dice_bce_loss(*model.forward_patch(x, y, patch_size=8, seed=i, backend="reference"))
+        return dice_bce_loss(model(x, seed=i, backend="reference"), y)
+
+    with torch.no_grad():
+        before = dice_bce_loss(model(img, seed=10_000, backend="reference"), tgt).item()
+    for i in range(30):
+        opt.zero_grad()
+        loss_on(i, img, tgt).backward()
+        opt.step()
+    with torch.no_grad():
+        after = dice_bce_loss(model(img, seed=10_000, backend="reference"), tgt).item()
+    assert math.isfinite(after) and after < 0.85 * before, (before, after)

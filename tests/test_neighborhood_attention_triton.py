@@ -1,0 +1,257 @@
+"""Triton neighborhood_attention2d kernels against the reference: out, lse, dq, dk, dv (with
+and without a gradient on lse) over borders, kernel sizes, grid shapes, head dims, head
+counts, dtypes and strided packed-QKV views; softmax properties; bitwise-deterministic
+gradients.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is
+imported) on a small subset; the full matrix is marked ``gpu`` (``pytest -m gpu``)."""
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import fastnca  # noqa: E402
+from fastnca.kernels.reference import neighborhood_attention as ref  # noqa: E402
+from fastnca.kernels.triton import neighborhood_attention as tri  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# Relative error bound max|a - b| / max|b| by dtype: fp32 matches the reference up to
+# summation order; fp16/bf16 differ by the rounding of the stored outputs.
+REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def qkv(B, H, W, nh, D, dtype=torch.float32, seed=0, layout="separate"):
+    """q, k, v [B, H, W, nh, D]; layout "packed" = unbind of [B, H, W, 3, nh, D] (a Linear's
+    output viewed as 3 x heads), "interleaved" = slices of [B, H, W, nh, 3 * D]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+
+    if layout == "packed":
+        return rnd(B, H, W, 3, nh, D).unbind(3)
+    if layout == "interleaved":
+        t = rnd(B, H, W, nh, 3 * D)
+        return t[..., :D], t[..., D:2 * D], t[..., 2 * D:]
+    return rnd(B, H, W, nh, D), rnd(B, H, W, nh, D), rnd(B, H, W, nh, D)
+
+
+def check_against_reference(B, H, W, nh, D, ks, border, dtype, layout="separate", seed=0):
+    q, k, v = qkv(B, H, W, nh, D, dtype, seed, layout)
+    scale = D ** -0.5
+    o, lse = tri.forward(q, k, v, ks, border, scale)
+    ro, rlse = ref.forward(q, k, v, ks, border, scale)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert o.is_contiguous() and lse.is_contiguous() and o.shape == q.shape and lse.shape == q.shape[:-1]
+    tol = REL[dtype]
+    assert rel_err(o, ro) <= tol, ("o", rel_err(o, ro))
+    assert rel_err(lse, rlse) <= max(tol, 1e-5), ("lse", rel_err(lse, rlse))
+
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).float().to(DEVICE)
+    for grad_lse in (None, dlse):
+        grads = tri.backward(do, grad_lse, q, k, v, o, lse, ks, border, scale)
+        rgrads = ref.backward(do, grad_lse, q, k, v, ro, rlse, ks, border, scale)
+        for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+            assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
+            err = rel_err(a, b)
+            assert err <= 2 * tol, (name, "with dlse" if grad_lse is not None else "no dlse", err)
+
+
+# --------------------------------------------------------------------------------------
+# CPU (interpreter) subset: every border, kernel size, dtype, D and the tile edge cases
+# (1x1 grid, circular grids smaller than the window, shift near-edge query ranges, several
+# tiles per image, several head tiles, padded heads).
+# --------------------------------------------------------------------------------------
+CASES = [  # (B, H, W, heads, D, kernel_size, border, dtype)
+    (1, 1, 1, 1, 1, 3, "zeros", torch.float32),
+    (2, 2, 2, 6, 5, 3, "mask", torch.float32),
+    (1, 3, 5, 1, 16, 5, "circular", torch.float32),
+    (1, 8, 8, 6, 64, 3, "shift", torch.float32),     # 3 head tiles of 2 heads
+    (1, 8, 8, 1, 5, 7, "zeros", torch.float32),      # row-looped window, scalar loads
+    (1, 8, 8, 1, 16, 7, "shift", torch.float16),     # query ranges up to the whole axis
+    (1, 31, 17, 1, 16, 5, "mask", torch.float32),    # 4 row tiles
+    (1, 9, 40, 2, 8, 3, "circular", torch.bfloat16),  # 2x2 tiles
+    (1, 3, 5, 1, 96, 3, "zeros", torch.float16),     # D padded 96 -> 128
+    (1, 5, 6, 3, 8, 5, "shift", torch.bfloat16),     # 3 heads padded to 4
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_matches_reference(case):
+    check_against_reference(*case)
+
+
+@pytest.mark.parametrize("layout", ["packed", "interleaved"])
+def test_packed_qkv_views(layout):
+    q, _, _ = qkv(1, 2, 3, 4, 8, layout=layout)
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    check_against_reference(2, 5, 7, 4, 8, 3, "zeros", torch.float32, layout=layout)
+
+
+def test_public_api_autograd_packed():
+    """Through fastnca.neighborhood_attention2d: gradients reach the packed qkv tensor
+    and match the reference backend, with a gradient flowing into lse too."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 6, 5, 3, 2, 8, generator=g).to(DEVICE)
+    do = torch.randn(2, 6, 5, 2, 8, generator=g).to(DEVICE)
+    dlse = torch.randn(2, 6, 5, 2, generator=g).to(DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        x = base.clone().requires_grad_(True)
+        o, lse = fastnca.neighborhood_attention2d(*x.unbind(3), 3, "mask", return_lse=True, backend=backend)
+        ((o * do).sum() + (lse * dlse).sum()).backward()
+        grads.append((o.detach(), lse.detach(), x.grad))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_strided_grad_o():
+    """grad_o with a non-unit last stride, and fully expanded (the gradient of o.sum())."""
+    q, k, v = qkv(1, 4, 5, 2, 8, seed=3)
+    o, lse = tri.forward(q, k, v, 3, "circular", 0.5)
+    ro, rlse = ref.forward(q, k, v, 3, "circular", 0.5)
+    g = torch.Generator().manual_seed(4)
+    transposed = torch.randn(1, 4, 5, 8, 2, generator=g).to(DEVICE).transpose(-1, -2)
+    expanded = torch.ones((), device=DEVICE).expand(o.shape)
+    for do in (transposed, expanded):
+        assert do.stride(-1) != 1
+        got = tri.backward(do, None, q, k, v, o, lse, 3, "circular", 0.5)
+        want = ref.backward(do, None, q, k, v, ro, rlse, 3, "circular", 0.5)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("border", ["zeros", "mask", "circular", "shift"])
+def test_weights_sum_to_one(border):
+    """v = 1: o is the softmax mass on real keys, 1 except under border="zeros", where the
+    outside keys have logit exactly 0, so 1 - o = n_outside * exp(-lse) exactly."""
+    B, H, W, nh, D, ks = 1, 5, 6, 2, 8, 5
+    q, k, _ = qkv(B, H, W, nh, D, seed=5)
+    o, lse = tri.forward(q, k, torch.ones_like(k), ks, border, D ** -0.5)
+    if border == "zeros":
+        iy = ref.key_indices(H, ks, border, "cpu")
+        ix = ref.key_indices(W, ks, border, "cpu")
+        inside = (iy >= 0).sum(1)[:, None] * (ix >= 0).sum(1)[None, :]  # [H, W]
+        n_out = (ks * ks - inside).to(DEVICE)[None, :, :, None, None].float()
+        torch.testing.assert_close(o + n_out * torch.exp(-lse)[..., None], torch.ones_like(o), rtol=0, atol=2e-6)
+        assert (n_out > 0).any()
+    else:
+        torch.testing.assert_close(o, torch.ones_like(o), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("border", ["zeros", "circular"])
+def test_zero_query_gives_uniform_window(border):
+    """q = 0: every logit is 0 (real or zero key), so lse = log(k^2) everywhere and o is the
+    plain window mean of v (outside values counting as 0 under zeros)."""
+    q, k, v = qkv(1, 4, 4, 1, 4, seed=6)
+    o, lse = tri.forward(torch.zeros_like(q), k, v, 3, border, 0.5)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(9.0)), rtol=0, atol=1e-6)
+    ro, _ = ref.forward(torch.zeros_like(q), k, v, 3, border, 0.5)
+    torch.testing.assert_close(o, ro, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_bitwise_deterministic():
+    q, k, v = qkv(2, 9, 10, 3, 8, seed=8, layout="packed")
+    o, lse = tri.forward(q, k, v, 3, "zeros", 0.3)
+    g = torch.Generator().manual_seed(9)
+    do = torch.randn(o.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=g).to(DEVICE)
+    first = tri.backward(do, dlse, q, k, v, o, lse, 3, "zeros", 0.3)
+    again = tri.backward(do, dlse, q, k, v, o, lse, 3, "zeros", 0.3)
+    o2, lse2 = tri.forward(q, k, v, 3, "zeros", 0.3)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_rejects_float64():
+    q, k, v = qkv(1, 3, 3, 1, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        tri.forward(q, k, v, 3, "zeros", 0.5)
+
+
+def test_launch_helpers():
+    """Host-side tile logic: alignment proof, head tiles, and tile candidates capped at
+    the grid (no program made only of padding)."""
+    assert tri._head_tile(6, 64) == (2, 64) and tri._head_tile(4, 16) == (4, 16) and tri._head_tile(1, 1) == (1, 2)
+    x = torch.empty(2, 4, 4, 3, 6, 8, dtype=torch.float16)
+    assert tri._vec(8, x.unbind(3)) == 8  # strides 8, 144, ...: 16-byte rows
+    assert tri._vec(5, (torch.empty(1, 2, 2, 1, 5),)) == 1
+    assert tri._vec(64, (torch.empty(1, 2, 2, 1, 64),)) == 4  # fp32: 4 per 16 bytes
+    for H, W, width, bwd in itertools.product((1, 3, 64), (1, 17, 256), (2, 64, 128), (False, True)):
+        cfgs = tri._tile_configs(H, W, width, bwd)
+        assert cfgs
+        for c in cfgs:
+            assert c.kwargs["BLOCK_Y"] <= triton_next_pow2(H) and c.kwargs["BLOCK_X"] <= triton_next_pow2(W)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------
+# GPU: the full matrix, GeCA-sized shapes and the autotuned launch path.
+# --------------------------------------------------------------------------------------
+GRIDS = [(1, 1), (2, 2), (3, 5), (8, 8), (31, 17)]
+
+
+def _gpu_matrix():
+    """Every border x kernel size x grid, each with two (D, dtype) pairs drawn in turn from
+    the 15 of D in {1, 5, 16, 64, 96} x {fp32, fp16, bf16} and heads alternating 1 / 6:
+    every value of every axis is covered while the number of distinct compiled kernels
+    (D, kernel size, border and dtype are compile-time) stays near 24 per kernel."""
+    pairs = list(itertools.product((1, 5, 16, 64, 96), (torch.float32, torch.float16, torch.bfloat16)))
+    cases = []
+    for n, (border, ks) in enumerate(itertools.product(("zeros", "mask", "circular", "shift"), (3, 5, 7))):
+        for gi, (H, W) in enumerate(GRIDS):
+            if border == "shift" and min(H, W) < ks:
+                continue
+            for j in range(2):
+                D, dtype = pairs[(2 * n + j) % len(pairs)]
+                cases.append((2, H, W, 6 if (gi + j) % 2 else 1, D, ks, border, dtype))
+    return cases
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", _gpu_matrix(), ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_matches_reference_gpu(case, monkeypatch):
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")  # one compile per variant, not one per tile
+    check_against_reference(*case)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", ["packed", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_geca_shapes_gpu(layout, dtype):
+    check_against_reference(8, 32, 32, 12, 64, 3, "zeros", dtype, layout=layout)
+
+
+@gpu
+@needs_cuda
+def test_autotuned_matches_pinned_gpu(monkeypatch):
+    q, k, v = qkv(4, 32, 32, 6, 64, torch.float16, layout="packed")
+    tuned = tri.forward(q, k, v, 3, "zeros", 0.125)
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
+    pinned = tri.forward(q, k, v, 3, "zeros", 0.125)
+    for a, b in zip(tuned, pinned):
+        assert rel_err(a, b) <= 1e-3
