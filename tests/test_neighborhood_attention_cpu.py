@@ -75,6 +75,14 @@ def test_head_dims(D, nh):
     check((1, 4, 5, nh, D), 3, "shift", packed=True, seed=D + nh + 1, lse_grad=False)
 
 
+@pytest.mark.parametrize("nh", [8, 9, 17])
+@pytest.mark.parametrize("D", [5, 64])
+def test_heads_across_chunk_boundaries(nh, D):
+    # The kernels take the heads of a query position in chunks of 8.
+    check((1, 4, 5, nh, D), 3, "zeros", packed=True, seed=nh + D)
+    check((1, 5, 4, nh, D), 5, "mask", seed=nh + D + 1, lse_grad=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [5, 64])
 @pytest.mark.parametrize("border,ks,grid", [("zeros", 3, (7, 9)), ("circular", 5, (3, 4)),
