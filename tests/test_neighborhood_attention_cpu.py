@@ -1,0 +1,225 @@
+"""The fused C++ CPU neighbourhood-attention kernels (csrc/cpu/neighborhood_attention.cpp)
+against the reference: o, lse, dq, dk, dv for every border, kernel size, grid (tiny grids
+included), head dim (fast paths and odd sizes), dtype, instruction-set path and packed
+strided views; softmax properties; bitwise determinism; fp64 gradcheck; launcher checks."""
+import pytest
+import torch
+
+import fastnca
+from fastnca.kernels.reference import neighborhood_attention as ref
+
+cpu = pytest.importorskip("fastnca.kernels.cpu.neighborhood_attention")
+if fastnca.backends()["cpu"] is not True:  # pragma: no cover - build without _C
+    pytest.skip(f"cpu backend unavailable: {fastnca.backends()['cpu']}", allow_module_level=True)
+
+BORDERS = ["zeros", "mask", "circular", "shift"]
+GRIDS = [(1, 1), (2, 2), (3, 5), (8, 8), (31, 17)]
+# Normwise error max|a - b| / max(max|b|, 1) allowed against the reference (the floor
+# of 1 keeps gradients that vanish exactly, e.g. dq on a 1x1 circular grid, comparable).
+REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+def make(B, H, W, nh, D, dtype=torch.float32, seed=0, packed=False):
+    """Fresh random q, k, v (strided views of one packed qkv tensor when packed)."""
+    g = torch.Generator().manual_seed(seed)
+    if packed:
+        qkv = torch.randn(B, H, W, 3, nh, D, generator=g, dtype=torch.float64).to(dtype)
+        return qkv.unbind(3)
+    return [torch.randn(B, H, W, nh, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+def check(shape, ks, border, dtype=torch.float32, packed=False, seed=0, lse_grad=True):
+    """cpu kernels vs the reference kernels on out, lse, dq, dk, dv (with and without a
+    gradient on lse)."""
+    B, H, W, nh, D = shape
+    q, k, v = make(B, H, W, nh, D, dtype, seed, packed)
+    scale = D ** -0.5
+    o, lse = cpu.forward(q, k, v, ks, border, scale)
+    ro, rlse = ref.forward(q, k, v, ks, border, scale)
+    assert o.dtype == dtype and o.is_contiguous() and o.shape == q.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.is_contiguous()
+    tol = REL[dtype]
+    assert rel_err(o, ro) <= tol, ("o", rel_err(o, ro))
+    assert rel_err(lse, rlse) <= max(tol, 1e-6 if dtype != torch.float64 else tol), ("lse", rel_err(lse, rlse))
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
+    for gl in ([None, dlse] if lse_grad else [None]):
+        got = cpu.backward(do, gl, q, k, v, o, lse, ks, border, scale)
+        want = ref.backward(do, gl, q, k, v, ro, rlse, ks, border, scale)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
+            assert rel_err(a, b) <= 2 * tol, (name, "lse grad" if gl is not None else "", rel_err(a, b))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("ks", [3, 5, 7])
+@pytest.mark.parametrize("border", BORDERS)
+def test_borders_kernel_sizes_grids(border, ks, grid):
+    H, W = grid
+    if border == "shift" and min(H, W) < ks:
+        pytest.skip("shift needs H, W >= kernel_size")
+    check((2, H, W, 2, 8), ks, border, seed=ks * 100 + H)
+
+
+@pytest.mark.parametrize("nh", [1, 6])
+@pytest.mark.parametrize("D", [1, 5, 16, 32, 64, 96, 128])
+def test_head_dims(D, nh):
+    # 32/64/128 are the compile-time paths; the others run with a run-time D.
+    check((1, 5, 6, nh, D), 3, "zeros", seed=D + nh)
+    check((1, 4, 5, nh, D), 3, "shift", packed=True, seed=D + nh + 1, lse_grad=False)
+
+
+@pytest.mark.parametrize("nh", [8, 9, 17])
+@pytest.mark.parametrize("D", [5, 64])
+def test_heads_across_chunk_boundaries(nh, D):
+    # The kernels take the heads of a query position in chunks of 8.
+    check((1, 4, 5, nh, D), 3, "zeros", packed=True, seed=nh + D)
+    check((1, 5, 4, nh, D), 5, "mask", seed=nh + D + 1, lse_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [5, 64])
+@pytest.mark.parametrize("border,ks,grid", [("zeros", 3, (7, 9)), ("circular", 5, (3, 4)),
+                                            ("mask", 7, (8, 8)), ("shift", 5, (6, 7))])
+def test_dtypes(dtype, D, border, ks, grid):
+    check((2, *grid, 3, D), ks, border, dtype=dtype, packed=True, seed=D)
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx2-wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_instruction_set_paths(isa, dtype, monkeypatch):
+    """Every compiled variant this CPU can run (FASTNCA_CPU_ISA caps the choice); avx2-wide
+    is the AVX-512 variant's 16-lane code built for AVX2, for machines without AVX-512."""
+    monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
+    if cpu.isa() != isa:
+        pytest.skip(f"this CPU runs at most {cpu.isa()}")
+    for D in (7, 32, 64, 128):
+        check((1, 6, 5, 2, D), 3, "zeros", dtype=dtype, packed=True, seed=D)
+        check((1, 5, 5, 1, D), 5, "shift", dtype=dtype, seed=D + 1, lse_grad=False)
+
+
+def test_packed_views_are_read_in_place():
+    """q/k/v strided views of one packed qkv (only stride(-1) == 1) run without copies:
+    results equal those of contiguous copies bit for bit."""
+    q, k, v = make(2, 6, 7, 3, 16, packed=True)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    o, lse = cpu.forward(q, k, v, 3, "zeros", 0.25)
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    oc, lsec = cpu.forward(qc, kc, vc, 3, "zeros", 0.25)
+    assert torch.equal(o, oc) and torch.equal(lse, lsec)
+    do = torch.randn(q.shape)
+    g = cpu.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.25)
+    gc = cpu.backward(do, None, qc, kc, vc, oc, lsec, 3, "zeros", 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(g, gc))
+
+
+def test_grad_o_any_strides():
+    q, k, v = make(1, 5, 6, 2, 8)
+    o, lse = cpu.forward(q, k, v, 3, "mask", 0.3)
+    base = torch.randn(1, 5, 6, 8, 2).transpose(-1, -2)  # stride(-1) != 1
+    want = ref.backward(base, None, q, k, v, o, lse, 3, "mask", 0.3)
+    got = cpu.backward(base, None, q, k, v, o, lse, 3, "mask", 0.3)
+    assert all(rel_err(a, b) <= 2e-5 for a, b in zip(got, want))
+    expanded = torch.ones(()).expand(q.shape)  # every stride 0, as from o.sum().backward()
+    got = cpu.backward(expanded, None, q, k, v, o, lse, 3, "mask", 0.3)
+    want = ref.backward(torch.ones(q.shape), None, q, k, v, o, lse, 3, "mask", 0.3)
+    assert all(rel_err(a, b) <= 2e-5 for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("ks", [3, 5])
+@pytest.mark.parametrize("border", ["mask", "circular", "shift"])
+def test_softmax_weights_sum_to_one(border, ks):
+    q, k, _ = make(2, 7, 9, 3, 5)
+    o, _ = cpu.forward(q, k, torch.ones_like(k), ks, border, 0.7)
+    torch.testing.assert_close(o, torch.ones_like(o), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("ks", [3, 5, 7])
+def test_zeros_border_corner_outside_logits_are_exactly_zero(ks):
+    """At corner (0, 0) the window has (r+1)^2 inside keys; every other neighbour is a
+    zero key with logit exactly 0 inside the softmax (5 of 9 at ks=3)."""
+    r = ks // 2
+    q, k, v = make(1, 9, 9, 1, 8, dtype=torch.float64, seed=ks)
+    o, lse = cpu.forward(q, k, v, ks, "zeros", 8 ** -0.5)
+    s = torch.stack([(q[0, 0, 0, 0] @ k[0, y, x, 0]) * 8 ** -0.5 for y in range(r + 1) for x in range(r + 1)])
+    n_out = ks * ks - (r + 1) ** 2
+    expected = torch.logsumexp(torch.cat([s, torch.zeros(n_out, dtype=torch.float64)]), 0)
+    torch.testing.assert_close(lse[0, 0, 0, 0], expected, rtol=1e-14, atol=1e-14)
+    p = torch.exp(s - expected)  # the outside entries take mass but contribute zero values
+    vin = torch.stack([v[0, y, x, 0] for y in range(r + 1) for x in range(r + 1)])
+    torch.testing.assert_close(o[0, 0, 0, 0], p @ vin, rtol=1e-13, atol=1e-13)
+
+
+def test_gradients_are_bitwise_deterministic():
+    """Same inputs -> bitwise same grads, run after run and whatever the thread count."""
+    q, k, v = make(2, 12, 11, 3, 64, packed=True, seed=7)
+    o, lse = cpu.forward(q, k, v, 3, "zeros", 0.125)
+    do = torch.randn(q.shape)
+    dlse = torch.randn(lse.shape)
+    first = cpu.backward(do, dlse, q, k, v, o, lse, 3, "zeros", 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for t in (threads, 1, 3):
+            torch.set_num_threads(t)
+            again = cpu.backward(do, dlse, q, k, v, o, lse, 3, "zeros", 0.125)
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+            o2, lse2 = cpu.forward(q, k, v, 3, "zeros", 0.125)
+            assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("border,ks,grid", [("zeros", 3, (3, 4)), ("mask", 5, (2, 3)),
+                                            ("circular", 3, (1, 2)), ("circular", 5, (2, 2)),
+                                            ("shift", 3, (3, 4))])
+def test_gradcheck_fp64_through_public_op(border, ks, grid):
+    q, k, v = (t.requires_grad_() for t in make(1, *grid, 2, 3, dtype=torch.float64, seed=ks))
+
+    def f(q, k, v):
+        return fastnca.neighborhood_attention2d(q, k, v, ks, border, return_lse=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_dispatch_picks_cpu_for_cpu_tensors():
+    from fastnca import _backend
+    assert _backend.resolve(None, "neighborhood_attention", torch.device("cpu")) == "cpu"
+
+
+LAUNCH_ERRORS = [
+    (dict(k=torch.zeros(1, 4, 4, 8, 2).transpose(-1, -2)), ValueError, "stride 1 along D"),
+    (dict(v=torch.zeros(1, 4, 4, 2, 8, dtype=torch.float64)), TypeError, "dtypes differ"),
+    (dict(q=torch.zeros(1, 4, 4, 2, 8, dtype=torch.int32)), TypeError, "must be float32"),
+    (dict(q=torch.zeros(1, 4, 4, 2)), ValueError, r"must be \[B, H, W, heads, D\]"),
+    (dict(k=torch.zeros(1, 4, 5, 2, 8)), ValueError, "shapes differ"),
+    (dict(ks=4), ValueError, "kernel_size must be 3, 5 or 7"),
+    (dict(border="reflect"), ValueError, "unknown border"),
+    (dict(border="shift", ks=5), ValueError, "border='shift' needs H, W >= 5"),
+    (dict(q=torch.zeros(0, 4, 4, 2, 8)), ValueError, "is empty"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", LAUNCH_ERRORS)
+def test_launcher_checks_fail_loudly(override, exc, match):
+    args = dict(q=torch.zeros(1, 4, 4, 2, 8), k=torch.zeros(1, 4, 4, 2, 8), v=torch.zeros(1, 4, 4, 2, 8),
+                ks=3, border="zeros")
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        cpu.forward(args["q"], args["k"], args["v"], args["ks"], args["border"], 1.0)
+
+
+def test_compiled_module_checks_fail_loudly():
+    from fastnca import _ext
+    m = _ext.load("_C")
+    with pytest.raises(ValueError, match="kernel_size"):
+        m.na2d_forward([1] * 5, [1] * 12, [1, 1, 1, 1, 1], 9, 0, 1.0, 0, 1)
+    with pytest.raises(ValueError, match="null pointer"):
+        m.na2d_forward([0] * 5, [1] * 12, [1, 1, 1, 1, 1], 3, 0, 1.0, 0, 1)
+    with pytest.raises(ValueError, match="shift"):
+        m.na2d_forward([1] * 5, [1] * 12, [1, 2, 2, 1, 1], 3, 3, 1.0, 0, 1)
