@@ -254,14 +254,17 @@ def test_equivalence_other_backends(backend):
         pytest.skip(f"{backend} backend unavailable: {avail}")
     if not _backend.has_kernel(backend, "neighborhood_attention"):
         pytest.skip(f"{backend} backend has no neighborhood_attention kernel yet")
+    # The reference backend is held to the original structure above; a fast backend is
+    # held to the reference (both are ~3e-7 relative from a float64 run of the model).
     m = perturb_(tiny(update_prob=1.0), seed=3).eval()
-    ref = _original_for(m)
-    m.backend = backend
     x, t, y = inputs(B=1, H=5, W=5, seed=4)
     cells = m.seed_cells(x)
+    m.backend = "reference"
+    theirs = m.evolve(cells, t, y, steps=4)
+    m.backend = backend
     ours = m.evolve(cells, t, y, steps=4)
-    theirs = ref(cells, t, y, 4, None)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5 * theirs.abs().max().item())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-6 * theirs.abs().max().item())
+    assert not torch.allclose(ours, cells)
 
 
 def test_gradients_flow_and_checkpoint_matches():

@@ -86,9 +86,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
             try:
-                def fwd():
+                def fwd():  # detached inputs: FlexAttention on CPU refuses requires_grad ones
                     with torch.no_grad():
-                        return fn(q, k, v)
+                        return fn(q.detach(), k.detach(), v.detach())
 
                 def fwd_bwd():
                     o = fn(q, k, v)
