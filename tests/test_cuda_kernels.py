@@ -58,11 +58,12 @@ def _emulation_module():
 @pytest.fixture
 def emulated(_emulation_module, monkeypatch):
     """Run the CUDA launchers on CPU tensors through the host emulation; yields the device."""
-    for launcher in (cuda_nca, cuda_na):
-        monkeypatch.setattr(launcher, "_module", lambda: _emulation_module)
-        monkeypatch.setattr(launcher, "_is_cuda", lambda t: True)
-        monkeypatch.setattr(launcher, "_device_guard", lambda device: contextlib.nullcontext())
-        monkeypatch.setattr(launcher, "_stream", lambda device: 0)
+    from fastnca.kernels.cuda import _launch
+
+    monkeypatch.setattr(_launch, "module", lambda: _emulation_module)
+    monkeypatch.setattr(_launch, "is_cuda", lambda t: True)
+    monkeypatch.setattr(_launch, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_launch, "stream", lambda device: 0)
     yield torch.device("cpu")
 
 

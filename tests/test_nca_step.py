@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastnca
-from conftest import TOLERANCES, assert_close, device_for, fast_backends
+from conftest import assert_close, device_for, fast_backends
 
 PADDINGS = ["reflect", "zeros", "circular", "replicate"]
 

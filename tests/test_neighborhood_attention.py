@@ -1,7 +1,6 @@
 """neighborhood_attention2d: the reference against naive loops for every border and
 kernel size, properties, gradients, the memory contract, argument checks, and every
 fast backend against the reference."""
-import math
 
 import pytest
 import torch

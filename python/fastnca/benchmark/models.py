@@ -68,7 +68,6 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
                 results.append(Result("geca_train", label, impl, dname, None, ms, None, peak_mb(train_step, device)))
             except Exception as e:
                 results.append(Result("geca_train", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            del model, opt
     return results
 
 
@@ -147,7 +146,6 @@ def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, l
             except Exception as e:
                 results.append(Result("mednca_train", f"{label} {mode}", impl, dname,
                                       note=f"error: {type(e).__name__}: {e}"[:120]))
-            del model, opt
     return results
 
 

@@ -24,30 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ... import _ext
+from . import _launch
 
 _CHUNK = 32
 _STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_DEPTHWISE_F = 25
 
 
-# Test seams: tests/test_cuda_kernels.py swaps these to run the kernels' host emulation
-# (scripts/build_cuda_emulation.sh) on CPU tensors.
-_device_guard = torch.cuda.device
-
-
-def _is_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def _stream(device) -> int:
-    return _ext.cuda_stream(device)
-
-
-def _module():
-    mod = _ext.load("_C_cuda")
-    if mod is None:
-        raise RuntimeError(_ext.error("_C_cuda") or "fastnca._C_cuda is not available")
-    return mod
 
 
 def _round_up(n: int, m: int) -> int:
@@ -56,7 +39,7 @@ def _round_up(n: int, m: int) -> int:
 
 def _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """Sizes of the call, after checking what the kernels assume."""
-    if not _is_cuda(state):
+    if not _launch.is_cuda(state):
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got state on {state.device}")
     if state.dtype == torch.float64:
         raise TypeError("the CUDA nca_step kernels support float32, float16 and bfloat16 states, not "
@@ -141,13 +124,13 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     out = torch.empty_like(state)
-    with _device_guard(state.device):
+    with _launch.device_guard(state.device):
         keep, ptrs = _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=False)
-        _module().nca_step_forward(
+        _launch.module().nca_step_forward(
             state.data_ptr(), list(state.stride()), out.data_ptr(), list(out.stride()),
             B, C, H, W, nf, hidden, frozen, depthwise, _ext.PADDING_CODES[padding],
             int(seed), int(step) & 0xFFFFFFFF, _ext.fire_threshold(update_prob), ptrs,
-            _ext.DTYPE_CODES[state.dtype], _stream(state.device), _cells_per_thread())
+            _ext.DTYPE_CODES[state.dtype], _launch.stream(state.device), _cells_per_thread())
         del keep  # the caching allocator orders the free after the kernel on this stream
     return out
 
@@ -167,8 +150,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     FC, K, Cu = nf * C, (nf + 1) * C, C - frozen
     dev = state.device
     d_state = torch.empty_like(state)
-    mod = _module()
-    with _device_guard(dev):
+    mod = _launch.module()
+    with _launch.device_guard(dev):
         keep, ptrs = _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
         code, pad = _ext.DTYPE_CODES[state.dtype], _ext.PADDING_CODES[padding]
         threshold = _ext.fire_threshold(update_prob)
@@ -183,7 +166,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             d_state.data_ptr(), list(d_state.stride()), B, C, H, W, nf, hidden, frozen, depthwise, pad,
             int(seed), int(step) & 0xFFFFFFFF, threshold, ptrs,
             ws.data_ptr(), main_part.data_ptr(), plan["main_blocks"], conv_part.data_ptr(),
-            plan["conv_parts"], d_fc.data_ptr(), d_conv.data_ptr(), code, _stream(dev))
+            plan["conv_parts"], d_fc.data_ptr(), d_conv.data_ptr(), code, _launch.stream(dev))
         del keep, ws, main_part, conv_part
     # Unpack: d_fc = [hidden][K+1] (d_w1 | d_b1) ++ [Cu][hidden+1] (d_w2 | d_b2);
     # d_conv = [FC][9C+1] (groups=1) or [FC][10] (depthwise): weight taps | bias.

@@ -10,33 +10,16 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from . import _launch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# Test seams: tests/test_cuda_kernels.py swaps these to run the kernels' host emulation
-# (scripts/build_cuda_emulation.sh) on CPU tensors.
-_device_guard = torch.cuda.device
-
-
-def _is_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def _stream(device) -> int:
-    return _ext.cuda_stream(device)
-
-
-def _module():
-    mod = _ext.load("_C_cuda")
-    if mod is None:
-        raise RuntimeError(_ext.error("_C_cuda") or "fastnca._C_cuda is not available")
-    return mod
 
 
 def _check(q, k, v, kernel_size, border):
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if not _is_cuda(t):
+        if not _launch.is_cuda(t):
             raise ValueError(f"backend 'cuda' needs CUDA tensors, got {name} on {t.device}")
         if t.dtype == torch.float64:
             raise TypeError("the CUDA neighborhood_attention2d kernels support float32, float16 and "
@@ -63,11 +46,11 @@ def forward(q, k, v, kernel_size, border, scale):
     B, H, W, nh, D = _check(q, k, v, kernel_size, border)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    with _device_guard(q.device):
-        _module().na2d_forward(
+    with _launch.device_guard(q.device):
+        _launch.module().na2d_forward(
             q.data_ptr(), list(q.stride()), k.data_ptr(), list(k.stride()), v.data_ptr(), list(v.stride()),
             o.data_ptr(), lse.data_ptr(), B, H, W, nh, D, kernel_size, _ext.BORDER_CODES[border],
-            float(scale), _ext.DTYPE_CODES[q.dtype], _stream(q.device))
+            float(scale), _ext.DTYPE_CODES[q.dtype], _launch.stream(q.device))
     return o, lse
 
 
@@ -91,11 +74,11 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, W, nh), dtype=torch.float32, device=q.device)
-    with _device_guard(q.device):
-        _module().na2d_backward(
+    with _launch.device_guard(q.device):
+        _launch.module().na2d_backward(
             grad_o.data_ptr(), list(grad_o.stride()), 0 if grad_lse is None else grad_lse.data_ptr(),
             q.data_ptr(), list(q.stride()), k.data_ptr(), list(k.stride()), v.data_ptr(), list(v.stride()),
             lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             B, H, W, nh, D, kernel_size, _ext.BORDER_CODES[border], float(scale),
-            _ext.DTYPE_CODES[q.dtype], _stream(q.device))
+            _ext.DTYPE_CODES[q.dtype], _launch.stream(q.device))
     return dq, dk, dv
