@@ -24,6 +24,11 @@ def _bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     torch.manual_seed(0)
+    # Every config compiles the baselines anew (shapes, requires_grad): let dynamo keep them
+    # all instead of silently falling back to eager after the default 8 recompiles.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     env = common.environment(device)
     print(f"fastnca bench on {env['device']} ({device.type}, {env['threads']} threads), torch {env['torch']}"
           f", triton {env['triton']}, cuda {env['cuda']}, commit {str(env.get('git_commit'))[:10]}")
@@ -49,7 +54,8 @@ def _bench(args) -> int:
                                  "geca_train": "pytorch"})
     print(f"\n{time.time() - t0:.0f} s")
     if args.json:
-        common.write_json(args.json, env, roofs, results, vars(args))
+        common.write_json(args.json, env, roofs, results,
+                          {k: v for k, v in vars(args).items() if k != "func"})
         print(f"wrote {args.json}")
     return 0
 
