@@ -32,6 +32,12 @@ class PaperStep(torch.nn.Module):
         return torch.cat([s[..., :f], s[..., f:] + m * dx], -1)
 
 
+def _kept(forward):
+    """Run ``forward`` with grad enabled, for measuring what autograd keeps."""
+    with torch.enable_grad():
+        return forward()
+
+
 def flops_per_cell(C, hidden, nf, groups):
     conv = 9 * (C // groups) * nf * C * 2
     return conv + (nf + 1) * C * hidden * 2 + hidden * C * 2
@@ -82,24 +88,6 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         label = f"{name} C={C} h={hidden} F={nf} groups={groups} {padding} B={B} {size}x{size}"
         kw = dict(groups=groups, padding=padding, update_prob=0.5, frozen_channels=frozen)
 
-        def fast_step(backend, grad):
-            def f():
-                with torch.set_grad_enabled(grad):
-                    y = fastnca.nca_step(x, *rule, seed=1, step=0, backend=backend, **kw)
-                    if grad:
-                        torch.autograd.backward(y, g)
-                return y
-            return f
-
-        def fast_rollout(backend, grad):
-            def f():
-                with torch.set_grad_enabled(grad):
-                    y = fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=backend, **kw)
-                    if grad:
-                        torch.autograd.backward(y, gr)
-                return y
-            return f
-
         paper = PaperStep(rule, groups, padding, 0.5, frozen)
         xl = x.detach().permute(0, 2, 3, 1).contiguous().requires_grad_(True)  # [B, H, W, C]
         gl = g.permute(0, 2, 3, 1).contiguous()
@@ -109,65 +97,50 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda" or not quick:
             impls.append(("pytorch+compile", torch.compile(paper)))
 
-        def paper_step(mod, grad):
+        def timed(forward, grad_out, grad):
+            """forward(), and with ``grad`` its backward from grad_out, as one callable."""
             def f():
                 with torch.set_grad_enabled(grad):
-                    y = mod(xl)
+                    y = forward()
                     if grad:
-                        torch.autograd.backward(y, gl)
+                        torch.autograd.backward(y, grad_out)
                 return y
             return f
 
-        def paper_rollout(mod, grad):
-            def f():
-                with torch.set_grad_enabled(grad):
-                    y = xlr
-                    for _ in range(steps):
-                        y = mod(y)
-                    if grad:
-                        torch.autograd.backward(y, glr)
+        def paper_loop(mod, n):
+            def forward():
+                y = xlr
+                for _ in range(n):
+                    y = mod(y)
                 return y
-            return f
+            return forward
 
-        runners = [(n, paper_step(m, False), paper_step(m, True), paper_rollout(m, False), paper_rollout(m, True))
-                   for n, m in impls]
-        runners += [(f"fastnca:{b}", fast_step(b, False), fast_step(b, True), fast_rollout(b, False),
-                     fast_rollout(b, True)) for b in backends]
+        # (name, one-step forward, its output grad, rollout forward, its output grad)
+        runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr) for n, m in impls]
+        runners += [(f"fastnca:{b}",
+                     lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
+                     lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr)
+                    for b in backends]
         reps = 3 if quick else 5
-        for impl, s_f, s_fb, r_f, r_fb in runners:
-            reps_i = reps
+        for impl, step_fwd, step_g, roll_fwd, roll_g in runners:
             log(f"  nca_step {name} {impl} ...")
             try:
-                fwd = median_ms(s_f, device, reps=reps_i)
-                fb = median_ms(s_fb, device, reps=reps_i)
+                fwd = median_ms(timed(step_fwd, step_g, False), device, reps=reps)
+                fb = median_ms(timed(step_fwd, step_g, True), device, reps=reps)
                 extra = {"gflops_fwd": cells * fpc / (fwd * 1e-3) / 1e9,
                          "gflops_train": 4 * cells * fpc / (fb * 1e-3) / 1e9}
                 roof = roofs.get(f"matmul_{dname}_gflops")
                 if roof:
                     extra["roof_fraction_fwd"] = extra["gflops_fwd"] / roof
-                backend = impl.split(":")[1] if impl.startswith("fastnca") else None
-
-                def keep_step():
-                    with torch.enable_grad():
-                        return paper(xl) if backend is None else fastnca.nca_step(
-                            x, *rule, seed=1, backend=backend, **kw)
-
-                def keep_rollout():
-                    with torch.enable_grad():
-                        if backend is not None:
-                            return fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=backend, **kw)
-                        y = xlr
-                        for _ in range(steps):
-                            y = paper(y)
-                        return y
-
-                results.append(Result("nca_step", label, impl, dname, fwd, fb, saved_mb(keep_step),
-                                      peak_mb(s_fb, device), extra=extra))
-                rfwd = median_ms(r_f, device, reps=max(2, reps_i - 2), warmup=1)
-                rfb = median_ms(r_fb, device, reps=max(2, reps_i - 2), warmup=1)
+                results.append(Result("nca_step", label, impl, dname, fwd, fb,
+                                      saved_mb(lambda: _kept(step_fwd)),
+                                      peak_mb(timed(step_fwd, step_g, True), device), extra=extra))
+                rfwd = median_ms(timed(roll_fwd, roll_g, False), device, reps=max(2, reps - 2), warmup=1)
+                rfb = median_ms(timed(roll_fwd, roll_g, True), device, reps=max(2, reps - 2), warmup=1)
                 rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}")
                 results.append(Result("nca_rollout", f"{rlabel} steps={steps}", impl, dname, rfwd, rfb,
-                                      saved_mb(keep_rollout), peak_mb(r_fb, device)))
+                                      saved_mb(lambda: _kept(roll_fwd)),
+                                      peak_mb(timed(roll_fwd, roll_g, True), device)))
             except Exception as e:  # a failing implementation is reported, not fatal
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             x.grad = None
