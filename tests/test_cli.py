@@ -1,0 +1,20 @@
+"""The ``fastnca`` command: ``info`` and a quick ``bench`` writing its JSON."""
+import json
+
+from fastnca.cli import main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "available" in out
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["environment"]["torch"] and "matmul_float32_gflops" in data["roofs"]
+    impls = {(r["op"], r["impl"]) for r in data["results"] if r["fwd_ms"] and r["fwd_bwd_ms"]}
+    assert ("nca_step", "pytorch") in impls and ("nca_rollout", "fastnca:reference") in impls
+    assert "x = baseline / fastnca" in capsys.readouterr().out
