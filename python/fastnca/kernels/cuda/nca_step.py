@@ -27,7 +27,6 @@ from ... import _ext
 from . import _launch
 
 _CHUNK = 32
-_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_DEPTHWISE_F = 25
 
 
@@ -39,13 +38,7 @@ def _round_up(n: int, m: int) -> int:
 
 def _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """Sizes of the call, after checking what the kernels assume."""
-    if not _launch.is_cuda(state):
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, got state on {state.device}")
-    if state.dtype == torch.float64:
-        raise TypeError("the CUDA nca_step kernels support float32, float16 and bfloat16 states, not "
-                        "float64; use backend='cpu' or 'reference' for float64")
-    if state.dtype not in _STATE_DTYPES:
-        raise TypeError(f"state must be float32, float16 or bfloat16, got {state.dtype}")
+    _launch.check_tensor(state, "state", "nca_step")
     if state.dim() != 4:
         raise ValueError(f"state must be [B, C, H, W], got shape {tuple(state.shape)}")
     if any(s < 0 for s in state.stride()):

@@ -12,20 +12,13 @@ import torch
 from ... import _ext
 from . import _launch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 
 
 def _check(q, k, v, kernel_size, border):
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if not _launch.is_cuda(t):
-            raise ValueError(f"backend 'cuda' needs CUDA tensors, got {name} on {t.device}")
-        if t.dtype == torch.float64:
-            raise TypeError("the CUDA neighborhood_attention2d kernels support float32, float16 and "
-                            "bfloat16, not float64; use backend='cpu' or 'reference' for float64")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        _launch.check_tensor(t, name, "neighborhood_attention2d")
         if t.dim() != 5 or tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"q, k, v must share the shape [B, H, W, heads, D], got {tuple(t.shape)} for {name}")
         if t.dtype != q.dtype or t.device != q.device:
