@@ -302,6 +302,24 @@ def test_backend_matches_reference(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", fast_backends("nca_step"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    (1, 128, 3, 4, 256, 3, 1, 1, "reflect", 0.5),  # the largest supported C, hidden and F
+    (2, 128, 4, 3, 256, 3, "C", 0, "circular", 0.5),
+    (1, 32, 5, 6, 128, 2, 1, 1, "reflect", 0.5),  # the Med-NCA rule
+], ids=lambda c: "x".join(map(str, c)))
+def test_backend_supported_extremes(backend, dtype, case):
+    dev = device_for(backend)
+    if backend == "triton" and dev.type == "cpu" and dtype != torch.float32 and case[1] == 128:
+        pytest.skip("30 s per case under TRITON_INTERPRET; the fp32 run covers the same code")
+    out, grads = _run(backend, dtype, case, device=dev)
+    ref_out, ref_grads = _run("reference", dtype, case, device=dev)
+    assert_close(out, ref_out, dtype, "out")
+    for name, a, b in zip(["d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2"], grads, ref_grads):
+        assert_close(a, b, dtype, name, scale=1.0 if dtype == torch.float32 else 4.0)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
 def test_backend_channels_last_and_rollout(backend):
     dev = device_for(backend)
     case = (2, 6, 7, 5, 12, 2, 1, 1, "reflect", 0.5)

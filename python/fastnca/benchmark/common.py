@@ -113,12 +113,15 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                           text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+    # A copy of the tree without .git (a remote GPU machine) names its commit in FASTNCA_GIT_COMMIT.
+    env["git_commit"] = os.environ.get("FASTNCA_GIT_COMMIT")
+    if not env["git_commit"]:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                               text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env["git_commit"] = None
     try:
         from .. import __version__
 
