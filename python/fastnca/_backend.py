@@ -17,11 +17,15 @@ from . import _ext
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("fire_mask", "nca_step", "neighborhood_attention")
 
-# Auto-selection order per device type. The Triton interpreter is a correctness tool,
-# never auto-selected on CPU. On CUDA the order follows benchmarks/results/.
+# Auto-selection order per device type, and per op where it differs. The Triton
+# interpreter is a correctness tool, never auto-selected on CPU. On CUDA, nca_step is
+# compute-bound and its Triton kernels run every product on tensor cores (tl.dot), while
+# the CUDA kernels use fp32 FMA; the memory-bound attention prefers the hand-written CUDA
+# kernels. Until GPU results exist under benchmarks/results/, these orders are a prior.
 _AUTO = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
+    ("cuda", "nca_step"): ("triton", "cuda", "reference"),
 }
 
 
@@ -90,7 +94,7 @@ def resolve(backend: str | None, op: str, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get("FASTNCA_BACKEND") or None
     if backend is None:
-        for name in _AUTO.get(device.type, ("reference",)):
+        for name in _AUTO.get((device.type, op), _AUTO.get(device.type, ("reference",))):
             if _usable_on(name, device) is True and has_kernel(name, op):
                 return name
         return "reference"
