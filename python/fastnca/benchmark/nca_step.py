@@ -15,19 +15,23 @@ class PaperStep(torch.nn.Module):
     """One Med-NCA-style step in plain PyTorch: state [B, H, W, C] channels-last, perception
     convs applied after transpose(1, 3), Linear layers, mask drawn per step on the device."""
 
-    def __init__(self, rule, groups, padding, update_prob, frozen):
+    def __init__(self, rule, groups, padding, update_prob, frozen, host_mask=False):
         super().__init__()
         pw, pb, w1, b1, w2, b2 = rule
         self.pw, self.pb, self.w1, self.b1, self.w2, self.b2 = pw, pb, w1, b1, w2, b2
         self.groups, self.update_prob, self.frozen = groups, update_prob, frozen
         self.mode = {"zeros": "constant"}.get(padding, padding)
+        self.host_mask = host_mask  # the original Med-NCA draws the mask on the CPU
 
     def forward(self, s):
         x = s.transpose(1, 3)
         conv = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=self.mode), self.pw, self.pb, groups=self.groups)
         p = torch.cat([x, conv], 1).transpose(1, 3)
         dx = F.linear(torch.relu(F.linear(p, self.w1, self.b1)), self.w2, self.b2)
-        m = (torch.rand(s.shape[:3] + (1,), device=s.device) < self.update_prob).to(s.dtype)
+        if self.host_mask:
+            m = (torch.rand(s.shape[:3] + (1,)) < self.update_prob).to(s.device, s.dtype)
+        else:
+            m = (torch.rand(s.shape[:3] + (1,), device=s.device) < self.update_prob).to(s.dtype)
         f = self.frozen
         return torch.cat([s[..., :f], s[..., f:] + m * dx], -1)
 
@@ -94,6 +98,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         xlr = xr.detach().permute(0, 2, 3, 1).contiguous().requires_grad_(True)
         glr = gr.permute(0, 2, 3, 1).contiguous()
         impls = [("pytorch", paper)]
+        if device.type == "cuda":  # the original's per-step CPU mask draw and copy, reported apart
+            impls.append(("pytorch (cpu mask)", PaperStep(rule, groups, padding, 0.5, frozen, host_mask=True)))
         if device.type == "cuda" or not quick:
             impls.append(("pytorch+compile", torch.compile(paper)))
 
