@@ -151,6 +151,32 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
+@triton.jit
+def _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+            w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
+            C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
+            HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+            DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels come C_BLK
+    and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a C=128,
+    hidden=256 rule still fits shared memory) and the perception P never exists whole."""
+    z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
+    for k0 in range(0, C, C_BLK):
+        offs_k = k0 + tl.arange(0, C_BLK)
+        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
+                     mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
+        z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
+    for f0 in range(0, FC, FC_BLK):
+        offs_f = f0 + tl.arange(0, FC_BLK)
+        conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+                           offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+        z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                   input_precision=DOT_PREC)
+    return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Weight layout (one launch per call instead of a dozen small torch ops: a rollout of
 # small states is launch-bound)
@@ -249,24 +275,9 @@ def _nca_step_forward_kernel(
     ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
     o_row = out_ptr + ob[:, None]
 
-    # z = x @ W1a^T + conv @ W1b^T. Channels come C_BLK and the conv FC_BLK at a time so
-    # no weight operand exceeds 16-32 KB (a C=128, hidden=256 rule still fits shared
-    # memory) and the perception P never exists as a whole.
-    z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
-    for k0 in range(0, C, C_BLK):
-        offs_k = k0 + tl.arange(0, C_BLK)
-        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
-                     mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
-        z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
-                   input_precision=DOT_PREC)
-    for f0 in range(0, FC, FC_BLK):
-        offs_f = f0 + tl.arange(0, FC_BLK)
-        conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
-                           offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
-        z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                   input_precision=DOT_PREC)
-    h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+    h = _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+                w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M)
     m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
     for k0 in range(0, C, C_BLK):
         offs_k = k0 + tl.arange(0, C_BLK)
@@ -346,21 +357,9 @@ def _nca_step_backward_cell_kernel(
         g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
 
         # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
-        z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
-        for k0 in range(0, C, C_BLK):
-            offs_k = k0 + tl.arange(0, C_BLK)
-            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
-                         mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
-            z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
-                       input_precision=DOT_PREC)
-        for f0 in range(0, FC, FC_BLK):
-            offs_f = f0 + tl.arange(0, FC_BLK)
-            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
-                               offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, dpw_ptr,
-                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
-            z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                       input_precision=DOT_PREC)
-        h = tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+        h = _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+                    w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                    FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M)
 
         # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
         # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
