@@ -8,7 +8,8 @@ anywhere with no download:
     python examples/train_geca.py --model GeCA-XS --image-size 32 --iters 20000
 
 Own data: a folder of images and a CSV ``filename,label_0,...,label_{K-1}`` (multi-hot
-0/1 columns, header row) -> RGB images in [-1, 1] (in_channels 3):
+0/1 columns, header row) -> RGB images in [-1, 1] (in_channels 3); any format Pillow reads,
+PNG also without Pillow:
 
     python examples/train_geca.py --data path/to/images --labels labels.csv --image-size 64
 
@@ -90,6 +91,8 @@ def read_png(path) -> torch.Tensor:
         elif tag == b"IEND":
             break
         pos += 12 + n
+    if header is None:
+        raise ValueError(f"{path}: PNG without an IHDR chunk")
     W, H, depth, ctype, _, _, interlace = header
     ch = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
     if depth != 8 or ch is None or interlace:
