@@ -46,7 +46,8 @@ def main(argv=None):
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--image-size", type=int, default=None, help="default: from the checkpoint's args")
     p.add_argument("--in-channels", type=int, default=None)
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models)")
+    p.add_argument("--vae", default=None,
+                   help="local diffusers AutoencoderKL folder (latent models; default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=250, help="respaced diffusion steps")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--no-ghg", action="store_true", help="re-seed the cells at every diffusion step")
@@ -69,7 +70,8 @@ def main(argv=None):
             setattr(args, k, saved[k])
     in_channels = args.in_channels or saved.get("in_channels", 4)
     size = args.image_size or saved.get("image_size", 32)
-    vae = load_vae(args.vae, device) if args.vae else None
+    vae_path = args.vae or saved.get("vae")  # a latent-space checkpoint decodes with its VAE
+    vae = load_vae(vae_path, device) if vae_path else None
     if vae is not None:
         size //= 8
 

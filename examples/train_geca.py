@@ -8,7 +8,8 @@ anywhere with no download:
     python examples/train_geca.py --model GeCA-XS --image-size 32 --iters 20000
 
 Own data: a folder of images and a CSV ``filename,label_0,...,label_{K-1}`` (multi-hot
-0/1 columns, header row) -> RGB images in [-1, 1] (in_channels 3):
+0/1 columns, header row) -> RGB images in [-1, 1] (in_channels 3); any format Pillow reads,
+PNG also without Pillow:
 
     python examples/train_geca.py --data path/to/images --labels labels.csv --image-size 64
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.util
 import math
 import os
 import struct
@@ -33,8 +35,10 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -45,6 +49,8 @@ LATENT_SCALE = 0.18215
 
 
 # --------------------------------------------------------------------------- PNG
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_png(path, img) -> None:
@@ -65,8 +71,70 @@ def write_png(path, img) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+        f.write(PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def read_png(path) -> torch.Tensor:
+    """Decode an 8-bit, non-interlaced grey / grey+alpha / RGB / RGBA PNG to uint8
+    [H, W, channels] with zlib alone (the reader when Pillow is not installed)."""
+    data = Path(path).read_bytes()
+    if data[:8] != PNG_SIGNATURE:
+        raise ValueError(f"{path}: not a PNG file")
+    pos, header, idat = 8, None, []
+    while pos + 8 <= len(data):
+        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
+        if tag == b"IHDR":
+            header = struct.unpack(">IIBBBBB", data[pos + 8:pos + 21])
+        elif tag == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + n])
+        elif tag == b"IEND":
+            break
+        pos += 12 + n
+    if header is None:
+        raise ValueError(f"{path}: PNG without an IHDR chunk")
+    W, H, depth, ctype, _, _, interlace = header
+    ch = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
+    if depth != 8 or ch is None or interlace:
+        raise ValueError(f"{path}: bit depth {depth}, colour type {ctype}, interlace {interlace}: without "
+                         "Pillow only 8-bit non-interlaced grey/RGB(A) PNGs can be read (pip install pillow)")
+    rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(H, 1 + W * ch)
+    out = np.zeros((H + 1, W * ch), np.uint8)  # row 0: the zero row above the image
+    for y in range(H):
+        f, cur, up = rows[y, 0], rows[y, 1:], out[y]
+        if f == 0:
+            out[y + 1] = cur
+        elif f == 1:  # Sub: running sum along the row, per channel (uint8 wraps mod 256)
+            out[y + 1] = np.cumsum(cur.reshape(W, ch), axis=0, dtype=np.uint8).reshape(-1)
+        elif f == 2:  # Up
+            out[y + 1] = cur + up
+        elif f in (3, 4):  # Average, Paeth: sequential along the row
+            r, u = bytearray(cur.tobytes()), up.tobytes()
+            for i in range(W * ch):
+                a = r[i - ch] if i >= ch else 0
+                b = u[i]
+                if f == 3:
+                    pred = (a + b) >> 1
+                else:
+                    c = u[i - ch] if i >= ch else 0
+                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                r[i] = (r[i] + pred) & 0xFF
+            out[y + 1] = np.frombuffer(bytes(r), np.uint8)
+        else:
+            raise ValueError(f"{path}: bad PNG filter type {f} in row {y}")
+    return torch.from_numpy(out[1:].reshape(H, W, ch).copy())
+
+
+def read_rgb(path) -> torch.Tensor:
+    """An image file as uint8 RGB [H, W, 3]: Pillow when installed, else PNG only."""
+    try:
+        from PIL import Image
+    except ImportError:
+        img = read_png(path)
+        return img[..., :3] if img.shape[-1] >= 3 else img[..., :1].expand(-1, -1, 3)
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -137,31 +205,41 @@ class SyntheticShapes(torch.utils.data.IterableDataset):
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Images listed in a CSV (first column: file name relative to ``root``; other columns:
-    multi-hot labels) -> RGB [3, size, size] in [-1, 1] (centre crop + resize)."""
+    """Images listed in a CSV (header row; first column: file name relative to ``root``; other
+    columns: multi-hot 0/1 labels) -> RGB [3, size, size] in [-1, 1] (centre crop, bicubic
+    resize). Any format Pillow reads; PNG only when Pillow is not installed."""
 
     def __init__(self, root: str, labels_csv: str, size: int, hflip: bool = True):
-        from PIL import Image  # noqa: F401  (needed for own data)
         self.root, self.size, self.hflip = Path(root), size, hflip
         with open(labels_csv, newline="") as f:
             rows = list(csv.reader(f))
         header, rows = rows[0], [r for r in rows[1:] if r]
+        if not rows or any(len(r) != len(header) for r in rows) or len(header) < 2:
+            raise SystemExit(f"{labels_csv}: expected a header row and rows 'filename,label_0,...' "
+                             f"with {len(header)} columns each")
         self.class_names = header[1:]
         self.files = [r[0] for r in rows]
         self.labels = torch.tensor([[float(v) for v in r[1:]] for r in rows])
+        missing = [f for f in self.files if not (self.root / f).is_file()]
+        if missing:
+            raise SystemExit(f"{len(missing)} images listed in {labels_csv} are not in {root}, e.g. {missing[0]}")
+        other = [f for f in self.files if Path(f).suffix.lower() != ".png"]
+        if other and importlib.util.find_spec("PIL") is None:
+            raise SystemExit(f"reading {other[0]} needs Pillow (pip install pillow); "
+                             "without it only PNG images can be read")
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        im = Image.open(self.root / self.files[i]).convert("RGB")
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        im = im.resize((self.size, self.size), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
-        x = x.permute(2, 0, 1).float() / 127.5 - 1
+        x = read_rgb(self.root / self.files[i]).permute(2, 0, 1).float()
+        _, h, w = x.shape
+        s = min(h, w)
+        x = x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        if s != self.size:
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", antialias=True,
+                              align_corners=False)[0].clamp(0, 255)
+        x = x / 127.5 - 1
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
@@ -280,6 +358,9 @@ def main(argv=None):
         args.num_classes = ds.labels.shape[1]
         sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) \
             if world > 1 else torch.utils.data.RandomSampler(ds)
+        if len(sampler) < local_batch:  # drop_last would leave no batch at all: never loop on nothing
+            raise SystemExit(f"{len(ds)} images give {len(sampler)} per process, fewer than the per-process "
+                             f"batch {local_batch}: lower --batch-size")
         loader = torch.utils.data.DataLoader(ds, local_batch, sampler=sampler, num_workers=args.workers,
                                              drop_last=True, pin_memory=device.type == "cuda",
                                              persistent_workers=args.workers > 0)

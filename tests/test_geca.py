@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnca
+from conftest import assert_close, device_for, fast_backends
 from fastnca.models.geca import GeCA, GeCAConfig, geca_s, geca_xs
 from fastnca.models.geca_diffusion import (
     cfg_combine,
@@ -246,24 +247,31 @@ def test_equivalent_to_original_structure(update_prob):
     assert not torch.allclose(ours, cells)  # the test would be vacuous otherwise
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
 def test_equivalence_other_backends(backend):
-    from fastnca import _backend
-    avail = fastnca.backends().get(backend)
-    if avail is not True:
-        pytest.skip(f"{backend} backend unavailable: {avail}")
-    if not _backend.has_kernel(backend, "neighborhood_attention"):
-        pytest.skip(f"{backend} backend has no neighborhood_attention kernel yet")
     # The reference backend is held to the original structure above; a fast backend is
-    # held to the reference (both are ~3e-7 relative from a float64 run of the model).
-    m = perturb_(tiny(update_prob=1.0), seed=3).eval()
-    x, t, y = inputs(B=1, H=5, W=5, seed=4)
+    # held to the reference (both are ~3e-7 relative from a float64 run of the model),
+    # on the final cells and on the gradients of every parameter and of the start cells.
+    device = device_for(backend)
+    m = perturb_(tiny(), seed=3).to(device).eval()
+    x, t, y = (z.to(device) for z in inputs(B=2, H=5, W=6, seed=4))
     cells = m.seed_cells(x)
-    m.backend = "reference"
-    theirs = m.evolve(cells, t, y, steps=4)
-    m.backend = backend
-    ours = m.evolve(cells, t, y, steps=4)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-6 * theirs.abs().max().item())
+    cells[:, 12:] = 0.3 * torch.randn_like(cells[:, 12:])
+    w = torch.randn_like(cells)  # a loss that weighs every cell and channel differently
+    results = {}
+    for name in ("reference", backend):
+        m.backend = name
+        m.zero_grad(set_to_none=True)
+        start = cells.clone().requires_grad_(True)
+        out = m.evolve(start, t, y, steps=4, seed=77)
+        (out * w).sum().backward()
+        results[name] = out.detach(), start.grad, {n: p.grad for n, p in m.named_parameters()}
+    (ref, ref_dcells, ref_grads), (ours, dcells, grads) = results["reference"], results[backend]
+    assert_close(ours, ref, torch.float32, "cells")
+    assert_close(dcells, ref_dcells, torch.float32, "d cells")
+    for n, g in ref_grads.items():
+        assert g is not None and g.abs().sum() > 0, n
+        assert_close(grads[n], g, torch.float32, f"d {n}")
     assert not torch.allclose(ours, cells)
 
 

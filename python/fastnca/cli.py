@@ -38,7 +38,7 @@ def _bench(args) -> int:
         roofs[f"matmul_{d}_gflops"] = common.matmul_roof_gflops(device, getattr(torch, d))
     print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
     suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
-    if not args.quick:
+    if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
         from .benchmark import models
         suites.update(models.SUITES)
     results = []
@@ -51,7 +51,7 @@ def _bench(args) -> int:
             results += suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
     common.print_table(results, {"nca_step": "pytorch", "nca_rollout": "pytorch",
                                  "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
-                                 "geca_train": "pytorch"})
+                                 "geca_train": "pytorch", "geca_sample": "pytorch"})
     print(f"\n{time.time() - t0:.0f} s")
     if args.json:
         common.write_json(args.json, env, roofs, results,
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastnca", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run the speed/memory benchmarks and print a table")
-    b.add_argument("--quick", action="store_true", help="small shapes, under a minute on 2 CPU cores")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes, under a minute on 2 CPU cores (model suites only when named in --ops)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
                    help="repeatable; default bfloat16 and float32 on GPU, float32 on CPU")

@@ -25,33 +25,46 @@ def _unfold_forward(self, x, backend=None):
     return self.to_out(unfold_attention(q, k, v).reshape(B, H, W, self.heads * self.dim_head))
 
 
+def _geca_impls(device) -> list[tuple[str, str | None]]:
+    """(impl, backend): the original structure (backend None) first, then each fastnca backend."""
+    return [("pytorch", None)] + [(f"fastnca:{b}", b) for b in _backends(device, "neighborhood_attention")]
+
+
+def _geca_model(cfg, backend, device):
+    """GeCA with random weights (leave the zero-init: every layer does work). backend None is
+    the original structure: unfold attention, plain autograd through the 12 steps."""
+    from fastnca.models.geca import GeCA
+
+    torch.manual_seed(0)
+    model = GeCA(cfg, checkpoint_steps=backend is not None, backend=backend).to(device)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    if backend is None:
+        attn = model.transformer.layers[0][0].fn
+        attn.forward = types.MethodType(_unfold_forward, attn)
+    return model
+
+
 def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
-    from fastnca.models.geca import GeCA, GeCAConfig
+    """GeCA diffusion training step (time, peak memory), then sampling throughput."""
+    from fastnca.models.geca import CONFIGS, GeCAConfig
     from fastnca.models.geca_diffusion import create_diffusion
 
     results = []
     dname = str(dtype).replace("torch.", "")
     if device.type == "cuda":
-        configs = [("GeCA-S", dict(embed_dim=768, heads=12, mlp_dim=3072, hidden_channels=64), 32, 32),
-                   ("GeCA-XS", dict(), 32, 32)]
+        configs = [("GeCA-S", 32, 32), ("GeCA-XS", 32, 32)]
     else:
-        configs = [("GeCA-XS", dict(), 4 if not quick else 2, 32)]
+        configs = [("GeCA-XS", 4 if not quick else 2, 32)]
     diffusion = create_diffusion()
-    for name, kw, B, size in configs:
-        cfg = GeCAConfig(num_classes=5, **kw)
+    for name, B, size in configs:
+        cfg = GeCAConfig(num_classes=5, **CONFIGS[name])
         label = f"{name} B={B} {size}x{size} 12 CA steps"
         x0 = torch.randn(B, 4, size, size, device=device)
         y = (torch.rand(B, 5, device=device) < 0.5).float()
         t = torch.randint(0, 1000, (B,), device=device)
-        impls = [("pytorch", None, False)] + [(f"fastnca:{b}", b, True) for b in _backends(device, "neighborhood_attention")]
-        for impl, backend, ckpt in impls:
-            torch.manual_seed(0)
-            model = GeCA(cfg, checkpoint_steps=ckpt, backend=backend).to(device).train()
-            for p in model.parameters():  # leave the zero-init: every layer does work
-                torch.nn.init.normal_(p, std=0.02)
-            if backend is None:
-                attn = model.transformer.layers[0][0].fn
-                attn.forward = types.MethodType(_unfold_forward, attn)
+        for impl, backend in _geca_impls(device):
+            model = _geca_model(cfg, backend, device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -68,6 +81,44 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
                 results.append(Result("geca_train", label, impl, dname, None, ms, None, peak_mb(train_step, device)))
             except Exception as e:
                 results.append(Result("geca_train", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+    return results + geca_sampling(device, dtype, quick, log)
+
+
+def geca_sampling(device: torch.device, dtype: torch.dtype, quick: bool, log=print) -> list[Result]:
+    """Images/s of respaced ancestral sampling as examples/sample_geca.py runs it: CFG 1.5
+    (doubled batch, separate cond/uncond cells) and Gene Heredity Guidance, 12 CA steps per
+    diffusion step. Throughput scales as 1 / steps, so a few steps stand for the default 250."""
+    from fastnca.models.geca import CONFIGS, GeCAConfig
+    from fastnca.models.geca_diffusion import create_diffusion
+
+    results = []
+    dname = str(dtype).replace("torch.", "")
+    if device.type == "cuda":
+        configs = [("GeCA-S", 32, 32, 25), ("GeCA-XS", 32, 32, 25)]
+    else:
+        configs = [("GeCA-XS", 1, 16, 2)] if quick else [("GeCA-XS", 2, 32, 4)]
+    for name, B, size, steps in configs:
+        cfg = GeCAConfig(num_classes=5, **CONFIGS[name])
+        diffusion = create_diffusion(str(steps))
+        label = f"{name} B={B} {size}x{size} {steps} steps x 12 CA steps, CFG 1.5, GHG"
+        y = (torch.rand(B, 5, device=device) < 0.5).float()
+        for impl, backend in _geca_impls(device):
+            model = _geca_model(cfg, backend, device).eval()
+            amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+            def sample():
+                g = torch.Generator(device).manual_seed(0)
+                with amp:
+                    return diffusion.sample(model, y, (B, 4, size, size), cfg_scale=1.5, ghg=True, generator=g)
+
+            log(f"  geca sampling {name} {impl} ...")
+            try:
+                ms = median_ms(sample, device, reps=2 if quick else 3, warmup=1)
+                ips = B / (ms * 1e-3)
+                results.append(Result("geca_sample", label, impl, dname, fwd_ms=ms, peak_mb=peak_mb(sample, device),
+                                      note=f"{ips:.3g} images/s", extra={"images_per_s": ips}))
+            except Exception as e:
+                results.append(Result("geca_sample", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
     return results
 
 

@@ -1,0 +1,185 @@
+"""Smoke runs of examples/train_geca.py and examples/sample_geca.py as a user runs them:
+a tiny custom model, 8x8 images, a few iterations, checkpoints and PNG grids checked."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from train_geca import load_vae, main as train_main, read_png, read_rgb  # noqa: E402
+
+TINY = ["--model", "custom", "--embed-dim", "16", "--heads", "2", "--dim-head", "8", "--mlp-dim", "16",
+        "--hidden-channels", "4", "--ca-steps", "2"]
+FAST = ["--image-size", "8", "--batch-size", "4", "--sample-every", "1", "--ckpt-every", "1", "--sample-n", "4",
+        "--sample-steps", "2", "--workers", "0"]
+
+
+def run(*args, ok=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG after checking its signature, its IHDR chunk and CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    n, tag = struct.unpack(">I4s", data[8:16])
+    assert (n, tag) == (13, b"IHDR")
+    (crc,) = struct.unpack(">I", data[29:33])
+    assert crc == zlib.crc32(data[12:29]) & 0xFFFFFFFF
+    width, height, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    assert depth == 8 and ctype in (0, 2, 4, 6)
+    assert read_png(path).shape[:2] == (height, width)
+    return width, height
+
+
+def grid_size(rows: int, cols: int, size: int, pad: int = 2) -> tuple[int, int]:
+    return cols * (size + pad) + pad, rows * (size + pad) + pad
+
+
+def encode_png(path: Path, img: torch.Tensor) -> None:
+    """uint8 [H, W, C] (C = 1 or 3) -> PNG whose rows cycle through all five filter types."""
+    H, W, ch = img.shape
+    rows = img.reshape(H, W * ch).tolist()
+    raw = bytearray()
+    for y, row in enumerate(rows):
+        f, up = y % 5, rows[y - 1] if y else [0] * len(row)
+        raw.append(f)
+        for i, v in enumerate(row):
+            a, b, c = (row[i - ch] if i >= ch else 0), up[i], (up[i - ch] if i >= ch else 0)
+            if f == 4:
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            else:
+                pred = (0, a, b, (a + b) // 2)[f]
+            raw.append((v - pred) & 0xFF)
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", W, H, 8, {1: 0, 3: 2}[ch], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(raw)))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("geca_train")
+    run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "2", "--out", out)
+    return out
+
+
+# --------------------------------------------------------------------------- PNG reader
+
+
+@pytest.mark.parametrize("ch", [3, 1])
+def test_read_png_every_filter(tmp_path, ch):
+    img = torch.randint(0, 256, (11, 7, ch), dtype=torch.uint8, generator=torch.Generator().manual_seed(ch))
+    encode_png(tmp_path / "x.png", img)
+    assert torch.equal(read_png(tmp_path / "x.png"), img)
+    assert torch.equal(read_rgb(tmp_path / "x.png"), img.expand(-1, -1, 3))
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_writes_checkpoint_and_grids(trained):
+    ck = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert set(ck) == {"model", "ema", "opt", "args", "step"} and ck["step"] == 2
+    assert ck["args"]["embed_dim"] == 16 and ck["args"]["in_channels"] == 4
+    assert ck["model"]["cell_to_embedding.weight"].shape == (16, 4 + 8 + 4)
+    for step in (1, 2):
+        assert png_size(trained / f"samples_{step:07d}.png") == grid_size(2, 2, 8)
+
+
+def test_train_resume(trained, tmp_path):
+    before = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=False)
+    proc = run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "3", "--out", tmp_path,
+               "--resume", trained / "checkpoint.pt")
+    assert "| 3 |" in proc.stdout
+    ck = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 3 and len(ck["opt"]["state"]) == len(before["opt"]["state"])
+    assert ck["opt"]["state"][0]["step"].item() == 3  # the optimizer continued, not restarted
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples_0000003.png"]
+
+
+def test_train_image_folder(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lines = ["filename,disc,square,ring"]
+    for i in range(6):
+        encode_png(data / f"im{i}.png", torch.randint(0, 256, (12, 10, 3), dtype=torch.uint8, generator=g))
+        lines.append(f"im{i}.png,{i % 2},{(i // 2) % 2},1")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "2", "--out", out, "--data", data,
+        "--labels", tmp_path / "labels.csv")
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["args"]["in_channels"] == 3 and ck["args"]["num_classes"] == 3
+    assert ck["model"]["y_embedder.embedding_table.0.weight"].shape == (16, 3)
+    assert png_size(out / "samples_0000002.png") == grid_size(2, 2, 8)
+
+
+def test_train_image_folder_smaller_than_batch(tmp_path):
+    encode_png(tmp_path / "a.png", torch.zeros(4, 4, 3, dtype=torch.uint8))
+    (tmp_path / "labels.csv").write_text("filename,a,b\na.png,1,0\n")
+    with pytest.raises(SystemExit, match="lower --batch-size"):
+        train_main([*TINY, *FAST, "--out", str(tmp_path / "run"), "--data", str(tmp_path),
+                    "--labels", str(tmp_path / "labels.csv")])
+
+
+def test_train_missing_vae_is_a_clear_error(tmp_path):
+    proc = run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "1", "--out", tmp_path,
+               "--vae", tmp_path / "no_such_vae", ok=False)
+    assert proc.returncode != 0
+    assert "not a local path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
+def test_load_vae_without_diffusers(tmp_path):
+    with pytest.raises(SystemExit, match="needs diffusers"):
+        load_vae(str(tmp_path), "cpu")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo unavailable")
+def test_train_ddp_two_processes(tmp_path):
+    proc = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "2", "--out", tmp_path)
+    assert "world 2" in proc.stdout
+    ck = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2 and ck["args"]["batch_size"] == 4
+    assert png_size(tmp_path / "samples_0000002.png") == grid_size(2, 2, 8)
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@pytest.mark.parametrize("flags,carry", [([], "default GHG"), (["--no-ghg", "--cfg-scale", "1.0"], "none")])
+def test_sample_grid(trained, tmp_path, flags, carry):
+    out = tmp_path / "grid.png"
+    proc = run(EXAMPLES / "sample_geca.py", trained / "checkpoint.pt", "-n", "3", "--steps", "2",
+               "--out", out, "--save-pt", tmp_path / "s.pt", *flags)
+    assert f"| {carry} |" in proc.stdout
+    assert png_size(out) == grid_size(5, 3, 8)  # one row per single-class label vector
+    s = torch.load(tmp_path / "s.pt")
+    assert s["samples"].shape == (15, 4, 8, 8) and torch.isfinite(s["samples"]).all()
+    assert torch.equal(s["labels"], torch.eye(5).repeat_interleave(3, 0))
