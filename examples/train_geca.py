@@ -383,8 +383,10 @@ def main(argv=None):
             yield from ds
     size = args.image_size // 8 if vae is not None else args.image_size
 
-    # model
-    model = build_model(args, in_channels).to(device)
+    # model: the same initial weights on every rank (so the EMA copies agree too)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = build_model(args, in_channels).to(device)
     model.checkpoint_steps = not args.no_step_checkpoint
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
