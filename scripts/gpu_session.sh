@@ -8,8 +8,14 @@
 # Logs and the benchmark JSON go to $OUT (the device tool's return folder) or, without it,
 # build/gpu-session/. On a copied tree without .git, set FASTNCA_GIT_COMMIT so the JSON
 # names the commit it measured.
-# Usage: scripts/gpu_session.sh [build] [test] [sanitize] [bench] [bench-quick]
-#        (default: build test sanitize bench)
+# Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
+#   STAGE: build, test (all of -m gpu), test-cuda, test-triton (its two halves), sanitize,
+#          bench, bench-quick
+# Each device call runs at most 10 minutes, and Triton compiles ~500 kernel variants for
+# the GPU tests, so the suggested calls are: `build test-cuda sanitize`, then `test-triton`
+# (a warm machine keeps the build and the Triton cache), then `bench`.
+# Tests run with FASTNCA_TRITON_AUTOTUNE=0 (one compile per variant, not one per tile) and
+# on 8 processes when pytest-xdist is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-session}
@@ -27,9 +33,14 @@ for stage in "${stages[@]}"; do
       FASTNCA_CUDA=on FASTNCA_CUDA_ARCHS="${FASTNCA_CUDA_ARCHS:-$arch}" JOBS="${JOBS:-$(nproc)}" \
         scripts/build_inplace.sh build/gpu 2>&1 | tee "$out/build.log" || { echo "build failed"; exit 1; }
       "$py" -m fastnca.cli info 2>&1 | tee "$out/info.txt" ;;
-    test)
-      "$py" -m pytest -m gpu -q -rfE -p no:cacheprovider --junitxml="$out/gpu-tests.xml" 2>&1 \
-        | tee "$out/gpu-tests.log" || status=1 ;;
+    test|test-cuda|test-triton)
+      files=()
+      [[ $stage == test-cuda ]] && files=(tests/test_cuda_kernels.py)
+      [[ $stage == test-triton ]] && files=($(ls tests/test_*.py | grep -v test_cuda_kernels.py))
+      xdist=()
+      "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+      FASTNCA_TRITON_AUTOTUNE=0 "$py" -m pytest -m gpu -q -rfE -p no:cacheprovider "${xdist[@]}" \
+        --junitxml="$out/$stage.xml" "${files[@]}" 2>&1 | tee "$out/$stage.log" || status=1 ;;
     sanitize)
       scripts/sanitize_cuda.sh 2>&1 | tee "$out/sanitize.log" || status=1 ;;
     bench)

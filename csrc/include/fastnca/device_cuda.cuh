@@ -13,8 +13,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "fastnca/common.h"
 
@@ -88,27 +93,52 @@ struct DeviceInfo {
 };
 
 #if !defined(FASTNCA_CUDA_EMULATION)
+// The current device's properties, queried once per device.
 inline DeviceInfo device_info() {
   int dev = 0;
   cuda_ok(cudaGetDevice(&dev), "cudaGetDevice");
+  static std::mutex mu;
+  static std::map<int, DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
   DeviceInfo info{};
   cuda_ok(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev),
           "cudaDeviceGetAttribute(MultiProcessorCount)");
   cuda_ok(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
           "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  cache.emplace(dev, info);
   return info;
 }
 
-// Allow `smem` bytes of dynamic shared memory (needed above 48 KB) and return how many
-// blocks of `threads` threads fit on one multiprocessor.
+// Return how many blocks of `threads` threads with `smem` bytes of dynamic shared memory fit
+// on one multiprocessor. The first call per (kernel, device) opts the kernel in to all the
+// dynamic shared memory the device allows (needed above 48 KB), once: callers launching
+// with different sizes, from several threads too, never lower each other's limit.
 template <typename... KArgs>
 inline int prepare_kernel(void (*kernel)(KArgs...), int threads, size_t smem) {
-  cuda_ok(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  int dev = 0;
+  cuda_ok(cudaGetDevice(&dev), "cudaGetDevice");
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> opted_in;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> occupancy;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(fn, dev, threads, smem);
+  auto it = occupancy.find(key);
+  if (it != occupancy.end()) return it->second;
+  if (!opted_in.count({fn, dev})) {
+    cudaFuncAttributes attr{};
+    cuda_ok(cudaFuncGetAttributes(&attr, fn), "cudaFuncGetAttributes");
+    const int limit = device_info().smem_optin - static_cast<int>(attr.sharedSizeBytes);
+    cuda_ok(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, limit),
+            "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    opted_in.insert({fn, dev});
+  }
   int blocks = 0;
   cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  occupancy.emplace(key, blocks);
   return blocks;
 }
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -20,8 +22,9 @@ def fire_mask(batch, height, width, update_prob, seed, step, device):
     numel = out.numel()
     if numel:
         block = 1024
-        _fire_mask_kernel[(triton.cdiv(numel, block),)](
-            out, numel, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
-            _ext.fire_threshold(update_prob), BLOCK=block,
-        )
+        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+            _fire_mask_kernel[(triton.cdiv(numel, block),)](
+                out, numel, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
+                _ext.fire_threshold(update_prob), BLOCK=block,
+            )
     return out

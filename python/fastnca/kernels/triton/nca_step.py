@@ -36,6 +36,7 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -514,7 +515,22 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # (C <= 32, hidden <= 128) run in one chunk.
 _DOT_TILE = 4096
 _PARTIAL_BUDGET = 256 << 20  # bytes of backward weight-grad partials (all programs)
-_sm_count: dict = {}
+_limits: dict = {}
+# Shared memory one block may opt in to, by compute capability, for torch builds whose
+# device properties do not report it.
+_SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, opt-in shared memory bytes per block) of a CUDA device."""
+    if device.index not in _limits:
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", 0) or \
+            _SMEM_OPTIN.get((props.major, props.minor), 99 * 1024)
+        _limits[device.index] = (props.multi_processor_count, smem)
+    return _limits[device.index]
+
+
 # Under TRITON_INTERPRET=1 the cost is per interpreted op, not per element: big strips,
 # few programs (still > 1 tile per backward program, so the persistent loop is tested).
 _INTERPRET_BLOCK_M, _INTERPRET_PROGRAMS = 256, 3
@@ -615,6 +631,10 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     if _interpreting(state.device):
         _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
             *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
+    elif os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):  # pinned tile: no tuning runs
+        with _on_device(state.device):
+            _nca_step_forward_kernel[(triton.cdiv(N, 64),)](*args, **rule.constexprs(), BLOCK_M=64,
+                                                            num_warps=4, num_stages=1)
     else:
         with _on_device(state.device):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
@@ -630,11 +650,13 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
         # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
-        block_m = 32 if rule.HID_PAD >= 256 or rule.C_PAD >= 128 else 64
+        sms, smem = _device_limits(device)
+        big = rule.HID_PAD >= 256 or rule.C_PAD >= 128
+        # The largest rules (C=128, F=3, hidden=256) take 164 KB of shared memory at
+        # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
+        block_m = (32 if smem >= 200 * 1024 else 16) if big else 64
         warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
-        if device.index not in _sm_count:
-            _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = 2 * _sm_count[device.index]
+        programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs
 
