@@ -53,8 +53,8 @@ def test_train_synthetic(tmp_path, mode):
     check_training_output(out, tmp_path)
 
 
-def _write_msd(root: Path, modalities: int = 0) -> None:
-    """Two MSD-style cases of 20x24x5 voxels (5 slices along axis 2) with an ellipsoid label.
+def _write_msd(root: Path, cases: int, modalities: int = 0) -> None:
+    """MSD-style cases of 20x24x5 voxels (5 slices along axis 2) with an ellipsoid label.
     With ``modalities``, images are 4D [..., modalities] and only the last modality has
     content: modality 0 is constant, so its slices are all skipped as empty."""
     nib = pytest.importorskip("nibabel")
@@ -62,7 +62,7 @@ def _write_msd(root: Path, modalities: int = 0) -> None:
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
     z, y, x = np.meshgrid(np.linspace(-1, 1, 20), np.linspace(-1, 1, 24), np.linspace(-1, 1, 5), indexing="ij")
-    for case in range(2):
+    for case in range(cases):
         label = ((z / 0.6) ** 2 + (y / (0.4 + 0.2 * case)) ** 2 + (x / 1.5) ** 2 <= 1).astype(np.uint8)
         image = 100 * label + 20 * rng.standard_normal(label.shape) + 50
         if modalities:
@@ -73,14 +73,14 @@ def _write_msd(root: Path, modalities: int = 0) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modalities", [0, 2], ids=["3d", "4d-modality"])
-def test_train_msd_folder(tmp_path, modalities):
-    _write_msd(tmp_path / "Task", modalities)
+@pytest.mark.parametrize("cases, modalities", [(2, 0), (1, 0), (2, 2)], ids=["3d", "3d-one-case", "4d-modality"])
+def test_train_msd_folder(tmp_path, cases, modalities):
+    _write_msd(tmp_path / "Task", cases, modalities)
     args = [TRAIN, *TINY, "--data", tmp_path / "Task", "--slice-axis", "2", "--out", tmp_path / "run"]
     if modalities:
         args += ["--modality", "1", "--full-res"]
     out = run(args)
-    # 2 cases: 1 held out, 1 trained on, 5 slices each along axis 2
+    # 2 cases: 1 held out, 1 trained on; 1 case: trained and validated on; 5 slices each
     assert "5 training slices (16, 16), 1 validation volumes" in out, out
     check_training_output(out, tmp_path / "run")
 
