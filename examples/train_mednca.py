@@ -75,10 +75,12 @@ def make_data(args):
         xv, yv = synthetic_ellipses(max(args.synthetic_n // 8, 4), args.size, generator=g)
         return x, y, [(xv[i : i + 1], yv[i : i + 1]) for i in range(len(xv))]
     cases = load_msd(Path(args.data), args.size, args.slice_axis, args.modality)
+    if len(cases) == 1:  # nothing to hold out: validate on the training case
+        return cases[0][0], cases[0][1], cases
     perm = torch.randperm(len(cases), generator=g).tolist()
-    n_val = max(1, round(args.val_fraction * len(cases))) if len(cases) > 1 else 0
+    n_val = min(max(1, round(args.val_fraction * len(cases))), len(cases) - 1)
     val = [cases[i] for i in perm[:n_val]]
-    train = [cases[i] for i in perm[n_val:]] or val
+    train = [cases[i] for i in perm[n_val:]]
     x = torch.cat([c[0] for c in train])
     y = torch.cat([c[1] for c in train])
     return x, y, val

@@ -78,6 +78,42 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def largest_size_within(measure: Callable[[int], float], budget: float, *, start: int, multiple: int,
+                        limit: int) -> tuple[int | None, dict[int, float | None]]:
+    """Largest size ``s`` (a multiple of ``multiple``, at most ``limit``) with
+    ``measure(s) <= budget``, for a ``measure`` that grows with ``s`` (peak bytes of a
+    training step, say). Doubles from ``start`` until a size does not fit, then bisects.
+    A ``measure`` raising ``torch.cuda.OutOfMemoryError`` does not fit.
+
+    Returns (that size or None when none fits, {probed size: measure, None for out of memory}).
+    """
+    if start % multiple or not multiple <= start <= limit:
+        raise ValueError(f"start must be a multiple of {multiple} in [{multiple}, {limit}], got {start}")
+    probes: dict[int, float | None] = {}
+
+    def fits(s):
+        try:
+            probes[s] = measure(s)
+        except torch.cuda.OutOfMemoryError:
+            probes[s] = None
+        return probes[s] is not None and probes[s] <= budget
+
+    top = limit // multiple * multiple
+    lo, hi, s = 0, top + multiple, start  # lo fits (0: none yet), hi does not or is past the limit
+    while True:
+        if not fits(s):
+            hi = s
+            break
+        lo = s
+        if s == top:
+            break
+        s = min(2 * s, top)
+    while hi - lo > multiple:
+        mid = lo + (hi - lo) // multiple // 2 * multiple
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo or None, probes
+
+
 def matmul_roof_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
     """Achieved GFLOP/s of a large square matmul: the compute roof the NCA kernels are held to."""
     n = n or (8192 if device.type == "cuda" else 2048)

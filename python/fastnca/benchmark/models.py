@@ -8,7 +8,7 @@ import torch
 
 from fastnca import _backend
 
-from .common import Result, median_ms, peak_mb
+from .common import Result, largest_size_within, median_ms, peak_mb, sync
 from .neighborhood_attention import unfold_attention
 
 
@@ -156,47 +156,86 @@ def _paper_mednca(model, image, target, patch, generator):
     return x[..., 1:2].permute(0, 3, 1, 2), tgt
 
 
-def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
+def _mednca_train_step(device, dtype, backend, B, size, patch):
+    """One Med-NCA (C=32, h=128, 64+64 steps) training step with the paper's optimiser, on
+    random data: the original structure in plain PyTorch when ``backend`` is None."""
     from fastnca.models.mednca import MedNCA, dice_bce_loss
 
+    torch.manual_seed(0)
+    image = torch.rand(B, 1, size, size, device=device)
+    target = (torch.rand(B, 1, size, size, device=device) > 0.7).float()
+    model = MedNCA(channels=32, hidden=128, steps=64).to(device)
+    for bb in model.backbones:  # a trained-like rule: fc2 is not zero
+        torch.nn.init.normal_(bb.fc2_weight, std=0.02)
+    opt = torch.optim.Adam(model.parameters(), lr=1.6e-3, betas=(0.5, 0.5))
+    gen = torch.Generator().manual_seed(0)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def train_step():
+        with amp:
+            if backend is None:
+                logits, tgt = _paper_mednca(model, image, target, patch, gen)
+            elif patch:
+                logits, tgt = model.forward_patch(image, target, patch, backend=backend, generator=gen)
+            else:
+                logits, tgt = model(image, backend=backend), target
+            loss = dice_bce_loss(logits.float(), tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return train_step
+
+
+def _peak_bytes(device, dtype, backend, B, size):
+    """Peak CUDA memory of one full-resolution training step, everything (data, model,
+    optimiser state) included: what has to fit on the card."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    _mednca_train_step(device, dtype, backend, B, size, None)()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+MAX_SIZE_BUDGET_GB = 8
+
+
+def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
     results = []
     dname = str(dtype).replace("torch.", "")
     B, size = (8, 256) if device.type == "cuda" else (1, 64)
     label = f"Med-NCA C=32 h=128 B={B} {size}x{size} 64+64 steps"
-    image = torch.rand(B, 1, size, size, device=device)
-    target = (torch.rand(B, 1, size, size, device=device) > 0.7).float()
     impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in _backends(device, "nca_step")]
     for mode, patch in (("patch 64", 64), ("full-res", None)):
         for impl, backend in impls:
-            torch.manual_seed(0)
-            model = MedNCA(channels=32, hidden=128, steps=64).to(device)
-            for bb in model.backbones:  # a trained-like rule: fc2 is not zero
-                torch.nn.init.normal_(bb.fc2_weight, std=0.02)
-            opt = torch.optim.Adam(model.parameters(), lr=1.6e-3, betas=(0.5, 0.5))
-            gen = torch.Generator().manual_seed(0)
-            amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-            def train_step():
-                with amp:
-                    if backend is None:
-                        logits, tgt = _paper_mednca(model, image, target, patch, gen)
-                    elif patch:
-                        logits, tgt = model.forward_patch(image, target, patch, backend=backend)
-                    else:
-                        logits, tgt = model(image, backend=backend), target
-                    loss = dice_bce_loss(logits.float(), tgt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
             log(f"  mednca {mode} {impl} ...")
             try:
+                train_step = _mednca_train_step(device, dtype, backend, B, size, patch)
                 ms = median_ms(train_step, device, reps=3, warmup=1)
                 results.append(Result("mednca_train", f"{label} {mode}", impl, dname, None, ms, None,
                                       peak_mb(train_step, device)))
             except Exception as e:
                 results.append(Result("mednca_train", f"{label} {mode}", impl, dname,
                                       note=f"error: {type(e).__name__}: {e}"[:120]))
+    if device.type != "cuda":
+        return results
+    # The largest square image one full-resolution training step (B=1) fits in on an 8 GB card.
+    # Limit 4096: one fp32 state is 2 GB there, so nothing near it fits, and the probes stay
+    # clear of 2^31-element tensors.
+    budget = MAX_SIZE_BUDGET_GB * 2**30
+    config = f"Med-NCA C=32 h=128 B=1 full-res 64+64 steps: largest size within {MAX_SIZE_BUDGET_GB} GB"
+    for impl, backend in impls:
+        log(f"  mednca largest size {impl} ...")
+        try:
+            best, probes = largest_size_within(lambda s: _peak_bytes(device, dtype, backend, 1, s), budget,
+                                               start=256, multiple=32, limit=4096)
+            peak = probes[best] / 2**20 if best else None
+            extra = {"max_size": best, "budget_gb": MAX_SIZE_BUDGET_GB,
+                     "probes_mb": {s: (b / 2**20 if b is not None else None) for s, b in sorted(probes.items())}}
+            note = f"{best}x{best}" if best else "none fits"
+            results.append(Result("mednca_max_size", config, impl, dname, peak_mb=peak, note=note, extra=extra))
+        except Exception as e:
+            results.append(Result("mednca_max_size", config, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
     return results
 
 
