@@ -46,10 +46,12 @@ def check_training_output(out, run_dir, validated_at=(2, 3)):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [["--patch", "8"], ["--full-res"]], ids=["patch", "full-res"])
+@pytest.mark.parametrize("mode", [["--patch", "8"], ["--full-res"], ["--full-res", "--bf16"]],
+                         ids=["patch", "full-res", "full-res-bf16"])
 def test_train_synthetic(tmp_path, mode):
     out = run([TRAIN, *TINY, *mode, "--synthetic-n", "8", "--out", tmp_path])
     assert ("level 1 on patch 8" if mode[0] == "--patch" else "level 1 on full image") in out
+    assert f"bf16 {'--bf16' in mode}" in out
     check_training_output(out, tmp_path)
 
 
