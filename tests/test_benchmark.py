@@ -40,3 +40,15 @@ def test_nothing_fits():
 def test_rejects_start_off_grid():
     with pytest.raises(ValueError, match="multiple of 32"):
         largest_size_within(quadratic(1.0), 1.0, start=100, multiple=32, limit=1024)
+
+
+def test_throughput_fractions_of_each_roof():
+    from fastnca.benchmark.nca_step import _throughput
+
+    roofs = {"matmul_float32_gflops": 100.0, "matmul_tf32_gflops": 400.0, "matmul_bfloat16_gflops": 800.0}
+    t = _throughput(2e9, fwd_ms=40.0, train_ms=200.0, roofs=roofs, dname="float32")
+    assert t["gflops_fwd"] == pytest.approx(50.0) and t["gflops_train"] == pytest.approx(40.0)
+    assert t["roof_fraction_fwd"] == pytest.approx(0.5) and t["tf32_roof_fraction_train"] == pytest.approx(0.1)
+    b = _throughput(2e9, 40.0, 200.0, roofs, "bfloat16")
+    assert b["roof_fraction_train"] == pytest.approx(0.05) and "tf32_roof_fraction_train" not in b
+    assert set(_throughput(2e9, 40.0, 200.0, {}, "float32")) == {"gflops_fwd", "gflops_train"}

@@ -36,6 +36,8 @@ def _bench(args) -> int:
     roofs = {"copy_gbs": common.copy_bandwidth_gbs(device)}
     for d in dtypes:
         roofs[f"matmul_{d}_gflops"] = common.matmul_roof_gflops(device, getattr(torch, d))
+    if device.type == "cuda" and "float32" in dtypes:  # fp32 nca work runs as 3xTF32 in Triton
+        roofs["matmul_tf32_gflops"] = common.matmul_roof_gflops(device, torch.float32, tf32=True)
     print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
     suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
     if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops

@@ -114,12 +114,19 @@ def largest_size_within(measure: Callable[[int], float], budget: float, *, start
     return lo or None, probes
 
 
-def matmul_roof_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
-    """Achieved GFLOP/s of a large square matmul: the compute roof the NCA kernels are held to."""
+def matmul_roof_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                       tf32: bool = False) -> float:
+    """Achieved GFLOP/s of a large square matmul: the compute roof the NCA kernels are held to.
+    ``tf32`` (CUDA, float32): on TF32 tensor cores, the roof of fp32 work done as 3xTF32."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = median_ms(lambda: a @ b, device, warmup=2, reps=5)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        ms = median_ms(lambda: a @ b, device, warmup=2, reps=5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 

@@ -47,6 +47,20 @@ def flops_per_cell(C, hidden, nf, groups):
     return conv + (nf + 1) * C * hidden * 2 + hidden * C * 2
 
 
+def _throughput(flop_fwd: float, fwd_ms: float, train_ms: float, roofs: dict, dname: str) -> dict:
+    """Dense-equivalent GFLOP/s of the forward and of the training step (counted as 4x the
+    forward's work: forward, recompute, two backward products; checkpoint recomputes and
+    skipped non-firing cells not counted), and their fractions of the measured roofs: the
+    same dtype's matmul and, for float32 on CUDA, the TF32 tensor-core matmul."""
+    out = {"gflops_fwd": flop_fwd / (fwd_ms * 1e-3) / 1e9, "gflops_train": 4 * flop_fwd / (train_ms * 1e-3) / 1e9}
+    for key, roof in (("roof", roofs.get(f"matmul_{dname}_gflops")),
+                      ("tf32_roof", roofs.get("matmul_tf32_gflops") if dname == "float32" else None)):
+        if roof:
+            out[f"{key}_fraction_fwd"] = out["gflops_fwd"] / roof
+            out[f"{key}_fraction_train"] = out["gflops_train"] / roof
+    return out
+
+
 def make_rule(C, hidden, nf, groups, frozen, device, dtype):
     g = torch.Generator().manual_seed(0)
 
@@ -133,11 +147,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             try:
                 fwd = median_ms(timed(step_fwd, step_g, False), device, reps=reps)
                 fb = median_ms(timed(step_fwd, step_g, True), device, reps=reps)
-                extra = {"gflops_fwd": cells * fpc / (fwd * 1e-3) / 1e9,
-                         "gflops_train": 4 * cells * fpc / (fb * 1e-3) / 1e9}
-                roof = roofs.get(f"matmul_{dname}_gflops")
-                if roof:
-                    extra["roof_fraction_fwd"] = extra["gflops_fwd"] / roof
+                extra = _throughput(cells * fpc, fwd, fb, roofs, dname)
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
                                       peak_mb(timed(step_fwd, step_g, True), device), extra=extra))
@@ -146,7 +156,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}")
                 results.append(Result("nca_rollout", f"{rlabel} steps={steps}", impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
-                                      peak_mb(timed(roll_fwd, roll_g, True), device)))
+                                      peak_mb(timed(roll_fwd, roll_g, True), device),
+                                      extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
             except Exception as e:  # a failing implementation is reported, not fatal
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             x.grad = None
