@@ -409,3 +409,16 @@ def test_cuda_module_exposes_kernels():
     for name in ("fire_mask", "nca_step_forward", "nca_step_backward_plan", "nca_step_backward",
                  "na2d_forward", "na2d_backward"):
         assert callable(getattr(mod, name, None)), f"fastnca._C_cuda lacks {name}"
+
+
+@pytest.mark.parametrize("groups", [1, "C"])
+def test_emulated_prepared_weights_match(emulated, groups):
+    """nca_rollout arranges the weights once (prepare) for all its steps: same results."""
+    C = 6
+    g = C if groups == "C" else 1
+    x, weights, gout = make_nca(emulated, 1, C, 5, 4, 2, 24, g, 1, torch.float32, "nchw")
+    args = (*weights, g, "reflect", 0.5, 3, 7, 1)
+    prepared = cuda_nca.prepare(x, *weights, g, "reflect", 1)
+    assert torch.equal(cuda_nca.forward(x, *args, prepared=prepared), cuda_nca.forward(x, *args))
+    for a, b in zip(cuda_nca.backward(gout, x, *args, prepared=prepared), cuda_nca.backward(gout, x, *args)):
+        assert torch.equal(a, b)

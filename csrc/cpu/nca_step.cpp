@@ -23,7 +23,7 @@
 //    3 x (n+2) neighbourhood with pad_index into a channel-contiguous buffer, im2col the
 //    firing cells, and three small GEMMs (conv 9C -> F*C, fc1, fc2) with register-blocked
 //    micro-kernels over pre-transposed weights. Nothing but the output touches memory.
-//  - Backward, per image, two passes:
+//  - Backward, two passes per image (per batch when the batch's workspaces are small):
 //    pass 1 (firing cells only): recompute P and h, dh = gd w2, dz, dP = dz w1, weight-grad
 //      partial sums of a fixed chunk of tiles; writes dP (x part and conv part dQ) to a
 //      per-image workspace [H*W][(F+1)C] in the compute dtype (zero rows: no fire).
@@ -35,9 +35,9 @@
 //    A scatter from each firing cell would need atomics or a colouring; recomputing the
 //    neighbours' MLP per tile would cost ~3x the FLOPs at tile height 1. The workspace is
 //    transient (25 MB per 256x256 image for the Med-NCA config) and read once.
-//  - Determinism: the cells of an image are split into a fixed number of chunks of tiles
-//    (kMaxChunks, fewer for tiny images or huge weights: a function of the shapes only, never
-//    of the thread count). Each chunk's partial sums are accumulated by one thread in tile
+//  - Determinism: the cells of a pass are split into a fixed number of chunks of tiles
+//    (kMaxChunks, fewer for small passes or huge weights: a function of the shapes only,
+//    never of the thread count). Each chunk's partial sums are accumulated by one thread in tile
 //    order, then reduced in chunk order, element by element, into float64 accumulators.
 //    Every other output element is written by exactly one thread. No atomics.
 #include "fastnca/bindings.h"
@@ -77,6 +77,12 @@ constexpr int kTileW = 64;       // cells per tile
 // Weight-grad chunks per image: 64 keeps 2..64 threads busy in pass 1; their zeroing and
 // reduction cost ~2% of the backward at 256x256.
 constexpr int kMaxChunks = 64;
+// ... and at least this many cells each: on small images the zeroing and reduction of
+// 64 partial copies of the weights cost more than the chunks' work.
+constexpr int64_t kMinChunkCells = 128;
+// Batches whose dP workspaces together fit in this many bytes (about what stays in cache
+// between the passes) run as one pass.
+constexpr int64_t kBatchWorkspace = int64_t(2) << 20;
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of chunk partials at most
 // A 2-thread barrier on a loaded machine costs a time slice: the fp64 gradcheck tests
 // ran 30x slower (30 s vs 1 s) before tiny problems stayed on the calling thread.
@@ -134,7 +140,8 @@ struct Problem {
   Tensor4 state, out, grad, dstate;
   const T *wc, *pb, *w1t, *b1, *w2t, *b2;  // forward layouts
   const T *w2, *w1, *wcb;                  // backward layouts
-  T* ws;                                   // backward: per-image dP workspace [H*W][LDW]
+  T* ws;                                   // backward: dP workspace [H*W][LDW] per image,
+  int64_t ws_b;                            //   image b's at ws + b * ws_b (0: one, reused)
   const uint8_t *simple_y, *simple_x;      // backward: one reader per tap (no border)
   const int *inv_y_off, *inv_y, *inv_x_off, *inv_x;  // inverse neighbourhood per axis
 };
@@ -424,15 +431,25 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
   pl.b2 = pl.w2 + int64_t(p.Co) * p.Hdp;
   pl.size = pad8(pl.b2 + p.Cop) + 16;  // + 16: chunks' partials on separate cache lines
 
+  // Small images run as one batch: pass 1 over every image's tiles (one workspace per
+  // image), one reduction, pass 2; large ones one image at a time (one workspace, reused).
+  // Either way the chunking is a function of the shapes only.
   const int64_t tiles_img = p.H * p.tiles_per_row;
+  const int64_t ws_img = p.H * p.W * p.LDW;
+  const bool batched = p.B > 1 && p.B * ws_img * int64_t(sizeof(T)) <= kBatchWorkspace;
+  const int64_t groups_b = batched ? 1 : p.B;               // passes over the batch
+  const int64_t images = batched ? p.B : 1;                 // images per pass
+  const int64_t tiles = images * tiles_img;                 // tiles per pass
   const int64_t by_budget = std::max<int64_t>(1, kPartialBudget / (pl.size * int64_t(sizeof(T))));
-  const int64_t nchunks = std::min<int64_t>({tiles_img, int64_t(kMaxChunks), by_budget});
-  const int nt = threads_for(p, thread_count(nthreads), tiles_img, 1);
+  const int64_t by_cells = std::max<int64_t>(1, images * p.H * p.W / kMinChunkCells);
+  const int64_t nchunks = std::min<int64_t>({tiles, int64_t(kMaxChunks), by_budget, by_cells});
+  const int nt = threads_for(p, thread_count(nthreads), tiles, images);
 
   std::vector<T> partial(static_cast<size_t>(pl.size * nchunks));
   std::vector<double> acc(static_cast<size_t>(pl.size), 0.0);
   // Not zero-filled here (25 MB per 256x256 image): pass 1 writes every row.
-  std::unique_ptr<T[]> ws(new T[static_cast<size_t>(p.H * p.W * p.LDW)]);
+  std::unique_ptr<T[]> ws(new T[static_cast<size_t>(images * ws_img)]);
+  p.ws_b = batched ? ws_img : 0;
   std::vector<int> iyo, iy, ixo, ix;
   std::vector<uint8_t> sy, sx;
   inverse_axis(static_cast<int>(p.H), padding, iyo, iy, sy);
@@ -454,14 +471,20 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
     const int tid = 0;
 #endif
     Scratch<T> s = block.get(p, tid, true);
-    for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t g = 0; g < groups_b; ++g) {
+      const int64_t b0 = g * images;  // first image of this pass
 #ifdef FASTNCA_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
       for (int64_t c = 0; c < nchunks; ++c) {
         T* pc = part + c * psize;
         std::fill(pc, pc + psize, T(0));
-        tab.backward1(p, b, tiles_img * c / nchunks, tiles_img * (c + 1) / nchunks, s, pl, pc);
+        // the chunk's tiles [t0, t1) of this pass, image by image
+        for (int64_t t = tiles * c / nchunks, t1 = tiles * (c + 1) / nchunks; t < t1;) {
+          const int64_t i = t / tiles_img, e = std::min(t1, (i + 1) * tiles_img);
+          tab.backward1(p, b0 + i, t - i * tiles_img, e - i * tiles_img, s, pl, pc);
+          t = e;
+        }
       }
       // partials -> accumulators in chunk order (each element by one thread)
 #ifdef FASTNCA_OPENMP
@@ -475,7 +498,8 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
 #ifdef FASTNCA_OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif
-      for (int64_t t = 0; t < tiles_img; ++t) tab.backward2(p, b, t, t + 1, s);
+      for (int64_t t = 0; t < tiles; ++t)
+        tab.backward2(p, b0 + t / tiles_img, t % tiles_img, t % tiles_img + 1, s);
     }
   }
 

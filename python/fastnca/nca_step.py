@@ -77,6 +77,14 @@ def _segments(steps: int, every: int) -> list[tuple[int, int]]:
     return [(s, min(s + every, steps)) for s in range(0, steps, every)]
 
 
+def _prepared(k, state, weights, groups, padding, frozen, steps) -> dict:
+    """Keyword arguments that let a backend's kernels reuse the weights it arranged once for
+    every step of a rollout (the rule cannot change during the op)."""
+    if steps < 2 or not hasattr(k, "prepare"):
+        return {}
+    return {"prepared": k.prepare(state, *weights, groups, padding, frozen)}
+
+
 @torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
 def _nca_rollout_op(
     state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
@@ -87,13 +95,14 @@ def _nca_rollout_op(
     seed = _checks.seed_from_i64(seed)
     segs = _segments(steps, every)
     ckpt = _empty_checkpoints(state, len(segs) - 1 if keep else 0)
+    prep = _prepared(k, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen, steps)
     x = state
     for j, (a, b) in enumerate(segs):
         if keep and j > 0:
             ckpt[j - 1].copy_(x)
         for i in range(a, b):
             x = k.forward(x, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed,
-                          (start_step + i) & 0xFFFFFFFF, frozen)
+                          (start_step + i) & 0xFFFFFFFF, frozen, **prep)
     return (x.clone() if steps == 0 else x), ckpt
 
 
@@ -117,16 +126,17 @@ def _nca_rollout_backward_op(
     dweights = [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
     g = grad_out
     segs = _segments(steps, every)
+    prep = _prepared(k, state, weights, groups, padding, frozen, steps)
     for j in range(len(segs) - 1, -1, -1):
         a, b = segs[j]
         # Recompute the segment's states from its checkpoint (transient, not saved).
         xs = [state if j == 0 else ckpt[j - 1]]
         for i in range(a, b - 1):
             xs.append(k.forward(xs[-1], *weights, groups, padding, update_prob, seed,
-                                (start_step + i) & 0xFFFFFFFF, frozen))
+                                (start_step + i) & 0xFFFFFFFF, frozen, **prep))
         for i in range(b - 1, a - 1, -1):
             g, *dw = k.backward(g, xs[i - a], *weights, groups, padding, update_prob, seed,
-                                (start_step + i) & 0xFFFFFFFF, frozen)
+                                (start_step + i) & 0xFFFFFFFF, frozen, **prep)
             for acc, d in zip(dweights, dw):
                 acc += d
         del xs

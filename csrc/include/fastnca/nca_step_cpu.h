@@ -372,7 +372,7 @@ static void backward1_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
     const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
     const int m = fire_list(p.seed, static_cast<uint64_t>((b * p.H + y) * p.W + x0), p.step,
                             p.threshold, n, s.idx);
-    T* wsrow = p.ws + (y * p.W + x0) * p.LDW;
+    T* wsrow = p.ws + b * p.ws_b + (y * p.W + x0) * p.LDW;
     for (int64_t e = 0; e < static_cast<int64_t>(n) * p.LDW; ++e) wsrow[e] = T(0);
     if (m == 0) continue;
     gather_rows<T, D>(p, b, y, x0, n, s);
@@ -434,6 +434,7 @@ template <typename T, int D>
 static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t t1,
                             Scratch<T>& s) {
   const int C = p.C, K = p.K, K9 = 9 * K, LDW = p.LDW, Cp = p.Cp;
+  const T* ws = p.ws + b * p.ws_b;  // this image's dP workspace
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t y = t / p.tiles_per_row, x0 = (t % p.tiles_per_row) * p.TW;
     const int n = static_cast<int>(p.W - x0 < p.TW ? p.W - x0 : p.TW);
@@ -455,7 +456,7 @@ static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
           for (int o = 0; o < K; ++o) d[o] = T(0);
           for (const int* py = ylo; py < yhi; ++py)
             for (const int* px = xlo; px < xhi; ++px) {
-              const T* src = p.ws + (static_cast<int64_t>(*py) * p.W + *px) * LDW + C;
+              const T* src = ws + (static_cast<int64_t>(*py) * p.W + *px) * LDW + C;
               for (int o = 0; o < K; ++o) d[o] += src[o];
             }
         }
@@ -494,7 +495,7 @@ static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
         const int64_t q0 = y * p.W + x0 + i;
         for (int tap = 0; tap < 9; ++tap) {
           const int64_t reader = q0 - (tap / 3 - 1) * p.W - (tap % 3 - 1);  // >= 0: simple
-          const T* a = p.ws + reader * LDW + C;
+          const T* a = ws + reader * LDW + C;
           const T* w = p.wcb + static_cast<int64_t>(tap) * K * Cp;
           T* c = s.dS + static_cast<int64_t>(i) * Cp;
           if (tap == 0) gemm<T, kZero, false>(e - i, Cp, K, a, LDW, w, Cp, c, Cp);
@@ -505,7 +506,7 @@ static void backward2_tiles(const Problem<T>& p, int64_t b, int64_t t0, int64_t 
     }
     // io = grad_out + dPx (zero rows for non-firing cells) + conv-transpose part
     load_tile<T, D>(p.grad, C, b, y, x0, n, s.io);
-    const T* dx = p.ws + (y * p.W + x0) * LDW;
+    const T* dx = ws + (y * p.W + x0) * LDW;
     for (int i = 0; i < n; ++i) {
       T* o = s.io + static_cast<int64_t>(i) * C;
       const T* d = s.dS + static_cast<int64_t>(i) * Cp;

@@ -126,9 +126,15 @@ def _common(state, padding, update_prob, seed, step):
     return _ext.DTYPE_CODES[state.dtype], _ext.PADDING_CODES[padding], _ext.fire_threshold(update_prob)
 
 
-def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
+    """The weights arranged once for many steps with the same rule (nca_rollout): pass the
+    result as ``prepared`` to forward and backward to skip their per-call arrangement."""
+    return _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
     dtype, pad, thr = _common(state, padding, update_prob, seed, step)
-    ws, d = _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=False)
+    ws, d = prepared or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=False)
     _check_view(state, "state", state.shape, state.dtype)
     out = torch.empty_like(state)
     _check_view(out, "out", state.shape, state.dtype)
@@ -137,13 +143,14 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     _ext.load("_C").nca_step_forward(
         state.data_ptr(), list(state.stride()), out.data_ptr(), list(out.stride()), dtype,
         list(state.shape), d["F"], groups, d["Hd"], frozen, pad, seed, step, thr,
-        *(t.data_ptr() for t in ws), _threads(), _TILE_W)
+        *(t.data_ptr() for t in ws[:6]), _threads(), _TILE_W)
     return out
 
 
-def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
+             prepared=None):
     dtype, pad, thr = _common(state, padding, update_prob, seed, step)
-    ws, d = _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
+    ws, d = prepared or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
     _check_view(state, "state", state.shape, state.dtype)
     if grad_out.dtype != state.dtype:
         grad_out = grad_out.to(state.dtype)

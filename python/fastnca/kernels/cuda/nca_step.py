@@ -113,12 +113,20 @@ def _cells_per_thread() -> int:
     return int(v) if v in ("0", "1", "2") else 0
 
 
-def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
+    """The weights arranged once for many steps (nca_rollout): pass as ``prepared``."""
+    w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
+    B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    with _launch.device_guard(state.device):
+        return _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     out = torch.empty_like(state)
     with _launch.device_guard(state.device):
-        keep, ptrs = _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=False)
+        keep, ptrs = prepared or _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=False)
         _launch.module().nca_step_forward(
             state.data_ptr(), list(state.stride()), out.data_ptr(), list(out.stride()),
             B, C, H, W, nf, hidden, frozen, depthwise, _ext.PADDING_CODES[padding],
@@ -128,7 +136,8 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
-def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
+             prepared=None):
     w2_in, b2_in = w2, b2
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
@@ -145,7 +154,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     d_state = torch.empty_like(state)
     mod = _launch.module()
     with _launch.device_guard(dev):
-        keep, ptrs = _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
+        keep, ptrs = prepared or _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
         code, pad = _ext.DTYPE_CODES[state.dtype], _ext.PADDING_CODES[padding]
         threshold = _ext.fire_threshold(update_prob)
         plan = mod.nca_step_backward_plan(B, C, H, W, nf, hidden, frozen, depthwise, pad, threshold, code)

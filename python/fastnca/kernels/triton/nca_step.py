@@ -621,8 +621,13 @@ def _fire_args(update_prob, seed, step):
     return (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, _ext.fire_threshold(update_prob))
 
 
-def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
-    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
+    """The rule arranged once for many steps (nca_rollout): pass it as ``prepared``."""
+    return _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+
+
+def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
+    rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     N = B * H * W
     out = torch.empty_like(state)
@@ -661,8 +666,9 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
     return block_m, warps, programs
 
 
-def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
-    rule = _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
+             prepared=None):
+    rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     N = B * H * W
     dev = state.device
