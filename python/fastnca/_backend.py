@@ -89,20 +89,34 @@ def _usable_on(backend: str, device: torch.device) -> bool | str:
     return True
 
 
-def resolve(backend: str | None, op: str, device: torch.device) -> str:
-    """Concrete backend for ``op`` on ``device``; raises with the reason when impossible."""
-    if backend is None:
-        backend = os.environ.get("FASTNCA_BACKEND") or None
+# Storage dtypes each backend's kernels take (float64 only on the CPU and the reference).
+_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = {"reference": _HALF_AND_SINGLE + (torch.float64,), "cpu": _HALF_AND_SINGLE + (torch.float64,),
+           "cuda": _HALF_AND_SINGLE, "triton": _HALF_AND_SINGLE}
+
+
+def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, when given); raises
+    with the reason when impossible."""
+    source = "backend"
+    if backend is None and os.environ.get("FASTNCA_BACKEND"):
+        backend, source = os.environ["FASTNCA_BACKEND"], "FASTNCA_BACKEND"
     if backend is None:
         for name in _AUTO.get((device.type, op), _AUTO.get(device.type, ("reference",))):
-            if _usable_on(name, device) is True and has_kernel(name, op):
+            if (_usable_on(name, device) is True and has_kernel(name, op)
+                    and (dtype is None or dtype in _DTYPES[name])):
                 return name
         return "reference"
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{source} must be {'None or ' if source == 'backend' else ''}one of {BACKENDS}, "
+                         f"got {backend!r}")
     status = _usable_on(backend, device)
     if status is not True:
         raise RuntimeError(f"fastnca backend {backend!r} is not usable for {op}: {status}")
     if not has_kernel(backend, op):
         raise NotImplementedError(f"fastnca backend {backend!r} has no {op} kernel")
+    if dtype is not None and dtype not in _DTYPES[backend]:
+        raise TypeError(f"fastnca backend {backend!r} does not support {dtype} tensors "
+                        f"(it takes {', '.join(str(d).replace('torch.', '') for d in _DTYPES[backend])}); "
+                        f"use backend=None or 'reference'")
     return backend

@@ -61,10 +61,17 @@ def integer(x, name: str, low: int | None = None, high: int | None = None) -> in
     return x
 
 
-def probability(x, name: str) -> float:
+def real(x, name: str, what: str = "a float") -> float:
+    """A Python float from a real number or a 0-dim (non-bool) tensor, like integer()."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(x).__name__}")
-    x = float(x)
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    return float(x)
+
+
+def probability(x, name: str) -> float:
+    x = real(x, name, "a float in [0, 1]")
     if not 0.0 <= x <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {x}")
     return x

@@ -32,8 +32,19 @@ def fire_mask(
 ) -> torch.Tensor:
     """Bool mask [batch, height, width]: True where a cell updates at ``step``.
 
-    Cell (b, y, x) updates iff ``u < update_prob`` with u the top 24 bits of Philox4x32-10
-    output word 0 (key = seed, counter = ((b*H + y)*W + x, step)) times 2^-24.
+    Cell (b, y, x) updates iff ``u < update_prob``, with u the top 24 bits of Philox4x32-10
+    output word 0 (key = seed, counter = ((b*H + y)*W + x, step mod 2^32)) times 2^-24. The
+    mask is a pure function of these arguments: bit-identical on every backend and device,
+    and what :func:`nca_step` draws inside its kernels.
+
+    Args:
+        batch, height, width: mask shape (>= 0).
+        update_prob: probability that a cell updates, in [0, 1] (Med-NCA's ``fire_rate``
+            is the probability that it does NOT: pass ``1 - fire_rate``).
+        seed: int in [0, 2^64).
+        step: int >= 0; only its low 32 bits enter the counter.
+        device: where the mask is made; default ``torch.get_default_device()``.
+        backend: None (fastest usable), "reference", "cpu", "cuda" or "triton".
     """
     batch = _checks.integer(batch, "batch", 0)
     height = _checks.integer(height, "height", 0)
@@ -41,7 +52,9 @@ def fire_mask(
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
     step = _checks.integer(step, "step", 0, 1 << 64)
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"fire_mask: device {device} requested, but torch sees no CUDA device")
     backend = _backend.resolve(backend, "fire_mask", device)
     # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
     return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),

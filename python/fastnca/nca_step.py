@@ -203,8 +203,9 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     hidden = w1.shape[0]
     _checks.tensor(w2, "fc2_weight", ndim=2)
     if w2.shape[1] != hidden or w2.shape[0] not in (C, C - frozen):
-        raise ValueError(f"fc2_weight must have shape [{C}, {hidden}] or [{C - frozen}, {hidden}] "
-                         f"(C or C - frozen_channels rows), got {tuple(w2.shape)}")
+        shapes = f"[{C}, {hidden}]" + (f" or [{C - frozen}, {hidden}] (C or C - frozen_channels rows)"
+                                        if frozen else "")
+        raise ValueError(f"fc2_weight must have shape {shapes}, got {tuple(w2.shape)}")
     for name, b, n in (("perception_bias", pb, nf * C), ("fc1_bias", b1, hidden), ("fc2_bias", b2, w2.shape[0])):
         if b is not None:
             _checks.tensor(b, name, ndim=1)
@@ -230,16 +231,42 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
 def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
              fc2_bias=None, *, groups=1, padding="reflect", update_prob=0.5, seed, step=0,
              frozen_channels=0, backend=None):
-    """One NCA update step (DESIGN.md, Op 2). Returns the new state [B, C, H, W].
+    """One NCA update step, fused: perception, per-cell MLP, stochastic residual update.
 
-    Saves only its inputs for backward: perception, hidden activations and the fire mask
-    are recomputed.
+    With ``P = cat([state, conv2d(pad(state), perception_weight, perception_bias,
+    groups=groups)], dim=1)`` (3x3 perception, padded by ``padding``), the per-cell MLP
+    ``delta = fc2(relu(fc1(P)))`` and ``m = fire_mask(B, H, W, update_prob, seed, step)``::
+
+        out[:, :f] = state[:, :f]                     (f = frozen_channels, never updated)
+        out[:, f:] = state[:, f:] + m * delta[:, f:]
+
+    Half inputs compute in float32 inside and store in their dtype. Autograd saves only
+    the inputs: perception, hidden activations and the mask are recomputed in backward.
+
+    Args:
+        state: [B, C, H, W] float32/float16/bfloat16 (float64 on "cpu"/"reference"), any
+            memory format (channels_last is read in place; the output keeps the format).
+        perception_weight: [F*C, C/groups, 3, 3], F >= 1 filter banks per channel.
+        perception_bias: [F*C] or None.
+        fc1_weight, fc1_bias: [hidden, (F+1)*C] and [hidden] (or None).
+        fc2_weight, fc2_bias: [C, hidden] and [C], or [C - frozen_channels, ...] without the
+            frozen rows (rows of frozen channels are ignored); bias may be None.
+        groups: 1 (full perception) or C (depthwise).
+        padding: "reflect" (needs H, W >= 2), "zeros", "circular" or "replicate".
+        update_prob: probability that a cell updates, in [0, 1] (1 - Med-NCA's fire_rate).
+        seed: int in [0, 2^64); step: int >= 0 (mod 2^32): the mask's Philox key and counter.
+        frozen_channels: leading channels copied unchanged (e.g. Med-NCA's input image).
+        backend: None (fastest usable for the device and dtype; env FASTNCA_BACKEND
+            overrides), "reference", "cpu", "cuda" or "triton".
+
+    Returns:
+        The new state, same shape, dtype and memory format as ``state``.
     """
     tensors, (groups, padding, update_prob, seed, frozen) = _check_and_normalise(
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    backend = _backend.resolve(backend, "nca_step", state.device)
+    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype)
     return _nca_step_op(*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step,
                         frozen, backend)
 
@@ -247,11 +274,22 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
 def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
                 fc2_bias=None, *, steps, start_step=0, checkpoint_every=None, groups=1,
                 padding="reflect", update_prob=0.5, seed, frozen_channels=0, backend=None):
-    """``steps`` applications of :func:`nca_step` with ``step = start_step + i``.
+    """``steps`` applications of :func:`nca_step`, step i drawing its mask with
+    ``step = start_step + i``: bitwise the same as that loop, in O(sqrt(steps)) memory.
 
-    Saves the input and every ``checkpoint_every``-th state (default ceil(sqrt(steps))) --
-    at most ceil(steps / checkpoint_every) + 1 states -- and recomputes each segment in
-    backward.
+    Autograd saves the input and every ``checkpoint_every``-th state (default
+    ceil(sqrt(steps))), at most ceil(steps / checkpoint_every) + 1 states, and backward
+    recomputes each segment from its checkpoint. The backend's kernels arrange the
+    weights once for all steps.
+
+    Args:
+        state ... frozen_channels, backend: as for :func:`nca_step`.
+        steps: number of steps (>= 0; 0 returns a copy of ``state``).
+        start_step: counter of the first step's mask (>= 0, mod 2^32).
+        checkpoint_every: steps per checkpointed segment (>= 1), default ceil(sqrt(steps)).
+
+    Returns:
+        The state after ``steps`` steps, like ``state``.
     """
     tensors, (groups, padding, update_prob, seed, frozen) = _check_and_normalise(
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -264,7 +302,7 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    backend = _backend.resolve(backend, "nca_step", state.device)
+    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype)
     out, _ = _nca_rollout_op(*tensors, steps, start_step, every, keep, groups, padding,
                              update_prob, _checks.seed_to_i64(seed), frozen, backend)
     return out

@@ -8,7 +8,6 @@ neighbourhood, deterministically.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -80,7 +79,7 @@ def _check(query, key, value, kernel_size, border, scale):
     if min(B, H, W, nh, D) < 1:
         raise ValueError(f"query must be non-empty [B, H, W, heads, D], got shape {tuple(query.shape)}")
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.stride(-1) != 1:
+        if D > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides "
                              f"{tuple(t.stride())}; call .contiguous() or slice a packed QKV tensor on dim -2 or earlier")
     kernel_size = _checks.integer(kernel_size, "kernel_size")
@@ -91,19 +90,49 @@ def _check(query, key, value, kernel_size, border, scale):
         raise ValueError(f"border='shift' needs height and width >= kernel_size={kernel_size}, got {H}x{W}")
     if scale is None:
         scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    else:
+        scale = _checks.real(scale, "scale", "None or a finite float")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     return kernel_size, border, float(scale)
 
 
 def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", scale=None,
                              return_lse=False, backend=None):
-    """Neighbourhood attention over [B, H, W, heads, D] tensors (DESIGN.md, Op 3).
+    """Local self-attention of every cell over its kernel_size x kernel_size window
+    (kernel_size 3: itself and its 8 neighbours), fused: scores, softmax and output are
+    computed per window in float32, never materialised; backward recomputes them.
 
-    Returns o [B, H, W, heads, D] in the input dtype, and with ``return_lse`` also the
-    float32 log-sum-exp [B, H, W, heads] of each query's window.
+    For query cell (y, x), head h, window offsets (dy, dx) in row-major order
+    (r = kernel_size // 2, -r <= dy, dx <= r)::
+
+        s[dy, dx] = scale * <q[y, x], k[y + dy, x + dx]>
+        o[y, x]   = sum softmax(s)[dy, dx] * v[y + dy, x + dx]
+
+    ``border`` decides what a window reaching outside the grid sees:
+        "zeros": a zero key and value (logit exactly 0, which still takes softmax mass;
+            GeCA's unfold with zero padding);
+        "mask": outside positions are left out of the softmax;
+        "circular": the grid wraps around (torus);
+        "shift": the window moves inwards to stay inside (NATTEN); needs H, W >= kernel_size.
+
+    Args:
+        query, key, value: [B, H, W, heads, D], same shape, dtype (float32/float16/bfloat16;
+            float64 on "cpu"/"reference") and device; only the last dim must be contiguous,
+            so q/k/v can be strided views of one packed QKV tensor (no copy is made).
+        kernel_size: 3, 5 or 7.
+        scale: logit scale, default D ** -0.5.
+        return_lse: also return the log-sum-exp of each window's logits.
+        backend: None (fastest usable; env FASTNCA_BACKEND overrides), "reference",
+            "cpu", "cuda" or "triton".
+
+    Returns:
+        o [B, H, W, heads, D] in the input dtype; with ``return_lse`` also
+        lse [B, H, W, heads] in float32 (float64 for float64 inputs).
     """
     kernel_size, border, scale = _check(query, key, value, kernel_size, border, scale)
-    backend = _backend.resolve(backend, "neighborhood_attention", query.device)
+    if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
+        query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
+    backend = _backend.resolve(backend, "neighborhood_attention", query.device, query.dtype)
     o, lse = _na2d_op(query, key, value, kernel_size, border, scale, backend)
     return (o, lse) if return_lse else o

@@ -56,6 +56,12 @@ class NCA(nn.Module):
 
     def forward(self, state: torch.Tensor, steps: int, seed: int | None = None,
                 start_step: int = 0) -> torch.Tensor:
+        """Run ``steps`` update steps on ``state`` [B, C, H, W] (:func:`fastnca.nca_rollout`).
+
+        ``seed`` keys the update masks (None: drawn from torch's default generator, so
+        ``torch.manual_seed`` repeats runs); step i draws its mask with counter
+        ``start_step + i``, so a rollout continued from ``start_step=steps`` equals one
+        longer rollout."""
         return nca_rollout(
             state, self.perception_weight, self.perception_bias, self.fc1_weight, self.fc1_bias,
             self.fc2_weight, self.fc2_bias, steps=steps, start_step=start_step,
@@ -88,6 +94,8 @@ class NeighborhoodAttention2d(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, W, dim] -> [B, H, W, dim]: QKV projection, neighbourhood attention over
+        strided views of the packed QKV (no copy), output projection."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, H, W, {self.dim}], got {tuple(x.shape)}")
         B, H, W, _ = x.shape

@@ -27,8 +27,9 @@ Implementation notes:
 - The conditioning c is constant over the 12 steps, so both adaLN modulations are
   computed once per forward (same numbers as recomputing them every step).
 - Training wraps every CA step in ``torch.utils.checkpoint`` (non-reentrant), so
-  activation memory grows with one step, not twelve; the fire mask is a pure
-  function of (seed, step, cell) and is regenerated identically on recompute.
+  activation memory grows with one step, not twelve. Each step's fire mask (a pure
+  function of seed, step and cell) is drawn outside the checkpointed function and kept
+  as an input: one bool per cell and step.
 """
 
 from __future__ import annotations
@@ -52,7 +53,24 @@ __all__ = [
     "timestep_embedding",
     "position_embedding_1d",
     "draw_seed",
+    # the diffusion (fastnca.models.geca_diffusion), importable from here too
+    "GeCADiffusion",
+    "create_diffusion",
+    "space_timesteps",
+    "linear_betas",
+    "cfg_combine",
+    "heredity_cells",
 ]
+_DIFFUSION = frozenset(__all__[__all__.index("GeCADiffusion"):])
+
+
+def __getattr__(name: str):
+    # Lazy (PEP 562): geca_diffusion imports this module, so a top-level import would cycle.
+    if name in _DIFFUSION:
+        from . import geca_diffusion
+
+        return getattr(geca_diffusion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- config

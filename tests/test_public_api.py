@@ -1,0 +1,98 @@
+"""Public-API behaviour around the ops: backend resolution by device and dtype, error
+messages that name what the user passed, argument types, and re-exports."""
+import pytest
+import torch
+
+import fastnca
+from fastnca import _backend
+from test_nca_step import make_rule, make_state
+
+
+def test_auto_backend_skips_kernels_without_the_dtype(monkeypatch):
+    """float64 on CUDA: the CUDA and Triton kernels do not take it, so None picks the reference."""
+    monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    cuda = torch.device("cuda")
+    assert _backend.resolve(None, "nca_step", cuda, torch.float64) == "reference"
+    assert _backend.resolve(None, "neighborhood_attention", cuda, torch.float64) == "reference"
+    assert _backend.resolve(None, "nca_step", cuda, torch.bfloat16) == "triton"
+    assert _backend.resolve(None, "nca_step", torch.device("cpu"), torch.float64) == "cpu"
+
+
+@pytest.mark.skipif(_backend.backends()["triton"] is not True, reason="triton not usable here")
+def test_explicit_backend_without_the_dtype_is_a_clear_error():
+    x = make_state(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'triton' does not support torch.float64"):
+        fastnca.nca_step(x, *[t.double() for t in make_rule(3)], seed=0, backend="triton")
+    q = torch.randn(1, 4, 4, 1, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'triton' does not support"):
+        fastnca.neighborhood_attention2d(q, q, q, backend="triton")
+
+
+def test_bad_fastnca_backend_env_is_named(monkeypatch):
+    monkeypatch.setenv("FASTNCA_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTNCA_BACKEND must be one of .* got 'fast'"):
+        fastnca.nca_step(make_state(1, 3, 4, 4), *make_rule(3), seed=0)
+
+
+@pytest.mark.parametrize("frozen,match", [(0, r"must have shape \[3, 6\], got \(2, 6\)"),
+                                          (1, r"must have shape \[3, 6\] or \[2, 6\] .*got \(1, 6\)")])
+def test_fc2_shape_message(frozen, match):
+    pw, pb, w1, b1, w2, b2 = make_rule(3, hidden=6)
+    with pytest.raises(ValueError, match="fc2_weight " + match):
+        fastnca.nca_step(make_state(1, 3, 4, 4), pw, pb, w1, b1, w2[: 2 - frozen], None, seed=0,
+                         frozen_channels=frozen)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fire_mask_on_missing_cuda_says_so():
+    with pytest.raises(RuntimeError, match="fire_mask: device cuda.* no CUDA device"):
+        fastnca.fire_mask(1, 4, 4, 0.5, seed=0, device="cuda")
+
+
+def test_fire_mask_follows_the_default_device():
+    with torch.device("meta"):
+        assert fastnca.fire_mask(2, 3, 4, 0.5, seed=1).device.type == "meta"
+    assert fastnca.fire_mask(2, 3, 4, 0.5, seed=1).device.type == "cpu"
+
+
+def test_scale_and_probability_types():
+    q = torch.randn(1, 4, 4, 2, 8)
+    with pytest.raises(TypeError, match="scale must be None or a finite float, got str"):
+        fastnca.neighborhood_attention2d(q, q, q, scale="a")
+    with pytest.raises(TypeError, match="scale must be None or a finite float, got bool"):
+        fastnca.neighborhood_attention2d(q, q, q, scale=True)
+    with pytest.raises(ValueError, match="scale must be None or a finite float, got inf"):
+        fastnca.neighborhood_attention2d(q, q, q, scale=float("inf"))
+    # 0-dim tensors are accepted like Python numbers (as seed and step are)
+    torch.testing.assert_close(fastnca.neighborhood_attention2d(q, q, q, scale=torch.tensor(0.3)),
+                               fastnca.neighborhood_attention2d(q, q, q, scale=0.3), rtol=0, atol=0)
+    x, rule = make_state(1, 3, 4, 4), make_rule(3)
+    assert torch.equal(fastnca.nca_step(x, *rule, seed=0, update_prob=torch.tensor(0.25)),
+                       fastnca.nca_step(x, *rule, seed=0, update_prob=0.25))
+    with pytest.raises(TypeError, match="update_prob must be a float in"):
+        fastnca.nca_step(x, *rule, seed=0, update_prob=torch.tensor(True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_head_dim_one_with_any_stride(backend):
+    """A size-1 head dim is contiguous whatever its stride: accepted, same result."""
+    base = torch.randn(1, 4, 5, 2, 3, dtype=torch.float64)
+    q = base.transpose(-1, -2)[..., :1]  # [1, 4, 5, 3, 1], stride(-1) == 3
+    assert q.stride(-1) != 1
+    q.requires_grad_(True)
+    o = fastnca.neighborhood_attention2d(q, q, q, backend=backend)
+    qc = q.detach().contiguous().requires_grad_(True)
+    oc = fastnca.neighborhood_attention2d(qc, qc, qc, backend=backend)
+    torch.testing.assert_close(o, oc, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(o.sum(), q)[0], torch.autograd.grad(oc.sum(), qc)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_geca_module_exports_its_diffusion():
+    from fastnca.models import geca, geca_diffusion
+
+    for name in ("GeCADiffusion", "create_diffusion", "space_timesteps", "linear_betas", "cfg_combine",
+                 "heredity_cells"):
+        assert getattr(geca, name) is getattr(geca_diffusion, name) and name in geca.__all__
+    with pytest.raises(AttributeError):
+        geca.no_such_name
