@@ -212,8 +212,24 @@ def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
     print("\nx = baseline / fastnca (higher is better: speed-up, or times less memory)")
 
 
+# What the fields of a result mean, written into every JSON file next to the numbers.
+DEFINITIONS = {
+    "fwd_ms, fwd_bwd_ms": "median wall time of the forward, and of forward + backward (ms)",
+    "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
+    "peak_mb": "peak CUDA memory of one forward + backward (torch.cuda.max_memory_allocated), MB",
+    "gflops_fwd, gflops_train": "nca: dense-equivalent GFLOP/s -- every cell counted as computed "
+                                "(the kernels skip cells that do not fire, so this can exceed "
+                                "the matmul roof); train counts 4x the forward's work",
+    "roof_fraction_*": "that GFLOP/s over the measured matmul roof of the same dtype",
+    "tf32_roof_fraction_*": "float32 on CUDA: over the TF32 tensor-core matmul roof",
+    "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
+                                           "the measured device copy bandwidth",
+    "ratios": "x = baseline / implementation: speed-up, or times less memory",
+}
+
+
 def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": env, "roofs": roofs, "args": args,
+        json.dump({"environment": env, "roofs": roofs, "args": args, "definitions": DEFINITIONS,
                    "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)

@@ -1,0 +1,6 @@
+"""``python -m fastnca``: the ``fastnca`` command (info, bench)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
