@@ -1,5 +1,6 @@
 """Shared test helpers: which backends to test, dtype tolerances, comparison to reference."""
 import os
+import re
 
 import torch
 
@@ -46,9 +47,39 @@ def fast_backends(op: str) -> list:
 
 def assert_close(actual, expected, dtype, name="", scale=1.0):
     """Elementwise check with atol relative to the tensor's magnitude: two fp32 sums of the
-    same terms in different orders differ by ~eps * max|term|, not by eps per element."""
+    same terms in different orders differ by ~eps * max|term|, not by eps per element.
+
+    The magnitude is max|expected| itself (no floor of 1), so a tensor of small values is
+    held to the same relative error as a large one; the 1e-30 guard only keeps an all-zero
+    expected tensor meaningful (it must then be matched to ~1e-35, i.e. exactly zero in
+    practice). A comparison whose error is set by larger intermediate terms than the
+    result (a near-zero difference) passes an explicit ``scale`` and says why."""
     rtol, atol = TOLERANCES[dtype]
     expected = expected.double().cpu()
-    magnitude = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    magnitude = max(1e-30, expected.abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol * scale,
                                atol=atol * scale * magnitude, msg=lambda m: f"{name}: {m}")
+
+
+def mentions(*words):
+    """A ``pytest.raises(match=...)`` pattern: the message names every one of ``words`` (as
+    whole words, in any order). Argument-error tests match on names, not on wording."""
+    return "(?s)^" + "".join(rf"(?=.*\b{re.escape(w)}\b)" for w in words)
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+
+
+def copies_of(shapes, fn) -> list:
+    """The aten copy ops (copy_, clone, contiguous, _to_copy) that ``fn()`` runs with a first
+    input of one of ``shapes``. torch.profiler records the ops run inside a custom op's
+    implementation too, so this sees a launcher's hidden ``.contiguous()``. (Under
+    TRITON_INTERPRET the interpreter's own flat byte copies of every argument show up with
+    1-D shapes and are not counted: they are an artefact of interpreting.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = [list(s) for s in shapes]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [(e.name, e.input_shapes[0]) for e in prof.events()
+            if e.name in COPY_OPS and e.input_shapes and list(e.input_shapes[0]) in shapes]

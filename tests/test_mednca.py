@@ -145,11 +145,16 @@ def test_backbone_matches_original_convention(backend):
     torch.manual_seed(1)
     x = torch.randn(2, 7, 10, C, dtype=torch.float64)  # H != W: the transposition matters
     expected = orig(x, steps).permute(0, 3, 1, 2)
-    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32  # GPU kernels: no fp64
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    # GPU kernels have no fp64; reference and cpu run both (the fp32 run checks here the
+    # bound the GPU backends are held to).
+    dtypes = [torch.float64, torch.float32] if backend in ("reference", "cpu") else [torch.float32]
     dev = _device(backend)
-    got = ours.to(dev, dtype)(x.permute(0, 3, 1, 2).to(dev, dtype), steps, seed=123, backend=backend)
-    torch.testing.assert_close(got.cpu().double(), expected, rtol=tol, atol=tol)
+    for dtype in dtypes:
+        got = ours.to(dev, dtype)(x.permute(0, 3, 1, 2).to(dev, dtype), steps, seed=123, backend=backend)
+        if dtype == torch.float64:
+            torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-10, atol=1e-10)
+        else:  # fp32 standard (measured on cpu/reference/triton-interpreter: 1.2e-7 of max|x|)
+            assert_close(got, expected, torch.float32, f"{backend} fp32 vs original")
     # without the kernel transposition the result is different: the test can see the convention
     wrong = BackboneNCA(C, hidden, fire_rate=0.0).double()
     wrong.load_original_state_dict(orig.state_dict())
@@ -409,5 +414,9 @@ def test_training_matches_reference(backend, mode):
     cfg = _TINY if _interpreted(backend) else dict(_TINY, size=16, iters=5)
     expected = _train("reference", mode, **cfg)
     got = _train(backend, mode, **cfg)
+    # No slack over the fp32 standard although this is a chain of 3-5 Adam steps: the loss
+    # is a mean over every pixel, so kernel rounding differences average out below one fp32
+    # ulp of the loss. Measured: cpu and triton (interpreter) curves are bitwise equal to the
+    # reference's; even the reference run in fp64 differs by <= 1 ulp (8.8e-8 rel).
     assert_close(torch.tensor([*got[0], got[2]]), torch.tensor([*expected[0], expected[2]]),
-                 torch.float32, f"{backend} {mode} losses", scale=10)
+                 torch.float32, f"{backend} {mode} losses")

@@ -160,6 +160,41 @@ def test_memory_formats(layout):
         assert d_state.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("op", ["nca_step", "nca_rollout"])
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_state_is_passed_to_the_kernels_as_is(op, layout, monkeypatch):
+    """DESIGN: kernels must not force a copy of a channels_last state. Through the public
+    autograd op, the compiled kernels receive the caller's state tensor itself (its data
+    pointer and strides; likewise a non-dense view and the caller's grad), forward and
+    backward. For the rollout that is the first step's input and the last step's grad."""
+    _C, calls = _ext.load("_C"), {}
+    for name in ("nca_step_forward", "nca_step_backward"):
+        def spy(*args, _real=getattr(_C, name), _name=name):
+            calls.setdefault(_name, []).append(args[:4])
+            return _real(*args)
+        monkeypatch.setattr(_C, name, spy)
+    state, (pw, pb, w1, b1, w2, b2), grad = make(2, 8, 7, 10, 2, 1, 16, 1, seed=12)
+    if layout == "channels_last":
+        state = state.contiguous(memory_format=torch.channels_last)
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    else:  # a non-dense view: every other column of a wider tensor
+        state = torch.cat([state, state.flip(3)], 3)[..., ::2]
+        grad = torch.cat([grad, grad], 3)[..., 1::2]
+    weights = [t.requires_grad_(True) for t in (pw, pb, w1, b1, w2, b2)]
+    state.requires_grad_(True)
+    kw = dict(steps=3, checkpoint_every=2) if op == "nca_rollout" else {}
+    out = getattr(fastnca, op)(state, *weights, seed=4, frozen_channels=1, backend="cpu", **kw)
+    torch.autograd.grad(out, [state, *weights], grad)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    ptr, strides = calls["nca_step_forward"][0][:2]
+    assert (ptr, list(strides)) == (state.data_ptr(), list(state.stride()))
+    go_ptr, go_strides, s_ptr, s_strides = calls["nca_step_backward"][0]
+    assert (go_ptr, list(go_strides)) == (grad.data_ptr(), list(grad.stride()))
+    s_ptr, s_strides = calls["nca_step_backward"][-1][2:]
+    assert (s_ptr, list(s_strides)) == (state.data_ptr(), list(state.stride()))
+
+
 @pytest.mark.parametrize("p,seed,step", [(0.5, 0, 0), (0.3, 2**64 - 1, 2**32 - 1), (0.999, 2**63 + 12345, 77),
                                          (1e-3, 42, 1)])
 def test_fire_mask_bit_identical(p, seed, step):

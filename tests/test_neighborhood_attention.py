@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastnca
-from conftest import assert_close, device_for, fast_backends
+from conftest import assert_close, copies_of, device_for, fast_backends, mentions
 
 BORDERS = ["zeros", "mask", "circular", "shift"]
 
@@ -106,12 +106,32 @@ def test_reference_gradcheck(border, ks):
     assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=ks > 3)
 
 
-def test_packed_views_are_not_copied_and_gradients_reach_qkv():
+def test_packed_views_gradients_reach_qkv():
     q, k, v = make_qkv(2, 4, 5, 3, 8, packed=True, requires_grad=True)
     assert q.stride(-1) == 1 and not q.is_contiguous()
     o = fastnca.neighborhood_attention2d(q, k, v, backend="reference")
     o.sum().backward()
     assert q._base.grad is not None and q._base.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+def test_packed_views_are_not_copied(backend):
+    """DESIGN: strided views of one packed QKV tensor are accepted without a copy. No aten copy
+    runs on a q/k/v- or qkv-shaped tensor anywhere in the public op, forward or backward (the
+    cpu backend's pointers and strides are checked exactly in test_neighborhood_attention_cpu)."""
+    dev = device_for(backend)
+    q, k, v = make_qkv(2, 4, 5, 3, 8, device=dev, packed=True, requires_grad=True)
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    shapes = [q.shape, q._base.shape]
+    assert copies_of(shapes, lambda: q.contiguous()), "the probe must see a copy"
+    grads = []
+
+    def run():
+        o = fastnca.neighborhood_attention2d(q, k, v, backend=backend)
+        grads.extend(torch.autograd.grad(o, q._base, torch.ones_like(o)))
+
+    assert copies_of(shapes, run) == []
+    assert grads[0].abs().sum() > 0
 
 
 def _saved(fn):
@@ -158,6 +178,22 @@ ARG_ERRORS = [
     (dict(border="shift", kernel_size=5), ValueError, "border='shift' needs height and width >= kernel_size=5"),
     (dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
     (dict(backend="natten"), ValueError, "backend must be None or one of"),
+    # Matched on the argument's name (and, for a device mismatch, the device), not on the
+    # wording; the exception type of a non-numeric scale is not fixed here.
+    (dict(query="q"), TypeError, mentions("query")),
+    (dict(scale="a"), (TypeError, ValueError), mentions("scale")),
+    (dict(scale=torch.tensor(0.5)), (TypeError, ValueError), mentions("scale")),
+    (dict(scale=float("inf")), ValueError, mentions("scale")),
+    (dict(kernel_size=3.0), TypeError, mentions("kernel_size")),
+    (dict(kernel_size=True), TypeError, mentions("kernel_size")),
+    # Empty inputs: every dim, including heads and D.
+    *[(dict(query=torch.zeros(shape), key=torch.zeros(shape), value=torch.zeros(shape)), ValueError,
+       mentions("query")) for shape in [(0, 4, 4, 2, 8), (1, 0, 4, 2, 8), (1, 4, 0, 2, 8), (1, 4, 4, 0, 8),
+                                        (1, 4, 4, 2, 0)]],
+    # Device mismatches ("meta" stands in for a second device on a CPU-only machine).
+    (dict(key=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("key", "meta")),
+    (dict(value=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("value", "meta")),
+    (dict(query=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("query", "meta")),
 ]
 
 
@@ -168,6 +204,15 @@ def test_argument_errors(override, exc, match):
     args.update(override)
     with pytest.raises(exc, match=match):
         fastnca.neighborhood_attention2d(**args)
+
+
+@pytest.mark.skipif(fastnca.backends()["triton"] is not True, reason=f"triton: {fastnca.backends()['triton']}")
+def test_float64_with_triton_backend_is_a_clear_error():
+    """The Triton kernels have no fp64 path: asking for it explicitly is a TypeError naming
+    the dtype, not a silent downcast or an error from inside Triton."""
+    q, k, v = make_qkv(1, 4, 4, 2, 8, dtype=torch.float64, device=device_for("triton"))
+    with pytest.raises(TypeError, match=mentions("float64")):
+        fastnca.neighborhood_attention2d(q, k, v, backend="triton")
 
 
 # --------------------------------------------------------------------------------------

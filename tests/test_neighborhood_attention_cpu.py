@@ -49,12 +49,15 @@ def check(shape, ks, border, dtype=torch.float32, packed=False, seed=0, lse_grad
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
+    # fp32/fp64 grads are held to the same bound as o; half grads keep a 2x margin for the
+    # rounding of the half inputs to the recomputed probabilities and of the stored grads.
+    gtol = tol if dtype in (torch.float32, torch.float64) else 2 * tol
     for gl in ([None, dlse] if lse_grad else [None]):
         got = cpu.backward(do, gl, q, k, v, o, lse, ks, border, scale)
         want = ref.backward(do, gl, q, k, v, ro, rlse, ks, border, scale)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
-            assert rel_err(a, b) <= 2 * tol, (name, "lse grad" if gl is not None else "", rel_err(a, b))
+            assert rel_err(a, b) <= gtol, (name, "lse grad" if gl is not None else "", rel_err(a, b))
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
@@ -104,9 +107,49 @@ def test_instruction_set_paths(isa, dtype, monkeypatch):
         check((1, 5, 5, 1, D), 5, "shift", dtype=dtype, seed=D + 1, lse_grad=False)
 
 
-def test_packed_views_are_read_in_place():
-    """q/k/v strided views of one packed qkv (only stride(-1) == 1) run without copies:
-    results equal those of contiguous copies bit for bit."""
+def _spy_on_kernels(monkeypatch):
+    """Record the pointers and strides the compiled kernels receive (then run them)."""
+    mod, calls = cpu._module(), {}
+    for name in ("na2d_forward", "na2d_backward"):
+        def spy(ptrs, strides, *rest, _real=getattr(mod, name), _name=name):
+            calls[_name] = (list(ptrs), list(strides))
+            return _real(ptrs, strides, *rest)
+        monkeypatch.setattr(mod, name, spy)
+    return calls
+
+
+def _strides4(*ts):
+    return [s for t in ts for s in t.stride()[:4]]
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["launcher", "public-op"])
+def test_packed_views_are_passed_to_the_kernels_as_is(public, monkeypatch):
+    """q/k/v strided views of one packed qkv (only stride(-1) == 1) reach the compiled
+    kernels as the views themselves: their own data pointers and strides, forward and
+    backward, whether called through the launcher or the public autograd op; the saved o
+    reaches backward uncopied too."""
+    calls = _spy_on_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 6, 7, 3, 3, 16, generator=g).requires_grad_(public)
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    do = torch.randn(q.shape, generator=g)
+    if public:
+        o = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", 0.25, backend="cpu")
+        torch.autograd.grad(o, qkv, do)
+    else:
+        o, lse = cpu.forward(q, k, v, 3, "zeros", 0.25)
+        cpu.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.25)
+    ptrs, strides = calls["na2d_forward"]
+    assert ptrs[:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()] and ptrs[3] == o.data_ptr()
+    assert strides == _strides4(q, k, v)
+    ptrs, strides = calls["na2d_backward"]
+    assert ptrs[:5] == [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr()]
+    assert strides == _strides4(q, k, v, o, do)
+
+
+def test_packed_views_match_contiguous_copies():
+    """Strided reads are right: packed views give the results of contiguous copies bit for bit."""
     q, k, v = make(2, 6, 7, 3, 16, packed=True)
     assert not q.is_contiguous() and q.stride(-1) == 1
     o, lse = cpu.forward(q, k, v, 3, "zeros", 0.25)
@@ -125,11 +168,11 @@ def test_grad_o_any_strides():
     base = torch.randn(1, 5, 6, 8, 2).transpose(-1, -2)  # stride(-1) != 1
     want = ref.backward(base, None, q, k, v, o, lse, 3, "mask", 0.3)
     got = cpu.backward(base, None, q, k, v, o, lse, 3, "mask", 0.3)
-    assert all(rel_err(a, b) <= 2e-5 for a, b in zip(got, want))
+    assert all(rel_err(a, b) <= REL[torch.float32] for a, b in zip(got, want))
     expanded = torch.ones(()).expand(q.shape)  # every stride 0, as from o.sum().backward()
     got = cpu.backward(expanded, None, q, k, v, o, lse, 3, "mask", 0.3)
     want = ref.backward(torch.ones(q.shape), None, q, k, v, o, lse, 3, "mask", 0.3)
-    assert all(rel_err(a, b) <= 2e-5 for a, b in zip(got, want))
+    assert all(rel_err(a, b) <= REL[torch.float32] for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("ks", [3, 5])

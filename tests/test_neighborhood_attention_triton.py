@@ -66,13 +66,16 @@ def check_against_reference(B, H, W, nh, D, ks, border, dtype, layout="separate"
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).float().to(DEVICE)
+    # fp32 grads are held to the same bound as o; half grads keep a 2x margin for the
+    # rounding of the half inputs to the recomputed probabilities and of the stored grads.
+    gtol = tol if dtype == torch.float32 else 2 * tol
     for grad_lse in (None, dlse):
         grads = tri.backward(do, grad_lse, q, k, v, o, lse, ks, border, scale)
         rgrads = ref.backward(do, grad_lse, q, k, v, ro, rlse, ks, border, scale)
         for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
             assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
             err = rel_err(a, b)
-            assert err <= 2 * tol, (name, "with dlse" if grad_lse is not None else "no dlse", err)
+            assert err <= gtol, (name, "with dlse" if grad_lse is not None else "no dlse", err)
 
 
 # --------------------------------------------------------------------------------------
