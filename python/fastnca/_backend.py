@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import _ext
+from . import _checks, _ext
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("fire_mask", "nca_step", "neighborhood_attention")
@@ -90,9 +90,8 @@ def _usable_on(backend: str, device: torch.device) -> bool | str:
 
 
 # Storage dtypes each backend's kernels take (float64 only on the CPU and the reference).
-_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPES = {"reference": _HALF_AND_SINGLE + (torch.float64,), "cpu": _HALF_AND_SINGLE + (torch.float64,),
-           "cuda": _HALF_AND_SINGLE, "triton": _HALF_AND_SINGLE}
+_DTYPES = {"reference": _checks.COMPUTE_DTYPES, "cpu": _checks.COMPUTE_DTYPES,
+           "cuda": _checks.FLOAT_DTYPES, "triton": _checks.FLOAT_DTYPES}
 
 
 def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
