@@ -1,53 +1,108 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, in the order the project asks for, in as few device
-# calls as possible (the device time is short):
+# calls as possible (the device time is short: 15 minutes a session, 10 a call):
 #   build     fastnca._C and fastnca._C_cuda in place, for this GPU's architecture only
 #   test      pytest -m gpu: every CUDA and Triton kernel against the reference on the GPU
 #   sanitize  scripts/sanitize_cuda.sh: compute-sanitizer memcheck, racecheck, initcheck, synccheck
 #   bench     fastnca bench --json: every op and model against PyTorch on this GPU
-# Logs and the benchmark JSON go to $OUT (the device tool's return folder) or, without it,
+# Logs and benchmark JSON go to $OUT (the device tool's return folder) or, without it,
 # build/gpu-session/. On a copied tree without .git, set FASTNCA_GIT_COMMIT so the JSON
 # names the commit it measured.
+#
 # Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
-#   STAGE: build, test (all of -m gpu), test-cuda, test-triton (its two halves), sanitize,
-#          bench, bench-quick
-# Each device call runs at most 10 minutes, and Triton compiles ~500 kernel variants for
-# the GPU tests, so the suggested calls are: `build test-cuda sanitize`, then `test-triton`
-# (a warm machine keeps the build and the Triton cache), then `bench`.
+#   STAGE: build | test | test-cuda | test-triton | sanitize[:TOOL,...]
+#          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick | pack
+#          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
+#          caches, so that a timed bench after it spends its time measuring)
+#   STAGE@SECONDS  stops that stage after SECONDS (what it wrote so far stays: the benchmark
+#                  rewrites its JSON after every suite)
+#   A+B            runs stages A and B at the same time (tests beside the sanitizer and a
+#                  cache warm-up: Triton compiles are CPU-bound, the sanitizer waits on the GPU)
+#   pack           tars every log into $OUT/logs.tgz (the device tool returns 8 files at most)
+# Example, everything in one ten-minute call:
+#   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
+#       bench:nca:bfloat16@120 pack
 # Tests run with FASTNCA_TRITON_AUTOTUNE=0 (one compile per variant, not one per tile) and
-# on 8 processes when pytest-xdist is there.
+# on 12 processes when pytest-xdist is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-session}
-mkdir -p "$out"
+mkdir -p "$out/logs"
 py=$(command -v python3 || command -v python)
 export PATH="$(dirname "$py"):$PATH" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(build test sanitize bench)
-status=0
-for stage in "${stages[@]}"; do
-  echo "=== $stage ($(date +%T))"
-  case "$stage" in
+
+run_stage() {  # run_stage NAME[:ARGS] SECONDS
+  local spec=$1 limit=$2 name=${1%%:*} arg="" tmo=()
+  [[ $spec == *:* ]] && arg=${spec#*:}
+  [[ $limit -gt 0 ]] && tmo=(timeout -k 10 "$limit")
+  local tag=${spec//[:,]/-}
+  echo "=== $spec ($(date +%T), limit ${limit}s)"
+  case "$name" in
     build)
+      local arch
       arch=$("$py" -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
       FASTNCA_CUDA=on FASTNCA_CUDA_ARCHS="${FASTNCA_CUDA_ARCHS:-$arch}" JOBS="${JOBS:-$(nproc)}" \
-        scripts/build_inplace.sh build/gpu 2>&1 | tee "$out/build.log" || { echo "build failed"; exit 1; }
-      "$py" -m fastnca.cli info 2>&1 | tee "$out/info.txt" ;;
+        "${tmo[@]}" scripts/build_inplace.sh build/gpu > "$out/logs/build.log" 2>&1 \
+        || { tail -30 "$out/logs/build.log"; echo "build failed"; return 1; }
+      "$py" -m fastnca.cli info 2>&1 | tee "$out/logs/info.txt"
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+        >> "$out/logs/info.txt" 2>&1 ;;
     test|test-cuda|test-triton)
-      files=()
-      [[ $stage == test-cuda ]] && files=(tests/test_cuda_kernels.py)
-      [[ $stage == test-triton ]] && files=($(ls tests/test_*.py | grep -v test_cuda_kernels.py))
-      xdist=()
-      "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-      FASTNCA_TRITON_AUTOTUNE=0 "$py" -m pytest -m gpu -q -rfE -p no:cacheprovider "${xdist[@]}" \
-        --junitxml="$out/$stage.xml" "${files[@]}" 2>&1 | tee "$out/$stage.log" || status=1 ;;
+      local files=() xdist=()
+      [[ $name == test-cuda ]] && files=(tests/test_cuda_kernels.py)
+      [[ $name == test-triton ]] && files=($(ls tests/test_*.py | grep -v test_cuda_kernels.py))
+      "$py" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_PROCS:-10}")
+      "$py" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 150)  # a hung test fails alone
+      FASTNCA_TRITON_AUTOTUNE=0 "${tmo[@]}" "$py" -m pytest -m gpu -v -rfE -p no:cacheprovider "${xdist[@]}" \
+        --junitxml="$out/$name.xml" "${files[@]}" > "$out/logs/$name.log" 2>&1
+      local rc=$?
+      pkill -f execnet 2>/dev/null  # xdist workers a timeout left behind
+      tail -25 "$out/logs/$name.log"
+      return $rc ;;
     sanitize)
-      scripts/sanitize_cuda.sh 2>&1 | tee "$out/sanitize.log" || status=1 ;;
-    bench)
-      "$py" -m fastnca.cli bench --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || status=1 ;;
+      "${tmo[@]}" scripts/sanitize_cuda.sh ${arg//,/ } > "$out/logs/sanitize.log" 2>&1
+      local rc=$?
+      grep -E "^===|ERROR SUMMARY|RACECHECK SUMMARY|Error|error" "$out/logs/sanitize.log" | head -40
+      return $rc ;;
+    bench|bench-warm)
+      local args=() o d
+      [[ $name == bench ]] && args=(--json "$out/$tag.json") || args=(--warm-only)
+      if [[ -n $arg ]]; then
+        o=${arg%%:*}
+        for o in ${o//,/ }; do args+=(--ops "$o"); done
+        if [[ $arg == *:* ]]; then d=${arg#*:}; for d in ${d//,/ }; do args+=(--dtype "$d"); done; fi
+      fi
+      "${tmo[@]}" "$py" -m fastnca.cli bench "${args[@]}" > "$out/logs/$tag.log" 2>&1
+      local rc=$?
+      [[ $name == bench ]] && grep -E "^roofs|^    |error|Error" "$out/logs/$tag.log" | tail -60
+      [[ $name == bench-warm ]] && tail -3 "$out/logs/$tag.log"
+      return $rc ;;
     bench-quick)
-      "$py" -m fastnca.cli bench --quick --json "$out/bench-quick.json" 2>&1 | tee "$out/bench.log" || status=1 ;;
-    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+      "${tmo[@]}" "$py" -m fastnca.cli bench --quick --json "$out/bench-quick.json" > "$out/logs/bench-quick.log" 2>&1 ;;
+    pack)
+      tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs" ;;
+    *) echo "unknown stage: $spec" >&2; return 2 ;;
   esac
+}
+
+status=0
+for stage in "${stages[@]}"; do
+  IFS=+ read -ra parts <<< "$stage"
+  specs=() limits=()
+  for p in "${parts[@]}"; do
+    if [[ $p == *@* ]]; then specs+=("${p%@*}"); limits+=("${p##*@}"); else specs+=("$p"); limits+=(0); fi
+  done
+  if [[ ${#specs[@]} -eq 1 ]]; then
+    run_stage "${specs[0]}" "${limits[0]}" || status=1  # a failed build still leaves Triton to test
+  else
+    pids=()
+    for i in "${!specs[@]}"; do
+      run_stage "${specs[$i]}" "${limits[$i]}" > "$out/logs/stage-$i.out" 2>&1 & pids+=($!)
+    done
+    for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=1; cat "$out/logs/stage-$i.out"; done
+  fi
 done
+echo "=== done ($(date +%T)), status $status"
 exit $status

@@ -22,6 +22,7 @@ def _bench(args) -> int:
     from .benchmark import common, nca_step, neighborhood_attention
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    common.WARM_ONLY = args.warm_only
     dtypes = args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     torch.manual_seed(0)
     # Every config compiles the baselines anew (shapes, requires_grad): let dynamo keep them
@@ -50,12 +51,19 @@ def _bench(args) -> int:
             return 2
         for d in dtypes:
             print(f"[{name} {d}]", flush=True)
-            results += suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
+            got = suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
+            for r in got:
+                print(f"    {r.op} | {r.config} | {r.impl}: fwd {common.fmt(r.fwd_ms)} ms, fwd+bwd "
+                      f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}", flush=True)
+            results += got
+            if args.json and not args.warm_only:  # after every suite: a run cut short keeps what it measured
+                common.write_json(args.json, env, roofs, results,
+                                  {k: v for k, v in vars(args).items() if k != "func"})
     common.print_table(results, {"nca_step": "pytorch", "nca_rollout": "pytorch",
                                  "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
                                  "geca_train": "pytorch", "geca_sample": "pytorch"})
     print(f"\n{time.time() - t0:.0f} s")
-    if args.json:
+    if args.json and not args.warm_only:
         common.write_json(args.json, env, roofs, results,
                           {k: v for k, v in vars(args).items() if k != "func"})
         print(f"wrote {args.json}")
@@ -73,6 +81,9 @@ def main(argv=None) -> int:
                    help="repeatable; default bfloat16 and float32 on GPU, float32 on CPU")
     b.add_argument("--ops", action="append", help="nca, attention, mednca, geca (default: all)")
     b.add_argument("--json", help="write the results (with device and versions) to this JSON file")
+    b.add_argument("--warm-only", action="store_true",
+                   help="run every implementation once and time nothing: fills the Triton and "
+                        "Inductor compile caches ahead of a timed run (writes no JSON)")
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="list backends and why any is unavailable")
     i.set_defaults(func=_info)

@@ -32,9 +32,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ``fastnca bench --warm-only``: run every measured callable once and time nothing, to fill
+# the on-disk compile caches (Triton kernels, Inductor graphs) ahead of a timed run.
+WARM_ONLY = False
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
               max_seconds: float = 20.0) -> float:
     """Median wall time of ``fn`` in ms (CUDA-synchronised); stops early past max_seconds."""
+    if WARM_ONLY:
+        fn()
+        sync(device)
+        return float("nan")
     for _ in range(warmup):
         fn()
     sync(device)
@@ -52,6 +61,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
 
 def saved_mb(fn: Callable[[], object]) -> float:
     """MB of distinct storages autograd saves for backward while ``fn`` runs."""
+    if WARM_ONLY:
+        return float("nan")
     seen: dict = {}
 
     def pack(t):
@@ -67,7 +78,7 @@ def saved_mb(fn: Callable[[], object]) -> float:
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    if device.type != "cuda":
+    if device.type != "cuda" or WARM_ONLY:
         return None
     torch.cuda.empty_cache()
     sync(device)

@@ -91,6 +91,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "nca_step")]
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    else:  # on a GPU the reference runs the same PyTorch ops as the "pytorch" baseline below
+        backends = [b for b in backends if b != "reference"]
     for name, cfg in configs:
         C, hidden, nf = cfg["C"], cfg["hidden"], cfg["nf"]
         groups = C if cfg["groups"] == "C" else cfg["groups"]
@@ -164,4 +166,46 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             xl.grad = None
             for t in rule:
                 t.grad = None
+        if device.type == "cuda" and name == "mednca":
+            results += _full_resolution_peak(impls[0][1], rule, C, kw, steps, label, dname, backends, device, log)
+    return results
+
+
+def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, device, log) -> list[Result]:
+    """Peak CUDA memory of one 64-step rollout training step at 1024x1024, B=1: the state,
+    its output gradient and the weights' gradients included (total_mb), against 4 GB."""
+    results = []
+    dtype = rule[0].dtype
+    big = torch.randn(1, C, 1024, 1024, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    big.requires_grad_(True)
+    gbig = torch.randn_like(big)
+    bigl = big.detach().permute(0, 2, 3, 1).contiguous().requires_grad_(True)
+    gbigl = gbig.permute(0, 2, 3, 1).contiguous()
+    config = label.split(" B=")[0] + f" B=1 1024x1024 steps={steps}: training-step peak memory"
+
+    def paper_rollout():
+        y = bigl
+        for _ in range(steps):
+            y = paper(y)
+        torch.autograd.backward(y, gbigl)
+
+    runs = [("pytorch", paper_rollout)]
+    runs += [(f"fastnca:{b}", lambda b=b: torch.autograd.backward(
+        fastnca.nca_rollout(big, *rule, steps=steps, seed=1, backend=b, **kw), gbig)) for b in backends]
+    inputs_mb = 2 * big.nbytes / 2**20
+    for impl, fn in runs:
+        log(f"  nca_rollout 1024x1024 peak {impl} ...")
+        try:
+            peak = peak_mb(fn, device) + inputs_mb
+            results.append(Result("nca_rollout_peak", config, impl, dname, peak_mb=peak,
+                                  note="under 4 GB" if peak < 4096 else "over 4 GB",
+                                  extra={"includes_state_and_grad_mb": inputs_mb}))
+        except Exception as e:
+            results.append(Result("nca_rollout_peak", config, impl, dname,
+                                  note=f"error: {type(e).__name__}: {e}"[:120]))
+        big.grad = None
+        bigl.grad = None
+        for t in rule:
+            t.grad = None
+        torch.cuda.empty_cache()
     return results
