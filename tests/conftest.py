@@ -4,6 +4,10 @@ import re
 
 import torch
 
+# References computed on a GPU must be float32-exact: cuDNN runs float32 convolutions on
+# TF32 tensor cores unless told otherwise (~5e-4 relative error, 50x the fp32 tolerance).
+torch.backends.cudnn.allow_tf32 = False
+
 # Triton kernels run on CPU tensors under the interpreter when there is no GPU; the
 # variable must be set before triton (and fastnca) are imported.
 if not torch.cuda.is_available():
@@ -83,3 +87,18 @@ def copies_of(shapes, fn) -> list:
         fn()
     return [(e.name, e.input_shapes[0]) for e in prof.events()
             if e.name in COPY_OPS and e.input_shapes and list(e.input_shapes[0]) in shapes]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under pytest-xdist, end the worker after a CUDA illegal memory access: the error is
+    sticky, so every later test in that process would fail for it too. xdist reports the
+    test as crashed, by name, and starts a fresh worker."""
+    outcome = yield
+    rep = outcome.get_result()
+    if (rep.failed and call.excinfo is not None and os.environ.get("PYTEST_XDIST_WORKER")
+            and "illegal memory access" in str(call.excinfo.value)):
+        import sys
+        sys.stderr.write(f"\n{item.nodeid}: CUDA illegal memory access; ending this worker\n")
+        sys.stderr.flush()
+        os._exit(3)

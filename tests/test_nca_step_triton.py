@@ -227,3 +227,37 @@ def test_gpu_gradients_are_bitwise_reproducible():
     g2 = tri.backward(grad_out, state, *args)
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         assert torch.equal(a, b), name
+
+
+def test_wgmma_safe_rule():
+    # One warp group per 64 rows; spare warp groups split N (triton-lang/triton#10629).
+    assert not tri._wgmma_safe(64, 8, 16)   # N=16 split in two: N=8 wgmmas
+    assert tri._wgmma_safe(64, 8, 32)       # N=16 per warp group
+    assert tri._wgmma_safe(64, 4, 16)       # one warp group
+    assert tri._wgmma_safe(128, 8, 16)      # warp groups along M
+    assert tri._wgmma_safe(32, 8, 16)       # under 64 rows: mma.sync, no wgmma
+    assert not tri._wgmma_safe(64, 16, 32)
+
+
+@pytest.mark.parametrize("C", [1, 5, 8, 16, 32, 48, 64, 128])
+@pytest.mark.parametrize("hidden", [1, 16, 40, 64, 128, 256])
+@pytest.mark.parametrize("F", [1, 3])
+def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
+    """Every tile the launchers can pick on an H100 (forward: every autotune candidate the
+    prune keeps; backward: the fixed tiling) keeps each wgmma at N >= 16. Checked on the
+    host: the illegal memory access it prevents only shows on a Hopper GPU."""
+    from types import SimpleNamespace
+
+    import triton
+
+    c_pad, hid_pad, c_blk, fc_blk, fc_ceil = tri._tile_dims(C, F * C, hidden)
+    min_n = min(c_blk, fc_blk, c_pad)
+    monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
+    rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
+    block_m, warps, _ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20)
+    assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps)
+    configs = tri._nca_step_forward_kernel_autotuned.configs
+    kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
+    assert kept and all(isinstance(c, triton.Config) for c in kept)
+    for c in kept:
+        assert tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n), c

@@ -3,6 +3,7 @@ here and prints a table; ``fastnca info`` says which backends are usable and why
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -40,6 +41,13 @@ def _bench(args) -> int:
     if device.type == "cuda" and "float32" in dtypes:  # fp32 nca work runs as 3xTF32 in Triton
         roofs["matmul_tf32_gflops"] = common.matmul_roof_gflops(device, torch.float32, tf32=True)
     print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
+    if args.json and not args.warm_only:
+        def stopped(signum, frame):  # a time limit's SIGTERM: keep what was measured
+            common.write_json(args.json, env, roofs, list(common.MADE),
+                              {**{k: v for k, v in vars(args).items() if k != "func"}, "stopped_early": True})
+            print(f"stopped by signal {signum}; wrote {len(common.MADE)} results to {args.json}", flush=True)
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGTERM, stopped)
     suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
     if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
         from .benchmark import models

@@ -26,6 +26,14 @@ class Result:
     note: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        MADE.append(self)
+
+
+# Every Result made in this process, in order: what a run stopped part-way (SIGTERM from a
+# time limit) still writes out.
+MADE: list[Result] = []
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

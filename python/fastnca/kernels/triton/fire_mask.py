@@ -10,7 +10,9 @@ from ... import _ext
 from ._philox import fire_bits
 
 
-@triton.jit
+# Not specialised: Triton would turn a seed or step word equal to 1 into a constant, which
+# has no .to(), and compile one kernel per such value.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
 def _fire_mask_kernel(out_ptr, numel, seed_lo, seed_hi, step_lo, threshold, BLOCK: tl.constexpr):
     cell = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     bits = fire_bits(cell, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), step_lo.to(tl.uint32))

@@ -291,13 +291,33 @@ def _nca_step_forward_kernel(
         tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
+def _wgmma_safe(block_m: int, num_warps: int, min_n: int) -> bool:
+    """False when Hopper wgmma would run an fp32 (tf32) dot at N = 8 per warp group.
+
+    A [BLOCK_M, N] dot gets one warp group (4 warps) per 64 rows; warp groups left over
+    split N. BLOCK_M=64 on 8 warps thus splits N=16 into two N=8 wgmmas, whose operand
+    Triton 3.6 does not pad in shared memory: the instruction reads past the buffer
+    (triton-lang/triton#10629). On an H100 that was an illegal memory access in the
+    backward of every rule with C <= 16 and hidden 128. Below 64 rows there is no wgmma
+    (mma.sync instead), so any N is safe there."""
+    groups = num_warps // 4
+    rows = block_m // 64
+    if rows == 0 or groups <= rows:
+        return True
+    return min_n // (groups // rows) >= 16
+
+
 def _forward_prune(configs, named_args, **kwargs):
     """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
-    would need more than ~128 registers per thread (spills)."""
+    would need more than ~128 registers per thread (spills), and tiles that would split a
+    narrow dot into N=8 wgmmas (_wgmma_safe)."""
     a = {**named_args, **kwargs}
     width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
-    return keep or configs[:1]
+    min_n = min(a["C_BLK"], a["FC_BLK"])
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps
+            and _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n)]
+    safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n)]
+    return keep or safe[:1]
 
 
 # Untuned starting set (no GPU was available when this was written): strips of 32-128
@@ -572,6 +592,14 @@ def _dot_precision(device: torch.device) -> str:
     return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
+def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
+    """(C_PAD, HID_PAD, C_BLK, FC_BLK, FC_CEIL) of a rule: see the module docstring."""
+    c_pad, hid_pad = _pow2(C), _pow2(hid)
+    c_blk = min(c_pad, max(16, _DOT_TILE // hid_pad))
+    fc_blk = min(_pow2(FC), 64, max(16, 2 * _DOT_TILE // hid_pad))
+    return c_pad, hid_pad, c_blk, fc_blk, triton.cdiv(FC, fc_blk) * fc_blk
+
+
 class _Rule:
     """The rule's weights re-laid out for the kernels, and the constexpr sizes."""
 
@@ -584,10 +612,7 @@ class _Rule:
         dev = self.device = state.device
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
-        self.C_PAD, self.HID_PAD = _pow2(C), _pow2(hid)
-        self.C_BLK = min(self.C_PAD, max(16, _DOT_TILE // self.HID_PAD))
-        self.FC_BLK = min(_pow2(FC), 64, max(16, 2 * _DOT_TILE // self.HID_PAD))
-        self.FC_CEIL = triton.cdiv(FC, self.FC_BLK) * self.FC_BLK
+        self.C_PAD, self.HID_PAD, self.C_BLK, self.FC_BLK, self.FC_CEIL = _tile_dims(C, FC, hid)
         self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
         self.PAD = _ext.PADDING_CODES[padding]
         # One flat layout for the arranged weights and, in the backward, for each
@@ -661,6 +686,8 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
         block_m = (32 if smem >= 200 * 1024 else 16) if big else 64
         warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
+        if not _wgmma_safe(block_m, warps, min(rule.C_BLK, rule.FC_BLK, rule.C_PAD)):
+            block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs
