@@ -52,3 +52,22 @@ def test_throughput_fractions_of_each_roof():
     b = _throughput(2e9, 40.0, 200.0, roofs, "bfloat16")
     assert b["roof_fraction_train"] == pytest.approx(0.05) and "tf32_roof_fraction_train" not in b
     assert set(_throughput(2e9, 40.0, 200.0, {}, "float32")) == {"gflops_fwd", "gflops_train"}
+
+
+def test_saved_mb_releases_the_graph():
+    """Counting saved bytes must not keep the measured graph alive: relu saves its own
+    output, and a pack hook returning that tensor makes a cycle the GC cannot free."""
+    import weakref
+
+    from fastnca.benchmark.common import saved_mb
+
+    x = torch.randn(64, 64, requires_grad=True)
+    kept = []
+
+    def fwd():
+        y = torch.relu(x @ x)
+        kept.append(weakref.ref(y))
+        return torch.relu(y @ x)
+
+    assert saved_mb(fwd) > 0
+    assert kept[0]() is None

@@ -31,9 +31,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def rel_err(a, b):
+def rel_err(a, b, floor=1e-30):
+    """max|a - b| / max|b|, the denominator at least ``floor``."""
     a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
 def qkv(B, H, W, nh, D, dtype=torch.float32, seed=0, layout="separate"):
@@ -72,9 +73,13 @@ def check_against_reference(B, H, W, nh, D, ks, border, dtype, layout="separate"
     for grad_lse in (None, dlse):
         grads = tri.backward(do, grad_lse, q, k, v, o, lse, ks, border, scale)
         rgrads = ref.backward(do, grad_lse, q, k, v, ro, rlse, ks, border, scale)
+        # A gradient that cancels to ~0 (dq on a 1x1 grid or where every window key is the
+        # same cell: the softmax Jacobian sums to zero) is rounding noise in both results;
+        # it is held to a tenth of the call's largest gradient instead of to its own size.
+        floor = 0.1 * max(b.double().abs().max().item() for b in rgrads)
         for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
             assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
-            err = rel_err(a, b)
+            err = rel_err(a, b, floor)
             assert err <= gtol, (name, "with dlse" if grad_lse is not None else "no dlse", err)
 
 
