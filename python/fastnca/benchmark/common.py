@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -45,9 +46,17 @@ def sync(device: torch.device) -> None:
 WARM_ONLY = False
 
 
+# On a GPU, calls shorter than this are timed in back-to-back batches (CUDA events around
+# the batch): the launches of one call overlap the kernels of the previous one, as in a
+# training loop, instead of every call paying a host round trip.
+BATCH_MS = 10.0
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
               max_seconds: float = 20.0) -> float:
-    """Median wall time of ``fn`` in ms (CUDA-synchronised); stops early past max_seconds."""
+    """Median time per call of ``fn`` in ms; stops early past max_seconds. CPU: wall time of
+    each call. CUDA: each sample times a batch of back-to-back calls (as many as fill
+    BATCH_MS, at least one) with CUDA events, and divides by the batch size."""
     if WARM_ONLY:
         fn()
         sync(device)
@@ -55,13 +64,28 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    start = time.perf_counter()
-    for _ in range(reps):
+    inner = 1
+    if device.type == "cuda":
         t0 = time.perf_counter()
         fn()
         sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        one_ms = (time.perf_counter() - t0) * 1e3
+        inner = max(1, min(100, int(BATCH_MS / max(one_ms, 1e-3))))
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
     return statistics.median(times)
@@ -87,6 +111,14 @@ def saved_mb(fn: Callable[[], object]) -> float:
         out = fn()
     del out
     return sum(seen.values()) / 2**20
+
+
+def release(device: torch.device) -> None:
+    """Between implementations: free what the last one left (cycles, cached blocks), so one
+    implementation's memory never becomes the next one's out-of-memory error."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -237,7 +269,9 @@ def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
 
 # What the fields of a result mean, written into every JSON file next to the numbers.
 DEFINITIONS = {
-    "fwd_ms, fwd_bwd_ms": "median wall time of the forward, and of forward + backward (ms)",
+    "fwd_ms, fwd_bwd_ms": "median time per call of the forward, and of forward + backward (ms); "
+                          "CPU: wall time of each call; CUDA: CUDA-event time of back-to-back "
+                          "batches of calls filling ~10 ms, divided by the batch size",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
     "peak_mb": "peak CUDA memory of one forward + backward (torch.cuda.max_memory_allocated), MB",
     "gflops_fwd, gflops_train": "nca: dense-equivalent GFLOP/s -- every cell counted as computed "

@@ -8,7 +8,7 @@ import torch
 
 from fastnca import _backend
 
-from .common import Result, largest_size_within, median_ms, peak_mb, sync
+from .common import Result, largest_size_within, median_ms, peak_mb, release, sync
 from .neighborhood_attention import unfold_attention
 
 
@@ -81,6 +81,7 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
                 results.append(Result("geca_train", label, impl, dname, None, ms, None, peak_mb(train_step, device)))
             except Exception as e:
                 results.append(Result("geca_train", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+            release(device)
     return results + geca_sampling(device, dtype, quick, log)
 
 
@@ -119,6 +120,7 @@ def geca_sampling(device: torch.device, dtype: torch.dtype, quick: bool, log=pri
                                       note=f"{ips:.3g} images/s", extra={"images_per_s": ips}))
             except Exception as e:
                 results.append(Result("geca_sample", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+            release(device)
     return results
 
 
@@ -217,6 +219,7 @@ def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, l
             except Exception as e:
                 results.append(Result("mednca_train", f"{label} {mode}", impl, dname,
                                       note=f"error: {type(e).__name__}: {e}"[:120]))
+            release(device)
     if device.type != "cuda":
         return results
     # The largest square image one full-resolution training step (B=1) fits in on an 8 GB card.
@@ -236,6 +239,7 @@ def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, l
             results.append(Result("mednca_max_size", config, impl, dname, peak_mb=peak, note=note, extra=extra))
         except Exception as e:
             results.append(Result("mednca_max_size", config, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+        release(device)
     return results
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, median_ms, peak_mb, saved_mb
+from .common import Result, median_ms, peak_mb, release, saved_mb
 
 
 class PaperStep(torch.nn.Module):
@@ -144,6 +144,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr)
                     for b in backends]
         reps = 3 if quick else 5
+        rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
         for impl, step_fwd, step_g, roll_fwd, roll_g in runners:
             log(f"  nca_step {name} {impl} ...")
             try:
@@ -153,19 +154,21 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
                                       peak_mb(timed(step_fwd, step_g, True), device), extra=extra))
+            except Exception as e:  # a failing implementation is reported, not fatal
+                results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+            release(device)
+            try:
                 rfwd = median_ms(timed(roll_fwd, roll_g, False), device, reps=max(2, reps - 2), warmup=1)
                 rfb = median_ms(timed(roll_fwd, roll_g, True), device, reps=max(2, reps - 2), warmup=1)
-                rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}")
-                results.append(Result("nca_rollout", f"{rlabel} steps={steps}", impl, dname, rfwd, rfb,
+                results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
                                       peak_mb(timed(roll_fwd, roll_g, True), device),
                                       extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
-            except Exception as e:  # a failing implementation is reported, not fatal
-                results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            x.grad = None
-            xl.grad = None
-            for t in rule:
+            except Exception as e:
+                results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+            for t in (x, xl, xr, xlr, *rule):
                 t.grad = None
+            release(device)
         if device.type == "cuda" and name == "mednca":
             results += _full_resolution_peak(impls[0][1], rule, C, kw, steps, label, dname, backends, device, log)
     return results
@@ -207,5 +210,5 @@ def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, dev
         bigl.grad = None
         for t in rule:
             t.grad = None
-        torch.cuda.empty_cache()
+        release(device)
     return results

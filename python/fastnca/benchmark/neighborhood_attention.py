@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, median_ms, peak_mb, saved_mb
+from .common import Result, median_ms, peak_mb, release, saved_mb
 
 
 def unfold_attention(q, k, v):
@@ -114,4 +114,5 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 results.append(Result("neighborhood_attention", label, impl, dname,
                                       note=f"error: {type(e).__name__}: {e}"[:120]))
             qkv.grad = None
+            release(device)
     return results
