@@ -11,7 +11,8 @@
 #
 # Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
 #   STAGE: build | test | test-cuda | test-triton | sanitize[:TOOL,...]
-#          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick | pack
+#          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
+#          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention) | pack
 #          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
 #          caches, so that a timed bench after it spends its time measuring)
 #   STAGE@SECONDS  stops that stage after SECONDS (what it wrote so far stays: the benchmark
@@ -22,6 +23,10 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
+# Seen on an H100 (2026-11-26): build 130 s (nvcc, sm_90 only); `pytest -m gpu` 80-90 s on
+# 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
+# nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` 80 s after the warm-up,
+# `bench:attention:bfloat16` 95 s cold. A machine starts in about 30 s.
 # Tests run with FASTNCA_TRITON_AUTOTUNE=0 (one compile per variant, not one per tile) and
 # on 12 processes when pytest-xdist is there.
 set -uo pipefail
@@ -81,6 +86,20 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       return $rc ;;
     bench-quick)
       "${tmo[@]}" "$py" -m fastnca.cli bench --quick --json "$out/bench-quick.json" > "$out/logs/bench-quick.log" 2>&1 ;;
+    ncu)  # ncu:OP:BACKEND[:DTYPE] -- Nsight Compute sections of one fwd+bwd (scripts/profile_gpu.py)
+      local ncu op backend dtype
+      ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      [[ -n $ncu ]] || { echo "ncu not found"; return 2; }
+      IFS=: read -r op backend dtype <<< "$arg"
+      "${tmo[@]}" "$ncu" --profile-from-start off --csv --page details --print-units base \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        "$py" scripts/profile_gpu.py "${op:-nca}" --backend "${backend:-cuda}" --dtype "${dtype:-bfloat16}" \
+        > "$out/logs/$tag.csv" 2> "$out/logs/$tag.err"
+      local rc=$?
+      grep -E '"(Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block)"' \
+        "$out/logs/$tag.csv" | cut -d, -f5,13-16 | head -40
+      return $rc ;;
     pack)
       tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs" ;;
     *) echo "unknown stage: $spec" >&2; return 2 ;;

@@ -1,0 +1,67 @@
+"""One forward + backward of a fastnca op between cudaProfilerStart/Stop, after a warm-up
+(compiles, autotuning), for Nsight Compute: scripts/gpu_session.sh's `ncu` stage runs
+
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
+        python scripts/profile_gpu.py nca --backend cuda --dtype bfloat16
+
+so only the op's own kernels are profiled. Shapes are the benchmark's: the Med-NCA rule
+(C=32, hidden 128, F=2, reflect, frozen 1) on B=8 x 256x256 for `nca`; GeCA-S attention
+(B=32, 32x32, 12 heads, D=64) for `attention`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+
+import torch  # noqa: E402
+
+import fastnca  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("op", choices=["nca", "attention"])
+    ap.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--groups", default="1", help="1 or C (depthwise), nca only")
+    args = ap.parse_args()
+    dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dev, dtype).requires_grad_(True)
+
+    if args.op == "nca":
+        C, hid, F = (32, 128, 2) if args.groups == "1" else (16, 128, 2)
+        groups = 1 if args.groups == "1" else C
+        x = rnd(8, C, 256, 256).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        rule = [rnd(F * C, C // groups, 3, 3, s=0.1), rnd(F * C, s=0.1), rnd(hid, (F + 1) * C, s=0.1),
+                rnd(hid, s=0.1), rnd(C - 1, hid, s=0.1), rnd(C - 1, s=0.1)]
+
+        def run():
+            y = fastnca.nca_step(x, *rule, groups=groups, padding="reflect" if groups == 1 else "zeros",
+                                 update_prob=0.5, frozen_channels=1, seed=1, step=0, backend=args.backend)
+            y.backward(torch.ones_like(y))
+    else:
+        qkv = rnd(32, 32, 32, 3, 12, 64)
+        q, k, v = qkv.unbind(3)
+
+        def run():
+            o = fastnca.neighborhood_attention2d(q, k, v, backend=args.backend)
+            o.backward(torch.ones_like(o))
+
+    for _ in range(3):  # compiles and autotuning happen here, outside the profiled range
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
