@@ -1,0 +1,117 @@
+"""Compile fastnca's Triton nca_step kernels for sm_90 on a machine without a GPU and print,
+per kernel, the tile, shared memory, registers, spill stack and the MMA instruction shapes.
+
+A stand-in driver reports an sm_90 target and every launch becomes a compile-only warm-up,
+so the launchers pick their tiles exactly as on an H100 (FASTNCA_TRITON_AUTOTUNE=0 tiles
+for the forward). Registers and stack come from `cuobjdump --dump-resource-usage` on the
+cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
+(triton-lang/triton#10629; see _wgmma_safe in kernels/triton/nca_step.py).
+
+Usage: python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen ...
+       (groups: 1 or C), e.g. 8,32,64,64,128,2,1,1 for the Med-NCA rule.
+Seen with triton 3.9 (2026-11-26): the Med-NCA rule's backward cell kernel (64 rows,
+8 warps) used 255 registers + 2256 bytes of stack, 128 KB of shared memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["FASTNCA_TRITON_AUTOTUNE"] = "0"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.runtime.jit as jit  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+
+class _Sm90:
+    """Just enough of a driver for JITFunction.run to compile for sm_90."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+driver.set_active(_Sm90())
+_compiled: list = []
+_run = jit.JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    _compiled.append((self.fn.__name__, kwargs.get("BLOCK_M"), kwargs.get("num_warps"), kernel))
+    return kernel
+
+
+jit.JITFunction.run = _compile_only
+
+from fastnca.kernels.triton import nca_step as tri  # noqa: E402
+
+tri._interpreting = lambda device: False
+tri._device_limits = lambda device: (132, 227 * 1024)  # H100: SMs, opt-in shared memory
+tri._on_device = lambda device: contextlib.nullcontext()
+tri._dot_precision = lambda device: "tf32x3" if tri._TF32X3 else "ieee"
+
+_CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                                        "bin", "cuobjdump")
+
+
+def _resources(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line)
+
+
+def report(B, C, H, W, hidden, F, groups, frozen) -> None:
+    g = C if groups == "C" else int(groups)
+    x = torch.randn(B, C, H, W)
+    w = (torch.randn(F * C, C // g, 3, 3), torch.randn(F * C), torch.randn(hidden, (F + 1) * C),
+         torch.randn(hidden), torch.randn(C - frozen, hidden), torch.randn(C - frozen))
+    _compiled.clear()
+    tri.forward(x, *w, g, "reflect", 0.5, 1, 2, frozen)
+    tri.backward(torch.randn_like(x), x, *w, g, "reflect", 0.5, 1, 2, frozen)
+    for name, block_m, warps, kernel in _compiled:
+        if "arrange" in name:
+            continue
+        mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)[^}]*instrShape = \[([0-9, ]*)\]",
+                                    kernel.asm["ttgir"])))
+        n8 = any(v == "3" and shape.split(", ")[1] == "8" for v, shape in mma)
+        print(f"C={C} hidden={hidden} F={F} groups={groups}  {name}: BLOCK_M={block_m} warps={warps} "
+              f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
+              f"mma={['v%s[%s]' % m for m in mma]}{'  N=8 WGMMA' if n8 else ''}", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        print(__doc__)
+        return 2
+    for spec in sys.argv[1:]:
+        B, C, H, W, hidden, F, groups, frozen = spec.split(",")
+        report(int(B), int(C), int(H), int(W), int(hidden), int(F), groups, int(frozen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
