@@ -461,6 +461,7 @@ def main(argv=None):
               f"| {step} | {seen} | {dt:.1f} | {seen / dt:.1f} | {loss_avg:.4f} |")
         print(f"checkpoint: {out / 'checkpoint.pt'}")
     if world > 1:
+        dist.barrier()  # rank 0 may still be sampling / saving: tear down together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

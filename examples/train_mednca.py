@@ -215,6 +215,7 @@ def main() -> None:
     if main_proc:
         log(f"done: best validation Dice {best:.4f}; checkpoints in {args.out}/")
     if world > 1:
+        dist.barrier()  # rank 0 may still be sampling / saving: tear down together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 
