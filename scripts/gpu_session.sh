@@ -11,7 +11,7 @@
 #
 # Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
 #   STAGE: build (fastnca._C_cuda; fastnca._C goes on in the background) | build-cpu (waits
-#          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...]
+#          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
 #          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention) | pack
 #          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
@@ -77,10 +77,12 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       pkill -f execnet 2>/dev/null  # xdist workers a timeout left behind
       tail -25 "$out/logs/$name.log"
       return $rc ;;
-    sanitize)
-      "${tmo[@]}" scripts/sanitize_cuda.sh ${arg//,/ } > "$out/logs/sanitize.log" 2>&1
+    sanitize|sanitize-triton)
+      local backend=cuda
+      [[ $name == sanitize-triton ]] && backend=triton
+      SANITIZE_BACKEND=$backend "${tmo[@]}" scripts/sanitize_cuda.sh ${arg//,/ } > "$out/logs/$name.log" 2>&1
       local rc=$?
-      grep -E "^===|ERROR SUMMARY|RACECHECK SUMMARY|Error|error" "$out/logs/sanitize.log" | head -40
+      grep -E "^===|ERROR SUMMARY|RACECHECK SUMMARY|Error|error" "$out/logs/$name.log" | head -40
       return $rc ;;
     bench|bench-warm)
       local args=() o d

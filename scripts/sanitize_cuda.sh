@@ -6,6 +6,7 @@
 # first when it is missing (for sm_90 only unless FASTNCA_CUDA_ARCHS says otherwise). The
 # caching allocator is off so memcheck sees every tensor's own bounds.
 # Usage: scripts/sanitize_cuda.sh [tool ...]   (default: memcheck racecheck initcheck synccheck)
+#        SANITIZE_BACKEND=triton runs the Triton kernels instead (compiled inside the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sanitizer=$(command -v compute-sanitizer || true)
@@ -33,7 +34,8 @@ for tool in "${tools[@]}"; do
     initcheck) extra=(--track-unused-memory no) ;;
   esac
   echo "=== compute-sanitizer --tool $tool"
-  if ! "$sanitizer" --tool "$tool" --error-exitcode 99 "${extra[@]}" "$py" scripts/cuda_sanitize_driver.py "${quick[@]}"; then
+  if ! "$sanitizer" --tool "$tool" --error-exitcode 99 "${extra[@]}" "$py" scripts/cuda_sanitize_driver.py "${quick[@]}" \
+       --backend "${SANITIZE_BACKEND:-cuda}"; then
     echo "=== $tool FAILED" >&2
     status=1
   fi
