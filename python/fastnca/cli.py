@@ -23,8 +23,15 @@ def _bench(args) -> int:
     from .benchmark import common, nca_step, neighborhood_attention
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common.WARM_ONLY = args.warm_only
     dtypes = args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
+    suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
+    if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
+        from .benchmark import models
+        suites.update(models.SUITES)
+    unknown = [name for name in args.ops or () if name not in suites]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; choose from {list(suites)}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     # Every config compiles the baselines anew (shapes, requires_grad): let dynamo keep them
     # all instead of silently falling back to eager after the default 8 recompiles.
@@ -41,39 +48,44 @@ def _bench(args) -> int:
     if device.type == "cuda" and "float32" in dtypes:  # fp32 nca work runs as 3xTF32 in Triton
         roofs["matmul_tf32_gflops"] = common.matmul_roof_gflops(device, torch.float32, tf32=True)
     print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
-    if args.json and not args.warm_only:
-        def stopped(signum, frame):  # a time limit's SIGTERM: keep what was measured
-            common.write_json(args.json, env, roofs, list(common.MADE),
-                              {**{k: v for k, v in vars(args).items() if k != "func"}, "stopped_early": True})
-            print(f"stopped by signal {signum}; wrote {len(common.MADE)} results to {args.json}", flush=True)
-            sys.exit(128 + signum)
-        signal.signal(signal.SIGTERM, stopped)
-    suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
-    if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
-        from .benchmark import models
-        suites.update(models.SUITES)
+
+    record = bool(args.json) and not args.warm_only
+    run_args = {k: v for k, v in vars(args).items() if k != "func"}
+
+    def stopped(signum, frame):  # a time limit's SIGTERM: keep what was measured so far
+        common.write_json(args.json, env, roofs, list(common.MADE), {**run_args, "stopped_early": True})
+        print(f"stopped by signal {signum}; wrote {len(common.MADE)} results to {args.json}", flush=True)
+        sys.exit(128 + signum)
+
+    previous = None
+    if record:
+        try:
+            previous = signal.signal(signal.SIGTERM, stopped)
+        except ValueError:  # not the main thread: no handler, the per-suite writes remain
+            pass
+    common.MADE.clear()
+    common.WARM_ONLY = args.warm_only
     results = []
-    for name in args.ops or list(suites):
-        if name not in suites:
-            print(f"unknown benchmark {name!r}; choose from {list(suites)}", file=sys.stderr)
-            return 2
-        for d in dtypes:
-            print(f"[{name} {d}]", flush=True)
-            got = suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
-            for r in got:
-                print(f"    {r.op} | {r.config} | {r.impl}: fwd {common.fmt(r.fwd_ms)} ms, fwd+bwd "
-                      f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}", flush=True)
-            results += got
-            if args.json and not args.warm_only:  # after every suite: a run cut short keeps what it measured
-                common.write_json(args.json, env, roofs, results,
-                                  {k: v for k, v in vars(args).items() if k != "func"})
+    try:
+        for name in args.ops or list(suites):
+            for d in dtypes:
+                print(f"[{name} {d}]", flush=True)
+                got = suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
+                for r in got:
+                    print(f"    {r.op} | {r.config} | {r.impl}: fwd {common.fmt(r.fwd_ms)} ms, fwd+bwd "
+                          f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}", flush=True)
+                results += got
+                if record:  # after every suite: a run cut short keeps what it measured
+                    common.write_json(args.json, env, roofs, results, run_args)
+    finally:
+        common.WARM_ONLY = False
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     common.print_table(results, {"nca_step": "pytorch", "nca_rollout": "pytorch",
                                  "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
                                  "geca_train": "pytorch", "geca_sample": "pytorch"})
     print(f"\n{time.time() - t0:.0f} s")
-    if args.json and not args.warm_only:
-        common.write_json(args.json, env, roofs, results,
-                          {k: v for k, v in vars(args).items() if k != "func"})
+    if record:
         print(f"wrote {args.json}")
     return 0
 
