@@ -110,8 +110,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
         "$py" scripts/profile_gpu.py "${op:-nca}" --backend "${backend:-cuda}" --dtype "${dtype:-bfloat16}" \
         > "$out/logs/$tag.csv" 2> "$out/logs/$tag.err"
       local rc=$?
-      grep -E '"(Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block)"' \
-        "$out/logs/$tag.csv" | cut -d, -f5,13-16 | head -40
+      "$py" scripts/profile_gpu.py --summarize "$out/logs/$tag.csv" | head -80
       return $rc ;;
     pack)
       tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs" ;;

@@ -4,7 +4,8 @@
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy ... \
         python scripts/profile_gpu.py nca --backend cuda --dtype bfloat16
 
-so only the op's own kernels are profiled. Shapes are the benchmark's: the Med-NCA rule
+so only the op's own kernels are profiled; `python scripts/profile_gpu.py --summarize
+REPORT.csv` prints the key metrics of each kernel from that CSV. Shapes are the benchmark's: the Med-NCA rule
 (C=32, hidden 128, F=2, reflect, frozen 1) on B=8 x 256x256 for `nca`; GeCA-S attention
 (B=32, 32x32, 12 heads, D=64) for `attention`.
 """
@@ -21,7 +22,40 @@ import torch  # noqa: E402
 import fastnca  # noqa: E402
 
 
+KEY_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
+               "L1/TEX Hit Rate", "L2 Hit Rate", "Registers Per Thread", "Dynamic Shared Memory Per Block",
+               "Theoretical Occupancy", "Achieved Occupancy", "Warp Cycles Per Issued Instruction",
+               "Executed Ipc Active")
+
+
+def summarize(path: str) -> int:
+    """Print the key metrics of an `ncu --csv --page details` report, one block per kernel."""
+    import csv
+
+    kernels: dict[str, dict[str, str]] = {}
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = next((i for i, r in enumerate(rows) if "Metric Name" in r), None)
+    if header is None:
+        print(f"{path}: no ncu metrics found")
+        return 1
+    cols = {name: i for i, name in enumerate(rows[header])}
+    for r in rows[header + 1:]:
+        if len(r) < len(cols):
+            continue
+        key = f"{r[cols['ID']]} {r[cols['Kernel Name']][:90]}"
+        kernels.setdefault(key, {})[r[cols["Metric Name"]]] = f"{r[cols['Metric Value']]} {r[cols['Metric Unit']]}"
+    for key, metrics in kernels.items():
+        print(key)
+        for name in KEY_METRICS:
+            if name in metrics:
+                print(f"    {name:<36}{metrics[name]}")
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        return summarize(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("op", choices=["nca", "attention"])
     ap.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
