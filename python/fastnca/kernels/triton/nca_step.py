@@ -81,25 +81,6 @@ def _cell_coords(offs_m, H, W):
 
 
 @triton.jit
-def _neighbours(xb, y, xx, H, W, s_h, s_w, rows, PAD: tl.constexpr):
-    """Row and column address offsets of the 3x3 padded neighbourhood of cells (y, xx):
-    rows above/centre/below (r0, r1, r2; r0 includes the batch offset xb) with validity
-    (v0, v1, v2; v1 = rows), columns left/centre/right (c0, c1, c2) with validity
-    (u0, u2). Tap (ky, kx) reads r_ky + c_kx, valid when v_ky & u_kx."""
-    ny, v0 = _pad_index(y - 1, H, PAD)
-    r0 = xb + ny.to(tl.int64) * s_h
-    ny, v2 = _pad_index(y + 1, H, PAD)
-    r2 = xb + ny.to(tl.int64) * s_h
-    r1 = xb + y.to(tl.int64) * s_h
-    nx, u0 = _pad_index(xx - 1, W, PAD)
-    c0 = nx.to(tl.int64) * s_w
-    nx, u2 = _pad_index(xx + 1, W, PAD)
-    c2 = nx.to(tl.int64) * s_w
-    c1 = xx.to(tl.int64) * s_w
-    return r0, r1, r2, rows & v0, rows, rows & v2, c0, c1, c2, u0, u2
-
-
-@triton.jit
 def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
     """Fire mask of cells offs_m as fp32 0/1, bit-identical to fastnca.fire_mask."""
     bits = fire_bits(offs_m.to(tl.int64), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
@@ -108,11 +89,11 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
 
 
 @triton.jit
-def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_f, fmask,
+def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask,
                 pw_ptr, pb_ptr, dq, dpw_ptr,
                 F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
                 BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
-                DOT_PREC: tl.constexpr, ACC_DPW: tl.constexpr):
+                DOT_PREC: tl.constexpr, ACC_DPW: tl.constexpr, PAD: tl.constexpr):
     """conv[m, o] for the FC_BLK output channels offs_f (bias included).
 
     Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
@@ -132,10 +113,12 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
     for tap in range(9):
         ky = tap // 3
         kx = tap - ky * 3
-        off = (tl.where(ky == 0, r0, tl.where(ky == 1, r1, r2))
-               + tl.where(kx == 0, c0, tl.where(kx == 1, c1, c2)))
-        ok = (tl.where(ky == 0, v0, tl.where(ky == 1, v1, v2))
-              & tl.where(kx == 0, u0, tl.where(kx == 1, True, u2)))
+        # Tap offsets from the cell coordinates, per tap: only xb, y, xx stay live across
+        # the tile (not 11 precomputed row/column offset and mask vectors).
+        ny, vy = _pad_index(y + (ky - 1), H, PAD)
+        nx, vx = _pad_index(xx + (kx - 1), W, PAD)
+        off = xb + ny.to(tl.int64) * s_h + nx.to(tl.int64) * s_w
+        ok = rows & vy & vx
         t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
                     other=0.0).to(tl.float32)
         if DEPTHWISE:
@@ -153,11 +136,11 @@ def _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, 
 
 
 @triton.jit
-def _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
             w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
             C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
             HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-            DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+            DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, PAD: tl.constexpr):
     """h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels come C_BLK
     and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a C=128,
     hidden=256 rule still fits shared memory) and the perception P never exists whole."""
@@ -170,9 +153,9 @@ def _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c,
                    input_precision=DOT_PREC)
     for f0 in range(0, FC, FC_BLK):
         offs_f = f0 + tl.arange(0, FC_BLK)
-        conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+        conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                            offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False)
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False, PAD)
         z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                    input_precision=DOT_PREC)
     return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
@@ -270,15 +253,14 @@ def _nca_step_forward_kernel(
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
-    r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
-                                                             s_h, s_w, rows, PAD)
-    x_row = x_ptr + (r1 + c1)[:, None]
+    xb = b.to(tl.int64) * s_b
+    x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
     ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
     o_row = out_ptr + ob[:, None]
 
-    h = _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+    h = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                 w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M)
+                FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD)
     m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
     for k0 in range(0, C, C_BLK):
         offs_k = k0 + tl.arange(0, C_BLK)
@@ -372,15 +354,14 @@ def _nca_step_backward_cell_kernel(
         rows = offs_m < N
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
-        r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2 = _neighbours(b.to(tl.int64) * s_b, y, xx, H, W,
-                                                                 s_h, s_w, rows, PAD)
-        x_row = x_ptr + (r1 + c1)[:, None]
+        xb = b.to(tl.int64) * s_b
+        x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
         g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
 
         # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
-        h = _hidden(x_ptr, x_row, rows, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask, offs_h,
+        h = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                     w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                    FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M)
+                    FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD)
 
         # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
         # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
@@ -425,9 +406,9 @@ def _nca_step_backward_cell_kernel(
                      mask=rows[:, None] & fmask[None, :])
             p_pb = dpb_ptr + offs_f
             tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
-            conv = _conv_chunk(x_ptr, r0, r1, r2, v0, v1, v2, c0, c1, c2, u0, u2, s_c, offs_c, cmask,
+            conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                offs_f, fmask, pw_ptr, pb_ptr, dq, dpw_ptr,
-                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, True)
+                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, True, PAD)
             p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
             tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
         # The next tile re-reads this tile's partial slots, whose elements may live in other
