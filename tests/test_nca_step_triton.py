@@ -254,7 +254,7 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
     import triton
 
     c_pad, hid_pad, c_blk, fc_blk, fc_ceil = tri._tile_dims(C, F * C, hidden)
-    min_n = min(c_blk, fc_blk, c_pad)
+    min_n = min(c_blk, fc_blk, c_pad, hid_pad)  # every N of a [BLOCK_M, N] dot
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     block_m, warps, _ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20)

@@ -289,16 +289,22 @@ def _wgmma_safe(block_m: int, num_warps: int, min_n: int) -> bool:
     return min_n // (groups // rows) >= 16
 
 
+def _narrowest_n(c_blk: int, fc_blk: int, hid_pad: int) -> int:
+    """Smallest N of the kernels' [BLOCK_M, N] dots: hidden (z, dh), conv chunk (conv, dq),
+    channel chunk (delta, dP_x). The backward's [BLOCK_M, C_PAD] gather dot is never
+    narrower: C_BLK <= C_PAD."""
+    return min(c_blk, fc_blk, hid_pad)
+
+
 def _forward_prune(configs, named_args, **kwargs):
     """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
     would need more than ~128 registers per thread (spills), and tiles that would split a
     narrow dot into N=8 wgmmas (_wgmma_safe)."""
     a = {**named_args, **kwargs}
     width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
-    min_n = min(a["C_BLK"], a["FC_BLK"])
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps
-            and _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n)]
+    min_n = _narrowest_n(a["C_BLK"], a["FC_BLK"], a["HID_PAD"])
     safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n)]
+    keep = [c for c in safe if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
     return keep or safe[:1]
 
 
@@ -667,7 +673,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
         block_m = (32 if smem >= 200 * 1024 else 16) if big else 64
         warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
-        if not _wgmma_safe(block_m, warps, min(rule.C_BLK, rule.FC_BLK, rule.C_PAD)):
+        if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
             block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
