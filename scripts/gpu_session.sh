@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, in the order the project asks for, in as few device
 # calls as possible (the device time is short: 15 minutes a session, 10 a call):
-#   build     fastnca._C and fastnca._C_cuda in place, for this GPU's architecture only
+#   build     fastnca._C_cuda in place, for this GPU's architecture only (fastnca._C after it)
 #   test      pytest -m gpu: every CUDA and Triton kernel against the reference on the GPU
 #   sanitize  scripts/sanitize_cuda.sh: compute-sanitizer memcheck, racecheck, initcheck, synccheck
 #   bench     fastnca bench --json: every op and model against PyTorch on this GPU
@@ -29,7 +29,7 @@
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` 80 s after the warm-up,
 # `bench:attention:bfloat16` 95 s cold. A machine starts in about 30 s.
 # Tests run with FASTNCA_TRITON_AUTOTUNE=0 (one compile per variant, not one per tile) and
-# on 12 processes when pytest-xdist is there.
+# on 10 processes (TEST_PROCS) when pytest-xdist is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-session}

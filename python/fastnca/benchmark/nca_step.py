@@ -175,8 +175,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
 
 
 def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, device, log) -> list[Result]:
-    """Peak CUDA memory of one 64-step rollout training step at 1024x1024, B=1: the state,
-    its output gradient and the weights' gradients included (total_mb), against 4 GB."""
+    """Peak CUDA memory of one 64-step rollout training step at 1024x1024, B=1, against
+    4 GB: peak_mb adds the state and its output gradient (allocated before the measure)."""
     results = []
     dtype = rule[0].dtype
     big = torch.randn(1, C, 1024, 1024, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
