@@ -185,6 +185,12 @@ def test_emulated_nca_step_one_cell_per_thread(emulated, monkeypatch):
     check_nca(emulated, 1, 16, 5, 7, 2, 64, 1, "reflect", 1, 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_nca_step_backward_chunks_and_out(emulated, monkeypatch, dtype):
+    from test_nca_step import check_backward_chunks_and_out
+    check_backward_chunks_and_out(cuda_nca, emulated, monkeypatch, dtype)
+
+
 def test_emulated_nca_step_rejects_float64(emulated):
     x, weights, _ = make_nca(emulated, 1, 3, 3, 3, 1, 8, 1, 0, torch.float64, "nchw")
     with pytest.raises(TypeError, match="float64"):

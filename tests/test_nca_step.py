@@ -8,6 +8,9 @@ import torch
 
 import fastnca
 from conftest import assert_close, copies_of, device_for, fast_backends, mentions
+from fastnca import _backend
+from fastnca.kernels import _common
+from fastnca.kernels.reference import nca_step as ref_nca
 
 PADDINGS = ["reflect", "zeros", "circular", "replicate"]
 
@@ -427,3 +430,72 @@ def test_backend_gradients_are_deterministic(backend):
     _, g2 = _run(backend, torch.float32, case, device=dev)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32):
+    """A kernel module's backward over batch chunks (forced on a small state) and with
+    ``out=grad_out``: d_state and the weight grads against the float64 reference, the fire
+    mask of every chunk at the chunk's own cells, and the in-place result equal to the
+    out-of-place one."""
+    B, C, H, W, F, hid, frozen = 3, 5, 4, 6, 2, 16, 1
+    w = make_rule(C, hidden=hid, F=F, fc2_rows=C - frozen, device=device, seed=4)
+    x = make_state(B, C, H, W, dtype=dtype, device=device, seed=5)
+    g = make_state(B, C, H, W, dtype=dtype, device=device, seed=6)
+    args = (1, "reflect", 0.5, 77, 5, frozen)
+    ref = ref_nca.backward(g.double().cpu(), x.double().cpu(), *(t.double().cpu() for t in w), *args)
+    whole = k.backward(g, x, *w, *args)
+    monkeypatch.setattr(_common, "BACKWARD_CHUNK_MIN_CELLS", 1)
+    assert _common.backward_batch_chunk(x, 4 * (F + 1) * C) == 1  # three chunks
+    chunked = k.backward(g, x, *w, *args)
+    buf = g.clone()
+    in_place = k.backward(buf, x, *w, *args, out=buf)
+    assert in_place[0] is buf
+    names = ["d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2"]
+    for name, a, b, r in zip(names, whole, chunked, ref):
+        assert_close(a, r, dtype, name)
+        assert_close(b, r, dtype, "chunked " + name)
+    for name, a, b in zip(names, chunked, in_place):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="out must not overlap state"):
+        k.backward(g, x, *w, *args, out=x)
+    with pytest.raises(ValueError, match="out must match state"):
+        k.backward(g, x, *w, *args, out=g[:1].clone())
+    flat = torch.empty(x.numel() + 1, dtype=dtype, device=device)
+    shifted_g, shifted_out = flat[:-1].view(x.shape), flat[1:].view(x.shape)
+    shifted_g.copy_(g)
+    with pytest.raises(ValueError, match="out may be grad_out itself"):
+        k.backward(shifted_g, x, *w, *args, out=shifted_out)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
+    """Backwards with an fp32 workspace per cell run over batch chunks that keep it within
+    the state's size; nca_rollout's backward writes each step's d_state over its grad."""
+    k = _backend.kernel(backend, "nca_step")
+    if not getattr(k, "BACKWARD_OUT_MAY_BE_GRAD", False):
+        pytest.skip(f"the {backend} backward has no per-cell workspace (one pass over tiles)")
+    check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
+
+
+def test_rollout_checkpoints_take_no_gradient():
+    """The checkpoints are an internal output: not differentiable, and backward gets no
+    zero-filled gradient for them (that tensor, the size of every checkpoint, once sat at
+    the rollout backward's peak)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rule = make_rule(4, hidden=8, requires_grad=True)
+    x = make_state(2, 4, 6, 5, requires_grad=True)
+    out, ckpt = torch.ops.fastnca.nca_rollout(x, *rule, 9, 0, 3, True, 1, "reflect", 0.5, 7, 0, "reference")
+    assert ckpt.shape[0] == 2 and not ckpt.requires_grad and out.requires_grad
+    filled = []
+
+    class Fills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            r = func(*args, **(kwargs or {}))
+            if isinstance(r, torch.Tensor) and r.shape == ckpt.shape:
+                filled.append(func)
+            return r
+
+    with Fills():
+        out.sum().backward()
+    assert filled == [] and x.grad is not None

@@ -2,7 +2,11 @@
 //
 // Assumptions (python/fastnca/kernels/cuda/nca_step.py checks every one):
 //   * state, out, grad_out, d_state: [B, C, H, W] of T in {float, __half, __nv_bfloat16}
-//     with any non-negative element strides; out / d_state do not alias the inputs.
+//     with any non-negative element strides; out does not alias state; d_state does not
+//     alias state but may be grad_out itself (same strides): only the main kernel reads
+//     grad_out and only the last one writes d_state, in stream order.
+//   * a call may cover a batch chunk of a larger state (pointers at its first item): the
+//     fire mask of local cell n is that of global cell cell0 + n.
 //   * weights fp32, contiguous, arranged by the launcher (layouts in `Weights`); every
 //     arranged weight starts 16-byte aligned (fresh torch allocations).
 //   * groups in {1, C}; reflect padding only with H, W >= 2; 1 <= F; depthwise F <= 25.
@@ -78,6 +82,7 @@ struct Strides4 {
 struct Rng {
   uint64_t seed, step;
   uint32_t threshold;
+  uint64_t cell0;  // fire-mask index of cell 0 (a batch chunk's first cell; 0 for a whole call)
 };
 
 // A cell's coordinates and the offsets of its padded 3x3 neighbourhood in one tensor.
@@ -293,7 +298,7 @@ FASTNCA_DEVICE Firing list_firing(int64_t c0, int T, const Dims& d, const Rng& r
   int mine = 0;
   for (int i = 0; tid + i * nt < T; ++i) {
     const int64_t cell = c0 + tid + i * nt;
-    if (cell < d.N && fire(rng.seed, static_cast<uint64_t>(cell), rng.step, rng.threshold)) {
+    if (cell < d.N && fire(rng.seed, rng.cell0 + static_cast<uint64_t>(cell), rng.step, rng.threshold)) {
       f.bits |= 1u << i;
       ++mine;
     }
@@ -955,7 +960,7 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
   const Dims d = make_dims(B, C, H, W, F, hidden, frozen, depthwise, padding);
   const Strides4 xs = strides4(state_strides), os = strides4(out_strides);
   const Weights w = weights_from(weights);
-  const Rng rng{seed, step, threshold};
+  const Rng rng{seed, step, threshold, 0};
   const CellPlan plan = plan_forward(d, device_info(), cpt);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -999,12 +1004,12 @@ void nca_step_backward_cuda(std::uintptr_t grad, const std::vector<int64_t>& gra
                             const std::vector<std::uintptr_t>& weights, std::uintptr_t ws,
                             std::uintptr_t main_part, int main_blocks, std::uintptr_t conv_part,
                             int conv_parts, std::uintptr_t d_fc, std::uintptr_t d_conv, int dtype,
-                            std::uintptr_t stream) {
+                            std::uintptr_t stream, uint64_t cell0) {
   const Dims d = make_dims(B, C, H, W, F, hidden, frozen, depthwise, padding);
   const Strides4 gs = strides4(grad_strides), xs = strides4(state_strides),
                  dss = strides4(d_state_strides);
   const Weights w = weights_from(weights);
-  const Rng rng{seed, step, threshold};
+  const Rng rng{seed, step, threshold, cell0};
   const cudaStream_t s = as_stream(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1065,7 +1070,8 @@ FASTNCA_BINDINGS(m) {
         "state_strides"_a, "d_state"_a, "d_state_strides"_a, "B"_a, "C"_a, "H"_a, "W"_a, "F"_a,
         "hidden"_a, "frozen"_a, "depthwise"_a, "padding"_a, "seed"_a, "step"_a, "threshold"_a,
         "weights"_a, "ws"_a, "main_part"_a, "main_blocks"_a, "conv_part"_a, "conv_parts"_a, "d_fc"_a,
-        "d_conv"_a, "dtype"_a, "stream"_a,
-        "Recompute backward of nca_step: d_state, and fp32 d_fc = [HD][K+1] ++ [Cu][HD+1], "
+        "d_conv"_a, "dtype"_a, "stream"_a, "cell0"_a = 0,
+        "Recompute backward of nca_step over a batch chunk whose first cell has fire-mask index "
+        "cell0: d_state (may alias grad), and fp32 d_fc = [HD][K+1] ++ [Cu][HD+1], "
         "d_conv = [FC][9C+1] (groups=1) or [FC][10] (depthwise).");
 }

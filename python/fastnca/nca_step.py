@@ -127,6 +127,9 @@ def _nca_rollout_backward_op(
     g = grad_out
     segs = _segments(steps, every)
     prep = _prepared(k, state, weights, groups, padding, frozen, steps)
+    # After the first step, the state gradient is this function's own buffer: a backend that
+    # can write d_state over its grad_out reuses it for every step (one state less at the peak).
+    in_place = getattr(k, "BACKWARD_OUT_MAY_BE_GRAD", False)
     for j in range(len(segs) - 1, -1, -1):
         a, b = segs[j]
         # Recompute the segment's states from its checkpoint (transient, not saved).
@@ -135,11 +138,11 @@ def _nca_rollout_backward_op(
             xs.append(k.forward(xs[-1], *weights, groups, padding, update_prob, seed,
                                 (start_step + i) & 0xFFFFFFFF, frozen, **prep))
         for i in range(b - 1, a - 1, -1):
-            g, *dw = k.backward(g, xs[i - a], *weights, groups, padding, update_prob, seed,
-                                (start_step + i) & 0xFFFFFFFF, frozen, **prep)
+            out = {"out": g} if in_place and g is not grad_out else {}
+            g, *dw = k.backward(g, xs.pop(), *weights, groups, padding, update_prob, seed,
+                                (start_step + i) & 0xFFFFFFFF, frozen, **prep, **out)
             for acc, d in zip(dweights, dw):
                 acc += d
-        del xs
     if steps == 0:
         g = torch.empty_like(state).copy_(grad_out)
     return (g, *(d.to(w.dtype) for d, w in zip(dweights, weights)))
@@ -156,6 +159,10 @@ def _nca_rollout_setup(ctx, inputs, output):
     ctx.save_for_backward(state, output[1], pw, pb, w1, b1, w2, b2)
     ctx.params = (steps, start_step, every) + tuple(inputs[11:])
     ctx.keep = keep
+    # The checkpoints are an internal output: no gradient flows into them, and autograd must
+    # not materialise one (a zero tensor the size of every checkpoint, at the backward's peak).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _nca_rollout_grad(ctx, grad_out, grad_ckpt):
@@ -163,6 +170,8 @@ def _nca_rollout_grad(ctx, grad_out, grad_ckpt):
         raise RuntimeError("nca_rollout ran without keeping checkpoints (grad was disabled "
                            "or no input required grad) but backward was called")
     state, ckpt, *weights = ctx.saved_tensors
+    if grad_out is None:  # the output took no part in the loss
+        return (None,) * 17
     grads = _nca_rollout_backward_op(grad_out, state, ckpt, *weights, *ctx.params)
     return (*grads, None, None, None, None, None, None, None, None, None, None)
 

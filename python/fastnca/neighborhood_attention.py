@@ -52,10 +52,13 @@ def _na2d_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)  # the whole memory contract: q, k, v, o, lse
     ctx.params = (kernel_size, border, scale, backend)
+    ctx.set_materialize_grads(False)  # no zero grad_lse when the lse is not used
 
 
 def _na2d_grad(ctx, grad_o, grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
+    if grad_o is None and grad_lse is None:
+        return None, None, None, None, None, None, None
     if grad_o is None:
         grad_o = torch.zeros_like(o)
     dq, dk, dv = _na2d_backward_op(grad_o, grad_lse, q, k, v, o, lse, *ctx.params)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _ext
+from .. import _common
 from . import _launch
 
 _CHUNK = 32
@@ -136,8 +137,14 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
+# backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
+BACKWARD_OUT_MAY_BE_GRAD = True
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
-             prepared=None):
+             prepared=None, out=None):
+    """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
+    itself (the rollout's backward reuses one buffer for every step's gradient)."""
     w2_in, b2_in = w2, b2
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
@@ -149,27 +156,40 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         grad_out = grad_out.to(state.dtype)
     if any(s < 0 for s in grad_out.stride()):
         grad_out = grad_out.contiguous()
+    d_state = _common.backward_out(out, state, grad_out)
     FC, K, Cu = nf * C, (nf + 1) * C, C - frozen
     dev = state.device
-    d_state = torch.empty_like(state)
     mod = _launch.module()
+    # Batch chunks bound the fp32 workspace [K][cells] (_common.backward_batch_chunk); the
+    # chunks' weight gradients are summed in chunk order (deterministic).
+    chunk = _common.backward_batch_chunk(state, 4 * K)
+    d_fc = d_conv = None
     with _launch.device_guard(dev):
         keep, ptrs = prepared or _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
         code, pad = _ext.DTYPE_CODES[state.dtype], _ext.PADDING_CODES[padding]
         threshold = _ext.fire_threshold(update_prob)
-        plan = mod.nca_step_backward_plan(B, C, H, W, nf, hidden, frozen, depthwise, pad, threshold, code)
-        ws = torch.empty(plan["ws"], dtype=torch.float32, device=dev)
-        main_part = torch.zeros(plan["main_blocks"] * plan["main_part"], dtype=torch.float32, device=dev)
-        conv_part = torch.empty(plan["conv_parts"] * plan["conv_part"], dtype=torch.float32, device=dev)
-        d_fc = torch.empty(plan["main_part"], dtype=torch.float32, device=dev)
-        d_conv = torch.empty(plan["conv_part"], dtype=torch.float32, device=dev)
-        mod.nca_step_backward(
-            grad_out.data_ptr(), list(grad_out.stride()), state.data_ptr(), list(state.stride()),
-            d_state.data_ptr(), list(d_state.stride()), B, C, H, W, nf, hidden, frozen, depthwise, pad,
-            int(seed), int(step) & 0xFFFFFFFF, threshold, ptrs,
-            ws.data_ptr(), main_part.data_ptr(), plan["main_blocks"], conv_part.data_ptr(),
-            plan["conv_parts"], d_fc.data_ptr(), d_conv.data_ptr(), code, _launch.stream(dev))
-        del keep, ws, main_part, conv_part
+        ws = None
+        for b0 in range(0, B, chunk):
+            nb = min(chunk, B - b0)
+            g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
+            plan = mod.nca_step_backward_plan(nb, C, H, W, nf, hidden, frozen, depthwise, pad, threshold, code)
+            if ws is None:
+                ws = torch.empty(plan["ws"], dtype=torch.float32, device=dev)
+            main_part = torch.zeros(plan["main_blocks"] * plan["main_part"], dtype=torch.float32, device=dev)
+            conv_part = torch.empty(plan["conv_parts"] * plan["conv_part"], dtype=torch.float32, device=dev)
+            fc_c = torch.empty(plan["main_part"], dtype=torch.float32, device=dev)
+            conv_c = torch.empty(plan["conv_part"], dtype=torch.float32, device=dev)
+            mod.nca_step_backward(
+                g_c.data_ptr(), list(g_c.stride()), x_c.data_ptr(), list(x_c.stride()),
+                d_c.data_ptr(), list(d_c.stride()), nb, C, H, W, nf, hidden, frozen, depthwise, pad,
+                int(seed), int(step) & 0xFFFFFFFF, threshold, ptrs,
+                ws.data_ptr(), main_part.data_ptr(), plan["main_blocks"], conv_part.data_ptr(),
+                plan["conv_parts"], fc_c.data_ptr(), conv_c.data_ptr(), code, _launch.stream(dev),
+                b0 * H * W)
+            d_fc = fc_c if d_fc is None else d_fc.add_(fc_c)
+            d_conv = conv_c if d_conv is None else d_conv.add_(conv_c)
+            del main_part, conv_part
+        del keep, ws
     # Unpack: d_fc = [hidden][K+1] (d_w1 | d_b1) ++ [Cu][hidden+1] (d_w2 | d_b2);
     # d_conv = [FC][9C+1] (groups=1) or [FC][10] (depthwise): weight taps | bias.
     fc1 = d_fc[: hidden * (K + 1)].view(hidden, K + 1)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
+from .. import _common
 from ._philox import fire_bits
 
 # ---------------------------------------------------------------------------------------
@@ -327,19 +328,20 @@ _nca_step_forward_kernel_autotuned = triton.autotune(
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold", "cell0"])
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr, SLOT: tl.constexpr,
     N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
-    seed_lo, seed_hi, step_lo, threshold, frozen,
+    seed_lo, seed_hi, step_lo, threshold, frozen, cell0,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot."""
+    """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot.
+    The cells are a batch chunk whose first cell has fire-mask index cell0."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
@@ -373,7 +375,7 @@ def _nca_step_backward_cell_kernel(
         # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
         # name reassigned in a later loop with another shape would become an ill-typed
         # loop-carried value for the compiler.)
-        m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+        m = _fire(offs_m.to(tl.int64) + cell0, seed_lo, seed_hi, step_lo, threshold)
         dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + tl.arange(0, C_BLK)
@@ -680,31 +682,49 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
     return block_m, warps, programs
 
 
+# backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
+BACKWARD_OUT_MAY_BE_GRAD = True
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
-             prepared=None):
+             prepared=None, out=None):
+    """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
+    itself (the rollout's backward reuses one buffer for every step's gradient): the input
+    kernel, the only writer of d_state, reads the workspace only."""
     rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
-    N = B * H * W
     dev = state.device
-    block_m, warps, G = _backward_tiling(rule, dev, N)
+    d_state = _common.backward_out(out, state, grad_out)
+    # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk);
+    # the chunks' partial sums are added in chunk order (deterministic).
+    chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
     f32 = dict(dtype=torch.float32, device=dev)
-    partials = torch.zeros(G, rule.SLOT, **f32)  # one private slot per program
-    ws = torch.empty(N, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
-    d_state = torch.empty_like(state)
+    ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    total = None
     cx = rule.constexprs()
-    with _on_device(dev):
-        _nca_step_backward_cell_kernel[(G,)](
-            grad_out, state, ws, *rule.weights(), *rule.split(partials), rule.SLOT,
-            N, H, W, triton.cdiv(N, block_m), *state.stride(), *grad_out.stride(),
-            *_fire_args(update_prob, seed, step), frozen, **cx, BLOCK_M=block_m, num_warps=warps,
-            num_stages=1)
-        _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
-            ws, rule.weights()[5], d_state, N, H, W, *d_state.stride(),
-            C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
-            FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-            DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
+    for b0 in range(0, B, chunk):
+        nb = min(chunk, B - b0)
+        g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
+        N = nb * H * W
+        block_m, warps, G = _backward_tiling(rule, dev, N)
+        partials = torch.zeros(G, rule.SLOT, **f32)  # one private slot per program
+        with _on_device(dev):
+            _nca_step_backward_cell_kernel[(G,)](
+                g_c, x_c, ws, *rule.weights(), *rule.split(partials), rule.SLOT,
+                N, H, W, triton.cdiv(N, block_m), *x_c.stride(), *g_c.stride(),
+                *_fire_args(update_prob, seed, step), frozen, b0 * H * W, **cx, BLOCK_M=block_m,
+                num_warps=warps, num_stages=1)
+            _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
+                ws, rule.weights()[5], d_c, N, H, W, *d_c.stride(),
+                C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+                FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+                DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        part = partials.sum(0)  # fixed order
+        total = part if total is None else total.add_(part)
+        del partials
+    del ws
     hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
-    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(partials.sum(0))  # fixed order
+    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(total)
     g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
     if rule.DEPTHWISE:
         g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)

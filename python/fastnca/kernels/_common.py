@@ -1,0 +1,48 @@
+"""Helpers that the CUDA and Triton launchers share."""
+from __future__ import annotations
+
+import torch
+
+# A backward that needs an fp32 workspace per cell runs over batch chunks (the fire mask
+# indexed from the chunk's first cell) so that the workspace never outgrows the state itself,
+# but no chunk has fewer cells than this, which keeps a large GPU busy.
+BACKWARD_CHUNK_MIN_CELLS = 1 << 16
+
+
+def backward_batch_chunk(state: torch.Tensor, ws_bytes_per_cell: int) -> int:
+    """Batch items per launch of a backward with ``ws_bytes_per_cell`` bytes of workspace per
+    cell: the workspace stays within the state's bytes, or holds at least
+    BACKWARD_CHUNK_MIN_CELLS cells."""
+    B, C, H, W = state.shape
+    by_bytes = C * state.element_size() * B // max(1, ws_bytes_per_cell)
+    by_cells = -(-BACKWARD_CHUNK_MIN_CELLS // (H * W))
+    return max(1, min(B, max(by_bytes, by_cells)))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte address a tensor with non-negative strides touches."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size() - 1
+
+
+def backward_out(out: torch.Tensor | None, state: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The tensor a backward writes d_state into: a new one like ``state``, or ``out``, which
+    must be like ``state``, must not overlap it, and may be ``grad`` itself (same strides)
+    but must not overlap it otherwise."""
+    if out is None:
+        return torch.empty_like(state)
+    if out.shape != state.shape or out.dtype != state.dtype or out.device != state.device:
+        raise ValueError(f"out must match state ({tuple(state.shape)}, {state.dtype}, {state.device}), "
+                         f"got ({tuple(out.shape)}, {out.dtype}, {out.device})")
+    if any(s < 0 for s in out.stride()) or torch._debug_has_internal_overlap(out) != 0:
+        raise ValueError(f"out must not have negative or overlapping strides, got {out.stride()}")
+
+    def overlaps(t):
+        (a0, a1), (b0, b1) = _span(out), _span(t)
+        return a0 <= b1 and b0 <= a1
+
+    if overlaps(state):
+        raise ValueError("out must not overlap state")
+    if overlaps(grad) and (out.data_ptr() != grad.data_ptr() or out.stride() != grad.stride()):
+        raise ValueError("out may be grad_out itself but must not overlap it otherwise")
+    return out
