@@ -139,7 +139,7 @@ def _saved(fn):
 
     def pack(t):
         seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # not t: a saved output would hold its own graph (a leaked cycle)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
