@@ -2,6 +2,8 @@
 (conv perception + linear layers under autograd, Med-NCA's channels-last layout)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,19 @@ class PaperStep(torch.nn.Module):
             m = (torch.rand(s.shape[:3] + (1,), device=s.device) < self.update_prob).to(s.dtype)
         f = self.frozen
         return torch.cat([s[..., :f], s[..., f:] + m * dx], -1)
+
+
+@contextlib.contextmanager
+def _allow_tf32(on: bool):
+    if not on:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _kept(forward):
@@ -119,10 +134,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda" or not quick:
             impls.append(("pytorch+compile", torch.compile(paper)))
 
-        def timed(forward, grad_out, grad):
-            """forward(), and with ``grad`` its backward from grad_out, as one callable."""
+        def timed(forward, grad_out, grad, tf32=False):
+            """forward(), and with ``grad`` its backward from grad_out, as one callable;
+            ``tf32``: both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
+            from the default 3xTF32 fp32-level products to single TF32 ones)."""
             def f():
-                with torch.set_grad_enabled(grad):
+                with torch.set_grad_enabled(grad), _allow_tf32(tf32):
                     y = forward()
                     if grad:
                         torch.autograd.backward(y, grad_out)
@@ -139,30 +156,34 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
 
         # (name, one-step forward, its output grad, rollout forward, its output grad)
         runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr) for n, m in impls]
-        runners += [(f"fastnca:{b}",
+        fast = [(f"fastnca:{b}", b, False) for b in backends]
+        if "triton" in backends and device.type == "cuda":
+            fast.append(("fastnca:triton tf32", "triton", True))
+        runners = [(*r, False) for r in runners]
+        runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
-                     lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr)
-                    for b in backends]
+                     lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, tf32)
+                    for name, b, tf32 in fast]
         reps = 3 if quick else 5
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
-        for impl, step_fwd, step_g, roll_fwd, roll_g in runners:
+        for impl, step_fwd, step_g, roll_fwd, roll_g, tf32 in runners:
             log(f"  nca_step {name} {impl} ...")
             try:
-                fwd = median_ms(timed(step_fwd, step_g, False), device, reps=reps)
-                fb = median_ms(timed(step_fwd, step_g, True), device, reps=reps)
+                fwd = median_ms(timed(step_fwd, step_g, False, tf32), device, reps=reps)
+                fb = median_ms(timed(step_fwd, step_g, True, tf32), device, reps=reps)
                 extra = _throughput(cells * fpc, fwd, fb, roofs, dname)
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
-                                      peak_mb(timed(step_fwd, step_g, True), device), extra=extra))
+                                      peak_mb(timed(step_fwd, step_g, True, tf32), device), extra=extra))
             except Exception as e:  # a failing implementation is reported, not fatal
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             release(device)
             try:
-                rfwd = median_ms(timed(roll_fwd, roll_g, False), device, reps=max(2, reps - 2), warmup=1)
-                rfb = median_ms(timed(roll_fwd, roll_g, True), device, reps=max(2, reps - 2), warmup=1)
+                rfwd = median_ms(timed(roll_fwd, roll_g, False, tf32), device, reps=max(2, reps - 2), warmup=1)
+                rfb = median_ms(timed(roll_fwd, roll_g, True, tf32), device, reps=max(2, reps - 2), warmup=1)
                 results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
-                                      peak_mb(timed(roll_fwd, roll_g, True), device),
+                                      peak_mb(timed(roll_fwd, roll_g, True, tf32), device),
                                       extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
