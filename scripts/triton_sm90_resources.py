@@ -7,7 +7,7 @@ for the forward). Registers and stack come from `cuobjdump --dump-resource-usage
 cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629; see _wgmma_safe in kernels/triton/nca_step.py).
 
-Usage: python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen ...
+Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen ...
        (groups: 1 or C), e.g. 8,32,64,64,128,2,1,1 for the Med-NCA rule.
 Seen with triton 3.9 (2026-11-26): the Med-NCA rule's backward cell kernel (64 rows,
 8 warps) used 255 registers + 2256 bytes of stack, 128 KB of shared memory.
@@ -70,7 +70,9 @@ from fastnca.kernels.triton import nca_step as tri  # noqa: E402
 tri._interpreting = lambda device: False
 tri._device_limits = lambda device: (132, 227 * 1024)  # H100: SMs, opt-in shared memory
 tri._on_device = lambda device: contextlib.nullcontext()
-tri._dot_precision = lambda device: "tf32x3" if tri._TF32X3 else "ieee"
+# DOT_PREC=tf32 shows what torch.backends.cuda.matmul.allow_tf32 = True compiles to.
+_PREC = os.environ.get("DOT_PREC") or ("tf32x3" if tri._TF32X3 else "ieee")
+tri._dot_precision = lambda device: _PREC
 
 _CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                                                         "bin", "cuobjdump")

@@ -499,3 +499,43 @@ def test_rollout_checkpoints_take_no_gradient():
     with Fills():
         out.sum().backward()
     assert filled == [] and x.grad is not None
+
+
+def _cpu_peak_bytes(fn):
+    """Peak of the bytes allocated while ``fn`` runs, from the profiler's CPU memory
+    timeline (a private torch API: skip where this torch lacks it)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError as e:
+        pytest.skip(f"torch profiler memory timeline unavailable: {e}")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    try:
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    except (AttributeError, TypeError) as e:
+        pytest.skip(f"torch profiler memory timeline changed: {e}")
+    return max(sum(s) for s in sizes)
+
+
+@pytest.mark.parametrize("steps", [16, 32])
+def test_rollout_backward_peak_in_states(steps):
+    """Peak memory of a rollout's forward + backward, in states: the checkpoints, one
+    recomputed segment and a few more (output, gradients, the step's scratch). A zero
+    gradient materialised for the checkpoints (3 or 7 more states here) fails it."""
+    if fastnca.backends()["cpu"] is not True:
+        pytest.skip("needs the cpu backend")
+    every = 4
+    rule = make_rule(8, hidden=32, fc2_rows=7, requires_grad=True)
+    x = make_state(4, 8, 48, 48, requires_grad=True)
+    g = make_state(4, 8, 48, 48, seed=3)
+
+    def run():
+        out = fastnca.nca_rollout(x, *rule, steps=steps, checkpoint_every=every, seed=1,
+                                  frozen_channels=1, backend="cpu")
+        out.backward(g)
+
+    peak = _cpu_peak_bytes(run) / (x.numel() * x.element_size())
+    checkpoints = math.ceil(steps / every) - 1
+    assert peak <= checkpoints + every + 5, f"peak {peak:.2f} states"
