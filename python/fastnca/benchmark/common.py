@@ -23,7 +23,7 @@ class Result:
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     saved_mb: float | None = None  # bytes autograd keeps for backward
-    peak_mb: float | None = None  # peak device memory of fwd+bwd (CUDA only)
+    peak_mb: float | None = None  # peak memory allocated during fwd+bwd
     note: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -121,8 +121,15 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    if device.type != "cuda" or WARM_ONLY:
+def peak_mb(fn: Callable[[], object], device: torch.device, cpu: bool = False) -> float | None:
+    """Peak memory allocated while ``fn`` runs, in MB above what was allocated before: on
+    CUDA from the caching allocator's statistics; on the CPU (only when ``cpu``: it runs
+    under the profiler) from the profiler's memory timeline, None where this torch lacks it."""
+    if WARM_ONLY:
+        return None
+    if device.type == "cpu" and cpu:
+        return _cpu_peak_mb(fn)
+    if device.type != "cuda":
         return None
     torch.cuda.empty_cache()
     sync(device)
@@ -131,6 +138,21 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     fn()
     sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    try:  # a private API (torch >= 2.1), hence the fallbacks
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    except (ImportError, AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return max((sum(s) for s in sizes), default=0) / 2**20
 
 
 def largest_size_within(measure: Callable[[int], float], budget: float, *, start: int, multiple: int,
@@ -273,7 +295,9 @@ DEFINITIONS = {
                           "CPU: wall time of each call; CUDA: CUDA-event time of back-to-back "
                           "batches of calls filling ~10 ms, divided by the batch size",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
-    "peak_mb": "peak CUDA memory of one forward + backward (torch.cuda.max_memory_allocated), MB",
+    "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
+               "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "
+               "torch.profiler's memory timeline",
     "gflops_fwd, gflops_train": "nca: dense-equivalent GFLOP/s -- every cell counted as computed "
                                 "(the kernels skip cells that do not fire, so this can exceed "
                                 "the matmul roof); train counts 4x the forward's work",

@@ -174,7 +174,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 extra = _throughput(cells * fpc, fwd, fb, roofs, dname)
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
-                                      peak_mb(timed(step_fwd, step_g, True, tf32), device), extra=extra))
+                                      peak_mb(timed(step_fwd, step_g, True, tf32), device, cpu=True), extra=extra))
             except Exception as e:  # a failing implementation is reported, not fatal
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             release(device)
@@ -183,7 +183,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 rfb = median_ms(timed(roll_fwd, roll_g, True, tf32), device, reps=max(2, reps - 2), warmup=1)
                 results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
-                                      peak_mb(timed(roll_fwd, roll_g, True, tf32), device),
+                                      peak_mb(timed(roll_fwd, roll_g, True, tf32), device, cpu=True),
                                       extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
