@@ -405,12 +405,27 @@ void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx,
     }
 }
 
+// Small images run as one batch: pass 1 over every image's tiles (one workspace per
+// image), one reduction, pass 2; large ones one image at a time (one workspace, reused).
+// Either way the chunking is a function of the shapes only.
+template <typename T>
+bool batched_backward(const Problem<T>& p) {
+  return p.B > 1 && p.B * p.H * p.W * p.LDW * int64_t(sizeof(T)) <= kBatchWorkspace;
+}
+
+// Elements of T in the backward's dP workspace (the caller may allocate it: then it shows
+// in torch's allocator and profiler).
+template <typename T>
+int64_t backward_workspace(const Problem<T>& p) {
+  return (batched_backward(p) ? p.B : 1) * p.H * p.W * p.LDW;
+}
+
 template <typename T>
 void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dstate, int dtype,
                    const std::vector<int64_t>& sizes, int F, int groups, int Hd, int frozen,
                    int padding, uint64_t seed, uint32_t step, uint32_t threshold,
                    const std::vector<std::uintptr_t>& w, const std::vector<std::uintptr_t>& dw,
-                   int nthreads, int tile_w) {
+                   int nthreads, int tile_w, std::uintptr_t ws_ptr) {
   if (w.size() != 9 || dw.size() != 6) throw std::invalid_argument("nca_step_cpu: 9 weights, 6 grads");
   Problem<T> p{};
   setup(p, sizes.at(0), sizes.at(1), sizes.at(2), sizes.at(3), F, groups, Hd, frozen, padding, seed,
@@ -431,12 +446,9 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
   pl.b2 = pl.w2 + int64_t(p.Co) * p.Hdp;
   pl.size = pad8(pl.b2 + p.Cop) + 16;  // + 16: chunks' partials on separate cache lines
 
-  // Small images run as one batch: pass 1 over every image's tiles (one workspace per
-  // image), one reduction, pass 2; large ones one image at a time (one workspace, reused).
-  // Either way the chunking is a function of the shapes only.
   const int64_t tiles_img = p.H * p.tiles_per_row;
   const int64_t ws_img = p.H * p.W * p.LDW;
-  const bool batched = p.B > 1 && p.B * ws_img * int64_t(sizeof(T)) <= kBatchWorkspace;
+  const bool batched = batched_backward(p);
   const int64_t groups_b = batched ? 1 : p.B;               // passes over the batch
   const int64_t images = batched ? p.B : 1;                 // images per pass
   const int64_t tiles = images * tiles_img;                 // tiles per pass
@@ -447,14 +459,16 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
 
   std::vector<T> partial(static_cast<size_t>(pl.size * nchunks));
   std::vector<double> acc(static_cast<size_t>(pl.size), 0.0);
-  // Not zero-filled here (25 MB per 256x256 image): pass 1 writes every row.
-  std::unique_ptr<T[]> ws(new T[static_cast<size_t>(images * ws_img)]);
+  // Not zero-filled (25 MB per 256x256 image): pass 1 writes every row. The caller's
+  // (backward_workspace elements) or our own.
+  std::unique_ptr<T[]> own(ws_ptr ? nullptr : new T[static_cast<size_t>(images * ws_img)]);
+  T* ws = ws_ptr ? ptr<T>(ws_ptr) : own.get();
   p.ws_b = batched ? ws_img : 0;
   std::vector<int> iyo, iy, ixo, ix;
   std::vector<uint8_t> sy, sx;
   inverse_axis(static_cast<int>(p.H), padding, iyo, iy, sy);
   inverse_axis(static_cast<int>(p.W), padding, ixo, ix, sx);
-  p.ws = ws.get(); p.simple_y = sy.data(); p.simple_x = sx.data();
+  p.ws = ws; p.simple_y = sy.data(); p.simple_x = sx.data();
   p.inv_y_off = iyo.data(); p.inv_y = iy.data(); p.inv_x_off = ixo.data(); p.inv_x = ix.data();
   ScratchBlock<T> block(p, nt, true);
   T* part = partial.data();
@@ -553,18 +567,31 @@ FASTNCA_BINDINGS(m) {
          std::vector<int64_t> dstate_strides, int dtype, std::vector<int64_t> sizes, int F,
          int groups, int Hd, int frozen, int padding, uint64_t seed, uint32_t step,
          uint32_t threshold, std::vector<std::uintptr_t> weights,
-         std::vector<std::uintptr_t> grads, int nthreads, int tile_w) {
+         std::vector<std::uintptr_t> grads, int nthreads, int tile_w, std::uintptr_t ws) {
         const Tensor4 gt = view(grad, grad_strides), st = view(state, state_strides),
                       dt = view(dstate, dstate_strides);
         if (compute_fp64(dtype))
           backward_impl<double>(gt, st, dt, dtype, sizes, F, groups, Hd, frozen, padding, seed,
-                                step, threshold, weights, grads, nthreads, tile_w);
+                                step, threshold, weights, grads, nthreads, tile_w, ws);
         else
           backward_impl<float>(gt, st, dt, dtype, sizes, F, groups, Hd, frozen, padding, seed, step,
-                               threshold, weights, grads, nthreads, tile_w);
+                               threshold, weights, grads, nthreads, tile_w, ws);
       },
       "grad"_a, "grad_strides"_a, "state"_a, "state_strides"_a, "dstate"_a, "dstate_strides"_a,
       "dtype"_a, "sizes"_a, "F"_a, "groups"_a, "hidden"_a, "frozen"_a, "padding"_a, "seed"_a,
-      "step"_a, "threshold"_a, "weights"_a, "grads"_a, "nthreads"_a, "tile_w"_a = 0,
+      "step"_a, "threshold"_a, "weights"_a, "grads"_a, "nthreads"_a, "tile_w"_a = 0, "ws"_a = 0,
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "nca_step_backward_workspace",
+      [](int dtype, std::vector<int64_t> sizes, int F, int groups, int Hd, int frozen, int padding) {
+        if (sizes.size() != 4) throw std::invalid_argument("nca_step_cpu: sizes must be [B, C, H, W]");
+        auto elems = [&](auto tag) {
+          Problem<decltype(tag)> p{};
+          setup(p, sizes[0], sizes[1], sizes[2], sizes[3], F, groups, Hd, frozen, padding, 0, 0, 0, 0);
+          return backward_workspace(p);
+        };
+        return compute_fp64(dtype) ? elems(double{}) : elems(float{});
+      },
+      "dtype"_a, "sizes"_a, "F"_a, "groups"_a, "hidden"_a, "frozen"_a, "padding"_a,
+      "Elements (of the compute dtype) of nca_step_backward's dP workspace ('ws').");
 }

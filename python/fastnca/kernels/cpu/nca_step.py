@@ -169,11 +169,17 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     db1 = torch.empty(d["Hdp"], **z)
     dw2 = torch.empty(Co, d["Hdp"], **z)
     db2 = torch.empty(d["Cop"], **z)
-    _ext.load("_C").nca_step_backward(
+    mod = _ext.load("_C")
+    # The dP workspace comes from torch's allocator, so memory tools (and the benchmark's
+    # CPU peak) see it.
+    scratch = torch.empty(mod.nca_step_backward_workspace(dtype, list(state.shape), d["F"], groups, Hd,
+                                                          frozen, pad), **z)
+    mod.nca_step_backward(
         grad_out.data_ptr(), list(grad_out.stride()), state.data_ptr(), list(state.stride()),
         d_state.data_ptr(), list(d_state.stride()), dtype, list(state.shape), d["F"], groups, Hd,
         frozen, pad, seed, step, thr, [t.data_ptr() for t in ws],
-        [t.data_ptr() for t in (dwc, dpb, dw1, db1, dw2, db2)], _threads(), _TILE_W)
+        [t.data_ptr() for t in (dwc, dpb, dw1, db1, dw2, db2)], _threads(), _TILE_W, scratch.data_ptr())
+    del scratch
     if groups == 1:
         d_pw = dwc[:, :K].reshape(3, 3, C, K).permute(3, 2, 0, 1)
     else:
