@@ -1,4 +1,4 @@
-"""Helpers that the CUDA and Triton launchers share."""
+"""Helpers that the compiled-kernel launchers (cpu, cuda, triton) share."""
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from .._common import backward_out
 
 _PAD = 8  # must match kPadTo in csrc/cpu/nca_step.cpp
 _TILE_W = 0  # cells per tile; 0 = the kernel's tuned default (kTileW), for experiments
@@ -147,15 +148,20 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
+# backward(..., out=grad_out) is safe: pass 2, the only writer of d_state, reads each
+# tile's grad_out right before writing that tile, after pass 1 has read all of it.
+BACKWARD_OUT_MAY_BE_GRAD = True
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
-             prepared=None):
+             prepared=None, out=None):
     dtype, pad, thr = _common(state, padding, update_prob, seed, step)
     ws, d = prepared or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
     _check_view(state, "state", state.shape, state.dtype)
     if grad_out.dtype != state.dtype:
         grad_out = grad_out.to(state.dtype)
     _check_view(grad_out, "grad_out", state.shape, state.dtype)
-    d_state = torch.empty_like(state)
+    d_state = backward_out(out, state, grad_out)
     _check_view(d_state, "d_state", state.shape, state.dtype)
     ct = _compute_dtype(state)
     if thr == 0 or d["Co"] == 0:  # out = state: only the identity path carries gradient
