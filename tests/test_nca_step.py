@@ -543,3 +543,34 @@ def test_rollout_backward_peak_in_states(steps):
         fastnca._ext.DTYPE_CODES[x.dtype], list(x.shape), 2, 1, 32, 1, fastnca._ext.PADDING_CODES["reflect"])
     assert workspace >= state_bytes  # a torch allocation, inside the measured peak
     assert peak <= checkpoints + every + 5 + workspace / state_bytes, f"peak {peak:.2f} states"
+
+
+@pytest.mark.parametrize("backend", [b for b in fast_backends("nca_step") if b.values[0] != "cpu"])
+def test_gpu_rollout_backward_peak_in_states(backend):
+    """On the GPU: a rollout's fwd+bwd peak (torch.cuda.max_memory_allocated) within the
+    checkpoints, one recomputed segment, the chunked fp32 workspace and a few states more
+    (output, gradient, weight-grad partials: about 1 state here). On the H100, before the
+    checkpoints' zero gradient was dropped, the workspace chunked and the gradient buffer
+    reused, this shape took 30.8 states (984 MiB)."""
+    dev = device_for(backend)
+    if dev.type != "cuda":
+        pytest.skip("measures CUDA memory")
+    steps, every, C, F = 64, 8, 32, 2
+    rule = make_rule(C, hidden=128, F=F, fc2_rows=C - 1, device=dev, requires_grad=True)
+    x = make_state(8, C, 256, 256, dtype=torch.bfloat16, device=dev)  # the benchmark's rollout
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn_like(x)
+    state_bytes = x.numel() * x.element_size()
+    chunk = _common.backward_batch_chunk(x, 4 * (F + 1) * C)
+    workspace = chunk * 256 * 256 * 4 * (F + 1) * C
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fastnca.nca_rollout(x, *rule, steps=steps, checkpoint_every=every, seed=1,
+                              frozen_channels=1, backend=backend)
+    out.backward(g)
+    torch.cuda.synchronize(dev)
+    peak = (torch.cuda.max_memory_allocated(dev) - base) / state_bytes
+    checkpoints = steps // every - 1
+    assert peak <= checkpoints + (every - 1) + 4 + workspace / state_bytes, f"peak {peak:.2f} states"
