@@ -264,3 +264,25 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
     assert kept and all(isinstance(c, triton.Config) for c in kept)
     for c in kept:
         assert tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n), c
+
+
+def test_pinned_backward_tile(monkeypatch):
+    """FASTNCA_TRITON_NCA_BWD_TILE (a benchmarking knob) pins the backward tile on a GPU,
+    rejects malformed values and tiles that would split a dot into N=8 wgmmas."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
+    monkeypatch.setattr(tri, "_interpreting", lambda device: False)
+    c_pad, hid_pad, c_blk, fc_blk, _ = tri._tile_dims(32, 64, 128)  # the Med-NCA rule
+    rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
+    assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (16, 4)
+    for bad in ("16", "16,x", "24,4", "32,3"):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TILE"):
+            tri._backward_tiling(rule, cuda, 1 << 20)
+    small = SimpleNamespace(**{**vars(rule), "C_PAD": 16, "C_BLK": 16, "FC_BLK": 16})  # C=16
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "64,8")
+    with pytest.raises(ValueError, match="N=8 wgmmas"):
+        tri._backward_tiling(small, cuda, 1 << 20)

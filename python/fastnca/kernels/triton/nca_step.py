@@ -661,6 +661,21 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
+def _pinned_backward_tile() -> tuple[int, int] | None:
+    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS pins the backward's tile (benchmarking knob;
+    BLOCK_M in 16..128, a power of two, warps in 1..8)."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_TILE")
+    if not v:
+        return None
+    try:
+        block_m, warps = (int(t) for t in v.split(","))
+    except ValueError:
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE must be 'BLOCK_M,WARPS', got {v!r}") from None
+    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE: BLOCK_M in 16/32/64/128 and warps in 1/2/4/8, got {v!r}")
+    return block_m, warps
+
+
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
     """(BLOCK_M, num_warps, programs) for the backward. Not autotuned on purpose: the
     tile partition fixes the partial-sum order, so it must be a pure function of the
@@ -677,6 +692,12 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
         if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
             block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
+        pinned = _pinned_backward_tile()
+        if pinned:
+            block_m, warps = pinned
+            if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
+                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps} splits a dot of this rule "
+                                 "into N=8 wgmmas (triton#10629); pick another tile")
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs
