@@ -31,6 +31,8 @@
 //      each source cell finds the (output cell, tap) pairs that read it with
 //      perception_readers (pad_index) and sums dQ(output) . pw(tap).
 //   4. reduce_parts: sums the partials over blocks in a fixed order.
+// The launcher runs 1-4 per batch chunk to bound the workspace (cell0 offsets the mask)
+// and adds the chunks' weight gradients in chunk order.
 #include <algorithm>
 #include <cmath>
 #include <vector>

@@ -32,6 +32,10 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   including the extra reflect/replicate/circular reads at the borders) and adds the
   transposed conv to g + dP_x.
 - The [G, ...] partials are reduced with torch.sum(dim=0) (fixed order).
+- Large states run A and B per batch chunk (kernels/_common.backward_batch_chunk: the
+  workspace stays within the state's bytes, >= 65536 cells a chunk); kernel A indexes the
+  fire mask from the chunk's first cell (cell0), and the chunks' sums add in chunk order.
+  d_state may be grad_out itself: B, its only writer, reads the workspace alone.
 """
 from __future__ import annotations
 
