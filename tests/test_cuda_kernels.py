@@ -185,10 +185,12 @@ def test_emulated_nca_step_one_cell_per_thread(emulated, monkeypatch):
     check_nca(emulated, 1, 16, 5, 7, 2, 64, 1, "reflect", 1, 0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_nca_step_backward_chunks_and_out(emulated, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,groups,channels_last", [(torch.float32, 1, False),
+                                                       (torch.bfloat16, 1, False),
+                                                       (torch.float16, "C", True)])
+def test_emulated_nca_step_backward_chunks_and_out(emulated, monkeypatch, dtype, groups, channels_last):
     from test_nca_step import check_backward_chunks_and_out
-    check_backward_chunks_and_out(cuda_nca, emulated, monkeypatch, dtype)
+    check_backward_chunks_and_out(cuda_nca, emulated, monkeypatch, dtype, groups, channels_last)
 
 
 def test_emulated_nca_step_rejects_float64(emulated):

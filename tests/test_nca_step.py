@@ -432,16 +432,20 @@ def test_backend_gradients_are_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32):
+def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, groups=1,
+                                  channels_last=False):
     """A kernel module's backward over batch chunks (forced on a small state) and with
     ``out=grad_out``: d_state and the weight grads against the float64 reference, the fire
     mask of every chunk at the chunk's own cells, and the in-place result equal to the
     out-of-place one."""
     B, C, H, W, F, hid, frozen = 3, 5, 4, 6, 2, 16, 1
-    w = make_rule(C, hidden=hid, F=F, fc2_rows=C - frozen, device=device, seed=4)
+    groups = C if groups == "C" else groups
+    w = make_rule(C, hidden=hid, F=F, groups=groups, fc2_rows=C - frozen, device=device, seed=4)
     x = make_state(B, C, H, W, dtype=dtype, device=device, seed=5)
     g = make_state(B, C, H, W, dtype=dtype, device=device, seed=6)
-    args = (1, "reflect", 0.5, 77, 5, frozen)
+    if channels_last:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    args = (groups, "reflect" if groups == 1 else "circular", 0.5, 77, 5, frozen)
     ref = ref_nca.backward(g.double().cpu(), x.double().cpu(), *(t.double().cpu() for t in w), *args)
     whole = k.backward(g, x, *w, *args)
     monkeypatch.setattr(_common, "BACKWARD_CHUNK_MIN_CELLS", 1)
@@ -475,6 +479,7 @@ def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
     k = _backend.kernel(backend, "nca_step")
     assert k.BACKWARD_OUT_MAY_BE_GRAD  # every fast backend: the rollout relies on it
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
+    check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
 
 
 def test_rollout_checkpoints_take_no_gradient():
