@@ -25,6 +25,8 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
+# Next planned call (after session 4): build@150 test@240+sanitize@240 variants@90 \
+#       ncu:nca:cuda@60 ncu:nca:triton@60 bench:nca:bfloat16@150 pack
 # Seen on an H100 (2026-11-26): build 130 s (nvcc, sm_90 only); `pytest -m gpu` 80-90 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` 80 s after the warm-up,
