@@ -507,21 +507,13 @@ def test_rollout_checkpoints_take_no_gradient():
 
 
 def _cpu_peak_bytes(fn):
-    """Peak of the bytes allocated while ``fn`` runs, from the profiler's CPU memory
-    timeline (a private torch API: skip where this torch lacks it)."""
+    """benchmark.common.cpu_peak_bytes; skip where this torch lacks that private API."""
+    from fastnca.benchmark.common import cpu_peak_bytes
+
     try:
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
-    except ImportError as e:
-        pytest.skip(f"torch profiler memory timeline unavailable: {e}")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
-        fn()
-    try:
-        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    except (AttributeError, TypeError) as e:
-        pytest.skip(f"torch profiler memory timeline changed: {e}")
-    return max(sum(s) for s in sizes)
+        return cpu_peak_bytes(fn)
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"torch profiler memory timeline unavailable or changed: {e}")
 
 
 @pytest.mark.parametrize("steps", [16, 32])

@@ -140,19 +140,26 @@ def peak_mb(fn: Callable[[], object], device: torch.device, cpu: bool = False) -
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
-    try:  # a private API (torch >= 2.1), hence the fallbacks
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated on the CPU while ``fn`` runs, from torch.profiler's memory
+    timeline: a private API (torch >= 2.1), so this raises ImportError / AttributeError /
+    TypeError where a torch lacks or changed it."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-        gc.collect()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            fn()
-        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return max((sum(s) for s in sizes), default=0)
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    try:
+        return cpu_peak_bytes(fn) / 2**20
     except (ImportError, AttributeError, TypeError, ValueError, RuntimeError):
         return None
-    return max((sum(s) for s in sizes), default=0) / 2**20
 
 
 def largest_size_within(measure: Callable[[int], float], budget: float, *, start: int, multiple: int,
