@@ -413,8 +413,8 @@ bool batched_backward(const Problem<T>& p) {
   return p.B > 1 && p.B * p.H * p.W * p.LDW * int64_t(sizeof(T)) <= kBatchWorkspace;
 }
 
-// Elements of T in the backward's dP workspace (the caller may allocate it: then it shows
-// in torch's allocator and profiler).
+// Elements of T in the backward's dP workspace, which the caller allocates (with torch:
+// then it shows in torch's allocator and profiler).
 template <typename T>
 int64_t backward_workspace(const Problem<T>& p) {
   return (batched_backward(p) ? p.B : 1) * p.H * p.W * p.LDW;
@@ -427,6 +427,7 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
                    const std::vector<std::uintptr_t>& w, const std::vector<std::uintptr_t>& dw,
                    int nthreads, int tile_w, std::uintptr_t ws_ptr) {
   if (w.size() != 9 || dw.size() != 6) throw std::invalid_argument("nca_step_cpu: 9 weights, 6 grads");
+  if (!ws_ptr) throw std::invalid_argument("nca_step_cpu: no workspace (nca_step_backward_workspace elements)");
   Problem<T> p{};
   setup(p, sizes.at(0), sizes.at(1), sizes.at(2), sizes.at(3), F, groups, Hd, frozen, padding, seed,
         step, threshold, tile_w);
@@ -459,16 +460,14 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
 
   std::vector<T> partial(static_cast<size_t>(pl.size * nchunks));
   std::vector<double> acc(static_cast<size_t>(pl.size), 0.0);
-  // Not zero-filled (25 MB per 256x256 image): pass 1 writes every row. The caller's
-  // (backward_workspace elements) or our own.
-  std::unique_ptr<T[]> own(ws_ptr ? nullptr : new T[static_cast<size_t>(images * ws_img)]);
-  T* ws = ws_ptr ? ptr<T>(ws_ptr) : own.get();
+  // The caller's workspace, backward_workspace(p) elements; not zero-filled (25 MB per
+  // 256x256 image): pass 1 writes every row.
   p.ws_b = batched ? ws_img : 0;
   std::vector<int> iyo, iy, ixo, ix;
   std::vector<uint8_t> sy, sx;
   inverse_axis(static_cast<int>(p.H), padding, iyo, iy, sy);
   inverse_axis(static_cast<int>(p.W), padding, ixo, ix, sx);
-  p.ws = ws; p.simple_y = sy.data(); p.simple_x = sx.data();
+  p.ws = ptr<T>(ws_ptr); p.simple_y = sy.data(); p.simple_x = sx.data();
   p.inv_y_off = iyo.data(); p.inv_y = iy.data(); p.inv_x_off = ixo.data(); p.inv_x = ix.data();
   ScratchBlock<T> block(p, nt, true);
   T* part = partial.data();
@@ -579,7 +578,7 @@ FASTNCA_BINDINGS(m) {
       },
       "grad"_a, "grad_strides"_a, "state"_a, "state_strides"_a, "dstate"_a, "dstate_strides"_a,
       "dtype"_a, "sizes"_a, "F"_a, "groups"_a, "hidden"_a, "frozen"_a, "padding"_a, "seed"_a,
-      "step"_a, "threshold"_a, "weights"_a, "grads"_a, "nthreads"_a, "tile_w"_a = 0, "ws"_a = 0,
+      "step"_a, "threshold"_a, "weights"_a, "grads"_a, "nthreads"_a, "tile_w"_a, "ws"_a,
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "nca_step_backward_workspace",
