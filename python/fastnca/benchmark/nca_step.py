@@ -154,12 +154,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 return y
             return forward
 
-        # (name, one-step forward, its output grad, rollout forward, its output grad)
-        runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr) for n, m in impls]
+        # (name, one-step forward, its output grad, rollout forward, its output grad, tf32)
+        runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr, False) for n, m in impls]
         fast = [(f"fastnca:{b}", b, False) for b in backends]
         if "triton" in backends and device.type == "cuda":
             fast.append(("fastnca:triton tf32", "triton", True))
-        runners = [(*r, False) for r in runners]
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, tf32)

@@ -694,12 +694,13 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
         # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
         block_m = (32 if smem >= 200 * 1024 else 16) if big else 64
         warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
-        if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
+        narrowest = _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)
+        if not _wgmma_safe(block_m, warps, narrowest):
             block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
         pinned = _pinned_backward_tile()
         if pinned:
             block_m, warps = pinned
-            if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
+            if not _wgmma_safe(block_m, warps, narrowest):
                 raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps} splits a dot of this rule "
                                  "into N=8 wgmmas (triton#10629); pick another tile")
         programs = 2 * sms
