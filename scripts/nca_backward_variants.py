@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from fastnca import _backend  # noqa: E402
 from fastnca.benchmark.common import median_ms  # noqa: E402
+from fastnca.benchmark.nca_step import make_rule  # noqa: E402
 
 
 def main() -> int:
@@ -41,15 +42,10 @@ def main() -> int:
     groups = C if groups != 1 else 1
     B, H, W = (int(t) for t in a.shape.split(","))
     dtype = getattr(torch, a.dtype)
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return (torch.randn(*shape, generator=g) * 0.2).to(dev, dtype)
-
-    x = r(B, C, H, W).contiguous(memory_format=torch.channels_last)
-    gout = r(B, C, H, W).contiguous(memory_format=torch.channels_last)
-    w = (r(F * C, C // groups, 3, 3), r(F * C), r(hidden, (F + 1) * C), r(hidden),
-         r(C - frozen, hidden), r(C - frozen))
+    w = [t.detach() for t in make_rule(C, hidden, F, groups, frozen, dev, dtype)]
+    g = torch.Generator().manual_seed(1)
+    x, gout = (torch.randn(B, C, H, W, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+               for _ in range(2))
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
     variants = [("cuda", "cuda", None, False)] if _backend._usable_on("cuda", dev) is True else []

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import torch  # noqa: E402
 
 import fastnca  # noqa: E402
+from fastnca.benchmark.nca_step import make_rule  # noqa: E402
 
 
 KEY_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
@@ -72,8 +73,7 @@ def main() -> int:
         C, hid, F = (32, 128, 2) if args.groups == "1" else (16, 128, 2)
         groups = 1 if args.groups == "1" else C
         x = rnd(8, C, 256, 256).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        rule = [rnd(F * C, C // groups, 3, 3, s=0.1), rnd(F * C, s=0.1), rnd(hid, (F + 1) * C, s=0.1),
-                rnd(hid, s=0.1), rnd(C - 1, hid, s=0.1), rnd(C - 1, s=0.1)]
+        rule = make_rule(C, hid, F, groups, 1, dev, dtype)
 
         def run():
             y = fastnca.nca_step(x, *rule, groups=groups, padding="reflect" if groups == 1 else "zeros",
