@@ -26,7 +26,7 @@ from fastnca.benchmark.nca_step import make_rule  # noqa: E402
 KEY_METRICS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput",
                "L1/TEX Hit Rate", "L2 Hit Rate", "Registers Per Thread", "Dynamic Shared Memory Per Block",
                "Theoretical Occupancy", "Achieved Occupancy", "Warp Cycles Per Issued Instruction",
-               "Executed Ipc Active")
+               "Executed Ipc Active", "Local Memory Spilling Requests")
 
 
 def summarize(path: str) -> int:
@@ -42,7 +42,7 @@ def summarize(path: str) -> int:
         return 1
     cols = {name: i for i, name in enumerate(rows[header])}
     for r in rows[header + 1:]:
-        if len(r) < len(cols):
+        if len(r) <= cols["Metric Value"]:  # (rows omit the trailing empty rule columns)
             continue
         key = f"{r[cols['ID']]} {r[cols['Kernel Name']][:90]}"
         kernels.setdefault(key, {})[r[cols["Metric Name"]]] = f"{r[cols['Metric Value']]} {r[cols['Metric Unit']]}"

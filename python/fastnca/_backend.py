@@ -18,15 +18,18 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 OPS = ("fire_mask", "nca_step", "neighborhood_attention")
 
 # Auto-selection order per device type, and per op where it differs. The Triton
-# interpreter is a correctness tool, never auto-selected on CPU. On CUDA the first GPU run
-# (H100, bf16, benchmarks/results/h100-2026-11-26-nca-bf16.json) measured the Med-NCA
-# rule's training step, the op's main use, at 9.4 ms on `cuda` against 14.2 ms on `triton`
-# (64-step rollout: 642 against 854 ms), while Triton's forward was faster (1.56 against
-# 1.99 ms): `cuda` comes first. The attention's CUDA kernels were not measured yet; they
-# stay first as the hand-written memory-bound path.
+# interpreter is a correctness tool, never auto-selected on CPU. On CUDA, the H100 runs of
+# 2026-11-26 (bf16; benchmarks/results/h100-2026-11-26-*.json) decide:
+# - nca_step: the Med-NCA rule's training step took 11.2 ms on `cuda` against 14.4 ms on
+#   `triton` (64-step rollout 749 against 890 ms; h100-55af573-nca-bf16.json), while
+#   Triton's forward was faster (1.09 against 1.82 ms): `cuda` comes first.
+# - neighborhood_attention: Triton's kernels took 0.28 / 1.40 ms (fwd / fwd+bwd, GeCA-S)
+#   against 1.42 / 6.04 ms for the CUDA ones (h100-55af573-attention-bf16.json): `triton`
+#   comes first.
 _AUTO = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
+    ("cuda", "neighborhood_attention"): ("triton", "cuda", "reference"),
 }
 
 
