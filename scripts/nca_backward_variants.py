@@ -1,6 +1,9 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
-the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE) and dot precision (3xTF32, or
-TF32 under torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
+the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
+weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|memory) and dot precision
+(3xTF32, or TF32 under torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
+With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
+Triton settings) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
 B=8, 256x256 bfloat16 state by default. Each variant: CUDA-event median of back-to-back
@@ -8,7 +11,8 @@ calls of backend.backward (the kernels and the launcher, no autograd), and the l
 difference of its gradients from the first variant's. A variant that fails is reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
-           [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4 ...] [--device cuda]
+           [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
+           [--acc registers memory] [--prec tf32x3 tf32] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
 import torch  # noqa: E402
 
+import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
 from fastnca.benchmark.common import median_ms  # noqa: E402
-from fastnca.benchmark.nca_step import make_rule  # noqa: E402
+from fastnca.benchmark.nca_step import PaperStep, make_rule  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +37,11 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--tiles", nargs="*", default=["64,8", "64,4", "32,4", "16,4"],
-                    help="Triton backward tiles BLOCK_M,WARPS ('' = the default choice)")
+                    help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
+    ap.add_argument("--acc", nargs="*", default=[""], help="registers / memory ('' = the default)")
+    ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32"], help="tf32x3 / tf32")
+    ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
+    ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
     a = ap.parse_args()
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -48,34 +57,87 @@ def main() -> int:
                for _ in range(2))
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
-    variants = [("cuda", "cuda", None, False)] if _backend._usable_on("cuda", dev) is True else []
+    use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
+    variants = [("cuda", "cuda", None, None, False)] if use_cuda else []
     for t in a.tiles:
-        variants.append((f"triton tile={t or 'default'} 3xTF32", "triton", t, False))
-        variants.append((f"triton tile={t or 'default'} TF32", "triton", t, True))
+        for acc in a.acc:
+            for prec in a.prec:
+                name = f"triton tile={t or 'default'} acc={acc or 'default'} {'TF32' if prec == 'tf32' else '3xTF32'}"
+                variants.append((name, "triton", t, acc, prec == "tf32"))
     first = None
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
-    for name, backend, tile, tf32 in variants:
+    for name, backend, tile, acc, tf32 in variants:
         kern = _backend.kernel(backend, "nca_step")
-        if tile:
-            os.environ["FASTNCA_TRITON_NCA_BWD_TILE"] = tile
-        else:
-            os.environ.pop("FASTNCA_TRITON_NCA_BWD_TILE", None)
+        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile), ("FASTNCA_TRITON_NCA_BWD_ACC", acc)):
+            if val:
+                os.environ[var] = val
+            else:
+                os.environ.pop(var, None)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             grads = kern.backward(gout, x, *args)
             ms = median_ms(lambda: kern.backward(gout, x, *args), dev, reps=7)
         except Exception as e:  # a variant that does not compile or fit is reported
-            print(f"  {name:<34} failed: {type(e).__name__}: {str(e)[:100]}")
+            print(f"  {name:<48} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
         if first is None:
             first = grads
         diff = max(float((u.float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-30))
                    for u, v in zip(grads, first))
-        print(f"  {name:<34} {ms:8.3f} ms   max rel. diff vs first {diff:.2e}", flush=True)
+        print(f"  {name:<48} {ms:8.3f} ms   max rel. diff vs first {diff:.2e}", flush=True)
+    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_ACC"):
+        os.environ.pop(var, None)
+    if a.rollout:
+        _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
     torch.backends.cuda.matmul.allow_tf32 = False
     return 0
+
+
+def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
+    """64-step rollout fwd+bwd: each fastnca backend (3xTF32 and TF32 for Triton) and eager
+    PyTorch, with the time and the peak memory of one training step."""
+    print(f"nca_rollout fwd+bwd, {steps} steps")
+    leaves = [t.detach().requires_grad_() for t in w]
+    eager = PaperStep(leaves, groups, "reflect", 0.5, frozen)
+
+    def run_eager():
+        s = x.permute(0, 2, 3, 1).detach().requires_grad_()  # [B, H, W, C] (Med-NCA layout)
+        y = s
+        for _ in range(steps):
+            y = eager(y)
+        y.float().sum().backward()
+
+    def run(backend):
+        s = x.detach().requires_grad_()
+        y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
+                                seed=1, frozen_channels=frozen, backend=backend)
+        y.float().sum().backward()
+
+    runs = [("eager", run_eager, False)]
+    for b in backends:
+        runs.append((b, lambda b=b: run(b), False))
+        if b == "triton":
+            runs.append(("triton TF32", lambda: run("triton"), True))
+    for name, fn, tf32 in runs:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+            ms = median_ms(fn, dev, warmup=0, reps=3)
+            peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported
+            print(f"  {name:<16} failed: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        finally:
+            for t in leaves:
+                t.grad = None
+        print(f"  {name:<16} {ms:9.1f} ms   peak {peak:8.0f} MiB", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 if __name__ == "__main__":

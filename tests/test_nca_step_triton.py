@@ -123,6 +123,25 @@ def test_matches_reference(case):
     check_against_reference(case)
 
 
+def test_weight_grad_accumulators(monkeypatch):
+    """The backward keeps its fc weight-grad partials in registers for rules of one channel
+    and conv chunk (the Med-NCA rule), in memory otherwise or when
+    FASTNCA_TRITON_NCA_BWD_ACC=memory asks; both paths match the reference (the memory path
+    with several tiles per program and both perception kinds)."""
+    state, _, *w = make_inputs(1, 32, 2, 2, 128, 2, 1, 1)
+    mednca = tri._Rule(state, *w, 1, "reflect", 1)
+    assert tri._register_accumulators(mednca)
+    state, _, *w = make_inputs(1, 64, 2, 2, 128, 2, 1, 1)  # two channel chunks
+    assert not tri._register_accumulators(tri._Rule(state, *w, 1, "reflect", 1))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "memory")
+    assert not tri._register_accumulators(mednca)
+    check_against_reference((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5))
+    check_against_reference((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "register")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_ACC"):
+        tri._register_accumulators(mednca)
+
+
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
 def test_channel_chunks(monkeypatch, groups):
     """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
@@ -257,7 +276,7 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
     min_n = min(c_blk, fc_blk, c_pad, hid_pad)  # every N of a [BLOCK_M, N] dot
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
-    block_m, warps, _ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20)
+    block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20)
     assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps)
     configs = tri._nca_step_forward_kernel_autotuned.configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
@@ -267,8 +286,9 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
 
 
 def test_pinned_backward_tile(monkeypatch):
-    """FASTNCA_TRITON_NCA_BWD_TILE (a benchmarking knob) pins the backward tile on a GPU,
-    rejects malformed values and tiles that would split a dot into N=8 wgmmas."""
+    """FASTNCA_TRITON_NCA_BWD_TILE (a benchmarking knob) pins the backward tile (and its
+    pipelining stages) on a GPU, rejects malformed values and tiles that would split a dot
+    into N=8 wgmmas."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
@@ -277,8 +297,12 @@ def test_pinned_backward_tile(monkeypatch):
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     cuda = torch.device("cuda")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
-    assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (16, 4)
-    for bad in ("16", "16,x", "24,4", "32,3"):
+    block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
+    assert (block_m, warps, stages) == (16, 4, 1)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "32,8,2")
+    block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
+    assert (block_m, warps, stages) == (32, 8, 2)
+    for bad in ("16", "16,x", "24,4", "32,3", "32,4,0", "32,4,5", "32,4,2,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TILE"):
             tri._backward_tiling(rule, cuda, 1 << 20)

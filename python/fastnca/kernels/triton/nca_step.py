@@ -24,15 +24,23 @@ Layout and assumptions (the launchers below enforce them):
 Backward (nothing but the inputs is saved; everything is recomputed):
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... and recomputes x, conv, z, h; then gd = m*g, dz, dP. It writes
-  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and accumulates its
-  weight-grad partials into its own slot of [G, ...] buffers (read-modify-write of a
-  private slot in a fixed tile order: deterministic, no atomics).
+  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and sums its fc
+  weight-grad partials (d_w1, d_b1, d_w2, d_b2, d_pb) over its tiles in a fixed order:
+  in registers, stored once, for rules of one channel and one conv chunk (the Med-NCA
+  rule); else read-modify-written in its own slot of a [G, ...] buffer per tile. No
+  atomics either way.
+- kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
+  shifted state, one program per (tap, conv chunk, cell range), the accumulator in
+  registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
+  backend's conv_grad). Kept out of kernel A, where its [FC, C] x 9 partial had to be
+  read-modify-written in memory every tile: on an H100 that traffic (~2 KB a cell each
+  way) and the registers it took made kernel A 3x slower than its arithmetic.
 - kernel B (_nca_step_backward_input_kernel): per source cell, gathers dQ over the
   inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
   including the extra reflect/replicate/circular reads at the borders) and adds the
   transposed conv to g + dP_x.
-- The [G, ...] partials are reduced with torch.sum(dim=0) (fixed order).
-- Large states run A and B per batch chunk (kernels/_common.backward_batch_chunk: the
+- The [G, ...] and per-range partials are reduced with torch.sum(dim=0) (fixed order).
+- Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
   workspace stays within the state's bytes, >= 65536 cells a chunk); kernel A indexes the
   fire mask from the chunk's first cell (cell0), and the chunks' sums add in chunk order.
   d_state may be grad_out itself: B, its only writer, reads the workspace alone.
@@ -95,16 +103,14 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
 
 @triton.jit
 def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask,
-                pw_ptr, pb_ptr, dq, dpw_ptr,
+                pw_ptr, pb_ptr,
                 F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
                 BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
-                DOT_PREC: tl.constexpr, ACC_DPW: tl.constexpr, PAD: tl.constexpr):
+                DOT_PREC: tl.constexpr, PAD: tl.constexpr):
     """conv[m, o] for the FC_BLK output channels offs_f (bias included).
 
     Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
-    a strip touches stay in L1/L2). With ACC_DPW (backward) the same tile also feeds
-    d_pw[tap] += dq^T @ tile, read-modify-written in this program's private slot.
-    The tap loop is a runtime loop on purpose. Unrolled (static_range), the compiler
+    a strip touches stay in L1/L2). The tap loop is a runtime loop on purpose. Unrolled (static_range), the compiler
     hoisted all 9 tiles out of the chunk loop (loop-invariant) into shared memory: 320 KB
     for C=128, hidden=256 with tf32x3, over the 227 KB of an H100; and sm_90a compile
     times were ~7x longer (AOT compile here: backward cell kernel 162 s -> 22 s)."""
@@ -128,15 +134,9 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
                     other=0.0).to(tl.float32)
         if DEPTHWISE:
             conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
-            if ACC_DPW:
-                p_pw = dpw_ptr + tap * FC_CEIL + offs_f
-                tl.store(p_pw, tl.load(p_pw) + tl.sum(dq * t, axis=0))
         else:
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
             conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
-            if ACC_DPW:
-                p_pw = dpw_ptr + tap * FC_CEIL * C_PAD + offs_f[:, None] * C_PAD + offs_c[None, :]
-                tl.store(p_pw, tl.dot(tl.trans(dq), t, tl.load(p_pw), input_precision=DOT_PREC))
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
@@ -145,10 +145,13 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
             w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
             C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
             HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-            DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, PAD: tl.constexpr):
-    """h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels come C_BLK
-    and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a C=128,
-    hidden=256 rule still fits shared memory) and the perception P never exists whole."""
+            DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, PAD: tl.constexpr,
+            KEEP_CONV: tl.constexpr):
+    """(h, conv): h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels
+    come C_BLK and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a
+    C=128, hidden=256 rule still fits shared memory) and the perception P never exists
+    whole. KEEP_CONV (rules of one conv chunk, FC_CEIL = FC_BLK): conv [BLOCK_M, FC_BLK]
+    is returned for the backward's d_w1b; otherwise conv is 0."""
     z = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
     for k0 in range(0, C, C_BLK):
         offs_k = k0 + tl.arange(0, C_BLK)
@@ -156,14 +159,23 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
                      mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
         z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
                    input_precision=DOT_PREC)
-    for f0 in range(0, FC, FC_BLK):
-        offs_f = f0 + tl.arange(0, FC_BLK)
+    if KEEP_CONV:
+        offs_f = tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
-                           offs_f, offs_f < FC, pw_ptr, pb_ptr, 0.0, pw_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, False, PAD)
+                           offs_f, offs_f < FC, pw_ptr, pb_ptr,
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
         z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                    input_precision=DOT_PREC)
-    return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0)
+    else:
+        for f0 in range(0, FC, FC_BLK):
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            conv_f = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
+                                 offs_f, offs_f < FC, pw_ptr, pb_ptr,
+                                 F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
+            z = tl.dot(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                       input_precision=DOT_PREC)
+        conv = 0.0
+    return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0), conv
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,9 +275,9 @@ def _nca_step_forward_kernel(
     ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
     o_row = out_ptr + ob[:, None]
 
-    h = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD)
+    h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                   w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                   FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False)
     m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
     for k0 in range(0, C, C_BLK):
         offs_k = k0 + tl.arange(0, C_BLK)
@@ -336,16 +348,22 @@ _nca_step_forward_kernel_autotuned = triton.autotune(
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
-    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpw_ptr, dpb_ptr, SLOT: tl.constexpr,
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
     seed_lo, seed_hi, step_lo, threshold, frozen, cell0,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    REG_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per cell tile: recompute, then dP -> workspace and weight-grad partials -> own slot.
-    The cells are a batch chunk whose first cell has fire-mask index cell0."""
+    """Per cell tile: recompute, then dP -> workspace and the fc weight-grad partials
+    (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The cells are a batch chunk
+    whose first cell has fire-mask index cell0.
+
+    REG_ACC (rules of one channel chunk and one conv chunk: C_BLK = C_PAD, FC_BLK =
+    FC_CEIL): the partials stay in registers over the program's tiles and are stored once
+    at the end, and the conv tile of the recompute is kept for d_w1b. Otherwise they are
+    read-modify-written in the slot per tile and chunk, and each conv chunk is recomputed."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
@@ -354,13 +372,21 @@ def _nca_step_backward_cell_kernel(
     db1_ptr += slot
     dw2_ptr += slot
     db2_ptr += slot
-    dpw_ptr += slot
     dpb_ptr += slot
 
     K1 = C + FC  # workspace row: [g + dP_x (C) | dQ (FC)]
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
+    offs_kb = tl.arange(0, C_BLK)
+    offs_fb = tl.arange(0, FC_BLK)
+    # Register accumulators (used, and so loop-carried, only with REG_ACC).
+    acc_w2 = tl.zeros([C_BLK, HID_PAD], dtype=tl.float32)
+    acc_b2 = tl.zeros([C_BLK], dtype=tl.float32)
+    acc_b1 = tl.zeros([HID_PAD], dtype=tl.float32)
+    acc_w1a = tl.zeros([HID_PAD, C_BLK], dtype=tl.float32)
+    acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
+    acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
     for tile in range(pid, num_tiles, nprog):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < N
@@ -370,10 +396,11 @@ def _nca_step_backward_cell_kernel(
         x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
         g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
 
-        # ---- recompute the forward up to h (conv chunks are recomputed, not kept)
-        h = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                    w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                    FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD)
+        # ---- recompute the forward up to h (with REG_ACC the single conv chunk is kept for
+        # d_w1b; otherwise conv chunks are recomputed below)
+        h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                           w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
+                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, REG_ACC)
 
         # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
         # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
@@ -382,50 +409,127 @@ def _nca_step_backward_cell_kernel(
         m = _fire(offs_m.to(tl.int64) + cell0, seed_lo, seed_hi, step_lo, threshold)
         dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
         for k0 in range(0, C, C_BLK):
-            offs_k = k0 + tl.arange(0, C_BLK)
+            offs_k = k0 + offs_kb
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c,
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
-            p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
-            tl.store(p_w2, tl.dot(tl.trans(gdk), h, tl.load(p_w2), input_precision=DOT_PREC))
-            p_b2 = db2_ptr + offs_k
-            tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
+            if REG_ACC:
+                acc_w2 = tl.dot(tl.trans(gdk), h, acc_w2, input_precision=DOT_PREC)
+                acc_b2 += tl.sum(gdk, axis=0)
+            else:
+                p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
+                tl.store(p_w2, tl.dot(tl.trans(gdk), h, tl.load(p_w2), input_precision=DOT_PREC))
+                p_b2 = db2_ptr + offs_k
+                tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
             dh = tl.dot(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
                         input_precision=DOT_PREC)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
-        p_b1 = db1_ptr + offs_h
-        tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
+        if REG_ACC:
+            acc_b1 += tl.sum(dz, axis=0)
+        else:
+            p_b1 = db1_ptr + offs_h
+            tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
 
         # ---- d_w1[:, :C] partial, and the direct part of d_state: g + dP[:, :C]
         for k0 in range(0, C, C_BLK):
-            offs_k = k0 + tl.arange(0, C_BLK)
+            offs_k = k0 + offs_kb
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-            p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
-            tl.store(p_w1a, tl.dot(tl.trans(dz), xk, tl.load(p_w1a), input_precision=DOT_PREC))
+            if REG_ACC:
+                acc_w1a = tl.dot(tl.trans(dz), xk, acc_w1a, input_precision=DOT_PREC)
+            else:
+                p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
+                tl.store(p_w1a, tl.dot(tl.trans(dz), xk, tl.load(p_w1a), input_precision=DOT_PREC))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
             dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
                          input_precision=DOT_PREC)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
-        # ---- conv part: dQ = dz @ W1b per chunk; d_w1b, d_pb, d_pw partials
+        # ---- conv part: dQ = dz @ W1b per chunk -> workspace (d_pw comes from it in the
+        # conv-gradient kernel); d_w1b, d_pb partials
         for f0 in range(0, FC, FC_BLK):
-            offs_f = f0 + tl.arange(0, FC_BLK)
+            offs_f = f0 + offs_fb
             fmask = offs_f < FC
             dq = tl.dot(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]),
                         input_precision=DOT_PREC)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
-            p_pb = dpb_ptr + offs_f
-            tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
-            conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
-                               offs_f, fmask, pw_ptr, pb_ptr, dq, dpw_ptr,
-                               F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, True, PAD)
-            p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
-            tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
-        # The next tile re-reads this tile's partial slots, whose elements may live in other
-        # threads than the ones that stored them: make the stores visible CTA-wide.
-        tl.debug_barrier()
+            if REG_ACC:
+                acc_pb += tl.sum(dq, axis=0)
+                acc_w1b = tl.dot(tl.trans(dz), conv0, acc_w1b, input_precision=DOT_PREC)
+            else:
+                conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
+                                   offs_f, fmask, pw_ptr, pb_ptr,
+                                   F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
+                p_pb = dpb_ptr + offs_f
+                tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
+                p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
+                tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
+        if not REG_ACC:
+            # The next tile re-reads this tile's partial slots, whose elements may live in
+            # other threads than the ones that stored them: make the stores visible CTA-wide.
+            tl.debug_barrier()
+    if REG_ACC:  # one store per program; padded rows/columns hold exact zeros
+        tl.store(dw2_ptr + offs_kb[:, None] * HID_PAD + offs_h[None, :], acc_w2)
+        tl.store(db2_ptr + offs_kb, acc_b2)
+        tl.store(db1_ptr + offs_h, acc_b1)
+        tl.store(dw1a_ptr + offs_h[:, None] * C_PAD + offs_kb[None, :], acc_w1a)
+        tl.store(dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :], acc_w1b)
+        tl.store(dpb_ptr + offs_fb, acc_pb)
+
+
+@triton.jit
+def _nca_step_backward_conv_kernel(
+    ws_ptr, x_ptr, dpw_ptr, N, H, W, tiles_per_part, num_tiles, s_b, s_c, s_h, s_w,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
+    FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of cells (a split-K
+    GEMM over cells, the split fixed by the launcher: deterministic). Program (axis 0) =
+    tap * (FC_CEIL / FC_BLK) + conv chunk, (axis 1) = cell range; each writes its own
+    [FC_BLK, C_PAD] (depthwise: [FC_BLK]) block of partial `part` = axis 1, once."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    NF: tl.constexpr = FC_CEIL // FC_BLK
+    tap = pid // NF
+    f0 = (pid - tap * NF) * FC_BLK
+    ky = tap // 3
+    kx = tap - ky * 3
+    offs_f = f0 + tl.arange(0, FC_BLK)
+    fmask = offs_f < FC
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    K1 = C + FC
+    if DEPTHWISE:
+        ch = (offs_f // F).to(tl.int64) * s_c  # output channel o reads input channel o // F
+        chmask = fmask
+        acc_d = tl.zeros([FC_BLK], dtype=tl.float32)
+    else:
+        ch = offs_c.to(tl.int64) * s_c
+        chmask = cmask
+        acc = tl.zeros([FC_BLK, C_PAD], dtype=tl.float32)
+    t0 = part * tiles_per_part
+    for tile in range(t0, tl.minimum(t0 + tiles_per_part, num_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < N
+        b, y, xx = _cell_coords(offs_m, H, W)
+        dq = tl.load(ws_ptr + (offs_m.to(tl.int64) * K1)[:, None] + C + offs_f[None, :],
+                     mask=rows[:, None] & fmask[None, :], other=0.0)
+        ny, vy = _pad_index(y + (ky - 1), H, PAD)
+        nx, vx = _pad_index(xx + (kx - 1), W, PAD)
+        off = b.to(tl.int64) * s_b + ny.to(tl.int64) * s_h + nx.to(tl.int64) * s_w
+        t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=(rows & vy & vx)[:, None] & chmask[None, :],
+                    other=0.0).to(tl.float32)
+        if DEPTHWISE:
+            acc_d += tl.sum(dq * t, axis=0)
+        else:
+            acc = tl.dot(tl.trans(dq), t, acc, input_precision=DOT_PREC)
+    if DEPTHWISE:  # partial layout [9, FC_CEIL]
+        tl.store(dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f, acc_d)
+    else:  # partial layout [9, FC_CEIL, C_PAD]
+        tl.store(dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL * C_PAD) + tap * FC_CEIL * C_PAD
+                 + offs_f[:, None] * C_PAD + offs_c[None, :], acc)
 
 
 @triton.jit
@@ -665,25 +769,29 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
-def _pinned_backward_tile() -> tuple[int, int] | None:
-    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS pins the backward's tile (benchmarking knob;
-    BLOCK_M in 16..128, a power of two, warps in 1..8)."""
+def _pinned_backward_tile() -> tuple[int, int, int] | None:
+    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES] pins the backward's tile
+    (benchmarking knob; BLOCK_M in 16..128, a power of two, warps in 1..8, software
+    pipelining stages in 1..4, default 1)."""
     v = os.environ.get("FASTNCA_TRITON_NCA_BWD_TILE")
     if not v:
         return None
     try:
-        block_m, warps = (int(t) for t in v.split(","))
+        block_m, warps, *rest = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE must be 'BLOCK_M,WARPS', got {v!r}") from None
-    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE: BLOCK_M in 16/32/64/128 and warps in 1/2/4/8, got {v!r}")
-    return block_m, warps
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE must be 'BLOCK_M,WARPS[,STAGES]', got {v!r}") from None
+    stages = rest[0] if len(rest) == 1 else 1
+    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or len(rest) > 1 or not 1 <= stages <= 4:
+        raise ValueError("FASTNCA_TRITON_NCA_BWD_TILE: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
+                         f"stages in 1..4, got {v!r}")
+    return block_m, warps, stages
 
 
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
-    """(BLOCK_M, num_warps, programs) for the backward. Not autotuned on purpose: the
+    """(BLOCK_M, num_warps, programs, num_stages) for the backward. Not autotuned on purpose: the
     tile partition fixes the partial-sum order, so it must be a pure function of the
     shapes and the device for grads to be bitwise reproducible across processes."""
+    stages = 1
     if _interpreting(device):
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
@@ -699,13 +807,38 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
             block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
         pinned = _pinned_backward_tile()
         if pinned:
-            block_m, warps = pinned
+            block_m, warps, stages = pinned
             if not _wgmma_safe(block_m, warps, narrowest):
                 raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps} splits a dot of this rule "
                                  "into N=8 wgmmas (triton#10629); pick another tile")
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
-    return block_m, warps, programs
+    return block_m, warps, programs, stages
+
+
+def _register_accumulators(rule: _Rule) -> bool:
+    """Whether the backward cell kernel keeps its weight-grad partials in registers
+    (REG_ACC): rules of one channel chunk and one conv chunk whose fc partials take at most
+    16384 floats (64 registers a thread at 8 warps; the Med-NCA rule is exactly that).
+    FASTNCA_TRITON_NCA_BWD_ACC=memory forces the per-tile read-modify-write path (a
+    benchmarking and testing knob); =registers asks for registers where the rule allows."""
+    fits = (rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL
+            and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
+    if v not in ("", "registers", "memory"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers' or 'memory', got {v!r}")
+    return fits and v != "memory"
+
+
+def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: int) -> int:
+    """Cell ranges of the conv-gradient kernel: about 4 programs per multiprocessor in all
+    (2 ranges under the interpreter, so that the reduction over ranges is exercised). A
+    pure function of the shapes and the device: it fixes the summation order."""
+    if _interpreting(device):
+        want = 2
+    else:
+        want = triton.cdiv(4 * _device_limits(device)[0], programs_per_part)
+    return max(1, min(want, num_tiles))
 
 
 # backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
@@ -726,28 +859,48 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
     f32 = dict(dtype=torch.float32, device=dev)
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    # The cell kernel's slot: the rule's flat layout without the d_pw segment (the conv
+    # kernel's partials hold it).
+    sizes_a = list(rule.sizes)
+    sizes_a[5] = 0
+    reg_acc = _register_accumulators(rule)
+    nf = rule.FC_CEIL // rule.FC_BLK
+    conv_programs = 9 * nf
     total = None
     cx = rule.constexprs()
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
         N = nb * H * W
-        block_m, warps, G = _backward_tiling(rule, dev, N)
-        partials = torch.zeros(G, rule.SLOT, **f32)  # one private slot per program
+        block_m, warps, G, stages = _backward_tiling(rule, dev, N)
+        num_tiles = triton.cdiv(N, block_m)
+        partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
+        parts = _conv_grad_parts(dev, conv_programs, num_tiles)
+        tiles_per_part = triton.cdiv(num_tiles, parts)
+        parts = triton.cdiv(num_tiles, tiles_per_part)
+        dpw_parts = torch.empty(parts, rule.sizes[5], **f32)  # every element written once
         with _on_device(dev):
+            w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
             _nca_step_backward_cell_kernel[(G,)](
-                g_c, x_c, ws, *rule.weights(), *rule.split(partials), rule.SLOT,
-                N, H, W, triton.cdiv(N, block_m), *x_c.stride(), *g_c.stride(),
-                *_fire_args(update_prob, seed, step), frozen, b0 * H * W, **cx, BLOCK_M=block_m,
-                num_warps=warps, num_stages=1)
-            _nca_step_backward_input_kernel[(triton.cdiv(N, block_m),)](
+                g_c, x_c, ws, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
+                N, H, W, num_tiles, *x_c.stride(), *g_c.stride(),
+                *_fire_args(update_prob, seed, step), frozen, b0 * H * W, **cx, REG_ACC=reg_acc,
+                BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+            _nca_step_backward_conv_kernel[(conv_programs, parts)](
+                ws, x_c, dpw_parts, N, H, W, tiles_per_part, num_tiles, *x_c.stride(),
+                C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
+                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m,
+                num_warps=4, num_stages=1)
+            _nca_step_backward_input_kernel[(num_tiles,)](
                 ws, rule.weights()[5], d_c, N, H, W, *d_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                 DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
-        part = partials.sum(0)  # fixed order
+        segs = list(partials.sum(0).split(sizes_a))  # fixed order
+        segs[5] = dpw_parts.sum(0)
+        part = torch.cat(segs)
         total = part if total is None else total.add_(part)
-        del partials
+        del partials, dpw_parts
     del ws
     hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
     d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(total)
