@@ -266,8 +266,9 @@ def test_wgmma_safe_rule():
 @pytest.mark.parametrize("F", [1, 3])
 def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
     """Every tile the launchers can pick on an H100 (forward: every autotune candidate the
-    prune keeps; backward: the fixed tiling) keeps each wgmma at N >= 16. Checked on the
-    host: the illegal memory access it prevents only shows on a Hopper GPU."""
+    prune keeps; backward: the fixed tiling, for each precision, and the input-gradient
+    kernel's tile) keeps each wgmma at N >= 16. Checked on the host: the illegal memory
+    access it prevents only shows on a Hopper GPU."""
     from types import SimpleNamespace
 
     import triton
@@ -276,8 +277,12 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
     min_n = min(c_blk, fc_blk, c_pad, hid_pad)  # every N of a [BLOCK_M, N] dot
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
-    block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20)
-    assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps)
+    monkeypatch.setattr(tri, "_interpreting", lambda device: False)
+    for prec in ("tf32x3", "tf32", "ieee"):
+        block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20, prec)
+        assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps, prec)
+        (in_m, in_warps), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
+        assert tri._wgmma_safe(in_m, in_warps, c_pad), (in_m, in_warps)  # [BLOCK_M, C_PAD] gather dot
     configs = tri._nca_step_forward_kernel_autotuned.configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
     assert kept and all(isinstance(c, triton.Config) for c in kept)

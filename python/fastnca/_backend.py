@@ -19,16 +19,18 @@ OPS = ("fire_mask", "nca_step", "neighborhood_attention")
 
 # Auto-selection order per device type, and per op where it differs. The Triton
 # interpreter is a correctness tool, never auto-selected on CPU. On CUDA, the H100 runs of
-# 2026-11-26 (bf16; benchmarks/results/h100-2026-11-26-*.json) decide:
-# - nca_step: the Med-NCA rule's training step took 11.2 ms on `cuda` against 14.4 ms on
-#   `triton` (64-step rollout 749 against 890 ms; h100-55af573-nca-bf16.json), while
-#   Triton's forward was faster (1.09 against 1.82 ms): `cuda` comes first.
+# 2026-11-26 (bf16; benchmarks/README.md) decide for Triton on both ops:
+# - nca_step: Triton's forward took 1.09 ms against 1.82 ms on `cuda` (Med-NCA rule, B=8,
+#   256x256; h100-55af573-nca-bf16.json); after the backward rework of c849cdb, Triton's
+#   backward kernels took 7.3 ms against 9.4 ms for the CUDA ones (benchmarks/README.md,
+#   scripts/nca_backward_variants.py; the old Triton tile measured 12.7 ms in both runs).
 # - neighborhood_attention: Triton's kernels took 0.28 / 1.40 ms (fwd / fwd+bwd, GeCA-S)
-#   against 1.42 / 6.04 ms for the CUDA ones (h100-55af573-attention-bf16.json): `triton`
-#   comes first.
+#   against 1.42 / 6.04 ms for the CUDA ones (h100-55af573-attention-bf16.json).
+# fire_mask keeps the CUDA kernel first.
 _AUTO = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
+    ("cuda", "nca_step"): ("triton", "cuda", "reference"),
     ("cuda", "neighborhood_attention"): ("triton", "cuda", "reference"),
 }
 

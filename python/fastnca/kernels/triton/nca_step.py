@@ -787,24 +787,30 @@ def _pinned_backward_tile() -> tuple[int, int, int] | None:
     return block_m, warps, stages
 
 
-def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int):
-    """(BLOCK_M, num_warps, programs, num_stages) for the backward. Not autotuned on purpose: the
-    tile partition fixes the partial-sum order, so it must be a pure function of the
-    shapes and the device for grads to be bitwise reproducible across processes."""
+def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3"):
+    """(BLOCK_M, num_warps, programs, num_stages) for the backward with dots of precision
+    ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum order, so
+    it must be a pure function of the shapes, the device and the precision for grads to be
+    bitwise reproducible across processes."""
     stages = 1
     if _interpreting(device):
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
-        # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
         sms, smem = _device_limits(device)
-        big = rule.HID_PAD >= 256 or rule.C_PAD >= 128
-        # The largest rules (C=128, F=3, hidden=256) take 164 KB of shared memory at
-        # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
-        block_m = (32 if smem >= 200 * 1024 else 16) if big else 64
-        warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
         narrowest = _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)
-        if not _wgmma_safe(block_m, warps, narrowest):
-            block_m, warps = 32, 4  # C <= 16, hidden 128: mma.sync tiles, same registers per thread
+        if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
+            # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
+            # The largest rules (C=128, F=3, hidden=256) take 164 KB of shared memory at
+            # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
+            block_m = 32 if smem >= 200 * 1024 else 16
+            warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
+        else:
+            # Measured on an H100 (Med-NCA rule, B=8, 256x256, bf16; scripts/
+            # nca_backward_variants.py, 2026-11-26): 16 rows on 4 warps 7.3 ms with 3xTF32
+            # (64/8: 9.3, 32/8: 9.0, 32/4: 8.1); 32 rows on 4 warps 3.8 ms with TF32 (64/8:
+            # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
+            # tiles spill less. Below 64 rows there is no wgmma, so any N is safe.
+            block_m, warps = (32 if prec == "tf32" else 16), 4
         pinned = _pinned_backward_tile()
         if pinned:
             block_m, warps, stages = pinned
@@ -828,6 +834,18 @@ def _register_accumulators(rule: _Rule) -> bool:
     if v not in ("", "registers", "memory"):
         raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers' or 'memory', got {v!r}")
     return fits and v != "memory"
+
+
+def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
+    """((BLOCK_M, warps) of the input-gradient kernel, BLOCK_M of the conv-gradient kernel)
+    given the cell kernel's tile. Small rules: 64 rows (the conv kernel's dot reduces over
+    them; the input kernel took 0.27 ms a 65536-cell chunk at 64/8 on an H100 against 0.30
+    at 16/4); large rules and the interpreter keep the cell kernel's rows. The input
+    kernel's [64, C_PAD] dot takes 4 warps where 8 would split it into N=8 wgmmas
+    (_wgmma_safe); the conv kernel's dots have 4 warps, one warp group: always safe."""
+    if _interpreting(device) or rule.HID_PAD >= 256 or rule.C_PAD >= 128:
+        return (block_m, warps), block_m
+    return (64, 8 if _wgmma_safe(64, 8, rule.C_PAD) else 4), 64
 
 
 def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: int) -> int:
@@ -872,12 +890,14 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
         N = nb * H * W
-        block_m, warps, G, stages = _backward_tiling(rule, dev, N)
+        block_m, warps, G, stages = _backward_tiling(rule, dev, N, cx["DOT_PREC"])
+        (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
         num_tiles = triton.cdiv(N, block_m)
         partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
-        parts = _conv_grad_parts(dev, conv_programs, num_tiles)
-        tiles_per_part = triton.cdiv(num_tiles, parts)
-        parts = triton.cdiv(num_tiles, tiles_per_part)
+        cv_tiles = triton.cdiv(N, cv_m)
+        parts = _conv_grad_parts(dev, conv_programs, cv_tiles)
+        tiles_per_part = triton.cdiv(cv_tiles, parts)
+        parts = triton.cdiv(cv_tiles, tiles_per_part)
         dpw_parts = torch.empty(parts, rule.sizes[5], **f32)  # every element written once
         with _on_device(dev):
             w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
@@ -887,15 +907,15 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 *_fire_args(update_prob, seed, step), frozen, b0 * H * W, **cx, REG_ACC=reg_acc,
                 BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
-                ws, x_c, dpw_parts, N, H, W, tiles_per_part, num_tiles, *x_c.stride(),
+                ws, x_c, dpw_parts, N, H, W, tiles_per_part, cv_tiles, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
-                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m,
+                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=cv_m,
                 num_warps=4, num_stages=1)
-            _nca_step_backward_input_kernel[(num_tiles,)](
+            _nca_step_backward_input_kernel[(triton.cdiv(N, in_m),)](
                 ws, rule.weights()[5], d_c, N, H, W, *d_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                DOT_PREC=cx["DOT_PREC"], BLOCK_M=block_m, num_warps=warps, num_stages=1)
+                DOT_PREC=cx["DOT_PREC"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
         segs = list(partials.sum(0).split(sizes_a))  # fixed order
         segs[5] = dpw_parts.sum(0)
         part = torch.cat(segs)
