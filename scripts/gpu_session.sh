@@ -25,12 +25,13 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned call (after session 4): build@150 test@240+sanitize@240 variants@90 \
-#       ncu:nca:cuda@60 ncu:nca:triton@60 bench:nca:bfloat16@150 pack
-# Seen on an H100 (2026-11-26): build 130 s (nvcc, sm_90 only); `pytest -m gpu` 80-90 s on
+# Next planned call (after session 5): build@90 test@200+sanitize@200+bench-warm@200 \
+#       bench:nca,attention:bfloat16@240 pack  (then `variants` with TF32 tests, see the note)
+# Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
-# nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` 80 s after the warm-up,
-# `bench:attention:bfloat16` 95 s cold. A machine starts in about 30 s.
+# nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the
+# warm-up (cut there), `bench:attention:bfloat16` 33 s warm, 95 s cold. A machine starts
+# in about 30 s.
 # Tests run with FASTNCA_TRITON_AUTOTUNE=0 (one compile per variant, not one per tile) and
 # on 10 processes (TEST_PROCS) when pytest-xdist is there.
 set -uo pipefail
