@@ -14,7 +14,8 @@
 #          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
 #          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention)
-#          | variants (scripts/nca_backward_variants.py: backward tiles / TF32 vs 3xTF32) | pack
+#          | variants (scripts/nca_backward_variants.py --rollout $VARIANTS_ARGS: backward tiles,
+#          accumulators, TF32 vs 3xTF32, and a 64-step rollout per backend) | pack
 #          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
 #          caches, so that a timed bench after it spends its time measuring)
 #   STAGE@SECONDS  stops that stage after SECONDS (what it wrote so far stays: the benchmark
@@ -104,7 +105,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
     bench-quick)
       "${tmo[@]}" "$py" -m fastnca.cli bench --quick --json "$out/bench-quick.json" > "$out/logs/bench-quick.log" 2>&1 ;;
     variants)  # the nca backward kernels alone, per Triton tile and precision, beside CUDA
-      "${tmo[@]}" "$py" scripts/nca_backward_variants.py 2>&1 | tee "$out/logs/$tag.log"
+      "${tmo[@]}" "$py" scripts/nca_backward_variants.py --rollout ${VARIANTS_ARGS:-} 2>&1 | tee "$out/logs/$tag.log"
       return "${PIPESTATUS[0]}" ;;
     ncu)  # ncu:OP:BACKEND[:DTYPE] -- Nsight Compute sections of one fwd+bwd (scripts/profile_gpu.py)
       local ncu op backend dtype

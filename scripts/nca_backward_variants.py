@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--shape", default="8,256,256", help="B,H,W")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
-    ap.add_argument("--tiles", nargs="*", default=["64,8", "64,4", "32,4", "16,4"],
+    ap.add_argument("--tiles", nargs="*", default=["", "16,8", "32,4", "32,8"],
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / memory ('' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32"], help="tf32x3 / tf32")
