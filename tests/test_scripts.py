@@ -43,3 +43,16 @@ def test_backward_variants_smoke():
     assert len(rows) == 2 and "failed" not in out, out
     diff2 = float(rows[1].split("2-norm")[1])
     assert diff2 < 1e-5, rows[1]  # same fp32 math, summed in another order
+
+
+def test_precision_study_orders_the_modes():
+    """scripts/nca_precision.py on a small state: float32 products are float32-accurate, TF32
+    products lie between them and eager bfloat16, on the output and on the state gradient."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "nca_precision.py"), "--rule", "8,16,2,1",
+                          "--shape", "1,12,10"], capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == {"fp32", "tf32", "bf16"}, out
+    # cells are "max / 2norm" triples of tokens: [max, "/", 2norm] per tensor
+    two_norm = {mode: [float(t) for t in toks[2::3]] for mode, toks in rows.items()}
+    for i in (0, 1):  # out, d_state
+        assert two_norm["fp32"][i] < 1e-6 < two_norm["tf32"][i] < two_norm["bf16"][i], out
