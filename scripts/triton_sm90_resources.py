@@ -8,7 +8,10 @@ cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629; see _wgmma_safe in kernels/triton/nca_step.py).
 
 Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen ...
-       (groups: 1 or C), e.g. 8,32,64,64,128,2,1,1 for the Med-NCA rule.
+       (groups: 1 or C), e.g. 8,32,64,64,128,2,1,1 for the Med-NCA rule;
+       na:B,H,W,heads,D,kernel_size,border,dtype for the attention kernels (default tiles;
+       FASTNCA_TRITON_NA_FORWARD=halo for the tensor-core forward), e.g.
+       na:32,32,32,12,64,3,zeros,bfloat16 for GeCA-S.
 Seen with triton 3.9 (2026-11-26): the Med-NCA rule's backward cell kernel (64 rows,
 8 warps) used 255 registers + 2256 bytes of stack, 128 KB of shared memory.
 """
@@ -66,6 +69,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 jit.JITFunction.run = _compile_only
 
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
+from fastnca.kernels.triton import neighborhood_attention as tri_na  # noqa: E402
 
 tri._interpreting = lambda device: False
 tri._device_limits = lambda device: (132, 227 * 1024)  # H100: SMs, opt-in shared memory
@@ -73,6 +77,9 @@ tri._on_device = lambda device: contextlib.nullcontext()
 # DOT_PREC=tf32 shows what torch.backends.cuda.matmul.allow_tf32 = True compiles to.
 _PREC = os.environ.get("DOT_PREC") or ("tf32x3" if tri._TF32X3 else "ieee")
 tri._dot_precision = lambda device: _PREC
+tri_na._interpreting = lambda: False
+tri_na._autotuning = lambda: False  # the default tiles
+torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 _CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                                                         "bin", "cuobjdump")
@@ -105,11 +112,25 @@ def report(B, C, H, W, hidden, F, groups, frozen) -> None:
               f"mma={['v%s[%s]' % m for m in mma]}{'  N=8 WGMMA' if n8 else ''}", flush=True)
 
 
+def report_attention(B, H, W, heads, D, ks, border, dtype) -> None:
+    q, k, v = (torch.randn(B, H, W, heads, D, dtype=getattr(torch, dtype)) for _ in range(3))
+    _compiled.clear()
+    o, lse = tri_na.forward(q, k, v, ks, border, D ** -0.5)
+    tri_na.backward(torch.randn_like(o), None, q, k, v, o, lse, ks, border, D ** -0.5)
+    for name, _, warps, kernel in _compiled:
+        print(f"attention [{B}, {H}, {W}, {heads}, {D}] k={ks} {border} {dtype}  {name}: warps={warps} "
+              f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])}", flush=True)
+
+
 def main() -> int:
     if len(sys.argv) < 2:
         print(__doc__)
         return 2
     for spec in sys.argv[1:]:
+        if spec.startswith("na:"):
+            B, H, W, heads, D, ks, border, dtype = spec[3:].split(",")
+            report_attention(int(B), int(H), int(W), int(heads), int(D), int(ks), border, dtype)
+            continue
         B, C, H, W, hidden, F, groups, frozen = spec.split(",")
         report(int(B), int(C), int(H), int(W), int(hidden), int(F), groups, int(frozen))
     return 0

@@ -71,3 +71,19 @@ def test_saved_mb_releases_the_graph():
 
     assert saved_mb(fwd) > 0
     assert kept[0]() is None
+
+
+def test_attention_env_override_is_restored(monkeypatch):
+    """The benchmark's opt-in rows set a knob only while they are measured."""
+    import os
+
+    from fastnca.benchmark.neighborhood_attention import _env
+
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "window")
+    with _env("FASTNCA_TRITON_NA_FORWARD", "halo"):
+        assert os.environ["FASTNCA_TRITON_NA_FORWARD"] == "halo"
+    assert os.environ["FASTNCA_TRITON_NA_FORWARD"] == "window"
+    monkeypatch.delenv("FASTNCA_TRITON_NA_FORWARD")
+    with _env("FASTNCA_TRITON_NA_FORWARD", "halo"):
+        pass
+    assert "FASTNCA_TRITON_NA_FORWARD" not in os.environ

@@ -107,6 +107,23 @@ def test_matches_reference(case):
     check_against_reference(*case)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_halo_forward_matches_reference(monkeypatch, case):
+    """The tensor-core forward (FASTNCA_TRITON_NA_FORWARD=halo): its o and lse against the
+    reference, and the backward from them, on every case above (circular windows larger
+    than the grid count a key once per offset that reads it)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    check_against_reference(*case)
+
+
+def test_forward_formulation_knob(monkeypatch):
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "tiles")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_FORWARD"):
+        tri.forward(*qkv(1, 2, 2, 1, 4), 3, "zeros", 0.5)
+    assert tri._halo_tile(1, 1, 3) == (1, 16, 64) and tri._halo_tile(32, 32, 3) == (8, 8, 128)
+    assert tri._halo_tile(32, 32, 7) == (8, 8, 256)
+
+
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
 def test_packed_qkv_views(layout):
     q, _, _ = qkv(1, 2, 3, 4, 8, layout=layout)
@@ -248,9 +265,20 @@ def test_matches_reference_gpu(case, monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("case", _gpu_matrix(), ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_halo_forward_matches_reference_gpu(case, monkeypatch):
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    check_against_reference(*case)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("forward", ["window", "halo"])
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_geca_shapes_gpu(layout, dtype):
+def test_geca_shapes_gpu(layout, dtype, forward, monkeypatch):
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", forward)
     check_against_reference(8, 32, 32, 12, 64, 3, "zeros", dtype, layout=layout)
 
 

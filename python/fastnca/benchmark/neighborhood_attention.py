@@ -2,6 +2,9 @@
 FlexAttention with a neighbourhood block mask, and NATTEN when importable."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -82,37 +85,61 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             impls.append(("natten", nat, True))
         for b in backends:
             impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
+        if "triton" in backends and device.type == "cuda":  # the opt-in tensor-core forward
+            impls.append(("fastnca:triton halo-fwd",
+                          lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
-            try:
-                def fwd():  # detached inputs: FlexAttention on CPU refuses requires_grad ones
-                    with torch.no_grad():
-                        return fn(q.detach(), k.detach(), v.detach())
-
-                def fwd_bwd():
-                    o = fn(q, k, v)
-                    torch.autograd.backward(o, do)
-                    return o
-
-                f_ms = median_ms(fwd, device, reps=reps)
-                fb_ms = median_ms(fwd_bwd, device, reps=reps) if has_bwd else None
-                extra = {"gbs_fwd": bytes_fwd / (f_ms * 1e-3) / 1e9}
-                if fb_ms:
-                    extra["gbs_fwd_bwd"] = (bytes_fwd + bytes_bwd) / (fb_ms * 1e-3) / 1e9
-                if bw:
-                    extra["bw_fraction_fwd"] = extra["gbs_fwd"] / bw
-                    if fb_ms:
-                        extra["bw_fraction_fwd_bwd"] = extra["gbs_fwd_bwd"] / bw
-                smb = saved_mb(lambda: fn(q, k, v)) if has_bwd else None
-                note = "" if has_bwd else "no backward on this device"
-                if impl == "flex_attention":
-                    note = (note + "; " if note else "") + "mask-border semantics"
-                results.append(Result("neighborhood_attention", label, impl, dname, f_ms, fb_ms, smb,
-                                      peak_mb(fwd_bwd, device) if has_bwd else None, note, extra))
-            except Exception as e:
-                results.append(Result("neighborhood_attention", label, impl, dname,
-                                      note=f"error: {type(e).__name__}: {e}"[:120]))
+            with contextlib.ExitStack() as stack:
+                if impl.endswith("halo-fwd"):
+                    stack.enter_context(_env("FASTNCA_TRITON_NA_FORWARD", "halo"))
+                results.append(_measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps,
+                                        bytes_fwd, bytes_bwd, bw))
             qkv.grad = None
             release(device)
     return results
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps, bytes_fwd, bytes_bwd, bw):
+    """One implementation's row: times, GB/s, saved bytes and peak memory (or the error)."""
+    try:
+        def fwd():  # detached inputs: FlexAttention on CPU refuses requires_grad ones
+            with torch.no_grad():
+                return fn(q.detach(), k.detach(), v.detach())
+
+        def fwd_bwd():
+            o = fn(q, k, v)
+            torch.autograd.backward(o, do)
+            return o
+
+        f_ms = median_ms(fwd, device, reps=reps)
+        fb_ms = median_ms(fwd_bwd, device, reps=reps) if has_bwd else None
+        extra = {"gbs_fwd": bytes_fwd / (f_ms * 1e-3) / 1e9}
+        if fb_ms:
+            extra["gbs_fwd_bwd"] = (bytes_fwd + bytes_bwd) / (fb_ms * 1e-3) / 1e9
+        if bw:
+            extra["bw_fraction_fwd"] = extra["gbs_fwd"] / bw
+            if fb_ms:
+                extra["bw_fraction_fwd_bwd"] = extra["gbs_fwd_bwd"] / bw
+        smb = saved_mb(lambda: fn(q, k, v)) if has_bwd else None
+        note = "" if has_bwd else "no backward on this device"
+        if impl == "flex_attention":
+            note = (note + "; " if note else "") + "mask-border semantics"
+        return Result("neighborhood_attention", label, impl, dname, f_ms, fb_ms, smb,
+                      peak_mb(fwd_bwd, device) if has_bwd else None, note, extra)
+    except Exception as e:
+        return Result("neighborhood_attention", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120])

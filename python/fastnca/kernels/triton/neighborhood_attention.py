@@ -27,6 +27,13 @@ so its own q, k, v, do tiles come from DRAM once: 9 D-rows of traffic per query-
 the whole backward (o, do; q, k, v, do; dq, dk, dv) instead of 12 for a dq kernel that
 also computes Di plus a separate dk/dv kernel.
 
+Forward, tensor-core candidate (FASTNCA_TRITON_NA_FORWARD=halo, opt-in until a GPU has
+timed it): `_na2d_forward_halo_kernel` takes an 8 x 8 query tile of one head, loads the
+keys and values of its (8 + 2r)^2 halo once, and computes the [64, halo] scores as one
+dot, weighting each (query, key) by how many window offsets read that key: a dense
+masked softmax instead of k^2 row reductions per query (the per-window kernel above was
+at 7-24% of the H100's copy bandwidth; benchmarks/README.md).
+
 Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca._ext).
 """
 from __future__ import annotations
@@ -196,6 +203,107 @@ def _na2d_forward_kernel(
     out = tl.multiple_of(row * D, VEC)
     tl.store(o_ptr + out[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=ok)
+
+
+
+# ---- forward, tensor-core formulation (opt-in: FASTNCA_TRITON_NA_FORWARD=halo) ---------
+@triton.jit
+def _halo_counts(qc, a0, n, R: tl.constexpr, BORDER: tl.constexpr, slot_c):
+    """[BLOCK_M, HALO] number of window offsets along one axis through which query
+    coordinate qc reads halo coordinate slot_c (unwrapped, halo origin a0 = tile start - R).
+    zeros / circular read unwrapped coordinates (the halo load zero-fills or wraps them),
+    mask drops reads outside the grid, shift reads the window shifted into the grid."""
+    cnt = tl.zeros([qc.shape[0], slot_c.shape[0]], tl.int32)
+    for a in tl.static_range(2 * R + 1):
+        if BORDER == _SHIFT:
+            kc = tl.minimum(tl.maximum(qc, R), n - 1 - R) + (a - R)
+            hit = kc >= 0
+        elif BORDER == _MASK:
+            kc = qc + (a - R)
+            hit = (kc >= 0) & (kc < n)
+        else:
+            kc = qc + (a - R)
+            hit = kc == kc
+        cnt += (((kc - a0)[:, None] == slot_c[None, :]) & hit[:, None]).to(tl.int32)
+    return cnt
+
+
+@triton.jit
+def _na2d_forward_halo_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, HALO: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program = a BLOCK_Y x BLOCK_X tile of queries of one (image, head). Its keys are
+    the (BLOCK_Y + 2R) x (BLOCK_X + 2R) halo around the tile, loaded once (HALO rows, a
+    power of two, the rest masked): scores are a dense [tile, halo] tensor-core product,
+    each (query, halo key) weighted by how many of the query's window offsets read that
+    key (0: not in the window; > 1: a circular window on a grid smaller than itself), so
+    the softmax over the halo equals the one over the window, border rules included."""
+    R: tl.constexpr = KS // 2
+    HX: tl.constexpr = BLOCK_X + 2 * R
+    pid = tl.program_id(0)
+    n_tx = tl.cdiv(W, BLOCK_X)
+    n_ty = tl.cdiv(H, BLOCK_Y)
+    hd = pid % NH
+    rest = pid // NH
+    tx = rest % n_tx
+    rest = rest // n_tx
+    ty = rest % n_ty
+    b = rest // n_ty
+    m = tl.arange(0, BLOCK_Y * BLOCK_X)
+    y = ty * BLOCK_Y + m // BLOCK_X
+    x = tx * BLOCK_X + m % BLOCK_X
+    ok = (y < H) & (x < W)
+    s = tl.arange(0, HALO)
+    y0 = ty * BLOCK_Y - R
+    x0 = tx * BLOCK_X - R
+    sy = s // HX
+    sx = s % HX
+    in_halo = sy < BLOCK_Y + 2 * R
+    hy = y0 + sy  # unwrapped halo coordinates
+    hx = x0 + sx
+    if BORDER == _CIRCULAR:
+        gy = ((hy % H) + H) % H
+        gx = ((hx % W) + W) % W
+        load = in_halo
+    else:
+        gy = hy
+        gx = hx
+        load = in_halo & (hy >= 0) & (hy < H) & (hx >= 0) & (hx < W)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hd.to(tl.int64)
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None] + d[None, :],
+                mask=ok[:, None] & dm[None, :], other=0.0)
+    kv_mask = load[:, None] & dm[None, :]
+    k = tl.load(k_ptr + (b64 * skb + h64 * skh + gy.to(tl.int64) * sky + gx.to(tl.int64) * skx)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    # Half inputs: a native half dot (products of half values are exact in fp32, summed in
+    # fp32); fp32 inputs: DOT_PREC (tf32x3 on a GPU). p @ v always in fp32 at DOT_PREC.
+    # HALF_DOT is off under the interpreter, whose bfloat16 dot is wrong (the same exact
+    # products in fp32 there).
+    if HALF_DOT and q.dtype != tl.float32:
+        scores = tl.dot(q, tl.trans(k)) * scale
+    else:
+        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC) * scale
+    cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
+    cnt = tl.where(in_halo[None, :] & ok[:, None], cnt, 0.0)
+    cnt = tl.where(ok[:, None] | (s[None, :] > 0), cnt, 1.0)  # padded query rows: one dummy key
+    logit = tl.where(cnt > 0, scores, -float("inf"))
+    mx = tl.max(logit, 1)
+    p = cnt * tl.exp(logit - mx[:, None])
+    l_i = tl.sum(p, 1)
+    acc = tl.dot(p, v, input_precision=DOT_PREC)
+    row = ((b64 * H + y) * W + x) * NH + hd
+    tl.store(o_ptr + (row * D)[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+             mask=ok[:, None] & dm[None, :])
+    tl.store(lse_ptr + row, mx + tl.log(l_i), mask=ok)
 
 
 # ---- backward ------------------------------------------------------------------------
@@ -464,11 +572,51 @@ def _device_guard(t):
 
 
 # ---- host launchers (backend interface) ----------------------------------------------
+def _forward_formulation() -> str:
+    """FASTNCA_TRITON_NA_FORWARD=halo selects the tensor-core forward (_na2d_forward_halo_kernel),
+    an opt-in candidate until a GPU has timed it; default: the per-window kernel."""
+    v = os.environ.get("FASTNCA_TRITON_NA_FORWARD", "")
+    if v not in ("", "window", "halo"):
+        raise ValueError(f"FASTNCA_TRITON_NA_FORWARD must be 'window' or 'halo', got {v!r}")
+    return v or "window"
+
+
+def _halo_tile(H: int, W: int, kernel_size: int) -> tuple[int, int, int]:
+    """(BLOCK_Y, BLOCK_X, HALO) of the halo forward: 8 x 8 query tiles (fewer rows or columns
+    on small grids, at least 16 queries for tl.dot), HALO = the halo's cells rounded up to
+    a power of two."""
+    by = min(8, triton.next_power_of_2(H))
+    bx = max(min(8, triton.next_power_of_2(W)), 16 // by)
+    r = kernel_size // 2
+    return by, bx, triton.next_power_of_2((by + 2 * r) * (bx + 2 * r))
+
+
+def _forward_halo(q, k, v, o, lse, kernel_size, border, scale):
+    B, H, W, NH, D = q.shape
+    by, bx, halo = _halo_tile(H, W, kernel_size)
+    # tf32x3 (fp32-accurate on tensor cores) on sm_80+; "ieee" (FMA) elsewhere and in the
+    # interpreter.
+    prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
+    grid = (B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64) at 255 registers
+    # without spills; a 256-row halo at D=64 (k = 5, 7) spills there, so 8 warps.
+    _na2d_forward_halo_kernel[grid](
+        q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D,
+        KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
+        BLOCK_Y=by, BLOCK_X=bx, HALO=halo,
+        BLOCK_D=block_d, num_warps=4 if halo * block_d <= 8192 else 8)
+
+
 def forward(q, k, v, kernel_size, border, scale):
     _check(q, k, v)
     B, H, W, NH, D = q.shape
     o = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
+    if _forward_formulation() == "halo":
+        with _device_guard(q):
+            _forward_halo(q, k, v, o, lse, kernel_size, border, scale)
+        return o, lse
     block_h, block_d = _head_tile(NH, D)
     vec = _vec(D, (q, k, v))
     with _device_guard(q):
