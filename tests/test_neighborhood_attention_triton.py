@@ -120,8 +120,13 @@ def test_forward_formulation_knob(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "tiles")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_FORWARD"):
         tri.forward(*qkv(1, 2, 2, 1, 4), 3, "zeros", 0.5)
-    assert tri._halo_tile(1, 1, 3) == (1, 16, 64) and tri._halo_tile(32, 32, 3) == (8, 8, 128)
-    assert tri._halo_tile(32, 32, 7) == (8, 8, 256)
+    assert tri._halo_tile(1, 1, 3, 16) == (1, 16, 64) and tri._halo_tile(32, 32, 3, 64) == (8, 8, 128)
+    assert tri._halo_tile(32, 32, 7, 64) == (8, 8, 256)
+    # wide heads take smaller query tiles: the halo block stays within shared memory
+    assert tri._halo_tile(32, 32, 5, 128) == (4, 8, 128) and tri._halo_tile(32, 32, 7, 128) == (4, 4, 128)
+    for ks, bd in itertools.product((3, 5, 7), (16, 32, 64, 128)):
+        by, bx, halo = tri._halo_tile(64, 64, ks, bd)
+        assert halo * bd <= 16384 and by * bx >= 16
 
 
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])

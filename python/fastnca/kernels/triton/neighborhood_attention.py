@@ -581,31 +581,37 @@ def _forward_formulation() -> str:
     return v or "window"
 
 
-def _halo_tile(H: int, W: int, kernel_size: int) -> tuple[int, int, int]:
-    """(BLOCK_Y, BLOCK_X, HALO) of the halo forward: 8 x 8 query tiles (fewer rows or columns
-    on small grids, at least 16 queries for tl.dot), HALO = the halo's cells rounded up to
-    a power of two."""
-    by = min(8, triton.next_power_of_2(H))
-    bx = max(min(8, triton.next_power_of_2(W)), 16 // by)
+def _halo_tile(H: int, W: int, kernel_size: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_Y, BLOCK_X, HALO) of the halo forward: the largest of 8 x 8, 4 x 8 and 4 x 4
+    query tiles (fewer rows or columns on small grids, at least 16 queries for tl.dot) whose
+    halo block HALO x BLOCK_D stays within 16384 elements, HALO = the halo's cells rounded
+    up to a power of two. sm_90 compiles: a 256 x 128 halo block took 256 KB of shared
+    memory, over an H100's 227 KB."""
     r = kernel_size // 2
-    return by, bx, triton.next_power_of_2((by + 2 * r) * (bx + 2 * r))
+    for ty, tx in ((8, 8), (4, 8), (4, 4)):
+        by = min(ty, triton.next_power_of_2(H))
+        bx = max(min(tx, triton.next_power_of_2(W)), 16 // by)
+        halo = triton.next_power_of_2((by + 2 * r) * (bx + 2 * r))
+        if halo * block_d <= 16384:
+            break
+    return by, bx, halo
 
 
 def _forward_halo(q, k, v, o, lse, kernel_size, border, scale):
     B, H, W, NH, D = q.shape
-    by, bx, halo = _halo_tile(H, W, kernel_size)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    by, bx, halo = _halo_tile(H, W, kernel_size, block_d)
     # tf32x3 (fp32-accurate on tensor cores) on sm_80+; "ieee" (FMA) elsewhere and in the
     # interpreter.
     prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
     grid = (B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
-    # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64) at 255 registers
-    # without spills; a 256-row halo at D=64 (k = 5, 7) spills there, so 8 warps.
+    # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64, scores 64 x 128) at
+    # 255 registers without spills; a larger halo block or score tile spills there: 8 warps.
+    warps = 4 if max(halo * block_d, by * bx * halo) <= 8192 else 8
     _na2d_forward_halo_kernel[grid](
         q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D,
         KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
-        BLOCK_Y=by, BLOCK_X=bx, HALO=halo,
-        BLOCK_D=block_d, num_warps=4 if halo * block_d <= 8192 else 8)
+        BLOCK_Y=by, BLOCK_X=bx, HALO=halo, BLOCK_D=block_d, num_warps=warps)
 
 
 def forward(q, k, v, kernel_size, border, scale):
