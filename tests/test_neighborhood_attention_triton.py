@@ -108,18 +108,35 @@ def test_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_halo_forward_matches_reference(monkeypatch, case):
-    """The tensor-core forward (FASTNCA_TRITON_NA_FORWARD=halo): its o and lse against the
-    reference, and the backward from them, on every case above (circular windows larger
-    than the grid count a key once per offset that reads it)."""
+def test_halo_formulations_match_reference(monkeypatch, case):
+    """The tensor-core kernels (FASTNCA_TRITON_NA_FORWARD / _BACKWARD=halo): o, lse, dq, dk,
+    dv against the reference on every case above (circular windows larger than the grid
+    count a key once per offset that reads it; shift's key-side halo has twice the
+    radius)."""
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
     check_against_reference(*case)
 
 
-def test_forward_formulation_knob(monkeypatch):
+def test_halo_backward_from_window_forward(monkeypatch):
+    """Each halo kernel also works beside the other formulation's."""
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
+    check_against_reference(1, 9, 40, 2, 8, 3, "circular", torch.bfloat16)
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "window")
+    check_against_reference(1, 5, 6, 3, 8, 5, "shift", torch.bfloat16)
+
+
+def test_formulation_knobs(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "tiles")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_FORWARD"):
         tri.forward(*qkv(1, 2, 2, 1, 4), 3, "zeros", 0.5)
+    monkeypatch.delenv("FASTNCA_TRITON_NA_FORWARD")
+    q, k, v = qkv(1, 2, 2, 1, 4)
+    o, lse = tri.forward(q, k, v, 3, "zeros", 0.5)
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "tiles")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_BACKWARD"):
+        tri.backward(torch.ones_like(o), None, q, k, v, o, lse, 3, "zeros", 0.5)
     assert tri._halo_tile(1, 1, 3, 16) == (1, 16, 64) and tri._halo_tile(32, 32, 3, 64) == (8, 8, 128)
     assert tri._halo_tile(32, 32, 7, 64) == (8, 8, 256)
     # wide heads take smaller query tiles: the halo block stays within shared memory
@@ -271,19 +288,21 @@ def test_matches_reference_gpu(case, monkeypatch):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("case", _gpu_matrix(), ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_halo_forward_matches_reference_gpu(case, monkeypatch):
+def test_halo_formulations_match_reference_gpu(case, monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
     check_against_reference(*case)
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("forward", ["window", "halo"])
+@pytest.mark.parametrize("formulation", ["window", "halo"])
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_geca_shapes_gpu(layout, dtype, forward, monkeypatch):
-    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", forward)
+def test_geca_shapes_gpu(layout, dtype, formulation, monkeypatch):
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", formulation)
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", formulation)
     check_against_reference(8, 32, 32, 12, 64, 3, "zeros", dtype, layout=layout)
 
 

@@ -85,15 +85,16 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             impls.append(("natten", nat, True))
         for b in backends:
             impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
-        if "triton" in backends and device.type == "cuda":  # the opt-in tensor-core forward
-            impls.append(("fastnca:triton halo-fwd",
+        if "triton" in backends and device.type == "cuda":  # the opt-in tensor-core kernels
+            impls.append(("fastnca:triton halo",
                           lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
             with contextlib.ExitStack() as stack:
-                if impl.endswith("halo-fwd"):
+                if impl.endswith(" halo"):
                     stack.enter_context(_env("FASTNCA_TRITON_NA_FORWARD", "halo"))
+                    stack.enter_context(_env("FASTNCA_TRITON_NA_BACKWARD", "halo"))
                 results.append(_measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps,
                                         bytes_fwd, bytes_bwd, bw))
             qkv.grad = None

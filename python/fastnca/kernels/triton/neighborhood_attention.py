@@ -34,6 +34,13 @@ dot, weighting each (query, key) by how many window offsets read that key: a den
 masked softmax instead of k^2 row reductions per query (the per-window kernel above was
 at 7-24% of the H100's copy bandwidth; benchmarks/README.md).
 
+The halo backward (FASTNCA_TRITON_NA_BACKWARD=halo, also opt-in) reuses the preprocess
+workspace: `_na2d_backward_dq_halo_kernel` recomputes a query tile's p and ds against its
+key halo (dq = scale ds @ K); `_na2d_backward_dkv_halo_kernel` takes a key tile against
+its query halo (radius r; 2r for shift, whose windows shift inward at the borders) for
+dv = P^T dO and dk = scale dS^T Q. Each (query, offset) pair has exactly one halo slot, so
+the weights count it once, also on circular grids smaller than the window.
+
 Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca._ext).
 """
 from __future__ import annotations
@@ -304,6 +311,166 @@ def _na2d_forward_halo_kernel(
     tl.store(o_ptr + (row * D)[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
              mask=ok[:, None] & dm[None, :])
     tl.store(lse_ptr + row, mx + tl.log(l_i), mask=ok)
+
+
+
+@triton.jit
+def _halo_counts_t(kc, u0, n, R: tl.constexpr, BORDER: tl.constexpr, slot_c):
+    """[BLOCK_K, HALO] transpose of _halo_counts for the key-side backward: how many window
+    offsets of the query at unwrapped halo coordinate u0 + slot_c read key coordinate kc
+    (in the grid). Every (query, offset) pair that reads kc has exactly one slot, at
+    kc - offset (the halo radius covers it: R, or 2R for shift), also on circular grids
+    smaller than the window; slots outside the grid hold no query except for circular."""
+    u = u0 + slot_c
+    if BORDER == _CIRCULAR:
+        qv = u == u
+    else:
+        qv = (u >= 0) & (u < n)
+    cnt = tl.zeros([kc.shape[0], slot_c.shape[0]], tl.int32)
+    for a in tl.static_range(2 * R + 1):
+        if BORDER == _SHIFT:
+            key = tl.minimum(tl.maximum(u, R), n - 1 - R) + (a - R)
+            hit = qv
+        elif BORDER == _MASK:
+            key = u + (a - R)
+            hit = qv & (key >= 0) & (key < n)
+        else:
+            key = u + (a - R)
+            hit = qv
+        cnt += ((key[None, :] == kc[:, None]) & hit[None, :]).to(tl.int32)
+    return cnt
+
+
+@triton.jit
+def _halo_geometry(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, RH: tl.constexpr,
+                   HALO: tl.constexpr, CIRC: tl.constexpr):
+    """This program's (image, head), its tile's cells and its halo of radius RH: tile rows
+    (y, x, ok), halo slots (sy, sx, in_halo), unwrapped halo origin (y0, x0), the halo cells'
+    grid coordinates (gy, gx) and which of them exist (load)."""
+    HX: tl.constexpr = BLOCK_X + 2 * RH
+    pid = tl.program_id(0)
+    n_tx = tl.cdiv(W, BLOCK_X)
+    n_ty = tl.cdiv(H, BLOCK_Y)
+    hd = pid % NH
+    rest = pid // NH
+    tx = rest % n_tx
+    rest = rest // n_tx
+    ty = rest % n_ty
+    b = rest // n_ty
+    m = tl.arange(0, BLOCK_Y * BLOCK_X)
+    y = ty * BLOCK_Y + m // BLOCK_X
+    x = tx * BLOCK_X + m % BLOCK_X
+    ok = (y < H) & (x < W)
+    s = tl.arange(0, HALO)
+    y0 = ty * BLOCK_Y - RH
+    x0 = tx * BLOCK_X - RH
+    sy = s // HX
+    sx = s % HX
+    in_halo = sy < BLOCK_Y + 2 * RH
+    hy = y0 + sy
+    hx = x0 + sx
+    if CIRC:
+        gy = ((hy % H) + H) % H
+        gx = ((hx % W) + W) % W
+        load = in_halo
+    else:
+        gy = hy
+        gx = hx
+        load = in_halo & (hy >= 0) & (hy < H) & (hx >= 0) & (hx < W)
+    return b, hd, y, x, ok, sy, sx, in_halo, y0, x0, gy, gx, load
+
+
+@triton.jit
+def _na2d_backward_dq_halo_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dq_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdb, sdy, sdx, sdh, sdd,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, HALO: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq of a query tile against its key halo (the forward's tiling): p = n_ij exp(s_ij -
+    lse_i), ds = p (do_i . v_j - Di), dq = scale ds @ K."""
+    R: tl.constexpr = KS // 2
+    b, hd, y, x, ok, sy, sx, in_halo, y0, x0, gy, gx, load = _halo_geometry(
+        H, W, NH, BLOCK_Y, BLOCK_X, R, HALO, BORDER == _CIRCULAR)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hd.to(tl.int64)
+    qm = ok[:, None] & dm[None, :]
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None] + d[None, :],
+                mask=qm, other=0.0)
+    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + y.to(tl.int64) * sdy + x.to(tl.int64) * sdx)[:, None]
+                 + d[None, :].to(tl.int64) * sdd, mask=qm, other=0.0).to(tl.float32)
+    kv_mask = load[:, None] & dm[None, :]
+    k = tl.load(k_ptr + (b64 * skb + h64 * skh + gy.to(tl.int64) * sky + gx.to(tl.int64) * skx)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    row = ((b64 * H + y) * W + x) * NH + hd
+    lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
+    di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
+    if HALF_DOT and q.dtype != tl.float32:
+        scores = tl.dot(q, tl.trans(k)) * scale
+    else:
+        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC) * scale
+    cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
+    live = (cnt > 0) & in_halo[None, :] & ok[:, None]
+    p = tl.where(live, cnt * tl.exp(tl.where(live, scores, 0.0) - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - di[:, None])
+    dq = tl.dot(ds, k.to(tl.float32), input_precision=DOT_PREC) * scale
+    tl.store(dq_ptr + (row * D)[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qm)
+
+
+@triton.jit
+def _na2d_backward_dkv_halo_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dk_ptr, dv_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdb, sdy, sdx, sdh, sdd,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, HALO: tl.constexpr, BLOCK_D: tl.constexpr,
+    RH: tl.constexpr,
+):
+    """dk, dv of a key tile against its query halo (radius RH = R; 2R for shift, whose
+    windows shift inward at the borders): dv = P^T @ dO, dk = scale dS^T @ Q, with P and dS
+    recomputed per (key, query) pair and weighted by the number of offsets that read it."""
+    R: tl.constexpr = KS // 2
+    b, hd, ky, kx, kok, sy, sx, in_halo, y0, x0, gy, gx, load = _halo_geometry(
+        H, W, NH, BLOCK_Y, BLOCK_X, RH, HALO, BORDER == _CIRCULAR)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = hd.to(tl.int64)
+    km = kok[:, None] & dm[None, :]
+    k = tl.load(k_ptr + (b64 * skb + h64 * skh + ky.to(tl.int64) * sky + kx.to(tl.int64) * skx)[:, None]
+                + d[None, :], mask=km, other=0.0)
+    v = tl.load(v_ptr + (b64 * svb + h64 * svh + ky.to(tl.int64) * svy + kx.to(tl.int64) * svx)[:, None]
+                + d[None, :], mask=km, other=0.0).to(tl.float32)
+    qh_mask = load[:, None] & dm[None, :]
+    gy64 = gy.to(tl.int64)
+    gx64 = gx.to(tl.int64)
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + gy64 * sqy + gx64 * sqx)[:, None] + d[None, :],
+                mask=qh_mask, other=0.0)
+    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + gy64 * sdy + gx64 * sdx)[:, None] + d[None, :].to(tl.int64) * sdd,
+                 mask=qh_mask, other=0.0).to(tl.float32)
+    qrow = ((b64 * H + gy) * W + gx) * NH + hd
+    lse = tl.load(ws_ptr + 2 * qrow, mask=load, other=0.0)
+    di = tl.load(ws_ptr + 2 * qrow + 1, mask=load, other=0.0)
+    if HALF_DOT and q.dtype != tl.float32:
+        scores = tl.dot(k, tl.trans(q)) * scale
+    else:
+        scores = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=DOT_PREC) * scale
+    cnt = (_halo_counts_t(ky, y0, H, R, BORDER, sy) * _halo_counts_t(kx, x0, W, R, BORDER, sx)).to(tl.float32)
+    live = (cnt > 0) & (in_halo & load)[None, :] & kok[:, None]
+    p = tl.where(live, cnt * tl.exp(tl.where(live, scores, 0.0) - lse[None, :]), 0.0)
+    dv = tl.dot(p, do, input_precision=DOT_PREC)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds = p * (dp - di[None, :])
+    dk = tl.dot(ds, q.to(tl.float32), input_precision=DOT_PREC) * scale
+    row = ((b64 * H + ky) * W + kx) * NH + hd
+    tl.store(dk_ptr + (row * D)[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=km)
+    tl.store(dv_ptr + (row * D)[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=km)
 
 
 # ---- backward ------------------------------------------------------------------------
@@ -633,8 +800,39 @@ def forward(q, k, v, kernel_size, border, scale):
     return o, lse
 
 
+def _backward_formulation() -> str:
+    """FASTNCA_TRITON_NA_BACKWARD=halo selects the tensor-core backward (dq against the key
+    halo, dk/dv against the query halo), an opt-in candidate until a GPU has timed it."""
+    v = os.environ.get("FASTNCA_TRITON_NA_BACKWARD", "")
+    if v not in ("", "window", "halo"):
+        raise ValueError(f"FASTNCA_TRITON_NA_BACKWARD must be 'window' or 'halo', got {v!r}")
+    return v or "window"
+
+
+def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale):
+    B, H, W, NH, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
+    args = (q, k, v, grad_o, ws)
+    strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *grad_o.stride())
+    consts = dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
+                  BLOCK_D=block_d)
+    r = kernel_size // 2
+    for outs, name, rh in (((dq,), "_na2d_backward_dq_halo_kernel", r),
+                           ((dk, dv), "_na2d_backward_dkv_halo_kernel", 2 * r if border == "shift" else r)):
+        by, bx, halo = _halo_tile(H, W, 2 * rh + 1, block_d)
+        # The forward's rule. sm_90 compiles, GeCA-S: dq 280 and dk/dv 960 bytes of spills
+        # at 4 warps, 112 and 1216 at 8; both sit at 255 registers either way.
+        warps = 4 if max(halo * block_d, by * bx * halo) <= 8192 else 8
+        extra = {"RH": rh} if name.endswith("dkv_halo_kernel") else {}
+        globals()[name][(B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)](
+            *args, *outs, *strides, H, W, NH, float(scale), D, **consts, **extra,
+            BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=warps)
+
+
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     _check(q, k, v)
+    halo = _backward_formulation() == "halo"
     if o.stride(-1) != 1:  # o is ours (contiguous) unless a caller mixes backends
         o = o.contiguous()
     B, H, W, NH, D = q.shape
@@ -658,6 +856,9 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         _na2d_backward_preprocess_kernel[grid](
             o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
             H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
+        if halo:
+            _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale)
+            return dq, dk, dv
         _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
                 (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
                  *grad_o.stride(), H, W, NH, float(scale), D),
