@@ -22,8 +22,12 @@ Layout and assumptions (the launchers below enforce them):
   _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch.
 
 Backward (nothing but the inputs is saved; everything is recomputed):
+- Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
+  step's mask (the Triton fire_mask kernel, bit-identical to the forward's) and lists each
+  chunk's firing cells in cell order on the device (cumsum + scatter, count in device
+  memory: no host sync); kernels A and C walk that list, B reads the mask.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
-  tiles pid, pid+G, ... and recomputes x, conv, z, h; then gd = m*g, dz, dP. It writes
+  tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
   dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and sums its fc
   weight-grad partials (d_w1, d_b1, d_w2, d_b2, d_pb) over its tiles in a fixed order:
   in registers, stored once, for rules of one channel and one conv chunk (the Med-NCA
@@ -36,14 +40,16 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   read-modify-written in memory every tile: on an H100 that traffic (~2 KB a cell each
   way) and the registers it took made kernel A 3x slower than its arithmetic.
 - kernel B (_nca_step_backward_input_kernel): per source cell, gathers dQ over the
-  inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
+  inverse neighbourhood (every firing (output cell, tap) whose padded read lands on it,
   including the extra reflect/replicate/circular reads at the borders) and adds the
-  transposed conv to g + dP_x.
+  transposed conv to g + dP_x (to g alone where the cell does not fire: A never wrote
+  its workspace row).
 - The [G, ...] and per-range partials are reduced with torch.sum(dim=0) (fixed order).
 - Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
-  workspace stays within the state's bytes, >= 65536 cells a chunk); kernel A indexes the
-  fire mask from the chunk's first cell (cell0), and the chunks' sums add in chunk order.
-  d_state may be grad_out itself: B, its only writer, reads the workspace alone.
+  workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk with its
+  own list, and the chunks' sums add in chunk order.
+  d_state may be grad_out itself: B, its only writer, reads grad_out only at the cells it
+  then writes, each in the same program, before the store.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ import triton.language as tl
 from ... import _ext
 from .. import _common
 from ._philox import fire_bits
+from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
 # Device helpers. (Few and coarse on purpose: under TRITON_INTERPRET=1 every call of a
@@ -344,21 +351,21 @@ _nca_step_forward_kernel_autotuned = triton.autotune(
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold", "cell0"])
+@triton.jit
 def _nca_step_backward_cell_kernel(
-    g_ptr, x_ptr, ws_ptr,
+    g_ptr, x_ptr, ws_ptr, idx_ptr, count_ptr,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
-    N, H, W, num_tiles, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
-    seed_lo, seed_hi, step_lo, threshold, frozen, cell0,
+    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     REG_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Per cell tile: recompute, then dP -> workspace and the fc weight-grad partials
-    (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The cells are a batch chunk
-    whose first cell has fire-mask index cell0.
+    """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
+    partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
+    the batch chunk are listed in idx[0..count) (ascending; count in device memory): cells
+    that do not fire have dz = 0 and contribute nothing here.
 
     REG_ACC (rules of one channel chunk and one conv chunk: C_BLK = C_PAD, FC_BLK =
     FC_CEIL): the partials stay in registers over the program's tiles and are stored once
@@ -387,9 +394,11 @@ def _nca_step_backward_cell_kernel(
     acc_w1a = tl.zeros([HID_PAD, C_BLK], dtype=tl.float32)
     acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
-    for tile in range(pid, num_tiles, nprog):
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = offs_m < N
+    count = tl.load(count_ptr)
+    for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
+        pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos < count
+        offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
         xb = b.to(tl.int64) * s_b
@@ -402,11 +411,11 @@ def _nca_step_backward_cell_kernel(
                            w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
                            FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, REG_ACC)
 
-        # ---- gd = m * g on the updated channels (zero on frozen channels and dead rows);
-        # d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are distinct on purpose: a
-        # name reassigned in a later loop with another shape would become an ill-typed
-        # loop-carried value for the compiler.)
-        m = _fire(offs_m.to(tl.int64) + cell0, seed_lo, seed_hi, step_lo, threshold)
+        # ---- gd = g on the updated channels (every listed cell fires; zero on frozen
+        # channels and dead rows); d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are
+        # distinct on purpose: a name reassigned in a later loop with another shape would
+        # become an ill-typed loop-carried value for the compiler.)
+        m = rows.to(tl.float32)
         dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + offs_kb
@@ -480,17 +489,21 @@ def _nca_step_backward_cell_kernel(
 
 @triton.jit
 def _nca_step_backward_conv_kernel(
-    ws_ptr, x_ptr, dpw_ptr, N, H, W, tiles_per_part, num_tiles, s_b, s_c, s_h, s_w,
+    ws_ptr, x_ptr, dpw_ptr, idx_ptr, count_ptr, H, W, s_b, s_c, s_h, s_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of cells (a split-K
-    GEMM over cells, the split fixed by the launcher: deterministic). Program (axis 0) =
+    """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of the firing cells
+    idx[0..count) (the others have dQ = 0): a split-K GEMM over cells, split evenly by the
+    count into as many ranges as axis 1 has programs: deterministic. Program (axis 0) =
     tap * (FC_CEIL / FC_BLK) + conv chunk, (axis 1) = cell range; each writes its own
     [FC_BLK, C_PAD] (depthwise: [FC_BLK]) block of partial `part` = axis 1, once."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
+    count = tl.load(count_ptr)
+    num_tiles = tl.cdiv(count, BLOCK_M)
+    tiles_per_part = tl.cdiv(num_tiles, tl.num_programs(1))
     NF: tl.constexpr = FC_CEIL // FC_BLK
     tap = pid // NF
     f0 = (pid - tap * NF) * FC_BLK
@@ -511,8 +524,9 @@ def _nca_step_backward_conv_kernel(
         acc = tl.zeros([FC_BLK, C_PAD], dtype=tl.float32)
     t0 = part * tiles_per_part
     for tile in range(t0, tl.minimum(t0 + tiles_per_part, num_tiles)):
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = offs_m < N
+        pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos < count
+        offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
         b, y, xx = _cell_coords(offs_m, H, W)
         dq = tl.load(ws_ptr + (offs_m.to(tl.int64) * K1)[:, None] + C + offs_f[None, :],
                      mask=rows[:, None] & fmask[None, :], other=0.0)
@@ -548,31 +562,37 @@ def _readers(s, n, rows, PAD: tl.constexpr):
 
 
 @triton.jit
-def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
+def _gather_one(ws_ptr, fire_ptr, cell, valid, cols, cm, K1: tl.constexpr):
+    """ws[cell, cols] where the reader cell exists and fires (dQ of idle cells is 0 and
+    their workspace rows are never written)."""
+    ok = valid & (tl.load(fire_ptr + cell, mask=valid, other=0) != 0)
+    return tl.load(ws_ptr + (cell * K1)[:, None] + cols[None, :], mask=ok[:, None] & cm, other=0.0)
+
+
+@triton.jit
+def _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
                 PAD: tl.constexpr):
-    """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell
+    """Sum of ws[cell, cols] over the (up to 2 x 2) firing cells that read this source cell
     through one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates."""
     cm = colmask[None, :]
-    acc = tl.load(ws_ptr + ((yd + xd) * K1)[:, None] + cols[None, :], mask=(yv & xv)[:, None] & cm, other=0.0)
+    acc = _gather_one(ws_ptr, fire_ptr, yd + xd, yv & xv, cols, cm, K1)
     if PAD != 0:  # zeros padding has no border readers
-        acc += tl.load(ws_ptr + ((yd + xb) * K1)[:, None] + cols[None, :], mask=(yv & xbv)[:, None] & cm,
-                       other=0.0)
-        acc += tl.load(ws_ptr + ((yb + xd) * K1)[:, None] + cols[None, :], mask=(ybv & xv)[:, None] & cm,
-                       other=0.0)
-        acc += tl.load(ws_ptr + ((yb + xb) * K1)[:, None] + cols[None, :], mask=(ybv & xbv)[:, None] & cm,
-                       other=0.0)
+        acc += _gather_one(ws_ptr, fire_ptr, yd + xb, yv & xbv, cols, cm, K1)
+        acc += _gather_one(ws_ptr, fire_ptr, yb + xd, ybv & xv, cols, cm, K1)
+        acc += _gather_one(ws_ptr, fire_ptr, yb + xb, ybv & xbv, cols, cm, K1)
     return acc
 
 
 @triton.jit
 def _nca_step_backward_input_kernel(
-    ws_ptr, pw_ptr, dx_ptr, N, H, W, d_b, d_c, d_h, d_w,
+    ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
     C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
     DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
-    dQ from the readers of each source cell (no atomics)."""
+    dQ from the firing readers of each source cell (no atomics). A cell that does not fire
+    has dP_x = 0: its direct term is g itself (its workspace row is not written)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m < N
@@ -581,7 +601,11 @@ def _nca_step_backward_input_kernel(
     cmask = offs_c < C
     K1 = C + FC
     io_mask = rows[:, None] & cmask[None, :]
-    acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask, other=0.0)
+    fires = (tl.load(fire_ptr + offs_m, mask=rows, other=0) != 0)[:, None]
+    acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask & fires, other=0.0)
+    g_row = b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w
+    acc += tl.load(g_ptr + g_row[:, None] + offs_c.to(tl.int64)[None, :] * g_c, mask=io_mask & ~fires,
+                   other=0.0).to(tl.float32)
 
     cb = b.to(tl.int64) * H
     yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2 = _readers(y, H, rows, PAD)
@@ -609,10 +633,10 @@ def _nca_step_backward_input_kernel(
             if DEPTHWISE:
                 for f in tl.static_range(F):
                     o = offs_c * F + f  # the output channels that read input channel c
-                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1, PAD)
+                    gq = _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1, PAD)
                     acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
             else:
-                gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
+                gq = _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
                 w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
                             + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
                 acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
@@ -859,6 +883,18 @@ def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: in
     return max(1, min(want, num_tiles))
 
 
+def _firing_cells(fire):
+    """(idx, count) of a flat bool mask: idx[0..count) lists the True positions in ascending
+    order (int32; one spare slot takes the scatters of the False ones), count is a [1]
+    int32 device tensor. No host synchronisation."""
+    n = fire.numel()
+    pos = torch.cumsum(fire, 0, dtype=torch.int32)
+    target = torch.where(fire, pos.long() - 1, n)
+    idx = torch.empty(n + 1, dtype=torch.int32, device=fire.device)
+    idx.scatter_(0, target, torch.arange(n, dtype=torch.int32, device=fire.device))
+    return idx, pos[-1:]
+
+
 # backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
 BACKWARD_OUT_MAY_BE_GRAD = True
 
@@ -867,7 +903,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
              prepared=None, out=None):
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
     itself (the rollout's backward reuses one buffer for every step's gradient): the input
-    kernel, the only writer of d_state, reads the workspace only."""
+    kernel, the only writer of d_state, reads grad_out only at the cells it writes, before
+    writing them."""
     rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     dev = state.device
@@ -886,33 +923,34 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     conv_programs = 9 * nf
     total = None
     cx = rule.constexprs()
+    # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
+    # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
+    # sync); the input kernel reads the mask to gather only firing readers' dQ.
+    fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
         N = nb * H * W
+        fire_c = fires[b0:b0 + nb].reshape(N)
+        idx, count = _firing_cells(fire_c)
         block_m, warps, G, stages = _backward_tiling(rule, dev, N, cx["DOT_PREC"])
         (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
-        num_tiles = triton.cdiv(N, block_m)
         partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
-        cv_tiles = triton.cdiv(N, cv_m)
-        parts = _conv_grad_parts(dev, conv_programs, cv_tiles)
-        tiles_per_part = triton.cdiv(cv_tiles, parts)
-        parts = triton.cdiv(cv_tiles, tiles_per_part)
+        parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(N, cv_m))
         dpw_parts = torch.empty(parts, rule.sizes[5], **f32)  # every element written once
         with _on_device(dev):
             w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
             _nca_step_backward_cell_kernel[(G,)](
-                g_c, x_c, ws, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
-                N, H, W, num_tiles, *x_c.stride(), *g_c.stride(),
-                *_fire_args(update_prob, seed, step), frozen, b0 * H * W, **cx, REG_ACC=reg_acc,
+                g_c, x_c, ws, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
+                H, W, *x_c.stride(), *g_c.stride(), frozen, **cx, REG_ACC=reg_acc,
                 BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
-                ws, x_c, dpw_parts, N, H, W, tiles_per_part, cv_tiles, *x_c.stride(),
+                ws, x_c, dpw_parts, idx, count, H, W, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=cv_m,
                 num_warps=4, num_stages=1)
             _nca_step_backward_input_kernel[(triton.cdiv(N, in_m),)](
-                ws, rule.weights()[5], d_c, N, H, W, *d_c.stride(),
+                ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(), *g_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                 DOT_PREC=cx["DOT_PREC"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
