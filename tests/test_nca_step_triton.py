@@ -123,6 +123,16 @@ def test_matches_reference(case):
     check_against_reference(case)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[-2], CASES[-1]], ids=lambda c: "x".join(map(str, c)))
+def test_compact_forward(monkeypatch, case):
+    """Large states run the forward on the listed firing cells and copy the idle ones
+    (_COMPACT_FORWARD_CELLS); lowered here so that small states take that path too:
+    everything fires, nothing fires, several tiles, depthwise."""
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
+    check_against_reference(case)
+    check_against_reference(case, torch.bfloat16, channels_last=True, grads=False)
+
+
 def test_weight_grad_accumulators(monkeypatch):
     """The backward keeps its fc weight-grad partials in registers for rules of one channel
     and conv chunk (the Med-NCA rule), in memory otherwise or when

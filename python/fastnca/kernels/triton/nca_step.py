@@ -1,4 +1,10 @@
-"""``nca_step`` in Triton: one fused forward kernel and a two-kernel recomputing backward.
+"""``nca_step`` in Triton: a fused forward over the firing cells (plus a copy of the idle
+ones) and a three-kernel recomputing backward.
+
+Both directions draw the step's fire mask first (the Triton fire_mask kernel, bit-identical
+to fastnca.fire_mask) and list its firing cells on the device (`_firing_cells`: cumsum +
+scatter, the count stays in device memory, no host sync): only those, about update_prob of
+the cells, run perception and MLP.
 
 Layout and assumptions (the launchers below enforce them):
 - state / grad_out / out / d_state: [B, C, H, W] fp32, fp16 or bf16 with ANY element
@@ -262,39 +268,69 @@ def _nca_step_arrange_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_forward_kernel(
-    x_ptr, out_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
-    N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
-    seed_lo, seed_hi, step_lo, threshold, frozen,
+    x_ptr, out_ptr, idx_ptr, count_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w, seed_lo, seed_hi, step_lo, threshold, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
+    the others); programs past the list's last tile do nothing. Otherwise every cell, the
+    mask drawn in-kernel (one launch: small states, where launches dominate)."""
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = offs_m < N
-    b, y, xx = _cell_coords(offs_m, H, W)
+    if COMPACT:
+        count = tl.load(count_ptr)
+    else:
+        count = N
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
-    xb = b.to(tl.int64) * s_b
-    x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
-    ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
-    o_row = out_ptr + ob[:, None]
+    if pid < tl.cdiv(count, BLOCK_M):  # the grid covers every cell, the list ~update_prob of them
+        pos = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos < count
+        if COMPACT:
+            offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
+            m = rows.to(tl.float32)
+        else:
+            offs_m = pos
+            m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
+        b, y, xx = _cell_coords(offs_m, H, W)
+        xb = b.to(tl.int64) * s_b
+        x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
+        ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+        o_row = out_ptr + ob[:, None]
 
-    h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                   w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                   FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False)
-    m = _fire(offs_m, seed_lo, seed_hi, step_lo, threshold)
-    for k0 in range(0, C, C_BLK):
-        offs_k = k0 + tl.arange(0, C_BLK)
-        kmask = rows[:, None] & (offs_k < C)[None, :]
-        xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-        delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]),
-                       input_precision=DOT_PREC)
-        delta += tl.load(b2_ptr + offs_k)[None, :]
-        new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
-        tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
+        h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                       w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False)
+        for k0 in range(0, C, C_BLK):
+            offs_k = k0 + tl.arange(0, C_BLK)
+            kmask = rows[:, None] & (offs_k < C)[None, :]
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+            delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]),
+                           input_precision=DOT_PREC)
+            delta += tl.load(b2_ptr + offs_k)[None, :]
+            new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
+            tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _nca_step_copy_idle_kernel(
+    x_ptr, out_ptr, fire_ptr, N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w,
+    C_PAD: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out = x at the cells that do not fire (the forward kernel writes the others)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < N
+    idle = rows & (tl.load(fire_ptr + offs_m, mask=rows, other=1) == 0)
+    b, y, xx = _cell_coords(offs_m, H, W)
+    offs_c = tl.arange(0, C_PAD).to(tl.int64)
+    m = idle[:, None] & (offs_c < C)[None, :]
+    xo = b.to(tl.int64) * s_b + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
+    oo = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+    tl.store(out_ptr + oo[:, None] + offs_c[None, :] * o_c,
+             tl.load(x_ptr + xo[:, None] + offs_c[None, :] * s_c, mask=m), mask=m)
 
 
 def _wgmma_safe(block_m: int, num_warps: int, min_n: int) -> bool:
@@ -341,7 +377,7 @@ def _forward_prune(configs, named_args, **kwargs):
 _nca_step_forward_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
              for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC"],
+    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "COMPACT"],
     prune_configs_by={"early_config_prune": _forward_prune},
 )(_nca_step_forward_kernel)
 
@@ -763,33 +799,52 @@ class _Rule:
                     DOT_PREC=_dot_precision(self.device))
 
 
-def _fire_args(update_prob, seed, step):
-    return (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, _ext.fire_threshold(update_prob))
-
-
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """The rule arranged once for many steps (nca_rollout): pass it as ``prepared``."""
     return _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
 
 
+# States of at least this many cells run the forward on the firing cells only (fire mask,
+# list, copy of the idle cells: five more launches, ~30 us on an H100, against half the
+# MLP work); smaller ones, where a rollout is launch-bound, run every cell in one launch.
+_COMPACT_FORWARD_CELLS = 32768
+
+
+def _fire_args(update_prob, seed, step):
+    return (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, _ext.fire_threshold(update_prob))
+
+
 def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
+    """Large states: the MLP runs on the firing cells only (about update_prob of them,
+    listed on the device) and a copy kernel writes the others; small states: one kernel
+    over every cell (see _COMPACT_FORWARD_CELLS)."""
     rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     N = B * H * W
     out = torch.empty_like(state)
-    args = (state, out, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
+    compact = N >= _COMPACT_FORWARD_CELLS
+    if compact:
+        fires = _fire_mask(B, H, W, update_prob, seed, step, state.device).reshape(N)
+        idx, count = _firing_cells(fires)
+        copy_m = _INTERPRET_BLOCK_M if _interpreting(state.device) else 64
+        with _on_device(state.device):
+            _nca_step_copy_idle_kernel[(triton.cdiv(N, copy_m),)](
+                state, out, fires.view(torch.uint8), N, H, W, *state.stride(), *out.stride(),
+                C_PAD=rule.C_PAD, C=C, BLOCK_M=copy_m)
+    else:
+        idx = count = out  # placeholders, never read
+    args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
+    cx = dict(rule.constexprs(), COMPACT=compact)
     if _interpreting(state.device):
-        _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](
-            *args, **rule.constexprs(), BLOCK_M=_INTERPRET_BLOCK_M)
+        _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):  # pinned tile: no tuning runs
         with _on_device(state.device):
-            _nca_step_forward_kernel[(triton.cdiv(N, 64),)](*args, **rule.constexprs(), BLOCK_M=64,
-                                                            num_warps=4, num_stages=1)
+            _nca_step_forward_kernel[(triton.cdiv(N, 64),)](*args, **cx, BLOCK_M=64, num_warps=4, num_stages=1)
     else:
         with _on_device(state.device):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
-            _nca_step_forward_kernel_autotuned[grid](*args, **rule.constexprs())
+            _nca_step_forward_kernel_autotuned[grid](*args, **cx)
     return out
 
 
