@@ -107,7 +107,17 @@ def test_matches_reference(case):
     check_against_reference(*case)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+# Shift on grids that are not a multiple of the 8-wide tile: windows near the far border
+# reach 2r back, past a radius-r halo of the last tile (a bug the first halo kernels had).
+HALO_CASES = CASES + [
+    (1, 9, 9, 1, 16, 3, "shift", torch.float32),
+    (1, 10, 10, 1, 16, 5, "shift", torch.float32),
+    (1, 8, 11, 1, 16, 7, "shift", torch.float32),
+    (1, 7, 7, 1, 96, 7, "shift", torch.float32),  # no halo tile fits: the window kernels run
+]
+
+
+@pytest.mark.parametrize("case", HALO_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_halo_formulations_match_reference(monkeypatch, case):
     """The tensor-core kernels (FASTNCA_TRITON_NA_FORWARD / _BACKWARD=halo): o, lse, dq, dk,
     dv against the reference on every case above (circular windows larger than the grid
@@ -137,13 +147,14 @@ def test_formulation_knobs(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "tiles")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_BACKWARD"):
         tri.backward(torch.ones_like(o), None, q, k, v, o, lse, 3, "zeros", 0.5)
-    assert tri._halo_tile(1, 1, 3, 16) == (1, 16, 64) and tri._halo_tile(32, 32, 3, 64) == (8, 8, 128)
-    assert tri._halo_tile(32, 32, 7, 64) == (8, 8, 256)
-    # wide heads take smaller query tiles: the halo block stays within shared memory
-    assert tri._halo_tile(32, 32, 5, 128) == (4, 8, 128) and tri._halo_tile(32, 32, 7, 128) == (4, 4, 128)
-    for ks, bd in itertools.product((3, 5, 7), (16, 32, 64, 128)):
-        by, bx, halo = tri._halo_tile(64, 64, ks, bd)
-        assert halo * bd <= 16384 and by * bx >= 16
+    assert tri._halo_tile(1, 1, 1, 16) == (1, 16, 64) and tri._halo_tile(32, 32, 1, 64) == (8, 8, 128)
+    assert tri._halo_tile(32, 32, 3, 64) == (8, 8, 256)
+    # wide heads take smaller tiles: the halo block stays within shared memory
+    assert tri._halo_tile(32, 32, 2, 128) == (4, 8, 128) and tri._halo_tile(32, 32, 3, 128) == (4, 4, 128)
+    assert tri._halo_tile(32, 32, 6, 128) is None  # shift at k=7 (radius 6), D=128: the window kernels run
+    for radius, bd in itertools.product((1, 2, 3, 4, 6), (16, 32, 64, 128)):
+        tile = tri._halo_tile(64, 64, radius, bd)
+        assert tile is None or (tile[2] * bd <= 16384 and tile[0] * tile[1] >= 16)
 
 
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])

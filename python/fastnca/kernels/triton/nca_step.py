@@ -757,6 +757,9 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
     return c_pad, hid_pad, c_blk, fc_blk, triton.cdiv(FC, fc_blk) * fc_blk
 
 
+_MAX_CELLS = 2 ** 31 - 1024
+
+
 class _Rule:
     """The rule's weights re-laid out for the kernels, and the constexpr sizes."""
 
@@ -764,8 +767,8 @@ class _Rule:
         if state.dtype not in _SUPPORTED:
             raise TypeError(f"triton nca_step supports float32, float16 and bfloat16 states, got {state.dtype}")
         B, C, H, W = state.shape
-        if B * H * W >= 2 ** 31:
-            raise ValueError(f"triton nca_step needs B*H*W < 2^31 cells, got {B * H * W}")
+        if B * H * W > _MAX_CELLS:  # tile positions (int32) run up to a tile past the last cell
+            raise ValueError(f"triton nca_step needs B*H*W <= {_MAX_CELLS} cells, got {B * H * W}")
         dev = self.device = state.device
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
@@ -938,15 +941,25 @@ def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: in
     return max(1, min(want, num_tiles))
 
 
+@triton.jit
+def _list_firing_kernel(fire_ptr, pos_ptr, idx_ptr, n, BLOCK: tl.constexpr):
+    """idx[pos[i] - 1] = i for every firing cell i (pos: inclusive prefix count)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = i < n
+    fires = live & (tl.load(fire_ptr + i, mask=live, other=0) != 0)
+    tl.store(idx_ptr + tl.load(pos_ptr + i, mask=fires, other=1) - 1, i, mask=fires)
+
+
 def _firing_cells(fire):
     """(idx, count) of a flat bool mask: idx[0..count) lists the True positions in ascending
-    order (int32; one spare slot takes the scatters of the False ones), count is a [1]
-    int32 device tensor. No host synchronisation."""
+    order (int32), count is a [1] int32 device tensor. No host synchronisation; 8 bytes
+    of temporaries per cell (the prefix count and the list)."""
     n = fire.numel()
     pos = torch.cumsum(fire, 0, dtype=torch.int32)
-    target = torch.where(fire, pos.long() - 1, n)
-    idx = torch.empty(n + 1, dtype=torch.int32, device=fire.device)
-    idx.scatter_(0, target, torch.arange(n, dtype=torch.int32, device=fire.device))
+    idx = torch.empty(max(n, 1), dtype=torch.int32, device=fire.device)
+    block = 1024
+    with _on_device(fire.device):
+        _list_firing_kernel[(triton.cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
     return idx, pos[-1:]
 
 

@@ -242,44 +242,19 @@ def _na2d_forward_halo_kernel(
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, HALO: tl.constexpr, BLOCK_D: tl.constexpr,
+    RH: tl.constexpr,
 ):
     """One program = a BLOCK_Y x BLOCK_X tile of queries of one (image, head). Its keys are
-    the (BLOCK_Y + 2R) x (BLOCK_X + 2R) halo around the tile, loaded once (HALO rows, a
-    power of two, the rest masked): scores are a dense [tile, halo] tensor-core product,
-    each (query, halo key) weighted by how many of the query's window offsets read that
-    key (0: not in the window; > 1: a circular window on a grid smaller than itself), so
-    the softmax over the halo equals the one over the window, border rules included."""
+    the (BLOCK_Y + 2RH) x (BLOCK_X + 2RH) halo around the tile (RH = R; 2R for shift, whose
+    windows near the far border reach back up to 2R), loaded once (HALO rows, a power of
+    two, the rest masked): scores are a dense [tile, halo] tensor-core product, each (query,
+    halo key) weighted by how many of the query's window offsets read that key (0: not in
+    the window; > 1: a circular window on a grid smaller than itself), so the softmax over
+    the halo equals the one over the window, border rules included."""
     R: tl.constexpr = KS // 2
-    HX: tl.constexpr = BLOCK_X + 2 * R
-    pid = tl.program_id(0)
-    n_tx = tl.cdiv(W, BLOCK_X)
-    n_ty = tl.cdiv(H, BLOCK_Y)
-    hd = pid % NH
-    rest = pid // NH
-    tx = rest % n_tx
-    rest = rest // n_tx
-    ty = rest % n_ty
-    b = rest // n_ty
-    m = tl.arange(0, BLOCK_Y * BLOCK_X)
-    y = ty * BLOCK_Y + m // BLOCK_X
-    x = tx * BLOCK_X + m % BLOCK_X
-    ok = (y < H) & (x < W)
+    b, hd, y, x, ok, sy, sx, in_halo, y0, x0, gy, gx, load = _halo_geometry(
+        H, W, NH, BLOCK_Y, BLOCK_X, RH, HALO, BORDER == _CIRCULAR)
     s = tl.arange(0, HALO)
-    y0 = ty * BLOCK_Y - R
-    x0 = tx * BLOCK_X - R
-    sy = s // HX
-    sx = s % HX
-    in_halo = sy < BLOCK_Y + 2 * R
-    hy = y0 + sy  # unwrapped halo coordinates
-    hx = x0 + sx
-    if BORDER == _CIRCULAR:
-        gy = ((hy % H) + H) % H
-        gx = ((hx % W) + W) % W
-        load = in_halo
-    else:
-        gy = hy
-        gx = hx
-        load = in_halo & (hy >= 0) & (hy < H) & (hx >= 0) & (hx < W)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     b64 = b.to(tl.int64)
@@ -387,12 +362,13 @@ def _na2d_backward_dq_halo_kernel(
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, HALO: tl.constexpr, BLOCK_D: tl.constexpr,
+    RH: tl.constexpr,
 ):
-    """dq of a query tile against its key halo (the forward's tiling): p = n_ij exp(s_ij -
-    lse_i), ds = p (do_i . v_j - Di), dq = scale ds @ K."""
+    """dq of a query tile against its key halo (the forward's tiling, radius RH): p = n_ij
+    exp(s_ij - lse_i), ds = p (do_i . v_j - Di), dq = scale ds @ K."""
     R: tl.constexpr = KS // 2
     b, hd, y, x, ok, sy, sx, in_halo, y0, x0, gy, gx, load = _halo_geometry(
-        H, W, NH, BLOCK_Y, BLOCK_X, R, HALO, BORDER == _CIRCULAR)
+        H, W, NH, BLOCK_Y, BLOCK_X, RH, HALO, BORDER == _CIRCULAR)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     b64 = b.to(tl.int64)
@@ -748,37 +724,58 @@ def _forward_formulation() -> str:
     return v or "window"
 
 
-def _halo_tile(H: int, W: int, kernel_size: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_Y, BLOCK_X, HALO) of the halo forward: the largest of 8 x 8, 4 x 8 and 4 x 4
-    query tiles (fewer rows or columns on small grids, at least 16 queries for tl.dot) whose
-    halo block HALO x BLOCK_D stays within 16384 elements, HALO = the halo's cells rounded
-    up to a power of two. sm_90 compiles: a 256 x 128 halo block took 256 KB of shared
-    memory, over an H100's 227 KB."""
-    r = kernel_size // 2
+def _halo_tile(H: int, W: int, radius: int, block_d: int) -> tuple[int, int, int] | None:
+    """(BLOCK_Y, BLOCK_X, HALO) of a halo kernel: the largest of 8 x 8, 4 x 8 and 4 x 4 tiles
+    (fewer rows or columns on small grids, at least 16 cells for tl.dot) whose halo block
+    HALO x BLOCK_D stays within 16384 elements, HALO = the halo's cells rounded up to a
+    power of two; None if none fits (the per-window kernels run instead). sm_90 compiles:
+    a 256 x 128 halo block took 256 KB of shared memory, over an H100's 227 KB."""
     for ty, tx in ((8, 8), (4, 8), (4, 4)):
         by = min(ty, triton.next_power_of_2(H))
         bx = max(min(tx, triton.next_power_of_2(W)), 16 // by)
-        halo = triton.next_power_of_2((by + 2 * r) * (bx + 2 * r))
+        halo = triton.next_power_of_2((by + 2 * radius) * (bx + 2 * radius))
         if halo * block_d <= 16384:
-            break
-    return by, bx, halo
+            return by, bx, halo
+    return None
 
 
-def _forward_halo(q, k, v, o, lse, kernel_size, border, scale):
-    B, H, W, NH, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
-    by, bx, halo = _halo_tile(H, W, kernel_size, block_d)
+def _halo_radius(kernel_size: int, border: str) -> int:
+    """Halo radius covering every window that reads or is read by a tile: r, and 2r for
+    shift (a window near the far border starts 2r cells before the last query)."""
+    r = kernel_size // 2
+    return 2 * r if border == "shift" else r
+
+
+def _halo_launch(name, tile, B, H, W, NH, args, consts):
+    by, bx, halo = tile
+    # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64, scores 64 x 128) at
+    # 255 registers without spills; a larger halo block or score tile spills there: 8 warps.
+    warps = 4 if max(halo * consts["BLOCK_D"], by * bx * halo) <= 8192 else 8
+    globals()[name][(B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)](
+        *args, **consts, BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=warps)
+
+
+def _halo_consts(q, kernel_size, border, rh):
+    D = q.shape[-1]
     # tf32x3 (fp32-accurate on tensor cores) on sm_80+; "ieee" (FMA) elsewhere and in the
     # interpreter.
     prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
-    grid = (B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)
-    # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64, scores 64 x 128) at
-    # 255 registers without spills; a larger halo block or score tile spills there: 8 warps.
-    warps = 4 if max(halo * block_d, by * bx * halo) <= 8192 else 8
-    _na2d_forward_halo_kernel[grid](
-        q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D,
-        KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
-        BLOCK_Y=by, BLOCK_X=bx, HALO=halo, BLOCK_D=block_d, num_warps=warps)
+    return dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
+                BLOCK_D=max(16, triton.next_power_of_2(D)), RH=rh)  # tl.dot needs K >= 16
+
+
+def _forward_halo(q, k, v, o, lse, kernel_size, border, scale) -> bool:
+    """The halo forward; False (nothing launched) when no tile fits its halo block."""
+    B, H, W, NH, D = q.shape
+    rh = _halo_radius(kernel_size, border)
+    consts = _halo_consts(q, kernel_size, border, rh)
+    tile = _halo_tile(H, W, rh, consts["BLOCK_D"])
+    if tile is None:
+        return False
+    _halo_launch("_na2d_forward_halo_kernel", tile, B, H, W, NH,
+                 (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D),
+                 consts)
+    return True
 
 
 def forward(q, k, v, kernel_size, border, scale):
@@ -788,8 +785,8 @@ def forward(q, k, v, kernel_size, border, scale):
     lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
     if _forward_formulation() == "halo":
         with _device_guard(q):
-            _forward_halo(q, k, v, o, lse, kernel_size, border, scale)
-        return o, lse
+            if _forward_halo(q, k, v, o, lse, kernel_size, border, scale):
+                return o, lse
     block_h, block_d = _head_tile(NH, D)
     vec = _vec(D, (q, k, v))
     with _device_guard(q):
@@ -809,30 +806,26 @@ def _backward_formulation() -> str:
     return v or "window"
 
 
-def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale):
+def _backward_halo_tiles(q, kernel_size, border):
+    """The dq and dk/dv kernels' tiles (both radius r, 2r for shift), or None if either
+    halo block does not fit (the per-window backward runs instead)."""
+    H, W, D = q.shape[1], q.shape[2], q.shape[-1]
+    tile = _halo_tile(H, W, _halo_radius(kernel_size, border), max(16, triton.next_power_of_2(D)))
+    return None if tile is None else (tile, tile)
+
+
+def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale, tiles):
     B, H, W, NH, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))
-    prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
-    args = (q, k, v, grad_o, ws)
-    strides = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *grad_o.stride())
-    consts = dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
-                  BLOCK_D=block_d)
-    r = kernel_size // 2
-    for outs, name, rh in (((dq,), "_na2d_backward_dq_halo_kernel", r),
-                           ((dk, dv), "_na2d_backward_dkv_halo_kernel", 2 * r if border == "shift" else r)):
-        by, bx, halo = _halo_tile(H, W, 2 * rh + 1, block_d)
-        # The forward's rule. sm_90 compiles, GeCA-S: dq 280 and dk/dv 960 bytes of spills
-        # at 4 warps, 112 and 1216 at 8; both sit at 255 registers either way.
-        warps = 4 if max(halo * block_d, by * bx * halo) <= 8192 else 8
-        extra = {"RH": rh} if name.endswith("dkv_halo_kernel") else {}
-        globals()[name][(B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)](
-            *args, *outs, *strides, H, W, NH, float(scale), D, **consts, **extra,
-            BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=warps)
+    consts = _halo_consts(q, kernel_size, border, _halo_radius(kernel_size, border))
+    head = (q, k, v, grad_o, ws)
+    tail = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *grad_o.stride(), H, W, NH, float(scale), D)
+    _halo_launch("_na2d_backward_dq_halo_kernel", tiles[0], B, H, W, NH, (*head, dq, *tail), consts)
+    _halo_launch("_na2d_backward_dkv_halo_kernel", tiles[1], B, H, W, NH, (*head, dk, dv, *tail), consts)
 
 
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     _check(q, k, v)
-    halo = _backward_formulation() == "halo"
+    halo_tiles = _backward_halo_tiles(q, kernel_size, border) if _backward_formulation() == "halo" else None
     if o.stride(-1) != 1:  # o is ours (contiguous) unless a caller mixes backends
         o = o.contiguous()
     B, H, W, NH, D = q.shape
@@ -856,8 +849,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         _na2d_backward_preprocess_kernel[grid](
             o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
             H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
-        if halo:
-            _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale)
+        if halo_tiles is not None:
+            _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale, halo_tiles)
             return dq, dk, dv
         _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
                 (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
