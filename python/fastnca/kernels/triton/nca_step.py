@@ -746,6 +746,12 @@ def _dot_precision(device: torch.device) -> str:
         return "ieee"  # interpreter: numpy fp32
     if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
+    return fp32_dot_precision(device)
+
+
+def fp32_dot_precision(device: torch.device) -> str:
+    """The fp32-accurate dot mode of a CUDA device: "tf32x3" on sm_80+ where this Triton
+    has it, else "ieee" (also used by the attention's halo kernels)."""
     return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
@@ -879,7 +885,6 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
         sms, smem = _device_limits(device)
-        narrowest = _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)
         if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
             # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
             # The largest rules (C=128, F=3, hidden=256) take 164 KB of shared memory at
@@ -896,7 +901,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         pinned = _pinned_backward_tile()
         if pinned:
             block_m, warps, stages = pinned
-            if not _wgmma_safe(block_m, warps, narrowest):
+            if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
                 raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps} splits a dot of this rule "
                                  "into N=8 wgmmas (triton#10629); pick another tile")
         programs = 2 * sms

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
+from .nca_step import fp32_dot_precision
 
 _ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
 _MASK = tl.constexpr(_ext.BORDER_CODES["mask"])
@@ -98,19 +99,24 @@ def _shift_query_range(j, n, R: tl.constexpr):
 
 
 @triton.jit
-def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's image b and per-row (y, x, head) coordinates. Head tiles vary
+def _tile_origin(H, W, n_head_tiles, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's (image b, tile row ty, tile column tx, head tile th). Head tiles vary
     fastest in the program order, so programs sharing cells run together (L2 reuse)."""
     pid = tl.program_id(0)
-    n_th = tl.cdiv(NH, BLOCK_H)
     n_tx = tl.cdiv(W, BLOCK_X)
     n_ty = tl.cdiv(H, BLOCK_Y)
-    th = pid % n_th
-    rest = pid // n_th
+    th = pid % n_head_tiles
+    rest = pid // n_head_tiles
     tx = rest % n_tx
     rest = rest // n_tx
     ty = rest % n_ty
-    b = rest // n_ty
+    return rest // n_ty, ty, tx, th
+
+
+@triton.jit
+def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's image b and per-row (y, x, head) coordinates (_tile_origin's order)."""
+    b, ty, tx, th = _tile_origin(H, W, tl.cdiv(NH, BLOCK_H), BLOCK_Y, BLOCK_X)
     m = tl.arange(0, BLOCK_Y * BLOCK_X * BLOCK_H)
     h = th * BLOCK_H + m % BLOCK_H
     x = tx * BLOCK_X + (m // BLOCK_H) % BLOCK_X
@@ -215,24 +221,45 @@ def _na2d_forward_kernel(
 
 # ---- forward, tensor-core formulation (opt-in: FASTNCA_TRITON_NA_FORWARD=halo) ---------
 @triton.jit
+def _window_read(qc, a, n, R: tl.constexpr, BORDER: tl.constexpr):
+    """(key coordinate, read) of query coordinate qc through window offset a - R along one
+    axis, in unwrapped coordinates: zeros / circular read qc + a - R (the halo loads
+    zero-fill or wrap it), mask drops reads outside the grid, shift reads the window
+    shifted into the grid. The halo kernels' counterpart of _key_index."""
+    if BORDER == _SHIFT:
+        kc = tl.minimum(tl.maximum(qc, R), n - 1 - R) + (a - R)
+        hit = kc >= 0
+    elif BORDER == _MASK:
+        kc = qc + (a - R)
+        hit = (kc >= 0) & (kc < n)
+    else:
+        kc = qc + (a - R)
+        hit = kc == kc
+    return kc, hit
+
+
+@triton.jit
 def _halo_counts(qc, a0, n, R: tl.constexpr, BORDER: tl.constexpr, slot_c):
     """[BLOCK_M, HALO] number of window offsets along one axis through which query
-    coordinate qc reads halo coordinate slot_c (unwrapped, halo origin a0 = tile start - R).
-    zeros / circular read unwrapped coordinates (the halo load zero-fills or wraps them),
-    mask drops reads outside the grid, shift reads the window shifted into the grid."""
+    coordinate qc reads halo coordinate slot_c (unwrapped, halo origin a0)."""
     cnt = tl.zeros([qc.shape[0], slot_c.shape[0]], tl.int32)
     for a in tl.static_range(2 * R + 1):
-        if BORDER == _SHIFT:
-            kc = tl.minimum(tl.maximum(qc, R), n - 1 - R) + (a - R)
-            hit = kc >= 0
-        elif BORDER == _MASK:
-            kc = qc + (a - R)
-            hit = (kc >= 0) & (kc < n)
-        else:
-            kc = qc + (a - R)
-            hit = kc == kc
+        kc, hit = _window_read(qc, a, n, R, BORDER)
         cnt += (((kc - a0)[:, None] == slot_c[None, :]) & hit[:, None]).to(tl.int32)
     return cnt
+
+
+@triton.jit
+def _halo_scores(a, b, scale, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr):
+    """scale * a @ b^T in fp32. Half inputs: a native half dot (products of half values are
+    exact in fp32, summed in fp32); fp32 inputs: DOT_PREC (tf32x3 on a GPU). HALF_DOT is
+    off under the interpreter, whose bfloat16 dot is wrong (the same exact products in
+    fp32 there)."""
+    if HALF_DOT and a.dtype != tl.float32:
+        s = tl.dot(a, tl.trans(b))
+    else:
+        s = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=DOT_PREC)
+    return s * scale
 
 
 @triton.jit
@@ -259,21 +286,17 @@ def _na2d_forward_halo_kernel(
     dm = d < D
     b64 = b.to(tl.int64)
     h64 = hd.to(tl.int64)
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None] + d[None, :],
-                mask=ok[:, None] & dm[None, :], other=0.0)
+    # Rows are addressed by hand, not with _ptrs: its int64 head-dim offsets cost these
+    # kernels spills (sm_90 compile, GeCA-S: forward 0 -> 8 bytes, dq 280 -> 672, dk/dv 928
+    # -> 1176). The same holds in the two backward halo kernels.
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None]
+                + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
     kv_mask = load[:, None] & dm[None, :]
     k = tl.load(k_ptr + (b64 * skb + h64 * skh + gy.to(tl.int64) * sky + gx.to(tl.int64) * skx)[:, None]
                 + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
                 + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-    # Half inputs: a native half dot (products of half values are exact in fp32, summed in
-    # fp32); fp32 inputs: DOT_PREC (tf32x3 on a GPU). p @ v always in fp32 at DOT_PREC.
-    # HALF_DOT is off under the interpreter, whose bfloat16 dot is wrong (the same exact
-    # products in fp32 there).
-    if HALF_DOT and q.dtype != tl.float32:
-        scores = tl.dot(q, tl.trans(k)) * scale
-    else:
-        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC) * scale
+    scores = _halo_scores(q, k, scale, DOT_PREC, HALF_DOT)  # p @ v below: fp32 at DOT_PREC
     cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
     cnt = tl.where(in_halo[None, :] & ok[:, None], cnt, 0.0)
     cnt = tl.where(ok[:, None] | (s[None, :] > 0), cnt, 1.0)  # padded query rows: one dummy key
@@ -282,7 +305,7 @@ def _na2d_forward_halo_kernel(
     p = cnt * tl.exp(logit - mx[:, None])
     l_i = tl.sum(p, 1)
     acc = tl.dot(p, v, input_precision=DOT_PREC)
-    row = ((b64 * H + y) * W + x) * NH + hd
+    row = _out_rows(b64, y, x, hd, H, W, NH)
     tl.store(o_ptr + (row * D)[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
              mask=ok[:, None] & dm[None, :])
     tl.store(lse_ptr + row, mx + tl.log(l_i), mask=ok)
@@ -303,16 +326,8 @@ def _halo_counts_t(kc, u0, n, R: tl.constexpr, BORDER: tl.constexpr, slot_c):
         qv = (u >= 0) & (u < n)
     cnt = tl.zeros([kc.shape[0], slot_c.shape[0]], tl.int32)
     for a in tl.static_range(2 * R + 1):
-        if BORDER == _SHIFT:
-            key = tl.minimum(tl.maximum(u, R), n - 1 - R) + (a - R)
-            hit = qv
-        elif BORDER == _MASK:
-            key = u + (a - R)
-            hit = qv & (key >= 0) & (key < n)
-        else:
-            key = u + (a - R)
-            hit = qv
-        cnt += ((key[None, :] == kc[:, None]) & hit[None, :]).to(tl.int32)
+        key, hit = _window_read(u, a, n, R, BORDER)
+        cnt += ((key[None, :] == kc[:, None]) & (hit & qv)[None, :]).to(tl.int32)
     return cnt
 
 
@@ -323,15 +338,7 @@ def _halo_geometry(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, RH: t
     (y, x, ok), halo slots (sy, sx, in_halo), unwrapped halo origin (y0, x0), the halo cells'
     grid coordinates (gy, gx) and which of them exist (load)."""
     HX: tl.constexpr = BLOCK_X + 2 * RH
-    pid = tl.program_id(0)
-    n_tx = tl.cdiv(W, BLOCK_X)
-    n_ty = tl.cdiv(H, BLOCK_Y)
-    hd = pid % NH
-    rest = pid // NH
-    tx = rest % n_tx
-    rest = rest // n_tx
-    ty = rest % n_ty
-    b = rest // n_ty
+    b, ty, tx, hd = _tile_origin(H, W, NH, BLOCK_Y, BLOCK_X)
     m = tl.arange(0, BLOCK_Y * BLOCK_X)
     y = ty * BLOCK_Y + m // BLOCK_X
     x = tx * BLOCK_X + m % BLOCK_X
@@ -374,8 +381,8 @@ def _na2d_backward_dq_halo_kernel(
     b64 = b.to(tl.int64)
     h64 = hd.to(tl.int64)
     qm = ok[:, None] & dm[None, :]
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None] + d[None, :],
-                mask=qm, other=0.0)
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None]
+                + d[None, :], mask=qm, other=0.0)
     do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + y.to(tl.int64) * sdy + x.to(tl.int64) * sdx)[:, None]
                  + d[None, :].to(tl.int64) * sdd, mask=qm, other=0.0).to(tl.float32)
     kv_mask = load[:, None] & dm[None, :]
@@ -383,13 +390,10 @@ def _na2d_backward_dq_halo_kernel(
                 + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
                 + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-    row = ((b64 * H + y) * W + x) * NH + hd
+    row = _out_rows(b64, y, x, hd, H, W, NH)
     lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
     di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
-    if HALF_DOT and q.dtype != tl.float32:
-        scores = tl.dot(q, tl.trans(k)) * scale
-    else:
-        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC) * scale
+    scores = _halo_scores(q, k, scale, DOT_PREC, HALF_DOT)
     cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
     live = (cnt > 0) & in_halo[None, :] & ok[:, None]
     p = tl.where(live, cnt * tl.exp(tl.where(live, scores, 0.0) - lse[:, None]), 0.0)
@@ -424,19 +428,15 @@ def _na2d_backward_dkv_halo_kernel(
     v = tl.load(v_ptr + (b64 * svb + h64 * svh + ky.to(tl.int64) * svy + kx.to(tl.int64) * svx)[:, None]
                 + d[None, :], mask=km, other=0.0).to(tl.float32)
     qh_mask = load[:, None] & dm[None, :]
-    gy64 = gy.to(tl.int64)
-    gx64 = gx.to(tl.int64)
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + gy64 * sqy + gx64 * sqx)[:, None] + d[None, :],
-                mask=qh_mask, other=0.0)
-    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + gy64 * sdy + gx64 * sdx)[:, None] + d[None, :].to(tl.int64) * sdd,
-                 mask=qh_mask, other=0.0).to(tl.float32)
-    qrow = ((b64 * H + gy) * W + gx) * NH + hd
+    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + gy.to(tl.int64) * sqy + gx.to(tl.int64) * sqx)[:, None]
+                + d[None, :], mask=qh_mask, other=0.0)
+    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + gy.to(tl.int64) * sdy + gx.to(tl.int64) * sdx)[:, None]
+                 + d[None, :].to(tl.int64) * sdd, mask=qh_mask,
+                 other=0.0).to(tl.float32)
+    qrow = _out_rows(b64, gy, gx, hd, H, W, NH)
     lse = tl.load(ws_ptr + 2 * qrow, mask=load, other=0.0)
     di = tl.load(ws_ptr + 2 * qrow + 1, mask=load, other=0.0)
-    if HALF_DOT and q.dtype != tl.float32:
-        scores = tl.dot(k, tl.trans(q)) * scale
-    else:
-        scores = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=DOT_PREC) * scale
+    scores = _halo_scores(k, q, scale, DOT_PREC, HALF_DOT)
     cnt = (_halo_counts_t(ky, y0, H, R, BORDER, sy) * _halo_counts_t(kx, x0, W, R, BORDER, sx)).to(tl.float32)
     live = (cnt > 0) & (in_halo & load)[None, :] & kok[:, None]
     p = tl.where(live, cnt * tl.exp(tl.where(live, scores, 0.0) - lse[None, :]), 0.0)
@@ -444,7 +444,7 @@ def _na2d_backward_dkv_halo_kernel(
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds = p * (dp - di[None, :])
     dk = tl.dot(ds, q.to(tl.float32), input_precision=DOT_PREC) * scale
-    row = ((b64 * H + ky) * W + kx) * NH + hd
+    row = _out_rows(b64, ky, kx, hd, H, W, NH)
     tl.store(dk_ptr + (row * D)[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=km)
     tl.store(dv_ptr + (row * D)[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=km)
 
@@ -746,8 +746,23 @@ def _halo_radius(kernel_size: int, border: str) -> int:
     return 2 * r if border == "shift" else r
 
 
-def _halo_launch(name, tile, B, H, W, NH, args, consts):
-    by, bx, halo = tile
+def _halo_setup(q, kernel_size, border):
+    """(tile, constexprs) of the halo kernels for q's shape, or None when no tile's halo
+    block fits (the per-window kernels run instead). The forward, dq and dk/dv kernels
+    share them: one radius (r; 2r for shift) covers every window each of them reads."""
+    H, W, D = q.shape[1], q.shape[2], q.shape[-1]
+    rh = _halo_radius(kernel_size, border)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    tile = _halo_tile(H, W, rh, block_d)
+    if tile is None:
+        return None
+    prec = "ieee" if _interpreting() else fp32_dot_precision(q.device)
+    return tile, dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
+                      BLOCK_D=block_d, RH=rh)
+
+
+def _halo_launch(name, setup, B, H, W, NH, args):
+    (by, bx, halo), consts = setup
     # sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo 128 x D 64, scores 64 x 128) at
     # 255 registers without spills; a larger halo block or score tile spills there: 8 warps.
     warps = 4 if max(halo * consts["BLOCK_D"], by * bx * halo) <= 8192 else 8
@@ -755,43 +770,21 @@ def _halo_launch(name, tile, B, H, W, NH, args, consts):
         *args, **consts, BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=warps)
 
 
-def _halo_consts(q, kernel_size, border, rh):
-    D = q.shape[-1]
-    # tf32x3 (fp32-accurate on tensor cores) on sm_80+; "ieee" (FMA) elsewhere and in the
-    # interpreter.
-    prec = "tf32x3" if not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 8 else "ieee"
-    return dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
-                BLOCK_D=max(16, triton.next_power_of_2(D)), RH=rh)  # tl.dot needs K >= 16
-
-
-def _forward_halo(q, k, v, o, lse, kernel_size, border, scale) -> bool:
-    """The halo forward; False (nothing launched) when no tile fits its halo block."""
-    B, H, W, NH, D = q.shape
-    rh = _halo_radius(kernel_size, border)
-    consts = _halo_consts(q, kernel_size, border, rh)
-    tile = _halo_tile(H, W, rh, consts["BLOCK_D"])
-    if tile is None:
-        return False
-    _halo_launch("_na2d_forward_halo_kernel", tile, B, H, W, NH,
-                 (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D),
-                 consts)
-    return True
-
-
 def forward(q, k, v, kernel_size, border, scale):
     _check(q, k, v)
     B, H, W, NH, D = q.shape
     o = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
-    if _forward_formulation() == "halo":
+    args = (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D)
+    setup = _halo_setup(q, kernel_size, border) if _forward_formulation() == "halo" else None
+    if setup is not None:
         with _device_guard(q):
-            if _forward_halo(q, k, v, o, lse, kernel_size, border, scale):
-                return o, lse
+            _halo_launch("_na2d_forward_halo_kernel", setup, B, H, W, NH, args)
+        return o, lse
     block_h, block_d = _head_tile(NH, D)
     vec = _vec(D, (q, k, v))
     with _device_guard(q):
-        _launch("_na2d_forward_kernel", False, B, H, W, NH, block_h * block_d,
-                (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D),
+        _launch("_na2d_forward_kernel", False, B, H, W, NH, block_h * block_d, args,
                 dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
                      BLOCK_H=block_h, BLOCK_D=block_d))
     return o, lse
@@ -806,26 +799,17 @@ def _backward_formulation() -> str:
     return v or "window"
 
 
-def _backward_halo_tiles(q, kernel_size, border):
-    """The dq and dk/dv kernels' tiles (both radius r, 2r for shift), or None if either
-    halo block does not fit (the per-window backward runs instead)."""
-    H, W, D = q.shape[1], q.shape[2], q.shape[-1]
-    tile = _halo_tile(H, W, _halo_radius(kernel_size, border), max(16, triton.next_power_of_2(D)))
-    return None if tile is None else (tile, tile)
-
-
-def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale, tiles):
+def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, setup):
     B, H, W, NH, D = q.shape
-    consts = _halo_consts(q, kernel_size, border, _halo_radius(kernel_size, border))
     head = (q, k, v, grad_o, ws)
     tail = (*q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *grad_o.stride(), H, W, NH, float(scale), D)
-    _halo_launch("_na2d_backward_dq_halo_kernel", tiles[0], B, H, W, NH, (*head, dq, *tail), consts)
-    _halo_launch("_na2d_backward_dkv_halo_kernel", tiles[1], B, H, W, NH, (*head, dk, dv, *tail), consts)
+    _halo_launch("_na2d_backward_dq_halo_kernel", setup, B, H, W, NH, (*head, dq, *tail))
+    _halo_launch("_na2d_backward_dkv_halo_kernel", setup, B, H, W, NH, (*head, dk, dv, *tail))
 
 
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     _check(q, k, v)
-    halo_tiles = _backward_halo_tiles(q, kernel_size, border) if _backward_formulation() == "halo" else None
+    halo = _halo_setup(q, kernel_size, border) if _backward_formulation() == "halo" else None
     if o.stride(-1) != 1:  # o is ours (contiguous) unless a caller mixes backends
         o = o.contiguous()
     B, H, W, NH, D = q.shape
@@ -849,8 +833,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         _na2d_backward_preprocess_kernel[grid](
             o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
             H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
-        if halo_tiles is not None:
-            _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, kernel_size, border, scale, halo_tiles)
+        if halo is not None:
+            _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, halo)
             return dq, dk, dv
         _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
                 (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
