@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
-from fastnca.benchmark.common import median_ms  # noqa: E402
-from fastnca.benchmark.nca_step import PaperStep, make_rule  # noqa: E402
+from fastnca.benchmark.common import median_ms, peak_mb  # noqa: E402
+from fastnca.benchmark.nca_step import PaperStep, _allow_tf32, make_rule  # noqa: E402
 
 
 def main() -> int:
@@ -127,23 +127,17 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
         if b == "triton":
             runs.append(("triton TF32", lambda: run("triton"), True))
     for name, fn, tf32 in runs:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-            ms = median_ms(fn, dev, warmup=0, reps=3)
-            peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
+            with _allow_tf32(tf32):
+                ms = median_ms(fn, dev, warmup=1, reps=3)
+                peak = peak_mb(fn, dev)  # None off CUDA
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported
             print(f"  {name:<16} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
         finally:
             for t in leaves:
                 t.grad = None
-        print(f"  {name:<16} {ms:9.1f} ms   peak {peak:8.0f} MiB", flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
+        print(f"  {name:<16} {ms:9.1f} ms   peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
