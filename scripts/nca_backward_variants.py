@@ -95,6 +95,10 @@ def main() -> int:
               flush=True)
     for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_ACC"):
         os.environ.pop(var, None)
+    # back to 3xTF32: the last variant may have left TF32 on, which the rollouts' own
+    # switch (_allow_tf32, on only) would not undo (it did in session 6: both "triton"
+    # rollout rows ran TF32)
+    torch.backends.cuda.matmul.allow_tf32 = False
     if a.rollout:
         _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -155,6 +155,11 @@ def test_formulation_knobs(monkeypatch):
     for radius, bd in itertools.product((1, 2, 3, 4, 6), (16, 32, 64, 128)):
         tile = tri._halo_tile(64, 64, radius, bd)
         assert tile is None or (tile[2] * bd <= 16384 and tile[0] * tile[1] >= 16)
+    # half inputs dot at K >= 32 (K = 16 against a 256-slot halo faulted on an H100)
+    for dtype, d, want in ((torch.float32, 5, 16), (torch.bfloat16, 5, 32), (torch.float16, 16, 32),
+                           (torch.bfloat16, 64, 64)):
+        q = torch.randn(1, 8, 8, 2, d, device=DEVICE).to(dtype)
+        assert tri._halo_setup(q, 5, "zeros")[1]["BLOCK_D"] == want
 
 
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])

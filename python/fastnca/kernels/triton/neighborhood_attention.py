@@ -752,7 +752,11 @@ def _halo_setup(q, kernel_size, border):
     share them: one radius (r; 2r for shift) covers every window each of them reads."""
     H, W, D = q.shape[1], q.shape[2], q.shape[-1]
     rh = _halo_radius(kernel_size, border)
-    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16
+    # tl.dot needs K >= 16. Half inputs take K >= 32: on an H100 (triton 3.6) the half dot
+    # of K = 16 against a 256-slot halo (8 warps) ended in an illegal memory access (D <= 16
+    # with kernel_size >= 5 or shift, fp16 and bf16; fp32, D >= 32 and the 128-slot halo of
+    # kernel_size 3 passed); the padded columns are masked, so only the K width changes.
+    block_d = max(16 if q.dtype == torch.float32 else 32, triton.next_power_of_2(D))
     tile = _halo_tile(H, W, rh, block_d)
     if tile is None:
         return None
