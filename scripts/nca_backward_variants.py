@@ -1,7 +1,9 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|memory) and dot precision
-(3xTF32, or TF32 under torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
+(3xTF32 with one or two TF32 products where an operand comes from a half tensor, the
+default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
+torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
 Triton settings) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
 
@@ -12,7 +14,7 @@ difference of its gradients from the first variant's. A variant that fails is re
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
-           [--acc registers memory] [--prec tf32x3 tf32] [--no-cuda] [--rollout] [--device cuda]
+           [--acc registers memory] [--prec tf32x3 tf32x3-all tf32] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def main() -> int:
     ap.add_argument("--tiles", nargs="*", default=["", "16,8", "32,4", "32,8"],
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / memory ('' = the default)")
-    ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32"], help="tf32x3 / tf32")
+    ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
+                    help="tf32x3 / tf32x3-all / tf32")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
     a = ap.parse_args()
@@ -58,19 +61,23 @@ def main() -> int:
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
     use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
-    variants = [("cuda", "cuda", None, None, False)] if use_cuda else []
+    variants = [("cuda", "cuda", None, None, "")] if use_cuda else []
     for t in a.tiles:
         for acc in a.acc:
             for prec in a.prec:
-                name = f"triton tile={t or 'default'} acc={acc or 'default'} {'TF32' if prec == 'tf32' else '3xTF32'}"
-                variants.append((name, "triton", t, acc, prec == "tf32"))
+                label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all"}.get(prec, "3xTF32")
+                name = f"triton tile={t or 'default'} acc={acc or 'default'} {label}"
+                variants.append((name, "triton", t, acc, prec))
     first = None
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
-    for name, backend, tile, acc, tf32 in variants:
+    for name, backend, tile, acc, prec in variants:
         kern = _backend.kernel(backend, "nca_step")
-        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile), ("FASTNCA_TRITON_NCA_BWD_ACC", acc)):
+        tf32 = prec == "tf32"
+        exact = "0" if prec == "tf32x3-all" else None
+        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile), ("FASTNCA_TRITON_NCA_BWD_ACC", acc),
+                         ("FASTNCA_TRITON_NCA_EXACT", exact)):
             if val:
                 os.environ[var] = val
             else:
@@ -93,7 +100,7 @@ def main() -> int:
                     for u, v in zip(grads, first))
         print(f"  {name:<48} {ms:8.3f} ms   rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}",
               flush=True)
-    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_ACC"):
+    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_ACC", "FASTNCA_TRITON_NCA_EXACT"):
         os.environ.pop(var, None)
     # back to 3xTF32: the last variant may have left TF32 on, which the rollouts' own
     # switch (_allow_tf32, on only) would not undo (it did in session 6: both "triton"
@@ -119,16 +126,20 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend):
+    def run(backend, exact=True):
+        if not exact:
+            os.environ["FASTNCA_TRITON_NCA_EXACT"] = "0"
         s = x.detach().requires_grad_()
         y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                 seed=1, frozen_channels=frozen, backend=backend)
         y.float().sum().backward()
+        os.environ.pop("FASTNCA_TRITON_NCA_EXACT", None)
 
     runs = [("eager", run_eager, False)]
     for b in backends:
         runs.append((b, lambda b=b: run(b), False))
         if b == "triton":
+            runs.append(("triton 3xTF32 all", lambda: run("triton", exact=False), False))
             runs.append(("triton TF32", lambda: run("triton"), True))
     for name, fn, tf32 in runs:
         try:

@@ -7,8 +7,10 @@ for the forward). Registers and stack come from `cuobjdump --dump-resource-usage
 cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629; see _wgmma_safe in kernels/triton/nca_step.py).
 
-Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen ...
-       (groups: 1 or C), e.g. 8,32,64,64,128,2,1,1 for the Med-NCA rule;
+Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
+       (groups: 1 or C; dtype of state and weights, default float32), e.g.
+       8,32,64,64,128,2,1,1,bfloat16 for the Med-NCA rule in bf16 (FASTNCA_TRITON_NCA_EXACT=0:
+       tf32x3 for every product, as before the half-operand products of _mm);
        na:B,H,W,heads,D,kernel_size,border,dtype for the attention kernels (default tiles;
        FASTNCA_TRITON_NA_FORWARD=halo for the tensor-core forward), e.g.
        na:32,32,32,12,64,3,zeros,bfloat16 for GeCA-S.
@@ -93,21 +95,25 @@ def _resources(cubin: bytes) -> str:
     return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line)
 
 
-def report(B, C, H, W, hidden, F, groups, frozen) -> None:
+def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
     g = C if groups == "C" else int(groups)
-    x = torch.randn(B, C, H, W)
-    w = (torch.randn(F * C, C // g, 3, 3), torch.randn(F * C), torch.randn(hidden, (F + 1) * C),
-         torch.randn(hidden), torch.randn(C - frozen, hidden), torch.randn(C - frozen))
+    dt = getattr(torch, dtype)
+    x = torch.randn(B, C, H, W, dtype=dt)
+    w = tuple(t.to(dt) for t in (torch.randn(F * C, C // g, 3, 3), torch.randn(F * C),
+                                 torch.randn(hidden, (F + 1) * C), torch.randn(hidden),
+                                 torch.randn(C - frozen, hidden), torch.randn(C - frozen)))
     _compiled.clear()
     tri.forward(x, *w, g, "reflect", 0.5, 1, 2, frozen)
     tri.backward(torch.randn_like(x), x, *w, g, "reflect", 0.5, 1, 2, frozen)
+    seen = set()
     for name, block_m, warps, kernel in _compiled:
-        if "arrange" in name:
+        if "arrange" in name or (name, block_m, warps) in seen:  # batch chunks repeat the same kernels
             continue
+        seen.add((name, block_m, warps))
         mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)[^}]*instrShape = \[([0-9, ]*)\]",
                                     kernel.asm["ttgir"])))
         n8 = any(v == "3" and shape.split(", ")[1] == "8" for v, shape in mma)
-        print(f"C={C} hidden={hidden} F={F} groups={groups}  {name}: BLOCK_M={block_m} warps={warps} "
+        print(f"C={C} hidden={hidden} F={F} groups={groups} {dtype}  {name}: BLOCK_M={block_m} warps={warps} "
               f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
               f"mma={['v%s[%s]' % m for m in mma]}{'  N=8 WGMMA' if n8 else ''}", flush=True)
 
@@ -131,8 +137,8 @@ def main() -> int:
             B, H, W, heads, D, ks, border, dtype = spec[3:].split(",")
             report_attention(int(B), int(H), int(W), int(heads), int(D), int(ks), border, dtype)
             continue
-        B, C, H, W, hidden, F, groups, frozen = spec.split(",")
-        report(int(B), int(C), int(H), int(W), int(hidden), int(F), groups, int(frozen))
+        B, C, H, W, hidden, F, groups, frozen, *dtype = spec.split(",")
+        report(int(B), int(C), int(H), int(W), int(hidden), int(F), groups, int(frozen), *dtype)
     return 0
 
 

@@ -173,6 +173,44 @@ def test_dtypes_and_layouts(dtype, wdtype, channels_last):
     check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), dtype, wdtype, channels_last)
 
 
+EXACT_DTYPES = [
+    (torch.bfloat16, torch.float32),   # state and grad_out exact: exact x fp32 splits the other side
+    (torch.float32, torch.bfloat16),   # weights exact
+    (torch.float16, torch.float16),    # both: one TF32 product for exact x exact
+]
+
+
+def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
+    """Under tf32x3, dots with an operand from a half tensor take one or two TF32 products
+    (_mm). Against a float64 reference on the same (half-valued) inputs, every fp32 result
+    keeps the fp32 tolerance: a lost low part would cost ~1e-3 (TF32 keeps 11 bits). On a
+    CPU the interpreter's dots are exact, so this checks the split and its plumbing; the
+    GPU runs it on tensor cores."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    B, C, H, W, hidden, F, groups, frozen, padding, p = case
+    g = C if groups == "C" else groups
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, dtype, wdtype, seed=3)
+    args = (*w, g, padding, p, 99, 4, frozen)
+    rule = tri._Rule(state, *w, g, padding, frozen)
+    bits = tri._EXACT_BITS
+    half = (torch.float16, torch.bfloat16)
+    want_bits = (bits["state"] if dtype in half else 0) + (bits["pw"] + bits["w1"] + bits["w2"] if wdtype in half else 0)
+    assert rule.constexprs()["EXACT"] == want_bits
+    got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
+    d = [t.double() for t in (state, grad_out, *w)]
+    want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
+    for name, a, b in zip(("out",) + GRAD_NAMES, got, want):
+        assert rel_err(a, b) <= REL_TOL[a.dtype], f"{name}: rel err {rel_err(a, b):.2e}"
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "0")  # the comparison switch: tf32x3 everywhere
+    assert rule.constexprs()["EXACT"] == 0
+
+
+@pytest.mark.parametrize("dtype,wdtype", EXACT_DTYPES, ids=["bf16-state", "bf16-weights", "fp16-all"])
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_exact_operand_products(monkeypatch, dtype, wdtype, groups):
+    check_exact_operand_products(monkeypatch, (2, 8, 5, 7, 16, 2, groups, 1, "zeros", 0.5), dtype, wdtype)
+
+
 def test_strided_inputs():
     """Arbitrary strides are read in place: a channel-sliced state, a transposed grad,
     non-contiguous weights (channels_last pw, transposed w1, offset w2 / b2 views) and
@@ -248,6 +286,15 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_shapes(case, dtype):
     check_against_reference(case, dtype, channels_last=dtype == torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,wdtype", EXACT_DTYPES, ids=["bf16-state", "bf16-weights", "fp16-all"])
+@pytest.mark.parametrize("case", [(2, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5),
+                                  (2, 16, 33, 47, 128, 2, "C", 1, "zeros", 0.5)], ids=["mednca", "depthwise"])
+def test_gpu_exact_operand_products(monkeypatch, case, dtype, wdtype):
+    check_exact_operand_products(monkeypatch, case, dtype, wdtype)
 
 
 @pytest.mark.gpu

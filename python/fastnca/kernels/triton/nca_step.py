@@ -53,7 +53,7 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 - The [G, ...] and per-range partials are reduced with torch.sum(dim=0) (fixed order).
 - Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
   workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk with its
-  own list, and the chunks' sums add in chunk order.
+  own list; A and C add each chunk's sums into the same slots, in chunk order.
   d_state may be grad_out itself: B, its only writer, reads grad_out only at the cells it
   then writes, each in the same program, before the store.
 """
@@ -115,11 +115,39 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
 
 
 @triton.jit
+def _tf32_hi(a):
+    """a with its 13 low mantissa bits cleared: exact in TF32, and a - hi is exact in fp32."""
+    return (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_PREC: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
+    """acc + a @ b (fp32 operands) at DOT_PREC's accuracy. A_EXACT / B_EXACT: the operand
+    holds values of a half tensor (state, grad_out, weights: see _exact_bits), exact in
+    TF32, with a zero low part. tf32x3 then needs fewer TF32 products for the same result:
+    one when both are exact (each product exact in fp32), two when one is (the other split
+    hi + lo, tf32x3's terms without the one that is zero)."""
+    if A_EXACT and B_EXACT:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    elif B_EXACT:
+        hi = _tf32_hi(a)
+        acc = tl.dot(a - hi, b, acc, input_precision="tf32")
+        acc = tl.dot(hi, b, acc, input_precision="tf32")
+    elif A_EXACT:
+        hi = _tf32_hi(b)
+        acc = tl.dot(a, b - hi, acc, input_precision="tf32")
+        acc = tl.dot(a, hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask,
                 pw_ptr, pb_ptr,
                 F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
                 BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
-                DOT_PREC: tl.constexpr, PAD: tl.constexpr):
+                DOT_PREC: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
     """conv[m, o] for the FC_BLK output channels offs_f (bias included).
 
     Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
@@ -149,7 +177,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
             conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
         else:
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
-            conv = tl.dot(t, w, conv, input_precision=DOT_PREC)
+            conv = _mm(t, w, conv, DOT_PREC, (EXACT & 1) != 0, (EXACT & 4) != 0)
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
@@ -159,7 +187,7 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
             C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
             HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
             DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, PAD: tl.constexpr,
-            KEEP_CONV: tl.constexpr):
+            KEEP_CONV: tl.constexpr, EXACT: tl.constexpr):
     """(h, conv): h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels
     come C_BLK and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a
     C=128, hidden=256 rule still fits shared memory) and the perception P never exists
@@ -170,23 +198,23 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
         offs_k = k0 + tl.arange(0, C_BLK)
         xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
                      mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
-        z = tl.dot(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
-                   input_precision=DOT_PREC)
+        z = _mm(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
+                DOT_PREC, (EXACT & 1) != 0, (EXACT & 8) != 0)
     if KEEP_CONV:
         offs_f = tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                            offs_f, offs_f < FC, pw_ptr, pb_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
-        z = tl.dot(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                   input_precision=DOT_PREC)
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+        z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                DOT_PREC, False, (EXACT & 8) != 0)
     else:
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + tl.arange(0, FC_BLK)
             conv_f = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                  offs_f, offs_f < FC, pw_ptr, pb_ptr,
-                                 F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
-            z = tl.dot(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                       input_precision=DOT_PREC)
+                                 F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+            z = _mm(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                    DOT_PREC, False, (EXACT & 8) != 0)
         conv = 0.0
     return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0), conv
 
@@ -273,7 +301,7 @@ def _nca_step_forward_kernel(
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
     the others); programs past the list's last tile do nothing. Otherwise every cell, the
@@ -303,13 +331,13 @@ def _nca_step_forward_kernel(
 
         h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                        w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False)
+                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + tl.arange(0, C_BLK)
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-            delta = tl.dot(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]),
-                           input_precision=DOT_PREC)
+            delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
+                        DOT_PREC, False, (EXACT & 16) != 0)
             delta += tl.load(b2_ptr + offs_k)[None, :]
             new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
             tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
@@ -377,7 +405,7 @@ def _forward_prune(configs, named_args, **kwargs):
 _nca_step_forward_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
              for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "COMPACT"],
+    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT"],
     prune_configs_by={"early_config_prune": _forward_prune},
 )(_nca_step_forward_kernel)
 
@@ -396,7 +424,7 @@ def _nca_step_backward_cell_kernel(
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    REG_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, REG_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
     partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
@@ -445,7 +473,7 @@ def _nca_step_backward_cell_kernel(
         # d_w1b; otherwise conv chunks are recomputed below)
         h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                            w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
-                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, REG_ACC)
+                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, REG_ACC, EXACT)
 
         # ---- gd = g on the updated channels (every listed cell fires; zero on frozen
         # channels and dead rows); d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are
@@ -459,15 +487,15 @@ def _nca_step_backward_cell_kernel(
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
             if REG_ACC:
-                acc_w2 = tl.dot(tl.trans(gdk), h, acc_w2, input_precision=DOT_PREC)
+                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, (EXACT & 2) != 0, False)
                 acc_b2 += tl.sum(gdk, axis=0)
             else:
                 p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
-                tl.store(p_w2, tl.dot(tl.trans(gdk), h, tl.load(p_w2), input_precision=DOT_PREC))
+                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, (EXACT & 2) != 0, False))
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
-            dh = tl.dot(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
-                        input_precision=DOT_PREC)
+            dh = _mm(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
+                     DOT_PREC, (EXACT & 2) != 0, (EXACT & 16) != 0)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         if REG_ACC:
             acc_b1 += tl.sum(dz, axis=0)
@@ -481,13 +509,13 @@ def _nca_step_backward_cell_kernel(
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
             if REG_ACC:
-                acc_w1a = tl.dot(tl.trans(dz), xk, acc_w1a, input_precision=DOT_PREC)
+                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, False, (EXACT & 1) != 0)
             else:
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
-                tl.store(p_w1a, tl.dot(tl.trans(dz), xk, tl.load(p_w1a), input_precision=DOT_PREC))
+                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, False, (EXACT & 1) != 0))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
-            dpx = tl.dot(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
-                         input_precision=DOT_PREC)
+            dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
+                      DOT_PREC, False, (EXACT & 8) != 0)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
         # ---- conv part: dQ = dz @ W1b per chunk -> workspace (d_pw comes from it in the
@@ -495,8 +523,8 @@ def _nca_step_backward_cell_kernel(
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + offs_fb
             fmask = offs_f < FC
-            dq = tl.dot(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]),
-                        input_precision=DOT_PREC)
+            dq = _mm(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]), None,
+                     DOT_PREC, False, (EXACT & 8) != 0)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
             if REG_ACC:
@@ -505,7 +533,7 @@ def _nca_step_backward_cell_kernel(
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_ptr, pb_ptr,
-                                   F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD)
+                                   F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
                 p_pb = dpb_ptr + offs_f
                 tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
@@ -514,13 +542,16 @@ def _nca_step_backward_cell_kernel(
             # The next tile re-reads this tile's partial slots, whose elements may live in
             # other threads than the ones that stored them: make the stores visible CTA-wide.
             tl.debug_barrier()
-    if REG_ACC:  # one store per program; padded rows/columns hold exact zeros
-        tl.store(dw2_ptr + offs_kb[:, None] * HID_PAD + offs_h[None, :], acc_w2)
-        tl.store(db2_ptr + offs_kb, acc_b2)
-        tl.store(db1_ptr + offs_h, acc_b1)
-        tl.store(dw1a_ptr + offs_h[:, None] * C_PAD + offs_kb[None, :], acc_w1a)
-        tl.store(dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :], acc_w1b)
-        tl.store(dpb_ptr + offs_fb, acc_pb)
+    if REG_ACC:  # added to the slot once per program (it sums the batch chunks); padded rows/columns hold zeros
+        p_w2 = dw2_ptr + offs_kb[:, None] * HID_PAD + offs_h[None, :]
+        tl.store(p_w2, tl.load(p_w2) + acc_w2)
+        tl.store(db2_ptr + offs_kb, tl.load(db2_ptr + offs_kb) + acc_b2)
+        tl.store(db1_ptr + offs_h, tl.load(db1_ptr + offs_h) + acc_b1)
+        p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_kb[None, :]
+        tl.store(p_w1a, tl.load(p_w1a) + acc_w1a)
+        p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
+        tl.store(p_w1b, tl.load(p_w1b) + acc_w1b)
+        tl.store(dpb_ptr + offs_fb, tl.load(dpb_ptr + offs_fb) + acc_pb)
 
 
 @triton.jit
@@ -528,13 +559,14 @@ def _nca_step_backward_conv_kernel(
     ws_ptr, x_ptr, dpw_ptr, idx_ptr, count_ptr, H, W, s_b, s_c, s_h, s_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of the firing cells
     idx[0..count) (the others have dQ = 0): a split-K GEMM over cells, split evenly by the
     count into as many ranges as axis 1 has programs: deterministic. Program (axis 0) =
-    tap * (FC_CEIL / FC_BLK) + conv chunk, (axis 1) = cell range; each writes its own
-    [FC_BLK, C_PAD] (depthwise: [FC_BLK]) block of partial `part` = axis 1, once."""
+    tap * (FC_CEIL / FC_BLK) + conv chunk, (axis 1) = cell range; each adds its sum to its
+    own [FC_BLK, C_PAD] (depthwise: [FC_BLK]) block of partial `part` = axis 1 (zeroed once;
+    the batch chunks add in order)."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
     count = tl.load(count_ptr)
@@ -574,12 +606,14 @@ def _nca_step_backward_conv_kernel(
         if DEPTHWISE:
             acc_d += tl.sum(dq * t, axis=0)
         else:
-            acc = tl.dot(tl.trans(dq), t, acc, input_precision=DOT_PREC)
+            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, False, (EXACT & 1) != 0)
     if DEPTHWISE:  # partial layout [9, FC_CEIL]
-        tl.store(dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f, acc_d)
+        p_d = dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f
+        tl.store(p_d, tl.load(p_d) + acc_d)
     else:  # partial layout [9, FC_CEIL, C_PAD]
-        tl.store(dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL * C_PAD) + tap * FC_CEIL * C_PAD
-                 + offs_f[:, None] * C_PAD + offs_c[None, :], acc)
+        p_w = (dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL * C_PAD) + tap * FC_CEIL * C_PAD
+               + offs_f[:, None] * C_PAD + offs_c[None, :])
+        tl.store(p_w, tl.load(p_w) + acc)
 
 
 @triton.jit
@@ -624,7 +658,8 @@ def _nca_step_backward_input_kernel(
     ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
     C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
     dQ from the firing readers of each source cell (no atomics). A cell that does not fire
@@ -675,7 +710,7 @@ def _nca_step_backward_input_kernel(
                 gq = _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
                 w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
                             + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
-                acc = tl.dot(gq, w, acc, input_precision=DOT_PREC)
+                acc = _mm(gq, w, acc, DOT_PREC, False, (EXACT & 4) != 0)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
@@ -764,6 +799,20 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
 
 
 _MAX_CELLS = 2 ** 31 - 1024
+_HALF = (torch.float16, torch.bfloat16)
+# EXACT bits (see _mm): which dot operands hold values of a half tensor, exact in TF32
+_EXACT_BITS = dict(state=1, grad=2, pw=4, w1=8, w2=16)
+
+
+def _exact_bits(prec: str, dtypes: dict) -> int:
+    """The EXACT constexpr of the kernels: under tf32x3, a bit per operand family whose
+    tensor is float16 / bfloat16 (values exact in TF32: 8 / 11 significant bits, exponents
+    within fp32's), so that _mm spends one TF32 product on exact x exact and two on exact x
+    fp32 instead of tf32x3's three, with tf32x3's result. 0 for other precisions, or with
+    FASTNCA_TRITON_NCA_EXACT=0 (every product tf32x3, for comparison)."""
+    if prec != "tf32x3" or os.environ.get("FASTNCA_TRITON_NCA_EXACT", "1") == "0":
+        return 0
+    return sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
 
 
 class _Rule:
@@ -776,6 +825,7 @@ class _Rule:
         if B * H * W > _MAX_CELLS:  # tile positions (int32) run up to a tile past the last cell
             raise ValueError(f"triton nca_step needs B*H*W <= {_MAX_CELLS} cells, got {B * H * W}")
         dev = self.device = state.device
+        self.dtypes = dict(state=state.dtype, pw=pw.dtype, w1=w1.dtype, w2=w2.dtype)
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
         self.C_PAD, self.HID_PAD, self.C_BLK, self.FC_BLK, self.FC_CEIL = _tile_dims(C, FC, hid)
@@ -802,10 +852,11 @@ class _Rule:
         return self._weights
 
     def constexprs(self):
+        prec = _dot_precision(self.device)
         return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
                     C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
                     FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
-                    DOT_PREC=_dot_precision(self.device))
+                    DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes))
 
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
@@ -982,8 +1033,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     B, C, H, W = state.shape
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
-    # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk);
-    # the chunks' partial sums are added in chunk order (deterministic).
+    # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk).
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
     f32 = dict(dtype=torch.float32, device=dev)
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
@@ -994,8 +1044,19 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     reg_acc = _register_accumulators(rule)
     nf = rule.FC_CEIL // rule.FC_BLK
     conv_programs = 9 * nf
-    total = None
     cx = rule.constexprs()
+    cx["EXACT"] |= _exact_bits(cx["DOT_PREC"], dict(grad=grad_out.dtype))
+    # One tiling and one set of partial-sum slots for every chunk (the first chunk is the
+    # largest): the kernels add each chunk's sums into them, reduced once at the end (per
+    # chunk that was a zero fill, two reductions, a cat and an add: ~40 us a chunk on an
+    # H100, ~5% of the Med-NCA step's backward at 8 chunks).
+    n0 = min(B, chunk) * H * W
+    block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
+    (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
+    partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
+    parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(n0, cv_m))
+    dpw_parts = torch.zeros(parts, rule.sizes[5], **f32)
+    w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
     # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
     # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
     # sync); the input kernel reads the mask to gather only firing readers' dQ.
@@ -1006,32 +1067,25 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         N = nb * H * W
         fire_c = fires[b0:b0 + nb].reshape(N)
         idx, count = _firing_cells(fire_c)
-        block_m, warps, G, stages = _backward_tiling(rule, dev, N, cx["DOT_PREC"])
-        (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
-        partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
-        parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(N, cv_m))
-        dpw_parts = torch.empty(parts, rule.sizes[5], **f32)  # every element written once
         with _on_device(dev):
-            w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
-            _nca_step_backward_cell_kernel[(G,)](
+            _nca_step_backward_cell_kernel[(min(G, triton.cdiv(N, block_m)),)](
                 g_c, x_c, ws, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
                 H, W, *x_c.stride(), *g_c.stride(), frozen, **cx, REG_ACC=reg_acc,
                 BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
                 ws, x_c, dpw_parts, idx, count, H, W, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
-                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], BLOCK_M=cv_m,
-                num_warps=4, num_stages=1)
+                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"],
+                BLOCK_M=cv_m, num_warps=4, num_stages=1)
             _nca_step_backward_input_kernel[(triton.cdiv(N, in_m),)](
                 ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(), *g_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                DOT_PREC=cx["DOT_PREC"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
-        segs = list(partials.sum(0).split(sizes_a))  # fixed order
-        segs[5] = dpw_parts.sum(0)
-        part = torch.cat(segs)
-        total = part if total is None else total.add_(part)
-        del partials, dpw_parts
+                DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
+    segs = list(partials.sum(0).split(sizes_a))  # fixed order
+    segs[5] = dpw_parts.sum(0)
+    total = torch.cat(segs)
+    del partials, dpw_parts
     del ws
     hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
     d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(total)
