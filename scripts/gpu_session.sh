@@ -14,6 +14,7 @@
 #          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
 #          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention)
+#          | timeline:OP:BACKEND[:DTYPE] (wall vs kernel vs host time per fwd+bwd, torch.profiler)
 #          | variants (scripts/nca_backward_variants.py --rollout $VARIANTS_ARGS: backward tiles,
 #          accumulators, TF32 vs 3xTF32, and a 64-step rollout per backend) | pack
 #          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
@@ -26,8 +27,10 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned call (after session 5): build@90 test@200+sanitize@200+bench-warm@200 \
-#       bench:nca,attention:bfloat16@240 pack  (then `variants` with TF32 tests, see the note)
+# Next planned calls (after session 6): build@140 test@230+sanitize:memcheck,racecheck@230+
+#       bench-warm:attention,nca:bfloat16@230 variants@90 pack; then bench:attention,nca:bfloat16@200
+#       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
+#       machine went back). Session 6 saw the whole first call take 440 s.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the
@@ -120,6 +123,12 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       local rc=$?
       "$py" scripts/profile_gpu.py --summarize "$out/logs/$tag.csv" | head -80
       return $rc ;;
+    timeline)  # timeline:OP:BACKEND[:DTYPE] -- wall vs kernel vs host time (scripts/profile_gpu.py --timeline)
+      local op backend dtype
+      IFS=: read -r op backend dtype <<< "$arg"
+      "${tmo[@]}" "$py" scripts/profile_gpu.py "${op:-nca}" --backend "${backend:-triton}" --dtype "${dtype:-bfloat16}" \
+        --timeline 20 2>&1 | tee "$out/logs/$tag.txt"
+      return "${PIPESTATUS[0]}" ;;
     pack)
       tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs" ;;
     *) echo "unknown stage: $spec" >&2; return 2 ;;

@@ -5,7 +5,11 @@
         python scripts/profile_gpu.py nca --backend cuda --dtype bfloat16
 
 so only the op's own kernels are profiled; `python scripts/profile_gpu.py --summarize
-REPORT.csv` prints the key metrics of each kernel from that CSV. Shapes are the benchmark's: the Med-NCA rule
+REPORT.csv` prints the key metrics of each kernel from that CSV. With `--timeline N`
+(no ncu), N more iterations run under torch.profiler instead, and it prints the wall time
+per iteration (CUDA events) against the GPU time its kernels take and the host time of
+the Python/autograd path: wall well above kernel time means the op is launch- or
+host-bound there. Shapes are the benchmark's: the Med-NCA rule
 (C=32, hidden 128, F=2, reflect, frozen 1) on B=8 x 256x256 for `nca`; GeCA-S attention
 (B=32, 32x32, 12 heads, D=64) for `attention`.
 """
@@ -62,6 +66,8 @@ def main() -> int:
     ap.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--groups", default="1", help="1 or C (depthwise), nca only")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="N iterations under torch.profiler: wall vs kernel vs host time per iteration")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -83,17 +89,48 @@ def main() -> int:
         qkv = rnd(32, 32, 32, 3, 12, 64)
         q, k, v = qkv.unbind(3)
 
-        def run():
+        do = torch.randn(q.shape, generator=g).to(dev, dtype)
+
+        def run():  # as the benchmark: packed qkv, a random output gradient
             o = fastnca.neighborhood_attention2d(q, k, v, backend=args.backend)
-            o.backward(torch.ones_like(o))
+            o.backward(do)
 
     for _ in range(3):  # compiles and autotuning happen here, outside the profiled range
         run()
     torch.cuda.synchronize()
+    if args.timeline:
+        return timeline(run, args.timeline)
     torch.cuda.profiler.start()
     run()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
+    return 0
+
+
+def timeline(run, n: int) -> int:
+    """Wall time per iteration of ``run`` (CUDA events over n back-to-back calls), the GPU
+    time of its kernels and the host time of the calls (torch.profiler), and the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / n
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    dev_attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    kernels = [e for e in events if getattr(e, dev_attr) > 0 and e.device_type.name in ("CUDA", "PrivateUse1")]
+    gpu = sum(getattr(e, dev_attr) for e in kernels) / n / 1e3
+    host = max(e.cpu_time_total for e in events) / n / 1e3  # the outermost host range
+    print(f"per iteration: wall {wall:.3f} ms, kernels {gpu:.3f} ms, host (largest range) {host:.3f} ms")
+    for e in sorted(kernels, key=lambda e: -getattr(e, dev_attr))[:15]:
+        print(f"  {getattr(e, dev_attr) / n / 1e3:8.3f} ms  x{e.count // n:<3} {e.key[:90]}")
     return 0
 
 
