@@ -300,7 +300,12 @@ def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
 DEFINITIONS = {
     "fwd_ms, fwd_bwd_ms": "median time per call of the forward, and of forward + backward (ms); "
                           "CPU: wall time of each call; CUDA: CUDA-event time of back-to-back "
-                          "batches of calls filling ~10 ms, divided by the batch size",
+                          "batches of calls filling ~10 ms, divided by the batch size. Attention "
+                          "fwd+bwd: torch.autograd.grad of the output to the q, k, v views of one "
+                          "packed qkv tensor (the op alone: autograd neither stacks the three "
+                          "gradients into the packed one nor accumulates qkv.grad; until commit "
+                          "73b363e it did both, ~0.34 ms of GeCA-S bf16's 1.41 ms on an H100, for "
+                          "every implementation alike)",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
     "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
                "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "

@@ -25,7 +25,10 @@ Layout and assumptions (the launchers below enforce them):
   Padded rows/columns are zero, so padded lanes contribute exact zeros everywhere.
 - Padding index maps are those of csrc/include/fastnca/borders.h (pad_index).
 - fp32 matmuls run as tf32x3 on sm_80+ (fp32-level accuracy on tensor cores), see
-  _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch.
+  _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch. Under tf32x3
+  an operand loaded from a half tensor (state, grad_out, the weights) is exact in TF32, so
+  its dots take one or two TF32 products instead of three for the same result (_mm,
+  _exact_bits).
 
 Backward (nothing but the inputs is saved; everything is recomputed):
 - Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
