@@ -173,6 +173,16 @@ def test_dtypes_and_layouts(dtype, wdtype, channels_last):
     check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), dtype, wdtype, channels_last)
 
 
+@pytest.mark.parametrize("padding", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_border_reader_tiles(padding, groups):
+    """The input-gradient kernel gathers the border readers only in tiles that have them:
+    rows of 700 cells give tiles (256 cells under the interpreter) with no border reader,
+    with one along x only (x = 0 or 1 side, not both), and with both, beside rows that are
+    y borders."""
+    check_against_reference((1, 2, 6, 700, 4, 1, groups, 0, padding, 0.5))
+
+
 EXACT_DTYPES = [
     (torch.bfloat16, torch.float32),   # state and grad_out exact: exact x fp32 splits the other side
     (torch.float32, torch.bfloat16),   # weights exact

@@ -34,7 +34,8 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 - Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
   step's mask (the Triton fire_mask kernel, bit-identical to the forward's) and lists each
   chunk's firing cells in cell order on the device (cumsum + scatter, count in device
-  memory: no host sync); kernels A and C walk that list, B reads the mask.
+  memory: no host sync); kernels A and C walk that list, B reads the mask for each
+  cell's own direct term.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
   dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and sums its fc
@@ -49,10 +50,11 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   read-modify-written in memory every tile: on an H100 that traffic (~2 KB a cell each
   way) and the registers it took made kernel A 3x slower than its arithmetic.
 - kernel B (_nca_step_backward_input_kernel): per source cell, gathers dQ over the
-  inverse neighbourhood (every firing (output cell, tap) whose padded read lands on it,
-  including the extra reflect/replicate/circular reads at the borders) and adds the
-  transposed conv to g + dP_x (to g alone where the cell does not fire: A never wrote
-  its workspace row).
+  inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
+  including the extra reflect/replicate/circular reads at the borders, gathered only in
+  tiles that have them) and adds the transposed conv to g + dP_x (to g alone where the
+  cell does not fire: A never wrote its workspace row). The launcher zeroes the dQ
+  columns before A, so readers that do not fire add 0 without a fire-bit lookup.
 - The [G, ...] and per-range partials are reduced with torch.sum(dim=0) (fixed order).
 - Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
   workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk with its
@@ -635,24 +637,30 @@ def _readers(s, n, rows, PAD: tl.constexpr):
 
 
 @triton.jit
-def _gather_one(ws_ptr, fire_ptr, cell, valid, cols, cm, K1: tl.constexpr):
-    """ws[cell, cols] where the reader cell exists and fires (dQ of idle cells is 0 and
-    their workspace rows are never written)."""
-    ok = valid & (tl.load(fire_ptr + cell, mask=valid, other=0) != 0)
-    return tl.load(ws_ptr + (cell * K1)[:, None] + cols[None, :], mask=ok[:, None] & cm, other=0.0)
+def _gather_one(ws_ptr, cell, valid, cols, cm, K1: tl.constexpr):
+    """ws[cell, cols] where the reader cell exists (the launcher zeroes the dQ columns of
+    the workspace first: a reader that does not fire contributes 0, with no fire-bit load
+    in front of the gather)."""
+    return tl.load(ws_ptr + (cell * K1)[:, None] + cols[None, :], mask=valid[:, None] & cm, other=0.0)
 
 
 @triton.jit
-def _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, cols, colmask, K1: tl.constexpr,
+def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, K1: tl.constexpr,
                 PAD: tl.constexpr):
-    """Sum of ws[cell, cols] over the (up to 2 x 2) firing cells that read this source cell
-    through one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates."""
+    """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell through
+    one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates. The border
+    readers (yb / xb) are gathered only where some cell of the tile has one for this tap
+    (y_edge / x_edge, scalars): elsewhere their masks are all false, and the branch saves
+    their address arithmetic and predicated loads (the kernel is instruction-bound)."""
     cm = colmask[None, :]
-    acc = _gather_one(ws_ptr, fire_ptr, yd + xd, yv & xv, cols, cm, K1)
+    acc = _gather_one(ws_ptr, yd + xd, yv & xv, cols, cm, K1)
     if PAD != 0:  # zeros padding has no border readers
-        acc += _gather_one(ws_ptr, fire_ptr, yd + xb, yv & xbv, cols, cm, K1)
-        acc += _gather_one(ws_ptr, fire_ptr, yb + xd, ybv & xv, cols, cm, K1)
-        acc += _gather_one(ws_ptr, fire_ptr, yb + xb, ybv & xbv, cols, cm, K1)
+        if x_edge:
+            acc += _gather_one(ws_ptr, yd + xb, yv & xbv, cols, cm, K1)
+        if y_edge:
+            acc += _gather_one(ws_ptr, yb + xd, ybv & xv, cols, cm, K1)
+            if x_edge:
+                acc += _gather_one(ws_ptr, yb + xb, ybv & xbv, cols, cm, K1)
     return acc
 
 
@@ -665,8 +673,9 @@ def _nca_step_backward_input_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
-    dQ from the firing readers of each source cell (no atomics). A cell that does not fire
-    has dP_x = 0: its direct term is g itself (its workspace row is not written)."""
+    dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
+    fire is the launcher's zero fill). A cell that does not fire has dP_x = 0: its direct
+    term is g itself (the cell kernel does not write its g + dP_x columns)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m < N
@@ -689,6 +698,12 @@ def _nca_step_backward_input_kernel(
     yb0 = (cb + yb0) * W
     yb2 = (cb + yb2) * W
     xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2 = _readers(xx, W, rows, PAD)
+    # Whether any cell of this tile has a border reader, per side (scalars): most tiles
+    # have none along y, and a strip of a row reaches at most one x border.
+    ye0 = tl.max(ybv0.to(tl.int32), axis=0) > 0
+    ye2 = tl.max(ybv2.to(tl.int32), axis=0) > 0
+    xe0 = tl.max(xbv0.to(tl.int32), axis=0) > 0
+    xe2 = tl.max(xbv2.to(tl.int32), axis=0) > 0
     for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
         offs_f = f0 + tl.arange(0, FC_BLK)
         fmask = offs_f < FC
@@ -704,13 +719,17 @@ def _nca_step_backward_input_kernel(
             xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
             xb = tl.where(kx == 0, xb0, xb2)
             xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
+            y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
+            x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
             if DEPTHWISE:
                 for f in tl.static_range(F):
                     o = offs_c * F + f  # the output channels that read input channel c
-                    gq = _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + o, cmask, K1, PAD)
+                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + o, cmask,
+                                     K1, PAD)
                     acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
             else:
-                gq = _gather_tap(ws_ptr, fire_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, C + offs_f, fmask, K1, PAD)
+                gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + offs_f, fmask,
+                                 K1, PAD)
                 w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
                             + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
                 acc = _mm(gq, w, acc, DOT_PREC, False, (EXACT & 4) != 0)
@@ -1040,6 +1059,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
     f32 = dict(dtype=torch.float32, device=dev)
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    if _interpreting(dev):  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
+        ws.fill_(float("nan"))
     # The cell kernel's slot: the rule's flat layout without the d_pw segment (the conv
     # kernel's partials hold it).
     sizes_a = list(rule.sizes)
@@ -1062,7 +1083,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
     # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
     # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
-    # sync); the input kernel reads the mask to gather only firing readers' dQ.
+    # sync); the input kernel reads the mask for each cell's direct term.
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
@@ -1070,6 +1091,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         N = nb * H * W
         fire_c = fires[b0:b0 + nb].reshape(N)
         idx, count = _firing_cells(fire_c)
+        ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
             _nca_step_backward_cell_kernel[(min(G, triton.cdiv(N, block_m)),)](
                 g_c, x_c, ws, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
