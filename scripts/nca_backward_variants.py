@@ -14,7 +14,7 @@ difference of its gradients from the first variant's. A variant that fails is re
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
-           [--acc registers memory] [--prec tf32x3 tf32x3-all tf32] [--no-cuda] [--rollout] [--device cuda]
+           [--input-tiles 64,8 128,4 ...] [--acc registers memory] [--prec tf32x3 tf32x3-all tf32] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--tiles", nargs="*", default=["", "16,8", "32,4", "32,8"],
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
+    ap.add_argument("--input-tiles", nargs="*", default=[""],
+                    help="input-gradient kernel tiles BLOCK_M,WARPS ('' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / memory ('' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32")
@@ -61,13 +63,14 @@ def main() -> int:
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
     use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
-    variants = [("cuda", "cuda", None, None, "")] if use_cuda else []
+    variants = [("cuda", "cuda", (None, None), None, "")] if use_cuda else []
     for t in a.tiles:
-        for acc in a.acc:
-            for prec in a.prec:
-                label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all"}.get(prec, "3xTF32")
-                name = f"triton tile={t or 'default'} acc={acc or 'default'} {label}"
-                variants.append((name, "triton", t, acc, prec))
+        for it in a.input_tiles:
+            for acc in a.acc:
+                for prec in a.prec:
+                    label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all"}.get(prec, "3xTF32")
+                    name = f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'} {label}"
+                    variants.append((name, "triton", (t, it), acc, prec))
     first = None
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
@@ -76,8 +79,8 @@ def main() -> int:
         kern = _backend.kernel(backend, "nca_step")
         tf32 = prec == "tf32"
         exact = "0" if prec == "tf32x3-all" else None
-        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile), ("FASTNCA_TRITON_NCA_BWD_ACC", acc),
-                         ("FASTNCA_TRITON_NCA_EXACT", exact)):
+        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile[0]), ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", tile[1]),
+                         ("FASTNCA_TRITON_NCA_BWD_ACC", acc), ("FASTNCA_TRITON_NCA_EXACT", exact)):
             if val:
                 os.environ[var] = val
             else:
@@ -100,7 +103,8 @@ def main() -> int:
                     for u, v in zip(grads, first))
         print(f"  {name:<48} {ms:8.3f} ms   rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}",
               flush=True)
-    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_ACC", "FASTNCA_TRITON_NCA_EXACT"):
+    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "FASTNCA_TRITON_NCA_BWD_ACC",
+                "FASTNCA_TRITON_NCA_EXACT"):
         os.environ.pop(var, None)
     # back to 3xTF32: the last variant may have left TF32 on, which the rollouts' own
     # switch (_allow_tf32, on only) would not undo (it did in session 6: both "triton"

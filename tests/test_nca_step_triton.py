@@ -382,3 +382,14 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "64,8")
     with pytest.raises(ValueError, match="N=8 wgmmas"):
         tri._backward_tiling(small, cuda, 1 << 20)
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
+    # the input-gradient kernel's own knob
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 8), 64)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4), 64)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,x")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
+        tri._side_tiles(rule, cuda, 16, 4)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,8")
+    with pytest.raises(ValueError, match="N=8 wgmmas"):
+        tri._side_tiles(small, cuda, 16, 4)

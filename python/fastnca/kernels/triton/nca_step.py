@@ -930,20 +930,21 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
-def _pinned_backward_tile() -> tuple[int, int, int] | None:
-    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES] pins the backward's tile
-    (benchmarking knob; BLOCK_M in 16..128, a power of two, warps in 1..8, software
+def _pinned_backward_tile(var: str = "FASTNCA_TRITON_NCA_BWD_TILE") -> tuple[int, int, int] | None:
+    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES] pins the backward cell kernel's
+    tile, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS the input-gradient kernel's
+    (benchmarking knobs; BLOCK_M in 16..128, a power of two, warps in 1..8, software
     pipelining stages in 1..4, default 1)."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_TILE")
+    v = os.environ.get(var)
     if not v:
         return None
     try:
         block_m, warps, *rest = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE must be 'BLOCK_M,WARPS[,STAGES]', got {v!r}") from None
+        raise ValueError(f"{var} must be 'BLOCK_M,WARPS[,STAGES]', got {v!r}") from None
     stages = rest[0] if len(rest) == 1 else 1
     if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or len(rest) > 1 or not 1 <= stages <= 4:
-        raise ValueError("FASTNCA_TRITON_NCA_BWD_TILE: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
+        raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
                          f"stages in 1..4, got {v!r}")
     return block_m, warps, stages
 
@@ -1003,7 +1004,16 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     at 16/4); large rules and the interpreter keep the cell kernel's rows. The input
     kernel's [64, C_PAD] dot takes 4 warps where 8 would split it into N=8 wgmmas
     (_wgmma_safe); the conv kernel's dots have 4 warps, one warp group: always safe."""
-    if _interpreting(device) or rule.HID_PAD >= 256 or rule.C_PAD >= 128:
+    if _interpreting(device):
+        return (block_m, warps), block_m
+    pinned = _pinned_backward_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE")
+    if pinned:
+        in_m, in_warps, _ = pinned
+        if not _wgmma_safe(in_m, in_warps, rule.C_PAD):
+            raise ValueError(f"FASTNCA_TRITON_NCA_BWD_INPUT_TILE={in_m},{in_warps} splits a dot of this rule "
+                             "into N=8 wgmmas (triton#10629); pick another tile")
+        return (in_m, in_warps), (block_m if rule.HID_PAD >= 256 or rule.C_PAD >= 128 else 64)
+    if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
         return (block_m, warps), block_m
     return (64, 8 if _wgmma_safe(64, 8, rule.C_PAD) else 4), 64
 
