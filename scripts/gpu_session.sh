@@ -28,7 +28,8 @@
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after session 6): build@140 test@230+sanitize:memcheck,racecheck@230+
-#       bench-warm:attention,nca:bfloat16@230 variants@90 pack; then bench:attention,nca:bfloat16@200
+#       bench-warm:attention,nca:bfloat16@230 variants@90 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
+#       128,8"); then bench:attention,nca:bfloat16@200
 #       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
 #       machine went back). Session 6 saw the whole first call take 440 s.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
