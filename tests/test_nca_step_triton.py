@@ -213,6 +213,9 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
         assert rel_err(a, b) <= REL_TOL[a.dtype], f"{name}: rel err {rel_err(a, b):.2e}"
     monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "0")  # the comparison switch: tf32x3 everywhere
     assert rule.constexprs()["EXACT"] == 0
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "no")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_EXACT"):
+        rule.constexprs()
 
 
 @pytest.mark.parametrize("dtype,wdtype", EXACT_DTYPES, ids=["bf16-state", "bf16-weights", "fp16-all"])

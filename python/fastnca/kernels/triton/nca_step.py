@@ -832,7 +832,10 @@ def _exact_bits(prec: str, dtypes: dict) -> int:
     within fp32's), so that _mm spends one TF32 product on exact x exact and two on exact x
     fp32 instead of tf32x3's three, with tf32x3's result. 0 for other precisions, or with
     FASTNCA_TRITON_NCA_EXACT=0 (every product tf32x3, for comparison)."""
-    if prec != "tf32x3" or os.environ.get("FASTNCA_TRITON_NCA_EXACT", "1") == "0":
+    knob = os.environ.get("FASTNCA_TRITON_NCA_EXACT", "")
+    if knob not in ("", "0", "1"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_EXACT must be 0 or 1, got {knob!r}")
+    if prec != "tf32x3" or knob == "0":
         return 0
     return sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
 
