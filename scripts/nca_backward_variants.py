@@ -14,7 +14,8 @@ difference of its gradients from the first variant's. A variant that fails is re
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
-           [--input-tiles 64,8 128,4 ...] [--acc registers memory] [--prec tf32x3 tf32x3-all tf32] [--no-cuda] [--rollout] [--device cuda]
+           [--input-tiles 64,8 128,4 ...] [--acc registers memory] [--prec tf32x3 tf32x3-all tf32]
+           [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
 

@@ -204,7 +204,8 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
     rule = tri._Rule(state, *w, g, padding, frozen)
     bits = tri._EXACT_BITS
     half = (torch.float16, torch.bfloat16)
-    want_bits = (bits["state"] if dtype in half else 0) + (bits["pw"] + bits["w1"] + bits["w2"] if wdtype in half else 0)
+    want_bits = ((bits["state"] if dtype in half else 0)
+                 + (bits["pw"] + bits["w1"] + bits["w2"] if wdtype in half else 0))
     assert rule.constexprs()["EXACT"] == want_bits
     got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
     d = [t.double() for t in (state, grad_out, *w)]
