@@ -80,7 +80,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       [[ $name == test-triton ]] && files=($(ls tests/test_*.py | grep -v test_cuda_kernels.py))
       "$py" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_PROCS:-10}")
       "$py" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 150)  # a hung test fails alone
-      FASTNCA_TRITON_AUTOTUNE=0 "${tmo[@]}" "$py" -m pytest -m gpu -v -rfE -p no:cacheprovider "${xdist[@]}" \
+      FASTNCA_TRITON_AUTOTUNE=0 "${tmo[@]}" "$py" -m pytest -m gpu -v -rfE -p no:cacheprovider -p no:benchmark "${xdist[@]}" \
         --junitxml="$out/$name.xml" "${files[@]}" > "$out/logs/$name.log" 2>&1
       local rc=$?
       pkill -f execnet 2>/dev/null  # xdist workers a timeout left behind
