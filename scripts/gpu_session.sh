@@ -31,7 +31,8 @@
 #       bench-warm:attention,nca:bfloat16@230 variants@90 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
 #       128,8"); then bench:attention,nca:bfloat16@200
 #       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
-#       machine went back). Session 6 saw the whole first call take 440 s.
+#       machine went back); with time left, bench-warm:mednca,geca:bfloat16 bench:mednca,geca:bfloat16
+#       (never run on a GPU yet). Session 6 saw the whole first call take 440 s.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the
