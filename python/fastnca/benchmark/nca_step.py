@@ -39,6 +39,17 @@ class PaperStep(torch.nn.Module):
 
 
 @contextlib.contextmanager
+def _fp32_torch_ops():
+    """cuBLAS and cuDNN in float32 (no TF32), for the reference backend's row on a GPU."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextlib.contextmanager
 def _allow_tf32(on: bool):
     if not on:
         yield
@@ -106,8 +117,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "nca_step")]
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
-    else:  # on a GPU the reference runs the same PyTorch ops as the "pytorch" baseline below
-        backends = [b for b in backends if b != "reference"]
+    # On a GPU the reference backend stays: its backward recomputes the step in float32
+    # torch ops (cuBLAS / cuDNN GEMMs and convolutions, TF32 off), unfused and on every
+    # cell, a yardstick for the fused kernels at the same precision.
     for name, cfg in configs:
         C, hidden, nf = cfg["C"], cfg["hidden"], cfg["nf"]
         groups = C if cfg["groups"] == "C" else cfg["groups"]
@@ -134,12 +146,14 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda" or not quick:
             impls.append(("pytorch+compile", torch.compile(paper)))
 
-        def timed(forward, grad_out, grad, tf32=False):
-            """forward(), and with ``grad`` its backward from grad_out, as one callable;
-            ``tf32``: both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
-            from the default 3xTF32 fp32-level products to single TF32 ones)."""
+        def timed(forward, grad_out, grad, mode=None):
+            """forward(), and with ``grad`` its backward from grad_out, as one callable.
+            mode "tf32": both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
+            from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
+            and cuDNN without TF32 (the reference backend's row)."""
             def f():
-                with torch.set_grad_enabled(grad), _allow_tf32(tf32):
+                ctx = {"tf32": lambda: _allow_tf32(True), "fp32": _fp32_torch_ops}.get(mode, contextlib.nullcontext)
+                with torch.set_grad_enabled(grad), ctx():
                     y = forward()
                     if grad:
                         torch.autograd.backward(y, grad_out)
@@ -154,35 +168,35 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 return y
             return forward
 
-        # (name, one-step forward, its output grad, rollout forward, its output grad, tf32)
-        runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr, False) for n, m in impls]
-        fast = [(f"fastnca:{b}", b, False) for b in backends]
+        # (name, one-step forward, its output grad, rollout forward, its output grad, mode)
+        runners = [(n, lambda m=m: m(xl), gl, paper_loop(m, steps), glr, None) for n, m in impls]
+        fast = [(f"fastnca:{b}", b, "fp32" if b == "reference" else None) for b in backends]
         if "triton" in backends and device.type == "cuda":
-            fast.append(("fastnca:triton tf32", "triton", True))
+            fast.append(("fastnca:triton tf32", "triton", "tf32"))
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
-                     lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, tf32)
-                    for name, b, tf32 in fast]
+                     lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, mode)
+                    for name, b, mode in fast]
         reps = 3 if quick else 5
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
-        for impl, step_fwd, step_g, roll_fwd, roll_g, tf32 in runners:
+        for impl, step_fwd, step_g, roll_fwd, roll_g, mode in runners:
             log(f"  nca_step {name} {impl} ...")
             try:
-                fwd = median_ms(timed(step_fwd, step_g, False, tf32), device, reps=reps)
-                fb = median_ms(timed(step_fwd, step_g, True, tf32), device, reps=reps)
+                fwd = median_ms(timed(step_fwd, step_g, False, mode), device, reps=reps)
+                fb = median_ms(timed(step_fwd, step_g, True, mode), device, reps=reps)
                 extra = _throughput(cells * fpc, fwd, fb, roofs, dname)
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
-                                      peak_mb(timed(step_fwd, step_g, True, tf32), device, cpu=True), extra=extra))
+                                      peak_mb(timed(step_fwd, step_g, True, mode), device, cpu=True), extra=extra))
             except Exception as e:  # a failing implementation is reported, not fatal
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             release(device)
             try:
-                rfwd = median_ms(timed(roll_fwd, roll_g, False, tf32), device, reps=max(2, reps - 2), warmup=1)
-                rfb = median_ms(timed(roll_fwd, roll_g, True, tf32), device, reps=max(2, reps - 2), warmup=1)
+                rfwd = median_ms(timed(roll_fwd, roll_g, False, mode), device, reps=max(2, reps - 2), warmup=1)
+                rfb = median_ms(timed(roll_fwd, roll_g, True, mode), device, reps=max(2, reps - 2), warmup=1)
                 results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
-                                      peak_mb(timed(roll_fwd, roll_g, True, tf32), device, cpu=True),
+                                      peak_mb(timed(roll_fwd, roll_g, True, mode), device, cpu=True),
                                       extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))

@@ -437,8 +437,9 @@ def _nca_step_backward_cell_kernel(
     that do not fire have dz = 0 and contribute nothing here.
 
     REG_ACC (rules of one channel chunk and one conv chunk: C_BLK = C_PAD, FC_BLK =
-    FC_CEIL): the partials stay in registers over the program's tiles and are stored once
-    at the end, and the conv tile of the recompute is kept for d_w1b. Otherwise they are
+    FC_CEIL): 1, the partials stay in registers over the program's tiles and are stored
+    once at the end, and the conv tile of the recompute is kept for d_w1b; 2, the same but
+    d_w1b, the largest, is read-modify-written in the slot per tile. 0: every partial is
     read-modify-written in the slot per tile and chunk, and each conv chunk is recomputed."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -534,7 +535,11 @@ def _nca_step_backward_cell_kernel(
                      mask=rows[:, None] & fmask[None, :])
             if REG_ACC:
                 acc_pb += tl.sum(dq, axis=0)
-                acc_w1b = tl.dot(tl.trans(dz), conv0, acc_w1b, input_precision=DOT_PREC)
+                if REG_ACC == 2:  # d_w1b read-modify-written in the slot: 64 fewer registers (Med-NCA)
+                    p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
+                    tl.store(p_w1b, tl.dot(tl.trans(dz), conv0, tl.load(p_w1b), input_precision=DOT_PREC))
+                else:
+                    acc_w1b = tl.dot(tl.trans(dz), conv0, acc_w1b, input_precision=DOT_PREC)
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_ptr, pb_ptr,
@@ -543,7 +548,7 @@ def _nca_step_backward_cell_kernel(
                 tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
                 tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
-        if not REG_ACC:
+        if REG_ACC != 1:
             # The next tile re-reads this tile's partial slots, whose elements may live in
             # other threads than the ones that stored them: make the stores visible CTA-wide.
             tl.debug_barrier()
@@ -554,8 +559,9 @@ def _nca_step_backward_cell_kernel(
         tl.store(db1_ptr + offs_h, tl.load(db1_ptr + offs_h) + acc_b1)
         p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_kb[None, :]
         tl.store(p_w1a, tl.load(p_w1a) + acc_w1a)
-        p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
-        tl.store(p_w1b, tl.load(p_w1b) + acc_w1b)
+        if REG_ACC == 1:
+            p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
+            tl.store(p_w1b, tl.load(p_w1b) + acc_w1b)
         tl.store(dpb_ptr + offs_fb, tl.load(dpb_ptr + offs_fb) + acc_pb)
 
 
@@ -986,18 +992,22 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     return block_m, warps, programs, stages
 
 
-def _register_accumulators(rule: _Rule) -> bool:
-    """Whether the backward cell kernel keeps its weight-grad partials in registers
-    (REG_ACC): rules of one channel chunk and one conv chunk whose fc partials take at most
-    16384 floats (64 registers a thread at 8 warps; the Med-NCA rule is exactly that).
-    FASTNCA_TRITON_NCA_BWD_ACC=memory forces the per-tile read-modify-write path (a
-    benchmarking and testing knob); =registers asks for registers where the rule allows."""
+def _register_accumulators(rule: _Rule) -> int:
+    """REG_ACC of the backward cell kernel: 1 keeps its weight-grad partials in registers,
+    for rules of one channel chunk and one conv chunk whose fc partials take at most 16384
+    floats (64 registers a thread at 8 warps; the Med-NCA rule is exactly that); 0 reads
+    and writes them in memory per tile. FASTNCA_TRITON_NCA_BWD_ACC (benchmarking and
+    testing knob): =memory forces 0, =registers asks for 1 where the rule allows, =mixed
+    for 2 there (registers except d_w1b: sm_90 compile of the Med-NCA rule, bf16, 16 rows
+    on 4 warps: stack 936 -> 616 bytes, 255 registers either way; untimed)."""
     fits = (rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
-    if v not in ("", "registers", "memory"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers' or 'memory', got {v!r}")
-    return fits and v != "memory"
+    if v not in ("", "registers", "memory", "mixed"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed' or 'memory', got {v!r}")
+    if not fits or v == "memory":
+        return 0
+    return 2 if v == "mixed" else 1
 
 
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
