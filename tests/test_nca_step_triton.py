@@ -136,8 +136,8 @@ def test_compact_forward(monkeypatch, case):
 def test_weight_grad_accumulators(monkeypatch):
     """The backward keeps its fc weight-grad partials in registers for rules of one channel
     and conv chunk (the Med-NCA rule), in memory otherwise or when
-    FASTNCA_TRITON_NCA_BWD_ACC=memory asks; both paths match the reference (the memory path
-    with several tiles per program and both perception kinds)."""
+    FASTNCA_TRITON_NCA_BWD_ACC=memory asks, all but d_w1b in registers with =mixed; every
+    path matches the reference (with several tiles per program and both perception kinds)."""
     state, _, *w = make_inputs(1, 32, 2, 2, 128, 2, 1, 1)
     mednca = tri._Rule(state, *w, 1, "reflect", 1)
     assert tri._register_accumulators(mednca)
@@ -145,6 +145,10 @@ def test_weight_grad_accumulators(monkeypatch):
     assert not tri._register_accumulators(tri._Rule(state, *w, 1, "reflect", 1))
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "memory")
     assert not tri._register_accumulators(mednca)
+    check_against_reference((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5))
+    check_against_reference((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "mixed")  # registers except d_w1b
+    assert tri._register_accumulators(mednca) == 2
     check_against_reference((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5))
     check_against_reference((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5))
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "register")
