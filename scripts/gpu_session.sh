@@ -29,7 +29,7 @@
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after session 6): build@140 test@230+sanitize:memcheck,racecheck@230+
 #       bench-warm:attention,nca:bfloat16@230 variants@90 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
-#       128,8"); then bench:attention,nca:bfloat16@200
+#       128,8 --acc registers mixed"); then bench:attention,nca:bfloat16@200
 #       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
 #       machine went back); with time left, bench-warm:mednca,geca:bfloat16 bench:mednca,geca:bfloat16
 #       (never run on a GPU yet). Session 6 saw the whole first call take 440 s.

@@ -1,6 +1,6 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
-weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|memory) and dot precision
+weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory) and dot precision
 (3xTF32 with one or two TF32 products where an operand comes from a half tensor, the
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
@@ -14,7 +14,7 @@ difference of its gradients from the first variant's. A variant that fails is re
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
-           [--input-tiles 64,8 128,4 ...] [--acc registers memory] [--prec tf32x3 tf32x3-all tf32]
+           [--input-tiles 64,8 128,4 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32]
            [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> int:
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
     ap.add_argument("--input-tiles", nargs="*", default=[""],
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' = the default choice)")
-    ap.add_argument("--acc", nargs="*", default=[""], help="registers / memory ('' = the default)")
+    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
