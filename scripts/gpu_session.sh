@@ -28,8 +28,8 @@
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after session 6): build@140 test@230+sanitize:memcheck,racecheck@230+
-#       bench-warm:attention,nca:bfloat16@230 variants@90 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
-#       128,8 --acc registers mixed"); then bench:attention,nca:bfloat16@200
+#       bench-warm:attention,nca:bfloat16@230 variants@150 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
+#       --acc registers mixed --prec tf32x3 tf32x3-all": 8 variants, each a compile); then bench:attention,nca:bfloat16@200
 #       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
 #       machine went back); with time left, bench-warm:mednca,geca:bfloat16 bench:mednca,geca:bfloat16
 #       (never run on a GPU yet). Session 6 saw the whole first call take 440 s.
