@@ -358,7 +358,7 @@ def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
         assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps, prec)
         (in_m, in_warps), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
         assert tri._wgmma_safe(in_m, in_warps, c_pad), (in_m, in_warps)  # [BLOCK_M, C_PAD] gather dot
-    configs = tri._nca_step_forward_kernel_autotuned.configs
+    configs = tri._forward_autotuned().configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
     assert kept and all(isinstance(c, triton.Config) for c in kept)
     for c in kept:

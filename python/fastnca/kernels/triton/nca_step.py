@@ -65,6 +65,7 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -407,12 +408,17 @@ def _forward_prune(configs, named_args, **kwargs):
 # compiles (triton 3.9, tf32x3): C=16, F=2, hidden=128 -> 234-255 registers, no spills,
 # 16-48 KB shared memory for these tiles; C=128, F=3, hidden=256 at 32/8 warps -> 80 KB,
 # 1.4 KB spills.
-_nca_step_forward_kernel_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-             for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-    key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT"],
-    prune_configs_by={"early_config_prune": _forward_prune},
-)(_nca_step_forward_kernel)
+@functools.lru_cache(maxsize=None)
+def _forward_autotuned():
+    """The autotuned forward, made on first use: an Autotuner asks the active driver for
+    its benchmarker when constructed (triton 3.2), and under TRITON_INTERPRET=1 on a
+    machine without a GPU there is none, so building it at import failed there."""
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+                 for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
+        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT"],
+        prune_configs_by={"early_config_prune": _forward_prune},
+    )(_nca_step_forward_kernel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -935,7 +941,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     else:
         with _on_device(state.device):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
-            _nca_step_forward_kernel_autotuned[grid](*args, **cx)
+            _forward_autotuned()[grid](*args, **cx)
     return out
 
 
