@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
-from fastnca.benchmark.common import median_ms, peak_mb  # noqa: E402
-from fastnca.benchmark.nca_step import PaperStep, _allow_tf32, make_rule  # noqa: E402
+from fastnca.benchmark.common import env, median_ms, peak_mb  # noqa: E402
+from fastnca.benchmark.nca_step import PaperStep, _tf32, make_rule  # noqa: E402
 
 
 def main() -> int:
@@ -78,18 +78,13 @@ def main() -> int:
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
     for name, backend, tile, acc, prec in variants:
         kern = _backend.kernel(backend, "nca_step")
-        tf32 = prec == "tf32"
-        exact = "0" if prec == "tf32x3-all" else None
-        for var, val in (("FASTNCA_TRITON_NCA_BWD_TILE", tile[0]), ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", tile[1]),
-                         ("FASTNCA_TRITON_NCA_BWD_ACC", acc), ("FASTNCA_TRITON_NCA_EXACT", exact)):
-            if val:
-                os.environ[var] = val
-            else:
-                os.environ.pop(var, None)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        knobs = env(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
+                    FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
+                    FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None)
         try:
-            grads = kern.backward(gout, x, *args)
-            ms = median_ms(lambda: kern.backward(gout, x, *args), dev, reps=7)
+            with knobs, _tf32(prec == "tf32"):
+                grads = kern.backward(gout, x, *args)
+                ms = median_ms(lambda: kern.backward(gout, x, *args), dev, reps=7)
         except Exception as e:  # a variant that does not compile or fit is reported
             print(f"  {name:<48} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
@@ -104,16 +99,8 @@ def main() -> int:
                     for u, v in zip(grads, first))
         print(f"  {name:<48} {ms:8.3f} ms   rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}",
               flush=True)
-    for var in ("FASTNCA_TRITON_NCA_BWD_TILE", "FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "FASTNCA_TRITON_NCA_BWD_ACC",
-                "FASTNCA_TRITON_NCA_EXACT"):
-        os.environ.pop(var, None)
-    # back to 3xTF32: the last variant may have left TF32 on, which the rollouts' own
-    # switch (_allow_tf32, on only) would not undo (it did in session 6: both "triton"
-    # rollout rows ran TF32)
-    torch.backends.cuda.matmul.allow_tf32 = False
     if a.rollout:
         _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
-    torch.backends.cuda.matmul.allow_tf32 = False
     return 0
 
 
@@ -132,13 +119,11 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
         y.float().sum().backward()
 
     def run(backend, exact=True):
-        if not exact:
-            os.environ["FASTNCA_TRITON_NCA_EXACT"] = "0"
         s = x.detach().requires_grad_()
-        y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
-                                seed=1, frozen_channels=frozen, backend=backend)
-        y.float().sum().backward()
-        os.environ.pop("FASTNCA_TRITON_NCA_EXACT", None)
+        with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0"):
+            y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
+                                    seed=1, frozen_channels=frozen, backend=backend)
+            y.float().sum().backward()
 
     runs = [("eager", run_eager, False)]
     for b in backends:
@@ -148,7 +133,7 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             runs.append(("triton TF32", lambda: run("triton"), True))
     for name, fn, tf32 in runs:
         try:
-            with _allow_tf32(tf32):
+            with _tf32(tf32):
                 ms = median_ms(fn, dev, warmup=1, reps=3)
                 peak = peak_mb(fn, dev)  # None off CUDA
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported

@@ -73,17 +73,21 @@ def test_saved_mb_releases_the_graph():
     assert kept[0]() is None
 
 
-def test_attention_env_override_is_restored(monkeypatch):
-    """The benchmark's opt-in rows set a knob only while they are measured."""
+def test_env_override_is_restored(monkeypatch):
+    """The benchmarks' opt-in rows (and the variants script) set a knob only while they
+    are measured; None unsets one for the block."""
     import os
 
-    from fastnca.benchmark.neighborhood_attention import _env
+    from fastnca.benchmark.common import env
 
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "window")
-    with _env("FASTNCA_TRITON_NA_FORWARD", "halo"):
+    with env(FASTNCA_TRITON_NA_FORWARD="halo"):
         assert os.environ["FASTNCA_TRITON_NA_FORWARD"] == "halo"
     assert os.environ["FASTNCA_TRITON_NA_FORWARD"] == "window"
+    with env(FASTNCA_TRITON_NA_FORWARD=None):
+        assert "FASTNCA_TRITON_NA_FORWARD" not in os.environ
+    assert os.environ["FASTNCA_TRITON_NA_FORWARD"] == "window"
     monkeypatch.delenv("FASTNCA_TRITON_NA_FORWARD")
-    with _env("FASTNCA_TRITON_NA_FORWARD", "halo"):
+    with env(FASTNCA_TRITON_NA_FORWARD="halo"):
         pass
     assert "FASTNCA_TRITON_NA_FORWARD" not in os.environ

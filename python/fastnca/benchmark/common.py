@@ -1,6 +1,7 @@
 """Timing, memory measurement, roofs and the result table shared by the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -138,6 +139,26 @@ def peak_mb(fn: Callable[[], object], device: torch.device, cpu: bool = False) -
     fn()
     sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+@contextlib.contextmanager
+def env(**values: str | None):
+    """Environment variables set to a value (or unset, for None) inside the block and
+    restored after it: the kernels' benchmarking knobs, read at each call."""
+    old = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

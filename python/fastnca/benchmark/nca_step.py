@@ -39,27 +39,19 @@ class PaperStep(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _fp32_torch_ops():
-    """cuBLAS and cuDNN in float32 (no TF32), for the reference backend's row on a GPU."""
+def _tf32(matmul: bool, cudnn: bool | None = None):
+    """torch.backends.cuda.matmul.allow_tf32 (and cudnn.allow_tf32 unless None) set to the
+    given values inside the block, both ways, and restored after it. matmul=True is the
+    user's switch that lets the Triton nca kernels take single TF32 products; (False,
+    False) runs cuBLAS and cuDNN in float32, for the reference backend's row on a GPU."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    if cudnn is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def _allow_tf32(on: bool):
-    if not on:
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _kept(forward):
@@ -152,8 +144,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
             and cuDNN without TF32 (the reference backend's row)."""
             def f():
-                ctx = {"tf32": lambda: _allow_tf32(True), "fp32": _fp32_torch_ops}.get(mode, contextlib.nullcontext)
-                with torch.set_grad_enabled(grad), ctx():
+                ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
+                    else contextlib.nullcontext()
+                with torch.set_grad_enabled(grad), ctx:
                     y = forward()
                     if grad:
                         torch.autograd.backward(y, grad_out)

@@ -3,7 +3,6 @@ FlexAttention with a neighbourhood block mask, and NATTEN when importable."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, median_ms, peak_mb, release, saved_mb
+from .common import Result, env, median_ms, peak_mb, release, saved_mb
 
 
 def unfold_attention(q, k, v):
@@ -91,28 +90,14 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         reps = 5 if quick else 9
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
-            with contextlib.ExitStack() as stack:
-                if impl.endswith(" halo"):
-                    stack.enter_context(_env("FASTNCA_TRITON_NA_FORWARD", "halo"))
-                    stack.enter_context(_env("FASTNCA_TRITON_NA_BACKWARD", "halo"))
+            halo = impl.endswith(" halo")
+            with env(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo") if halo \
+                    else contextlib.nullcontext():
                 results.append(_measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps,
                                         bytes_fwd, bytes_bwd, bw))
             qkv.grad = None
             release(device)
     return results
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps, bytes_fwd, bytes_bwd, bw):
