@@ -286,16 +286,12 @@ def _na2d_forward_halo_kernel(
     dm = d < D
     b64 = b.to(tl.int64)
     h64 = hd.to(tl.int64)
-    # Rows are addressed by hand, not with _ptrs: its int64 head-dim offsets cost these
-    # kernels spills (sm_90 compile, GeCA-S: forward 0 -> 8 bytes, dq 280 -> 672, dk/dv 928
-    # -> 1176). The same holds in the two backward halo kernels.
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None]
-                + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+    q = tl.load(_halo_rows(q_ptr, b64, h64, y, x, sqb, sqh, sqy, sqx) + d[None, :],
+                mask=ok[:, None] & dm[None, :], other=0.0)
     kv_mask = load[:, None] & dm[None, :]
-    k = tl.load(k_ptr + (b64 * skb + h64 * skh + gy.to(tl.int64) * sky + gx.to(tl.int64) * skx)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    k = tl.load(_halo_rows(k_ptr, b64, h64, gy, gx, skb, skh, sky, skx) + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(_halo_rows(v_ptr, b64, h64, gy, gx, svb, svh, svy, svx) + d[None, :], mask=kv_mask,
+                other=0.0).to(tl.float32)
     scores = _halo_scores(q, k, scale, DOT_PREC, HALF_DOT)  # p @ v below: fp32 at DOT_PREC
     cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
     cnt = tl.where(in_halo[None, :] & ok[:, None], cnt, 0.0)
@@ -363,6 +359,15 @@ def _halo_geometry(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, RH: t
 
 
 @triton.jit
+def _halo_rows(ptr, b64, h64, y, x, sb, sh, sy, sx):
+    """[BLOCK, 1] pointers to the D-rows of cells (y, x) of image b64, head h64 (int64
+    offsets); the halo kernels add the head-dim offsets themselves: _ptrs' int64 ones cost
+    them spills (sm_90 compile, GeCA-S: forward 0 -> 8 bytes, dq 280 -> 672, dk/dv 928 ->
+    1176)."""
+    return ptr + (b64 * sb + h64 * sh + y.to(tl.int64) * sy + x.to(tl.int64) * sx)[:, None]
+
+
+@triton.jit
 def _na2d_backward_dq_halo_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dq_ptr,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdb, sdy, sdx, sdh, sdd,
@@ -381,15 +386,13 @@ def _na2d_backward_dq_halo_kernel(
     b64 = b.to(tl.int64)
     h64 = hd.to(tl.int64)
     qm = ok[:, None] & dm[None, :]
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + y.to(tl.int64) * sqy + x.to(tl.int64) * sqx)[:, None]
-                + d[None, :], mask=qm, other=0.0)
-    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + y.to(tl.int64) * sdy + x.to(tl.int64) * sdx)[:, None]
-                 + d[None, :].to(tl.int64) * sdd, mask=qm, other=0.0).to(tl.float32)
+    q = tl.load(_halo_rows(q_ptr, b64, h64, y, x, sqb, sqh, sqy, sqx) + d[None, :], mask=qm, other=0.0)
+    do = tl.load(_halo_rows(do_ptr, b64, h64, y, x, sdb, sdh, sdy, sdx) + d[None, :].to(tl.int64) * sdd,
+                 mask=qm, other=0.0).to(tl.float32)
     kv_mask = load[:, None] & dm[None, :]
-    k = tl.load(k_ptr + (b64 * skb + h64 * skh + gy.to(tl.int64) * sky + gx.to(tl.int64) * skx)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + (b64 * svb + h64 * svh + gy.to(tl.int64) * svy + gx.to(tl.int64) * svx)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    k = tl.load(_halo_rows(k_ptr, b64, h64, gy, gx, skb, skh, sky, skx) + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(_halo_rows(v_ptr, b64, h64, gy, gx, svb, svh, svy, svx) + d[None, :], mask=kv_mask,
+                other=0.0).to(tl.float32)
     row = _out_rows(b64, y, x, hd, H, W, NH)
     lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
     di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
@@ -423,16 +426,13 @@ def _na2d_backward_dkv_halo_kernel(
     b64 = b.to(tl.int64)
     h64 = hd.to(tl.int64)
     km = kok[:, None] & dm[None, :]
-    k = tl.load(k_ptr + (b64 * skb + h64 * skh + ky.to(tl.int64) * sky + kx.to(tl.int64) * skx)[:, None]
-                + d[None, :], mask=km, other=0.0)
-    v = tl.load(v_ptr + (b64 * svb + h64 * svh + ky.to(tl.int64) * svy + kx.to(tl.int64) * svx)[:, None]
-                + d[None, :], mask=km, other=0.0).to(tl.float32)
+    k = tl.load(_halo_rows(k_ptr, b64, h64, ky, kx, skb, skh, sky, skx) + d[None, :], mask=km, other=0.0)
+    v = tl.load(_halo_rows(v_ptr, b64, h64, ky, kx, svb, svh, svy, svx) + d[None, :], mask=km,
+                other=0.0).to(tl.float32)
     qh_mask = load[:, None] & dm[None, :]
-    q = tl.load(q_ptr + (b64 * sqb + h64 * sqh + gy.to(tl.int64) * sqy + gx.to(tl.int64) * sqx)[:, None]
-                + d[None, :], mask=qh_mask, other=0.0)
-    do = tl.load(do_ptr + (b64 * sdb + h64 * sdh + gy.to(tl.int64) * sdy + gx.to(tl.int64) * sdx)[:, None]
-                 + d[None, :].to(tl.int64) * sdd, mask=qh_mask,
-                 other=0.0).to(tl.float32)
+    q = tl.load(_halo_rows(q_ptr, b64, h64, gy, gx, sqb, sqh, sqy, sqx) + d[None, :], mask=qh_mask, other=0.0)
+    do = tl.load(_halo_rows(do_ptr, b64, h64, gy, gx, sdb, sdh, sdy, sdx) + d[None, :].to(tl.int64) * sdd,
+                 mask=qh_mask, other=0.0).to(tl.float32)
     qrow = _out_rows(b64, gy, gx, hd, H, W, NH)
     lse = tl.load(ws_ptr + 2 * qrow, mask=load, other=0.0)
     di = tl.load(ws_ptr + 2 * qrow + 1, mask=load, other=0.0)
