@@ -120,6 +120,15 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
     return (bits < threshold.to(tl.uint32)).to(tl.float32)
 
 
+# EXACT bits of the kernels (see _mm, _exact_bits): the operand families whose values come
+# from a half tensor.
+_EX_STATE = tl.constexpr(1)
+_EX_GRAD = tl.constexpr(2)
+_EX_PW = tl.constexpr(4)
+_EX_W1 = tl.constexpr(8)
+_EX_W2 = tl.constexpr(16)
+
+
 @triton.jit
 def _tf32_hi(a):
     """a with its 13 low mantissa bits cleared: exact in TF32, and a - hi is exact in fp32."""
@@ -183,7 +192,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
             conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
         else:
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
-            conv = _mm(t, w, conv, DOT_PREC, (EXACT & 1) != 0, (EXACT & 4) != 0)
+            conv = _mm(t, w, conv, DOT_PREC, (_EX_STATE & EXACT) != 0, (_EX_PW & EXACT) != 0)
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
@@ -205,14 +214,14 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
         xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
                      mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
         z = _mm(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
-                DOT_PREC, (EXACT & 1) != 0, (EXACT & 8) != 0)
+                DOT_PREC, (_EX_STATE & EXACT) != 0, (_EX_W1 & EXACT) != 0)
     if KEEP_CONV:
         offs_f = tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                            offs_f, offs_f < FC, pw_ptr, pb_ptr,
                            F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
         z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                DOT_PREC, False, (EXACT & 8) != 0)
+                DOT_PREC, False, (_EX_W1 & EXACT) != 0)
     else:
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + tl.arange(0, FC_BLK)
@@ -220,7 +229,7 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
                                  offs_f, offs_f < FC, pw_ptr, pb_ptr,
                                  F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
             z = _mm(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                    DOT_PREC, False, (EXACT & 8) != 0)
+                    DOT_PREC, False, (_EX_W1 & EXACT) != 0)
         conv = 0.0
     return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0), conv
 
@@ -343,7 +352,7 @@ def _nca_step_forward_kernel(
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
             delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
-                        DOT_PREC, False, (EXACT & 16) != 0)
+                        DOT_PREC, False, (_EX_W2 & EXACT) != 0)
             delta += tl.load(b2_ptr + offs_k)[None, :]
             new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
             tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
@@ -499,15 +508,15 @@ def _nca_step_backward_cell_kernel(
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
             if REG_ACC:
-                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, (EXACT & 2) != 0, False)
+                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, (_EX_GRAD & EXACT) != 0, False)
                 acc_b2 += tl.sum(gdk, axis=0)
             else:
                 p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
-                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, (EXACT & 2) != 0, False))
+                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, (_EX_GRAD & EXACT) != 0, False))
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
             dh = _mm(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
-                     DOT_PREC, (EXACT & 2) != 0, (EXACT & 16) != 0)
+                     DOT_PREC, (_EX_GRAD & EXACT) != 0, (_EX_W2 & EXACT) != 0)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         if REG_ACC:
             acc_b1 += tl.sum(dz, axis=0)
@@ -521,13 +530,13 @@ def _nca_step_backward_cell_kernel(
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
             if REG_ACC:
-                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, False, (EXACT & 1) != 0)
+                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, False, (_EX_STATE & EXACT) != 0)
             else:
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
-                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, False, (EXACT & 1) != 0))
+                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, False, (_EX_STATE & EXACT) != 0))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
             dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
-                      DOT_PREC, False, (EXACT & 8) != 0)
+                      DOT_PREC, False, (_EX_W1 & EXACT) != 0)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
         # ---- conv part: dQ = dz @ W1b per chunk -> workspace (d_pw comes from it in the
@@ -536,7 +545,7 @@ def _nca_step_backward_cell_kernel(
             offs_f = f0 + offs_fb
             fmask = offs_f < FC
             dq = _mm(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]), None,
-                     DOT_PREC, False, (EXACT & 8) != 0)
+                     DOT_PREC, False, (_EX_W1 & EXACT) != 0)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
             if REG_ACC:
@@ -623,7 +632,7 @@ def _nca_step_backward_conv_kernel(
         if DEPTHWISE:
             acc_d += tl.sum(dq * t, axis=0)
         else:
-            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, False, (EXACT & 1) != 0)
+            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, False, (_EX_STATE & EXACT) != 0)
     if DEPTHWISE:  # partial layout [9, FC_CEIL]
         p_d = dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f
         tl.store(p_d, tl.load(p_d) + acc_d)
@@ -744,7 +753,7 @@ def _nca_step_backward_input_kernel(
                                  K1, PAD)
                 w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
                             + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
-                acc = _mm(gq, w, acc, DOT_PREC, False, (EXACT & 4) != 0)
+                acc = _mm(gq, w, acc, DOT_PREC, False, (_EX_PW & EXACT) != 0)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
@@ -834,8 +843,9 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
 
 _MAX_CELLS = 2 ** 31 - 1024
 _HALF = (torch.float16, torch.bfloat16)
-# EXACT bits (see _mm): which dot operands hold values of a half tensor, exact in TF32
-_EXACT_BITS = dict(state=1, grad=2, pw=4, w1=8, w2=16)
+# EXACT bits by operand family, for the host (the kernels' _EX_* constants)
+_EXACT_BITS = dict(state=_EX_STATE.value, grad=_EX_GRAD.value, pw=_EX_PW.value, w1=_EX_W1.value,
+                   w2=_EX_W2.value)
 
 
 def _exact_bits(prec: str, dtypes: dict) -> int:
@@ -1025,16 +1035,18 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     (_wgmma_safe); the conv kernel's dots have 4 warps, one warp group: always safe."""
     if _interpreting(device):
         return (block_m, warps), block_m
+    large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
+    conv_m = block_m if large else 64
     pinned = _pinned_backward_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE")
     if pinned:
         in_m, in_warps, _ = pinned
         if not _wgmma_safe(in_m, in_warps, rule.C_PAD):
             raise ValueError(f"FASTNCA_TRITON_NCA_BWD_INPUT_TILE={in_m},{in_warps} splits a dot of this rule "
                              "into N=8 wgmmas (triton#10629); pick another tile")
-        return (in_m, in_warps), (block_m if rule.HID_PAD >= 256 or rule.C_PAD >= 128 else 64)
-    if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
-        return (block_m, warps), block_m
-    return (64, 8 if _wgmma_safe(64, 8, rule.C_PAD) else 4), 64
+        return (in_m, in_warps), conv_m
+    if large:
+        return (block_m, warps), conv_m
+    return (64, 8 if _wgmma_safe(64, 8, rule.C_PAD) else 4), conv_m
 
 
 def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: int) -> int:
