@@ -5,7 +5,8 @@ A stand-in driver reports an sm_90 target and every launch becomes a compile-onl
 so the launchers pick their tiles exactly as on an H100 (FASTNCA_TRITON_AUTOTUNE=0 tiles
 for the forward). Registers and stack come from `cuobjdump --dump-resource-usage` on the
 cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
-(triton-lang/triton#10629; see _wgmma_safe in kernels/triton/nca_step.py).
+(triton-lang/triton#10629) and wgmma layouts with more warp groups than 64-row blocks
+(split over N or repeating rows; see _wgmma_safe in kernels/triton/nca_step.py).
 
 Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
        (groups: 1 or C; dtype of state and weights, default float32), e.g.
@@ -95,6 +96,21 @@ def _resources(cubin: bytes) -> str:
     return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line)
 
 
+def _mma_summary(ttgir: str) -> str:
+    """The MMA instruction shapes of a kernel, flagging N=8 wgmmas and wgmma dots with more
+    warp groups than 64-row blocks."""
+    mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)[^}]*instrShape = \[([0-9, ]*)\]", ttgir)))
+    n8 = any(v == "3" and shape.split(", ")[1] == "8" for v, shape in mma)
+    # wgmma dots with more warp groups than 64-row blocks (see _wgmma_safe)
+    warps_of = {name: (int(wm), int(wn)) for name, wm, wn in re.findall(
+        r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = 3[^}]*warpsPerCTA = \[(\d+), (\d+)\]", ttgir, re.M)}
+    spread = sorted({f"{m}x{n}@{warps_of[lay]}" for m, n, lay in re.findall(
+        r"ttng\.warp_group_dot .*-> tensor<(\d+)x(\d+)xf32, #(\w+)>", ttgir)
+        if lay in warps_of and warps_of[lay][0] * warps_of[lay][1] * 16 > int(m)})
+    return (f"mma={['v%s[%s]' % m for m in mma]}{'  N=8 WGMMA' if n8 else ''}"
+            f"{'  WARP GROUPS SPREAD ' + ' '.join(spread) if spread else ''}")
+
+
 def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
     g = C if groups == "C" else int(groups)
     dt = getattr(torch, dtype)
@@ -110,12 +126,9 @@ def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
         if "arrange" in name or (name, block_m, warps) in seen:  # batch chunks repeat the same kernels
             continue
         seen.add((name, block_m, warps))
-        mma = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d)[^}]*instrShape = \[([0-9, ]*)\]",
-                                    kernel.asm["ttgir"])))
-        n8 = any(v == "3" and shape.split(", ")[1] == "8" for v, shape in mma)
         print(f"C={C} hidden={hidden} F={F} groups={groups} {dtype}  {name}: BLOCK_M={block_m} warps={warps} "
               f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
-              f"mma={['v%s[%s]' % m for m in mma]}{'  N=8 WGMMA' if n8 else ''}", flush=True)
+              f"{_mma_summary(kernel.asm['ttgir'])}", flush=True)
 
 
 def report_attention(B, H, W, heads, D, ks, border, dtype) -> None:
@@ -125,7 +138,8 @@ def report_attention(B, H, W, heads, D, ks, border, dtype) -> None:
     tri_na.backward(torch.randn_like(o), None, q, k, v, o, lse, ks, border, D ** -0.5)
     for name, _, warps, kernel in _compiled:
         print(f"attention [{B}, {H}, {W}, {heads}, {D}] k={ks} {border} {dtype}  {name}: warps={warps} "
-              f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])}", flush=True)
+              f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
+              f"{_mma_summary(kernel.asm['ttgir'])}", flush=True)
 
 
 def main() -> int:

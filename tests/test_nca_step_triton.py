@@ -290,6 +290,7 @@ def test_public_op_autograd_and_rollout():
 # ---- GPU-size shapes (too slow for the interpreter) -----------------------------------
 
 GPU_CASES = [
+    (2, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5),    # the Med-NCA rule
     (4, 16, 64, 64, 128, 2, 1, 1, "reflect", 0.5),    # Med-NCA backbone
     (8, 16, 32, 32, 128, 3, "C", 4, "zeros", 0.5),    # Growing-NCA style, depthwise
     (2, 128, 16, 24, 256, 3, 1, 0, "circular", 0.5),  # largest supported rule
@@ -315,6 +316,64 @@ def test_gpu_exact_operand_products(monkeypatch, case, dtype, wdtype):
     check_exact_operand_products(monkeypatch, case, dtype, wdtype)
 
 
+# Every tile a launcher can pick on a GPU, each pinned in turn (the other tests see one
+# tile per kernel: the default). A wrong tile shows in float32 against float64 at the
+# float32 tolerance, which a half dtype's tolerance would hide: the input-gradient kernel
+# at 64 rows on 8 warps was off by 1.9e-3 in d_state for the Med-NCA rule (_wgmma_safe).
+TILE_RULES = [(2, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5), (2, 16, 33, 47, 128, 2, "C", 1, "zeros", 0.5)]
+
+
+def check_pinned_tile(monkeypatch, case, var, tile):
+    monkeypatch.setenv(var, tile)
+    B, C, H, W, hidden, F, groups, frozen, padding, p = case
+    g = C if groups == "C" else groups
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, seed=5)
+    args = (*w, g, padding, p, 2**40 + 3, 9, frozen)
+    d = [t.double() for t in (state, grad_out, *w)]
+    if var == "FASTNCA_TRITON_NCA_FWD_TILE":
+        got, want = (tri.forward(state, *args),), (ref.forward(d[0], *d[2:], *args[6:]),)
+        names = ("out",)
+    else:
+        got, want = tri.backward(grad_out, state, *args), ref.backward(d[1], d[0], *d[2:], *args[6:])
+        names = GRAD_NAMES
+    for name, a, b in zip(names, got, want):
+        assert rel_err(a, b) <= REL_TOL[torch.float32], f"{var}={tile} {name}: rel err {rel_err(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", TILE_RULES, ids=["mednca", "depthwise"])
+@pytest.mark.parametrize("var,tile", [("FASTNCA_TRITON_NCA_FWD_TILE", t) for t in ("32,4", "64,4", "128,8")]
+                         + [("FASTNCA_TRITON_NCA_BWD_TILE", t) for t in ("16,4", "32,4", "32,8", "16,8")]
+                         + [("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", t) for t in ("64,4", "128,8", "32,4")])
+def test_gpu_every_tile_matches_reference(monkeypatch, case, var, tile):
+    check_pinned_tile(monkeypatch, case, var, tile)
+
+
+def test_gpu_tile_candidates_are_tested():
+    """The pinned-tile GPU test above covers every forward autotune candidate that
+    _wgmma_safe keeps (a new candidate must join it)."""
+    tested = {"32,4", "64,4", "128,8"}
+    for c in tri._forward_autotuned().configs:
+        if tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps):
+            assert f"{c.kwargs['BLOCK_M']},{c.num_warps}" in tested, c
+
+
+def test_pinned_forward_tile(monkeypatch):
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_FWD_TILE", raising=False)
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "1")
+    assert tri._pinned_forward_tile() is None
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
+    assert tri._pinned_forward_tile() == (64, 4)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "128,8")
+    assert tri._pinned_forward_tile() == (128, 8)
+    for bad, match in (("64,8", "more warp groups than 64-row blocks"), ("48,4", "FASTNCA_TRITON_NCA_FWD_TILE"),
+                       ("64", "FASTNCA_TRITON_NCA_FWD_TILE")):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", bad)
+        with pytest.raises(ValueError, match=match):
+            tri._pinned_forward_tile()
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_gradients_are_bitwise_reproducible():
@@ -327,48 +386,50 @@ def test_gpu_gradients_are_bitwise_reproducible():
 
 
 def test_wgmma_safe_rule():
-    # One warp group per 64 rows; spare warp groups split N (triton-lang/triton#10629).
-    assert not tri._wgmma_safe(64, 8, 16)   # N=16 split in two: N=8 wgmmas
-    assert tri._wgmma_safe(64, 8, 32)       # N=16 per warp group
-    assert tri._wgmma_safe(64, 4, 16)       # one warp group
-    assert tri._wgmma_safe(128, 8, 16)      # warp groups along M
-    assert tri._wgmma_safe(32, 8, 16)       # under 64 rows: mma.sync, no wgmma
-    assert not tri._wgmma_safe(64, 16, 32)
+    # At most one warp group (4 warps) per 64-row block of a dot (see _wgmma_safe).
+    assert not tri._wgmma_safe(64, 8)    # N split (triton#10629) or rows repeated
+    assert not tri._wgmma_safe(64, 16)
+    assert not tri._wgmma_safe(128, 16)
+    assert tri._wgmma_safe(64, 4)        # one warp group
+    assert tri._wgmma_safe(128, 8)       # warp groups along M
+    assert tri._wgmma_safe(128, 4)
+    assert tri._wgmma_safe(32, 8)        # under 64 rows: mma.sync, no wgmma
+    assert tri._wgmma_safe(16, 8)
 
 
 @pytest.mark.parametrize("C", [1, 5, 8, 16, 32, 48, 64, 128])
 @pytest.mark.parametrize("hidden", [1, 16, 40, 64, 128, 256])
 @pytest.mark.parametrize("F", [1, 3])
-def test_gpu_tiles_never_split_narrow_dots(monkeypatch, C, hidden, F):
+def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     """Every tile the launchers can pick on an H100 (forward: every autotune candidate the
     prune keeps; backward: the fixed tiling, for each precision, and the input-gradient
-    kernel's tile) keeps each wgmma at N >= 16. Checked on the host: the illegal memory
-    access it prevents only shows on a Hopper GPU."""
+    kernel's tile) passes _wgmma_safe. Checked on the host: what it prevents (an illegal
+    memory access, a wrong d_state) only shows on a Hopper GPU."""
     from types import SimpleNamespace
 
     import triton
 
     c_pad, hid_pad, c_blk, fc_blk, fc_ceil = tri._tile_dims(C, F * C, hidden)
-    min_n = min(c_blk, fc_blk, c_pad, hid_pad)  # every N of a [BLOCK_M, N] dot
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     monkeypatch.setattr(tri, "_interpreting", lambda device: False)
     for prec in ("tf32x3", "tf32", "ieee"):
         block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20, prec)
-        assert tri._wgmma_safe(block_m, warps, min_n), (block_m, warps, prec)
+        assert tri._wgmma_safe(block_m, warps), (block_m, warps, prec)
         (in_m, in_warps), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
-        assert tri._wgmma_safe(in_m, in_warps, c_pad), (in_m, in_warps)  # [BLOCK_M, C_PAD] gather dot
+        assert tri._wgmma_safe(in_m, in_warps), (in_m, in_warps)
     configs = tri._forward_autotuned().configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
     assert kept and all(isinstance(c, triton.Config) for c in kept)
     for c in kept:
-        assert tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n), c
+        assert tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps), c
+    assert not any((c.kwargs["BLOCK_M"], c.num_warps) == (64, 8) for c in kept)
 
 
 def test_pinned_backward_tile(monkeypatch):
     """FASTNCA_TRITON_NCA_BWD_TILE (a benchmarking knob) pins the backward tile (and its
-    pipelining stages) on a GPU, rejects malformed values and tiles that would split a dot
-    into N=8 wgmmas."""
+    pipelining stages) on a GPU, rejects malformed values and tiles with more warp groups
+    than 64-row blocks."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
@@ -386,18 +447,17 @@ def test_pinned_backward_tile(monkeypatch):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TILE"):
             tri._backward_tiling(rule, cuda, 1 << 20)
-    small = SimpleNamespace(**{**vars(rule), "C_PAD": 16, "C_BLK": 16, "FC_BLK": 16})  # C=16
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "64,8")
-    with pytest.raises(ValueError, match="N=8 wgmmas"):
-        tri._backward_tiling(small, cuda, 1 << 20)
+    with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
+        tri._backward_tiling(rule, cuda, 1 << 20)
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 8), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
     assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,x")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
         tri._side_tiles(rule, cuda, 16, 4)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,8")
-    with pytest.raises(ValueError, match="N=8 wgmmas"):
-        tri._side_tiles(small, cuda, 16, 4)
+    with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
+        tri._side_tiles(rule, cuda, 16, 4)

@@ -160,6 +160,13 @@ def test_formulation_knobs(monkeypatch):
                            (torch.bfloat16, 64, 64)):
         q = torch.randn(1, 8, 8, 2, d, device=DEVICE).to(dtype)
         assert tri._halo_setup(q, 5, "zeros")[1]["BLOCK_D"] == want
+    # at most one warp group per 64 queries of a tile (kernels/triton/nca_step._wgmma_safe)
+    for (h, w), ks, border, d in itertools.product(((32, 32), (128, 128), (5, 9)), (3, 5, 7), ("zeros", "shift"),
+                                                  (5, 16, 64, 128)):
+        setup = tri._halo_setup(torch.empty(1, h, w, 1, d, device=DEVICE), ks, border)
+        if setup is not None:
+            (by, bx, _), _ = setup
+            assert tri._wgmma_safe(by * bx, tri._halo_warps(setup)), (h, w, ks, border, d)
 
 
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])

@@ -376,37 +376,30 @@ def _nca_step_copy_idle_kernel(
              tl.load(x_ptr + xo[:, None] + offs_c[None, :] * s_c, mask=m), mask=m)
 
 
-def _wgmma_safe(block_m: int, num_warps: int, min_n: int) -> bool:
-    """False when Hopper wgmma would run an fp32 (tf32) dot at N = 8 per warp group.
-
-    A [BLOCK_M, N] dot gets one warp group (4 warps) per 64 rows; warp groups left over
-    split N. BLOCK_M=64 on 8 warps thus splits N=16 into two N=8 wgmmas, whose operand
-    Triton 3.6 does not pad in shared memory: the instruction reads past the buffer
-    (triton-lang/triton#10629). On an H100 that was an illegal memory access in the
-    backward of every rule with C <= 16 and hidden 128. Below 64 rows there is no wgmma
-    (mma.sync instead), so any N is safe there."""
-    groups = num_warps // 4
-    rows = block_m // 64
-    if rows == 0 or groups <= rows:
-        return True
-    return min_n // (groups // rows) >= 16
-
-
-def _narrowest_n(c_blk: int, fc_blk: int, hid_pad: int) -> int:
-    """Smallest N of the kernels' [BLOCK_M, N] dots: hidden (z, dh), conv chunk (conv, dq),
-    channel chunk (delta, dP_x). The backward's [BLOCK_M, C_PAD] gather dot is never
-    narrower: C_BLK <= C_PAD."""
-    return min(c_blk, fc_blk, hid_pad)
+def _wgmma_safe(block_m: int, num_warps: int) -> bool:
+    """False when a [BLOCK_M, N] dot would get more warp groups (4 warps) than it has
+    64-row blocks. Hopper wgmma gives each warp group 64 rows; Triton 3.6 spreads spare warp
+    groups over N, or repeats the rows, and both went wrong on an H100:
+    - N split: BLOCK_M=64 on 8 warps runs N=16 as two N=8 wgmmas, whose operand Triton
+      does not pad in shared memory, and the instruction reads past the buffer
+      (triton-lang/triton#10629): an illegal memory access in the backward of every rule
+      with C <= 16 and hidden 128 (2026-11-26).
+    - Rows repeated: the input-gradient kernel at 64 rows on 8 warps compiles its first
+      dot with warpsPerCTA [8, 1] (two warp groups on one 64-row tile) and its second
+      with [4, 2]; for the Med-NCA rule (C=32) in float32 its d_state was off by a
+      relative 1.9e-3 against float64, the size of the low part of the 3xTF32 split,
+      while 64 rows on 4 warps ([4, 1] throughout) was not (2026-11-26).
+    Below 64 rows there is no wgmma (mma.sync instead), so any warp count is safe there."""
+    return block_m < 64 or num_warps // 4 <= block_m // 64
 
 
 def _forward_prune(configs, named_args, **kwargs):
     """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
-    would need more than ~128 registers per thread (spills), and tiles that would split a
-    narrow dot into N=8 wgmmas (_wgmma_safe)."""
+    would need more than ~128 registers per thread (spills), and tiles with more warp
+    groups than 64-row blocks (_wgmma_safe)."""
     a = {**named_args, **kwargs}
     width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
-    min_n = _narrowest_n(a["C_BLK"], a["FC_BLK"], a["HID_PAD"])
-    safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps, min_n)]
+    safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps)]
     keep = [c for c in safe if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
     return keep or safe[:1]
 
@@ -945,9 +938,11 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     cx = dict(rule.constexprs(), COMPACT=compact)
     if _interpreting(state.device):
         _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
-    elif os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):  # pinned tile: no tuning runs
+    elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
+        block_m, warps = pinned
         with _on_device(state.device):
-            _nca_step_forward_kernel[(triton.cdiv(N, 64),)](*args, **cx, BLOCK_M=64, num_warps=4, num_stages=1)
+            _nca_step_forward_kernel[(triton.cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
+                                                                 num_stages=1)
     else:
         with _on_device(state.device):
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
@@ -955,11 +950,28 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
-def _pinned_backward_tile(var: str = "FASTNCA_TRITON_NCA_BWD_TILE") -> tuple[int, int, int] | None:
-    """FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES] pins the backward cell kernel's
-    tile, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS the input-gradient kernel's
-    (benchmarking knobs; BLOCK_M in 16..128, a power of two, warps in 1..8, software
-    pipelining stages in 1..4, default 1)."""
+def _pinned_forward_tile() -> tuple[int, int] | None:
+    """The forward's tile when it is not autotuned: FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS
+    (a testing and benchmarking knob, e.g. to check every autotune candidate on a GPU), else
+    64 rows on 4 warps under FASTNCA_TRITON_AUTOTUNE=0; None: autotune."""
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE")
+    if pinned:
+        block_m, warps, _ = pinned
+        if not _wgmma_safe(block_m, warps):
+            raise ValueError(f"FASTNCA_TRITON_NCA_FWD_TILE={block_m},{warps}: more warp groups than "
+                             "64-row blocks (see _wgmma_safe); pick another tile")
+        return block_m, warps
+    if os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):
+        return 64, 4
+    return None
+
+
+def _pinned_tile(var: str) -> tuple[int, int, int] | None:
+    """A tile pinned by an environment variable: FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]
+    for the backward cell kernel, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS for the
+    input-gradient kernel, FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
+    (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
+    software pipelining stages in 1..4, default 1)."""
     v = os.environ.get(var)
     if not v:
         return None
@@ -997,12 +1009,12 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
             # tiles spill less. Below 64 rows there is no wgmma, so any N is safe.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        pinned = _pinned_backward_tile()
+        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE")
         if pinned:
             block_m, warps, stages = pinned
-            if not _wgmma_safe(block_m, warps, _narrowest_n(rule.C_BLK, rule.FC_BLK, rule.HID_PAD)):
-                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps} splits a dot of this rule "
-                                 "into N=8 wgmmas (triton#10629); pick another tile")
+            if not _wgmma_safe(block_m, warps):
+                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps}: more warp groups than "
+                                 "64-row blocks (see _wgmma_safe); pick another tile")
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
@@ -1028,25 +1040,25 @@ def _register_accumulators(rule: _Rule) -> int:
 
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     """((BLOCK_M, warps) of the input-gradient kernel, BLOCK_M of the conv-gradient kernel)
-    given the cell kernel's tile. Small rules: 64 rows (the conv kernel's dot reduces over
-    them; the input kernel took 0.27 ms a 65536-cell chunk at 64/8 on an H100 against 0.30
-    at 16/4); large rules and the interpreter keep the cell kernel's rows. The input
-    kernel's [64, C_PAD] dot takes 4 warps where 8 would split it into N=8 wgmmas
-    (_wgmma_safe); the conv kernel's dots have 4 warps, one warp group: always safe."""
+    given the cell kernel's tile. Small rules: 64 rows on 4 warps, one warp group (the
+    conv kernel's dot reduces over the rows; the input kernel took 0.27 ms a 65536-cell
+    chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
+    computed a wrong d_state: _wgmma_safe); large rules and the interpreter keep the cell
+    kernel's rows. The conv kernel's dots have 4 warps: always safe."""
     if _interpreting(device):
         return (block_m, warps), block_m
     large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
     conv_m = block_m if large else 64
-    pinned = _pinned_backward_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE")
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE")
     if pinned:
         in_m, in_warps, _ = pinned
-        if not _wgmma_safe(in_m, in_warps, rule.C_PAD):
-            raise ValueError(f"FASTNCA_TRITON_NCA_BWD_INPUT_TILE={in_m},{in_warps} splits a dot of this rule "
-                             "into N=8 wgmmas (triton#10629); pick another tile")
+        if not _wgmma_safe(in_m, in_warps):
+            raise ValueError(f"FASTNCA_TRITON_NCA_BWD_INPUT_TILE={in_m},{in_warps}: more warp groups than "
+                             "64-row blocks (see _wgmma_safe); pick another tile")
         return (in_m, in_warps), conv_m
     if large:
         return (block_m, warps), conv_m
-    return (64, 8 if _wgmma_safe(64, 8, rule.C_PAD) else 4), conv_m
+    return (64, 4), conv_m
 
 
 def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: int) -> int:
