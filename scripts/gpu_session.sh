@@ -27,12 +27,14 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned calls (after session 6): build@140 test@230+sanitize:memcheck,racecheck@230+
-#       bench-warm:attention,nca:bfloat16@230 variants@150 pack (VARIANTS_ARGS="--input-tiles 64,8 64,4
-#       --acc registers mixed --prec tf32x3 tf32x3-all": 8 variants, each a compile); then bench:attention,nca:bfloat16@200
-#       timeline:attention:triton@40 timeline:nca:triton@60 pack (the warm-up again first if the
-#       machine went back); with time left, bench-warm:mednca,geca:bfloat16 bench:mednca,geca:bfloat16
-#       (never run on a GPU yet). Session 6 saw the whole first call take 440 s.
+# Next planned calls (after session 7): build@140 test@240+sanitize:memcheck,racecheck@240+
+#       bench-warm:attention,nca:bfloat16@240 timeline:attention:triton@40 timeline:nca:triton@60
+#       variants@120 pack (VARIANTS_ARGS="--tiles '' 32,8 --input-tiles 64,4 128,8 --acc registers mixed
+#       --prec tf32x3": the input tile of the warp-group fix, 64/4, has not been timed with the
+#       default cell tile; the test stage includes the float32 test of every pinned tile); then
+#       bench:attention,nca:bfloat16@230 bench-warm:geca:bfloat16 bench:geca:bfloat16 pack.
+#       Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and a full
+#       `pytest -m gpu` alone 72 s on 12 processes once the Triton caches were warm.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the

@@ -13,8 +13,8 @@ calls of backend.backward (the kernels and the launcher, no autograd), and the l
 difference of its gradients from the first variant's. A variant that fails is reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
-           [--shape B,H,W] [--dtype bfloat16] [--tiles 64,8 32,4 16,4,2 ...]
-           [--input-tiles 64,8 128,4 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32]
+           [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32]
            [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
