@@ -338,3 +338,29 @@ def test_autotuned_matches_pinned_gpu(monkeypatch):
     pinned = tri.forward(q, k, v, 3, "zeros", 0.125)
     for a, b in zip(tuned, pinned):
         assert rel_err(a, b) <= 1e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("case", [(2, 31, 17, 6, 64, 3, "zeros"), (1, 9, 40, 2, 5, 5, "circular"),
+                                  (1, 16, 16, 1, 32, 7, "shift")], ids=["d64", "d5-unaligned", "shift7"])
+def test_every_tile_candidate_matches_reference_gpu(case, index, monkeypatch):
+    """The autotuner may pick any candidate of _tile_configs; the other GPU tests pin the
+    default. Each candidate in turn (forward and backward), in float32 against the
+    reference at the float32 tolerance."""
+    B, H, W, nh, D, ks, border = case
+    width = (lambda bh, bd: bh * bd)(*tri._head_tile(nh, D))
+    vec = tri._vec(D, qkv(B, H, W, nh, D))
+    counts = {bwd: len(tri._tile_configs(H, W, width, bwd, vec)) for bwd in (False, True)}
+    if index >= max(counts.values()):
+        pytest.skip(f"{max(counts.values())} candidates")
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
+
+    def pick(H, W, width, backward, vec):
+        cands = tri._tile_configs(H, W, width, backward, vec)
+        cfg = cands[min(index, len(cands) - 1)]
+        return {**cfg.kwargs, "num_warps": cfg.num_warps}
+
+    monkeypatch.setattr(tri, "_default_config", pick)
+    check_against_reference(B, H, W, nh, D, ks, border, torch.float32)
