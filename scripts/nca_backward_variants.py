@@ -8,20 +8,24 @@ With --rollout, also a 64-step nca_rollout forward+backward on each backend (def
 Triton settings) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
-B=8, 256x256 bfloat16 state by default. Each variant: CUDA-event median of back-to-back
-calls of backend.backward (the kernels and the launcher, no autograd), and the largest
-difference of its gradients from the first variant's. A variant that fails is reported.
+B=8, 256x256 bfloat16 state by default. Each variant: the median [min-max] over --rounds
+rounds of the CUDA-event time per call of a batch of back-to-back calls of backend.backward
+(the kernels and the launcher, no autograd), the rounds interleaving the variants; and the
+largest difference of its gradients from the first variant's. A variant that fails is
+reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
            [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32]
-           [--no-cuda] [--rollout] [--device cuda]
+           [--rounds 7] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
@@ -46,6 +50,7 @@ def main() -> int:
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
     a = ap.parse_args()
@@ -72,19 +77,27 @@ def main() -> int:
                     label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all"}.get(prec, "3xTF32")
                     name = f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'} {label}"
                     variants.append((name, "triton", (t, it), acc, prec))
-    first = None
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
-          f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
+          f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
+          f"{a.rounds} interleaved rounds")
+    # Compile and check every variant first, then time them round-robin: each round times
+    # one batch of every variant in turn, so drift of the clocks or of other tenants over the
+    # run spreads over all variants instead of landing on the ones timed last.
+    ready, first = [], None
     for name, backend, tile, acc, prec in variants:
         kern = _backend.kernel(backend, "nca_step")
-        knobs = env(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
-                    FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
-                    FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None)
+        knobs = dict(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
+                     FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
+                     FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None)
+
+        def call(kern=kern):
+            return kern.backward(gout, x, *args)
+
         try:
-            with knobs, _tf32(prec == "tf32"):
-                grads = kern.backward(gout, x, *args)
-                ms = median_ms(lambda: kern.backward(gout, x, *args), dev, reps=7)
+            with env(**knobs), _tf32(prec == "tf32"):
+                grads = call()
+                inner = _batch_size(call, dev)
         except Exception as e:  # a variant that does not compile or fit is reported
             print(f"  {name:<48} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
@@ -97,11 +110,44 @@ def main() -> int:
                    for u, v in zip(grads, first))
         diff2 = max(float((u.float() - v.float()).norm() / v.float().norm().clamp_min(1e-30))
                     for u, v in zip(grads, first))
-        print(f"  {name:<48} {ms:8.3f} ms   rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}",
-              flush=True)
+        ready.append((name, call, knobs, prec, inner, diff, diff2, []))
+    for _ in range(a.rounds):
+        for name, call, knobs, prec, inner, *_, times in ready:
+            with env(**knobs), _tf32(prec == "tf32"):
+                times.append(_batch_ms(call, dev, inner))
+    for name, _, _, _, _, diff, diff2, times in ready:
+        print(f"  {name:<48} {statistics.median(times):8.3f} ms [{min(times):.3f}-{max(times):.3f}]   "
+              f"rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}", flush=True)
     if a.rollout:
         _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
     return 0
+
+
+def _batch_size(fn, dev, target_ms: float = 10.0) -> int:
+    """Calls per timed batch: as many as fill ~target_ms (one on the CPU)."""
+    if dev.type != "cuda":
+        return 1
+    fn()
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(dev)
+    return max(1, min(100, int(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+
+
+def _batch_ms(fn, dev, inner: int) -> float:
+    """ms per call of ``fn`` over one batch of ``inner`` back-to-back calls (CUDA events)."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / inner
 
 
 def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
