@@ -44,16 +44,18 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--tiles", nargs="*", default=["", "16,8", "32,4", "32,8"],
-                    help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' = the default choice)")
+                    help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' or 'default' = the default choice)")
     ap.add_argument("--input-tiles", nargs="*", default=[""],
-                    help="input-gradient kernel tiles BLOCK_M,WARPS ('' = the default choice)")
-    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' = the default)")
+                    help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
+    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
     a = ap.parse_args()
+    for opt in ("tiles", "input_tiles", "acc"):  # 'default' spells '' where quoting is awkward
+        setattr(a, opt, ["" if v == "default" else v for v in getattr(a, opt)])
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA device (or --device cpu under TRITON_INTERPRET=1)")
