@@ -198,8 +198,8 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
     """Under tf32x3, dots with an operand from a half tensor take one or two TF32 products
     (_mm). Against a float64 reference on the same (half-valued) inputs, every fp32 result
     keeps the fp32 tolerance: a lost low part would cost ~1e-3 (TF32 keeps 11 bits). On a
-    CPU the interpreter's dots are exact, so this checks the split and its plumbing; the
-    GPU runs it on tensor cores."""
+    CPU the tf32_dots fixture gives the interpreter's dots TF32 semantics; the GPU runs it
+    on tensor cores."""
     monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
     B, C, H, W, hidden, F, groups, frozen, padding, p = case
     g = C if groups == "C" else groups
@@ -223,10 +223,81 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
         rule.constexprs()
 
 
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    """The Triton interpreter's tl.dot with tensor-core TF32 semantics: a "tf32" product
+    drops the 13 low mantissa bits of each float32 operand (what an mma does with them),
+    "tf32x3" sums the three products of the hi/lo split, "ieee" stays exact. Without it the
+    interpreter's dots are exact for every precision, and a product that lost its low part
+    (a wrong EXACT bit, a dropped lo term) would go unseen on a CPU."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("emulates the interpreter's dots; on a GPU the tensor cores run them")
+    np = pytest.importorskip("numpy")
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        pytest.skip("this Triton's interpreter has no InterpreterBuilder.create_dot")
+    exact_dot = builder.create_dot
+
+    def trunc(a):
+        return (np.asarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, *rest):
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return exact_dot(self, a, b, d, input_precision, *rest)
+        prec = str(input_precision).lower()
+        x, y = a.data, b.data
+        if prec.endswith("tf32x3"):
+            xh, yh = trunc(x), trunc(y)
+            r = np.matmul(xh, yh) + np.matmul(xh, trunc(y - yh)) + np.matmul(trunc(x - xh), yh)
+        elif prec.endswith("tf32"):
+            r = np.matmul(trunc(x), trunc(y))
+        elif prec.endswith("ieee"):
+            r = np.matmul(x, y)
+        else:
+            raise AssertionError(f"unknown dot precision {input_precision!r}")
+        return interpreter.TensorHandle(r.astype(np.float32) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+
+
+TF32_CASE = (1, 32, 5, 6, 64, 2, 1, 1, "reflect", 0.5)  # C=32: channel dots of K=32, conv K=64
+
+
+def _max_err(case, dtype=torch.float32, wdtype=torch.float32):
+    B, C, H, W, hidden, F, groups, frozen, padding, p = case
+    g = C if groups == "C" else groups
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, dtype, wdtype, seed=4)
+    args = (*w, g, padding, p, 5, 1, frozen)
+    got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
+    d = [t.double() for t in (state, grad_out, *w)]
+    want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
+    return {n: rel_err(a, b) for n, a, b in zip(("out",) + GRAD_NAMES, got, want) if a.dtype == torch.float32}
+
+
+def test_tf32_emulation_sees_a_lost_low_part(monkeypatch, tf32_dots):
+    """The emulation is live: single TF32 products cost ~1e-3 of float32 accuracy, the 3xTF32
+    split keeps it. The tests below rely on this to fail when a product loses its low part."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32")
+    assert max(_max_err(TF32_CASE).values()) > 2e-4
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    assert max(_max_err(TF32_CASE).values()) <= REL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype,wdtype", EXACT_DTYPES, ids=["bf16-state", "bf16-weights", "fp16-all"])
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_exact_operand_products(monkeypatch, dtype, wdtype, groups):
+def test_exact_operand_products(monkeypatch, tf32_dots, dtype, wdtype, groups):
     check_exact_operand_products(monkeypatch, (2, 8, 5, 7, 16, 2, groups, 1, "zeros", 0.5), dtype, wdtype)
+
+
+def test_exact_bit_on_a_float32_operand_is_caught(monkeypatch, tf32_dots):
+    """Negative control for the test above: an EXACT bit claimed for float32 weights (their
+    low parts then dropped from the products) shows as a float32-tolerance failure."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    honest = max(_max_err(TF32_CASE).values())
+    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: sum(tri._EXACT_BITS.values()))
+    assert honest <= REL_TOL[torch.float32] < max(_max_err(TF32_CASE).values())
 
 
 def test_strided_inputs():
