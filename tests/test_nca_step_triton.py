@@ -440,7 +440,7 @@ def test_pinned_forward_tile(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "128,8")
     assert tri._pinned_forward_tile() == (128, 8)
     for bad, match in (("64,8", "more warp groups than 64-row blocks"), ("48,4", "FASTNCA_TRITON_NCA_FWD_TILE"),
-                       ("64", "FASTNCA_TRITON_NCA_FWD_TILE")):
+                       ("64", "FASTNCA_TRITON_NCA_FWD_TILE"), ("64,4,2", "'BLOCK_M,WARPS'")):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", bad)
         with pytest.raises(ValueError, match=match):
             tri._pinned_forward_tile()
@@ -474,9 +474,9 @@ def test_wgmma_safe_rule():
 @pytest.mark.parametrize("F", [1, 3])
 def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     """Every tile the launchers can pick on an H100 (forward: every autotune candidate the
-    prune keeps; backward: the fixed tiling, for each precision, and the input-gradient
-    kernel's tile) passes _wgmma_safe. Checked on the host: what it prevents (an illegal
-    memory access, a wrong d_state) only shows on a Hopper GPU."""
+    prune keeps; backward: the fixed tiling, for each precision, with the row counts of all
+    its dots, and the input-gradient kernel's tile) passes _wgmma_safe. Checked on the host:
+    what it prevents (an illegal memory access, a wrong d_state) only shows on a Hopper GPU."""
     from types import SimpleNamespace
 
     import triton
@@ -487,7 +487,9 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     monkeypatch.setattr(tri, "_interpreting", lambda device: False)
     for prec in ("tf32x3", "tf32", "ieee"):
         block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20, prec)
-        assert tri._wgmma_safe(block_m, warps), (block_m, warps, prec)
+        # the cell kernel's weight-gradient dots have C_BLK and HID_PAD rows
+        for m in (block_m, c_blk, hid_pad):
+            assert tri._wgmma_safe(m, warps), (block_m, warps, prec, m)
         (in_m, in_warps), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
         assert tri._wgmma_safe(in_m, in_warps), (in_m, in_warps)
     configs = tri._forward_autotuned().configs
@@ -522,14 +524,23 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "64,8")
     with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
         tri._backward_tiling(rule, cuda, 1 << 20)
+    # 32 rows on 8 warps: safe per cell, but C=64, hidden=64 has 64-row weight-gradient dots
+    c_pad, hid_pad, c_blk, fc_blk, _ = tri._tile_dims(64, 64, 64)
+    wide = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
+    assert (c_blk, hid_pad) == (64, 64)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "32,8")
+    with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
+        tri._backward_tiling(wide, cuda, 1 << 20)
+    assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (32, 8)  # Med-NCA: 32 and 128 rows
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
     assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
     assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4), 64)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,x")
-    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
-        tri._side_tiles(rule, cuda, 16, 4)
+    for bad in ("64,x", "64,4,2"):  # no stages for the input kernel
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
+            tri._side_tiles(rule, cuda, 16, 4)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,8")
     with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
         tri._side_tiles(rule, cuda, 16, 4)

@@ -160,13 +160,11 @@ def test_formulation_knobs(monkeypatch):
                            (torch.bfloat16, 64, 64)):
         q = torch.randn(1, 8, 8, 2, d, device=DEVICE).to(dtype)
         assert tri._halo_setup(q, 5, "zeros")[1]["BLOCK_D"] == want
-    # at most one warp group per 64 queries of a tile (kernels/triton/nca_step._wgmma_safe)
-    for (h, w), ks, border, d in itertools.product(((32, 32), (128, 128), (5, 9)), (3, 5, 7), ("zeros", "shift"),
-                                                  (5, 16, 64, 128)):
-        setup = tri._halo_setup(torch.empty(1, h, w, 1, d, device=DEVICE), ks, border)
-        if setup is not None:
-            (by, bx, _), _ = setup
-            assert tri._wgmma_safe(by * bx, tri._halo_warps(setup)), (h, w, ks, border, d)
+    # tiles of at most 64 queries: the halo kernels' 4 warps are one warp group per tile
+    # (kernels/triton/nca_step._wgmma_safe)
+    for (h, w), radius, bd in itertools.product(((32, 32), (128, 128), (5, 9)), (1, 2, 3, 4, 6), (16, 32, 64, 128)):
+        tile = tri._halo_tile(h, w, radius, bd)
+        assert tile is None or tile[0] * tile[1] <= 64, (h, w, radius, bd, tile)
 
 
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
@@ -342,7 +340,7 @@ def test_autotuned_matches_pinned_gpu(monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(7))
 @pytest.mark.parametrize("case", [(2, 31, 17, 6, 64, 3, "zeros"), (1, 9, 40, 2, 5, 5, "circular"),
                                   (1, 16, 16, 1, 32, 7, "shift")], ids=["d64", "d5-unaligned", "shift7"])
 def test_every_tile_candidate_matches_reference_gpu(case, index, monkeypatch):

@@ -390,8 +390,19 @@ def _wgmma_safe(block_m: int, num_warps: int) -> bool:
       relative 1.9e-3 against float64, the size of the low part of the 3xTF32 split
       (2026-11-26). 64 rows on 4 warps compiles to [4, 1] throughout (sm_90, offline),
       and passed for C=16 on the GPU; for C=32 it awaits a GPU run.
-    Below 64 rows there is no wgmma (mma.sync instead), so any warp count is safe there."""
+    A dot of fewer than 64 rows has no wgmma (mma.sync instead): any warp count is safe.
+    BLOCK_M is the dot's row count, which for the backward cell kernel's weight-gradient
+    dots is a channel width, not the tile's cells (_cell_tile_safe)."""
     return block_m < 64 or num_warps // 4 <= block_m // 64
+
+
+def _cell_tile_safe(rule, block_m: int, num_warps: int) -> bool:
+    """_wgmma_safe for every dot of the backward cell kernel at this tile: the per-cell dots
+    have BLOCK_M rows, the weight-gradient partials (gd^T h, dz^T x, dz^T conv) C_BLK and
+    HID_PAD rows. sm_90 compile (triton 3.9): 32 rows on 8 warps for C=64, hidden=64 gave
+    the 64-row dz^T x dot warpsPerCTA [8, 1] and [4, 2], the layouts of the input kernel's
+    wrong d_state."""
+    return all(_wgmma_safe(m, num_warps) for m in (block_m, rule.C_BLK, rule.HID_PAD))
 
 
 def _forward_prune(configs, named_args, **kwargs):
@@ -967,24 +978,27 @@ def _pinned_forward_tile() -> tuple[int, int] | None:
     return None
 
 
-def _pinned_tile(var: str) -> tuple[int, int, int] | None:
+def _pinned_tile(var: str, stages: bool = False) -> tuple[int, int, int] | None:
     """A tile pinned by an environment variable: FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]
-    for the backward cell kernel, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS for the
-    input-gradient kernel, FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
+    for the backward cell kernel (stages=True), FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS
+    for the input-gradient kernel, FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
     (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
     software pipelining stages in 1..4, default 1)."""
     v = os.environ.get(var)
     if not v:
         return None
+    form = "BLOCK_M,WARPS[,STAGES]" if stages else "BLOCK_M,WARPS"
     try:
         block_m, warps, *rest = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"{var} must be 'BLOCK_M,WARPS[,STAGES]', got {v!r}") from None
-    stages = rest[0] if len(rest) == 1 else 1
-    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or len(rest) > 1 or not 1 <= stages <= 4:
+        raise ValueError(f"{var} must be '{form}', got {v!r}") from None
+    if len(rest) > (1 if stages else 0):
+        raise ValueError(f"{var} must be '{form}', got {v!r}")
+    n_stages = rest[0] if rest else 1
+    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= n_stages <= 4:
         raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
                          f"stages in 1..4, got {v!r}")
-    return block_m, warps, stages
+    return block_m, warps, n_stages
 
 
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3"):
@@ -1003,19 +1017,21 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
             block_m = 32 if smem >= 200 * 1024 else 16
             warps = 8 if block_m * max(rule.HID_PAD, rule.C_PAD) >= 8192 else 4
+            if not _cell_tile_safe(rule, block_m, warps):
+                warps = 4
         else:
             # Measured on an H100 (Med-NCA rule, B=8, 256x256, bf16; scripts/
             # nca_backward_variants.py, 2026-11-26): 16 rows on 4 warps 7.3 ms with 3xTF32
             # (64/8: 9.3, 32/8: 9.0, 32/4: 8.1); 32 rows on 4 warps 3.8 ms with TF32 (64/8:
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
-            # tiles spill less. Below 64 rows there is no wgmma, so any N is safe.
+            # tiles spill less.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE")
+        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", stages=True)
         if pinned:
             block_m, warps, stages = pinned
-            if not _wgmma_safe(block_m, warps):
-                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps}: more warp groups than "
-                                 "64-row blocks (see _wgmma_safe); pick another tile")
+            if not _cell_tile_safe(rule, block_m, warps):
+                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps}: a dot of this rule would get "
+                                 "more warp groups than 64-row blocks (see _cell_tile_safe); pick another tile")
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages

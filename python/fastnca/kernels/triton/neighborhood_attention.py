@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from .nca_step import _wgmma_safe, fp32_dot_precision
+from .nca_step import fp32_dot_precision
 
 _ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
 _MASK = tl.constexpr(_ext.BORDER_CODES["mask"])
@@ -765,21 +765,15 @@ def _halo_setup(q, kernel_size, border):
                       BLOCK_D=block_d, RH=rh)
 
 
-def _halo_warps(setup) -> int:
-    """num_warps of the halo kernels. sm_90 compiles (triton 3.9): 4 warps keep GeCA-S (halo
-    128 x D 64, scores 64 x 128) at 255 registers without spills; a larger halo block or
-    score tile spills there: 8 warps, where the query tile has a 64-row block for each warp
-    group (_wgmma_safe: a tile of 64 queries on 8 warps compiled to wgmma layouts that split
-    N, down to N=8, or repeat the rows)."""
-    (by, bx, halo), consts = setup
-    warps = 4 if max(halo * consts["BLOCK_D"], by * bx * halo) <= 8192 else 8
-    return warps if _wgmma_safe(by * bx, warps) else 4
-
-
 def _halo_launch(name, setup, B, H, W, NH, args):
     (by, bx, halo), consts = setup
+    # 4 warps, one warp group: a tile holds at most 64 queries (_halo_tile), and 8 warps on
+    # 64 rows compiled to wgmma layouts that split N (down to N=8) or repeat the rows (see
+    # nca_step._wgmma_safe), though larger halo blocks spill at 4 (sm_90 compiles, triton
+    # 3.9: GeCA-S, halo 128 x D 64, 255 registers and no spills; k=7 shift at D=32, 5 KB of
+    # stack in the dk/dv kernel).
     globals()[name][(B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)](
-        *args, **consts, BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=_halo_warps(setup))
+        *args, **consts, BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=4)
 
 
 def forward(q, k, v, kernel_size, border, scale):
