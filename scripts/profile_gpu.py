@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
@@ -108,14 +109,19 @@ def main() -> int:
 
 
 def timeline(run, n: int) -> int:
-    """Wall time per iteration of ``run`` (CUDA events over n back-to-back calls), the GPU
-    time of its kernels and the host time of the calls (torch.profiler), and the kernels."""
+    """Wall time per iteration of ``run`` (CUDA events over n back-to-back calls), the host
+    time to enqueue them (no profiler: when it nears the wall time the loop is host-bound),
+    the GPU time of its kernels and the host time of the calls (torch.profiler), and the
+    kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
     start.record()
+    t0 = time.perf_counter()
     for _ in range(n):
         run()
+    issue = (time.perf_counter() - t0) * 1e3 / n  # host time to enqueue, no waiting on the GPU
     end.record()
     torch.cuda.synchronize()
     wall = start.elapsed_time(end) / n
@@ -128,7 +134,8 @@ def timeline(run, n: int) -> int:
     kernels = [e for e in events if getattr(e, dev_attr) > 0 and e.device_type.name in ("CUDA", "PrivateUse1")]
     gpu = sum(getattr(e, dev_attr) for e in kernels) / n / 1e3
     host = max(e.cpu_time_total for e in events) / n / 1e3  # the outermost host range
-    print(f"per iteration: wall {wall:.3f} ms, kernels {gpu:.3f} ms, host (largest range) {host:.3f} ms")
+    print(f"per iteration: wall {wall:.3f} ms, kernels {gpu:.3f} ms, host enqueue {issue:.3f} ms "
+          f"(unprofiled; close to wall: host-bound), host under the profiler (largest range) {host:.3f} ms")
     for e in sorted(kernels, key=lambda e: -getattr(e, dev_attr))[:15]:
         print(f"  {getattr(e, dev_attr) / n / 1e3:8.3f} ms  x{e.count // n:<3} {e.key[:90]}")
     return 0
