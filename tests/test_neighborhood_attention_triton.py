@@ -128,6 +128,22 @@ def test_halo_formulations_match_reference(monkeypatch, case):
     check_against_reference(*case)
 
 
+@pytest.mark.parametrize("tile", ["4x8", "4x4"])
+def test_halo_tile_knob(monkeypatch, tile):
+    """FASTNCA_TRITON_NA_HALO_TILE starts the halo tile search at a smaller tile; the kernels
+    stay exact there (interior and edge tiles, each border)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NA_HALO_TILE", tile)
+    by, bx = (int(t) for t in tile.split("x"))
+    assert tri._halo_tile(32, 32, 1, 64) == (by, bx, 64)  # (by + 2) x (bx + 2) <= 64 slots
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
+    for border in ("zeros", "circular", "shift"):
+        check_against_reference(1, 9, 13, 2, 8, 3, border, torch.float32)
+    monkeypatch.setenv("FASTNCA_TRITON_NA_HALO_TILE", "2x2")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NA_HALO_TILE"):
+        tri._halo_tile(32, 32, 1, 64)
+
+
 def test_halo_backward_from_window_forward(monkeypatch):
     """Each halo kernel also works beside the other formulation's."""
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
@@ -318,12 +334,15 @@ def test_halo_formulations_match_reference_gpu(case, monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("formulation", ["window", "halo"])
+@pytest.mark.parametrize("formulation", ["window", "halo", "halo-4x8"])
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_geca_shapes_gpu(layout, dtype, formulation, monkeypatch):
-    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", formulation)
-    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", formulation)
+    kind, _, tile = formulation.partition("-")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", kind)
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", kind)
+    if tile:
+        monkeypatch.setenv("FASTNCA_TRITON_NA_HALO_TILE", tile)
     check_against_reference(8, 32, 32, 12, 64, 3, "zeros", dtype, layout=layout)
 
 

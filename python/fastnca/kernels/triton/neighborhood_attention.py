@@ -729,8 +729,18 @@ def _halo_tile(H: int, W: int, radius: int, block_d: int) -> tuple[int, int, int
     (fewer rows or columns on small grids, at least 16 cells for tl.dot) whose halo block
     HALO x BLOCK_D stays within 16384 elements, HALO = the halo's cells rounded up to a
     power of two; None if none fits (the per-window kernels run instead). sm_90 compiles:
-    a 256 x 128 halo block took 256 KB of shared memory, over an H100's 227 KB."""
-    for ty, tx in ((8, 8), (4, 8), (4, 4)):
+    a 256 x 128 halo block took 256 KB of shared memory, over an H100's 227 KB.
+    FASTNCA_TRITON_NA_HALO_TILE=4x8 or 4x4 (a benchmarking knob) starts the search at that
+    tile: fewer wasted scores per query (k=3: 64 halo slots for 32 or 16 queries, against
+    128 for 64), on mma.sync instead of wgmma."""
+    tiles = ((8, 8), (4, 8), (4, 4))
+    knob = os.environ.get("FASTNCA_TRITON_NA_HALO_TILE", "")
+    if knob:
+        first = dict(zip(("8x8", "4x8", "4x4"), range(3))).get(knob)
+        if first is None:
+            raise ValueError(f"FASTNCA_TRITON_NA_HALO_TILE must be '8x8', '4x8' or '4x4', got {knob!r}")
+        tiles = tiles[first:]
+    for ty, tx in tiles:
         by = min(ty, triton.next_power_of_2(H))
         bx = max(min(tx, triton.next_power_of_2(W)), 16 // by)
         halo = triton.next_power_of_2((by + 2 * radius) * (bx + 2 * radius))
