@@ -144,6 +144,16 @@ def test_halo_tile_knob(monkeypatch, tile):
         tri._halo_tile(32, 32, 1, 64)
 
 
+@pytest.mark.parametrize("case", HALO_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_split_backward_matches_reference(monkeypatch, case):
+    """FASTNCA_TRITON_NA_BACKWARD=split: dq and each window slot's p, ds in one launch, dk
+    and dv gathered from them in a second. Every case above: circular windows larger than
+    the grid (a key at several slots of one query), shift's clamped windows (the slot from
+    the window's start), mask and zeros borders (outside slots never read)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "split")
+    check_against_reference(*case)
+
+
 def test_halo_backward_from_window_forward(monkeypatch):
     """Each halo kernel also works beside the other formulation's."""
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
@@ -332,17 +342,34 @@ def test_halo_formulations_match_reference_gpu(case, monkeypatch):
     check_against_reference(*case)
 
 
+FORMULATIONS = {  # the opt-in Triton formulations by their environment knobs
+    "window": {},
+    "halo": dict(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo"),
+    "halo-4x8": dict(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo",
+                     FASTNCA_TRITON_NA_HALO_TILE="4x8"),
+    "split": dict(FASTNCA_TRITON_NA_BACKWARD="split"),
+}
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("formulation", ["window", "halo", "halo-4x8"])
+@pytest.mark.parametrize("case", _gpu_matrix()[::3], ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_split_backward_matches_reference_gpu(case, monkeypatch):
+    """A third of the GPU matrix (every border, kernel size and dtype still appear; the
+    interpreter tests cover the split's index cases on the CPU)."""
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "split")
+    check_against_reference(*case)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("formulation", list(FORMULATIONS))
 @pytest.mark.parametrize("layout", ["packed", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_geca_shapes_gpu(layout, dtype, formulation, monkeypatch):
-    kind, _, tile = formulation.partition("-")
-    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", kind)
-    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", kind)
-    if tile:
-        monkeypatch.setenv("FASTNCA_TRITON_NA_HALO_TILE", tile)
+    for name, value in FORMULATIONS[formulation].items():
+        monkeypatch.setenv(name, value)
     check_against_reference(8, 32, 32, 12, 64, 3, "zeros", dtype, layout=layout)
 
 

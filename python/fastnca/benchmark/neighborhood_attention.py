@@ -84,17 +84,18 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             impls.append(("natten", nat, True))
         for b in backends:
             impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
-        if "triton" in backends and device.type == "cuda":  # the opt-in tensor-core kernels
-            for tile in ("", " 4x8"):  # default tiles (8x8 queries), and 4x8 (half the scores)
-                impls.append((f"fastnca:triton halo{tile}",
-                              lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
+        knobs = {}  # the opt-in Triton formulations, each under its environment knobs
+        if "triton" in backends and device.type == "cuda":
+            halo = dict(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo")
+            knobs = {"fastnca:triton halo": halo,  # tensor cores, 8x8-query tiles
+                     "fastnca:triton halo 4x8": dict(halo, FASTNCA_TRITON_NA_HALO_TILE="4x8"),  # half the scores
+                     "fastnca:triton split": dict(FASTNCA_TRITON_NA_BACKWARD="split")}  # dk/dv from stored p, ds
+            for impl in knobs:
+                impls.append((impl, lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
-            halo = " halo" in impl
-            with env(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo",
-                     FASTNCA_TRITON_NA_HALO_TILE=impl.split(" halo")[1].strip() or None) if halo \
-                    else contextlib.nullcontext():
+            with env(**knobs[impl]) if impl in knobs else contextlib.nullcontext():
                 results.append(_measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps,
                                         bytes_fwd, bytes_bwd, bw))
             qkv.grad = None

@@ -479,9 +479,11 @@ def _na2d_backward_preprocess_kernel(
 
 @triton.jit
 def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-            H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+            pds_ptr, row, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
+            STORE_PDS: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
-    nothing (zeros border: k_j = 0; mask: p_ij = 0)."""
+    nothing (zeros border: k_j = 0; mask: p_ij = 0). STORE_PDS: also writes p_ij and ds_ij
+    to pds[row, slot] (slot = (a + r) * KS + column) for the split backward's dk/dv kernel."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
     for bi in tl.static_range(KS):
@@ -493,21 +495,33 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
         p = tl.where(inside, tl.exp(tl.sum(q * k, 1) - lse), 0.0)  # q carries the scale
         ds = p * (tl.sum(do * v, 1) - di)
         dq += ds[:, None] * k
+        if STORE_PDS:
+            slot = 2 * (row * (KS * KS) + (a + R) * KS + bi)
+            tl.store(pds_ptr + slot, p, mask=ok)
+            tl.store(pds_ptr + slot + 1, ds, mask=ok)
     return dq
 
 
 @triton.jit
-def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC: tl.constexpr):
-    """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0."""
+def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS: tl.constexpr, VEC: tl.constexpr,
+                FROM_PDS: tl.constexpr):
+    """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0.
+    FROM_PDS: p_ij and ds_ij come from the split backward's pds[row_i, slot] (key j's slot
+    in query i's window) instead of being recomputed from q_i . k_j and do_i . v_j."""
     m2 = valid[:, None] & dm[None, :]
     qi = tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
     doi = tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0.0).to(tl.float32)
     row = _out_rows(b64, iy, ix, h, H, W, NH)
-    lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
-    di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
-    p = tl.where(valid, tl.exp(tl.sum(qi * kj, 1) - lse_i), 0.0)  # kj carries the scale
-    ds = p * (tl.sum(doi * vj, 1) - di_i)
+    if FROM_PDS:
+        at = 2 * (row * (KS * KS) + slot)
+        p = tl.load(pds_ptr + at, mask=valid, other=0.0)
+        ds = tl.load(pds_ptr + at + 1, mask=valid, other=0.0)
+    else:
+        lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
+        di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
+        p = tl.where(valid, tl.exp(tl.sum(qi * kj, 1) - lse_i), 0.0)  # kj carries the scale
+        ds = p * (tl.sum(doi * vj, 1) - di_i)
     dk += ds[:, None] * qi
     dv += p[:, None] * doi
     return dk, dv
@@ -515,7 +529,8 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, 
 
 @triton.jit
 def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
-             sdoy, sdox, sdod, ws_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+             sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
+             FROM_PDS: tl.constexpr):
     """dk_j, dv_j from the queries reading key j through window row a: one per offset for
     zeros/mask/circular (circular grids smaller than the window repeat a pair once per
     offset, exactly as the forward counts it)."""
@@ -524,35 +539,19 @@ def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, 
     for bi in tl.static_range(KS):
         ix = _query_index(x, bi - R, W, R, BORDER)
         valid = ok & (iy >= 0) & (ix >= 0)
-        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                             do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
+        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, (a + R) * KS + bi, b64, h, H, W, NH, q_ptr, q_base,
+                             sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, VEC, FROM_PDS)
     return dk, dv
 
 
 @triton.jit
-def _na2d_backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, dq_ptr, dk_ptr, dv_ptr,
-    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
-    H, W, NH, scale, D: tl.constexpr,
-    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
+             q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+             H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_PDS: tl.constexpr):
+    """The tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window."""
     R: tl.constexpr = KS // 2
-    BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
-    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
     tile_mask = ok[:, None] & dm[None, :]
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    q_base = b64 * sqb + h64 * sqh
-    k_base = b64 * skb + h64 * skh
-    v_base = b64 * svb + h64 * svh
-    do_base = b64 * sdob + h64 * sdoh
-    row = _out_rows(b64, y, x, h, H, W, NH)
-    out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
-
-    # Pass 1, the tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
     q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
     q = q.to(tl.float32) * scale
     do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
@@ -563,45 +562,96 @@ def _na2d_backward_kernel(
     if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, H, W, KS, BORDER, VEC, STORE_PDS)
     else:
         for ai in range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, H, W, KS, BORDER, VEC, STORE_PDS)
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
-    # Pass 2, the tile as keys: gather over the queries whose window holds key j.
-    kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=tile_mask, other=0.0)
-    kj = kj.to(tl.float32) * scale
-    vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=tile_mask, other=0.0)
-    vj = vj.to(tl.float32)
+
+@triton.jit
+def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
+              q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+              H, W, NH, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FROM_PDS: tl.constexpr):
+    """The tile as keys: dk_j, dv_j gathered over the queries whose window holds key j."""
+    R: tl.constexpr = KS // 2
+    tile_mask = ok[:, None] & dm[None, :]
+    if FROM_PDS:  # p and ds come from pds: no key or value needed
+        kj = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        vj = kj
+    else:
+        kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=tile_mask, other=0.0)
+        kj = kj.to(tl.float32) * scale
+        vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=tile_mask, other=0.0)
+        vj = vj.to(tl.float32)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BORDER == _SHIFT:
-        # Window keys are distinct under shift, so each (query, key) pair counts once and
-        # the offset need not be known: scan the per-axis query ranges. Interior tiles run
-        # (2r+1)^2 steps, edge tiles up to (4r+1)^2 (the tile-wide longest range).
+        # Window keys are distinct under shift, so each (query, key) pair counts once:
+        # scan the per-axis query ranges. Interior tiles run (2r+1)^2 steps, edge tiles up
+        # to (4r+1)^2 (the tile-wide longest range). Key j's slot in query i's window is
+        # its offset from the window's clamped start.
         lo_y, hi_y = _shift_query_range(y, H, R)
         lo_x, hi_x = _shift_query_range(x, W, R)
         n_y = tl.max(tl.where(ok, hi_y - lo_y + 1, 0), 0)
         n_x = tl.max(tl.where(ok, hi_x - lo_x + 1, 0), 0)
         for u in range(0, n_y):
             iy = lo_y + u
+            sy = y - tl.minimum(tl.maximum(iy, R), H - 1 - R) + R
             for w in range(0, n_x):
                 ix = lo_x + w
                 valid = ok & (iy <= hi_y) & (ix <= hi_x)
-                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                                     do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, VEC)
+                slot = sy * KS + x - tl.minimum(tl.maximum(ix, R), W - 1 - R) + R
+                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy,
+                                     sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, VEC,
+                                     FROM_PDS)
     elif UNROLL:
         for ai in tl.static_range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, BORDER, VEC, FROM_PDS)
     else:
         for ai in range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, d, dm, KS, BORDER, VEC)
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, BORDER, VEC, FROM_PDS)
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _na2d_backward_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, dk_ptr, dv_ptr,
+    sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
+    H, W, NH, scale, D: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PASS: tl.constexpr,
+):
+    """The window backward of a tile. PASS 0: both passes in one program (the default,
+    "window"). The split formulation ("split") launches PASS 1 (dq, and p_ij, ds_ij of
+    every window slot to pds) and then PASS 2 (dk, dv from pds and the queries' q, do: no
+    dot products recomputed)."""
+    BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
+    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = b64 * sqb + h64 * sqh
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    do_base = b64 * sdob + h64 * sdoh
+    row = _out_rows(b64, y, x, h, H, W, NH)
+    out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
+    if PASS != 2:
+        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
+                 q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+                 H, W, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 1)
+    if PASS != 1:
+        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
+                  q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+                  H, W, NH, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 2)
 
 
 # ---- launch configuration ------------------------------------------------------------
@@ -686,7 +736,8 @@ _AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER", "VEC"]
 def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool, vec: int):
     # One Autotuner per candidate list (it depends on the slice width, grid caps and vec).
     configs = _tile_configs(hp, wp, width, backward, vec)
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(globals()[kernel_name])
+    key = _AUTOTUNE_KEY + (["PASS"] if kernel_name == "_na2d_backward_kernel" else [])
+    return triton.autotune(configs=configs, key=key)(globals()[kernel_name])
 
 
 def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
@@ -808,10 +859,13 @@ def forward(q, k, v, kernel_size, border, scale):
 
 def _backward_formulation() -> str:
     """FASTNCA_TRITON_NA_BACKWARD=halo selects the tensor-core backward (dq against the key
-    halo, dk/dv against the query halo), an opt-in candidate until a GPU has timed it."""
+    halo, dk/dv against the query halo); =split the window backward in two launches, the
+    second reading p_ij and ds_ij from the first instead of recomputing them (a transient
+    float32 workspace of 2 x kernel_size^2 values per query and head). Both are opt-in
+    candidates until a GPU has timed them."""
     v = os.environ.get("FASTNCA_TRITON_NA_BACKWARD", "")
-    if v not in ("", "window", "halo"):
-        raise ValueError(f"FASTNCA_TRITON_NA_BACKWARD must be 'window' or 'halo', got {v!r}")
+    if v not in ("", "window", "halo", "split"):
+        raise ValueError(f"FASTNCA_TRITON_NA_BACKWARD must be 'window', 'halo' or 'split', got {v!r}")
     return v or "window"
 
 
@@ -825,7 +879,8 @@ def _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, setup):
 
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     _check(q, k, v)
-    halo = _halo_setup(q, kernel_size, border) if _backward_formulation() == "halo" else None
+    formulation = _backward_formulation()
+    halo = _halo_setup(q, kernel_size, border) if formulation == "halo" else None
     if o.stride(-1) != 1:  # o is ours (contiguous) unless a caller mixes backends
         o = o.contiguous()
     B, H, W, NH, D = q.shape
@@ -852,9 +907,14 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         if halo is not None:
             _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, halo)
             return dq, dk, dv
-        _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
-                (q, k, v, grad_o, ws, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
-                 *grad_o.stride(), H, W, NH, float(scale), D),
-                dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
-                     BLOCK_H=block_h, BLOCK_D=block_d))
+        split = formulation == "split"
+        # split: p_ij, ds_ij of every window slot, float32, pass 1 -> pass 2 (else unused)
+        pds = torch.empty(B * H * W * NH * kernel_size ** 2 * 2 if split else 1, dtype=torch.float32,
+                          device=q.device)
+        for pass_ in ((1, 2) if split else (0,)):
+            _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
+                    (q, k, v, grad_o, ws, pds, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
+                     *grad_o.stride(), H, W, NH, float(scale), D),
+                    dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec),
+                         VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PASS=pass_))
     return dq, dk, dv
