@@ -32,7 +32,8 @@
 #       variants@150 pack (VARIANTS_ARGS="--tiles default 32,8 --input-tiles 64,4 128,8 32,4 --acc registers mixed
 #       --prec tf32x3": the input tile of the warp-group fix, 64/4, has not been timed with the
 #       default cell tile; the test stage includes the float32 test of every pinned tile); then
-#       bench:attention,nca:bfloat16@230 bench-warm:geca:bfloat16 bench:geca:bfloat16 pack.
+#       bench:attention,nca:bfloat16@230 bench-warm:geca:bfloat16 bench:geca:bfloat16 pack (the attention
+#       suite now also times the opt-in "triton halo 4x8" and "triton split" rows).
 #       Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and a full
 #       `pytest -m gpu` alone 72 s on 12 processes once the Triton caches were warm.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
