@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 import importlib  # noqa: E402
 
+from fastnca.benchmark.common import env  # noqa: E402
 from fastnca.kernels.reference import nca_step as ref_nca  # noqa: E402
 from fastnca.kernels.reference import neighborhood_attention as ref_na  # noqa: E402
 
@@ -108,7 +109,16 @@ def main():
         nca(dev, *c)
     for c in na_cases:
         attention(dev, *c)
-    print(f"cuda_sanitize_driver ({args.backend}): {len(nca_cases)} nca_step and {len(na_cases)} attention cases OK")
+    # Triton's opt-in attention formulations (their knobs are read at each call): the halo
+    # kernels and the split window backward, whose pds workspace is read through masks
+    formulations = {"halo": dict(FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo"),
+                    "split": dict(FASTNCA_TRITON_NA_BACKWARD="split")} if args.backend == "triton" else {}
+    for knobs in formulations.values():
+        with env(**knobs):
+            for c in na_cases:
+                attention(dev, *c)
+    print(f"cuda_sanitize_driver ({args.backend}): {len(nca_cases)} nca_step and {len(na_cases)} attention cases"
+          f"{f' (also as {len(formulations)} opt-in formulations)' if formulations else ''} OK")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,31 @@ def test_split_backward_matches_reference(monkeypatch, case):
     check_against_reference(*case)
 
 
+def test_split_passes_on_different_tiles(monkeypatch):
+    """The split's passes meet only through pds, indexed by global row and slot, so each
+    may take its own tile (the autotuner tunes them apart): pass 1 and pass 2 pinned to
+    different tiles, over edge tiles, padded heads and every border."""
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "split")
+    launch, default = tri._launch, tri._default_config
+    tiles = {1: (2, 4), 2: (4, 2)}
+
+    def launch_pinned(name, backward, B, H, W, NH, width, args, consts):
+        if name == "_na2d_backward_kernel":
+            by, bx = tiles[consts["PASS"]]
+            monkeypatch.setattr(tri, "_default_config", lambda *a: {"BLOCK_Y": by, "BLOCK_X": bx, "num_warps": 4})
+        try:
+            return launch(name, backward, B, H, W, NH, width, args, consts)
+        finally:
+            monkeypatch.setattr(tri, "_default_config", default)
+
+    monkeypatch.setattr(tri, "_launch", launch_pinned)
+    for case in ((1, 9, 11, 3, 5, 5, "mask", torch.float32), (1, 3, 5, 3, 8, 5, "circular", torch.float32),
+                 (1, 8, 11, 1, 16, 7, "shift", torch.float32), (2, 5, 6, 3, 8, 3, "zeros", torch.bfloat16)):
+        check_against_reference(*case)
+    tiles = {1: (4, 2), 2: (1, 8)}
+    check_against_reference(1, 8, 11, 1, 16, 7, "shift", torch.float32)
+
+
 def test_halo_backward_from_window_forward(monkeypatch):
     """Each halo kernel also works beside the other formulation's."""
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")

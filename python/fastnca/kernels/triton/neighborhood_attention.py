@@ -479,11 +479,13 @@ def _na2d_backward_preprocess_kernel(
 
 @triton.jit
 def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-            pds_ptr, row, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
+            pds_ptr, row, n_rows, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
             STORE_PDS: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
     nothing (zeros border: k_j = 0; mask: p_ij = 0). STORE_PDS: also writes p_ij and ds_ij
-    to pds[row, slot] (slot = (a + r) * KS + column) for the split backward's dk/dv kernel."""
+    for the split backward's dk/dv pass, slot-major so that a tile's rows are contiguous:
+    p at pds[2 * slot * n_rows + row], ds n_rows further (slot = (a + r) * KS + column; 0
+    for keys outside the grid, which that pass never reads)."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
     for bi in tl.static_range(KS):
@@ -496,27 +498,28 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
         ds = p * (tl.sum(do * v, 1) - di)
         dq += ds[:, None] * k
         if STORE_PDS:
-            slot = 2 * (row * (KS * KS) + (a + R) * KS + bi)
-            tl.store(pds_ptr + slot, p, mask=ok)
-            tl.store(pds_ptr + slot + 1, ds, mask=ok)
+            at = 2 * ((a + R) * KS + bi) * n_rows + row
+            tl.store(pds_ptr + at, p, mask=ok)
+            tl.store(pds_ptr + at + n_rows, ds, mask=ok)
     return dq
 
 
 @triton.jit
 def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS: tl.constexpr, VEC: tl.constexpr,
+                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC: tl.constexpr,
                 FROM_PDS: tl.constexpr):
     """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0.
     FROM_PDS: p_ij and ds_ij come from the split backward's pds[row_i, slot] (key j's slot
-    in query i's window) instead of being recomputed from q_i . k_j and do_i . v_j."""
+    in query i's window; see _dq_row) instead of being recomputed from q_i . k_j and
+    do_i . v_j. The masks matter: an invalid lane's slot or row may lie outside pds."""
     m2 = valid[:, None] & dm[None, :]
     qi = tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
     doi = tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0.0).to(tl.float32)
     row = _out_rows(b64, iy, ix, h, H, W, NH)
     if FROM_PDS:
-        at = 2 * (row * (KS * KS) + slot)
+        at = 2 * slot * n_rows + row
         p = tl.load(pds_ptr + at, mask=valid, other=0.0)
-        ds = tl.load(pds_ptr + at + 1, mask=valid, other=0.0)
+        ds = tl.load(pds_ptr + at + n_rows, mask=valid, other=0.0)
     else:
         lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
         di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
@@ -529,8 +532,8 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
 
 @triton.jit
 def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
-             sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
-             FROM_PDS: tl.constexpr):
+             sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS: tl.constexpr, BORDER: tl.constexpr,
+             VEC: tl.constexpr, FROM_PDS: tl.constexpr):
     """dk_j, dv_j from the queries reading key j through window row a: one per offset for
     zeros/mask/circular (circular grids smaller than the window repeat a pair once per
     offset, exactly as the forward counts it)."""
@@ -540,12 +543,13 @@ def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, 
         ix = _query_index(x, bi - R, W, R, BORDER)
         valid = ok & (iy >= 0) & (ix >= 0)
         dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, (a + R) * KS + bi, b64, h, H, W, NH, q_ptr, q_base,
-                             sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, VEC, FROM_PDS)
+                             sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
+                             FROM_PDS)
     return dk, dv
 
 
 @triton.jit
-def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
+def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
              q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
              H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_PDS: tl.constexpr):
@@ -562,16 +566,16 @@ def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, b64, y, x, h,
     if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, H, W, KS, BORDER, VEC, STORE_PDS)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, STORE_PDS)
     else:
         for ai in range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, H, W, KS, BORDER, VEC, STORE_PDS)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, STORE_PDS)
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
+def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
               q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
               H, W, NH, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FROM_PDS: tl.constexpr):
@@ -605,23 +609,25 @@ def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dk_ptr, dv_ptr, b64,
                 valid = ok & (iy <= hi_y) & (ix <= hi_x)
                 slot = sy * KS + x - tl.minimum(tl.maximum(ix, R), W - 1 - R) + R
                 dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy,
-                                     sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, VEC,
+                                     sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
                                      FROM_PDS)
     elif UNROLL:
         for ai in tl.static_range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, BORDER, VEC, FROM_PDS)
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
+                              FROM_PDS)
     else:
         for ai in range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, d, dm, KS, BORDER, VEC, FROM_PDS)
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
+                              FROM_PDS)
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # a tensor even at 1 row: cast to int64 below
 def _na2d_backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, dk_ptr, dv_ptr,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
@@ -644,12 +650,13 @@ def _na2d_backward_kernel(
     do_base = b64 * sdob + h64 * sdoh
     row = _out_rows(b64, y, x, h, H, W, NH)
     out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
+    n_rows = n_rows.to(tl.int64)  # pds offsets reach 2 * KS^2 * n_rows
     if PASS != 2:
-        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
+        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
                  q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
                  H, W, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 1)
     if PASS != 1:
-        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
+        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
                   q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
                   H, W, NH, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 2)
 
@@ -913,7 +920,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
                           device=q.device)
         for pass_ in ((1, 2) if split else (0,)):
             _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
-                    (q, k, v, grad_o, ws, pds, dq, dk, dv, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
+                    (q, k, v, grad_o, ws, pds, B * H * W * NH, dq, dk, dv, *q.stride()[:4], *k.stride()[:4],
+                     *v.stride()[:4],
                      *grad_o.stride(), H, W, NH, float(scale), D),
                     dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec),
                          VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PASS=pass_))
