@@ -244,7 +244,18 @@ def tf32_dots(monkeypatch):
     def trunc(a):
         return (np.asarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
 
+    import triton.language as tl
+
+    def bf16_values(h):  # the interpreter holds bfloat16 as raw 16-bit patterns
+        if getattr(h.dtype, "scalar", h.dtype) == tl.bfloat16:
+            return (np.asarray(h.data).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return None
+
     def create_dot(self, a, b, d, input_precision, *rest):
+        xa, xb = bf16_values(a), bf16_values(b)
+        if xa is not None and xb is not None:  # bfloat16 x bfloat16: exact products, fp32 sums
+            r = np.matmul(xa.astype(np.float64), xb.astype(np.float64)).astype(np.float32)
+            return interpreter.TensorHandle(r + d.data, d.dtype.scalar)
         if a.data.dtype != np.float32 or b.data.dtype != np.float32:
             return exact_dot(self, a, b, d, input_precision, *rest)
         prec = str(input_precision).lower()
@@ -299,6 +310,46 @@ def test_exact_bit_on_a_float32_operand_is_caught(monkeypatch, tf32_dots):
     honest = max(_max_err(TF32_CASE).values())
     monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: sum(tri._EXACT_BITS.values()))
     assert honest <= REL_TOL[torch.float32] < max(_max_err(TF32_CASE).values())
+
+
+def _claim_bf16(monkeypatch):
+    """Every operand family counted as bfloat16 (float32 tensors holding bfloat16 values:
+    float32 outputs, so the float32 tolerance can be checked), with bfloat16 dots on."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    exact_bits = tri._exact_bits
+    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: exact_bits(prec, {n: torch.bfloat16 for n in dtypes}))
+
+
+def _bf16_valued(t):
+    return t.bfloat16().float()
+
+
+@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
+def test_bf16_dots_keep_float32_accuracy(monkeypatch, tf32_dots, groups):
+    """FASTNCA_TRITON_NCA_BF16_DOTS=1: a dot of two operands from bfloat16 tensors runs as
+    one bfloat16 dot (exact products, float32 sums): on bfloat16-valued inputs every result
+    keeps the float32 tolerance against float64, in the forward and every gradient."""
+    _claim_bf16(monkeypatch)
+    B, C, H, W, hidden, F, g, frozen, padding, p = (1, 16, 5, 6, 32, 2, groups, 1, "reflect", 0.5)
+    g = C if g == "C" else g
+    state, grad_out, *w = (_bf16_valued(t) for t in make_inputs(B, C, H, W, hidden, F, g, frozen, seed=6))
+    rule = tri._Rule(state, *w, g, padding, frozen)
+    assert rule.constexprs()["EXACT"] >> tri._BF16_SHIFT.value == sum(tri._EXACT_BITS.values()) - tri._EXACT_BITS["grad"]
+    args = (*w, g, padding, p, 3, 2, frozen)
+    got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
+    d = [t.double() for t in (state, grad_out, *w)]
+    want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
+    for name, a, b in zip(("out",) + GRAD_NAMES, got, want):
+        assert rel_err(a, b) <= REL_TOL[torch.float32], f"{name}: rel err {rel_err(a, b):.2e}"
+
+
+def test_bf16_dots_are_taken(monkeypatch, tf32_dots):
+    """Negative control for the test above: the same claim on float32 values that are not
+    bfloat16-exact loses their low bits in the bfloat16 dots (so the dots did run)."""
+    _claim_bf16(monkeypatch)
+    assert max(_max_err(TF32_CASE).values()) > 1e-3
 
 
 def test_strided_inputs():
@@ -445,6 +496,16 @@ def test_pinned_forward_tile(monkeypatch):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", bad)
         with pytest.raises(ValueError, match=match):
             tri._pinned_forward_tile()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES[:3], ids=lambda c: "x".join(map(str, c)))
+def test_gpu_bf16_dots(monkeypatch, case):
+    """FASTNCA_TRITON_NCA_BF16_DOTS=1 on bfloat16 state and weights (the bfloat16 dots run on
+    tensor cores), against the reference at the bfloat16 tolerance."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
+    check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, median_ms, peak_mb, release, saved_mb
+from .common import Result, env, median_ms, peak_mb, release, saved_mb
 
 
 class PaperStep(torch.nn.Module):
@@ -142,10 +142,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             """forward(), and with ``grad`` its backward from grad_out, as one callable.
             mode "tf32": both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
             from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
-            and cuDNN without TF32 (the reference backend's row)."""
+            and cuDNN without TF32 (the reference backend's row); "bf16-dots": the Triton
+            kernels under FASTNCA_TRITON_NCA_BF16_DOTS=1."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
-                    else contextlib.nullcontext()
+                    else env(FASTNCA_TRITON_NCA_BF16_DOTS="1") if mode == "bf16-dots" else contextlib.nullcontext()
                 with torch.set_grad_enabled(grad), ctx:
                     y = forward()
                     if grad:
@@ -166,6 +167,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         fast = [(f"fastnca:{b}", b, "fp32" if b == "reference" else None) for b in backends]
         if "triton" in backends and device.type == "cuda":
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
+            if dtype == torch.bfloat16:  # opt-in: bfloat16 x bfloat16 operands as bf16 dots (same result)
+                fast.append(("fastnca:triton bf16-dots", "triton", "bf16-dots"))
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, mode)

@@ -121,12 +121,14 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
 
 
 # EXACT bits of the kernels (see _mm, _exact_bits): the operand families whose values come
-# from a half tensor.
+# from a half tensor, and (the same bits shifted by _BF16_SHIFT) those from a bfloat16 one.
+_EX_NONE = tl.constexpr(0)  # a computed operand
 _EX_STATE = tl.constexpr(1)
 _EX_GRAD = tl.constexpr(2)
 _EX_PW = tl.constexpr(4)
 _EX_W1 = tl.constexpr(8)
 _EX_W2 = tl.constexpr(16)
+_BF16_SHIFT = tl.constexpr(5)
 
 
 @triton.jit
@@ -136,13 +138,21 @@ def _tf32_hi(a):
 
 
 @triton.jit
-def _mm(a, b, acc, DOT_PREC: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
-    """acc + a @ b (fp32 operands) at DOT_PREC's accuracy. A_EXACT / B_EXACT: the operand
-    holds values of a half tensor (state, grad_out, weights: see _exact_bits), exact in
-    TF32, with a zero low part. tf32x3 then needs fewer TF32 products for the same result:
-    one when both are exact (each product exact in fp32), two when one is (the other split
-    hi + lo, tf32x3's terms without the one that is zero)."""
-    if A_EXACT and B_EXACT:
+def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.constexpr, B_FAM: tl.constexpr):
+    """acc + a @ b (fp32 operands) at DOT_PREC's accuracy. A_FAM / B_FAM: the operand
+    family (_EX_*) an operand's values come from, _EX_NONE for a computed one. Where EXACT marks a
+    family as from a half tensor (exact in TF32, a zero low part), tf32x3 needs fewer TF32
+    products for the same result: one when both operands are (each product exact in fp32),
+    two when one is (the other split hi + lo, tf32x3's terms without the one that is zero).
+    Where it marks both as from bfloat16 tensors (FASTNCA_TRITON_NCA_BF16_DOTS=1, opt-in),
+    the product is one bfloat16 dot: exact products, float32 accumulation, the same result
+    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum)."""
+    A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
+    B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
+    BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
+    if BF16 and a.shape[1] >= 16:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif A_EXACT and B_EXACT:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     elif B_EXACT:
         hi = _tf32_hi(a)
@@ -192,7 +202,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
             conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
         else:
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
-            conv = _mm(t, w, conv, DOT_PREC, (_EX_STATE & EXACT) != 0, (_EX_PW & EXACT) != 0)
+            conv = _mm(t, w, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW)
     return conv + tl.load(pb_ptr + offs_f)[None, :]
 
 
@@ -214,14 +224,14 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
         xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c,
                      mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
         z = _mm(xk, tl.load(w1at_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]), z,
-                DOT_PREC, (_EX_STATE & EXACT) != 0, (_EX_W1 & EXACT) != 0)
+                DOT_PREC, EXACT, _EX_STATE, _EX_W1)
     if KEEP_CONV:
         offs_f = tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                            offs_f, offs_f < FC, pw_ptr, pb_ptr,
                            F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
         z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                DOT_PREC, False, (_EX_W1 & EXACT) != 0)
+                DOT_PREC, EXACT, _EX_NONE, _EX_W1)
     else:
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + tl.arange(0, FC_BLK)
@@ -229,7 +239,7 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
                                  offs_f, offs_f < FC, pw_ptr, pb_ptr,
                                  F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
             z = _mm(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                    DOT_PREC, False, (_EX_W1 & EXACT) != 0)
+                    DOT_PREC, EXACT, _EX_NONE, _EX_W1)
         conv = 0.0
     return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0), conv
 
@@ -352,7 +362,7 @@ def _nca_step_forward_kernel(
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
             delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
-                        DOT_PREC, False, (_EX_W2 & EXACT) != 0)
+                        DOT_PREC, EXACT, _EX_NONE, _EX_W2)
             delta += tl.load(b2_ptr + offs_k)[None, :]
             new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
             tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
@@ -513,15 +523,15 @@ def _nca_step_backward_cell_kernel(
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
             if REG_ACC:
-                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, (_EX_GRAD & EXACT) != 0, False)
+                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, EXACT, _EX_GRAD, _EX_NONE)
                 acc_b2 += tl.sum(gdk, axis=0)
             else:
                 p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
-                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, (_EX_GRAD & EXACT) != 0, False))
+                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_NONE))
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
             dh = _mm(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
-                     DOT_PREC, (_EX_GRAD & EXACT) != 0, (_EX_W2 & EXACT) != 0)
+                     DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         if REG_ACC:
             acc_b1 += tl.sum(dz, axis=0)
@@ -535,13 +545,13 @@ def _nca_step_backward_cell_kernel(
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
             if REG_ACC:
-                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, False, (_EX_STATE & EXACT) != 0)
+                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, EXACT, _EX_NONE, _EX_STATE)
             else:
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
-                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, False, (_EX_STATE & EXACT) != 0))
+                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, EXACT, _EX_NONE, _EX_STATE))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
             dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
-                      DOT_PREC, False, (_EX_W1 & EXACT) != 0)
+                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
         # ---- conv part: dQ = dz @ W1b per chunk -> workspace (d_pw comes from it in the
@@ -550,7 +560,7 @@ def _nca_step_backward_cell_kernel(
             offs_f = f0 + offs_fb
             fmask = offs_f < FC
             dq = _mm(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]), None,
-                     DOT_PREC, False, (_EX_W1 & EXACT) != 0)
+                     DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
             if REG_ACC:
@@ -637,7 +647,7 @@ def _nca_step_backward_conv_kernel(
         if DEPTHWISE:
             acc_d += tl.sum(dq * t, axis=0)
         else:
-            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, False, (_EX_STATE & EXACT) != 0)
+            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, EXACT, _EX_NONE, _EX_STATE)
     if DEPTHWISE:  # partial layout [9, FC_CEIL]
         p_d = dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f
         tl.store(p_d, tl.load(p_d) + acc_d)
@@ -758,7 +768,7 @@ def _nca_step_backward_input_kernel(
                                  K1, PAD)
                 w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
                             + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
-                acc = _mm(gq, w, acc, DOT_PREC, False, (_EX_PW & EXACT) != 0)
+                acc = _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
@@ -857,14 +867,28 @@ def _exact_bits(prec: str, dtypes: dict) -> int:
     """The EXACT constexpr of the kernels: under tf32x3, a bit per operand family whose
     tensor is float16 / bfloat16 (values exact in TF32: 8 / 11 significant bits, exponents
     within fp32's), so that _mm spends one TF32 product on exact x exact and two on exact x
-    fp32 instead of tf32x3's three, with tf32x3's result. 0 for other precisions, or with
+    fp32 instead of tf32x3's three, with tf32x3's result. With FASTNCA_TRITON_NCA_BF16_DOTS=1
+    (opt-in until a GPU has timed it) also, shifted by _BF16_SHIFT, a bit per bfloat16
+    family: _mm multiplies two of them as one bfloat16 dot. 0 for other precisions, or with
     FASTNCA_TRITON_NCA_EXACT=0 (every product tf32x3, for comparison)."""
     knob = os.environ.get("FASTNCA_TRITON_NCA_EXACT", "")
     if knob not in ("", "0", "1"):
         raise ValueError(f"FASTNCA_TRITON_NCA_EXACT must be 0 or 1, got {knob!r}")
+    bf16 = os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "")
+    if bf16 not in ("", "0", "1"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0 or 1, got {bf16!r}")
     if prec != "tf32x3" or knob == "0":
         return 0
-    return sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
+    bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
+    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
+                    if dtypes.get(name) == torch.bfloat16)
+    return bits
+
+
+# The Triton interpreter multiplies bfloat16 dot operands as raw bits: bfloat16 dots stay
+# off there unless a test supplies a correct dot (tests/test_nca_step_triton.py, tf32_dots).
+_INTERPRETER_BF16_DOTS = False
 
 
 class _Rule:
