@@ -201,6 +201,7 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
     CPU the tf32_dots fixture gives the interpreter's dots TF32 semantics; the GPU runs it
     on tensor cores."""
     monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS", raising=False)
     B, C, H, W, hidden, F, groups, frozen, padding, p = case
     g = C if groups == "C" else groups
     state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, dtype, wdtype, seed=3)
@@ -312,44 +313,98 @@ def test_exact_bit_on_a_float32_operand_is_caught(monkeypatch, tf32_dots):
     assert honest <= REL_TOL[torch.float32] < max(_max_err(TF32_CASE).values())
 
 
-def _claim_bf16(monkeypatch):
-    """Every operand family counted as bfloat16 (float32 tensors holding bfloat16 values:
-    float32 outputs, so the float32 tolerance can be checked), with bfloat16 dots on."""
+FAMILY_TENSORS = {"state": 0, "grad": 1, "pw": 2, "w1": 4, "w2": 6}  # make_inputs' order
+
+
+def _claim_bf16(monkeypatch, families=tuple(FAMILY_TENSORS)):
+    """The operand families in ``families`` counted as bfloat16 (float32 tensors that the
+    caller fills with bfloat16 values: float32 outputs, so the float32 tolerance can be
+    checked), with bfloat16 dots on."""
     monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
     exact_bits = tri._exact_bits
-    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: exact_bits(prec, {n: torch.bfloat16 for n in dtypes}))
+    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: exact_bits(
+        prec, {n: torch.bfloat16 if n in families else t for n, t in dtypes.items()}))
 
 
-def _bf16_valued(t):
-    return t.bfloat16().float()
-
-
-@pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_bf16_dots_keep_float32_accuracy(monkeypatch, tf32_dots, groups):
-    """FASTNCA_TRITON_NCA_BF16_DOTS=1: a dot of two operands from bfloat16 tensors runs as
-    one bfloat16 dot (exact products, float32 sums): on bfloat16-valued inputs every result
-    keeps the float32 tolerance against float64, in the forward and every gradient."""
-    _claim_bf16(monkeypatch)
-    B, C, H, W, hidden, F, g, frozen, padding, p = (1, 16, 5, 6, 32, 2, groups, 1, "reflect", 0.5)
+def check_bf16_claims(monkeypatch, case, families):
+    """Only ``families`` hold bfloat16 values (the others general float32 values, whose low
+    bits a wrongly tagged bfloat16 dot would drop): every result keeps the float32
+    tolerance against float64, forward and every gradient."""
+    _claim_bf16(monkeypatch, families)
+    B, C, H, W, hidden, F, g, frozen, padding, p = case
     g = C if g == "C" else g
-    state, grad_out, *w = (_bf16_valued(t) for t in make_inputs(B, C, H, W, hidden, F, g, frozen, seed=6))
-    rule = tri._Rule(state, *w, g, padding, frozen)
-    assert rule.constexprs()["EXACT"] >> tri._BF16_SHIFT.value == sum(tri._EXACT_BITS.values()) - tri._EXACT_BITS["grad"]
+    tensors = list(make_inputs(B, C, H, W, hidden, F, g, frozen, seed=6))
+    for name in families:
+        i = FAMILY_TENSORS[name]
+        tensors[i] = tensors[i].bfloat16().float()
+    state, grad_out, *w = tensors
     args = (*w, g, padding, p, 3, 2, frozen)
     got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
     d = [t.double() for t in (state, grad_out, *w)]
     want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
     for name, a, b in zip(("out",) + GRAD_NAMES, got, want):
-        assert rel_err(a, b) <= REL_TOL[torch.float32], f"{name}: rel err {rel_err(a, b):.2e}"
+        assert rel_err(a, b) <= REL_TOL[torch.float32], f"{families} {name}: rel err {rel_err(a, b):.2e}"
+
+
+BF16_CLAIMS = [tuple(FAMILY_TENSORS), ("state", "pw"), ("state", "w1"), ("state", "w2"), ("grad", "w2"),
+               ("grad", "pw", "w1")]
+BF16_CASES = [(1, 16, 5, 6, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 1, "reflect", 0.5),
+              (1, 32, 4, 5, 256, 1, 1, 0, "zeros", 1.0)]  # hidden 256: two channel chunks accumulate
+
+
+@pytest.mark.parametrize("families", BF16_CLAIMS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("case", BF16_CASES, ids=["dense", "depthwise", "chunks"])
+def test_bf16_dots_keep_float32_accuracy(monkeypatch, tf32_dots, case, families):
+    """FASTNCA_TRITON_NCA_BF16_DOTS=1: a dot of two operands from bfloat16 tensors runs as
+    one bfloat16 dot (exact products, float32 sums). Claims of some families only catch a
+    dot tagged with the wrong family (its other operand's low bits would be dropped)."""
+    check_bf16_claims(monkeypatch, case, families)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("families", BF16_CLAIMS[:3], ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("case", BF16_CASES, ids=["dense", "depthwise", "chunks"])
+def test_gpu_bf16_dots_keep_float32_accuracy(monkeypatch, case, families):
+    """The same on tensor cores: bfloat16 MMAs with float32 accumulation keep float32
+    accuracy on bfloat16 values."""
+    check_bf16_claims(monkeypatch, case, families)
 
 
 def test_bf16_dots_are_taken(monkeypatch, tf32_dots):
-    """Negative control for the test above: the same claim on float32 values that are not
-    bfloat16-exact loses their low bits in the bfloat16 dots (so the dots did run)."""
+    """Negative control: on float32 values that are not bfloat16-exact, claimed bfloat16,
+    the bfloat16 dots drop 16 mantissa bits (~1e-2), far more than the same claim without
+    them loses through the TF32 products alone (~1e-3): so the dots did run."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
     _claim_bf16(monkeypatch)
-    assert max(_max_err(TF32_CASE).values()) > 1e-3
+    with_bf16 = max(_max_err(TF32_CASE).values())
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "0")
+    without = max(_max_err(TF32_CASE).values())
+    assert with_bf16 > 2e-2 and with_bf16 > 10 * without, (with_bf16, without)
+
+
+def test_bf16_bits_per_family(monkeypatch):
+    """_exact_bits: half bits for float16 and bfloat16 families, bfloat16 bits (shifted)
+    only for bfloat16 ones and only with the knob; the knob's values are checked."""
+    dtypes = dict(state=torch.bfloat16, grad=torch.float32, pw=torch.float16, w1=torch.bfloat16, w2=torch.float32)
+    bits, shift = tri._EXACT_BITS, tri._BF16_SHIFT.value
+    half = bits["state"] + bits["pw"] + bits["w1"]
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS", raising=False)
+    assert tri._exact_bits("tf32x3", dtypes) == half
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
+    assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
+    assert tri._exact_bits("tf32", dtypes) == 0 and tri._exact_bits("ieee", dtypes) == 0
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tri._exact_bits("tf32x3", dtypes) == half  # the stock interpreter's bf16 dots are wrong
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "yes")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BF16_DOTS"):
+        tri._exact_bits("tf32x3", dtypes)
 
 
 def test_strided_inputs():

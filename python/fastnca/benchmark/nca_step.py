@@ -146,8 +146,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             kernels under FASTNCA_TRITON_NCA_BF16_DOTS=1."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
-                    else env(FASTNCA_TRITON_NCA_BF16_DOTS="1") if mode == "bf16-dots" else contextlib.nullcontext()
-                with torch.set_grad_enabled(grad), ctx:
+                    else contextlib.nullcontext()
+                # every formulation knob pinned (None: unset), whatever the caller exported
+                knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="1" if mode == "bf16-dots" else None,
+                            FASTNCA_TRITON_NCA_EXACT=None)
+                with torch.set_grad_enabled(grad), ctx, knobs:
                     y = forward()
                     if grad:
                         torch.autograd.backward(y, grad_out)

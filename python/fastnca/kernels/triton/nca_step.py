@@ -880,7 +880,8 @@ def _exact_bits(prec: str, dtypes: dict) -> int:
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
-    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or os.environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+    interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
     return bits
