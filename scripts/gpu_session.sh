@@ -29,9 +29,10 @@
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after session 7): build@140 test@240+sanitize:memcheck,racecheck@240+
 #       bench-warm:attention,nca:bfloat16@240 timeline:attention:triton@40 timeline:nca:triton@60
-#       variants@150 pack (VARIANTS_ARGS="--tiles default 32,8 --input-tiles 64,4 128,8 32,4 --acc registers mixed
-#       --prec tf32x3": the input tile of the warp-group fix, 64/4, has not been timed with the
-#       default cell tile; the test stage includes the float32 test of every pinned tile); then
+#       variants@150 pack (VARIANTS_ARGS="--tiles default --input-tiles 64,4 128,8 32,4 --acc registers mixed
+#       --prec tf32x3 bf16-dots": the input tile of the warp-group fix, 64/4, has not been timed with
+#       the default cell tile, nor the opt-in bf16 dots; the test stage includes the float32 test
+#       of every pinned tile); then
 #       bench:attention,nca:bfloat16@230 bench-warm:geca:bfloat16 bench:geca:bfloat16 pack (the attention
 #       suite now also times the opt-in "triton halo 4x8" and "triton split" rows).
 #       Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and a full
