@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
-from fastnca.benchmark.common import env, median_ms, peak_mb  # noqa: E402
+from fastnca.benchmark.common import batch_ms, batch_size, env, median_ms, peak_mb, sync  # noqa: E402
 from fastnca.benchmark.nca_step import PaperStep, _tf32, make_rule  # noqa: E402
 
 
@@ -101,7 +100,8 @@ def main() -> int:
         try:
             with env(**knobs), _tf32(prec == "tf32"):
                 grads = call()
-                inner = _batch_size(call, dev)
+                sync(dev)
+                inner = batch_size(call, dev)
         except Exception as e:  # a variant that does not compile or fit is reported
             print(f"  {name:<48} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
@@ -122,7 +122,7 @@ def main() -> int:
                 continue
             try:
                 with env(**knobs), _tf32(prec == "tf32"):
-                    times.append(_batch_ms(call, dev, inner))
+                    times.append(batch_ms(call, dev, inner))
             except Exception as e:  # noqa: BLE001 -- e.g. out of memory: that variant stops
                 print(f"  {name:<48} failed while timed: {type(e).__name__}: {str(e)[:100]}")
                 failed.add(name)
@@ -135,32 +135,6 @@ def main() -> int:
         _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
     return 0
 
-
-def _batch_size(fn, dev, target_ms: float = 10.0) -> int:
-    """Calls per timed batch: as many as fill ~target_ms (one on the CPU)."""
-    if dev.type != "cuda":
-        return 1
-    fn()
-    torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(dev)
-    return max(1, min(100, int(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
-
-
-def _batch_ms(fn, dev, inner: int) -> float:
-    """ms per call of ``fn`` over one batch of ``inner`` back-to-back calls (CUDA events)."""
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(inner):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / inner
 
 
 def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):

@@ -65,31 +65,42 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
     for _ in range(warmup):
         fn()
     sync(device)
-    inner = 1
-    if device.type == "cuda":
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        one_ms = (time.perf_counter() - t0) * 1e3
-        inner = max(1, min(100, int(BATCH_MS / max(one_ms, 1e-3))))
+    inner = batch_size(fn, device)
     times = []
     start = time.perf_counter()
     for _ in range(reps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(batch_ms(fn, device, inner))
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
     return statistics.median(times)
+
+
+def batch_size(fn: Callable[[], object], device: torch.device) -> int:
+    """Calls of ``fn`` (already warm) per timed batch: as many as fill BATCH_MS on CUDA, from
+    one host-synchronised call; one on the CPU."""
+    if device.type != "cuda":
+        return 1
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    one_ms = (time.perf_counter() - t0) * 1e3
+    return max(1, min(100, int(BATCH_MS / max(one_ms, 1e-3))))
+
+
+def batch_ms(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+    """ms per call of ``fn``: on CUDA, CUDA-event time of ``inner`` back-to-back calls divided
+    by ``inner``; on the CPU, the wall time of one call."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / inner
 
 
 def saved_mb(fn: Callable[[], object]) -> float:
@@ -145,20 +156,19 @@ def peak_mb(fn: Callable[[], object], device: torch.device, cpu: bool = False) -
 def env(**values: str | None):
     """Environment variables set to a value (or unset, for None) inside the block and
     restored after it: the kernels' benchmarking knobs, read at each call."""
+    def put(settings):
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
     old = {name: os.environ.get(name) for name in values}
     try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        put(values)
         yield
     finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        put(old)
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

@@ -991,24 +991,21 @@ def _pinned_forward_tile() -> tuple[int, int] | None:
     """The forward's tile when it is not autotuned: FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS
     (a testing and benchmarking knob, e.g. to check every autotune candidate on a GPU), else
     64 rows on 4 warps under FASTNCA_TRITON_AUTOTUNE=0; None: autotune."""
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE")
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
     if pinned:
-        block_m, warps, _ = pinned
-        if not _wgmma_safe(block_m, warps):
-            raise ValueError(f"FASTNCA_TRITON_NCA_FWD_TILE={block_m},{warps}: more warp groups than "
-                             "64-row blocks (see _wgmma_safe); pick another tile")
-        return block_m, warps
+        return pinned[:2]
     if os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):
         return 64, 4
     return None
 
 
-def _pinned_tile(var: str, stages: bool = False) -> tuple[int, int, int] | None:
+def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] | None:
     """A tile pinned by an environment variable: FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]
     for the backward cell kernel (stages=True), FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS
     for the input-gradient kernel, FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
     (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
-    software pipelining stages in 1..4, default 1)."""
+    software pipelining stages in 1..4, default 1). ``safe(block_m, warps)``: the kernel's
+    warp-group rule (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused."""
     v = os.environ.get(var)
     if not v:
         return None
@@ -1023,6 +1020,9 @@ def _pinned_tile(var: str, stages: bool = False) -> tuple[int, int, int] | None:
     if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= n_stages <= 4:
         raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
                          f"stages in 1..4, got {v!r}")
+    if not safe(block_m, warps):
+        raise ValueError(f"{var}={block_m},{warps}: a dot of this kernel would get more warp groups than "
+                         "64-row blocks (see _wgmma_safe); pick another tile")
     return block_m, warps, n_stages
 
 
@@ -1051,12 +1051,9 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
             # tiles spill less.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", stages=True)
+        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
         if pinned:
             block_m, warps, stages = pinned
-            if not _cell_tile_safe(rule, block_m, warps):
-                raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TILE={block_m},{warps}: a dot of this rule would get "
-                                 "more warp groups than 64-row blocks (see _cell_tile_safe); pick another tile")
         programs = 2 * sms
     programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
@@ -1091,13 +1088,9 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
         return (block_m, warps), block_m
     large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
     conv_m = block_m if large else 64
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE")
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe)
     if pinned:
-        in_m, in_warps, _ = pinned
-        if not _wgmma_safe(in_m, in_warps):
-            raise ValueError(f"FASTNCA_TRITON_NCA_BWD_INPUT_TILE={in_m},{in_warps}: more warp groups than "
-                             "64-row blocks (see _wgmma_safe); pick another tile")
-        return (in_m, in_warps), conv_m
+        return pinned[:2], conv_m
     if large:
         return (block_m, warps), conv_m
     return (64, 4), conv_m
