@@ -430,3 +430,33 @@ def test_emulated_prepared_weights_match(emulated, groups):
     assert torch.equal(cuda_nca.forward(x, *args, prepared=prepared), cuda_nca.forward(x, *args))
     for a, b in zip(cuda_nca.backward(gout, x, *args, prepared=prepared), cuda_nca.backward(gout, x, *args)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("frozen_rows", ["without", "with"])
+def test_emulated_grad_sink_sums_the_steps(emulated, frozen_rows):
+    """A GradSink (nca_rollout's backward) sums the weight gradients of several backward
+    calls in float32, with d_state per call as without it; fc2 passed with or without the
+    frozen rows (the frozen ones get zero gradient)."""
+    C, frozen = 5, 1
+    x, weights, gout = make_nca(emulated, 2, C, 6, 5, 2, 24, 1, frozen, torch.float32, "nchw")
+    if frozen_rows == "with":
+        pw, pb, w1, b1, w2, b2 = weights
+        weights = (pw, pb, w1, b1, torch.cat([torch.randn(frozen, w2.shape[1]), w2]),
+                   torch.cat([torch.randn(frozen), b2]))
+    prepared = cuda_nca.prepare(x, *weights, 1, "reflect", frozen)
+    sink = cuda_nca.GradSink()
+    sums = [torch.zeros(w.shape, dtype=torch.float64) for w in weights]
+    for i in range(3):
+        args = (x + 0.1 * i, *weights, 1, "reflect", 0.5, 3, 7 + i, frozen)
+        d_state, *alone = cuda_nca.backward(gout * (i + 1), *args, prepared=prepared)
+        for acc, d in zip(sums, alone):
+            acc += d.double()
+        got = cuda_nca.backward(gout * (i + 1), *args, prepared=prepared, sink=sink)
+        assert torch.equal(got[0], d_state) and got[1:] == (None,) * 6
+    for a, b, w in zip(sink.result(), sums, weights):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        assert (a.double() - b).abs().max() <= 1e-6 * b.abs().max()
+    if frozen_rows == "with":
+        assert not sink.result()[4][:frozen].any() and not sink.result()[5][:frozen].any()
+    with pytest.raises(RuntimeError, match="no backward"):
+        cuda_nca.GradSink().result()

@@ -447,6 +447,49 @@ def test_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_grad_sink_sums_the_steps(wdtype):
+    """A GradSink (nca_rollout's backward) collects the weight gradients of several backward
+    calls: their float32 sum, rounded once to the weights' dtype, with d_state per call as
+    without it. Two batch chunks per call (B=3 over 1-item chunks) and three calls with
+    other states, gradients and steps: each call adds into the same partial slots."""
+    calls = [make_inputs(3, 4, 9, 7, 8, 2, 1, 1, wdtype=wdtype, seed=s) for s in range(3)]
+    w = calls[0][2:]
+    prep = tri.prepare(calls[0][0], *w, 1, "reflect", 1)
+    sink = tri.GradSink()
+    sums = [torch.zeros(t.shape, dtype=torch.float64, device=DEVICE) for t in w]
+    for i, (state, grad_out, *_) in enumerate(calls):
+        args = (grad_out, state, *w, 1, "reflect", 0.5, 11, i + 2, 1)
+        d_state, *alone = tri.backward(*args, prepared=prep)
+        for acc, d in zip(sums, alone):
+            acc += d.double()
+        got = tri.backward(*args, prepared=prep, sink=sink)
+        assert torch.equal(got[0], d_state) and got[1:] == (None,) * 6
+    for name, a, b, t in zip(GRAD_NAMES[1:], sink.result(), sums, w):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        # bf16: the per-call grads above were rounded to bf16 before their sum
+        assert rel_err(a, b) <= (1e-6 if wdtype == torch.float32 else 8e-3), name
+    other = make_inputs(3, 4, 9, 7, 40, 2, 1, 1, seed=5)  # hidden 40: other partial slots
+    with pytest.raises(ValueError, match="GradSink sums the gradients of one rule layout"):
+        tri.backward(*other[1::-1], *other[2:], 1, "reflect", 0.5, 11, 2, 1, sink=sink)
+    with pytest.raises(RuntimeError, match="no backward"):
+        tri.GradSink().result()
+
+
+def test_rollout_gradients_are_bitwise_reproducible():
+    """nca_rollout's weight gradients (summed in one GradSink over the steps) come out bitwise
+    the same run after run."""
+    state, _, *w = make_inputs(2, 4, 7, 6, 8, 2, 1, 1)
+    params = [t.clone().requires_grad_(True) for t in (state, *w)]
+    runs = []
+    for _ in range(2):
+        out = fastnca.nca_rollout(*params, steps=5, checkpoint_every=2, seed=3, frozen_channels=1,
+                                  backend="triton")
+        runs.append(torch.autograd.grad((out * out).sum(), params))
+    for name, a, b in zip(GRAD_NAMES, *runs):
+        assert torch.equal(a, b), name
+
+
 def test_public_op_autograd_and_rollout():
     """Through fastnca.nca_step / nca_rollout(backend="triton") with autograd."""
     state, _, pw, pb, w1, b1, w2, b2 = make_inputs(1, 4, 6, 5, 8, 2, 1, 1)
@@ -498,7 +541,7 @@ def test_gpu_exact_operand_products(monkeypatch, case, dtype, wdtype):
 # tile per kernel: the default). A wrong tile shows in float32 against float64 at the
 # float32 tolerance, which a half dtype's tolerance would hide: the input-gradient kernel
 # at 64 rows on 8 warps was off by 1.9e-3 in d_state for the Med-NCA rule (_wgmma_safe).
-# The Med-NCA case has 32768 cells: the compact forward (firing cells listed) runs.
+# The forward runs both ways on each: over every cell, and compact (firing cells listed).
 TILE_RULES = [(8, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5), (2, 16, 33, 47, 128, 2, "C", 1, "zeros", 0.5)]
 
 
@@ -510,8 +553,13 @@ def check_pinned_tile(monkeypatch, case, var, tile):
     args = (*w, g, padding, p, 2**40 + 3, 9, frozen)
     d = [t.double() for t in (state, grad_out, *w)]
     if var == "FASTNCA_TRITON_NCA_FWD_TILE":
-        got, want = (tri.forward(state, *args),), (ref.forward(d[0], *d[2:], *args[6:]),)
-        names = ("out",)
+        want = ref.forward(d[0], *d[2:], *args[6:])
+        got = []
+        for threshold in (B * H * W + 1, 1):  # every cell, then compact
+            monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", threshold)
+            got.append(tri.forward(state, *args))
+        got, want = tuple(got), (want, want)
+        names = ("out (every cell)", "out (compact)")
     else:
         got, want = tri.backward(grad_out, state, *args), ref.backward(d[1], d[0], *d[2:], *args[6:])
         names = GRAD_NAMES

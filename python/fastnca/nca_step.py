@@ -122,8 +122,11 @@ def _nca_rollout_backward_op(
     k = _backend.kernel(backend, "nca_step")
     seed = _checks.seed_from_i64(seed)
     weights = (pw, pb, w1, b1, w2, b2)
+    # A backend with a GradSink sums the weight gradients of every step in its own float32
+    # partials and reduces them once; otherwise each step's are added up here.
+    sink = k.GradSink() if hasattr(k, "GradSink") and steps > 0 else None
     acc_dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
-    dweights = [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
+    dweights = [] if sink else [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
     g = grad_out
     segs = _segments(steps, every)
     prep = _prepared(k, state, weights, groups, padding, frozen, steps)
@@ -138,14 +141,16 @@ def _nca_rollout_backward_op(
             xs.append(k.forward(xs[-1], *weights, groups, padding, update_prob, seed,
                                 (start_step + i) & 0xFFFFFFFF, frozen, **prep))
         for i in range(b - 1, a - 1, -1):
-            out = {"out": g} if in_place and g is not grad_out else {}
+            kw = dict(prep, out=g) if in_place and g is not grad_out else dict(prep)
+            if sink:
+                kw["sink"] = sink
             g, *dw = k.backward(g, xs.pop(), *weights, groups, padding, update_prob, seed,
-                                (start_step + i) & 0xFFFFFFFF, frozen, **prep, **out)
+                                (start_step + i) & 0xFFFFFFFF, frozen, **kw)
             for acc, d in zip(dweights, dw):
                 acc += d
     if steps == 0:
         g = torch.empty_like(state).copy_(grad_out)
-    return (g, *(d.to(w.dtype) for d, w in zip(dweights, weights)))
+    return (g, *(sink.result() if sink else (d.to(w.dtype) for d, w in zip(dweights, weights))))
 
 
 @_nca_rollout_backward_op.register_fake

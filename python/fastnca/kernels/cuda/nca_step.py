@@ -18,6 +18,7 @@ with FC = F*C, K = (F+1)*C, HDP = hidden rounded up to 32, Cu = C - frozen.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -141,10 +142,54 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
 BACKWARD_OUT_MAY_BE_GRAD = True
 
 
+class GradSink:
+    """The weight gradients of many backward calls with one rule and one state shape (the
+    steps of nca_rollout's backward), summed in float32 in the kernels' flat layouts in call
+    order; result() unpacks them once into the weights' layouts and dtypes."""
+
+    def __init__(self):
+        self._sums = None  # [d_fc, d_conv]
+        self._finish = None
+
+    def _add(self, d_fc, d_conv):
+        if self._sums is None:
+            self._sums = [d_fc, d_conv]
+        elif self._sums[0].shape != d_fc.shape or self._sums[1].shape != d_conv.shape:
+            raise ValueError("a GradSink sums the gradients of one rule layout; got sums of sizes "
+                             f"{d_fc.numel()}, {d_conv.numel()} after {[t.numel() for t in self._sums]}")
+        else:
+            self._sums[0].add_(d_fc)
+            self._sums[1].add_(d_conv)
+
+    def result(self):
+        """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
+        if self._finish is None:
+            raise RuntimeError("GradSink.result(): no backward has added to this sink")
+        return self._finish(*self._sums)
+
+
+def _weight_grads(d_fc, d_conv, weights, C, nf, hidden, frozen):
+    """Unpack the kernels' float32 sums: d_fc = [hidden][K+1] (d_w1 | d_b1) ++ [Cu][hidden+1]
+    (d_w2 | d_b2); d_conv = [FC][9C+1] (groups=1) or [FC][10] (depthwise): weight taps | bias."""
+    pw, pb, w1, b1, w2, b2 = weights
+    FC, K, Cu = nf * C, (nf + 1) * C, C - frozen
+    fc1 = d_fc[: hidden * (K + 1)].view(hidden, K + 1)
+    fc2 = d_fc[hidden * (K + 1):].view(Cu, hidden + 1)
+    conv = d_conv.view(FC, -1)
+    d_pw, d_pb = conv[:, :-1].reshape(pw.shape), conv[:, -1]
+    d_w2, d_b2 = fc2[:, :hidden], fc2[:, hidden]
+    if w2.shape[0] != Cu:  # the full [C, hidden] fc2 was passed: frozen rows get zeros
+        d_w2 = torch.cat([d_w2.new_zeros(frozen, hidden), d_w2])
+        d_b2 = torch.cat([d_b2.new_zeros(frozen), d_b2])
+    grads = (d_pw, d_pb, fc1[:, :K], fc1[:, K], d_w2, d_b2)
+    return tuple(g.to(w.dtype).reshape(w.shape).contiguous() for g, w in zip(grads, weights))
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
-             prepared=None, out=None):
+             prepared=None, out=None, sink=None):
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
-    itself (the rollout's backward reuses one buffer for every step's gradient)."""
+    itself (the rollout's backward reuses one buffer for every step's gradient). ``sink``:
+    a GradSink that collects the weight gradients instead (then returned as None)."""
     w2_in, b2_in = w2, b2
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
@@ -157,7 +202,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     if any(s < 0 for s in grad_out.stride()):
         grad_out = grad_out.contiguous()
     d_state = _common.backward_out(out, state, grad_out)
-    FC, K, Cu = nf * C, (nf + 1) * C, C - frozen
+    K = (nf + 1) * C
     dev = state.device
     mod = _launch.module()
     # Batch chunks bound the fp32 workspace [K][cells] (_common.backward_batch_chunk); the
@@ -190,16 +235,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             d_conv = conv_c if d_conv is None else d_conv.add_(conv_c)
             del main_part, conv_part
         del keep, ws
-    # Unpack: d_fc = [hidden][K+1] (d_w1 | d_b1) ++ [Cu][hidden+1] (d_w2 | d_b2);
-    # d_conv = [FC][9C+1] (groups=1) or [FC][10] (depthwise): weight taps | bias.
-    fc1 = d_fc[: hidden * (K + 1)].view(hidden, K + 1)
-    fc2 = d_fc[hidden * (K + 1):].view(Cu, hidden + 1)
-    conv = d_conv.view(FC, -1)
-    d_pw, d_pb = conv[:, :-1].reshape(pw.shape), conv[:, -1]
-    d_w2, d_b2 = fc2[:, :hidden], fc2[:, hidden]
-    if w2_in.shape[0] != Cu:  # the full [C, hidden] fc2 was passed: frozen rows get zeros
-        d_w2 = torch.cat([d_w2.new_zeros(frozen, hidden), d_w2])
-        d_b2 = torch.cat([d_b2.new_zeros(frozen), d_b2])
-    grads = (d_pw, d_pb, fc1[:, :K], fc1[:, K], d_w2, d_b2)
-    ws_in = (pw, pb, w1, b1, w2_in, b2_in)
-    return (d_state, *(g.to(w.dtype).reshape(w.shape).contiguous() for g, w in zip(grads, ws_in)))
+    weights = (pw, pb, w1, b1, w2_in, b2_in)
+    if sink is not None:
+        sink._add(d_fc, d_conv)
+        sink._finish = functools.partial(_weight_grads, weights=weights, C=C, nf=nf, hidden=hidden, frozen=frozen)
+        return (d_state,) + (None,) * 6
+    return (d_state, *_weight_grads(d_fc, d_conv, weights, C, nf, hidden, frozen))

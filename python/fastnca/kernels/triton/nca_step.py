@@ -942,9 +942,14 @@ def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
 
 
 # States of at least this many cells run the forward on the firing cells only (fire mask,
-# list, copy of the idle cells: five more launches, ~30 us on an H100, against half the
-# MLP work); smaller ones, where a rollout is launch-bound, run every cell in one launch.
-_COMPACT_FORWARD_CELLS = 32768
+# cumsum, list, copy of the idle cells: four more launches, ~30 us of GPU time on an H100,
+# against half the MLP work); smaller ones run every cell in one launch. Estimate from the
+# H100 runs (not timed at the threshold): the compact step took ~0.38 ms a 524288-cell
+# state, ~1.3 ns a firing cell, so compaction saves ~45 us of GPU time at 65536 cells
+# (update_prob 0.5) while its launches cost more host time than that (four Python
+# launches); 131072 cells save ~85 us. Below, a rollout is launch-bound anyway (the
+# Med-NCA training stages run 8 x 64 x 64 = 32768-cell states).
+_COMPACT_FORWARD_CELLS = 131072
 
 
 def _fire_args(update_prob, seed, step):
@@ -1133,12 +1138,67 @@ def _firing_cells(fire):
 BACKWARD_OUT_MAY_BE_GRAD = True
 
 
+class GradSink:
+    """The weight gradients of many backward calls with one rule layout and one tiling (the
+    steps of nca_rollout's backward): every call's kernels add into the same per-program
+    partial slots, and result() reduces and unpacks them once, in a fixed order (bitwise
+    reproducible). A step then skips its own reduction, unpacking, casts and the caller's
+    accumulation: 18 small launches. The sums stay in float32 until result() rounds them
+    to the weights' dtypes (the last call's weights give the layouts and dtypes)."""
+
+    def __init__(self):
+        self._bufs = None  # (partials, dpw_parts) after the first call
+        self._finish = None
+
+    def _slots(self, shapes, device):
+        """The partial-sum buffers: zeros on the first call, the same ones after it."""
+        if self._bufs is None:
+            self._bufs = tuple(torch.zeros(s, dtype=torch.float32, device=device) for s in shapes)
+        elif tuple(tuple(b.shape) for b in self._bufs) != tuple(shapes):
+            raise ValueError("a GradSink sums the gradients of one rule layout and tiling; got partial "
+                             f"slots of shapes {shapes} after {[tuple(b.shape) for b in self._bufs]}")
+        return self._bufs
+
+    def result(self):
+        """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
+        if self._finish is None:
+            raise RuntimeError("GradSink.result(): no backward has added to this sink")
+        return self._finish()
+
+
+def _weight_grads(rule, partials, dpw_parts, weights):
+    """Reduce the per-program partial sums in a fixed order and unpack them into the
+    weights' layouts and dtypes (copies: no two returned grads share a buffer)."""
+    pw, pb, w1, b1, w2, b2 = weights
+    C, frozen = rule.C, rule.FROZEN
+    segs = list(partials.sum(0).split(_cell_slot_sizes(rule)))
+    segs[5] = dpw_parts.sum(0)
+    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(torch.cat(segs))
+    hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
+    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
+    if rule.DEPTHWISE:
+        g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)
+    else:
+        g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
+    grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
+    return tuple(g.to(w.dtype, copy=True).reshape(w.shape) for g, w in zip(grads, weights))
+
+
+def _cell_slot_sizes(rule):
+    """The cell kernel's slot: the rule's flat layout without the d_pw segment (the conv
+    kernel's partials hold it)."""
+    sizes = list(rule.sizes)
+    sizes[5] = 0
+    return sizes
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
-             prepared=None, out=None):
+             prepared=None, out=None, sink=None):
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
     itself (the rollout's backward reuses one buffer for every step's gradient): the input
     kernel, the only writer of d_state, reads grad_out only at the cells it writes, before
-    writing them."""
+    writing them. ``sink``: a GradSink that collects the weight gradients instead (then
+    returned as None), for calls with one ``prepared`` rule."""
     rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     dev = state.device
@@ -1149,10 +1209,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
     if _interpreting(dev):  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
-    # The cell kernel's slot: the rule's flat layout without the d_pw segment (the conv
-    # kernel's partials hold it).
-    sizes_a = list(rule.sizes)
-    sizes_a[5] = 0
+    sizes_a = _cell_slot_sizes(rule)
     reg_acc = _register_accumulators(rule)
     nf = rule.FC_CEIL // rule.FC_BLK
     conv_programs = 9 * nf
@@ -1165,9 +1222,13 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
-    partials = torch.zeros(G, sum(sizes_a), **f32)  # one private slot per program
     parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(n0, cv_m))
-    dpw_parts = torch.zeros(parts, rule.sizes[5], **f32)
+    # One private slot per program (cell kernel) and per cell range (conv kernel).
+    shapes = ((G, sum(sizes_a)), (parts, rule.sizes[5]))
+    if sink is None:
+        partials, dpw_parts = (torch.zeros(s, **f32) for s in shapes)
+    else:
+        partials, dpw_parts = sink._slots(shapes, dev)
     w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
     # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
     # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
@@ -1195,20 +1256,10 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
-    segs = list(partials.sum(0).split(sizes_a))  # fixed order
-    segs[5] = dpw_parts.sum(0)
-    total = torch.cat(segs)
-    del partials, dpw_parts
     del ws
-    hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
-    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(total)
-    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
-    if rule.DEPTHWISE:
-        g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)
-    else:
-        g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
-    grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
-    # (copies: the returned grads must not be views sharing one buffer)
-    return (d_state, *(g.to(w.dtype, copy=True).reshape(w.shape)
-                       for g, w in zip(grads, (pw, pb, w1, b1, w2, b2))))
+    weights = (pw, pb, w1, b1, w2, b2)
+    if sink is not None:
+        sink._finish = functools.partial(_weight_grads, rule, partials, dpw_parts, weights)
+        return (d_state,) + (None,) * 6
+    return (d_state, *_weight_grads(rule, partials, dpw_parts, weights))
 
