@@ -14,6 +14,7 @@
 #          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
 #          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention)
+#          | ncu-source:OP:BACKEND[:DTYPE] (warp-stall samples per source line of the op's kernels)
 #          | timeline:OP:BACKEND[:DTYPE] (wall vs kernel vs host time per fwd+bwd, torch.profiler)
 #          | variants (scripts/nca_backward_variants.py --rollout $VARIANTS_ARGS: backward tiles,
 #          accumulators, TF32 vs 3xTF32, and a 64-step rollout per backend) | pack
@@ -27,16 +28,17 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned calls (after session 7): build@140 test@240+sanitize:memcheck,racecheck@240+
+# Next planned calls (after session 8): build@140 test@240+sanitize:memcheck,racecheck@240+
 #       bench-warm:attention,nca:bfloat16@240 timeline:attention:triton@40 timeline:nca:triton@60
-#       variants@150 pack (VARIANTS_ARGS="--tiles default --input-tiles 64,4 128,8 32,4 --acc registers mixed
+#       variants@120 pack (VARIANTS_ARGS="--tiles default --input-tiles 64,4 128,8 32,4 --acc registers mixed
 #       --prec tf32x3 bf16-dots": the input tile of the warp-group fix, 64/4, has not been timed with
 #       the default cell tile, nor the opt-in bf16 dots; the test stage includes the float32 test
 #       of every pinned tile); then
-#       bench:attention,nca:bfloat16@230 bench-warm:geca:bfloat16 bench:geca:bfloat16 pack (the attention
-#       suite now also times the opt-in "triton halo 4x8" and "triton split" rows).
-#       Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and a full
-#       `pytest -m gpu` alone 72 s on 12 processes once the Triton caches were warm.
+#       bench:attention,nca:bfloat16@230 ncu-source:nca:triton@90 pack (the attention suite also
+#       times the opt-in "triton halo 4x8" and "triton split" rows; ncu-source says on which
+#       lines the backward kernels' warps stall), and bench-warm:geca:bfloat16 bench:geca:bfloat16
+#       if time is left. Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and
+#       a full `pytest -m gpu` alone 72 s on 12 processes once the Triton caches were warm.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the
@@ -128,6 +130,31 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
         > "$out/logs/$tag.csv" 2> "$out/logs/$tag.err"
       local rc=$?
       "$py" scripts/profile_gpu.py --summarize "$out/logs/$tag.csv" | head -80
+      return $rc ;;
+    ncu-source)  # ncu-source:OP:BACKEND[:DTYPE] -- warp stalls per source line of each Triton/CUDA kernel
+      local ncu op backend dtype kernels k rc=0
+      ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      [[ -n $ncu ]] || { echo "ncu not found"; return 2; }
+      IFS=: read -r op backend dtype <<< "$arg"
+      # the first launch of each kernel of one fwd+bwd (the op's long-running ones)
+      if [[ ${op:-nca} == nca ]]; then
+        kernels="_nca_step_backward_cell_kernel _nca_step_backward_input_kernel _nca_step_backward_conv_kernel _nca_step_forward_kernel"
+        [[ ${backend:-triton} == cuda ]] && kernels="nca_step_backward nca_step_forward"
+      else
+        kernels="_na2d_backward_kernel _na2d_forward_kernel"
+        [[ ${backend:-triton} == cuda ]] && kernels="na2d_backward na2d_forward"
+      fi
+      local -a names=($kernels)
+      "${tmo[@]}" "$ncu" --profile-from-start off -k "regex:${kernels// /|}" --launch-count ${#names[@]} \
+        --section SourceCounters --section WarpStateStats --import-source yes -f -o "$out/logs/$tag" \
+        "$py" scripts/profile_gpu.py "${op:-nca}" --backend "${backend:-triton}" --dtype "${dtype:-bfloat16}" \
+        > "$out/logs/$tag.err" 2>&1 || { tail -5 "$out/logs/$tag.err"; rc=1; }
+      for k in $kernels; do
+        "$ncu" -i "$out/logs/$tag.ncu-rep" -k "regex:$k" --page source --csv --print-source cuda \
+          > "$out/logs/$tag-$k.csv" 2>> "$out/logs/$tag.err"
+        echo "--- $k"
+        "$py" scripts/profile_gpu.py --summarize-source "$out/logs/$tag-$k.csv" | head -32 || rc=1
+      done
       return $rc ;;
     timeline)  # timeline:OP:BACKEND[:DTYPE] -- wall vs kernel vs host time (scripts/profile_gpu.py --timeline)
       local op backend dtype

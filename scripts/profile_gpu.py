@@ -5,7 +5,9 @@
         python scripts/profile_gpu.py nca --backend cuda --dtype bfloat16
 
 so only the op's own kernels are profiled; `python scripts/profile_gpu.py --summarize
-REPORT.csv` prints the key metrics of each kernel from that CSV. With `--timeline N`
+REPORT.csv` prints the key metrics of each kernel from that CSV, and `--summarize-source
+SOURCE.csv` the source lines with the most warp-stall samples from an `ncu --page source`
+export (the `ncu-source` stage). With `--timeline N`
 (no ncu), N more iterations run under torch.profiler instead, and it prints the wall time
 per iteration (CUDA events) against the GPU time its kernels take and the host time of
 the Python/autograd path: wall well above kernel time means the op is launch- or
@@ -59,9 +61,56 @@ def summarize(path: str) -> int:
     return 0
 
 
+def summarize_source(path: str, top: int = 25) -> int:
+    """Print the source lines with the most warp-stall samples from an `ncu --page source
+    --csv` export (one table per profiled kernel; a table starts at each header row): where
+    each kernel's warps wait, by line of its Triton (Python) or CUDA source."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    tables, header, body = [], None, []
+    for r in rows:
+        if any(c.startswith("Warp Stall Sampling (All") for c in r):
+            if header is not None:
+                tables.append((header, body))
+            header, body = r, []
+        elif header is not None and len(r) == len(header):
+            body.append(r)
+        elif header is None and r:
+            print("  " + " ".join(r)[:160])  # what ncu printed before the first table
+    if header is not None:
+        tables.append((header, body))
+    if not tables:
+        print(f"{path}: no source table with warp-stall samples found")
+        return 1
+
+    def number(v):
+        try:
+            return float(v.replace(",", ""))
+        except ValueError:
+            return 0.0
+
+    for i, (header, body) in enumerate(tables):
+        col = {name: j for j, name in enumerate(header)}
+        stall = next(j for name, j in col.items() if name.startswith("Warp Stall Sampling (All"))
+        text = col.get("Source", len(header) - 1)
+        line = col.get("#", col.get("Line"))
+        executed = next((j for name, j in col.items() if name.startswith("Instructions Executed")), None)
+        total = sum(number(r[stall]) for r in body) or 1.0
+        print(f"table {i}: {len(body)} lines, {total:.0f} warp-stall samples")
+        for r in sorted(body, key=lambda r: -number(r[stall]))[:top]:
+            where = f"{r[line]:>5} " if line is not None else ""
+            inst = f" inst {number(r[executed]):>12.0f}" if executed is not None else ""
+            print(f"  {100 * number(r[stall]) / total:5.1f}%{inst}  {where}{r[text].strip()[:110]}")
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
         return summarize(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize-source":
+        return summarize_source(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("op", choices=["nca", "attention"])
     ap.add_argument("--backend", default="cuda", choices=["cuda", "triton"])

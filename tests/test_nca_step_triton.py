@@ -232,7 +232,7 @@ def tf32_dots(monkeypatch):
     interpreter's dots are exact for every precision, and a product that lost its low part
     (a wrong EXACT bit, a dropped lo term) would go unseen on a CPU. On a GPU (no
     interpreter) it does nothing: the tensor cores have these semantics."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not tri.interpreting():
         return
     np = pytest.importorskip("numpy")
     from triton.runtime import interpreter
@@ -400,7 +400,7 @@ def test_bf16_bits_per_family(monkeypatch):
     assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
     assert tri._exact_bits("tf32", dtypes) == 0 and tri._exact_bits("ieee", dtypes) == 0
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tri, "interpreting", lambda: True)
     assert tri._exact_bits("tf32x3", dtypes) == half  # the stock interpreter's bf16 dots are wrong
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BF16_DOTS"):
@@ -649,7 +649,7 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     c_pad, hid_pad, c_blk, fc_blk, fc_ceil = tri._tile_dims(C, F * C, hidden)
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
-    monkeypatch.setattr(tri, "_interpreting", lambda device: False)
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
     for prec in ("tf32x3", "tf32", "ieee"):
         block_m, warps, *_ = tri._backward_tiling(rule, torch.device("cuda"), 1 << 20, prec)
         # the cell kernel's weight-gradient dots have C_BLK and HID_PAD rows
@@ -672,7 +672,7 @@ def test_pinned_backward_tile(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
-    monkeypatch.setattr(tri, "_interpreting", lambda device: False)
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
     c_pad, hid_pad, c_blk, fc_blk, _ = tri._tile_dims(32, 64, 128)  # the Med-NCA rule
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     cuda = torch.device("cuda")

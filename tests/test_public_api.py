@@ -96,3 +96,26 @@ def test_geca_module_exports_its_diffusion():
         assert getattr(geca, name) is getattr(geca_diffusion, name) and name in geca.__all__
     with pytest.raises(AttributeError):
         geca.no_such_name
+
+
+@pytest.mark.parametrize("version,knobs", [("3.0.0", False), ("3.3.1", False), ("3.4.0", True), ("3.6.0", True)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, version, knobs):
+    """Whether the triton backend takes CPU tensors follows TRITON_INTERPRET as the installed
+    Triton reads it: exactly "1" before 3.4, 1/true/on/yes in any case from 3.4."""
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    for value, old, new in (("1", True, True), ("true", False, True), ("On", False, True), ("YES", False, True),
+                            ("0", False, False), ("", False, False), ("false", False, False), ("2", False, False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _backend._triton_interpret() == (new if knobs else old), value
+
+
+def test_triton_interpret_agrees_with_the_kernels():
+    """The launchers' interpreter flag is the decorated kernels' own (what Triton decided at
+    import), and the backend table's reading of TRITON_INTERPRET agrees with it."""
+    pytest.importorskip("triton")
+    from fastnca.kernels.triton import _runtime, nca_step, neighborhood_attention
+
+    assert nca_step.interpreting is _runtime.interpreting is neighborhood_attention.interpreting
+    assert _backend._triton_interpret() == _runtime.interpreting()

@@ -30,6 +30,35 @@ def test_profile_summary_reads_ncu_rows(tmp_path):
     assert "122,656 ns" in conv
 
 
+# An `ncu --page source --csv --print-source cuda` export as the ncu-source stage reads it:
+# a header per kernel table, per-line metrics with thousands separators.
+NCU_SOURCE_CSV = '''==PROF== Connected to process 1
+"#","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
+"10","    acc = tl.dot(a, b, acc)","1,200","900","4,096"
+"11","    x = tl.load(p)","300","100","1,024"
+"12","    return acc","0","0","128"
+"#","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
+"7","    tl.store(q, y)","50","10","64"
+'''
+
+
+def test_profile_source_summary_ranks_lines_by_stalls(tmp_path):
+    report = tmp_path / "source.csv"
+    report.write_text(NCU_SOURCE_CSV)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_gpu.py"), "--summarize-source",
+                          str(report)], capture_output=True, text=True, check=True).stdout
+    first, second = out.split("table 1:")
+    assert "3 lines, 1500 warp-stall samples" in first
+    assert first.index("tl.dot") < first.index("tl.load")  # most stalls first
+    assert " 80.0%" in first and " 20.0%" in first
+    assert "tl.store" in second and "100.0%" in second
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== No kernels were profiled.\n")
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_gpu.py"), "--summarize-source", str(empty)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "no source table" in res.stdout and "No kernels were profiled" in res.stdout
+
+
 def test_backward_variants_smoke():
     """nca_backward_variants.py under the Triton interpreter: both accumulator paths run and
     agree (the CPU has no CUDA backward to compare with)."""

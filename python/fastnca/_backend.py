@@ -7,6 +7,7 @@ error that says why when the request cannot be honoured.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 
@@ -36,7 +37,17 @@ _AUTO = {
 
 
 def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET as the installed Triton reads it when it decorates kernels (without
+    importing Triton): 1, true, on or yes in any case from Triton 3.4 (its knobs), exactly
+    "1" before. kernels.triton._runtime.interpreting() is the decorated kernels' own answer."""
+    value = os.environ.get("TRITON_INTERPRET", "0")
+    try:
+        version = tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        version = (0, 0)
+    if version >= (3, 4):
+        return value.lower() in ("1", "true", "on", "yes")
+    return value == "1"
 
 
 def _availability(name: str) -> bool | str:

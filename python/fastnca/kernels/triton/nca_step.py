@@ -75,6 +75,7 @@ import triton.language as tl
 from ... import _ext
 from .. import _common
 from ._philox import fire_bits
+from ._runtime import interpreting
 from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
@@ -814,10 +815,6 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type != "cuda"
-
-
 def _has_tf32x3() -> bool:
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -835,7 +832,7 @@ def _dot_precision(device: torch.device) -> str:
     (FMA) compiled to 32 registers + KBs of spills for the C=16, hidden=128 rule on sm_90a
     (ptxas, triton 3.9), so it is only the fallback. "tf32" when the user allowed TF32
     matmuls (torch.backends.cuda.matmul.allow_tf32), like torch."""
-    if device.type != "cuda":
+    if device.type != "cuda" or interpreting():
         return "ieee"  # interpreter: numpy fp32
     if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -880,8 +877,7 @@ def _exact_bits(prec: str, dtypes: dict) -> int:
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting):
+    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting()):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
     return bits
@@ -968,7 +964,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     if compact:
         fires = _fire_mask(B, H, W, update_prob, seed, step, state.device).reshape(N)
         idx, count = _firing_cells(fires)
-        copy_m = _INTERPRET_BLOCK_M if _interpreting(state.device) else 64
+        copy_m = _INTERPRET_BLOCK_M if interpreting() else 64
         with _on_device(state.device):
             _nca_step_copy_idle_kernel[(triton.cdiv(N, copy_m),)](
                 state, out, fires.view(torch.uint8), N, H, W, *state.stride(), *out.stride(),
@@ -978,7 +974,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
     cx = dict(rule.constexprs(), COMPACT=compact)
-    if _interpreting(state.device):
+    if interpreting():
         _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
         block_m, warps = pinned
@@ -1037,7 +1033,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     it must be a pure function of the shapes, the device and the precision for grads to be
     bitwise reproducible across processes."""
     stages = 1
-    if _interpreting(device):
+    if interpreting():
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
         sms, smem = _device_limits(device)
@@ -1089,7 +1085,7 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     computed a wrong d_state: _wgmma_safe); large rules and the interpreter keep the cell
     kernel's rows. The conv kernel's dots have 4 warps: always safe."""
-    if _interpreting(device):
+    if interpreting():
         return (block_m, warps), block_m
     large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
     conv_m = block_m if large else 64
@@ -1105,7 +1101,7 @@ def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: in
     """Cell ranges of the conv-gradient kernel: about 4 programs per multiprocessor in all
     (2 ranges under the interpreter, so that the reduction over ranges is exercised). A
     pure function of the shapes and the device: it fixes the summation order."""
-    if _interpreting(device):
+    if interpreting():
         want = 2
     else:
         want = triton.cdiv(4 * _device_limits(device)[0], programs_per_part)
@@ -1207,7 +1203,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
     f32 = dict(dtype=torch.float32, device=dev)
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
-    if _interpreting(dev):  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
+    if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
     sizes_a = _cell_slot_sizes(rule)
     reg_acc = _register_accumulators(rule)

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
+from ._runtime import interpreting
 from .nca_step import fp32_dot_precision
 
 _ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
@@ -662,14 +663,10 @@ def _na2d_backward_kernel(
 
 
 # ---- launch configuration ------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _autotuning() -> bool:
     # FASTNCA_TRITON_AUTOTUNE=0 pins the default tile: bitwise-identical results across
     # processes too (tuning may pick another tile, hence another reduction order, per process).
-    return os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") not in ("", "0") and not _interpreting()
+    return os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") not in ("", "0") and not interpreting()
 
 
 def _head_tile(nh: int, D: int) -> tuple[int, int]:
@@ -728,7 +725,7 @@ def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> l
 
 
 def _default_config(H: int, W: int, width: int, backward: bool, vec: int) -> dict:
-    if _interpreting():
+    if interpreting():
         # The interpreter pays per program and per op, not per element: one tile per image.
         return {"BLOCK_Y": min(triton.next_power_of_2(H), 8),
                 "BLOCK_X": min(triton.next_power_of_2(W), 32), "num_warps": 4}
@@ -828,8 +825,8 @@ def _halo_setup(q, kernel_size, border):
     tile = _halo_tile(H, W, rh, block_d)
     if tile is None:
         return None
-    prec = "ieee" if _interpreting() else fp32_dot_precision(q.device)
-    return tile, dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not _interpreting(),
+    prec = "ieee" if interpreting() else fp32_dot_precision(q.device)
+    return tile, dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], DOT_PREC=prec, HALF_DOT=not interpreting(),
                       BLOCK_D=block_d, RH=rh)
 
 
@@ -903,7 +900,7 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     dv = torch.empty_like(dq)
     with _device_guard(q):
         # Preprocess: a streaming reduction over o and do, one image row of cells per program.
-        if _interpreting():
+        if interpreting():
             pre = {"BLOCK_Y": min(triton.next_power_of_2(H), 8), "BLOCK_X": min(triton.next_power_of_2(W), 32)}
         else:
             pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), triton.next_power_of_2(W))}
