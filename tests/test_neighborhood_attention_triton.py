@@ -99,6 +99,8 @@ CASES = [  # (B, H, W, heads, D, kernel_size, border, dtype)
     (1, 9, 40, 2, 8, 3, "circular", torch.bfloat16),  # 2x2 tiles
     (1, 3, 5, 1, 96, 3, "zeros", torch.float16),     # D padded 96 -> 128
     (1, 5, 6, 3, 8, 5, "shift", torch.bfloat16),     # 3 heads padded to 4
+    (2, 5, 6, 2, 16, 3, "mask", torch.float32),      # k=3 two-pass window: outside keys left out
+    (1, 1, 4, 1, 8, 3, "mask", torch.float16),       # one row: 6 of 9 keys outside
 ]
 
 
