@@ -165,6 +165,22 @@ def test_rollout_zero_steps_and_no_grad():
     assert y.grad_fn is None
 
 
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
+def test_rollout_zero_steps_with_grad(backend):
+    """steps=0 with inputs that require grad (an nn.NCA's parameters always do): a copy of
+    the state, gradient grad_out to the state and zeros to the weights."""
+    dev = device_for(backend)
+    rule = make_rule(3, device=dev, requires_grad=True)
+    x = make_state(1, 3, 4, 5, device=dev, requires_grad=True)
+    out = fastnca.nca_rollout(x, *rule, steps=0, seed=1, frozen_channels=1, backend=backend)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *rule], g, allow_unused=True)
+    assert torch.equal(grads[0], g)
+    for w, d in zip(rule, grads[1:]):
+        assert d is None or (d.shape == w.shape and not d.any())
+
+
 def saved_bytes(fn):
     """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once)."""
     seen = {}

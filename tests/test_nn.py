@@ -86,3 +86,73 @@ def test_import_without_compiled_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def _build(what, kw):
+    from fastnca.models.geca import GeCAConfig
+    from fastnca.models.mednca import BackboneNCA, MedNCA
+
+    ctor = {"NCA": lambda **k: NCA(**{"channels": 4, **k}),
+            "NeighborhoodAttention2d": lambda **k: NeighborhoodAttention2d(**{"dim": 8, "num_heads": 2, **k}),
+            "BackboneNCA": BackboneNCA, "MedNCA": MedNCA, "GeCAConfig": GeCAConfig}[what]
+    return ctor(**kw)
+
+
+@pytest.mark.parametrize("what,kw,exc,match", [
+    ("NCA", dict(channels=0), ValueError, "channels must be in"),
+    ("NCA", dict(frozen_channels=5), ValueError, "frozen_channels must be in"),
+    ("NCA", dict(hidden=0), ValueError, "hidden must be in"),
+    ("NCA", dict(filters=1.5), TypeError, "filters must be an integer"),
+    ("NCA", dict(groups=2), ValueError, "groups must be 1 or channels"),
+    ("NCA", dict(padding="same"), ValueError, "padding must be one of"),
+    ("NCA", dict(update_prob=2.0), ValueError, "update_prob must be in"),
+    ("NCA", dict(checkpoint_every=0), ValueError, "checkpoint_every must be in"),
+    ("NCA", dict(backend="gpu"), ValueError, "backend must be None or one of"),
+    ("NeighborhoodAttention2d", dict(num_heads=0), ValueError, "num_heads must be in"),
+    ("NeighborhoodAttention2d", dict(num_heads=-2), ValueError, "num_heads must be in"),
+    ("NeighborhoodAttention2d", dict(num_heads=3), ValueError, "divisible by num_heads"),
+    ("NeighborhoodAttention2d", dict(kernel_size=4), ValueError, "kernel_size must be 3, 5 or 7"),
+    ("NeighborhoodAttention2d", dict(border="reflect"), ValueError, "border must be one of"),
+    ("NeighborhoodAttention2d", dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
+    ("BackboneNCA", dict(channels=8, input_channels=8), ValueError, "input_channels must be in"),
+    ("BackboneNCA", dict(fire_rate=-0.1), ValueError, "fire_rate must be in"),
+    ("BackboneNCA", dict(padding="valid"), ValueError, "padding must be one of"),
+    ("MedNCA", dict(downscale=0), ValueError, "downscale must be in"),
+    ("MedNCA", dict(steps=(8, 8, 8)), ValueError, "steps must be one int or one per level"),
+    ("MedNCA", dict(steps=-1), ValueError, "steps must be in"),
+    ("MedNCA", dict(steps="64"), TypeError, "steps must be an integer"),
+    ("MedNCA", dict(channels=4, input_channels=2, output_channels=3), ValueError, "must not exceed channels=4"),
+    ("GeCAConfig", dict(update_prob=1.5), ValueError, "update_prob must be in"),
+    ("GeCAConfig", dict(ca_steps=-1), ValueError, "ca_steps must be in"),
+    ("GeCAConfig", dict(heads=0), ValueError, "heads must be in"),
+    ("GeCAConfig", dict(kernel_size=4), ValueError, "kernel_size must be 3, 5 or 7"),
+])
+def test_constructors_name_the_bad_argument(what, kw, exc, match):
+    """Modules and model configs check their arguments when built, with the argument's name
+    (they used to fail later, inside torch, e.g. a ZeroDivisionError for num_heads=0)."""
+    with pytest.raises(exc, match=match):
+        _build(what, kw)
+
+
+def test_constructors_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    from fastnca.models.mednca import MedNCA
+
+    assert MedNCA(steps=np.int64(8)).steps == (8, 8)
+    assert NCA(np.int64(4), hidden=np.int32(8)).channels == 4
+
+
+def test_zero_step_modules_run_with_grad():
+    """NCA(..., steps=0) and a Med-NCA level of 0 steps: their parameters require grad, and
+    a rollout of 0 steps used to fail building its (empty) checkpoints."""
+    from fastnca.models.mednca import MedNCA
+
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    y = NCA(4, hidden=8)(x, steps=0)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    model = MedNCA(channels=8, hidden=16, steps=(0, 3), downscale=2)
+    out = model(torch.randn(1, 1, 8, 8))
+    out.sum().backward()
+    assert out.shape == (1, 1, 8, 8)

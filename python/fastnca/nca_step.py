@@ -77,6 +77,12 @@ def _segments(steps: int, every: int) -> list[tuple[int, int]]:
     return [(s, min(s + every, steps)) for s in range(0, steps, every)]
 
 
+def _num_checkpoints(steps: int, every: int, keep: bool) -> int:
+    """States the rollout keeps for backward besides its input: the start of every segment
+    but the first (none for 0 or 1 segments, or without grad)."""
+    return max(0, len(_segments(steps, every)) - 1) if keep else 0
+
+
 def _prepared(k, state, weights, groups, padding, frozen, steps) -> dict:
     """Keyword arguments that let a backend's kernels reuse the weights it arranged once for
     every step of a rollout (the rule cannot change during the op)."""
@@ -94,7 +100,7 @@ def _nca_rollout_op(
     k = _backend.kernel(backend, "nca_step")
     seed = _checks.seed_from_i64(seed)
     segs = _segments(steps, every)
-    ckpt = _empty_checkpoints(state, len(segs) - 1 if keep else 0)
+    ckpt = _empty_checkpoints(state, _num_checkpoints(steps, every, keep))
     prep = _prepared(k, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen, steps)
     x = state
     for j, (a, b) in enumerate(segs):
@@ -108,8 +114,7 @@ def _nca_rollout_op(
 
 @_nca_rollout_op.register_fake
 def _(state, pw, pb, w1, b1, w2, b2, steps, start_step, every, keep, *args):
-    n = len(_segments(steps, every)) - 1 if keep else 0
-    return torch.empty_like(state), _empty_checkpoints(state, n)
+    return torch.empty_like(state), _empty_checkpoints(state, _num_checkpoints(steps, every, keep))
 
 
 @torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())

@@ -6,8 +6,14 @@ import math
 import torch
 from torch import nn
 
+from . import _backend, _checks
 from .nca_step import nca_rollout
 from .neighborhood_attention import neighborhood_attention2d
+
+
+def _check_backend(backend) -> None:
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
 
 
 def draw_seed() -> int:
@@ -38,8 +44,18 @@ class NCA(nn.Module):
                  fc2_bias: bool = False, checkpoint_every: int | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        channels = _checks.integer(channels, "channels", 1)
+        hidden = _checks.integer(hidden, "hidden", 1)
+        filters = _checks.integer(filters, "filters", 1)
+        groups = _checks.integer(groups, "groups")
         if groups not in (1, channels):
             raise ValueError(f"groups must be 1 or channels={channels}, got {groups}")
+        padding = _checks.choice(padding, "padding", _checks.PADDINGS)
+        update_prob = _checks.probability(update_prob, "update_prob")
+        frozen_channels = _checks.integer(frozen_channels, "frozen_channels", 0, channels + 1)
+        if checkpoint_every is not None:
+            checkpoint_every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
+        _check_backend(backend)
         kw = {"device": device, "dtype": dtype}
         self.channels, self.hidden, self.filters, self.groups = channels, hidden, filters, groups
         self.padding, self.update_prob, self.frozen_channels = padding, update_prob, frozen_channels
@@ -85,8 +101,19 @@ class NeighborhoodAttention2d(nn.Module):
                  qkv_bias: bool = False, proj_bias: bool = True, scale: float | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
+        dim = _checks.integer(dim, "dim", 1)
+        num_heads = _checks.integer(num_heads, "num_heads", 1)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        kernel_size = _checks.integer(kernel_size, "kernel_size")
+        if kernel_size not in (3, 5, 7):
+            raise ValueError(f"kernel_size must be 3, 5 or 7, got {kernel_size}")
+        border = _checks.choice(border, "border", _checks.BORDERS)
+        if scale is not None:
+            scale = _checks.real(scale, "scale", "None or a finite float")
+            if not math.isfinite(scale):
+                raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+        _check_backend(backend)
         kw = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kernel_size, self.border, self.scale, self.backend = kernel_size, border, scale, backend

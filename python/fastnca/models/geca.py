@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fastnca
+from fastnca import _checks
 
 __all__ = [
     "GeCA",
@@ -92,6 +93,16 @@ class GeCAConfig:
     kernel_size: int = 3
     class_dropout_prob: float = 0.1
     freq_dim: int = 256
+
+    def __post_init__(self):
+        for name in ("embed_dim", "heads", "dim_head", "mlp_dim", "in_channels", "num_classes", "freq_dim"):
+            _checks.integer(getattr(self, name), name, 1)
+        _checks.integer(self.hidden_channels, "hidden_channels", 0)
+        _checks.integer(self.ca_steps, "ca_steps", 0)
+        if _checks.integer(self.kernel_size, "kernel_size") not in (3, 5, 7):
+            raise ValueError(f"kernel_size must be 3, 5 or 7, got {self.kernel_size}")
+        _checks.probability(self.update_prob, "update_prob")
+        _checks.probability(self.class_dropout_prob, "class_dropout_prob")
 
     @property
     def out_channels(self) -> int:  # epsilon + variance-interpolation values
@@ -371,8 +382,8 @@ class GeCA(nn.Module):
         if C != cfg.cell_channels:
             raise ValueError(f"cells have {C} channels, GeCA expects {cfg.cell_channels} "
                              f"({cfg.in_channels} x_t + {cfg.out_channels} out + {cfg.hidden_channels} hidden)")
-        steps = cfg.ca_steps if steps is None else steps
-        p = cfg.update_prob if update_prob is None else update_prob
+        steps = cfg.ca_steps if steps is None else _checks.integer(steps, "steps", 0)
+        p = cfg.update_prob if update_prob is None else _checks.probability(update_prob, "update_prob")
         if seed is None and p < 1.0:
             seed = draw_seed()
         c = self.condition(t, y)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnca
+from fastnca import _checks
 from fastnca.nn import draw_seed as _draw_seed
 
 __all__ = [
@@ -78,13 +79,16 @@ class BackboneNCA(nn.Module):
         checkpoint_every: int | None = None,
     ):
         super().__init__()
-        if not 0 <= input_channels < channels:
-            raise ValueError(f"input_channels must be in [0, channels={channels}), got {input_channels}")
-        if not 0.0 <= fire_rate <= 1.0:
-            raise ValueError(f"fire_rate must be in [0, 1], got {fire_rate}")
+        channels = _checks.integer(channels, "channels", 1)
+        hidden = _checks.integer(hidden, "hidden", 1)
+        input_channels = _checks.integer(input_channels, "input_channels", 0, channels)
+        fire_rate = _checks.probability(fire_rate, "fire_rate")
+        padding = _checks.choice(padding, "padding", _checks.PADDINGS)
+        if checkpoint_every is not None:
+            checkpoint_every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
         self.channels = channels
         self.hidden = hidden
-        self.fire_rate = float(fire_rate)
+        self.fire_rate = fire_rate
         self.input_channels = input_channels
         self.padding = padding
         self.checkpoint_every = checkpoint_every
@@ -215,13 +219,20 @@ class MedNCA(nn.Module):
         checkpoint_every: int | None = None,
     ):
         super().__init__()
+        channels = _checks.integer(channels, "channels", 1)
+        input_channels = _checks.integer(input_channels, "input_channels", 0)
+        output_channels = _checks.integer(output_channels, "output_channels", 1)
         if input_channels + output_channels > channels:
-            raise ValueError("input_channels + output_channels must not exceed channels")
-        steps = (int(steps), int(steps)) if isinstance(steps, int) else tuple(int(s) for s in steps)
-        if len(steps) != 2:
-            raise ValueError(f"steps: one int or one per level (2), got {steps}")
+            raise ValueError(f"input_channels + output_channels must not exceed channels={channels}, "
+                             f"got {input_channels} + {output_channels}")
+        if isinstance(steps, (list, tuple)):
+            if len(steps) != 2:
+                raise ValueError(f"steps must be one int or one per level (2), got {steps!r}")
+            steps = tuple(_checks.integer(s, "steps", 0) for s in steps)
+        else:
+            steps = (_checks.integer(steps, "steps", 0),) * 2
         self.steps = steps
-        self.downscale = int(downscale)
+        self.downscale = _checks.integer(downscale, "downscale", 1)
         self.input_channels = input_channels
         self.output_channels = output_channels
         kw = dict(channels=channels, hidden=hidden, fire_rate=fire_rate, input_channels=input_channels,
