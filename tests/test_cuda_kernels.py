@@ -460,3 +460,23 @@ def test_emulated_grad_sink_sums_the_steps(emulated, frozen_rows):
         assert not sink.result()[4][:frozen].any() and not sink.result()[5][:frozen].any()
     with pytest.raises(RuntimeError, match="no backward"):
         cuda_nca.GradSink().result()
+
+
+@pytest.mark.parametrize("where", ["fc1_bias", "state"])
+def test_emulated_nan_propagates(emulated, where):
+    """A NaN reaches the CUDA forward's output where it reaches the reference's (every cell
+    fires), and the backward's weight gradients where the reference's have one: the ReLU
+    keeps NaN (fmaxf(z, 0) turned it into 0)."""
+    x, weights, gout = make_nca(emulated, 1, 4, 5, 6, 2, 8, 1, 1, torch.float32, "nchw")
+    weights = [w.clone() for w in weights]
+    if where == "state":
+        x = x.clone()
+        x[0, 2, 1, 3] = float("nan")
+    else:
+        weights[3][1] = float("nan")
+    args = (*weights, 1, "reflect", 1.0, 3, 7, 1)
+    out, ref = cuda_nca.forward(x, *args), ref_nca.forward(x, *args)
+    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    got, want = cuda_nca.backward(gout, x, *args), ref_nca.backward(gout, x, *args)
+    for name, a, b in zip(("d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2"), got, want):
+        assert bool(a.isnan().any()) == bool(b.isnan().any()), name

@@ -181,6 +181,26 @@ def test_rollout_zero_steps_with_grad(backend):
         assert d is None or (d.shape == w.shape and not d.any())
 
 
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
+@pytest.mark.parametrize("where", ["fc1_bias", "perception_bias", "state"])
+def test_nan_propagates_like_the_reference(backend, where):
+    """A NaN in a weight or in the state reaches the output of every cell it reaches in the
+    reference (every cell fires here): the fused ReLU must not turn NaN into 0 as
+    max(z, 0) does (a NaN weight after a bad optimiser step would pass unseen)."""
+    dev = device_for(backend)
+    rule = make_rule(4, hidden=8, device=dev)
+    x = make_state(1, 4, 5, 6, device=dev)
+    if where == "state":
+        x[0, 2, 1, 3] = float("nan")
+    else:
+        rule[1 if where == "perception_bias" else 3][1] = float("nan")
+    kw = dict(update_prob=1.0, seed=1, frozen_channels=1)
+    out = fastnca.nca_step(x, *rule, backend=backend, **kw)
+    ref = fastnca.nca_step(x, *rule, backend="reference", **kw)
+    assert ref.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
 def saved_bytes(fn):
     """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once)."""
     seen = {}

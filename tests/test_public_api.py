@@ -71,6 +71,21 @@ def test_scale_and_probability_types():
                        fastnca.nca_step(x, *rule, seed=0, update_prob=0.25))
     with pytest.raises(TypeError, match="update_prob must be a float in"):
         fastnca.nca_step(x, *rule, seed=0, update_prob=torch.tensor(True))
+    # a tensor that requires grad would silently get none: refused
+    with pytest.raises(TypeError, match="scale must be None or a finite float; a tensor that requires grad"):
+        fastnca.neighborhood_attention2d(q, q, q, scale=torch.tensor(0.3, requires_grad=True))
+
+
+def test_fire_mask_cell_count_bound():
+    with pytest.raises(ValueError, match="batch \\* height \\* width must be < 2\\^62 cells"):
+        fastnca.fire_mask(2**40, 2**40, 1, 0.5, seed=1, backend="reference")
+
+
+def test_env_backend_errors_say_to_change_the_env(monkeypatch):
+    monkeypatch.setenv("FASTNCA_BACKEND", "triton")
+    x = make_state(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="unset FASTNCA_BACKEND or set it to 'reference'"):
+        fastnca.nca_step(x, *[t.double() for t in make_rule(3)], seed=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -119,3 +134,29 @@ def test_triton_interpret_agrees_with_the_kernels():
 
     assert nca_step.interpreting is _runtime.interpreting is neighborhood_attention.interpreting
     assert _backend._triton_interpret() == _runtime.interpreting()
+
+
+def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
+    """backend=None skips a backend whose kernels refuse the rule (the cpu kernels take at
+    most 64 filters per channel); naming that backend says why, before any kernel runs."""
+    F = _backend.NCA_LIMITS["cpu"]["filters"] + 1
+    rule = make_rule(2, F=F)
+    x = make_state(1, 2, 4, 4)
+    assert _backend.resolve(None, "nca_step", x.device, x.dtype, dict(
+        C=2, F=F, hidden=6, depthwise=False, cells=16, height=4, width=4)) == "reference"
+    out = fastnca.nca_step(x, *rule, seed=1)
+    torch.testing.assert_close(out, fastnca.nca_step(x, *rule, seed=1, backend="reference"))
+    if fastnca.backends()["cpu"] is True:
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run this nca_step: .* at most 64 filters"):
+            fastnca.nca_step(x, *rule, seed=1, backend="cpu")
+    sizes = dict(C=4, F=2, hidden=8, depthwise=True, cells=16, height=4, width=4)
+    assert _backend.nca_unsupported("cpu", **sizes) is None
+    assert _backend.nca_unsupported("cpu", **dict(sizes, hidden=65537)).endswith("at most 65536, got 65537")
+    assert "depthwise" in _backend.nca_unsupported("cuda", **dict(sizes, F=26))
+    assert _backend.nca_unsupported("cuda", **dict(sizes, F=26, depthwise=False)) is None
+    assert "cells" in _backend.nca_unsupported("triton", **dict(sizes, cells=2**31))
+    assert "height and width" in _backend.nca_unsupported("cpu", **dict(sizes, height=2**30))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31)) == "cuda"
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"

@@ -367,7 +367,7 @@ nca_forward_kernel(const T* __restrict__ x, Strides4 xs, T* __restrict__ out, St
 #pragma unroll
       for (int r = 0; r < CPT; ++r)
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) h[r][i] = fmaxf(h[r][i], 0.f);
+        for (int i = 0; i < kChunk; ++i) h[r][i] = h[r][i] < 0.f ? 0.f : h[r][i];  // ReLU keeping NaN (fmaxf drops it)
       for (int k0 = 0; k0 < d.Cu; k0 += cpc) {
         const int cn = min(cpc, d.Cu - k0);
         __syncthreads();
@@ -493,12 +493,11 @@ nca_backward_main_kernel(const T* __restrict__ g, Strides4 gs, const T* __restri
             axpy_chunk<1>(dh, stage + cl * kChunk, gv);
           }
         }
-        // h = relu(z) into z, dz = dh * (z > 0) into dh
+        // h = relu(z) into z (NaN kept, as torch), dz = dh * (z > 0) into dh
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) {
-          const bool on = z[0][i] > 0.f;
-          z[0][i] = on ? z[0][i] : 0.f;
-          dh[0][i] = on ? dh[0][i] : 0.f;
+          dh[0][i] = z[0][i] > 0.f ? dh[0][i] : 0.f;
+          z[0][i] = z[0][i] < 0.f ? 0.f : z[0][i];
         }
         // dP[k] += sum_i w1[jc*32 + i][k] * dz[i]
         for (int k0 = 0; k0 < d.K; k0 += cpc) {

@@ -111,16 +111,48 @@ _DTYPES = {"reference": _checks.COMPUTE_DTYPES, "cpu": _checks.COMPUTE_DTYPES,
            "cuda": _checks.FLOAT_DTYPES, "triton": _checks.FLOAT_DTYPES}
 
 
-def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, when given); raises
-    with the reason when impossible."""
+# Sizes past which a backend's nca_step kernels refuse a rule or state (the reference takes
+# any): the kernels check against these, and backend=None passes over a backend they rule out.
+NCA_LIMITS = {
+    "cpu": {"filters": 64, "hidden": 65536, "side": (1 << 30) - 1},
+    "cuda": {"depthwise_filters": 25},
+    "triton": {"cells": 2**31 - 1024},  # tile positions (int32) run a tile past the last cell
+}
+
+
+def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: bool, cells: int,
+                    height: int, width: int) -> str | None:
+    """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS), or None."""
+    lim = NCA_LIMITS.get(backend, {})
+    if F > lim.get("filters", F):
+        return f"its kernels support at most {lim['filters']} filters per channel, got {F}"
+    if hidden > lim.get("hidden", hidden):
+        return f"its kernels support a hidden size of at most {lim['hidden']}, got {hidden}"
+    if max(height, width) > lim.get("side", max(height, width)):
+        return f"its kernels support height and width of at most {lim['side']}, got {height}x{width}"
+    if depthwise and F > lim.get("depthwise_filters", F):
+        return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
+    if cells > lim.get("cells", cells):
+        return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
+    return None
+
+
+def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None,
+            sizes: dict | None = None) -> str:
+    """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, and for nca_step
+    the rule's and state's ``sizes`` (nca_unsupported's keywords), when given); raises with
+    the reason when impossible."""
     source = "backend"
     if backend is None and os.environ.get("FASTNCA_BACKEND"):
         backend, source = os.environ["FASTNCA_BACKEND"], "FASTNCA_BACKEND"
+
+    def refuses(name):
+        return sizes is not None and op == "nca_step" and nca_unsupported(name, **sizes)
+
     if backend is None:
         for name in _AUTO.get((device.type, op), _AUTO.get(device.type, ("reference",))):
             if (_usable_on(name, device) is True and has_kernel(name, op)
-                    and (dtype is None or dtype in _DTYPES[name])):
+                    and (dtype is None or dtype in _DTYPES[name]) and not refuses(name)):
                 return name
         return "reference"
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -131,8 +163,11 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
         raise RuntimeError(f"fastnca backend {backend!r} is not usable for {op}: {status}")
     if not has_kernel(backend, op):
         raise NotImplementedError(f"fastnca backend {backend!r} has no {op} kernel")
+    fix = ("unset FASTNCA_BACKEND or set it to 'reference'" if source == "FASTNCA_BACKEND"
+           else "use backend=None or 'reference'")
+    if refuses(backend):
+        raise ValueError(f"fastnca backend {backend!r} cannot run this {op}: {refuses(backend)}; {fix}")
     if dtype is not None and dtype not in _DTYPES[backend]:
         raise TypeError(f"fastnca backend {backend!r} does not support {dtype} tensors "
-                        f"(it takes {', '.join(str(d).replace('torch.', '') for d in _DTYPES[backend])}); "
-                        f"use backend=None or 'reference'")
+                        f"(it takes {', '.join(str(d).replace('torch.', '') for d in _DTYPES[backend])}); {fix}")
     return backend

@@ -64,6 +64,9 @@ def integer(x, name: str, low: int | None = None, high: int | None = None) -> in
 def real(x, name: str, what: str = "a float") -> float:
     """A Python float from a real number or a 0-dim (non-bool) tensor, like integer()."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        if x.requires_grad:
+            raise TypeError(f"{name} must be {what}; a tensor that requires grad is not supported "
+                            "(no gradient flows to it): pass a float or a detached tensor")
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be {what}, got {type(x).__name__}")

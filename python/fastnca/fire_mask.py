@@ -49,6 +49,8 @@ def fire_mask(
     batch = _checks.integer(batch, "batch", 0)
     height = _checks.integer(height, "height", 0)
     width = _checks.integer(width, "width", 0)
+    if batch * height * width >= 1 << 62:  # cell indices stay well inside int64
+        raise ValueError(f"fire_mask: batch * height * width must be < 2^62 cells, got {batch}x{height}x{width}")
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
     step = _checks.integer(step, "step", 0, 1 << 64)

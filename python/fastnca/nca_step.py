@@ -247,6 +247,13 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     return (state, pw, pb, w1, b1, w2, b2), (groups, padding, update_prob, seed, frozen)
 
 
+def _sizes(state, pw, w1, groups) -> dict:
+    """The sizes backend selection checks against the kernels' limits (_backend.NCA_LIMITS)."""
+    B, C, H, W = state.shape
+    return dict(C=C, F=pw.shape[0] // C, hidden=w1.shape[0], depthwise=groups != 1, cells=B * H * W,
+                height=H, width=W)
+
+
 def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
              fc2_bias=None, *, groups=1, padding="reflect", update_prob=0.5, seed, step=0,
              frozen_channels=0, backend=None):
@@ -285,7 +292,7 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype)
+    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
     return _nca_step_op(*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step,
                         frozen, backend)
 
@@ -321,7 +328,7 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype)
+    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
     out, _ = _nca_rollout_op(*tensors, steps, start_step, every, keep, groups, padding,
                              update_prob, _checks.seed_to_i64(seed), frozen, backend)
     return out

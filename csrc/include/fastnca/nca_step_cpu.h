@@ -313,7 +313,7 @@ static void perceive_hidden(const Problem<T>& p, int m, Scratch<T>& s) {
   }
   gemm<T, kBias, false>(m, p.Hdp, C + K, s.P, LDP, p.w1t, p.Hdp, s.Hb, p.Hdp, p.b1);
   const int64_t nh = static_cast<int64_t>(m) * p.Hdp;
-  for (int64_t e = 0; e < nh; ++e) s.Hb[e] = s.Hb[e] > T(0) ? s.Hb[e] : T(0);
+  for (int64_t e = 0; e < nh; ++e) s.Hb[e] = s.Hb[e] < T(0) ? T(0) : s.Hb[e];  // ReLU keeping NaN, as torch
 }
 
 static inline int fire_list(uint64_t seed, uint64_t cell0, uint32_t step, uint32_t thr, int n,

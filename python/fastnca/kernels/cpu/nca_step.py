@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ... import _ext
+from ... import _backend, _ext
 from .._common import backward_out
 
 _PAD = 8  # must match kPadTo in csrc/cpu/nca_step.cpp
 _TILE_W = 0  # cells per tile; 0 = the kernel's tuned default (kTileW), for experiments
+_LIMITS = _backend.NCA_LIMITS["cpu"]
 
 
 def _pad(n: int) -> int:
@@ -44,18 +45,20 @@ def _sizes(state, pw, w1, w2, groups, frozen):
     B, C, H, W = state.shape
     if min(B, C, H, W) < 1:
         raise ValueError(f"fastnca cpu nca_step: empty state {tuple(state.shape)}")
-    if H >= 1 << 30 or W >= 1 << 30:
-        raise ValueError("fastnca cpu nca_step: height and width must be < 2^30")
+    if max(H, W) > _LIMITS["side"]:
+        raise ValueError(f"fastnca cpu nca_step: height and width must be at most {_LIMITS['side']}, got {H}x{W}")
     if groups not in (1, C):
         raise ValueError(f"fastnca cpu nca_step: groups must be 1 or {C}, got {groups}")
     if pw.dim() != 4 or pw.shape[0] % C or pw.shape[0] == 0 or tuple(pw.shape[1:]) != (C // groups, 3, 3):
         raise ValueError(f"fastnca cpu nca_step: bad perception weight shape {tuple(pw.shape)}")
     F = pw.shape[0] // C
-    if not 1 <= F <= 64:
-        raise ValueError(f"fastnca cpu nca_step: supports 1..64 filters per channel, got {F}")
+    if not 1 <= F <= _LIMITS["filters"]:
+        raise ValueError(f"fastnca cpu nca_step: supports 1..{_LIMITS['filters']} filters per channel, got {F}")
     Hd = w1.shape[0]
-    if w1.dim() != 2 or w1.shape[1] != (F + 1) * C or not 1 <= Hd <= 65536:
-        raise ValueError(f"fastnca cpu nca_step: bad fc1 weight shape {tuple(w1.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != (F + 1) * C or Hd < 1:
+        raise ValueError(f"fastnca cpu nca_step: fc1 weight must be [hidden, {(F + 1) * C}], got {tuple(w1.shape)}")
+    if Hd > _LIMITS["hidden"]:
+        raise ValueError(f"fastnca cpu nca_step: supports a hidden size of at most {_LIMITS['hidden']}, got {Hd}")
     if not 0 <= frozen <= C:
         raise ValueError(f"fastnca cpu nca_step: frozen channels {frozen} not in [0, {C}]")
     if w2.dim() != 2 or tuple(w2.shape) != (C - frozen, Hd):

@@ -24,12 +24,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ... import _ext
+from ... import _backend, _ext
 from .. import _common
 from . import _launch
 
 _CHUNK = 32
-_MAX_DEPTHWISE_F = 25
+_MAX_DEPTHWISE_F = _backend.NCA_LIMITS["cuda"]["depthwise_filters"]
 
 
 

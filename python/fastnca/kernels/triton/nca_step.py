@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _ext
+from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
 from ._runtime import interpreting
@@ -242,7 +242,8 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
             z = _mm(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                     DOT_PREC, EXACT, _EX_NONE, _EX_W1)
         conv = 0.0
-    return tl.maximum(z + tl.load(b1_ptr + offs_h)[None, :], 0.0), conv
+    z = z + tl.load(b1_ptr + offs_h)[None, :]
+    return tl.where(z < 0.0, 0.0, z), conv  # ReLU that keeps NaN (tl.maximum would drop it), like torch
 
 
 # ---------------------------------------------------------------------------------------
@@ -853,7 +854,7 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
     return c_pad, hid_pad, c_blk, fc_blk, triton.cdiv(FC, fc_blk) * fc_blk
 
 
-_MAX_CELLS = 2 ** 31 - 1024
+_MAX_CELLS = _backend.NCA_LIMITS["triton"]["cells"]
 _HALF = (torch.float16, torch.bfloat16)
 # EXACT bits by operand family, for the host (the kernels' _EX_* constants)
 _EXACT_BITS = dict(state=_EX_STATE.value, grad=_EX_GRAD.value, pw=_EX_PW.value, w1=_EX_W1.value,
