@@ -91,3 +91,55 @@ def test_env_override_is_restored(monkeypatch):
     with env(FASTNCA_TRITON_NA_FORWARD="halo"):
         pass
     assert "FASTNCA_TRITON_NA_FORWARD" not in os.environ
+
+
+def test_graph_times_off_cuda_and_in_the_table(capsys):
+    """graph_ms is CUDA-only (None elsewhere); the table shows graph replay times, or why
+    a capture failed, in the row's note."""
+    from fastnca.benchmark.common import Result, graph_ms, print_table
+
+    assert graph_ms(lambda: None, torch.device("cpu")) is None
+    rows = [Result("op", "cfg", "a", "bfloat16", 1.0, 2.0, extra={"fwd_graph_ms": 0.25, "fwd_bwd_graph_ms": 0.5}),
+            Result("op", "cfg", "b", "bfloat16", 1.0, 2.0, note="n", extra={"graph_error": "RuntimeError: sync"})]
+    print_table(rows, {"op": "a"})
+    out = capsys.readouterr().out
+    assert "graph 0.250 / 0.500 ms" in out and "graph: RuntimeError: sync; n" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_ops_replay_from_a_cuda_graph(backend):
+    """Every op's forward and backward captures in a CUDA graph (no host synchronisation:
+    torch.compile's reduce-overhead mode and the benchmark's graph timings need it), and a
+    replay gives what an eager call gives."""
+    import fastnca
+    from fastnca.benchmark.common import graph_ms
+
+    if fastnca.backends()[backend] is not True:
+        pytest.skip(f"{backend}: {fastnca.backends()[backend]}")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(dev)
+
+    rule = [r(64, 32, 3, 3), r(64), r(128, 96), r(128), r(31, 128), r(31)]
+    rule = [t.requires_grad_(True) for t in rule]
+    x = r(2, 32, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    qkv = r(2, 16, 16, 3, 4, 32).to(torch.bfloat16).requires_grad_(True)
+    q, k, v = qkv.unbind(3)
+    outs = {}
+
+    def step():
+        y = fastnca.nca_step(x, *rule, seed=3, step=5, frozen_channels=1, backend=backend)
+        ys = fastnca.nca_rollout(x, *rule, steps=5, seed=3, frozen_channels=1, backend=backend)
+        o = fastnca.neighborhood_attention2d(q, k, v, backend=backend)
+        grads = torch.autograd.grad((y * y).sum() + (ys * ys).sum() + o.float().square().sum(), [x, *rule, qkv])
+        outs["last"] = (y, ys, o, *grads)
+
+    step()
+    eager = [t.clone() for t in outs["last"]]
+    assert graph_ms(step, dev, reps=3) > 0
+    for a, b in zip(outs["last"], eager):  # the tensors the last replay wrote
+        assert torch.equal(a, b)

@@ -103,6 +103,35 @@ def batch_ms(fn: Callable[[], object], device: torch.device, inner: int) -> floa
     return begin.elapsed_time(end) / inner
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 7) -> float | None:
+    """Median ms per call of ``fn`` replayed from one CUDA graph (captured after a warm-up on
+    a side stream, as torch's CUDA-graph recipe does): the GPU time of its kernels without
+    the host's per-launch cost, which bounds eager calls of sub-millisecond ops. None off
+    CUDA; raises what capture raises (an op that synchronises with the host cannot be
+    captured)."""
+    if device.type != "cuda":
+        return None
+    if WARM_ONLY:
+        fn()
+        sync(device)
+        return float("nan")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        return median_ms(graph.replay, device, reps=reps)
+    finally:
+        del graph
+        sync(device)
+        torch.cuda.empty_cache()
+
+
 def saved_mb(fn: Callable[[], object]) -> float:
     """MB of distinct storages autograd saves for backward while ``fn`` runs."""
     if WARM_ONLY:
@@ -322,8 +351,14 @@ def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
                 if not b or not v:
                     return "-"
                 return f"{(v / b if inverse else b / v):.2f}"
+            note = r.note
+            if r.extra.get("fwd_graph_ms") is not None:  # CUDA-graph replay: the kernels alone
+                note = (f"graph {fmt(r.extra['fwd_graph_ms'], 3)} / {fmt(r.extra.get('fwd_bwd_graph_ms'), 3)} ms"
+                        + (f"; {note}" if note else ""))
+            elif r.extra.get("graph_error"):
+                note = f"graph: {r.extra['graph_error'][:40]}" + (f"; {note}" if note else "")
             print(f"{r.impl:<24}{fmt(r.fwd_ms):>10}{fmt(r.fwd_bwd_ms):>12}{fmt(r.saved_mb):>10}"
-                  f"{fmt(r.peak_mb):>10}{ratio('fwd_ms'):>8}{ratio('fwd_bwd_ms'):>8}{ratio('saved_mb'):>9}  {r.note}")
+                  f"{fmt(r.peak_mb):>10}{ratio('fwd_ms'):>8}{ratio('fwd_bwd_ms'):>8}{ratio('saved_mb'):>9}  {note}")
     print("\nx = baseline / fastnca (higher is better: speed-up, or times less memory)")
 
 
@@ -348,6 +383,9 @@ DEFINITIONS = {
     "tf32_roof_fraction_*": "float32 on CUDA: over the TF32 tensor-core matmul roof",
     "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
                                            "the measured device copy bandwidth",
+    "*_graph_ms, *_graph": "CUDA: the same call captured once in a CUDA graph and replayed "
+                           "(median as above): the time of its kernels without the host's "
+                           "launch cost; graph_error says why a capture failed",
     "ratios": "x = baseline / implementation: speed-up, or times less memory",
 }
 
