@@ -102,6 +102,41 @@ def test_fire_mask_bit_identical(backend, seed, step):
         assert torch.equal(got.cpu(), ref)
 
 
+def _cell_bits(n, seed, step):
+    """The 24 fire bits of cells 0..n-1 (the reference's Philox)."""
+    cell = torch.arange(n, dtype=torch.int64)
+    zero = torch.zeros_like(cell)
+    out0 = philox4x32_10(cell, zero, zero + (step & 0xFFFFFFFF), zero, seed & 0xFFFFFFFF, seed >> 32)[0]
+    return (out0 >> 8).tolist()
+
+
+BOUNDARY = (2**40 + 11, 2**32 + 9)  # (seed, step); only step mod 2^32 enters the counter
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("fire_mask")])
+def test_fire_mask_boundary_in_every_kernel(backend):
+    """u < p exactly, in each backend's kernel: at p = bits(c) * 2^-24 cell c does not fire,
+    at p = (bits(c) + 1) * 2^-24 it does (random p meets this edge once in 2^24 cells)."""
+    from conftest import device_for
+
+    seed, step = BOUNDARY
+    bits = _cell_bits(20, seed, step)
+    for c in (0, 7, 19):
+        for k, fires in ((bits[c], False), (bits[c] + 1, True)):
+            m = fastnca.fire_mask(1, 4, 5, k * 2.0**-24, seed, step, device=device_for(backend), backend=backend)
+            assert bool(m.view(-1)[c]) == fires, (c, k)
+            assert m.view(-1).cpu().tolist() == [b < k for b in bits]
+
+
+def test_fire_mask_step_wraps_at_2_32():
+    """Only step mod 2^32 enters the counter: step 2^32 + 9 draws step 9's mask, 2^33 step 0's."""
+    for step, same in ((2**32 + 9, 9), (2**33, 0), (2**64 - 1, 2**32 - 1)):
+        assert torch.equal(fastnca.fire_mask(2, 8, 9, 0.5, 3, step, backend="reference"),
+                           fastnca.fire_mask(2, 8, 9, 0.5, 3, same, backend="reference"))
+    assert not torch.equal(fastnca.fire_mask(2, 8, 9, 0.5, 3, 2**32 + 9, backend="reference"),
+                           fastnca.fire_mask(2, 8, 9, 0.5, 3, 10, backend="reference"))
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_fire_mask_extremes(p):
     m = fastnca.fire_mask(2, 8, 8, p, seed=3)

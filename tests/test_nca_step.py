@@ -231,6 +231,17 @@ def test_rollout_checkpoint_contract(steps, every):
     k = every or math.ceil(math.sqrt(steps))
     allowed = (math.ceil(steps / k) + 1) * x.nbytes + sum(t.nbytes for t in rule)
     assert nbytes <= allowed
+    # The schedule itself: the start of every segment but the first, for the default
+    # ceil(sqrt(steps)) too (a bound alone passes a rollout that keeps no checkpoint).
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fastnca.nca_rollout(x, *rule, steps=steps, checkpoint_every=every, seed=0, backend="reference")
+    assert (math.ceil(steps / k) - 1, *x.shape) in kept
 
 
 def test_mednca_rollout_saves_twenty_times_less_than_autograd():

@@ -19,9 +19,13 @@ GRIDS = [(1, 1), (2, 2), (3, 5), (8, 8), (31, 17)]
 REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def rel_err(a, b):
+def rel_err(a, b, floor=0.05):
+    """Max-norm error relative to the reference's largest magnitude, at least ``floor``:
+    small outputs (0.1 on tiny zeros-border grids) keep most of their relative bound, and
+    a reference that is zero in exact arithmetic (circular 1x1 grids: every key is the
+    query's own cell, so dq = 0) is not divided by its rounding noise."""
     a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
 def make(B, H, W, nh, D, dtype=torch.float32, seed=0, packed=False):
@@ -45,7 +49,7 @@ def check(shape, ks, border, dtype=torch.float32, packed=False, seed=0, lse_grad
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.is_contiguous()
     tol = REL[dtype]
     assert rel_err(o, ro) <= tol, ("o", rel_err(o, ro))
-    assert rel_err(lse, rlse) <= max(tol, 1e-6 if dtype != torch.float64 else tol), ("lse", rel_err(lse, rlse))
+    assert rel_err(lse, rlse) <= (tol if dtype == torch.float64 else 1e-6), ("lse", rel_err(lse, rlse))  # fp32 for half inputs
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
@@ -57,7 +61,9 @@ def check(shape, ks, border, dtype=torch.float32, packed=False, seed=0, lse_grad
         want = ref.backward(do, gl, q, k, v, ro, rlse, ks, border, scale)
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             assert a.dtype == dtype and a.is_contiguous() and a.shape == q.shape
-            assert rel_err(a, b) <= gtol, (name, "lse grad" if gl is not None else "", rel_err(a, b))
+            floor = 1.0 if border == "circular" and H * W == 1 else 0.05
+            err = rel_err(a, b, floor)
+            assert err <= gtol, (name, "lse grad" if gl is not None else "", err)
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")

@@ -62,7 +62,7 @@ def check_against_reference(B, H, W, nh, D, ks, border, dtype, layout="separate"
     assert o.is_contiguous() and lse.is_contiguous() and o.shape == q.shape and lse.shape == q.shape[:-1]
     tol = REL[dtype]
     assert rel_err(o, ro) <= tol, ("o", rel_err(o, ro))
-    assert rel_err(lse, rlse) <= max(tol, 1e-5), ("lse", rel_err(lse, rlse))
+    assert rel_err(lse, rlse) <= 1e-5, ("lse", rel_err(lse, rlse))  # float32 whatever the input dtype
 
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)

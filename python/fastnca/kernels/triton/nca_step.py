@@ -1135,41 +1135,80 @@ def _firing_cells(fire):
 BACKWARD_OUT_MAY_BE_GRAD = True
 
 
+@triton.jit
+def _fold_partials_kernel(part_ptr, rows, cols, total_ptr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    """total[c] += sum over r of part[r, c], r in order (deterministic); ZERO: part = 0 after."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = c < cols
+    s = tl.zeros([BLOCK], tl.float32)
+    for r in range(rows):
+        p = part_ptr + r * cols + c  # < _PARTIAL_BUDGET / 4 elements: int32
+        s += tl.load(p, mask=live, other=0.0)
+        if ZERO:
+            tl.store(p, tl.zeros([BLOCK], tl.float32), mask=live)
+    tl.store(total_ptr + c, tl.load(total_ptr + c, mask=live, other=0.0) + s, mask=live)
+
+
+def _fold(partials, total, zero):
+    """total += partials.sum(0), each column summed over the rows in order; partials zeroed
+    after when ``zero`` (one launch)."""
+    rows, cols = partials.shape
+    block = 1024
+    with _on_device(partials.device):
+        _fold_partials_kernel[(triton.cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block)
+
+
 class GradSink:
     """The weight gradients of many backward calls with one rule layout and one tiling (the
-    steps of nca_rollout's backward): every call's kernels add into the same per-program
-    partial slots, and result() reduces and unpacks them once, in a fixed order (bitwise
-    reproducible). A step then skips its own reduction, unpacking, casts and the caller's
-    accumulation: 18 small launches. The sums stay in float32 until result() rounds them
-    to the weights' dtypes (the last call's weights give the layouts and dtypes)."""
+    steps of nca_rollout's backward), summed in float32: each call's per-program partials
+    are folded into running totals (and zeroed) by one fixed-order reduction a buffer, so
+    the sums are bitwise the ones autograd makes of the calls' own gradients in float32
+    (nca_rollout equals the loop of nca_step). result() unpacks them once. A step saves
+    its unpacking, casts, fills and the caller's accumulation: 16 small launches. The last
+    call's weights give the layouts and dtypes."""
 
     def __init__(self):
-        self._bufs = None  # (partials, dpw_parts) after the first call
+        self._bufs = None  # (partials, dpw_parts, total_a, total_pw) after the first call
         self._finish = None
 
     def _slots(self, shapes, device):
-        """The partial-sum buffers: zeros on the first call, the same ones after it."""
+        """The partial-sum buffers, zero at every call (the totals hold the sums)."""
         if self._bufs is None:
-            self._bufs = tuple(torch.zeros(s, dtype=torch.float32, device=device) for s in shapes)
-        elif tuple(tuple(b.shape) for b in self._bufs) != tuple(shapes):
+            self._bufs = tuple(torch.zeros(s, dtype=torch.float32, device=device) for s in shapes) + \
+                tuple(torch.zeros(s[1], dtype=torch.float32, device=device) for s in shapes)
+        elif tuple(tuple(b.shape) for b in self._bufs[:2]) != tuple(shapes):
             raise ValueError("a GradSink sums the gradients of one rule layout and tiling; got partial "
-                             f"slots of shapes {shapes} after {[tuple(b.shape) for b in self._bufs]}")
-        return self._bufs
+                             f"slots of shapes {shapes} after {[tuple(b.shape) for b in self._bufs[:2]]}")
+        return self._bufs[:2]
+
+    def _fold(self):
+        partials, dpw_parts, total_a, total_pw = self._bufs
+        _fold(partials, total_a, zero=True)
+        _fold(dpw_parts, total_pw, zero=True)
 
     def result(self):
         """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
         if self._finish is None:
             raise RuntimeError("GradSink.result(): no backward has added to this sink")
-        return self._finish()
+        return self._finish(*self._bufs[2:])
 
 
-def _weight_grads(rule, partials, dpw_parts, weights):
-    """Reduce the per-program partial sums in a fixed order and unpack them into the
-    weights' layouts and dtypes (copies: no two returned grads share a buffer)."""
+def _totals(partials, dpw_parts):
+    """The fixed-order sums of one call's partials (GradSink folds the same way)."""
+    total_a = torch.zeros(partials.shape[1], dtype=torch.float32, device=partials.device)
+    total_pw = torch.zeros(dpw_parts.shape[1], dtype=torch.float32, device=partials.device)
+    _fold(partials, total_a, zero=False)
+    _fold(dpw_parts, total_pw, zero=False)
+    return total_a, total_pw
+
+
+def _weight_grads(rule, weights, total_a, total_pw):
+    """Unpack the summed partials (the cell kernel's slot layout, and the conv kernel's d_pw)
+    into the weights' layouts and dtypes (copies: no two returned grads share a buffer)."""
     pw, pb, w1, b1, w2, b2 = weights
     C, frozen = rule.C, rule.FROZEN
-    segs = list(partials.sum(0).split(_cell_slot_sizes(rule)))
-    segs[5] = dpw_parts.sum(0)
+    segs = list(total_a.split(_cell_slot_sizes(rule)))
+    segs[5] = total_pw
     d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(torch.cat(segs))
     hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
     g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
@@ -1256,7 +1295,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     del ws
     weights = (pw, pb, w1, b1, w2, b2)
     if sink is not None:
-        sink._finish = functools.partial(_weight_grads, rule, partials, dpw_parts, weights)
+        sink._fold()
+        sink._finish = functools.partial(_weight_grads, rule, weights)
         return (d_state,) + (None,) * 6
-    return (d_state, *_weight_grads(rule, partials, dpw_parts, weights))
+    return (d_state, *_weight_grads(rule, weights, *_totals(partials, dpw_parts)))
 
