@@ -155,6 +155,52 @@ def test_rollout_equals_loop_of_steps(every, backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
+def test_rollout_step_counter_wraps_at_2_32(backend):
+    """Step i draws its mask with counter (start_step + i) mod 2^32: a rollout across 2^32
+    equals the loop with the wrapped counters, forward and gradients."""
+    dev = device_for(backend)
+    rule = make_rule(4, hidden=8, frozen=1, requires_grad=True, seed=2, device=dev)
+    x0 = make_state(1, 4, 5, 6, requires_grad=True, device=dev)
+    kw = dict(seed=99, frozen_channels=1, backend=backend)
+    out = fastnca.nca_rollout(x0, *rule, steps=4, start_step=2**32 - 2, checkpoint_every=2, **kw)
+    x = x0
+    for step in (2**32 - 2, 2**32 - 1, 0, 1):
+        x = fastnca.nca_step(x, *rule, step=step, **kw)
+    assert torch.equal(out, x)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x0, *rule], g), torch.autograd.grad(x, [x0, *rule], g)):
+        assert torch.equal(a, b)
+    # the counter matters: a saturating one (2^32 - 1 again) would give another state
+    assert not torch.equal(fastnca.nca_step(x0, *rule, step=2**32 - 1, **kw), fastnca.nca_step(x0, *rule, step=0, **kw))
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
+def test_fire_boundary_inside_the_step_kernels(backend):
+    """u < p exactly inside each backend's step kernels (forward and backward): at
+    p = bits(c) * 2^-24 cell c keeps its state, at (bits(c) + 1) * 2^-24 it updates; the
+    gradients match the reference at the boundary."""
+    from fastnca.kernels.reference.fire_mask import philox4x32_10
+
+    dev = device_for(backend)
+    seed, step = 2**40 + 11, 9
+    cell = torch.arange(20, dtype=torch.int64)
+    zero = torch.zeros_like(cell)
+    bits = (philox4x32_10(cell, zero, zero + step, zero, seed & 0xFFFFFFFF, seed >> 32)[0] >> 8).tolist()
+    rule = make_rule(3, hidden=8, frozen=1, requires_grad=True, seed=4, device=dev)
+    x = make_state(1, 3, 4, 5, requires_grad=True, device=dev)
+    for c in (0, 7, 19):
+        for k in (bits[c], bits[c] + 1):
+            kw = dict(update_prob=k * 2.0**-24, seed=seed, step=step, frozen_channels=1)
+            out = fastnca.nca_step(x, *rule, backend=backend, **kw)
+            moved = (out - x).abs().amax(1).view(-1).cpu()
+            assert [bool(m > 0) for m in moved] == [b < k for b in bits], (c, k)
+            ref = fastnca.nca_step(x, *rule, backend="reference", **kw)
+            g = torch.randn_like(out)
+            for a, b in zip(torch.autograd.grad(out, [x, *rule], g), torch.autograd.grad(ref, [x, *rule], g)):
+                assert_close(a, b, torch.float32, "grad at the boundary")
+
+
 def test_rollout_zero_steps_and_no_grad():
     rule = make_rule(3)
     x = make_state(1, 3, 4, 4)
