@@ -347,6 +347,14 @@ NA_EMULATED = [  # B, H, W, heads, D, kernel, border, packed, with_dlse
     (1, 7, 8, 2, 3, 5, "shift", False, True),
     (1, 3, 5, 1, 1, 7, "zeros", False, True),
     (1, 2, 2, 1, 130, 3, "circular", False, True),  # D > 4 * 32: several key-kernel passes
+    (1, 1, 1, 1, 8, 3, "zeros", False, True),        # 1x1 grid: every neighbour outside
+    (1, 1, 1, 2, 4, 5, "circular", False, True),     # 1x1 torus: every key is the cell itself
+    (1, 4, 5, 6, 64, 3, "shift", True, True),        # 6 heads, D 64
+    (1, 4, 5, 1, 96, 3, "zeros", False, True),       # D 96
+    (1, 7, 8, 1, 8, 7, "shift", False, True),        # the largest window, shifted
+    (1, 6, 5, 2, 16, 5, "mask", True, False),
+    (1, 8, 9, 1, 8, 7, "mask", False, True),
+    (1, 5, 6, 1, 8, 7, "circular", False, True),     # windows wrap more than once
 ]
 
 
@@ -359,6 +367,26 @@ def test_emulated_attention_matches_reference(emulated, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_attention_half_and_strided_grad(emulated, dtype):
     check_na(emulated, 1, 3, 4, 2, 6, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)
+    check_na(emulated, 1, 5, 6, 2, 16, 5, "mask", dtype=dtype)
+    check_na(emulated, 1, 6, 5, 1, 8, 3, "shift", dtype=dtype, packed=True)
+
+
+@pytest.mark.parametrize("border", ["mask", "circular", "shift"])
+def test_emulated_attention_softmax_sums_to_one(emulated, border):
+    """v = 1: the output is the sum of each window's softmax weights, 1."""
+    q, k, _ = make_qkv(emulated, 1, 6, 7, 2, 8, torch.float32, False)
+    o, _ = cuda_na.forward(q, k, torch.ones_like(k), 3, border, 8 ** -0.5)
+    torch.testing.assert_close(o, torch.ones_like(o), rtol=0, atol=2e-6)
+
+
+def test_emulated_attention_zeros_corner_logits(emulated):
+    """border zeros: the (0, 0) corner's 5 outside keys have logit exactly 0."""
+    q, k, v = make_qkv(emulated, 1, 4, 4, 1, 8, torch.float32, False)
+    _, lse = cuda_na.forward(q, k, v, 3, "zeros", 8 ** -0.5)
+    qd, kd = q.double(), k.double()
+    s = [(qd[0, 0, 0, 0] @ kd[0, y, x, 0]) * 8 ** -0.5 for y in (0, 1) for x in (0, 1)]
+    expected = torch.logsumexp(torch.stack(s + [torch.tensor(0.0, dtype=torch.float64)] * 5), 0)
+    torch.testing.assert_close(lse[0, 0, 0, 0].double(), expected, rtol=2e-6, atol=2e-6)
 
 
 def test_emulated_attention_rejects_float64(emulated):

@@ -260,12 +260,22 @@ def saved_bytes(fn):
     return sum(seen.values()), out
 
 
-def test_step_saves_only_its_inputs():
-    rule = make_rule(8, hidden=32, requires_grad=True)
-    x = make_state(2, 8, 16, 16, requires_grad=True)
-    nbytes, _ = saved_bytes(lambda: fastnca.nca_step(x, *rule, seed=0, backend="reference"))
-    inputs = x.nbytes + sum(t.nbytes for t in rule)
-    assert nbytes <= inputs
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
+def test_step_saves_only_its_inputs(backend):
+    """Autograd keeps exactly the step's inputs (the storages of the state and the six
+    weights), nothing computed: no perception, hidden or mask tensor."""
+    dev = device_for(backend)
+    rule = make_rule(8, hidden=32, requires_grad=True, device=dev)
+    x = make_state(2, 8, 16, 16, requires_grad=True, device=dev)
+    kept = []
+
+    def pack(t):
+        kept.append(t.untyped_storage().data_ptr())
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fastnca.nca_step(x, *rule, seed=0, backend=backend)
+    assert sorted(kept) == sorted(t.untyped_storage().data_ptr() for t in (x, *rule))
 
 
 @pytest.mark.parametrize("steps,every", [(64, None), (64, 4), (10, 3), (1, None)])
@@ -334,6 +344,18 @@ ARG_ERRORS = [
     (dict(step=-1), ValueError, "step must be in"),
     (dict(backend="fast"), ValueError, "backend must be None or one of"),
     (dict(fc1_weight="w"), TypeError, "fc1_weight must be a torch.Tensor"),
+    (dict(state=torch.zeros(0, 3, 4, 4)), ValueError, "state must be non-empty"),
+    (dict(state=torch.zeros(1, 3, 0, 4)), ValueError, "state must be non-empty"),
+    (dict(frozen_channels=-1), ValueError, "frozen_channels must be in \\[0, 4\\)"),
+    (dict(groups=1.0), TypeError, "groups must be an integer"),
+    (dict(update_prob=1.5), ValueError, "update_prob must be in \\[0, 1\\]"),
+    (dict(update_prob=float("nan")), ValueError, "update_prob must be in \\[0, 1\\]"),
+    (dict(fc2_bias=torch.zeros(4)), ValueError, "fc2_bias must have shape \\(3,\\)"),
+    (dict(perception_weight=torch.zeros(6, 3, 3, 3, dtype=torch.int32)), TypeError, "perception_weight must have dtype"),
+    (dict(state=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "state must have dtype"),
+    (dict(state=torch.zeros(3, 4, 4)), ValueError, "state must have 4 dimensions"),
+    (dict(padding="same"), ValueError, "padding must be one of"),
+    (dict(state=torch.zeros(1, 3, 1, 4), padding="reflect"), ValueError, "reflect' needs height and width >= 2"),
     # Matched on the argument's name (and, for a device mismatch, the device), not on the wording.
     (dict(state="x"), TypeError, mentions("state")),
     (dict(state=[[[[0.0]]]]), TypeError, mentions("state")),

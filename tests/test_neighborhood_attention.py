@@ -78,21 +78,31 @@ def test_reference_head_dims_and_scale(D):
     torch.testing.assert_close(o, naive(q, k, v, 3, "mask", 0.3)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("neighborhood_attention")])
 @pytest.mark.parametrize("border", ["mask", "circular", "shift"])
-def test_softmax_weights_sum_to_one(border):
-    q, k, _ = make_qkv(2, 7, 9, 3, 5)
-    o = fastnca.neighborhood_attention2d(q, k, torch.ones_like(k), 3, border, backend="reference")
-    torch.testing.assert_close(o, torch.ones_like(o))
+@pytest.mark.parametrize("ks", [3, 5])
+def test_softmax_weights_sum_to_one(backend, border, ks):
+    """With v = 1 the output is the sum of the window's softmax weights: 1 (border zeros
+    gives its outside keys zero values, so its sum is below 1 at the edges)."""
+    dev = device_for(backend)
+    q, k, _ = make_qkv(2, 7, 9, 3, 8, device=dev)
+    o = fastnca.neighborhood_attention2d(q, k, torch.ones_like(k), ks, border, backend=backend)
+    torch.testing.assert_close(o, torch.ones_like(o), rtol=0, atol=2e-6)
 
 
-def test_zeros_border_corner_logits_are_zero():
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("neighborhood_attention")])
+def test_zeros_border_corner_logits_are_zero(backend):
     """At the (0, 0) corner 5 of the 9 neighbours are outside: each is a zero key with
     logit exactly 0, so the corner's lse is logsumexp(4 inside logits, 0 x 5)."""
-    q, k, v = make_qkv(1, 4, 4, 1, 8, dtype=torch.float64)
-    _, lse = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", return_lse=True, backend="reference")
-    s = [(q[0, 0, 0, 0] @ k[0, y, x, 0]) * 8 ** -0.5 for y in (0, 1) for x in (0, 1)]
+    dev = device_for(backend)
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    q, k, v = make_qkv(1, 4, 4, 1, 8, dtype=dtype, device=dev)
+    _, lse = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", return_lse=True, backend=backend)
+    qd, kd = q.double().cpu(), k.double().cpu()
+    s = [(qd[0, 0, 0, 0] @ kd[0, y, x, 0]) * 8 ** -0.5 for y in (0, 1) for x in (0, 1)]
     expected = torch.logsumexp(torch.stack(s + [torch.tensor(0.0, dtype=torch.float64)] * 5), 0)
-    torch.testing.assert_close(lse[0, 0, 0, 0], expected, rtol=1e-14, atol=1e-14)
+    tol = 1e-14 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(lse[0, 0, 0, 0].double().cpu(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("border", BORDERS)
@@ -154,6 +164,19 @@ def test_memory_contract_q_k_v_o_lse_only():
     got = _saved(lambda: fastnca.neighborhood_attention2d(q, k, v))
     per = q.nbytes
     assert got == 4 * per + B * H * W * nh * 4  # q, k, v, o + float32 lse
+    # and those tensors themselves: the inputs, the output and a float32 [B, H, W, heads] lse
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, lse = fastnca.neighborhood_attention2d(q, k, v, return_lse=True)
+    assert len(kept) == 5
+    for want in (q, k, v, o):
+        assert any(t.data_ptr() == want.data_ptr() and t.shape == want.shape for t in kept)
+    assert any(t.data_ptr() == lse.data_ptr() and t.dtype == torch.float32 for t in kept)
 
     def unfold_attention():
         kk = torch.nn.functional.unfold(k.permute(0, 3, 4, 1, 2).reshape(B, nh * D, H, W), 3, padding=1)
@@ -172,10 +195,16 @@ ARG_ERRORS = [
     (dict(value=torch.zeros(1, 4, 4, 2, 8, dtype=torch.float64)), TypeError, "share a dtype"),
     (dict(query=torch.zeros(1, 4, 4, 2, 8, dtype=torch.int32)), TypeError, "query must have dtype"),
     (dict(key=torch.zeros(1, 4, 4, 8, 2).transpose(-1, -2)), ValueError, "key must be contiguous in its last"),
+    (dict(query=torch.zeros(1, 4, 4, 8, 2).transpose(-1, -2)), ValueError, "query must be contiguous in its last"),
+    (dict(value=torch.zeros(1, 4, 4, 8, 2).transpose(-1, -2)), ValueError, "value must be contiguous in its last"),
+    (dict(value=torch.zeros(1, 4, 4, 2, 16)[..., ::2]), ValueError, "value must be contiguous in its last"),
     (dict(kernel_size=4), ValueError, "kernel_size must be 3, 5 or 7"),
     (dict(kernel_size=9), ValueError, "kernel_size must be 3, 5 or 7"),
     (dict(border="reflect"), ValueError, "border must be one of"),
     (dict(border="shift", kernel_size=5), ValueError, "border='shift' needs height and width >= kernel_size=5"),
+    (dict(border="shift", kernel_size=7), ValueError, "border='shift' needs height and width >= kernel_size=7"),
+    (dict(border="shift", query=torch.zeros(1, 2, 4, 2, 8), key=torch.zeros(1, 2, 4, 2, 8),
+          value=torch.zeros(1, 2, 4, 2, 8)), ValueError, "border='shift' needs height and width >= kernel_size=3"),
     (dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
     (dict(backend="natten"), ValueError, "backend must be None or one of"),
     # Matched on the argument's name (and, for a device mismatch, the device), not on the
