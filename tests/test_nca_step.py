@@ -427,6 +427,11 @@ CASES = [  # (B, C, H, W, hidden, F, groups, frozen, padding, update_prob)
     (1, 5, 17, 31, 16, 3, 1, 3, "circular", 0.5),
     (2, 8, 5, 4, 8, 2, "C", 1, "replicate", 0.0),
     (1, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5),
+    # every padding with the other perception kind too
+    (1, 4, 5, 6, 8, 2, "C", 1, "reflect", 0.5),
+    (2, 3, 4, 5, 6, 2, 1, 0, "zeros", 0.5),
+    (1, 4, 3, 7, 8, 3, "C", 3, "circular", 1.0),
+    (3, 3, 5, 3, 6, 1, 1, 1, "replicate", 0.5),
 ]
 
 

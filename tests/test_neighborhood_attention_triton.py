@@ -101,6 +101,11 @@ CASES = [  # (B, H, W, heads, D, kernel_size, border, dtype)
     (1, 5, 6, 3, 8, 5, "shift", torch.bfloat16),     # 3 heads padded to 4
     (2, 5, 6, 2, 16, 3, "mask", torch.float32),      # k=3 two-pass window: outside keys left out
     (1, 1, 4, 1, 8, 3, "mask", torch.float16),       # one row: 6 of 9 keys outside
+    (1, 3, 4, 2, 1, 3, "mask", torch.float32),       # D = 1 on a real grid (scalar loads)
+    (1, 1, 1, 1, 8, 3, "circular", torch.float32),   # 1x1 torus: every key is the cell itself
+    (1, 1, 1, 2, 8, 5, "mask", torch.float32),       # 1x1: only the centre key in the softmax
+    (1, 3, 5, 1, 96, 3, "mask", torch.float32),      # fp32 D 96 (padded to 128)
+    (1, 4, 4, 6, 16, 3, "zeros", torch.bfloat16),    # 6 heads in a half dtype
 ]
 
 
