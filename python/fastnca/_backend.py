@@ -165,8 +165,9 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
         raise NotImplementedError(f"fastnca backend {backend!r} has no {op} kernel")
     fix = ("unset FASTNCA_BACKEND or set it to 'reference'" if source == "FASTNCA_BACKEND"
            else "use backend=None or 'reference'")
-    if refuses(backend):
-        raise ValueError(f"fastnca backend {backend!r} cannot run this {op}: {refuses(backend)}; {fix}")
+    why = refuses(backend)
+    if why:
+        raise ValueError(f"fastnca backend {backend!r} cannot run this {op}: {why}; {fix}")
     if dtype is not None and dtype not in _DTYPES[backend]:
         raise TypeError(f"fastnca backend {backend!r} does not support {dtype} tensors "
                         f"(it takes {', '.join(str(d).replace('torch.', '') for d in _DTYPES[backend])}); {fix}")

@@ -127,8 +127,9 @@ def _nca_rollout_backward_op(
     k = _backend.kernel(backend, "nca_step")
     seed = _checks.seed_from_i64(seed)
     weights = (pw, pb, w1, b1, w2, b2)
-    # A backend with a GradSink sums the weight gradients of every step in its own float32
-    # partials and reduces them once; otherwise each step's are added up here.
+    # A backend with a GradSink keeps the float32 sums of every step's weight gradients in
+    # its own layout (bitwise the sums autograd makes of the loop) and unpacks them once;
+    # otherwise each step's gradients are unpacked and added up here.
     sink = k.GradSink() if hasattr(k, "GradSink") and steps > 0 else None
     acc_dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
     dweights = [] if sink else [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
