@@ -30,16 +30,86 @@ TOLERANCES = {
 }
 
 
+def emulation_path():
+    """The host emulation of the CUDA kernels (scripts/build_cuda_emulation.sh), or None."""
+    import glob
+
+    path = os.environ.get("FASTNCA_CUDA_EMULATION")
+    if path:
+        return path if os.path.exists(path) else None
+    found = glob.glob(os.path.join(os.path.dirname(__file__), "..", "build", "cuda-emu", "fastnca_cuda_emu*.so"))
+    return found[0] if found else None
+
+
+# Without a GPU and with FASTNCA_TEST_EMULATED_CUDA=1, tests of the public ops run backend
+# "cuda" through the host emulation (scripts/build_cuda_emulation.sh): its launchers, on
+# CPU tensors (_emulate_cuda_backend). Opt-in: ~100 tests took 14 minutes on 2 cores
+# (tests/test_cuda_kernels.py runs its own small emulated cases in every CI run).
+CUDA_EMULATION = (not torch.cuda.is_available() and os.environ.get("FASTNCA_TEST_EMULATED_CUDA") == "1"
+                  and emulation_path() is not None)
+EMULATED_OPS = ("nca_step", "neighborhood_attention")  # fire_mask.cu is not in the emulation
+
+
+_EMULATION_MODULE = []
+
+
+def emulation_module():
+    if not _EMULATION_MODULE:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", emulation_path())
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _EMULATION_MODULE.append(mod)
+    return _EMULATION_MODULE[0]
+
+
+def emulate_cuda(monkeypatch):
+    """Route the CUDA launchers to the host emulation (CPU pointers, no device or stream)."""
+    import contextlib
+
+    from fastnca.kernels.cuda import _launch
+
+    mod = emulation_module()
+    monkeypatch.setattr(_launch, "module", lambda: mod)
+    monkeypatch.setattr(_launch, "is_cuda", lambda t: True)
+    monkeypatch.setattr(_launch, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_launch, "stream", lambda device: 0)
+
+
+@pytest.fixture(autouse=True)
+def _emulate_cuda_backend(request, monkeypatch):
+    """A test parametrised with backend "cuda" on a machine without a GPU (fast_backends
+    offers it when the emulation is built): the backend table takes CPU tensors for it
+    and its launchers run the emulated kernels."""
+    callspec = getattr(request.node, "callspec", None)
+    if CUDA_EMULATION and callspec is not None and callspec.params.get("backend") == "cuda":
+        emulate_cuda(monkeypatch)
+        from fastnca.kernels.cuda import fire_mask as cuda_fire_mask
+        from fastnca.kernels.reference import fire_mask as ref_fire_mask
+
+        monkeypatch.setattr(cuda_fire_mask, "fire_mask", ref_fire_mask.fire_mask)  # not in the emulation
+        usable = _backend._usable_on
+        monkeypatch.setitem(_backend._STATUS, "cuda", True)
+        monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True if name == "cuda" else usable(name, device))
+    yield
+
+
 def device_for(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
-                        else "cpu")
+    if backend == "cuda":
+        return torch.device("cpu" if CUDA_EMULATION else "cuda")
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
 def fast_backends(op: str) -> list:
-    """Every non-reference backend with a kernel for ``op``; unusable ones become skips."""
+    """Every non-reference backend with a kernel for ``op``; unusable ones become skips.
+    Without a GPU, "cuda" runs through the host emulation where it is built."""
     params = []
     for name in ("cpu", "cuda", "triton"):
         status = fastnca.backends()[name]
+        if name == "cuda" and CUDA_EMULATION and op in EMULATED_OPS:
+            params.append(pytest.param(name, id="cuda-emulated"))
+            continue
         marks = [pytest.mark.gpu] if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else []
         if status is not True:
             marks.append(pytest.mark.skip(reason=f"{name}: {status}"))

@@ -508,3 +508,18 @@ def test_emulated_nan_propagates(emulated, where):
     got, want = cuda_nca.backward(gout, x, *args), ref_nca.backward(gout, x, *args)
     for name, a, b in zip(("d_state", "d_pw", "d_pb", "d_w1", "d_b1", "d_w2", "d_b2"), got, want):
         assert bool(a.isnan().any()) == bool(b.isnan().any()), name
+
+
+def test_emulated_gradients_of_a_single_updated_channel_are_separate(emulated):
+    """C - frozen = 1: d_w2 is one row of the kernels' flat sums, a contiguous view. The
+    weight gradients must still be separate tensors (the backward custom op refuses
+    outputs sharing a buffer: nca_step on the cuda backend failed for such rules)."""
+    x, weights, gout = make_nca(emulated, 1, 4, 5, 6, 2, 8, 1, 3, torch.float32, "nchw")
+    args = (*weights, 1, "circular", 1.0, 3, 7, 3)
+    grads = cuda_nca.backward(gout, x, *args)[1:]
+    ptrs = [g.untyped_storage().data_ptr() for g in grads]
+    assert len(set(ptrs)) == len(ptrs)
+    sink = cuda_nca.GradSink()
+    cuda_nca.backward(gout, x, *args, sink=sink)
+    ptrs = [g.untyped_storage().data_ptr() for g in sink.result()]
+    assert len(set(ptrs)) == len(ptrs)

@@ -182,7 +182,10 @@ def _weight_grads(d_fc, d_conv, weights, C, nf, hidden, frozen):
         d_w2 = torch.cat([d_w2.new_zeros(frozen, hidden), d_w2])
         d_b2 = torch.cat([d_b2.new_zeros(frozen), d_b2])
     grads = (d_pw, d_pb, fc1[:, :K], fc1[:, K], d_w2, d_b2)
-    return tuple(g.to(w.dtype).reshape(w.shape).contiguous() for g, w in zip(grads, weights))
+    # copies: with one updated channel (C - frozen = 1) d_w2 is a contiguous view of d_fc,
+    # and gradients sharing a buffer are refused by the custom op (an error on any rule
+    # with a single updated channel until the public ops ran this on the host emulation)
+    return tuple(g.to(w.dtype, copy=True).reshape(w.shape) for g, w in zip(grads, weights))
 
 
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
