@@ -11,14 +11,11 @@ Three layers, so that most of it runs somewhere:
 Autograd / rollout integration of the public ops is covered for every backend by
 test_nca_step.py and test_neighborhood_attention.py.
 """
-import contextlib
-import glob
-import importlib.util
-import os
 
 import pytest
 import torch
 
+from conftest import emulate_cuda, emulation_path
 from fastnca import _ext
 from fastnca.kernels.cuda import nca_step as cuda_nca
 from fastnca.kernels.cuda import neighborhood_attention as cuda_na
@@ -26,7 +23,6 @@ from fastnca.kernels.reference import fire_mask as ref_fire_mask
 from fastnca.kernels.reference import nca_step as ref_nca
 from fastnca.kernels.reference import neighborhood_attention as ref_na
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 PADDINGS = ["reflect", "zeros", "circular", "replicate"]
 BORDERS = ["zeros", "mask", "circular", "shift"]
@@ -36,34 +32,12 @@ BORDERS = ["zeros", "mask", "circular", "shift"]
 # Where the kernels run
 # ---------------------------------------------------------------------------------------
 
-def _emulation_path():
-    path = os.environ.get("FASTNCA_CUDA_EMULATION")
-    if path:
-        return path
-    found = glob.glob(os.path.join(ROOT, "build", "cuda-emu", "fastnca_cuda_emu*.so"))
-    return found[0] if found else None
-
-
-@pytest.fixture(scope="module")
-def _emulation_module():
-    path = _emulation_path()
-    if path is None or not os.path.exists(path):
-        pytest.skip("host emulation of the CUDA kernels not built (scripts/build_cuda_emulation.sh)")
-    spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture
-def emulated(_emulation_module, monkeypatch):
+def emulated(monkeypatch):
     """Run the CUDA launchers on CPU tensors through the host emulation; yields the device."""
-    from fastnca.kernels.cuda import _launch
-
-    monkeypatch.setattr(_launch, "module", lambda: _emulation_module)
-    monkeypatch.setattr(_launch, "is_cuda", lambda t: True)
-    monkeypatch.setattr(_launch, "device_guard", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(_launch, "stream", lambda device: 0)
+    if emulation_path() is None:
+        pytest.skip("host emulation of the CUDA kernels not built (scripts/build_cuda_emulation.sh)")
+    emulate_cuda(monkeypatch)
     yield torch.device("cpu")
 
 
