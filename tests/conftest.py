@@ -119,6 +119,17 @@ def fast_backends(op: str) -> list:
     return params
 
 
+def fire_bits(n: int, seed: int, step: int) -> list:
+    """The 24 fire bits of cells 0..n-1 at ``step`` (the reference's Philox): a cell fires
+    iff bits < fire_threshold(update_prob); tests set update_prob on a cell's boundary."""
+    from fastnca.kernels.reference.fire_mask import philox4x32_10
+
+    cell = torch.arange(n, dtype=torch.int64)
+    zero = torch.zeros_like(cell)
+    out0 = philox4x32_10(cell, zero, zero + (step & 0xFFFFFFFF), zero, seed & 0xFFFFFFFF, seed >> 32)[0]
+    return (out0 >> 8).tolist()
+
+
 def assert_close(actual, expected, dtype, name="", scale=1.0):
     """Elementwise check with atol relative to the tensor's magnitude: two fp32 sums of the
     same terms in different orders differ by ~eps * max|term|, not by eps per element.

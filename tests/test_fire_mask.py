@@ -7,7 +7,7 @@ import fastnca
 from fastnca import _ext
 from fastnca.kernels.reference.fire_mask import philox4x32_10
 
-from conftest import fast_backends
+from conftest import fast_backends, fire_bits
 
 # DESIGN.md, Op 1: (key; counter) -> output, from Random123's known-answer tests.
 KAT = [
@@ -102,14 +102,6 @@ def test_fire_mask_bit_identical(backend, seed, step):
         assert torch.equal(got.cpu(), ref)
 
 
-def _cell_bits(n, seed, step):
-    """The 24 fire bits of cells 0..n-1 (the reference's Philox)."""
-    cell = torch.arange(n, dtype=torch.int64)
-    zero = torch.zeros_like(cell)
-    out0 = philox4x32_10(cell, zero, zero + (step & 0xFFFFFFFF), zero, seed & 0xFFFFFFFF, seed >> 32)[0]
-    return (out0 >> 8).tolist()
-
-
 BOUNDARY = (2**40 + 11, 2**32 + 9)  # (seed, step); only step mod 2^32 enters the counter
 
 
@@ -120,7 +112,7 @@ def test_fire_mask_boundary_in_every_kernel(backend):
     from conftest import device_for
 
     seed, step = BOUNDARY
-    bits = _cell_bits(20, seed, step)
+    bits = fire_bits(20, seed, step)
     for c in (0, 7, 19):
         for k, fires in ((bits[c], False), (bits[c] + 1, True)):
             m = fastnca.fire_mask(1, 4, 5, k * 2.0**-24, seed, step, device=device_for(backend), backend=backend)

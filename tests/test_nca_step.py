@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastnca
-from conftest import assert_close, copies_of, device_for, fast_backends, mentions
+from conftest import assert_close, copies_of, device_for, fast_backends, fire_bits, mentions
 from fastnca import _backend
 from fastnca.kernels import _common
 from fastnca.kernels.reference import nca_step as ref_nca
@@ -180,13 +180,9 @@ def test_fire_boundary_inside_the_step_kernels(backend):
     """u < p exactly inside each backend's step kernels (forward and backward): at
     p = bits(c) * 2^-24 cell c keeps its state, at (bits(c) + 1) * 2^-24 it updates; the
     gradients match the reference at the boundary."""
-    from fastnca.kernels.reference.fire_mask import philox4x32_10
-
     dev = device_for(backend)
     seed, step = 2**40 + 11, 9
-    cell = torch.arange(20, dtype=torch.int64)
-    zero = torch.zeros_like(cell)
-    bits = (philox4x32_10(cell, zero, zero + step, zero, seed & 0xFFFFFFFF, seed >> 32)[0] >> 8).tolist()
+    bits = fire_bits(20, seed, step)
     rule = make_rule(3, hidden=8, frozen=1, requires_grad=True, seed=4, device=dev)
     x = make_state(1, 3, 4, 5, requires_grad=True, device=dev)
     for c in (0, 7, 19):

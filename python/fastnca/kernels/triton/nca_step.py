@@ -1181,25 +1181,18 @@ class GradSink:
                              f"slots of shapes {shapes} after {[tuple(b.shape) for b in self._bufs[:2]]}")
         return self._bufs[:2]
 
-    def _fold(self):
+    def _fold(self, zero=True):
+        """Add the partials of the call just made to the totals; zero them for the next call
+        (a sink used once skips that)."""
         partials, dpw_parts, total_a, total_pw = self._bufs
-        _fold(partials, total_a, zero=True)
-        _fold(dpw_parts, total_pw, zero=True)
+        _fold(partials, total_a, zero)
+        _fold(dpw_parts, total_pw, zero)
 
     def result(self):
         """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
         if self._finish is None:
             raise RuntimeError("GradSink.result(): no backward has added to this sink")
         return self._finish(*self._bufs[2:])
-
-
-def _totals(partials, dpw_parts):
-    """The fixed-order sums of one call's partials (GradSink folds the same way)."""
-    total_a = torch.zeros(partials.shape[1], dtype=torch.float32, device=partials.device)
-    total_pw = torch.zeros(dpw_parts.shape[1], dtype=torch.float32, device=partials.device)
-    _fold(partials, total_a, zero=False)
-    _fold(dpw_parts, total_pw, zero=False)
-    return total_a, total_pw
 
 
 def _weight_grads(rule, weights, total_a, total_pw):
@@ -1241,8 +1234,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     d_state = _common.backward_out(out, state, grad_out)
     # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk).
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
-    f32 = dict(dtype=torch.float32, device=dev)
-    ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, **f32)  # [g + dP_x | dQ], transient
+    ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ], transient
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
     sizes_a = _cell_slot_sizes(rule)
@@ -1261,10 +1253,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(n0, cv_m))
     # One private slot per program (cell kernel) and per cell range (conv kernel).
     shapes = ((G, sum(sizes_a)), (parts, rule.sizes[5]))
-    if sink is None:
-        partials, dpw_parts = (torch.zeros(s, **f32) for s in shapes)
-    else:
-        partials, dpw_parts = sink._slots(shapes, dev)
+    # A call without a sink sums its own partials the same way, in a sink used once.
+    own = GradSink() if sink is None else sink
+    partials, dpw_parts = own._slots(shapes, dev)
     w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
     # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
     # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
@@ -1294,9 +1285,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
     del ws
     weights = (pw, pb, w1, b1, w2, b2)
+    own._fold(zero=sink is not None)
+    own._finish = functools.partial(_weight_grads, rule, weights)
     if sink is not None:
-        sink._fold()
-        sink._finish = functools.partial(_weight_grads, rule, weights)
         return (d_state,) + (None,) * 6
-    return (d_state, *_weight_grads(rule, weights, *_totals(partials, dpw_parts)))
+    return (d_state, *own.result())
 
