@@ -96,9 +96,10 @@ def test_env_override_is_restored(monkeypatch):
 def test_graph_times_off_cuda_and_in_the_table(capsys):
     """graph_ms is CUDA-only (None elsewhere); the table shows graph replay times, or why
     a capture failed, in the row's note."""
-    from fastnca.benchmark.common import Result, graph_ms, print_table
+    from fastnca.benchmark.common import Result, graph_ms, graph_times, print_table
 
     assert graph_ms(lambda: None, torch.device("cpu")) is None
+    assert graph_times(lambda: None, lambda: None, torch.device("cpu"), 3) == {}
     rows = [Result("op", "cfg", "a", "bfloat16", 1.0, 2.0, extra={"fwd_graph_ms": 0.25, "fwd_bwd_graph_ms": 0.5}),
             Result("op", "cfg", "b", "bfloat16", 1.0, 2.0, note="n", extra={"graph_error": "RuntimeError: sync"})]
     print_table(rows, {"op": "a"})

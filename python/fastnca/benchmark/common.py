@@ -132,6 +132,19 @@ def graph_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 7) -
         torch.cuda.empty_cache()
 
 
+def graph_times(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None, device: torch.device,
+                reps: int) -> dict:
+    """A result's graph-replay fields (graph_ms of the forward and of forward + backward), or
+    graph_error with why a capture failed; {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    try:
+        return {"fwd_graph_ms": graph_ms(fwd, device, reps=reps),
+                "fwd_bwd_graph_ms": graph_ms(fwd_bwd, device, reps=reps) if fwd_bwd else None}
+    except Exception as e:  # noqa: BLE001 -- an implementation that cannot be captured
+        return {"graph_error": f"{type(e).__name__}: {e}"[:120]}
+
+
 def saved_mb(fn: Callable[[], object]) -> float:
     """MB of distinct storages autograd saves for backward while ``fn`` runs."""
     if WARM_ONLY:

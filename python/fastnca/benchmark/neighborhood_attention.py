@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, env, graph_ms, median_ms, peak_mb, release, saved_mb
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb
 
 
 def unfold_attention(q, k, v):
@@ -128,16 +128,12 @@ def _measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps, bytes_f
             extra["bw_fraction_fwd"] = extra["gbs_fwd"] / bw
             if fb_ms:
                 extra["bw_fraction_fwd_bwd"] = extra["gbs_fwd_bwd"] / bw
-        if device.type == "cuda":  # the kernels alone, without the host's launch cost
-            try:
-                g_f = extra["fwd_graph_ms"] = graph_ms(fwd, device, reps=reps)
-                g_fb = extra["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, reps=reps) if has_bwd else None
-                if bw:
-                    extra["bw_fraction_fwd_graph"] = bytes_fwd / (g_f * 1e-3) / 1e9 / bw
-                    if g_fb:
-                        extra["bw_fraction_fwd_bwd_graph"] = (bytes_fwd + bytes_bwd) / (g_fb * 1e-3) / 1e9 / bw
-            except Exception as e:  # noqa: BLE001 -- an implementation that cannot be captured
-                extra["graph_error"] = f"{type(e).__name__}: {e}"[:120]
+        extra.update(graph_times(fwd, fwd_bwd if has_bwd else None, device, reps))  # kernels alone
+        g_f, g_fb = extra.get("fwd_graph_ms"), extra.get("fwd_bwd_graph_ms")
+        if bw and g_f:
+            extra["bw_fraction_fwd_graph"] = bytes_fwd / (g_f * 1e-3) / 1e9 / bw
+            if g_fb:
+                extra["bw_fraction_fwd_bwd_graph"] = (bytes_fwd + bytes_bwd) / (g_fb * 1e-3) / 1e9 / bw
         smb = saved_mb(lambda: fn(q, k, v)) if has_bwd else None
         note = "" if has_bwd else "no backward on this device"
         if impl == "flex_attention":
