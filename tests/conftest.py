@@ -91,7 +91,8 @@ def _emulate_cuda_backend(request, monkeypatch):
         monkeypatch.setattr(cuda_fire_mask, "fire_mask", ref_fire_mask.fire_mask)  # not in the emulation
         usable = _backend._usable_on
         monkeypatch.setitem(_backend._STATUS, "cuda", True)
-        monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True if name == "cuda" else usable(name, device))
+        monkeypatch.setattr(_backend, "_usable_on",
+                            lambda name, device: True if name == "cuda" else usable(name, device))
     yield
 
 
