@@ -109,16 +109,23 @@ def test_graph_times_off_cuda_and_in_the_table(capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["nca_step", "nca_rollout", "attention", "attention-halo", "attention-split"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_ops_replay_from_a_cuda_graph(backend):
-    """Every op's forward and backward captures in a CUDA graph (no host synchronisation:
+def test_gpu_ops_replay_from_a_cuda_graph(monkeypatch, backend, op):
+    """Each op's forward and backward captures in a CUDA graph (no host synchronisation:
     torch.compile's reduce-overhead mode and the benchmark's graph timings need it), and a
-    replay gives what an eager call gives."""
+    replay gives what an eager call gives. One op per case, so a failure names the op."""
     import fastnca
     from fastnca.benchmark.common import graph_ms
 
     if fastnca.backends()[backend] is not True:
         pytest.skip(f"{backend}: {fastnca.backends()[backend]}")
+    if op.startswith("attention-"):
+        if backend != "triton":
+            pytest.skip("a Triton attention forward mode")
+        var, value = {"halo": ("FASTNCA_TRITON_NA_FORWARD", "halo"),
+                      "split": ("FASTNCA_TRITON_NA_BACKWARD", "split")}[op.split("-")[1]]
+        monkeypatch.setenv(var, value)
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
 
@@ -129,18 +136,40 @@ def test_gpu_ops_replay_from_a_cuda_graph(backend):
     rule = [t.requires_grad_(True) for t in rule]
     x = r(2, 32, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     qkv = r(2, 16, 16, 3, 4, 32).to(torch.bfloat16).requires_grad_(True)
-    q, k, v = qkv.unbind(3)
     outs = {}
 
     def step():
-        y = fastnca.nca_step(x, *rule, seed=3, step=5, frozen_channels=1, backend=backend)
-        ys = fastnca.nca_rollout(x, *rule, steps=5, seed=3, frozen_channels=1, backend=backend)
-        o = fastnca.neighborhood_attention2d(q, k, v, backend=backend)
-        grads = torch.autograd.grad((y * y).sum() + (ys * ys).sum() + o.float().square().sum(), [x, *rule, qkv])
-        outs["last"] = (y, ys, o, *grads)
+        if op == "nca_step":
+            y = fastnca.nca_step(x, *rule, seed=3, step=5, frozen_channels=1, backend=backend)
+            leaves = [x, *rule]
+        elif op == "nca_rollout":
+            y = fastnca.nca_rollout(x, *rule, steps=5, seed=3, frozen_channels=1, backend=backend)
+            leaves = [x, *rule]
+        else:
+            q, k, v = qkv.unbind(3)
+            y = fastnca.neighborhood_attention2d(q, k, v, backend=backend)
+            leaves = [qkv]
+        # detached: an output kept with its graph keeps the leaves' AccumulateGrad nodes,
+        # made in the eager call on the legacy default stream, into the captured backward
+        outs["last"] = (y.detach(), *torch.autograd.grad(y.float().square().sum(), leaves))
 
     step()
     eager = [t.clone() for t in outs["last"]]
     assert graph_ms(step, dev, reps=3) > 0
     for a, b in zip(outs["last"], eager):  # the tensors the last replay wrote
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_failed_capture_leaves_the_generator_usable():
+    """A capture that fails (here a host synchronisation) is reported in graph_error, and
+    the default CUDA generator still draws after it (torch leaves it in capture mode)."""
+    from fastnca.benchmark.common import graph_times
+
+    dev = torch.device("cuda")
+    t = torch.ones(4, device=dev)
+    got = graph_times(lambda: t.sum().item(), None, dev, 3)
+    assert "graph_error" in got, got
+    assert torch.randn(8, device=dev).isfinite().all()
+    assert torch.rand(8, device=dev).lt(1).all()

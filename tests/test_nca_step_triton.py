@@ -194,7 +194,7 @@ EXACT_DTYPES = [
 ]
 
 
-def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
+def check_exact_operand_products(monkeypatch, case, dtype, wdtype, weights_tagged=None):
     """Under tf32x3, dots with an operand from a half tensor take one or two TF32 products
     (_mm). Against a float64 reference on the same (half-valued) inputs, every fp32 result
     keeps the fp32 tolerance: a lost low part would cost ~1e-3 (TF32 keeps 11 bits). On a
@@ -209,8 +209,9 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype):
     rule = tri._Rule(state, *w, g, padding, frozen)
     bits = tri._EXACT_BITS
     half = (torch.float16, torch.bfloat16)
-    want_bits = ((bits["state"] if dtype in half else 0)
-                 + (bits["pw"] + bits["w1"] + bits["w2"] if wdtype in half else 0))
+    if weights_tagged is None:  # half weights are tagged beside a half state only (_exact_bits)
+        weights_tagged = wdtype in half and dtype in half
+    want_bits = (bits["state"] if dtype in half else 0) + (bits["pw"] + bits["w1"] + bits["w2"] if weights_tagged else 0)
     assert rule.constexprs()["EXACT"] == want_bits
     got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
     d = [t.double() for t in (state, grad_out, *w)]
@@ -304,6 +305,15 @@ def test_exact_operand_products(monkeypatch, tf32_dots, dtype, wdtype, groups):
     check_exact_operand_products(monkeypatch, (2, 8, 5, 7, 16, 2, groups, 1, "zeros", 0.5), dtype, wdtype)
 
 
+def test_tagged_half_weights_beside_a_float32_state(monkeypatch, tf32_dots):
+    """The products _exact_bits no longer asks for (half weights tagged under a float32
+    state, wrong on H100/H200 for a cause not found) keep their arithmetic checked here,
+    at the float32 tolerance, under the interpreter's TF32 emulation."""
+    monkeypatch.setattr(tri, "_exact_bits", tri._tagged_bits)
+    check_exact_operand_products(monkeypatch, (2, 8, 5, 7, 16, 2, 1, 1, "zeros", 0.5), torch.float32,
+                                 torch.bfloat16, weights_tagged=True)
+
+
 def test_exact_bit_on_a_float32_operand_is_caught(monkeypatch, tf32_dots):
     """Negative control for the test above: an EXACT bit claimed for float32 weights (their
     low parts then dropped from the products) shows as a float32-tolerance failure."""
@@ -324,8 +334,8 @@ def _claim_bf16(monkeypatch, families=tuple(FAMILY_TENSORS)):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
     monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
-    exact_bits = tri._exact_bits
-    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: exact_bits(
+    tagged_bits = tri._tagged_bits  # every claimed family tagged, with or without the state
+    monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: tagged_bits(
         prec, {n: torch.bfloat16 if n in families else t for n, t in dtypes.items()}))
 
 
@@ -396,6 +406,9 @@ def test_bf16_bits_per_family(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS", raising=False)
     assert tri._exact_bits("tf32x3", dtypes) == half
+    # beside a float32 state the half weights are not tagged (wrong d_state on H100/H200)
+    assert tri._exact_bits("tf32x3", dict(dtypes, state=torch.float32)) == 0
+    assert tri._exact_bits("tf32x3", dict(grad=torch.bfloat16)) == bits["grad"]
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
     assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
     assert tri._exact_bits("tf32", dtypes) == 0 and tri._exact_bits("ieee", dtypes) == 0
@@ -542,8 +555,8 @@ def test_gpu_exact_operand_products(monkeypatch, case, dtype, wdtype):
 
 # Every tile a launcher can pick on a GPU, each pinned in turn (the other tests see one
 # tile per kernel: the default). A wrong tile shows in float32 against float64 at the
-# float32 tolerance, which a half dtype's tolerance would hide: the input-gradient kernel
-# at 64 rows on 8 warps was off by 1.9e-3 in d_state for the Med-NCA rule (_wgmma_safe).
+# float32 tolerance, which a half dtype's tolerance would hide (a lost low part of the
+# 3xTF32 split costs ~1e-3).
 # The forward runs both ways on each: over every cell, and compact (firing cells listed).
 TILE_RULES = [(8, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5), (2, 16, 33, 47, 128, 2, "C", 1, "zeros", 0.5)]
 
@@ -644,7 +657,7 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     """Every tile the launchers can pick on an H100 (forward: every autotune candidate the
     prune keeps; backward: the fixed tiling, for each precision, with the row counts of all
     its dots, and the input-gradient kernel's tile) passes _wgmma_safe. Checked on the host:
-    what it prevents (an illegal memory access, a wrong d_state) only shows on a Hopper GPU."""
+    what it prevents (an illegal memory access, wrong layouts) only shows on a Hopper GPU."""
     from types import SimpleNamespace
 
     import triton

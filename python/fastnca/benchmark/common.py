@@ -108,7 +108,12 @@ def graph_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 7) -
     a side stream, as torch's CUDA-graph recipe does): the GPU time of its kernels without
     the host's per-launch cost, which bounds eager calls of sub-millisecond ops. None off
     CUDA; raises what capture raises (an op that synchronises with the host cannot be
-    captured)."""
+    captured), with the caller's stream current again and the CUDA generator usable.
+    ``fn`` must make the autograd nodes its backward reaches: a node made before, on the
+    legacy default stream (a view of a leaf taken once outside, an output kept with its
+    graph), records that stream, and the engine's wait of it on the capturing stream fails
+    the capture ("operation would make the legacy stream depend on a capturing blocking
+    stream", torch 2.11)."""
     if device.type != "cuda":
         return None
     if WARM_ONLY:
@@ -122,14 +127,41 @@ def graph_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 7) -
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.graph(graph):
             fn()
+    except Exception:
+        # torch.cuda.graph leaves its capture stream current when capture_end raises: every
+        # later op of the process would run on it (2026-11-26, H200, torch 2.11: ops then
+        # recorded that stream in their autograd nodes, and the next configuration's
+        # captures passed, which hid the cause)
+        torch.cuda.set_stream(stream)
+        _end_generator_capture(device)
+        raise
+    try:
         return median_ms(graph.replay, device, reps=reps)
     finally:
         del graph
         sync(device)
         torch.cuda.empty_cache()
+
+
+def _end_generator_capture(device: torch.device) -> None:
+    """After a capture that failed (an invalidated stream capture raises in capture_end
+    before torch ends the default CUDA generator's capture), the generator still counts
+    itself as capturing and every later draw from it raises "Offset increment outside graph
+    capture encountered unexpectedly" (torch 2.11, H200, 2026-11-26: it ended a benchmark
+    run at the next torch.randn). A capture that succeeds ends it."""
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        scratch = torch.zeros(1, device=device)
+        with torch.cuda.graph(graph, stream=side):
+            scratch.add_(1)
+    del graph, scratch
+    sync(device)
 
 
 def graph_times(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None, device: torch.device,

@@ -66,9 +66,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
     for name, B, H, W, nh, D in shapes:
         label = f"{name} B={B} {H}x{W} heads={nh} D={D}"
         qkv = torch.randn(B, H, W, 3, nh, D, device=device, dtype=dtype, requires_grad=True)
-        q, k, v = qkv.unbind(3)
         do = torch.randn(B, H, W, nh, D, device=device, dtype=dtype)
-        elem = q.element_size()
+        elem = qkv.element_size()
         n = B * H * W * nh * D
         bytes_fwd = 4 * n * elem + B * H * W * nh * 4
         bytes_bwd = 8 * n * elem + B * H * W * nh * 4
@@ -100,22 +99,27 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         for impl, fn, has_bwd in impls:
             log(f"  attention {name} {impl} ...")
             with env(**knobs[impl]) if impl in knobs else contextlib.nullcontext():
-                results.append(_measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps,
+                results.append(_measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps,
                                         bytes_fwd, bytes_bwd, bw))
             qkv.grad = None
             release(device)
     return results
 
 
-def _measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps, bytes_fwd, bytes_bwd, bw):
-    """One implementation's row: times, GB/s, saved bytes and peak memory (or the error)."""
+def _measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps, bytes_fwd, bytes_bwd, bw):
+    """One implementation's row: times, GB/s, saved bytes and peak memory (or the error).
+    Each call takes its q, k, v views of the packed qkv itself: an autograd node made once
+    outside (the views' UnbindBackward) records the stream it was made on, the legacy default
+    stream, and a CUDA-graph capture of a backward that reaches it fails (the engine makes
+    that stream wait on the capturing one)."""
     try:
         def fwd():  # detached inputs: FlexAttention on CPU refuses requires_grad ones
             with torch.no_grad():
-                return fn(q.detach(), k.detach(), v.detach())
+                return fn(*qkv.detach().unbind(3))
 
         def fwd_bwd():  # the op's own backward: gradients to the q, k, v views, not stacked
-            o = fn(q, k, v)  # into the packed tensor nor accumulated into qkv.grad
+            q, k, v = qkv.unbind(3)  # into the packed tensor nor accumulated into qkv.grad
+            o = fn(q, k, v)
             torch.autograd.grad(o, (q, k, v), do)
             return o
 
@@ -134,7 +138,7 @@ def _measure(label, impl, fn, has_bwd, q, k, v, do, dname, device, reps, bytes_f
             extra["bw_fraction_fwd_graph"] = bytes_fwd / (g_f * 1e-3) / 1e9 / bw
             if g_fb:
                 extra["bw_fraction_fwd_bwd_graph"] = (bytes_fwd + bytes_bwd) / (g_fb * 1e-3) / 1e9 / bw
-        smb = saved_mb(lambda: fn(q, k, v)) if has_bwd else None
+        smb = saved_mb(lambda: fn(*qkv.unbind(3))) if has_bwd else None
         note = "" if has_bwd else "no backward on this device"
         if impl == "flex_attention":
             note = (note + "; " if note else "") + "mask-border semantics"
