@@ -122,3 +122,71 @@ def test_auto_backend_order_on_cuda(monkeypatch):
     assert _backend.resolve(None, "fire_mask", cuda) == "triton"
     monkeypatch.setenv("FASTNCA_BACKEND", "reference")
     assert _backend.resolve(None, "nca_step", cuda) == "reference"
+
+
+def _public_calls(x, rule, q, k, v):
+    y = fastnca.nca_step(x, *rule, seed=3, step=1, frozen_channels=1, backend="reference")
+    r = fastnca.nca_rollout(x, *rule, steps=3, seed=3, frozen_channels=1, backend="reference")
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", return_lse=True, backend="reference")
+    return y, r, o, lse
+
+
+def _inputs():
+    rule = [t.double() for t in make_rule(3, hidden=5)]
+    rule = [t.detach().requires_grad_(True) for t in rule]
+    x = make_state(2, 3, 4, 5).double().requires_grad_(True)
+    q, k, v = (t.double().detach().requires_grad_(True) for t in make_qkv(2, 4, 5, 2, 8))
+    return x, rule, q, k, v
+
+
+def test_eager_calls_take_an_autograd_function_with_the_ops_results(monkeypatch):
+    """Eager calls of plain tensors run the op's implementation and autograd formula through
+    a torch.autograd.Function (no dispatcher round trip, fastnca._eager): the same values and
+    gradients, bitwise, as the registered ops, which are not called."""
+    import importlib
+
+    nca_mod = importlib.import_module("fastnca.nca_step")  # the package's nca_step is the function
+    na_mod = importlib.import_module("fastnca.neighborhood_attention")
+
+    x, rule, q, k, v = _inputs()
+    outs = _public_calls(x, rule, q, k, v)  # through the ops' Functions
+    seeds = [torch.randn_like(t) for t in outs]
+    loss = sum((t * s).sum() for t, s in zip(outs, seeds))
+    grads = torch.autograd.grad(loss, [x, *rule, q, k, v])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # take the registered ops
+    op_outs = _public_calls(x, rule, q, k, v)
+    op_grads = torch.autograd.grad(sum((t * s).sum() for t, s in zip(op_outs, seeds)), [x, *rule, q, k, v])
+    for a, b in zip(outs + grads, op_outs + op_grads):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call of plain tensors reached the registered op")
+
+    for mod, name in ((nca_mod, "_nca_step_op"), (nca_mod, "_nca_rollout_op"), (na_mod, "_na2d_op")):
+        monkeypatch.setattr(mod, name, refuse)
+    outs = _public_calls(x, rule, q, k, v)  # with grad, then without
+    torch.autograd.grad(sum(t.sum() for t in outs), [x, *rule, q, k, v])
+    with torch.no_grad():
+        _public_calls(x, rule, q, k, v)
+
+
+def test_dispatch_modes_and_subclasses_see_the_registered_ops():
+    """Under a TorchDispatchMode (make_fx, FakeTensorMode, a user's) the public functions
+    call the registered ops, so the mode sees fastnca's ops and not their insides."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x, rule, q, k, v = _inputs()
+    with Record():
+        outs = _public_calls(x, rule, q, k, v)
+        torch.autograd.grad(sum(t.sum() for t in outs), [x, *rule, q, k, v])
+    for op in ("nca_step", "nca_rollout", "neighborhood_attention2d", "nca_step_backward", "nca_rollout_backward",
+               "neighborhood_attention2d_backward"):
+        assert f"fastnca.{op}" in seen, (op, sorted(seen))

@@ -120,6 +120,8 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, version, knobs
     import importlib.metadata
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    # read once per process (cached): here from the patched metadata on every call
+    monkeypatch.setattr(_backend, "_triton_version", _backend._triton_version.__wrapped__)
     for value, old, new in (("1", True, True), ("true", False, True), ("On", False, True), ("YES", False, True),
                             ("0", False, False), ("", False, False), ("false", False, False), ("2", False, False)):
         monkeypatch.setenv("TRITON_INTERPRET", value)

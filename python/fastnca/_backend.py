@@ -7,6 +7,7 @@ error that says why when the request cannot be honoured.
 from __future__ import annotations
 
 import importlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -41,13 +42,19 @@ def _triton_interpret() -> bool:
     importing Triton): 1, true, on or yes in any case from Triton 3.4 (its knobs), exactly
     "1" before. kernels.triton._runtime.interpreting() is the decorated kernels' own answer."""
     value = os.environ.get("TRITON_INTERPRET", "0")
-    try:
-        version = tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        version = (0, 0)
-    if version >= (3, 4):
+    if _triton_version() >= (3, 4):
         return value.lower() in ("1", "true", "on", "yes")
     return value == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, (0, 0) without one; read once (the package
+    metadata parse took ~40 us, on every call on a CPU device)."""
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
 
 
 def _availability(name: str) -> bool | str:

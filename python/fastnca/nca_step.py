@@ -12,15 +12,14 @@ import math
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _eager
 
 # ---------------------------------------------------------------------------------------
 # Custom ops. Seeds travel as two's-complement int64 (schemas have no uint64).
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastnca::nca_step", mutates_args=())
-def _nca_step_op(
+def _nca_step(
     state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, groups: int, padding: str, update_prob: float, seed: int,
     step: int, frozen: int, backend: str,
@@ -30,13 +29,15 @@ def _nca_step_op(
                      _checks.seed_from_i64(seed), step, frozen)
 
 
+_nca_step_op = torch.library.custom_op("fastnca::nca_step", mutates_args=())(_nca_step)
+
+
 @_nca_step_op.register_fake
 def _(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, backend):
     return torch.empty_like(state)
 
 
-@torch.library.custom_op("fastnca::nca_step_backward", mutates_args=())
-def _nca_step_backward_op(
+def _nca_step_backward(
     grad_out: torch.Tensor, state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, groups: int,
     padding: str, update_prob: float, seed: int, step: int, frozen: int, backend: str,
@@ -44,6 +45,9 @@ def _nca_step_backward_op(
     k = _backend.kernel(backend, "nca_step")
     return k.backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob,
                       _checks.seed_from_i64(seed), step, frozen)
+
+
+_nca_step_backward_op = torch.library.custom_op("fastnca::nca_step_backward", mutates_args=())(_nca_step_backward)
 
 
 @_nca_step_backward_op.register_fake
@@ -56,12 +60,14 @@ def _nca_step_setup(ctx, inputs, output):
     ctx.params = inputs[7:]
 
 
-def _nca_step_grad(ctx, grad_out):
-    grads = _nca_step_backward_op(grad_out, *ctx.saved_tensors, *ctx.params)
+def _nca_step_grad(ctx, grad_out, backward=_nca_step_backward_op):
+    grads = backward(grad_out, *ctx.saved_tensors, *ctx.params)
     return (*grads, *([None] * len(ctx.params)))
 
 
 _nca_step_op.register_autograd(_nca_step_grad, setup_context=_nca_step_setup)
+_NcaStepFunction = _eager.function("_NcaStepFunction", _nca_step, _nca_step_setup,
+                                   lambda ctx, g: _nca_step_grad(ctx, g, backward=_nca_step_backward))
 
 
 def _empty_checkpoints(state: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,8 +97,7 @@ def _prepared(k, state, weights, groups, padding, frozen, steps) -> dict:
     return {"prepared": k.prepare(state, *weights, groups, padding, frozen)}
 
 
-@torch.library.custom_op("fastnca::nca_rollout", mutates_args=())
-def _nca_rollout_op(
+def _nca_rollout(
     state: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     w2: torch.Tensor, b2: torch.Tensor, steps: int, start_step: int, every: int, keep: bool,
     groups: int, padding: str, update_prob: float, seed: int, frozen: int, backend: str,
@@ -112,13 +117,15 @@ def _nca_rollout_op(
     return (x.clone() if steps == 0 else x), ckpt
 
 
+_nca_rollout_op = torch.library.custom_op("fastnca::nca_rollout", mutates_args=())(_nca_rollout)
+
+
 @_nca_rollout_op.register_fake
 def _(state, pw, pb, w1, b1, w2, b2, steps, start_step, every, keep, *args):
     return torch.empty_like(state), _empty_checkpoints(state, _num_checkpoints(steps, every, keep))
 
 
-@torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())
-def _nca_rollout_backward_op(
+def _nca_rollout_backward(
     grad_out: torch.Tensor, state: torch.Tensor, ckpt: torch.Tensor, pw: torch.Tensor,
     pb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     steps: int, start_step: int, every: int, groups: int, padding: str, update_prob: float,
@@ -159,6 +166,10 @@ def _nca_rollout_backward_op(
     return (g, *(sink.result() if sink else (d.to(w.dtype) for d, w in zip(dweights, weights))))
 
 
+_nca_rollout_backward_op = torch.library.custom_op("fastnca::nca_rollout_backward", mutates_args=())(
+    _nca_rollout_backward)
+
+
 @_nca_rollout_backward_op.register_fake
 def _(grad_out, state, ckpt, pw, pb, w1, b1, w2, b2, *args):
     return tuple(torch.empty_like(t) for t in (state, pw, pb, w1, b1, w2, b2))
@@ -176,18 +187,21 @@ def _nca_rollout_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _nca_rollout_grad(ctx, grad_out, grad_ckpt):
+def _nca_rollout_grad(ctx, grad_out, grad_ckpt, backward=_nca_rollout_backward_op):
     if not ctx.keep:
         raise RuntimeError("nca_rollout ran without keeping checkpoints (grad was disabled "
                            "or no input required grad) but backward was called")
     state, ckpt, *weights = ctx.saved_tensors
     if grad_out is None:  # the output took no part in the loss
         return (None,) * 17
-    grads = _nca_rollout_backward_op(grad_out, state, ckpt, *weights, *ctx.params)
+    grads = backward(grad_out, state, ckpt, *weights, *ctx.params)
     return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 _nca_rollout_op.register_autograd(_nca_rollout_grad, setup_context=_nca_rollout_setup)
+_NcaRolloutFunction = _eager.function(
+    "_NcaRolloutFunction", _nca_rollout, _nca_rollout_setup,
+    lambda ctx, g, g_ckpt: _nca_rollout_grad(ctx, g, g_ckpt, backward=_nca_rollout_backward))
 
 # ---------------------------------------------------------------------------------------
 # Public functions: checks, normalisation, dispatch.
@@ -294,8 +308,10 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
     backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
-    return _nca_step_op(*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step,
-                        frozen, backend)
+    args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
+    if not _eager.plain(*tensors):
+        return _nca_step_op(*args)
+    return _NcaStepFunction.apply(*args) if _eager.needs_grad(*tensors) else _nca_step(*args)
 
 
 def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
@@ -328,8 +344,12 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
     else:
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    keep = _eager.needs_grad(*tensors)
     backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
-    out, _ = _nca_rollout_op(*tensors, steps, start_step, every, keep, groups, padding,
-                             update_prob, _checks.seed_to_i64(seed), frozen, backend)
+    args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
+            frozen, backend)
+    if not _eager.plain(*tensors):
+        out, _ = _nca_rollout_op(*args)
+    else:
+        out, _ = _NcaRolloutFunction.apply(*args) if keep else _nca_rollout(*args)
     return out

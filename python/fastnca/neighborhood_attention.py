@@ -11,19 +11,21 @@ import math
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _eager
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastnca::neighborhood_attention2d", mutates_args=())
-def _na2d_op(
+def _na2d(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, border: str,
     scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _backend.kernel(backend, "neighborhood_attention").forward(q, k, v, kernel_size, border, scale)
+
+
+_na2d_op = torch.library.custom_op("fastnca::neighborhood_attention2d", mutates_args=())(_na2d)
 
 
 @_na2d_op.register_fake
@@ -32,14 +34,17 @@ def _(q, k, v, kernel_size, border, scale, backend):
     return o, torch.empty(q.shape[:-1], dtype=_lse_dtype(q), device=q.device)
 
 
-@torch.library.custom_op("fastnca::neighborhood_attention2d_backward", mutates_args=())
-def _na2d_backward_op(
+def _na2d_backward(
     grad_o: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, kernel_size: int, border: str,
     scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _backend.kernel(backend, "neighborhood_attention")
     return kern.backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale)
+
+
+_na2d_backward_op = torch.library.custom_op("fastnca::neighborhood_attention2d_backward", mutates_args=())(
+    _na2d_backward)
 
 
 @_na2d_backward_op.register_fake
@@ -55,17 +60,20 @@ def _na2d_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero grad_lse when the lse is not used
 
 
-def _na2d_grad(ctx, grad_o, grad_lse):
+def _na2d_grad(ctx, grad_o, grad_lse, backward=_na2d_backward_op):
     q, k, v, o, lse = ctx.saved_tensors
     if grad_o is None and grad_lse is None:
         return None, None, None, None, None, None, None
     if grad_o is None:
         grad_o = torch.zeros_like(o)
-    dq, dk, dv = _na2d_backward_op(grad_o, grad_lse, q, k, v, o, lse, *ctx.params)
+    dq, dk, dv = backward(grad_o, grad_lse, q, k, v, o, lse, *ctx.params)
     return dq, dk, dv, None, None, None, None
 
 
 _na2d_op.register_autograd(_na2d_grad, setup_context=_na2d_setup)
+# eager calls of plain tensors (_eager): the same functions, without the dispatcher
+_NA2dFunction = _eager.function("_NA2dFunction", _na2d, _na2d_setup,
+                                lambda ctx, g_o, g_lse: _na2d_grad(ctx, g_o, g_lse, backward=_na2d_backward))
 
 
 def _check(query, key, value, kernel_size, border, scale):
@@ -137,5 +145,11 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
     if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
     backend = _backend.resolve(backend, "neighborhood_attention", query.device, query.dtype)
-    o, lse = _na2d_op(query, key, value, kernel_size, border, scale, backend)
+    args = (query, key, value, kernel_size, border, scale, backend)
+    if not _eager.plain(query, key, value):
+        o, lse = _na2d_op(*args)
+    elif _eager.needs_grad(query, key, value):
+        o, lse = _NA2dFunction.apply(*args)
+    else:
+        o, lse = _na2d(*args)
     return (o, lse) if return_lse else o
