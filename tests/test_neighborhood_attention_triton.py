@@ -333,6 +333,20 @@ def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+def test_host_integer_helpers_match_tritons():
+    """The launchers' plain-int cdiv / next_pow2 (triton's are constexpr functions, ~1.5 us
+    a host call) give triton.cdiv's and triton.next_power_of_2's values."""
+    import triton
+
+    from fastnca.kernels.triton._runtime import cdiv, next_pow2
+
+    for n in range(0, 1100):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 8, 64, 1024):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_pow2(2**40 + 1) == triton.next_power_of_2(2**40 + 1) == 2**41
+
+
 # --------------------------------------------------------------------------------------
 # GPU: the full matrix, GeCA-sized shapes and the autotuned launch path.
 # --------------------------------------------------------------------------------------

@@ -13,3 +13,15 @@ def interpreting() -> bool:
     was set, as the installed Triton reads it, when they were imported. They then run on CPU
     tensors, and the launchers pick tiles and dot precisions for the interpreter."""
     return not isinstance(_probe, JITFunction)
+
+
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions
+# from Triton 3.5 on, whose host calls cost ~1.5 us each (argument unwrapping): a dozen
+# of them per attention fwd+bwd. These are the plain-int equivalents.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

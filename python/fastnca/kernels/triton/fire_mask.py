@@ -8,6 +8,7 @@ import triton.language as tl
 
 from ... import _ext
 from ._philox import fire_bits
+from ._runtime import cdiv
 
 
 # Not specialised: Triton would turn a seed or step word equal to 1 into a constant, which
@@ -25,7 +26,7 @@ def fire_mask(batch, height, width, update_prob, seed, step, device):
     if numel:
         block = 1024
         with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-            _fire_mask_kernel[(triton.cdiv(numel, block),)](
+            _fire_mask_kernel[(cdiv(numel, block),)](
                 out, numel, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
                 _ext.fire_threshold(update_prob), BLOCK=block,
             )

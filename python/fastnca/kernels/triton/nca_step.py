@@ -75,7 +75,7 @@ import triton.language as tl
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import interpreting
+from ._runtime import cdiv, interpreting, next_pow2
 from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
@@ -812,7 +812,7 @@ def _on_device(device: torch.device):
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _has_tf32x3() -> bool:
@@ -850,7 +850,7 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
     c_pad, hid_pad = _pow2(C), _pow2(hid)
     c_blk = min(c_pad, max(16, _DOT_TILE // hid_pad))
     fc_blk = min(_pow2(FC), 64, max(16, 2 * _DOT_TILE // hid_pad))
-    return c_pad, hid_pad, c_blk, fc_blk, triton.cdiv(FC, fc_blk) * fc_blk
+    return c_pad, hid_pad, c_blk, fc_blk, cdiv(FC, fc_blk) * fc_blk
 
 
 _MAX_CELLS = _backend.NCA_LIMITS["triton"]["cells"]
@@ -928,7 +928,7 @@ class _Rule:
         self.SLOT = sum(self.sizes)  # every size is a multiple of 16: aligned segments
         buf = torch.empty(self.SLOT, dtype=torch.float32, device=dev)
         with _on_device(dev):
-            _nca_step_arrange_kernel[(triton.cdiv(self.SLOT, 1024),)](
+            _nca_step_arrange_kernel[(cdiv(self.SLOT, 1024),)](
                 buf, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
                 *w2.stride(), *b2.stride(), frozen, C=C, FC=FC, HID=hid, C_PAD=cp, HID_PAD=hp,
                 FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, BLOCK=1024)
@@ -983,7 +983,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx, count = _firing_cells(fires)
         copy_m = _INTERPRET_BLOCK_M if interpreting() else 64
         with _on_device(state.device):
-            _nca_step_copy_idle_kernel[(triton.cdiv(N, copy_m),)](
+            _nca_step_copy_idle_kernel[(cdiv(N, copy_m),)](
                 state, out, fires.view(torch.uint8), N, H, W, *state.stride(), *out.stride(),
                 C_PAD=rule.C_PAD, C=C, BLOCK_M=copy_m)
     else:
@@ -992,15 +992,15 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
             *_fire_args(update_prob, seed, step), frozen)
     cx = dict(rule.constexprs(), COMPACT=compact)
     if interpreting():
-        _nca_step_forward_kernel[(triton.cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
+        _nca_step_forward_kernel[(cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
         block_m, warps = pinned
         with _on_device(state.device):
-            _nca_step_forward_kernel[(triton.cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
+            _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
                                                                  num_stages=1)
     else:
         with _on_device(state.device):
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
+            grid = lambda meta: (cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
             _forward_autotuned()[grid](*args, **cx)
     return out
 
@@ -1073,7 +1073,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         if pinned:
             block_m, warps, stages = pinned
         programs = 2 * sms
-    programs = max(1, min(programs, triton.cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
+    programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
 
 
@@ -1121,7 +1121,7 @@ def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: in
     if interpreting():
         want = 2
     else:
-        want = triton.cdiv(4 * _device_limits(device)[0], programs_per_part)
+        want = cdiv(4 * _device_limits(device)[0], programs_per_part)
     return max(1, min(want, num_tiles))
 
 
@@ -1143,7 +1143,7 @@ def _firing_cells(fire):
     idx = torch.empty(max(n, 1), dtype=torch.int32, device=fire.device)
     block = 1024
     with _on_device(fire.device):
-        _list_firing_kernel[(triton.cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
+        _list_firing_kernel[(cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
     return idx, pos[-1:]
 
 
@@ -1171,7 +1171,7 @@ def _fold(partials, total, zero):
     rows, cols = partials.shape
     block = 1024
     with _on_device(partials.device):
-        _fold_partials_kernel[(triton.cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block)
+        _fold_partials_kernel[(cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block)
 
 
 class GradSink:
@@ -1266,7 +1266,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
-    parts = _conv_grad_parts(dev, conv_programs, triton.cdiv(n0, cv_m))
+    parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
     # One private slot per program (cell kernel) and per cell range (conv kernel).
     shapes = ((G, sum(sizes_a)), (parts, rule.sizes[5]))
     # A call without a sink sums its own partials the same way, in a sink used once.
@@ -1285,7 +1285,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         idx, count = _firing_cells(fire_c)
         ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
-            _nca_step_backward_cell_kernel[(min(G, triton.cdiv(N, block_m)),)](
+            _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](
                 g_c, x_c, ws, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
                 H, W, *x_c.stride(), *g_c.stride(), frozen, **cx, REG_ACC=reg_acc,
                 BLOCK_M=block_m, num_warps=warps, num_stages=stages)
@@ -1294,7 +1294,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"],
                 BLOCK_M=cv_m, num_warps=4, num_stages=1)
-            _nca_step_backward_input_kernel[(triton.cdiv(N, in_m),)](
+            _nca_step_backward_input_kernel[(cdiv(N, in_m),)](
                 ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(), *g_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import interpreting
+from ._runtime import cdiv, interpreting, next_pow2
 from .nca_step import fp32_dot_precision
 
 _ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
@@ -746,8 +746,8 @@ def _head_tile(nh: int, D: int) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_D): D padded to a power of two (>= 2, no size-1 blocks) and enough
     heads per cell that its slice spans >= 128 elements, so small-D tiles still read whole
     lines when the heads are adjacent in memory (qkv from a Linear)."""
-    block_d = max(2, triton.next_power_of_2(D))
-    block_h = min(triton.next_power_of_2(nh), max(1, 128 // block_d))
+    block_d = max(2, next_pow2(D))
+    block_h = min(next_pow2(nh), max(1, 128 // block_d))
     return block_h, block_d
 
 
@@ -783,7 +783,7 @@ def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> l
     Tiles are capped at the grid (no program made only of padding). Not yet timed on a
     GPU: the autotuner picks.
     """
-    hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+    hp, wp = next_pow2(H), next_pow2(W)
     full = (2048 if backward else 4096) // (4 if vec == 1 else 1)
     out, seen = [], set()
     for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
@@ -800,8 +800,8 @@ def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> l
 def _default_config(H: int, W: int, width: int, backward: bool, vec: int) -> dict:
     if interpreting():
         # The interpreter pays per program and per op, not per element: one tile per image.
-        return {"BLOCK_Y": min(triton.next_power_of_2(H), 8),
-                "BLOCK_X": min(triton.next_power_of_2(W), 32), "num_warps": 4}
+        return {"BLOCK_Y": min(next_pow2(H), 8),
+                "BLOCK_X": min(next_pow2(W), 32), "num_warps": 4}
     cfg = _tile_configs(H, W, width, backward, vec)[1]  # full budget, 2 rows, 8 warps
     return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
@@ -819,11 +819,11 @@ def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool, vec: 
 
 def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
     def grid(meta):
-        return (B * triton.cdiv(H, meta["BLOCK_Y"]) * triton.cdiv(W, meta["BLOCK_X"])
-                * triton.cdiv(NH, meta["BLOCK_H"]),)
+        return (B * cdiv(H, meta["BLOCK_Y"]) * cdiv(W, meta["BLOCK_X"])
+                * cdiv(NH, meta["BLOCK_H"]),)
 
     if _autotuning():
-        hp, wp = triton.next_power_of_2(H), triton.next_power_of_2(W)
+        hp, wp = next_pow2(H), next_pow2(W)
         _tuned(kernel_name, hp, wp, width, backward, consts["VEC"])[grid](*args, **consts)
     else:
         globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward, consts["VEC"]))
@@ -869,9 +869,9 @@ def _halo_tile(H: int, W: int, radius: int, block_d: int) -> tuple[int, int, int
             raise ValueError(f"FASTNCA_TRITON_NA_HALO_TILE must be '8x8', '4x8' or '4x4', got {knob!r}")
         tiles = tiles[first:]
     for ty, tx in tiles:
-        by = min(ty, triton.next_power_of_2(H))
-        bx = max(min(tx, triton.next_power_of_2(W)), 16 // by)
-        halo = triton.next_power_of_2((by + 2 * radius) * (bx + 2 * radius))
+        by = min(ty, next_pow2(H))
+        bx = max(min(tx, next_pow2(W)), 16 // by)
+        halo = next_pow2((by + 2 * radius) * (bx + 2 * radius))
         if halo * block_d <= 16384:
             return by, bx, halo
     return None
@@ -894,7 +894,7 @@ def _halo_setup(q, kernel_size, border):
     # of K = 16 against a 256-slot halo (8 warps) ended in an illegal memory access (D <= 16
     # with kernel_size >= 5 or shift, fp16 and bf16; fp32, D >= 32 and the 128-slot halo of
     # kernel_size 3 passed); the padded columns are masked, so only the K width changes.
-    block_d = max(16 if q.dtype == torch.float32 else 32, triton.next_power_of_2(D))
+    block_d = max(16 if q.dtype == torch.float32 else 32, next_pow2(D))
     tile = _halo_tile(H, W, rh, block_d)
     if tile is None:
         return None
@@ -910,7 +910,7 @@ def _halo_launch(name, setup, B, H, W, NH, args):
     # nca_step._wgmma_safe), though larger halo blocks spill at 4 (sm_90 compiles, triton
     # 3.9: GeCA-S, halo 128 x D 64, 255 registers and no spills; k=7 shift at D=32, 5 KB of
     # stack in the dk/dv kernel).
-    globals()[name][(B * triton.cdiv(H, by) * triton.cdiv(W, bx) * NH,)](
+    globals()[name][(B * cdiv(H, by) * cdiv(W, bx) * NH,)](
         *args, **consts, BLOCK_Y=by, BLOCK_X=bx, HALO=halo, num_warps=4)
 
 
@@ -974,10 +974,10 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     with _device_guard(q):
         # Preprocess: a streaming reduction over o and do, one image row of cells per program.
         if interpreting():
-            pre = {"BLOCK_Y": min(triton.next_power_of_2(H), 8), "BLOCK_X": min(triton.next_power_of_2(W), 32)}
+            pre = {"BLOCK_Y": min(next_pow2(H), 8), "BLOCK_X": min(next_pow2(W), 32)}
         else:
-            pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), triton.next_power_of_2(W))}
-        grid = (B * triton.cdiv(H, pre["BLOCK_Y"]) * triton.cdiv(W, pre["BLOCK_X"]) * triton.cdiv(NH, block_h),)
+            pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), next_pow2(W))}
+        grid = (B * cdiv(H, pre["BLOCK_Y"]) * cdiv(W, pre["BLOCK_X"]) * cdiv(NH, block_h),)
         _na2d_backward_preprocess_kernel[grid](
             o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
             H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
