@@ -28,17 +28,13 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned calls (after session 8): build@140 test@240+sanitize:memcheck,racecheck@240+
-#       bench-warm:attention,nca:bfloat16@240 timeline:attention:triton@40 timeline:nca:triton@60
-#       variants@120 pack (VARIANTS_ARGS="--tiles default --input-tiles 64,4 128,8 32,4 --acc registers mixed
-#       --prec tf32x3 bf16-dots": the input tile of the warp-group fix, 64/4, has not been timed with
-#       the default cell tile, nor the opt-in bf16 dots; the test stage includes the float32 test
-#       of every pinned tile); then
-#       bench:attention,nca:bfloat16@230 ncu-source:nca:triton@90 pack (the attention suite also
-#       times the opt-in "triton halo 4x8" and "triton split" rows; ncu-source says on which
-#       lines the backward kernels' warps stall), and bench-warm:geca:bfloat16 bench:geca:bfloat16
-#       if time is left. Session 7 saw build + tests/sanitizer/warm-up + variants take 386 s, and
-#       a full `pytest -m gpu` alone 72 s on 12 processes once the Triton caches were warm.
+# Next planned calls (after the fifth run, H200, 220af96): the single-step host gap first
+#       (Triton nca fwd+bwd 5.1 ms eager against 2.95 replayed from a graph; attention ~1.2
+#       ms of host per fwd+bwd): build@140 test@200+sanitize:memcheck,racecheck@200+
+#       bench-warm:attention,nca:bfloat16@200 timeline:nca:triton@60 timeline:attention:triton@40
+#       pack, then bench:attention,nca:bfloat16@240 ncu-source:nca:triton@90 pack. A machine
+#       is given back 30 s after a call: copy python/fastnca/_C_cuda*.so to $OUT and name it
+#       in the next call's carry to skip the rebuild (the Triton caches are lost anyway).
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the

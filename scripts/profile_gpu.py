@@ -187,6 +187,23 @@ def timeline(run, n: int) -> int:
           f"(unprofiled; close to wall: host-bound), host under the profiler (largest range) {host:.3f} ms")
     for e in sorted(kernels, key=lambda e: -getattr(e, dev_attr))[:15]:
         print(f"  {getattr(e, dev_attr) / n / 1e3:8.3f} ms  x{e.count // n:<3} {e.key[:90]}")
+    # Where the host time goes: the host events with the most self time (a cudaMalloc /
+    # cudaFree or a synchronisation here explains a wall far above the kernels), then the
+    # Python functions of the same loop (cProfile, no torch.profiler).
+    print("host events by self time per iteration:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(f"  {e.self_cpu_time_total / n / 1e3:8.3f} ms  x{e.count / n:<5.1f} {e.key[:90]}")
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        run()
+    torch.cuda.synchronize()
+    pr.disable()
+    print(f"Python functions by own time over {n} iterations:")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(20)
     return 0
 
 
