@@ -157,6 +157,27 @@ def main() -> int:
     return 0
 
 
+def launch_costs(n: int = 2000) -> None:
+    """Host microseconds per call, back to back without waiting on the GPU, of an empty
+    Triton kernel's launch and of a small torch op on this machine: the floor under every
+    eager call (the H200 run saw ~1.2 ms of host time per attention fwd+bwd, three Triton
+    launches, against ~0.1 ms of Python measured with the launches stubbed on a CPU)."""
+    from fastnca.kernels.triton._runtime import _probe
+
+    t = torch.empty(1, device="cuda")
+    for name, call in (("empty Triton kernel launch", lambda: _probe[(1,)]()),
+                       ("torch.empty(1) on cuda", lambda: torch.empty(1, device="cuda")),
+                       ("t.add_(1) on cuda", lambda: t.add_(1))):
+        call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        us = (time.perf_counter() - t0) * 1e6 / n
+        torch.cuda.synchronize()
+        print(f"host cost: {us:7.1f} us per {name}")
+
+
 def timeline(run, n: int) -> int:
     """Wall time per iteration of ``run`` (CUDA events over n back-to-back calls), the host
     time to enqueue them (no profiler: when it nears the wall time the loop is host-bound),
@@ -164,6 +185,7 @@ def timeline(run, n: int) -> int:
     kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    launch_costs()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
