@@ -190,3 +190,20 @@ def test_dispatch_modes_and_subclasses_see_the_registered_ops():
     for op in ("nca_step", "nca_rollout", "neighborhood_attention2d", "nca_step_backward", "nca_rollout_backward",
                "neighborhood_attention2d_backward"):
         assert f"fastnca.{op}" in seen, (op, sorted(seen))
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_double_backward_raises(monkeypatch, path):
+    """The backward ops have no autograd formula: differentiating a gradient raises on both
+    paths (the eager Function is once_differentiable) instead of dropping the second-order
+    terms, even on the reference backend, whose kernels are plain differentiable torch."""
+    if path == "op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, rule, q, k, v = _inputs()
+    o = fastnca.neighborhood_attention2d(q, k, v, backend="reference")
+    y = fastnca.nca_step(x, *rule, seed=3, step=1, frozen_channels=1, backend="reference")
+    r = fastnca.nca_rollout(x, *rule, steps=2, seed=3, frozen_channels=1, backend="reference")
+    for out, wrt in ((o, q), (y, x), (r, x)):
+        g, = torch.autograd.grad(out.square().sum(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
+            g.sum().backward()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -46,7 +47,8 @@ def function(name: str, forward: Callable, setup: Callable, grad: Callable) -> t
         setup(ctx, inputs, output)
         return output
 
-    def bwd(ctx, *grad_outputs):
+    @once_differentiable  # as the custom op, whose backward op has no autograd formula:
+    def bwd(ctx, *grad_outputs):  # a double backward raises instead of dropping terms
         return grad(ctx, *grad_outputs)
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
