@@ -207,3 +207,20 @@ def test_double_backward_raises(monkeypatch, path):
         g, = torch.autograd.grad(out.square().sum(), wrt, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
             g.sum().backward()
+
+
+def test_torch_func_transforms_take_the_registered_ops(monkeypatch):
+    """Under torch.func transforms the public functions call the registered ops (whose
+    autograd torch.func does not take: a clear error, as before the eager path), never the
+    eager Function, whose backward would hand functorch-wrapped tensors to the kernels."""
+    import importlib
+
+    na_mod = importlib.import_module("fastnca.neighborhood_attention")
+    x, rule, q, k, v = _inputs()
+    monkeypatch.setattr(na_mod, "_NA2dFunction", None)  # reached only if the eager path were taken
+
+    def loss(q):
+        return fastnca.neighborhood_attention2d(q, k, v, backend="reference").square().sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(loss)(q.detach())
