@@ -130,6 +130,9 @@ _EX_PW = tl.constexpr(4)
 _EX_W1 = tl.constexpr(8)
 _EX_W2 = tl.constexpr(16)
 _BF16_SHIFT = tl.constexpr(5)
+# FASTNCA_TRITON_NCA_BF16_DOTS=all on a bfloat16 state: every dot of K >= 16 as a bfloat16
+# dot (operands rounded to bfloat16, float32 sums), PyTorch's own numerics for bfloat16.
+_LOWP = tl.constexpr(1 << 10)
 
 
 @triton.jit
@@ -147,10 +150,13 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     two when one is (the other split hi + lo, tf32x3's terms without the one that is zero).
     Where it marks both as from bfloat16 tensors (FASTNCA_TRITON_NCA_BF16_DOTS=1, opt-in),
     the product is one bfloat16 dot: exact products, float32 accumulation, the same result
-    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum)."""
+    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum).
+    With the _LOWP bit (FASTNCA_TRITON_NCA_BF16_DOTS=all, opt-in, bfloat16 states) every
+    dot is one: operands rounded to bfloat16, as PyTorch multiplies bfloat16 tensors."""
     A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
     B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
-    BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
+    LOWP: tl.constexpr = (_LOWP & EXACT) != 0
+    BF16: tl.constexpr = LOWP | ((((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0))
     if BF16 and a.shape[1] >= 16:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif A_EXACT and B_EXACT:
@@ -568,9 +574,9 @@ def _nca_step_backward_cell_kernel(
                 acc_pb += tl.sum(dq, axis=0)
                 if REG_ACC == 2:  # d_w1b read-modify-written in the slot: 64 fewer registers (Med-NCA)
                     p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
-                    tl.store(p_w1b, tl.dot(tl.trans(dz), conv0, tl.load(p_w1b), input_precision=DOT_PREC))
+                    tl.store(p_w1b, _mm(tl.trans(dz), conv0, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
                 else:
-                    acc_w1b = tl.dot(tl.trans(dz), conv0, acc_w1b, input_precision=DOT_PREC)
+                    acc_w1b = _mm(tl.trans(dz), conv0, acc_w1b, DOT_PREC, EXACT, _EX_NONE, _EX_NONE)
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_ptr, pb_ptr,
@@ -578,7 +584,7 @@ def _nca_step_backward_cell_kernel(
                 p_pb = dpb_ptr + offs_f
                 tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
-                tl.store(p_w1b, tl.dot(tl.trans(dz), conv, tl.load(p_w1b), input_precision=DOT_PREC))
+                tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
         if REG_ACC != 1:
             # The next tile re-reads this tile's partial slots, whose elements may live in
             # other threads than the ones that stored them: make the stores visible CTA-wide.
@@ -889,14 +895,16 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     if knob not in ("", "0", "1"):
         raise ValueError(f"FASTNCA_TRITON_NCA_EXACT must be 0 or 1, got {knob!r}")
     bf16 = os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "")
-    if bf16 not in ("", "0", "1"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0 or 1, got {bf16!r}")
+    if bf16 not in ("", "0", "1", "all"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0, 1 or all, got {bf16!r}")
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
-    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting()):
+    if bf16 in ("1", "all") and (_INTERPRETER_BF16_DOTS or not interpreting()):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
+        if bf16 == "all" and dtypes.get("state") == torch.bfloat16:
+            bits |= _LOWP.value
     return bits
 
 
