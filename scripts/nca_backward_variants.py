@@ -16,7 +16,7 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32 bf16-dots]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
            [--rounds 7] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main() -> int:
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
-                    help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1)")
+                    help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1) / "
+                         "bf16-all (=all: every dot in bfloat16, bfloat16 states)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
@@ -75,7 +76,8 @@ def main() -> int:
         for it in a.input_tiles:
             for acc in a.acc:
                 for prec in a.prec:
-                    label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots"}.get(
+                    label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
+                             "bf16-all": "bf16 dots everywhere"}.get(
                         prec, "3xTF32")
                     name = f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'} {label}"
                     variants.append((name, "triton", (t, it), acc, prec))
@@ -92,7 +94,7 @@ def main() -> int:
         knobs = dict(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
-                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else None)
+                     FASTNCA_TRITON_NCA_BF16_DOTS={"bf16-dots": "1", "bf16-all": "all"}.get(prec))
 
         def call(kern=kern):
             return kern.backward(gout, x, *args)
