@@ -184,3 +184,34 @@ def pytest_runtest_makereport(item, call):
         sys.stderr.write(f"\n{item.nodeid}: CUDA illegal memory access; ending this worker\n")
         sys.stderr.flush()
         os._exit(3)
+
+
+@pytest.fixture
+def bf16_round_to_nearest(monkeypatch):
+    """Under the Triton interpreter, float32 -> bfloat16 conversions in kernels round to
+    nearest even, as the GPU's do: the interpreter truncates (a bias that sums of many
+    rounded products turn into drift, and stores that differ from torch's rounding by an
+    ulp). Yields True when it took effect; False without the interpreter (nothing to do)."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        from fastnca.kernels.triton._runtime import interpreting
+    except ImportError:
+        yield False
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not interpreting() or builder is None or not hasattr(builder, "cast_impl"):
+        yield False
+        return
+    cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).bfloat16()
+            return interpreter.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+    yield True

@@ -226,13 +226,14 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype, weights_tagge
 
 
 @pytest.fixture
-def tf32_dots(monkeypatch):
+def tf32_dots(monkeypatch, bf16_round_to_nearest):
     """The Triton interpreter's tl.dot with tensor-core TF32 semantics: a "tf32" product
     drops the 13 low mantissa bits of each float32 operand (what an mma does with them),
     "tf32x3" sums the three products of the hi/lo split, "ieee" stays exact. Without it the
     interpreter's dots are exact for every precision, and a product that lost its low part
     (a wrong EXACT bit, a dropped lo term) would go unseen on a CPU. On a GPU (no
-    interpreter) it does nothing: the tensor cores have these semantics."""
+    interpreter) it does nothing: the tensor cores have these semantics. Conversions to
+    bfloat16 round to nearest even, as on the GPU (conftest: bf16_round_to_nearest)."""
     if not tri.interpreting():
         return
     np = pytest.importorskip("numpy")
@@ -274,18 +275,6 @@ def tf32_dots(monkeypatch):
         return interpreter.TensorHandle(r.astype(np.float32) + d.data, d.dtype.scalar)
 
     monkeypatch.setattr(builder, "create_dot", create_dot)
-
-    # float32 -> bfloat16 as the GPU converts (nearest, ties to even); the interpreter
-    # truncates, a bias that sums of many rounded products turn into drift
-    cast = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).bfloat16()
-            return interpreter.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
 
 
 TF32_CASE = (1, 32, 5, 6, 64, 2, 1, 1, "reflect", 0.5)  # C=32: channel dots of K=32, conv K=64
