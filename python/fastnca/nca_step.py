@@ -309,9 +309,7 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
     backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
-    if not _eager.plain(*tensors):
-        return _nca_step_op(*args)
-    return _NcaStepFunction.apply(*args) if _eager.needs_grad(*tensors) else _nca_step(*args)
+    return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args)
 
 
 def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
@@ -348,8 +346,5 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
     backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)
-    if not _eager.plain(*tensors):
-        out, _ = _nca_rollout_op(*args)
-    else:
-        out, _ = _NcaRolloutFunction.apply(*args) if keep else _nca_rollout(*args)
+    out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args)
     return out

@@ -146,10 +146,5 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
     backend = _backend.resolve(backend, "neighborhood_attention", query.device, query.dtype)
     args = (query, key, value, kernel_size, border, scale, backend)
-    if not _eager.plain(query, key, value):
-        o, lse = _na2d_op(*args)
-    elif _eager.needs_grad(query, key, value):
-        o, lse = _NA2dFunction.apply(*args)
-    else:
-        o, lse = _na2d(*args)
+    o, lse = _eager.call(_na2d_op, _NA2dFunction, _na2d, (query, key, value), args)
     return (o, lse) if return_lse else o

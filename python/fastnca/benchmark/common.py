@@ -120,14 +120,14 @@ def graph_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 7) -
         fn()
         sync(device)
         return float("nan")
+    stream = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    side.wait_stream(stream)
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.graph(graph):
             fn()
