@@ -1,11 +1,13 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
-weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory) and dot precision
+weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
+the cell kernel, the fc weight gradients as GEMMs over a workspace of activations) and dot precision
 (3xTF32 with one or two TF32 products where an operand comes from a half tensor, the
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
-Triton settings) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
+Triton settings, then TF32, three products everywhere, =gemm and =gemm with bfloat16 dots
+everywhere) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
 B=8, 256x256 bfloat16 state by default. Each variant: the median [min-max] over --rounds
@@ -16,7 +18,7 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
            [--rounds 7] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main() -> int:
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' or 'default' = the default choice)")
     ap.add_argument("--input-tiles", nargs="*", default=[""],
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
-    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory ('' or 'default' = the default)")
+    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory / gemm ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1) / "
                          "bf16-all (=all: every dot in bfloat16, bfloat16 states)")
@@ -140,7 +142,7 @@ def main() -> int:
 
 
 def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
-    """64-step rollout fwd+bwd: each fastnca backend (3xTF32 and TF32 for Triton) and eager
+    """64-step rollout fwd+bwd: each fastnca backend (Triton: also its opt-in modes) and eager
     PyTorch, with the time and the peak memory of one training step."""
     print(f"nca_rollout fwd+bwd, {steps} steps")
     leaves = [t.detach().requires_grad_() for t in w]
@@ -153,9 +155,10 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, exact=True):
+    def run(backend, exact=True, acc=None, bf16=None):
         s = x.detach().requires_grad_()
-        with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0"):
+        with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0", FASTNCA_TRITON_NCA_BWD_ACC=acc,
+                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()
@@ -166,6 +169,9 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
         if b == "triton":
             runs.append(("triton 3xTF32 all", lambda: run("triton", exact=False), False))
             runs.append(("triton TF32", lambda: run("triton"), True))
+            runs.append(("triton gemm", lambda: run("triton", acc="gemm"), False))
+            if x.dtype == torch.bfloat16:
+                runs.append(("triton gemm bf16-all", lambda: run("triton", acc="gemm", bf16="all"), False))
     for name, fn, tf32 in runs:
         try:
             with _tf32(tf32):

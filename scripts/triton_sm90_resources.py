@@ -8,7 +8,7 @@ cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629) and wgmma layouts with more warp groups than 64-row blocks
 (split over N or repeating rows; see _wgmma_safe in kernels/triton/nca_step.py).
 
-Usage: [DOT_PREC=tf32] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
+Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
        (groups: 1 or C; dtype of state and weights, default float32), e.g.
        8,32,64,64,128,2,1,1,bfloat16 for the Med-NCA rule in bf16 (FASTNCA_TRITON_NCA_EXACT=0:
        tf32x3 for every product, as before the half-operand products of _mm);
@@ -109,6 +109,16 @@ def _mma_summary(ttgir: str) -> str:
             f"{'  WARP GROUPS SPREAD ' + ' '.join(spread) if spread else ''}")
 
 
+def _dump(name, kernel) -> None:
+    """With DUMP_DIR set, write the kernel's TTGIR and PTX there (NAME.ttgir, NAME.ptx)."""
+    out = os.environ.get("DUMP_DIR")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(out, f"{name}.{ext}"), "w") as f:
+                f.write(kernel.asm[ext])
+
+
 def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
     g = C if groups == "C" else int(groups)
     dt = getattr(torch, dtype)
@@ -124,6 +134,7 @@ def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
         if "arrange" in name or (name, block_m, warps) in seen:  # batch chunks repeat the same kernels
             continue
         seen.add((name, block_m, warps))
+        _dump(name, kernel)
         print(f"C={C} hidden={hidden} F={F} groups={groups} {dtype}  {name}: BLOCK_M={block_m} warps={warps} "
               f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
               f"{_mma_summary(kernel.asm['ttgir'])}", flush=True)

@@ -156,6 +156,38 @@ def test_weight_grad_accumulators(monkeypatch):
         tri._register_accumulators(mednca)
 
 
+@pytest.mark.parametrize("case,dtype", [
+    ((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5), torch.float32),     # several tiles a program
+    ((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5), torch.float32),
+    ((1, 3, 2, 2, 5, 1, 1, 0, "circular", 1.0), torch.float32),       # hidden 5: padded columns
+    ((3, 3, 3, 5, 5, 1, "C", 0, "zeros", 0.0), torch.float32),        # nothing fires: no rows
+    ((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), torch.bfloat16),
+    ((2, 8, 5, 6, 16, 2, "C", 2, "replicate", 0.5), torch.float16),
+], ids=["dense", "depthwise", "tiny", "none-fire", "bf16", "fp16-depthwise"])
+def test_gemm_weight_grads(monkeypatch, case, dtype):
+    """FASTNCA_TRITON_NCA_BWD_ACC=gemm: the cell kernel writes the firing cells' dz, h, gd,
+    x and conv rows, and _nca_step_backward_fc_kernel reduces them (over two cell ranges
+    under the interpreter) into the weight gradients; against the reference."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    state, _, *w = make_inputs(1, 64, 2, 2, 128, 2, 1, 1)  # any rule, several chunks included
+    assert tri._register_accumulators(tri._Rule(state, *w, 1, "reflect", 1)) == 3
+    check_against_reference(case, dtype, channels_last=dtype != torch.float32)
+
+
+def test_gemm_weight_grads_are_computed_there(monkeypatch):
+    """Negative control: with the fc kernel's launch dropped, =gemm loses d_w1 and d_w2 (so
+    the test above checks that kernel, not another path)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+
+    class _Dropped:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tri, "_nca_step_backward_fc_kernel", _Dropped())
+    with pytest.raises(AssertionError, match="d_w1"):
+        check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5))
+
+
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
 def test_channel_chunks(monkeypatch, groups):
     """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
@@ -164,6 +196,8 @@ def test_channel_chunks(monkeypatch, groups):
     state, _, *w = make_inputs(1, 24, 2, 2, 16, 3, 1, 0)
     rule = tri._Rule(state, *w, 1, "zeros", 0)
     assert (rule.C_BLK, rule.FC_BLK, rule.FC_CEIL) == (16, 32, 96)
+    check_against_reference((1, 24, 3, 5, 16, 3, groups, 2, "reflect", 0.5))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")  # conv chunks recomputed, C_PAD 32 > 2 x 16
     check_against_reference((1, 24, 3, 5, 16, 3, groups, 2, "reflect", 0.5))
 
 
@@ -566,6 +600,22 @@ def test_rollout_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b), name
 
 
+def test_gemm_rollout_equals_loop_of_steps(monkeypatch):
+    """=gemm in a rollout: the fc kernel's partials land in the slots the GradSink folds, so
+    the rollout's gradients stay bitwise those of the loop of nca_step."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    state, g, *w = make_inputs(2, 4, 7, 6, 8, 2, 1, 1)
+    params = [t.clone().requires_grad_(True) for t in (state, *w)]
+    kw = dict(seed=3, frozen_channels=1, backend="triton")
+    out = fastnca.nca_rollout(*params, steps=4, checkpoint_every=2, **kw)
+    x = params[0]
+    for i in range(4):
+        x = fastnca.nca_step(x, *params[1:], step=i, **kw)
+    assert torch.equal(out, x)
+    for name, a, b in zip(GRAD_NAMES, torch.autograd.grad(out, params, g), torch.autograd.grad(x, params, g)):
+        assert torch.equal(a, b), name
+
+
 def test_public_op_autograd_and_rollout():
     """Through fastnca.nca_step / nca_rollout(backend="triton") with autograd."""
     state, _, pw, pb, w1, b1, w2, b2 = make_inputs(1, 4, 6, 5, 8, 2, 1, 1)
@@ -689,13 +739,26 @@ def test_gpu_bf16_dots(monkeypatch, case):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_gradients_are_bitwise_reproducible():
+@pytest.mark.parametrize("acc", ["", "gemm"])
+def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     state, grad_out, *w = make_inputs(4, 16, 64, 64, 128, 2, 1, 1)
     args = (*w, 1, "reflect", 0.5, 11, 2, 1)
     g1 = tri.backward(grad_out, state, *args)
     g2 = tri.backward(grad_out, state, *args)
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gemm_weight_grads(monkeypatch, case, dtype):
+    """FASTNCA_TRITON_NCA_BWD_ACC=gemm on tensor cores: float32 at the float32 tolerance
+    against float64, bfloat16 (activations saved in bfloat16) at its own."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    check_against_reference(case, dtype, channels_last=dtype == torch.bfloat16)
 
 
 def test_wgmma_safe_rule():

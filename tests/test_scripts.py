@@ -60,16 +60,16 @@ def test_profile_source_summary_ranks_lines_by_stalls(tmp_path):
 
 
 def test_backward_variants_smoke():
-    """nca_backward_variants.py under the Triton interpreter: both accumulator paths run and
-    agree (the CPU has no CUDA backward to compare with)."""
+    """nca_backward_variants.py under the Triton interpreter: the accumulator paths (the
+    gemm one included) run and agree (the CPU has no CUDA backward to compare with)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "nca_backward_variants.py"), "--device", "cpu",
-                          "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--tiles", "", "--acc", "registers", "memory",
+                          "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--tiles", "", "--acc", "registers", "memory", "gemm",
                           "--prec", "tf32x3", "tf32x3-all", "--dtype", "float32"],
                          capture_output=True, text=True, env=env, timeout=600, check=True).stdout
     rows = [line for line in out.splitlines() if "triton tile=" in line]
-    assert len(rows) == 4 and "failed" not in out, out
+    assert len(rows) == 6 and "failed" not in out, out
     for row in rows[1:]:
         assert float(row.split("2-norm")[1]) < 1e-5, row  # same fp32 math, summed in another order
 

@@ -43,6 +43,15 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   in registers, stored once, for rules of one channel and one conv chunk (the Med-NCA
   rule); else read-modify-written in its own slot of a [G, ...] buffer per tile. No
   atomics either way.
+- Opt-in, untimed (FASTNCA_TRITON_NCA_BWD_ACC=gemm): kernel A keeps no fc weight-grad
+  partials. It writes each listed cell's [dz | h | gd | x | conv] to row `pos` (its place
+  in the list) of a second workspace in the state's dtype, the activations autograd would
+  save, and kernel D (_nca_step_backward_fc_kernel) reduces them as split-K GEMMs over
+  the list: d_w1 = dz^T [x | conv], d_w2 = gd^T h (half states: half dots, float32 sums).
+  sm_90 compile of the Med-NCA rule at kernel A's default 16 rows on 4 warps: its spill
+  stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
+  takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
+  (50 MB for a 65536-cell chunk).
 - kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
   shifted state, one program per (tap, conv chunk, cell range), the accumulator in
   registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
@@ -459,7 +468,7 @@ def _forward_autotuned():
 
 @triton.jit
 def _nca_step_backward_cell_kernel(
-    g_ptr, x_ptr, ws_ptr, idx_ptr, count_ptr,
+    g_ptr, x_ptr, ws_ptr, act_ptr, idx_ptr, count_ptr,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
@@ -477,7 +486,20 @@ def _nca_step_backward_cell_kernel(
     FC_CEIL): 1, the partials stay in registers over the program's tiles and are stored
     once at the end, and the conv tile of the recompute is kept for d_w1b; 2, the same but
     d_w1b, the largest, is read-modify-written in the slot per tile. 0: every partial is
-    read-modify-written in the slot per tile and chunk, and each conv chunk is recomputed."""
+    read-modify-written in the slot per tile and chunk, and each conv chunk is recomputed.
+    3 (FASTNCA_TRITON_NCA_BWD_ACC=gemm): no fc weight-grad partials here; each listed
+    cell's dz, h, gd, x and conv go to row `pos` (its place in the list) of `act` (the
+    state's dtype), for _nca_step_backward_fc_kernel's GEMMs; only the bias partials are
+    read-modify-written in the slot per tile."""
+    # act row layout: [dz | h (HID_PAD each) | gd | x (C_PAD each) | conv (FC_CEIL)]
+    A_H: tl.constexpr = HID_PAD
+    A_GD: tl.constexpr = 2 * HID_PAD
+    A_X: tl.constexpr = 2 * HID_PAD + C_PAD
+    A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
+    A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
+    GEMM: tl.constexpr = REG_ACC == 3
+    REGS: tl.constexpr = (REG_ACC == 1) | (REG_ACC == 2)  # partials in registers
+    KEEP: tl.constexpr = REGS | (GEMM & (FC_BLK == FC_CEIL))  # the recompute's conv tile is kept
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
@@ -508,6 +530,7 @@ def _nca_step_backward_cell_kernel(
         offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
+        act_row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
         xb = b.to(tl.int64) * s_b
         x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
         g_row = g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
@@ -516,7 +539,11 @@ def _nca_step_backward_cell_kernel(
         # d_w1b; otherwise conv chunks are recomputed below)
         h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                            w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
-                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, REG_ACC, EXACT)
+                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
+        if GEMM:  # stored at once: the kept conv tile is then dead here, not live to the dq loop
+            tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            if KEEP:
+                tl.store(act_row + A_CV + offs_fb[None, :], conv0.to(act_ptr.dtype.element_ty), mask=rows[:, None])
 
         # ---- gd = g on the updated channels (every listed cell fires; zero on frozen
         # channels and dead rows); d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are
@@ -529,7 +556,11 @@ def _nca_step_backward_cell_kernel(
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c,
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
-            if REG_ACC:
+            if GEMM:
+                tl.store(act_row + A_GD + offs_k[None, :], gdk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+                p_b2 = db2_ptr + offs_k
+                tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
+            elif REGS:
                 acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, EXACT, _EX_GRAD, _EX_NONE)
                 acc_b2 += tl.sum(gdk, axis=0)
             else:
@@ -540,7 +571,9 @@ def _nca_step_backward_cell_kernel(
             dh = _mm(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
-        if REG_ACC:
+        if GEMM:
+            tl.store(act_row + offs_h[None, :], dz.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+        if REGS:
             acc_b1 += tl.sum(dz, axis=0)
         else:
             p_b1 = db1_ptr + offs_h
@@ -551,7 +584,9 @@ def _nca_step_backward_cell_kernel(
             offs_k = k0 + offs_kb
             kmask = rows[:, None] & (offs_k < C)[None, :]
             xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-            if REG_ACC:
+            if GEMM:
+                tl.store(act_row + A_X + offs_k[None, :], xk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            elif REGS:
                 acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, EXACT, _EX_NONE, _EX_STATE)
             else:
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
@@ -570,7 +605,16 @@ def _nca_step_backward_cell_kernel(
                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
-            if REG_ACC:
+            if GEMM:
+                if not KEEP:
+                    conv_g = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
+                                         offs_f, fmask, pw_ptr, pb_ptr,
+                                         F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                    tl.store(act_row + A_CV + offs_f[None, :], conv_g.to(act_ptr.dtype.element_ty),
+                             mask=rows[:, None])
+                p_pbg = dpb_ptr + offs_f
+                tl.store(p_pbg, tl.load(p_pbg) + tl.sum(dq, axis=0))
+            elif REGS:
                 acc_pb += tl.sum(dq, axis=0)
                 if REG_ACC == 2:  # d_w1b read-modify-written in the slot: 64 fewer registers (Med-NCA)
                     p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
@@ -589,7 +633,7 @@ def _nca_step_backward_cell_kernel(
             # The next tile re-reads this tile's partial slots, whose elements may live in
             # other threads than the ones that stored them: make the stores visible CTA-wide.
             tl.debug_barrier()
-    if REG_ACC:  # added to the slot once per program (it sums the batch chunks); padded rows/columns hold zeros
+    if REGS:  # added to the slot once per program (it sums the batch chunks); padded rows/columns hold zeros
         p_w2 = dw2_ptr + offs_kb[:, None] * HID_PAD + offs_h[None, :]
         tl.store(p_w2, tl.load(p_w2) + acc_w2)
         tl.store(db2_ptr + offs_kb, tl.load(db2_ptr + offs_kb) + acc_b2)
@@ -662,6 +706,74 @@ def _nca_step_backward_conv_kernel(
         p_w = (dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL * C_PAD) + tap * FC_CEIL * C_PAD
                + offs_f[:, None] * C_PAD + offs_c[None, :])
         tl.store(p_w, tl.load(p_w) + acc)
+
+
+@triton.jit
+def _fc_grad_tile(act_ptr, out_ptr, p0, p1, A0: tl.constexpr, A_VALID, B0: tl.constexpr, B_VALID,
+                  OUT_W: tl.constexpr, ta, tb, TA: tl.constexpr, TB: tl.constexpr, A_ROW: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr):
+    """out[ta-th TA rows, tb-th TB columns] (row width OUT_W) += sum over act rows p0..p1
+    of act[:, A0 + a]^T act[:, B0 + b]: one tile of one weight gradient over one range of
+    the listed cells. Columns a >= A_VALID / b >= B_VALID are read as zero (never written
+    by the cell kernel)."""
+    offs_a = ta * TA + tl.arange(0, TA)
+    offs_b = tb * TB + tl.arange(0, TB)
+    amask = (offs_a < A_VALID)[None, :]
+    bmask = (offs_b < B_VALID)[None, :]
+    acc = tl.zeros([TA, TB], dtype=tl.float32)
+    for k0 in range(p0, p1, BLOCK_K):
+        pos = k0 + tl.arange(0, BLOCK_K)
+        rows = (pos < p1)[:, None]
+        row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
+        a = tl.load(row + A0 + offs_a[None, :], mask=rows & amask, other=0.0)
+        b = tl.load(row + B0 + offs_b[None, :], mask=rows & bmask, other=0.0)
+        if HALF_DOT:  # half operands: exact products, float32 sums (as PyTorch for half tensors)
+            acc = tl.dot(tl.trans(a), b, acc)
+        else:
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision=DOT_PREC)
+    p = out_ptr + offs_a[:, None] * OUT_W + offs_b[None, :]
+    tl.store(p, tl.load(p) + acc)
+
+
+@triton.jit
+def _nca_step_backward_fc_kernel(
+    act_ptr, part_ptr, count_ptr, SLOT, C,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+    TH: tl.constexpr, TC: tl.constexpr, TF: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
+):
+    """The fc weight gradients of FASTNCA_TRITON_NCA_BWD_ACC=gemm, as split-K GEMMs over
+    the listed cells from the rows the cell kernel wrote to `act` (its docstring):
+    d_w1a = dz^T x, d_w1b = dz^T conv, d_w2 = gd^T h. Axis 0: one output tile of one of
+    the three; axis 1: one of an even split of the rows 0..count (in device memory),
+    whose sum is added to slot row `part` of the cell kernel's partials (same layout; the
+    cell kernel adds only bias partials there in this mode): deterministic, no atomics."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    count = tl.load(count_ptr)
+    per = tl.cdiv(tl.cdiv(count, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+    p0 = part * per
+    p1 = tl.minimum(p0 + per, count)
+    out = part_ptr + part.to(tl.int64) * SLOT
+    A_H: tl.constexpr = HID_PAD
+    A_GD: tl.constexpr = 2 * HID_PAD
+    A_X: tl.constexpr = 2 * HID_PAD + C_PAD
+    A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
+    A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
+    NH: tl.constexpr = HID_PAD // TH
+    NC: tl.constexpr = C_PAD // TC
+    NF: tl.constexpr = FC_CEIL // TF
+    if pid < NH * NC:  # d_w1a [HID_PAD, C_PAD], slot offset 0
+        _fc_grad_tile(act_ptr, out, p0, p1, 0, HID_PAD, A_X, C, C_PAD, pid // NC, pid % NC,
+                      TH, TC, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
+    elif pid < NH * (NC + NF):  # d_w1b [HID_PAD, FC_CEIL] after it
+        q = pid - NH * NC
+        _fc_grad_tile(act_ptr, out + HID_PAD * C_PAD, p0, p1, 0, HID_PAD, A_CV, FC_CEIL, FC_CEIL, q // NF, q % NF,
+                      TH, TF, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
+    else:  # d_w2 [C_PAD, HID_PAD] after d_b1
+        q = pid - NH * (NC + NF)
+        _fc_grad_tile(act_ptr, out + HID_PAD * (C_PAD + FC_CEIL + 1), p0, p1, A_GD, C, A_H, HID_PAD, HID_PAD,
+                      q // NH, q % NH, TC, TH, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
 
 
 @triton.jit
@@ -1092,12 +1204,16 @@ def _register_accumulators(rule: _Rule) -> int:
     and writes them in memory per tile. FASTNCA_TRITON_NCA_BWD_ACC (benchmarking and
     testing knob): =memory forces 0, =registers asks for 1 where the rule allows, =mixed
     for 2 there (registers except d_w1b: sm_90 compile of the Med-NCA rule, bf16, 16 rows
-    on 4 warps: stack 936 -> 616 bytes, 255 registers either way; untimed)."""
+    on 4 warps: stack 936 -> 616 bytes, 255 registers either way; untimed), =gemm for 3
+    on any rule (the fc weight gradients as GEMMs over a workspace of the cells'
+    activations, _nca_step_backward_fc_kernel; untimed)."""
     fits = (rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
-    if v not in ("", "registers", "memory", "mixed"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed' or 'memory', got {v!r}")
+    if v not in ("", "registers", "memory", "mixed", "gemm"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed', 'memory' or 'gemm', got {v!r}")
+    if v == "gemm":
+        return 3
     if not fits or v == "memory":
         return 0
     return 2 if v == "mixed" else 1
@@ -1120,6 +1236,20 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     if large:
         return (block_m, warps), conv_m
     return (64, 4), conv_m
+
+
+_FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
+
+
+def _fc_grad_tiles(rule: _Rule, half: bool) -> tuple[dict, int]:
+    """(output tile {TH, TC, TF}, programs per cell range) of the fc weight-gradient
+    kernel: tiles of at most 128 (half operands) or 64 (float32, whose tf32x3 splits each
+    operand in two) hidden x 64 channel / conv rows (<= 64 accumulator registers a thread
+    on 4 warps); TF = FC_BLK divides FC_CEIL. sm_90 compile, Med-NCA rule: bfloat16 138
+    registers; float32 at 128 hidden rows 255 and 176 bytes of stack."""
+    th, tc, tf = min(rule.HID_PAD, 128 if half else 64), min(rule.C_PAD, 64), rule.FC_BLK
+    nh, nc, nf = rule.HID_PAD // th, rule.C_PAD // tc, rule.FC_CEIL // tf
+    return dict(TH=th, TC=tc, TF=tf), nh * (2 * nc + nf)
 
 
 def _conv_grad_parts(device: torch.device, programs_per_part: int, num_tiles: int) -> int:
@@ -1256,13 +1386,19 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     B, C, H, W = state.shape
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
+    reg_acc = _register_accumulators(rule)
+    gemm = reg_acc == 3
+    # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
+    # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
+    act_row = 2 * rule.HID_PAD + 2 * rule.C_PAD + rule.FC_CEIL if gemm else 0
     # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk).
-    chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC))
+    chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC) + act_row * state.element_size())
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ], transient
+    act = torch.empty(min(B, chunk) * H * W if gemm else 0, act_row, dtype=state.dtype, device=dev)
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
+        act.fill_(float("nan"))
     sizes_a = _cell_slot_sizes(rule)
-    reg_acc = _register_accumulators(rule)
     nf = rule.FC_CEIL // rule.FC_BLK
     conv_programs = 9 * nf
     cx = rule.constexprs()
@@ -1275,6 +1411,10 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
     parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
+    if gemm:
+        fc_tile, fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
+        # cell ranges: as many as the conv-gradient kernel would take, within the G slots
+        fc_parts = min(G, _conv_grad_parts(dev, fc_programs, cdiv(n0, _FC_BLOCK_K)))
     # One private slot per program (cell kernel) and per cell range (conv kernel).
     shapes = ((G, sum(sizes_a)), (parts, rule.sizes[5]))
     # A call without a sink sums its own partials the same way, in a sink used once.
@@ -1294,9 +1434,14 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
             _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](
-                g_c, x_c, ws, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
+                g_c, x_c, ws, act, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
                 H, W, *x_c.stride(), *g_c.stride(), frozen, **cx, REG_ACC=reg_acc,
                 BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+            if gemm:
+                _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
+                    act, partials, count, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
+                    FC_CEIL=rule.FC_CEIL, **fc_tile, BLOCK_K=_FC_BLOCK_K, DOT_PREC=cx["DOT_PREC"],
+                    HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
                 ws, x_c, dpw_parts, idx, count, H, W, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
