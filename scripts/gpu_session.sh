@@ -36,10 +36,12 @@
 #       is given back 30 s after a call: copy python/fastnca/_C_cuda*.so to $OUT and name it
 #       in the next call's carry to skip the rebuild (the Triton caches are lost anyway).
 #       The nca bench now has a "triton bf16-all" row (FASTNCA_TRITON_NCA_BF16_DOTS=all) and
-#       "triton gemm" / "triton gemm bf16-all" rows (FASTNCA_TRITON_NCA_BWD_ACC=gemm): the
+#       "triton gemm resident" / "... bf16-all" rows (FASTNCA_TRITON_NCA_BWD_ACC=gemm,
+#       FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident): the
 #       candidates for the rollout-training target, untimed; give the nca suite >= 300 s.
 #       Quicker, the backward kernels alone and the rollouts per mode:
-#       VARIANTS_ARGS="--tiles default 32,4 --acc default gemm --prec tf32x3 bf16-all --no-cuda"
+#       VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident --prec tf32x3
+#       bf16-all --no-cuda"
 #       scripts/gpu_session.sh build@140 variants@200 pack
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the

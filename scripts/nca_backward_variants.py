@@ -1,7 +1,9 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
-the cell kernel, the fc weight gradients as GEMMs over a workspace of activations) and dot precision
+the cell kernel, the fc weight gradients as GEMMs over a workspace of activations), whether its
+weight operands stay in shared memory across tiles (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident)
+and dot precision
 (3xTF32 with one or two TF32 products where an operand comes from a half tensor, the
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
@@ -18,7 +20,7 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
            [--rounds 7] [--no-cuda] [--rollout] [--device cuda]
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> int:
     ap.add_argument("--input-tiles", nargs="*", default=[""],
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory / gemm ('' or 'default' = the default)")
+    ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
                     help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1) / "
                          "bf16-all (=all: every dot in bfloat16, bfloat16 states)")
@@ -56,7 +59,7 @@ def main() -> int:
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
     a = ap.parse_args()
-    for opt in ("tiles", "input_tiles", "acc"):  # 'default' spells '' where quoting is awkward
+    for opt in ("tiles", "input_tiles", "acc", "weights"):  # 'default' spells '' where quoting is awkward
         setattr(a, opt, ["" if v == "default" else v for v in getattr(a, opt)])
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -73,16 +76,17 @@ def main() -> int:
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
     use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
-    variants = [("cuda", "cuda", (None, None), None, "")] if use_cuda else []
+    variants = [("cuda", "cuda", (None, None, None), None, "")] if use_cuda else []
     for t in a.tiles:
         for it in a.input_tiles:
             for acc in a.acc:
-                for prec in a.prec:
-                    label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
-                             "bf16-all": "bf16 dots everywhere"}.get(
-                        prec, "3xTF32")
-                    name = f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'} {label}"
-                    variants.append((name, "triton", (t, it), acc, prec))
+                for wts in a.weights:
+                    for prec in a.prec:
+                        label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
+                                 "bf16-all": "bf16 dots everywhere"}.get(prec, "3xTF32")
+                        name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
+                                f"{f' weights={wts}' if wts else ''} {label}")
+                        variants.append((name, "triton", (t, it, wts), acc, prec))
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
@@ -95,6 +99,7 @@ def main() -> int:
         kern = _backend.kernel(backend, "nca_step")
         knobs = dict(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
+                     FASTNCA_TRITON_NCA_BWD_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
                      FASTNCA_TRITON_NCA_BF16_DOTS={"bf16-dots": "1", "bf16-all": "all"}.get(prec))
 
@@ -155,10 +160,10 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, exact=True, acc=None, bf16=None):
+    def run(backend, exact=True, acc=None, bf16=None, weights=None):
         s = x.detach().requires_grad_()
         with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0", FASTNCA_TRITON_NCA_BWD_ACC=acc,
-                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16):
+                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16, FASTNCA_TRITON_NCA_BWD_WEIGHTS=weights):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()
@@ -170,8 +175,10 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             runs.append(("triton 3xTF32 all", lambda: run("triton", exact=False), False))
             runs.append(("triton TF32", lambda: run("triton"), True))
             runs.append(("triton gemm", lambda: run("triton", acc="gemm"), False))
+            runs.append(("triton gemm resident", lambda: run("triton", acc="gemm", weights="resident"), False))
             if x.dtype == torch.bfloat16:
-                runs.append(("triton gemm bf16-all", lambda: run("triton", acc="gemm", bf16="all"), False))
+                runs.append(("triton gemm resident bf16-all",
+                             lambda: run("triton", acc="gemm", bf16="all", weights="resident"), False))
     for name, fn, tf32 in runs:
         try:
             with _tf32(tf32):

@@ -110,13 +110,15 @@ def _mma_summary(ttgir: str) -> str:
 
 
 def _dump(name, kernel) -> None:
-    """With DUMP_DIR set, write the kernel's TTGIR and PTX there (NAME.ttgir, NAME.ptx)."""
+    """With DUMP_DIR set, write the kernel's TTGIR, PTX and cubin there (NAME.ttgir, ...)."""
     out = os.environ.get("DUMP_DIR")
     if out:
         os.makedirs(out, exist_ok=True)
         for ext in ("ttgir", "ptx"):
             with open(os.path.join(out, f"{name}.{ext}"), "w") as f:
                 f.write(kernel.asm[ext])
+        with open(os.path.join(out, f"{name}.cubin"), "wb") as f:
+            f.write(kernel.asm["cubin"])
 
 
 def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:

@@ -188,6 +188,59 @@ def test_gemm_weight_grads_are_computed_there(monkeypatch):
         check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5))
 
 
+class _CellLaunchSpy:
+    """Stands in for the backward cell kernel: records each launch's RESIDENT and, with
+    ``fail_resident``, raises OutOfResources for resident launches, as a GPU whose shared
+    memory cannot hold the weights does."""
+
+    def __init__(self, kernel, fail_resident=False):
+        self.kernel, self.fail, self.resident = kernel, fail_resident, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.resident.append(kwargs["RESIDENT"])
+            if self.fail and kwargs["RESIDENT"]:
+                raise tri.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
+@pytest.mark.parametrize("case,dtype", [
+    ((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5), torch.float32),
+    ((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5), torch.float32),
+    ((2, 3, 3, 5, 5, 2, 1, 1, "circular", 0.5), torch.bfloat16),
+    ((1, 3, 1, 3, 5, 2, 1, 0, "replicate", 1.0), torch.float16),    # H = 1: every vertical tap maps to row 0
+], ids=["dense", "depthwise", "bf16-circular", "fp16-one-row"])
+def test_resident_weights(monkeypatch, acc, case, dtype):
+    """FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident: the cell kernel loads its weight operands once
+    and runs the dense conv as an im2col dot (taps 0..7, then tap 8); it takes that path
+    (RESIDENT launches) and matches the reference."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
+    check_against_reference(case, dtype, channels_last=dtype != torch.float32)
+    assert spy.resident and all(spy.resident)
+
+
+def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
+    """A resident launch that runs out of shared memory is retried staged, and the
+    configuration is remembered (no second resident attempt); the knob checks its value."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
+    spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
+    case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
+    check_against_reference(case)
+    assert spy.resident == [True, False] and len(tri._RESIDENT_TOO_BIG) == 1
+    check_against_reference(case)
+    assert spy.resident == [True, False, False]
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "shared")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_WEIGHTS"):
+        check_against_reference(case)
+
+
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
 def test_channel_chunks(monkeypatch, groups):
     """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
@@ -452,6 +505,14 @@ def check_bf16_everywhere(monkeypatch, case):
 @pytest.mark.parametrize("case", LOWP_CASES, ids=["dense", "depthwise", "chunks"])
 def test_bf16_everywhere_mode(monkeypatch, tf32_dots, case):
     check_bf16_everywhere(monkeypatch, case)
+
+
+def test_bf16_everywhere_mode_gemm_resident(monkeypatch, tf32_dots):
+    """The candidate combination of the opt-in modes (=gemm, resident weights, bfloat16 dots
+    everywhere) keeps the bfloat16-everywhere bound."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    check_bf16_everywhere(monkeypatch, LOWP_CASES[0])
 
 
 @pytest.mark.gpu
@@ -748,6 +809,22 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
     g2 = tri.backward(grad_out, state, *args)
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-bf16-all"])
+def test_gpu_resident_weights(monkeypatch, case, mode):
+    """FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident on a GPU, bfloat16 state and weights (where
+    the weights fit shared memory; the others fall back), against the reference (with
+    bfloat16 dots everywhere, check_bf16_everywhere's bound)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
+    if mode == "gemm-bf16-all":  # PyTorch's bfloat16 numerics: its own bound
+        check_bf16_everywhere(monkeypatch, case)
+    else:
+        check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
 
 
 @pytest.mark.gpu

@@ -52,6 +52,13 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
   takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
   (50 MB for a 65536-cell chunk).
+- Opt-in, untimed (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident; rules of one channel and conv
+  chunk): kernel A loads its weight operands once, before its tile loop, so the compiler
+  keeps them in shared memory across the program's tiles. By default every 16-cell tile
+  stages ~180 KB of them from L2 through registers (Med-NCA rule). The dense conv then runs
+  as an im2col dot (taps 0..7, K = 8 * C_PAD, then tap 8). sm_90 compile, Med-NCA rule,
+  =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B); with
+  BF16_DOTS=all 98 KB. Float32 (384 KB) does not fit: the launch falls back to staged.
 - kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
   shifted state, one program per (tap, conv chunk, cell range), the accumulator in
   registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
@@ -80,6 +87,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ... import _backend, _ext
 from .. import _common
@@ -220,6 +228,32 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
             conv = _mm(t, w, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW)
     return conv + tl.load(pb_ptr + offs_f)[None, :]
+
+
+@triton.jit
+def _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9, pb,
+                 C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr,
+                 DOT_PREC: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
+    """The dense conv of _conv_chunk for a rule of one channel and conv chunk, with weight
+    operands given (loaded once by the caller): taps 0..7 as one dot of K = 8 * C_PAD
+    over their im2col tile [BLOCK_M, 8, C_PAD] (pwt's rows tap * C_PAD + c, in order),
+    tap 8 as a second dot of K = C_PAD (arange sizes are powers of two)."""
+    tap8 = tl.arange(0, 8)
+    ny, vy = _pad_index(y[:, None] + (tap8 // 3 - 1)[None, :], H, PAD)
+    nx, vx = _pad_index(xx[:, None] + (tap8 % 3 - 1)[None, :], W, PAD)
+    off = xb[:, None] + ny.to(tl.int64) * s_h + nx.to(tl.int64) * s_w  # [BLOCK_M, 8]
+    ok = rows[:, None] & vy & vx
+    ch = offs_c.to(tl.int64) * s_c
+    t8 = tl.load(x_ptr + off[:, :, None] + ch[None, None, :], mask=ok[:, :, None] & cmask[None, None, :],
+                 other=0.0).to(tl.float32)
+    conv = _mm(tl.reshape(t8, [BLOCK_M, 8 * C_PAD]), w_pw8, tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32),
+               DOT_PREC, EXACT, _EX_STATE, _EX_PW)
+    ny9, vy9 = _pad_index(y + 1, H, PAD)
+    nx9, vx9 = _pad_index(xx + 1, W, PAD)
+    off9 = xb + ny9.to(tl.int64) * s_h + nx9.to(tl.int64) * s_w
+    t9 = tl.load(x_ptr + off9[:, None] + ch[None, :], mask=(rows & vy9 & vx9)[:, None] & cmask[None, :],
+                 other=0.0).to(tl.float32)
+    return _mm(t9, w_pw9, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW) + pb[None, :]
 
 
 @triton.jit
@@ -475,7 +509,7 @@ def _nca_step_backward_cell_kernel(
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, REG_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
     partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
@@ -500,6 +534,11 @@ def _nca_step_backward_cell_kernel(
     GEMM: tl.constexpr = REG_ACC == 3
     REGS: tl.constexpr = (REG_ACC == 1) | (REG_ACC == 2)  # partials in registers
     KEEP: tl.constexpr = REGS | (GEMM & (FC_BLK == FC_CEIL))  # the recompute's conv tile is kept
+    # RESIDENT (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident; rules of one channel and conv chunk,
+    # partials in registers or =gemm): the conv's taps unrolled, so that every weight
+    # operand's load is invariant in the tile loop and the compiler keeps it in shared
+    # memory across the program's tiles, instead of staging it from L2 at every tile.
+    RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
@@ -524,6 +563,16 @@ def _nca_step_backward_cell_kernel(
     acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
     count = tl.load(count_ptr)
+    if RES:  # loaded once: the compiler keeps loop-invariant dot operands in shared memory
+        w_x = tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :])  # [C_PAD, HID_PAD]
+        w_cv = tl.load(w1bt_ptr + offs_fb[:, None] * HID_PAD + offs_h[None, :])  # [FC_BLK, HID_PAD]
+        w_dh = tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_c[:, None])  # [C_PAD, HID_PAD] = W2
+        if not DEPTHWISE:
+            offs_j = tl.arange(0, 8 * C_PAD)
+            w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_fb[None, :])  # taps 0..7
+            w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_fb[None, :])
+        pb_v = tl.load(pb_ptr + offs_fb)
+        b1_v = tl.load(b1_ptr + offs_h)
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
@@ -537,9 +586,23 @@ def _nca_step_backward_cell_kernel(
 
         # ---- recompute the forward up to h (with REG_ACC the single conv chunk is kept for
         # d_w1b; otherwise conv chunks are recomputed below)
-        h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                           w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
-                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
+        if RES:
+            x_all = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=rows[:, None] & cmask[None, :],
+                            other=0.0).to(tl.float32)
+            z = _mm(x_all, w_x, tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32), DOT_PREC, EXACT, _EX_STATE, _EX_W1)
+            if DEPTHWISE:  # per-tap weight vectors: small, loaded per tile
+                conv0 = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
+                                    offs_fb, offs_fb < FC, pw_ptr, pb_ptr,
+                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+            else:
+                conv0 = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
+                                     pb_v, C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
+            z = _mm(conv0, w_cv, z, DOT_PREC, EXACT, _EX_NONE, _EX_W1) + b1_v[None, :]
+            h = tl.where(z < 0.0, 0.0, z)
+        else:
+            h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                               w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
+                               FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
         if GEMM:  # stored at once: the kept conv tile is then dead here, not live to the dq loop
             tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             if KEEP:
@@ -568,7 +631,11 @@ def _nca_step_backward_cell_kernel(
                 tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_NONE))
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
-            dh = _mm(gdk, tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
+            if RES:
+                w_dhk = w_dh
+            else:
+                w_dhk = tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None])
+            dh = _mm(gdk, w_dhk, dh,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         if GEMM:
@@ -592,7 +659,11 @@ def _nca_step_backward_cell_kernel(
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
                 tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, EXACT, _EX_NONE, _EX_STATE))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
-            dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
+            if RES:
+                w_dpx = tl.trans(w_x)
+            else:
+                w_dpx = tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD)
+            dpx = _mm(dz, w_dpx, gk,
                       DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
@@ -601,7 +672,11 @@ def _nca_step_backward_cell_kernel(
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + offs_fb
             fmask = offs_f < FC
-            dq = _mm(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]), None,
+            if RES:
+                w_dq = tl.trans(w_cv)
+            else:
+                w_dq = tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None])
+            dq = _mm(dz, w_dq, None,
                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
@@ -1219,6 +1294,23 @@ def _register_accumulators(rule: _Rule) -> int:
     return 2 if v == "mixed" else 1
 
 
+# Cell-kernel configurations whose resident weights did not fit a GPU's shared memory.
+_RESIDENT_TOO_BIG: set = set()
+
+
+def _resident_weights() -> bool:
+    """FASTNCA_TRITON_NCA_BWD_WEIGHTS (benchmarking knob, default "staged"): "resident" keeps
+    the backward cell kernel's weight operands in shared memory across its tiles, for rules
+    of one channel and conv chunk with register partials or =gemm (the cell kernel's
+    RESIDENT; untimed). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
+    bfloat16 state and weights, 98 KB with BF16_DOTS=all, 384 KB in float32, whose tf32x3
+    keeps two copies), the launch falls back to the staged kernel."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "")
+    if v not in ("", "staged", "resident"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_WEIGHTS must be 'staged' or 'resident', got {v!r}")
+    return v == "resident"
+
+
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     """((BLOCK_M, warps) of the input-gradient kernel, BLOCK_M of the conv-gradient kernel)
     given the cell kernel's tile. Small rules: 64 rows on 4 warps, one warp group (the
@@ -1387,6 +1479,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
     reg_acc = _register_accumulators(rule)
+    resident = _resident_weights()
     gemm = reg_acc == 3
     # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
     # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
@@ -1433,10 +1526,19 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         idx, count = _firing_cells(fire_c)
         ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
-            _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](
-                g_c, x_c, ws, act, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb, sum(sizes_a),
-                H, W, *x_c.stride(), *g_c.stride(), frozen, **cx, REG_ACC=reg_acc,
-                BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+            cell_args = (g_c, x_c, ws, act, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
+                         sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
+            cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+            key = (dev.index, tuple(sorted(cx.items())), reg_acc, block_m, warps, stages)
+            if resident and key not in _RESIDENT_TOO_BIG:
+                try:
+                    _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](*cell_args, **cell_kw, RESIDENT=True)
+                except OutOfResources:  # its weights do not fit this GPU's shared memory: staged
+                    _RESIDENT_TOO_BIG.add(key)
+                else:
+                    cell_kw = None
+            if cell_kw is not None:
+                _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
                     act, partials, count, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
