@@ -37,7 +37,7 @@
 #       in the next call's carry to skip the rebuild (the Triton caches are lost anyway).
 #       The nca bench now has a "triton bf16-all" row (FASTNCA_TRITON_NCA_BF16_DOTS=all) and
 #       "triton gemm resident" / "... bf16-all" rows (FASTNCA_TRITON_NCA_BWD_ACC=gemm,
-#       FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident): the
+#       FASTNCA_TRITON_NCA_WEIGHTS=resident): the
 #       candidates for the rollout-training target, untimed; give the nca suite >= 300 s.
 #       Quicker, the backward kernels alone and the rollouts per mode:
 #       VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident --prec tf32x3

@@ -2,7 +2,7 @@
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
 the cell kernel, the fc weight gradients as GEMMs over a workspace of activations), whether its
-weight operands stay in shared memory across tiles (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident)
+weight operands stay in shared memory across tiles (FASTNCA_TRITON_NCA_WEIGHTS=resident)
 and dot precision
 (3xTF32 with one or two TF32 products where an operand comes from a half tensor, the
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
@@ -99,7 +99,7 @@ def main() -> int:
         kern = _backend.kernel(backend, "nca_step")
         knobs = dict(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
-                     FASTNCA_TRITON_NCA_BWD_WEIGHTS=tile[2] or None,
+                     FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
                      FASTNCA_TRITON_NCA_BF16_DOTS={"bf16-dots": "1", "bf16-all": "all"}.get(prec))
 
@@ -163,7 +163,7 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
     def run(backend, exact=True, acc=None, bf16=None, weights=None):
         s = x.detach().requires_grad_()
         with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0", FASTNCA_TRITON_NCA_BWD_ACC=acc,
-                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16, FASTNCA_TRITON_NCA_BWD_WEIGHTS=weights):
+                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16, FASTNCA_TRITON_NCA_WEIGHTS=weights):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()

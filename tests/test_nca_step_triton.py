@@ -213,31 +213,39 @@ class _CellLaunchSpy:
     ((1, 3, 1, 3, 5, 2, 1, 0, "replicate", 1.0), torch.float16),    # H = 1: every vertical tap maps to row 0
 ], ids=["dense", "depthwise", "bf16-circular", "fp16-one-row"])
 def test_resident_weights(monkeypatch, acc, case, dtype):
-    """FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident: the cell kernel loads its weight operands once
-    and runs the dense conv as an im2col dot (taps 0..7, then tap 8); it takes that path
-    (RESIDENT launches) and matches the reference."""
+    """FASTNCA_TRITON_NCA_WEIGHTS=resident: the backward cell kernel and the compact forward
+    (persistent then) load their weight operands once and run the dense conv as an im2col
+    dot (taps 0..7, then tap 8); both take that path (RESIDENT launches) and match the
+    reference."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
     spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel)
+    fwd = _CellLaunchSpy(tri._nca_step_forward_kernel)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
+    monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
     check_against_reference(case, dtype, channels_last=dtype != torch.float32)
     assert spy.resident and all(spy.resident)
+    assert fwd.resident == [True]
 
 
 def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
     """A resident launch that runs out of shared memory is retried staged, and the
     configuration is remembered (no second resident attempt); the knob checks its value."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
     spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
+    fwd = _CellLaunchSpy(tri._nca_step_forward_kernel, fail_resident=True)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
+    monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
     case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
     check_against_reference(case)
-    assert spy.resident == [True, False] and len(tri._RESIDENT_TOO_BIG) == 1
+    assert spy.resident == [True, False] and fwd.resident == [True, False] and len(tri._RESIDENT_TOO_BIG) == 2
     check_against_reference(case)
-    assert spy.resident == [True, False, False]
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "shared")
-    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_WEIGHTS"):
+    assert spy.resident == [True, False, False] and fwd.resident == [True, False, False]
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "shared")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_WEIGHTS"):
         check_against_reference(case)
 
 
@@ -511,7 +519,7 @@ def test_bf16_everywhere_mode_gemm_resident(monkeypatch, tf32_dots):
     """The candidate combination of the opt-in modes (=gemm, resident weights, bfloat16 dots
     everywhere) keeps the bfloat16-everywhere bound."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     check_bf16_everywhere(monkeypatch, LOWP_CASES[0])
 
 
@@ -816,10 +824,10 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-bf16-all"])
 def test_gpu_resident_weights(monkeypatch, case, mode):
-    """FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident on a GPU, bfloat16 state and weights (where
+    """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU, bfloat16 state and weights (where
     the weights fit shared memory; the others fall back), against the reference (with
     bfloat16 dots everywhere, check_bf16_everywhere's bound)."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
     if mode == "gemm-bf16-all":  # PyTorch's bfloat16 numerics: its own bound
         check_bf16_everywhere(monkeypatch, case)

@@ -147,7 +147,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             bfloat16, PyTorch's numerics for bfloat16 tensors); "gemm resident" / "gemm
             resident bf16-all": the default / =all under FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc
             weight gradients as GEMMs over a workspace of the firing cells' activations) and
-            FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident (weights kept in shared memory)."""
+            FASTNCA_TRITON_NCA_WEIGHTS=resident (weights kept in shared memory)."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
                     else contextlib.nullcontext()
@@ -156,7 +156,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="1" if "bf16-dots" in words else
                             "all" if "bf16-all" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC="gemm" if "gemm" in words else None,
-                            FASTNCA_TRITON_NCA_BWD_WEIGHTS="resident" if "resident" in words else None,
+                            FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
                 with torch.set_grad_enabled(grad), ctx, knobs:
                     y = forward()

@@ -52,13 +52,15 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
   takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
   (50 MB for a 65536-cell chunk).
-- Opt-in, untimed (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident; rules of one channel and conv
+- Opt-in, untimed (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv
   chunk): kernel A loads its weight operands once, before its tile loop, so the compiler
   keeps them in shared memory across the program's tiles. By default every 16-cell tile
   stages ~180 KB of them from L2 through registers (Med-NCA rule). The dense conv then runs
   as an im2col dot (taps 0..7, K = 8 * C_PAD, then tap 8). sm_90 compile, Med-NCA rule,
   =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B); with
   BF16_DOTS=all 98 KB. Float32 (384 KB) does not fit: the launch falls back to staged.
+  The compact forward does the same when the knob is set, as a persistent kernel of 16-row
+  tiles (bfloat16: 152 KB, 168 registers; float32 falls back).
 - kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
   shifted state, one program per (tap, conv chunk, cell range), the accumulator in
   registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
@@ -295,6 +297,49 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
     return tl.where(z < 0.0, 0.0, z), conv  # ReLU that keeps NaN (tl.maximum would drop it), like torch
 
 
+@triton.jit
+def _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, offs_c, offs_h, offs_fb,
+                  C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr):
+    """The weights of _hidden_resident for a rule of one channel and conv chunk, loaded once
+    before a persistent kernel's tile loop (FASTNCA_TRITON_NCA_WEIGHTS=resident): Triton
+    keeps loop-invariant dot operands in shared memory. (w_x [C_PAD, HID_PAD], w_cv
+    [FC_BLK, HID_PAD], the dense conv's taps 0..7 [8 C_PAD, FC_BLK] and 8 [C_PAD, FC_BLK]
+    (depthwise: placeholders), pb, b1)."""
+    w_x = tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :])
+    w_cv = tl.load(w1bt_ptr + offs_fb[:, None] * HID_PAD + offs_h[None, :])
+    pb_v = tl.load(pb_ptr + offs_fb)
+    b1_v = tl.load(b1_ptr + offs_h)
+    if DEPTHWISE:  # per-tap weight vectors: small, loaded per tile
+        w_pw8 = pb_v
+        w_pw9 = pb_v
+    else:
+        offs_j = tl.arange(0, 8 * C_PAD)
+        w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_fb[None, :])
+        w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_fb[None, :])
+    return w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v
+
+
+@triton.jit
+def _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_fb, pw_ptr, pb_ptr,
+                     w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
+                     F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr,
+                     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
+    """_hidden with KEEP_CONV for a rule of one channel and conv chunk, from the weights of
+    _resident_fc1: (h, conv)."""
+    x_all = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=rows[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+    z = _mm(x_all, w_x, tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32), DOT_PREC, EXACT, _EX_STATE, _EX_W1)
+    if DEPTHWISE:
+        conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_fb, offs_fb < FC,
+                           pw_ptr, pb_ptr, F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+    else:
+        conv = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
+                            pb_v, C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
+    z = _mm(conv, w_cv, z, DOT_PREC, EXACT, _EX_NONE, _EX_W1) + b1_v[None, :]
+    return tl.where(z < 0.0, 0.0, z), conv
+
+
 # ---------------------------------------------------------------------------------------
 # Weight layout (one launch per call instead of a dozen small torch ops: a rollout of
 # small states is launch-bound)
@@ -377,11 +422,13 @@ def _nca_step_forward_kernel(
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, COMPACT: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
     the others); programs past the list's last tile do nothing. Otherwise every cell, the
-    mask drawn in-kernel (one launch: small states, where launches dominate)."""
+    mask drawn in-kernel (one launch: small states, where launches dominate).
+    RESIDENT (with COMPACT, rules of one channel and conv chunk; opt-in): persistent, each
+    program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1)."""
     pid = tl.program_id(0)
     if COMPACT:
         count = tl.load(count_ptr)
@@ -390,7 +437,33 @@ def _nca_step_forward_kernel(
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
-    if pid < tl.cdiv(count, BLOCK_M):  # the grid covers every cell, the list ~update_prob of them
+    RES: tl.constexpr = RESIDENT & COMPACT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL)
+    if RES:
+        offs_fb = tl.arange(0, FC_BLK)
+        w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
+                                                            offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
+                                                            FC_CEIL, DEPTHWISE)
+        w_out = tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :])
+        b2_v = tl.load(b2_ptr + offs_c)
+        for tile in range(pid, tl.cdiv(count, BLOCK_M), tl.num_programs(0)):
+            pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows = pos < count
+            offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
+            b, y, xx = _cell_coords(offs_m, H, W)
+            xb = b.to(tl.int64) * s_b
+            x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
+            ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
+            h, _ = _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask,
+                                    offs_fb, pw_ptr, pb_ptr, w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
+                                    F, FC, C_PAD, HID_PAD, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M,
+                                    PAD, EXACT)
+            kmask = rows[:, None] & cmask[None, :]
+            xk = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+            delta = _mm(h, w_out, None, DOT_PREC, EXACT, _EX_NONE, _EX_W2) + b2_v[None, :]
+            new = tl.where(offs_c[None, :] >= frozen, xk + delta, xk)  # every listed cell fires
+            tl.store(out_ptr + ob[:, None] + offs_c.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty),
+                     mask=kmask)
+    elif pid < tl.cdiv(count, BLOCK_M):  # the grid covers every cell, the list ~update_prob of them
         pos = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
         if COMPACT:
@@ -490,7 +563,7 @@ def _forward_autotuned():
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                  for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT"],
+        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "RESIDENT"],
         prune_configs_by={"early_config_prune": _forward_prune},
     )(_nca_step_forward_kernel)
 
@@ -534,7 +607,7 @@ def _nca_step_backward_cell_kernel(
     GEMM: tl.constexpr = REG_ACC == 3
     REGS: tl.constexpr = (REG_ACC == 1) | (REG_ACC == 2)  # partials in registers
     KEEP: tl.constexpr = REGS | (GEMM & (FC_BLK == FC_CEIL))  # the recompute's conv tile is kept
-    # RESIDENT (FASTNCA_TRITON_NCA_BWD_WEIGHTS=resident; rules of one channel and conv chunk,
+    # RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv chunk,
     # partials in registers or =gemm): the conv's taps unrolled, so that every weight
     # operand's load is invariant in the tile loop and the compiler keeps it in shared
     # memory across the program's tiles, instead of staging it from L2 at every tile.
@@ -564,15 +637,10 @@ def _nca_step_backward_cell_kernel(
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
     count = tl.load(count_ptr)
     if RES:  # loaded once: the compiler keeps loop-invariant dot operands in shared memory
-        w_x = tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :])  # [C_PAD, HID_PAD]
-        w_cv = tl.load(w1bt_ptr + offs_fb[:, None] * HID_PAD + offs_h[None, :])  # [FC_BLK, HID_PAD]
+        w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
+                                                            offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
+                                                            FC_CEIL, DEPTHWISE)
         w_dh = tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_c[:, None])  # [C_PAD, HID_PAD] = W2
-        if not DEPTHWISE:
-            offs_j = tl.arange(0, 8 * C_PAD)
-            w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_fb[None, :])  # taps 0..7
-            w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_fb[None, :])
-        pb_v = tl.load(pb_ptr + offs_fb)
-        b1_v = tl.load(b1_ptr + offs_h)
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
@@ -587,18 +655,10 @@ def _nca_step_backward_cell_kernel(
         # ---- recompute the forward up to h (with REG_ACC the single conv chunk is kept for
         # d_w1b; otherwise conv chunks are recomputed below)
         if RES:
-            x_all = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=rows[:, None] & cmask[None, :],
-                            other=0.0).to(tl.float32)
-            z = _mm(x_all, w_x, tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32), DOT_PREC, EXACT, _EX_STATE, _EX_W1)
-            if DEPTHWISE:  # per-tap weight vectors: small, loaded per tile
-                conv0 = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
-                                    offs_fb, offs_fb < FC, pw_ptr, pb_ptr,
-                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
-            else:
-                conv0 = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
-                                     pb_v, C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
-            z = _mm(conv0, w_cv, z, DOT_PREC, EXACT, _EX_NONE, _EX_W1) + b1_v[None, :]
-            h = tl.where(z < 0.0, 0.0, z)
+            h, conv0 = _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask,
+                                        offs_fb, pw_ptr, pb_ptr, w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
+                                        F, FC, C_PAD, HID_PAD, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M,
+                                        PAD, EXACT)
         else:
             h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                                w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
@@ -1185,7 +1245,23 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx = count = out  # placeholders, never read
     args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
-    cx = dict(rule.constexprs(), COMPACT=compact)
+    cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False)
+    if compact and _resident_weights() and rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL:
+        # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
+        # on 4 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 168 registers, 152 KB
+        # of shared memory; at 32 rows the im2col tile's pointers spill 440 bytes)
+        pinned = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
+        block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 4))
+        programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
+        key = ("forward", state.device.index, tuple(sorted(cx.items())), block_m, warps)
+        if key not in _RESIDENT_TOO_BIG:
+            try:
+                with _on_device(state.device):
+                    _nca_step_forward_kernel[(max(1, min(programs, cdiv(N, block_m))),)](
+                        *args, **dict(cx, RESIDENT=True), BLOCK_M=block_m, num_warps=warps, num_stages=1)
+                return out
+            except OutOfResources:  # staged, as below
+                _RESIDENT_TOO_BIG.add(key)
     if interpreting():
         _nca_step_forward_kernel[(cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
@@ -1299,15 +1375,15 @@ _RESIDENT_TOO_BIG: set = set()
 
 
 def _resident_weights() -> bool:
-    """FASTNCA_TRITON_NCA_BWD_WEIGHTS (benchmarking knob, default "staged"): "resident" keeps
-    the backward cell kernel's weight operands in shared memory across its tiles, for rules
-    of one channel and conv chunk with register partials or =gemm (the cell kernel's
-    RESIDENT; untimed). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
+    """FASTNCA_TRITON_NCA_WEIGHTS (benchmarking knob, default "staged"): "resident" keeps
+    the weight operands in shared memory across a program's tiles, for rules of one channel
+    and conv chunk: in the backward cell kernel (with register partials or =gemm) and in a
+    persistent compact forward (the kernels' RESIDENT; untimed). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
     bfloat16 state and weights, 98 KB with BF16_DOTS=all, 384 KB in float32, whose tf32x3
     keeps two copies), the launch falls back to the staged kernel."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_WEIGHTS", "")
+    v = os.environ.get("FASTNCA_TRITON_NCA_WEIGHTS", "")
     if v not in ("", "staged", "resident"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_WEIGHTS must be 'staged' or 'resident', got {v!r}")
+        raise ValueError(f"FASTNCA_TRITON_NCA_WEIGHTS must be 'staged' or 'resident', got {v!r}")
     return v == "resident"
 
 
