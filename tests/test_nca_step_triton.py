@@ -215,18 +215,22 @@ class _CellLaunchSpy:
 def test_resident_weights(monkeypatch, acc, case, dtype):
     """FASTNCA_TRITON_NCA_WEIGHTS=resident: the backward cell kernel and the compact forward
     (persistent then) load their weight operands once and run the dense conv as an im2col
-    dot (taps 0..7, then tap 8); both take that path (RESIDENT launches) and match the
-    reference."""
+    dot (taps 0..7, then tap 8); the input-gradient kernel (dense rules) loads its 9 taps'
+    weights once and unrolls the taps. Each takes that path (RESIDENT launches) and the
+    results match the reference."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
     spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel)
     fwd = _CellLaunchSpy(tri._nca_step_forward_kernel)
+    inp = _CellLaunchSpy(tri._nca_step_backward_input_kernel)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
     monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
+    monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
     check_against_reference(case, dtype, channels_last=dtype != torch.float32)
     assert spy.resident and all(spy.resident)
     assert fwd.resident == [True]
+    assert inp.resident == [case[6] != "C"]  # depthwise: per-channel weight vectors, staged
 
 
 def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
@@ -237,13 +241,18 @@ def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
     spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
     fwd = _CellLaunchSpy(tri._nca_step_forward_kernel, fail_resident=True)
+    inp = _CellLaunchSpy(tri._nca_step_backward_input_kernel, fail_resident=True)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
     monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
+    monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
     case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
     check_against_reference(case)
-    assert spy.resident == [True, False] and fwd.resident == [True, False] and len(tri._RESIDENT_TOO_BIG) == 2
+    for kernel in (spy, fwd, inp):
+        assert kernel.resident == [True, False]
+    assert len(tri._RESIDENT_TOO_BIG) == 3
     check_against_reference(case)
-    assert spy.resident == [True, False, False] and fwd.resident == [True, False, False]
+    for kernel in (spy, fwd, inp):
+        assert kernel.resident == [True, False, False]
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "shared")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_WEIGHTS"):
         check_against_reference(case)

@@ -60,7 +60,10 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B); with
   BF16_DOTS=all 98 KB. Float32 (384 KB) does not fit: the launch falls back to staged.
   The compact forward does the same when the knob is set, as a persistent kernel of 16-row
-  tiles (bfloat16: 152 KB, 168 registers; float32 falls back).
+  tiles (bfloat16: 152 KB, 168 registers; float32 falls back), and so does kernel B for
+  dense rules of one conv chunk: persistent 32-row tiles, the 9 taps' weights loaded once
+  and the taps unrolled, so that several taps' gathers can be in flight (bfloat16: 92 KB,
+  214 registers, no spills; the staged kernel issues one tap's gather at a time).
 - kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
   shifted state, one program per (tap, conv chunk, cell range), the accumulator in
   registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
@@ -955,19 +958,36 @@ def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, 
 
 
 @triton.jit
-def _nca_step_backward_input_kernel(
-    ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
-    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
-    dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
-    fire is the launcher's zero fill). A cell that does not fire has dP_x = 0: its direct
-    term is g itself (the cell kernel does not write its g + dP_x columns)."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+               xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, cols, colmask,
+               K1: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
+    """acc + (dQ gathered over the readers of tap (ky, kx)) @ w, w = pw[:, :, tap]^T
+    [FC_BLK, C_PAD]; ky, kx runtime values or constants (then the selects fold)."""
+    # in-grid reader, and the border reader (none for the centre row / column)
+    yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
+    yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
+    yb = tl.where(ky == 0, yb0, yb2)
+    ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
+    xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
+    xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
+    xb = tl.where(kx == 0, xb0, xb2)
+    xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
+    y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
+    x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
+    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, K1, PAD)
+    return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
+
+
+@triton.jit
+def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
+                w0, w1, w2, w3, w4, w5, w6, w7, w8,
+                C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
+                C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+                DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
+                RES: tl.constexpr):
+    """d_state of the cells offs_m (the input kernel's docstring). RES: dense rule of one
+    conv chunk, taps unrolled with the weights w0..w8 given (loaded once by the caller);
+    otherwise per-tap weights loaded here (w0..w8 unused)."""
     rows = offs_m < N
     b, y, xx = _cell_coords(offs_m, H, W)
     offs_c = tl.arange(0, C_PAD)
@@ -994,38 +1014,114 @@ def _nca_step_backward_input_kernel(
     ye2 = tl.max(ybv2.to(tl.int32), axis=0) > 0
     xe0 = tl.max(xbv0.to(tl.int32), axis=0) > 0
     xe2 = tl.max(xbv2.to(tl.int32), axis=0) > 0
-    for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
-        offs_f = f0 + tl.arange(0, FC_BLK)
+    if RES:  # taps unrolled: the gathers of several taps can be in flight at once
+        offs_f = tl.arange(0, FC_BLK)
         fmask = offs_f < FC
-        for tap in range(9):  # runtime loop: see _conv_chunk
-            ky = tap // 3
-            kx = tap - ky * 3
-            # in-grid reader, and the border reader (none for the centre row / column)
-            yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
-            yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
-            yb = tl.where(ky == 0, yb0, yb2)
-            ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
-            xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
-            xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
-            xb = tl.where(kx == 0, xb0, xb2)
-            xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
-            y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
-            x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
-            if DEPTHWISE:
-                for f in tl.static_range(F):
-                    o = offs_c * F + f  # the output channels that read input channel c
-                    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + o, cmask,
-                                     K1, PAD)
-                    acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
-            else:
-                gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + offs_f, fmask,
-                                 K1, PAD)
-                w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
-                            + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
-                acc = _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
+        acc = _input_tap(acc, w0, 0, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w1, 0, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w2, 0, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w3, 1, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w4, 1, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w5, 1, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w6, 2, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w7, 2, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+        acc = _input_tap(acc, w8, 2, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
+                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                         DOT_PREC, EXACT)
+    else:
+        for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
+            offs_f = f0 + tl.arange(0, FC_BLK)
+            fmask = offs_f < FC
+            for tap in range(9):  # runtime loop: see _conv_chunk
+                ky = tap // 3
+                kx = tap - ky * 3
+                if DEPTHWISE:
+                    yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
+                    yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
+                    yb = tl.where(ky == 0, yb0, yb2)
+                    ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
+                    xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
+                    xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
+                    xb = tl.where(kx == 0, xb0, xb2)
+                    xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
+                    y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
+                    x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
+                    for f in tl.static_range(F):
+                        o = offs_c * F + f  # the output channels that read input channel c
+                        gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + o, cmask,
+                                         K1, PAD)
+                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
+                else:
+                    w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
+                                + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
+                    acc = _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+                                     xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2,
+                                     C + offs_f, fmask, K1, PAD, DOT_PREC, EXACT)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _pw_tap_t(pw_ptr, tap: tl.constexpr, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """pw[o, c, tap] as [FC_BLK, C_PAD] (the input kernel's operand for one tap)."""
+    return tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL + offs_f[:, None])
+
+
+@triton.jit
+def _nca_step_backward_input_kernel(
+    ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
+    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
+    dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
+    fire is the launcher's zero fill). A cell that does not fire has dP_x = 0: its direct
+    term is g itself (the cell kernel does not write its g + dP_x columns).
+    RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident, dense rules of one conv chunk; opt-in):
+    persistent over tiles pid, pid + G, ..., the 9 taps' weights loaded once (kept in
+    shared memory) and the taps unrolled."""
+    pid = tl.program_id(0)
+    RES: tl.constexpr = RESIDENT & (not DEPTHWISE) & (FC_BLK == FC_CEIL)
+    if RES:
+        offs_c = tl.arange(0, C_PAD)
+        offs_f = tl.arange(0, FC_BLK)
+        w0 = _pw_tap_t(pw_ptr, 0, offs_c, offs_f, C_PAD, FC_CEIL)
+        w1 = _pw_tap_t(pw_ptr, 1, offs_c, offs_f, C_PAD, FC_CEIL)
+        w2 = _pw_tap_t(pw_ptr, 2, offs_c, offs_f, C_PAD, FC_CEIL)
+        w3 = _pw_tap_t(pw_ptr, 3, offs_c, offs_f, C_PAD, FC_CEIL)
+        w4 = _pw_tap_t(pw_ptr, 4, offs_c, offs_f, C_PAD, FC_CEIL)
+        w5 = _pw_tap_t(pw_ptr, 5, offs_c, offs_f, C_PAD, FC_CEIL)
+        w6 = _pw_tap_t(pw_ptr, 6, offs_c, offs_f, C_PAD, FC_CEIL)
+        w7 = _pw_tap_t(pw_ptr, 7, offs_c, offs_f, C_PAD, FC_CEIL)
+        w8 = _pw_tap_t(pw_ptr, 8, offs_c, offs_f, C_PAD, FC_CEIL)
+        for tile in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
+            _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, tile * BLOCK_M + tl.arange(0, BLOCK_M), N, H, W,
+                        d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+                        C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, True)
+    else:
+        nil = tl.zeros([1], dtype=tl.float32)  # placeholders for the weight operands
+        _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, pid * BLOCK_M + tl.arange(0, BLOCK_M), N, H, W,
+                    d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, nil, nil, nil, nil, nil, nil, nil, nil, nil,
+                    C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1579,6 +1675,12 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
+    in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
+    in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
+    # The resident input kernel's tile: 32 rows on 4 warps unless pinned (sm_90 compile,
+    # Med-NCA rule, bfloat16: 214 registers, 92 KB, no spills; at 64 rows 120 bytes of stack)
+    pinned_in = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe)
+    res_in_m, res_in_warps = (in_m, in_warps) if interpreting() or pinned_in else (32, 4)
     parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
     if gemm:
         fc_tile, fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
@@ -1625,11 +1727,23 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"],
                 BLOCK_M=cv_m, num_warps=4, num_stages=1)
-            _nca_step_backward_input_kernel[(cdiv(N, in_m),)](
-                ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(), *g_c.stride(),
-                C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
-                FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=1)
+            in_args = (ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
+                       *g_c.stride())
+            in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+                         FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+                         DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps,
+                         num_stages=1)
+            key = ("input", dev.index, tuple(sorted(in_kw.items())))
+            if in_resident and key not in _RESIDENT_TOO_BIG:
+                try:
+                    _nca_step_backward_input_kernel[(min(cdiv(N, res_in_m), in_programs),)](
+                        *in_args, **dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps), RESIDENT=True)
+                except OutOfResources:  # staged, as below
+                    _RESIDENT_TOO_BIG.add(key)
+                else:
+                    in_kw = None
+            if in_kw is not None:
+                _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
     del ws
     weights = (pw, pb, w1, b1, w2, b2)
     own._fold(zero=sink is not None)
