@@ -28,21 +28,23 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned calls (after the fifth run, H200, 220af96): the single-step host gap first
-#       (Triton nca fwd+bwd 5.1 ms eager against 2.95 replayed from a graph; attention ~1.2
-#       ms of host per fwd+bwd): build@140 test@200+sanitize:memcheck,racecheck@200+
-#       bench-warm:attention,nca:bfloat16@200 timeline:nca:triton@60 timeline:attention:triton@40
-#       pack, then bench:attention,nca:bfloat16@240 ncu-source:nca:triton@90 pack. A machine
+# Next planned calls (after the fifth run, H200, 220af96; written 2026-11-27). The opt-in
+#       backward modes come first: FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as
+#       GEMMs), FASTNCA_TRITON_NCA_WEIGHTS=resident (weights kept in shared memory across
+#       tiles; forward, cell and input kernels) and FASTNCA_TRITON_NCA_BF16_DOTS=all, the
+#       candidates for the rollout-training target, all untimed. Call 1:
+#         VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident
+#         --prec tf32x3 bf16-all --no-cuda --rounds 5" scripts/gpu_session.sh build@120
+#         test@180+sanitize:memcheck,racecheck@180 variants@240 pack
+#       (variants after the tests, alone on the GPU: it times; it also times 64-step rollouts
+#       of every mode, alone and together). Call 2:
+#         bench:nca,attention:bfloat16@300 timeline:nca:triton@60 timeline:attention:triton@40
+#         pack
+#       (the nca bench's rows "triton bf16-all", "triton gemm resident" and "... bf16-all";
+#       the timelines for the eager single-step host gap: Triton nca fwd+bwd 5.1 ms eager
+#       against 2.95 replayed from a graph, attention ~1.2 ms of host per fwd+bwd). A machine
 #       is given back 30 s after a call: copy python/fastnca/_C_cuda*.so to $OUT and name it
 #       in the next call's carry to skip the rebuild (the Triton caches are lost anyway).
-#       The nca bench now has a "triton bf16-all" row (FASTNCA_TRITON_NCA_BF16_DOTS=all) and
-#       "triton gemm resident" / "... bf16-all" rows (FASTNCA_TRITON_NCA_BWD_ACC=gemm,
-#       FASTNCA_TRITON_NCA_WEIGHTS=resident): the
-#       candidates for the rollout-training target, untimed; give the nca suite >= 300 s.
-#       Quicker, the backward kernels alone and the rollouts per mode:
-#       VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident --prec tf32x3
-#       bf16-all --no-cuda"
-#       scripts/gpu_session.sh build@140 variants@200 pack
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the

@@ -8,8 +8,8 @@ and dot precision
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
-Triton settings, then TF32, three products everywhere, =gemm and =gemm with bfloat16 dots
-everywhere) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
+Triton settings, then TF32 and the opt-in modes: resident weights, =gemm, both, bfloat16
+dots everywhere, all three) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
 B=8, 256x256 bfloat16 state by default. Each variant: the median [min-max] over --rounds
@@ -160,9 +160,9 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, exact=True, acc=None, bf16=None, weights=None):
+    def run(backend, acc=None, bf16=None, weights=None):
         s = x.detach().requires_grad_()
-        with env(FASTNCA_TRITON_NCA_EXACT=None if exact else "0", FASTNCA_TRITON_NCA_BWD_ACC=acc,
+        with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc,
                  FASTNCA_TRITON_NCA_BF16_DOTS=bf16, FASTNCA_TRITON_NCA_WEIGHTS=weights):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
@@ -172,25 +172,27 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
     for b in backends:
         runs.append((b, lambda b=b: run(b), False))
         if b == "triton":
-            runs.append(("triton 3xTF32 all", lambda: run("triton", exact=False), False))
             runs.append(("triton TF32", lambda: run("triton"), True))
-            runs.append(("triton gemm", lambda: run("triton", acc="gemm"), False))
-            runs.append(("triton gemm resident", lambda: run("triton", acc="gemm", weights="resident"), False))
+            # the opt-in modes, alone and together: (weights, acc, bf16)
+            modes = [("resident", None, None), (None, "gemm", None), ("resident", "gemm", None)]
             if x.dtype == torch.bfloat16:
-                runs.append(("triton gemm resident bf16-all",
-                             lambda: run("triton", acc="gemm", bf16="all", weights="resident"), False))
+                modes += [(None, None, "all"), ("resident", "gemm", "all")]
+            for wts, acc, bf16 in modes:
+                label = " ".join(m for m in (acc, wts, bf16 and f"bf16-{bf16}") if m)
+                runs.append((f"triton {label}", lambda wts=wts, acc=acc, bf16=bf16: run(
+                    "triton", acc=acc, bf16=bf16, weights=wts), False))
     for name, fn, tf32 in runs:
         try:
             with _tf32(tf32):
                 ms = median_ms(fn, dev, warmup=1, reps=3)
                 peak = peak_mb(fn, dev)  # None off CUDA
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported
-            print(f"  {name:<16} failed: {type(e).__name__}: {str(e)[:100]}")
+            print(f"  {name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
             continue
         finally:
             for t in leaves:
                 t.grad = None
-        print(f"  {name:<16} {ms:9.1f} ms   peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
+        print(f"  {name:<30} {ms:9.1f} ms   peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
