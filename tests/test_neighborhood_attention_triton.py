@@ -347,6 +347,27 @@ def test_host_integer_helpers_match_tritons():
     assert next_pow2(2**40 + 1) == triton.next_power_of_2(2**40 + 1) == 2**41
 
 
+def test_kernel_constants_compare_by_value():
+    """The kernels' module-level constants (_runtime.const): Triton compares each against a
+    deep copy taken at compile time at every launch; that comparison is a plain one between
+    two of them (False for equal values, True otherwise), and keeps tl.constexpr's meaning
+    against anything else. The kernels that read them pass every interpreter test."""
+    import copy
+
+    import triton.language as tl
+
+    from fastnca.kernels.triton import neighborhood_attention as na
+    from fastnca.kernels.triton import nca_step as ns
+    from fastnca.kernels.triton._runtime import const
+
+    for k in (ns._EX_STATE, ns._LOWP, na._SHIFT):
+        assert type(k) is const and isinstance(k, tl.constexpr)
+        assert (k != copy.deepcopy(k)) is False
+        assert (k != const(k.value + 1)) is True
+    assert bool(const(3) != tl.constexpr(4)) and not bool(const(3) != tl.constexpr(3))
+    assert hash(const(3)) == hash(tl.constexpr(3))
+
+
 # --------------------------------------------------------------------------------------
 # GPU: the full matrix, GeCA-sized shapes and the autotuned launch path.
 # --------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ from triton.runtime.errors import OutOfResources
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import cdiv, interpreting, next_pow2
+from ._runtime import cdiv, const, interpreting, next_pow2
 from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
@@ -145,16 +145,16 @@ def _fire(offs_m, seed_lo, seed_hi, step_lo, threshold):
 
 # EXACT bits of the kernels (see _mm, _exact_bits): the operand families whose values come
 # from a half tensor, and (the same bits shifted by _BF16_SHIFT) those from a bfloat16 one.
-_EX_NONE = tl.constexpr(0)  # a computed operand
-_EX_STATE = tl.constexpr(1)
-_EX_GRAD = tl.constexpr(2)
-_EX_PW = tl.constexpr(4)
-_EX_W1 = tl.constexpr(8)
-_EX_W2 = tl.constexpr(16)
-_BF16_SHIFT = tl.constexpr(5)
+_EX_NONE = const(0)  # a computed operand
+_EX_STATE = const(1)
+_EX_GRAD = const(2)
+_EX_PW = const(4)
+_EX_W1 = const(8)
+_EX_W2 = const(16)
+_BF16_SHIFT = const(5)
 # FASTNCA_TRITON_NCA_BF16_DOTS=all on a bfloat16 state: every dot of K >= 16 as a bfloat16
 # dot (operands rounded to bfloat16, float32 sums), PyTorch's own numerics for bfloat16.
-_LOWP = tl.constexpr(1 << 10)
+_LOWP = const(1 << 10)
 
 
 @triton.jit

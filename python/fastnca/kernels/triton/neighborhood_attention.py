@@ -55,13 +55,13 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import cdiv, interpreting, next_pow2
+from ._runtime import cdiv, const, interpreting, next_pow2
 from .nca_step import fp32_dot_precision
 
-_ZEROS = tl.constexpr(_ext.BORDER_CODES["zeros"])
-_MASK = tl.constexpr(_ext.BORDER_CODES["mask"])
-_CIRCULAR = tl.constexpr(_ext.BORDER_CODES["circular"])
-_SHIFT = tl.constexpr(_ext.BORDER_CODES["shift"])
+_ZEROS = const(_ext.BORDER_CODES["zeros"])
+_MASK = const(_ext.BORDER_CODES["mask"])
+_CIRCULAR = const(_ext.BORDER_CODES["circular"])
+_SHIFT = const(_ext.BORDER_CODES["shift"])
 
 
 # ---- shared index math ---------------------------------------------------------------
