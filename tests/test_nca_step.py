@@ -640,6 +640,20 @@ def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, g
         k.backward(shifted_g, x, *w, *args, out=shifted_out)
 
 
+@pytest.mark.parametrize("acc,weights", [("gemm", ""), ("", "resident"), ("gemm", "resident")])
+def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, monkeypatch):
+    """The Triton backward's opt-in modes (FASTNCA_TRITON_NCA_BWD_ACC=gemm: the fc kernel adds
+    each chunk's sums into the same slots; FASTNCA_TRITON_NCA_WEIGHTS=resident) over batch
+    chunks and in place, dense and depthwise."""
+    if fastnca.backends()["triton"] is not True:
+        pytest.skip(f"triton: {fastnca.backends()['triton']}")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
+    k = _backend.kernel("triton", "nca_step")
+    check_backward_chunks_and_out(k, device_for("triton"), monkeypatch)
+    check_backward_chunks_and_out(k, device_for("triton"), monkeypatch, groups="C")
+
+
 @pytest.mark.parametrize("backend", fast_backends("nca_step"))
 def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
     """The cuda and triton backwards run over batch chunks that keep their fp32 workspace
