@@ -958,12 +958,11 @@ def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, 
 
 
 @triton.jit
-def _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
-               xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, cols, colmask,
-               K1: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
-    """acc + (dQ gathered over the readers of tap (ky, kx)) @ w, w = pw[:, :, tap]^T
-    [FC_BLK, C_PAD]; ky, kx runtime values or constants (then the selects fold)."""
-    # in-grid reader, and the border reader (none for the centre row / column)
+def _tap_readers(ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
+                 xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2):
+    """The readers of tap (ky, kx) from _readers' per-axis ones: the in-grid reader (row
+    base yd, column xd, valid yv & xv), the border readers (yb, xb; valid ybv, xbv; none
+    for the centre row / column), and whether the tile has any (y_edge, x_edge)."""
     yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
     yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
     yb = tl.where(ky == 0, yb0, yb2)
@@ -974,8 +973,27 @@ def _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, y
     xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
     y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
     x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
+    return yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge
+
+
+@triton.jit
+def _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+               xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, cols, colmask,
+               K1: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
+    """acc + (dQ gathered over the readers of tap (ky, kx)) @ w, w = pw[:, :, tap]^T
+    [FC_BLK, C_PAD]; ky, kx runtime values or constants (then the selects fold)."""
+    yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge = _tap_readers(
+        ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2,
+        xbv0, xbv2, ye0, ye2, xe0, xe2)
     gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, K1, PAD)
     return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
+
+
+@triton.jit
+def _pick9(i: tl.constexpr, w0, w1, w2, w3, w4, w5, w6, w7, w8):
+    """The i-th of nine values, i a compile-time constant (an unrolled tap's weights)."""
+    return (w0 if i == 0 else w1 if i == 1 else w2 if i == 2 else w3 if i == 3 else w4 if i == 4 else
+            w5 if i == 5 else w6 if i == 6 else w7 if i == 7 else w8)
 
 
 @triton.jit
@@ -1017,33 +1035,11 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
     if RES:  # taps unrolled: the gathers of several taps can be in flight at once
         offs_f = tl.arange(0, FC_BLK)
         fmask = offs_f < FC
-        acc = _input_tap(acc, w0, 0, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w1, 0, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w2, 0, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w3, 1, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w4, 1, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w5, 1, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w6, 2, 0, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w7, 2, 1, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
-        acc = _input_tap(acc, w8, 2, 2, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2,
-                         xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                         DOT_PREC, EXACT)
+        for tap in tl.static_range(9):
+            acc = _input_tap(acc, _pick9(tap, w0, w1, w2, w3, w4, w5, w6, w7, w8), tap // 3, tap % 3, ws_ptr,
+                             yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
+                             xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
+                             DOT_PREC, EXACT)
     else:
         for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
             offs_f = f0 + tl.arange(0, FC_BLK)
@@ -1052,16 +1048,9 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
                 ky = tap // 3
                 kx = tap - ky * 3
                 if DEPTHWISE:
-                    yd = tl.where(ky == 0, yd0, tl.where(ky == 1, yd1, yd2))
-                    yv = tl.where(ky == 0, yv0, tl.where(ky == 1, yv1, yv2))
-                    yb = tl.where(ky == 0, yb0, yb2)
-                    ybv = tl.where(ky == 0, ybv0, tl.where(ky == 1, False, ybv2))
-                    xd = tl.where(kx == 0, xd0, tl.where(kx == 1, xd1, xd2))
-                    xv = tl.where(kx == 0, xv0, tl.where(kx == 1, xv1, xv2))
-                    xb = tl.where(kx == 0, xb0, xb2)
-                    xbv = tl.where(kx == 0, xbv0, tl.where(kx == 1, False, xbv2))
-                    y_edge = ((ky == 0) & ye0) | ((ky == 2) & ye2)
-                    x_edge = ((kx == 0) & xe0) | ((kx == 2) & xe2)
+                    yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge = _tap_readers(
+                        ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
+                        xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2)
                     for f in tl.static_range(F):
                         o = offs_c * F + f  # the output channels that read input channel c
                         gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + o, cmask,
