@@ -32,10 +32,10 @@ Layout and assumptions (the launchers below enforce them):
 
 Backward (nothing but the inputs is saved; everything is recomputed):
 - Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
-  step's mask (the Triton fire_mask kernel, bit-identical to the forward's) and lists each
-  chunk's firing cells in cell order on the device (cumsum + scatter, count in device
-  memory: no host sync); kernels A and C walk that list, B reads the mask for each
-  cell's own direct term.
+  step's mask (the Triton fire_mask kernel, bit-identical to the forward's) and lists its
+  firing cells once, in cell order, on the device (cumsum + scatter, counts in device
+  memory: no host sync); kernels A and C walk each chunk's range of that list
+  (_list_range), B reads the mask for each cell's own direct term.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
   dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and sums its fc
@@ -76,10 +76,12 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   tiles that have them) and adds the transposed conv to g + dP_x (to g alone where the
   cell does not fire: A never wrote its workspace row). The launcher zeroes the dQ
   columns before A, so readers that do not fire add 0 without a fire-bit lookup.
-- The [G, ...] and per-range partials are reduced with torch.sum(dim=0) (fixed order).
+- The [G, ...] and per-range partials are summed by one fixed-order fold per buffer
+  (_fold_partials_kernel).
 - Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
-  workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk with its
-  own list; A and C add each chunk's sums into the same slots, in chunk order.
+  workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk on its
+  range of the step's list; A and C add each chunk's sums into the same slots, in chunk
+  order.
   d_state may be grad_out itself: B, its only writer, reads grad_out only at the cells it
   then writes, each in the same program, before the store.
 """
@@ -576,9 +578,9 @@ def _forward_autotuned():
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_cell_kernel(
-    g_ptr, x_ptr, ws_ptr, act_ptr, idx_ptr, count_ptr,
+    g_ptr, x_ptr, ws_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
@@ -638,7 +640,7 @@ def _nca_step_backward_cell_kernel(
     acc_w1a = tl.zeros([HID_PAD, C_BLK], dtype=tl.float32)
     acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
-    count = tl.load(count_ptr)
+    start, count = _list_range(pos_ptr, c0, c1)
     if RES:  # loaded once: the compiler keeps loop-invariant dot operands in shared memory
         w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
                                                             offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
@@ -647,7 +649,7 @@ def _nca_step_backward_cell_kernel(
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
-        offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
+        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0  # in the chunk
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
         act_row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
@@ -784,9 +786,9 @@ def _nca_step_backward_cell_kernel(
         tl.store(dpb_ptr + offs_fb, tl.load(dpb_ptr + offs_fb) + acc_pb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_conv_kernel(
-    ws_ptr, x_ptr, dpw_ptr, idx_ptr, count_ptr, H, W, s_b, s_c, s_h, s_w,
+    ws_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -799,7 +801,7 @@ def _nca_step_backward_conv_kernel(
     the batch chunks add in order)."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
-    count = tl.load(count_ptr)
+    start, count = _list_range(pos_ptr, c0, c1)
     num_tiles = tl.cdiv(count, BLOCK_M)
     tiles_per_part = tl.cdiv(num_tiles, tl.num_programs(1))
     NF: tl.constexpr = FC_CEIL // FC_BLK
@@ -824,7 +826,7 @@ def _nca_step_backward_conv_kernel(
     for tile in range(t0, tl.minimum(t0 + tiles_per_part, num_tiles)):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
-        offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
+        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0
         b, y, xx = _cell_coords(offs_m, H, W)
         dq = tl.load(ws_ptr + (offs_m.to(tl.int64) * K1)[:, None] + C + offs_f[None, :],
                      mask=rows[:, None] & fmask[None, :], other=0.0)
@@ -873,9 +875,9 @@ def _fc_grad_tile(act_ptr, out_ptr, p0, p1, A0: tl.constexpr, A_VALID, B0: tl.co
     tl.store(p, tl.load(p) + acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_fc_kernel(
-    act_ptr, part_ptr, count_ptr, SLOT, C,
+    act_ptr, part_ptr, pos_ptr, c0, c1, SLOT, C,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
     TH: tl.constexpr, TC: tl.constexpr, TF: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
@@ -888,7 +890,7 @@ def _nca_step_backward_fc_kernel(
     cell kernel adds only bias partials there in this mode): deterministic, no atomics."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
-    count = tl.load(count_ptr)
+    _, count = _list_range(pos_ptr, c0, c1)
     per = tl.cdiv(tl.cdiv(count, BLOCK_K), tl.num_programs(1)) * BLOCK_K
     p0 = part * per
     p1 = tl.minimum(p0 + per, count)
@@ -1320,7 +1322,8 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     compact = N >= _COMPACT_FORWARD_CELLS
     if compact:
         fires = _fire_mask(B, H, W, update_prob, seed, step, state.device).reshape(N)
-        idx, count = _firing_cells(fires)
+        idx, pos = _firing_cells(fires)
+        count = pos[-1:]
         copy_m = _INTERPRET_BLOCK_M if interpreting() else 64
         with _on_device(state.device):
             _nca_step_copy_idle_kernel[(cdiv(N, copy_m),)](
@@ -1526,16 +1529,26 @@ def _list_firing_kernel(fire_ptr, pos_ptr, idx_ptr, n, BLOCK: tl.constexpr):
 
 
 def _firing_cells(fire):
-    """(idx, count) of a flat bool mask: idx[0..count) lists the True positions in ascending
-    order (int32), count is a [1] int32 device tensor. No host synchronisation; 8 bytes
-    of temporaries per cell (the prefix count and the list)."""
+    """(idx, pos) of a flat bool mask: idx[0..pos[-1]) lists the True positions in ascending
+    order (int32), pos is the inclusive prefix count (int32, device memory: no host
+    synchronisation); the cells c0..c1 list at idx[pos[c0-1] .. pos[c1-1]) (_list_range).
+    8 bytes of temporaries per cell."""
     n = fire.numel()
     pos = torch.cumsum(fire, 0, dtype=torch.int32)
     idx = torch.empty(max(n, 1), dtype=torch.int32, device=fire.device)
     block = 1024
-    with _on_device(fire.device):
-        _list_firing_kernel[(cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
-    return idx, pos[-1:]
+    if n:
+        with _on_device(fire.device):
+            _list_firing_kernel[(cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
+    return idx, pos
+
+
+@triton.jit
+def _list_range(pos_ptr, c0, c1):
+    """(start, count): the firing cells of cells c0..c1 are idx[start .. start + count) of
+    the step's list (_firing_cells), from its inclusive prefix count pos (device memory)."""
+    start = tl.load(pos_ptr + c0 - 1, mask=c0 > 0, other=0)
+    return start, tl.load(pos_ptr + c1 - 1) - start
 
 
 # backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
@@ -1682,18 +1695,20 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     partials, dpw_parts = own._slots(shapes, dev)
     w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
     # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
-    # each chunk lists them in cell order on the device (a cumsum and a scatter, no host
-    # sync); the input kernel reads the mask for each cell's direct term.
+    # the step lists them once in cell order on the device (a cumsum and a scatter, no host
+    # sync), each chunk takes its range of the list (_list_range); the input kernel reads
+    # the mask for each cell's direct term.
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
+    idx, pos = _firing_cells(fires.reshape(-1))
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
         N = nb * H * W
+        c0 = b0 * H * W  # the chunk's first cell
         fire_c = fires[b0:b0 + nb].reshape(N)
-        idx, count = _firing_cells(fire_c)
         ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
-            cell_args = (g_c, x_c, ws, act, idx, count, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
+            cell_args = (g_c, x_c, ws, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             key = (dev.index, tuple(sorted(cx.items())), reg_acc, block_m, warps, stages)
@@ -1708,11 +1723,11 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
-                    act, partials, count, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
+                    act, partials, pos, c0, c0 + N, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
                     FC_CEIL=rule.FC_CEIL, **fc_tile, BLOCK_K=_FC_BLOCK_K, DOT_PREC=cx["DOT_PREC"],
                     HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
-                ws, x_c, dpw_parts, idx, count, H, W, *x_c.stride(),
+                ws, x_c, dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"],
                 BLOCK_M=cv_m, num_warps=4, num_stages=1)
