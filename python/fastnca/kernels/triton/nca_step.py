@@ -1341,15 +1341,10 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         pinned = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
         block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 4))
         programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
-        key = ("forward", state.device.index, tuple(sorted(cx.items())), block_m, warps)
-        if key not in _RESIDENT_TOO_BIG:
-            try:
-                with _on_device(state.device):
-                    _nca_step_forward_kernel[(max(1, min(programs, cdiv(N, block_m))),)](
-                        *args, **dict(cx, RESIDENT=True), BLOCK_M=block_m, num_warps=warps, num_stages=1)
+        with _on_device(state.device):
+            if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
+                             dict(cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)):
                 return out
-            except OutOfResources:  # staged, as below
-                _RESIDENT_TOO_BIG.add(key)
     if interpreting():
         _nca_step_forward_kernel[(cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
@@ -1458,8 +1453,25 @@ def _register_accumulators(rule: _Rule) -> int:
     return 2 if v == "mixed" else 1
 
 
-# Cell-kernel configurations whose resident weights did not fit a GPU's shared memory.
+# Kernel configurations whose resident weights did not fit a GPU's shared memory.
 _RESIDENT_TOO_BIG: set = set()
+
+
+def _try_resident(kernel, grid, args, kw) -> bool:
+    """Launch ``kernel`` with RESIDENT=True; False, launching nothing, where its weights do not
+    fit the GPU's shared memory (known from an earlier try, or OutOfResources now): the
+    caller then launches the staged kernel."""
+    kw = dict(kw, RESIDENT=True)
+    key = (getattr(kernel, "__name__", repr(kernel)), torch.cuda.current_device() if torch.cuda.is_available() else -1,
+           tuple(sorted((k, str(v)) for k, v in kw.items())))
+    if key in _RESIDENT_TOO_BIG:
+        return False
+    try:
+        kernel[grid](*args, **kw)
+    except OutOfResources:
+        _RESIDENT_TOO_BIG.add(key)
+        return False
+    return True
 
 
 def _resident_weights() -> bool:
@@ -1711,16 +1723,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_args = (g_c, x_c, ws, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
-            key = (dev.index, tuple(sorted(cx.items())), reg_acc, block_m, warps, stages)
-            if resident and key not in _RESIDENT_TOO_BIG:
-                try:
-                    _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](*cell_args, **cell_kw, RESIDENT=True)
-                except OutOfResources:  # its weights do not fit this GPU's shared memory: staged
-                    _RESIDENT_TOO_BIG.add(key)
-                else:
-                    cell_kw = None
-            if cell_kw is not None:
-                _nca_step_backward_cell_kernel[(min(G, cdiv(N, block_m)),)](*cell_args, **cell_kw, RESIDENT=False)
+            cell_grid = (min(G, cdiv(N, block_m)),)
+            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_kw)):
+                _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
                     act, partials, pos, c0, c0 + N, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
@@ -1737,16 +1742,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                          FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                          DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps,
                          num_stages=1)
-            key = ("input", dev.index, tuple(sorted(in_kw.items())))
-            if in_resident and key not in _RESIDENT_TOO_BIG:
-                try:
-                    _nca_step_backward_input_kernel[(min(cdiv(N, res_in_m), in_programs),)](
-                        *in_args, **dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps), RESIDENT=True)
-                except OutOfResources:  # staged, as below
-                    _RESIDENT_TOO_BIG.add(key)
-                else:
-                    in_kw = None
-            if in_kw is not None:
+            if not (in_resident and _try_resident(
+                    _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args,
+                    dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps))):
                 _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
     del ws
     weights = (pw, pb, w1, b1, w2, b2)
