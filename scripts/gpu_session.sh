@@ -32,14 +32,16 @@
 #       backward modes come first: FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as
 #       GEMMs), FASTNCA_TRITON_NCA_WEIGHTS=resident (weights kept in shared memory across
 #       tiles; forward, cell and input kernels) and FASTNCA_TRITON_NCA_BF16_DOTS=all, the
-#       candidates for the rollout-training target, all untimed. Call 1:
+#       candidates for the rollout-training target, all untimed. The GPU tests grew (gemm and
+#       resident cases), so two calls within the 900 s: call 1
+#         scripts/gpu_session.sh build@110 test@240+sanitize:memcheck,racecheck@240 pack
+#       (copy python/fastnca/_C_cuda*.so to $OUT), call 2 (carry the .so):
 #         VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident
-#         --prec tf32x3 bf16-all --no-cuda --rounds 5" scripts/gpu_session.sh build@120
-#         test@180+sanitize:memcheck,racecheck@180 variants@240 pack
-#       (variants after the tests, alone on the GPU: it times; it also times 64-step rollouts
-#       of every mode, alone and together). Call 2:
-#         bench:nca,attention:bfloat16@300 timeline:nca:triton@60 timeline:attention:triton@40
-#         pack
+#         --prec tf32x3 bf16-all --no-cuda --rounds 5" scripts/gpu_session.sh variants@200
+#         bench:nca:bfloat16@250 pack
+#       (variants alone on the GPU: it times the backward kernels per mode and 64-step
+#       rollouts of every mode, alone and together). If time is left:
+#         bench:attention:bfloat16@120 timeline:nca:triton@60 timeline:attention:triton@40
 #       (the nca bench's rows "triton bf16-all", "triton gemm resident" and "... bf16-all";
 #       the timelines for the eager single-step host gap: Triton nca fwd+bwd 5.1 ms eager
 #       against 2.95 replayed from a graph, attention ~1.2 ms of host per fwd+bwd). A machine
