@@ -833,11 +833,12 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-bf16-all"])
 def test_gpu_resident_weights(monkeypatch, case, mode):
-    """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU, bfloat16 state and weights (where
-    the weights fit shared memory; the others fall back), against the reference (with
-    bfloat16 dots everywhere, check_bf16_everywhere's bound)."""
+    """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU (forward, cell and input kernels),
+    bfloat16 state and weights (where the weights fit shared memory; the others fall back),
+    against the reference (with bfloat16 dots everywhere, check_bf16_everywhere's bound)."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)  # the persistent resident forward too
     if mode == "gemm-bf16-all":  # PyTorch's bfloat16 numerics: its own bound
         check_bf16_everywhere(monkeypatch, case)
     else:
