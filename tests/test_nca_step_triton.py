@@ -847,6 +847,20 @@ def test_gpu_resident_weights(monkeypatch, case, mode):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_resident_weights_fall_back_in_float32(monkeypatch):
+    """Float32 Med-NCA weights resident need more shared memory than a GPU has (sm_90
+    compile: cell kernel 384 KB, forward 288 KB): the launches fall back to the staged
+    kernels, remembered, and the results keep the float32 tolerance."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
+    check_against_reference(GPU_CASES[0], torch.float32)
+    assert len(tri._RESIDENT_TOO_BIG) >= 2, tri._RESIDENT_TOO_BIG
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_gemm_weight_grads(monkeypatch, case, dtype):
