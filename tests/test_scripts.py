@@ -74,6 +74,18 @@ def test_backward_variants_smoke():
         assert float(row.split("2-norm")[1]) < 1e-5, row  # same fp32 math, summed in another order
 
 
+def test_host_cost_python_part():
+    """scripts/host_cost.py python: the ops' Python path with the Triton launches stubbed runs
+    and reports a positive time per call for each op."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_cost.py"), "python"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    rows = [line for line in out.splitlines() if "of Python a call" in line]
+    assert len(rows) == 3, out
+    assert all(float(row.split(": ")[1].split(" ms")[0]) > 0 for row in rows), out
+
+
 def test_precision_study_orders_the_modes():
     """scripts/nca_precision.py on a small state: float32 products are float32-accurate, TF32
     products lie between them and eager bfloat16, on the output and on the state gradient."""
