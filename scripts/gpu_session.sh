@@ -12,7 +12,8 @@
 # Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
 #   STAGE: build (fastnca._C_cuda; fastnca._C goes on in the background) | build-cpu (waits
 #          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
-#          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick
+#          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick (BENCH_IMPLS=A,B: only
+#          the implementations whose names contain A or B, and each suite's baseline)
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention)
 #          | ncu-source:OP:BACKEND[:DTYPE] (warp-stall samples per source line of the op's kernels)
 #          | timeline:OP:BACKEND[:DTYPE] (wall vs kernel vs host time per fwd+bwd, torch.profiler)
@@ -37,8 +38,8 @@
 #         scripts/gpu_session.sh build@110 test@240+sanitize:memcheck,racecheck@240 pack
 #       (copy python/fastnca/_C_cuda*.so to $OUT), call 2 (carry the .so):
 #         VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident
-#         --prec tf32x3 bf16-all --no-cuda --rounds 5" scripts/gpu_session.sh variants@200
-#         bench:nca:bfloat16@250 pack
+#         --prec tf32x3 bf16-all --no-cuda --rounds 5" BENCH_IMPLS="compile,fastnca:triton"
+#         scripts/gpu_session.sh variants@200 bench:nca:bfloat16@250 pack
 #       (variants alone on the GPU: it times the backward kernels per mode and 64-step
 #       rollouts of every mode, alone and together). If time is left:
 #         bench:attention:bfloat16@120 timeline:nca:triton@60 timeline:attention:triton@40
@@ -116,6 +117,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
         for o in ${o//,/ }; do args+=(--ops "$o"); done
         if [[ $arg == *:* ]]; then d=${arg#*:}; for d in ${d//,/ }; do args+=(--dtype "$d"); done; fi
       fi
+      [[ -n ${BENCH_IMPLS:-} ]] && args+=(--impls "$BENCH_IMPLS")
       "${tmo[@]}" "$py" -m fastnca.cli bench "${args[@]}" > "$out/logs/$tag.log" 2>&1
       local rc=$?
       [[ $name == bench ]] && grep -E "^roofs|^    |error|Error" "$out/logs/$tag.log" | tail -60

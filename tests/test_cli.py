@@ -18,3 +18,13 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     impls = {(r["op"], r["impl"]) for r in data["results"] if r["fwd_ms"] and r["fwd_bwd_ms"]}
     assert ("nca_step", "pytorch") in impls and ("nca_rollout", "fastnca:reference") in impls
     assert "x = baseline / fastnca" in capsys.readouterr().out
+
+
+def test_bench_impls_filter(tmp_path):
+    """--impls runs only the named implementations, and each suite's baseline."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca", "--ops", "attention",
+                 "--impls", "fastnca:cpu", "--json", str(path)]) == 0
+    impls = {(r["op"], r["impl"]) for r in json.loads(path.read_text())["results"]}
+    assert {impl for _, impl in impls} == {"pytorch", "unfold (GeCA)", "fastnca:cpu"}, impls
+    assert ("nca_step", "fastnca:cpu") in impls and ("neighborhood_attention", "fastnca:cpu") in impls

@@ -65,6 +65,7 @@ def _bench(args) -> int:
             pass
     common.MADE.clear()
     common.WARM_ONLY = args.warm_only
+    common.IMPLS = [part for part in (args.impls or "").split(",") if part] or None
     results = []
     try:
         for name in args.ops or list(suites):
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
                    help="repeatable; default bfloat16 and float32 on GPU, float32 on CPU")
     b.add_argument("--ops", action="append", help="nca, attention, mednca, geca (default: all)")
     b.add_argument("--json", help="write the results (with device and versions) to this JSON file")
+    b.add_argument("--impls", help="comma list: run only implementations whose names contain one of these "
+                                   "(each suite's baseline always runs), e.g. 'compile,fastnca:triton'")
     b.add_argument("--warm-only", action="store_true",
                    help="run every implementation once and time nothing: fills the Triton and "
                         "Inductor compile caches ahead of a timed run (writes no JSON)")

@@ -46,6 +46,17 @@ def sync(device: torch.device) -> None:
 # the on-disk compile caches (Triton kernels, Inductor graphs) ahead of a timed run.
 WARM_ONLY = False
 
+# ``fastnca bench --impls A,B``: run only the implementations whose names contain one of
+# these substrings (each suite's baseline always runs: the ratios are against it).
+IMPLS: list | None = None
+
+
+def selected(rows: list, name=lambda row: row[0]) -> list:
+    """rows (each suite's implementations, its baseline first) narrowed to IMPLS."""
+    if not IMPLS:
+        return rows
+    return rows[:1] + [r for r in rows[1:] if any(part in name(r) for part in IMPLS)]
+
 
 # On a GPU, calls shorter than this are timed in back-to-back batches (CUDA events around
 # the batch): the launches of one call overlap the kernels of the previous one, as in a

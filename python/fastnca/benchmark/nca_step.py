@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected
 
 
 class PaperStep(torch.nn.Module):
@@ -187,6 +187,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, mode)
                     for name, b, mode in fast]
+        runners = selected(runners)
         reps = 3 if quick else 5
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
         for impl, step_fwd, step_g, roll_fwd, roll_g, mode in runners:

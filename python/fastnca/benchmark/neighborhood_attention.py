@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastnca
 from fastnca import _backend
 
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected
 
 
 def unfold_attention(q, k, v):
@@ -96,7 +96,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             for impl in list(knobs)[1:]:  # "fastnca:triton" itself is in impls already
                 impls.append((impl, lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
-        for impl, fn, has_bwd in impls:
+        for impl, fn, has_bwd in selected(impls):
             log(f"  attention {name} {impl} ...")
             with env(**knobs[impl]) if impl in knobs else contextlib.nullcontext():
                 results.append(_measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps,
