@@ -37,9 +37,11 @@
 #       resident cases), so two calls within the 900 s: call 1
 #         scripts/gpu_session.sh build@110 test@240+sanitize:memcheck,racecheck@240 pack
 #       (copy python/fastnca/_C_cuda*.so to $OUT), call 2 (carry the .so):
-#         VARIANTS_ARGS="--tiles default --acc default gemm --weights staged resident
-#         --prec tf32x3 bf16-all --no-cuda --rounds 5" BENCH_IMPLS="compile,fastnca:triton"
-#         scripts/gpu_session.sh variants@200 bench:nca:bfloat16@250 pack
+#         VARIANTS_ARGS="--tiles default --input-tiles default 64,4,3 --acc default gemm
+#         --weights staged resident --prec tf32x3 --no-cuda --rounds 5"
+#         BENCH_IMPLS="compile,fastnca:triton"
+#         scripts/gpu_session.sh variants@240 bench:nca:bfloat16@220 pack
+#       (8 kernel variants, each a few Triton compiles; the rollouts add bf16-all)
 #       (variants alone on the GPU: it times the backward kernels per mode and 64-step
 #       rollouts of every mode, alone and together). If time is left:
 #         bench:attention:bfloat16@120 timeline:nca:triton@60 timeline:attention:triton@40

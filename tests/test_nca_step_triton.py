@@ -776,7 +776,7 @@ def check_pinned_tile(monkeypatch, case, var, tile):
 @pytest.mark.parametrize("case", TILE_RULES, ids=["mednca", "depthwise"])
 @pytest.mark.parametrize("var,tile", [("FASTNCA_TRITON_NCA_FWD_TILE", t) for t in ("32,4", "64,4", "128,8")]
                          + [("FASTNCA_TRITON_NCA_BWD_TILE", t) for t in ("16,4", "32,4", "32,8", "16,8")]
-                         + [("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", t) for t in ("64,4", "128,8", "32,4")])
+                         + [("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", t) for t in ("64,4", "128,8", "32,4", "64,4,3")])
 def test_gpu_every_tile_matches_reference(monkeypatch, case, var, tile):
     check_pinned_tile(monkeypatch, case, var, tile)
 
@@ -903,7 +903,7 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
         # the cell kernel's weight-gradient dots have C_BLK and HID_PAD rows
         for m in (block_m, c_blk, hid_pad):
             assert tri._wgmma_safe(m, warps), (block_m, warps, prec, m)
-        (in_m, in_warps), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
+        (in_m, in_warps, _), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
         assert tri._wgmma_safe(in_m, in_warps), (in_m, in_warps)
     configs = tri._forward_autotuned().configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
@@ -947,10 +947,12 @@ def test_pinned_backward_tile(monkeypatch):
     assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (32, 8)  # Med-NCA: 32 and 128 rows
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4), 64)
-    for bad in ("64,x", "64,4,2"):  # no stages for the input kernel
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4, 1), 64)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")  # pipelined gathers
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 3), 64)
+    for bad in ("64,x", "64,4,5", "64,4,2,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
             tri._side_tiles(rule, cuda, 16, 4)

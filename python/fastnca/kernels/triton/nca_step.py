@@ -1373,8 +1373,8 @@ def _pinned_forward_tile() -> tuple[int, int] | None:
 
 def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] | None:
     """A tile pinned by an environment variable: FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]
-    for the backward cell kernel (stages=True), FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS
-    for the input-gradient kernel, FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
+    for the backward cell kernel and FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS[,STAGES]
+    for the input-gradient kernel (stages=True), FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
     (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
     software pipelining stages in 1..4, default 1). ``safe(block_m, warps)``: the kernel's
     warp-group rule (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused."""
@@ -1488,22 +1488,24 @@ def _resident_weights() -> bool:
 
 
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
-    """((BLOCK_M, warps) of the input-gradient kernel, BLOCK_M of the conv-gradient kernel)
-    given the cell kernel's tile. Small rules: 64 rows on 4 warps, one warp group (the
+    """((BLOCK_M, warps, stages) of the input-gradient kernel, BLOCK_M of the conv-gradient
+    kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the sm_90 compile of
+    the Med-NCA rule pipelines the tap loop's gathers with cp.async (72 KB, 232 registers;
+    untimed). Small rules: 64 rows on 4 warps, one warp group (the
     conv kernel's dot reduces over the rows; the input kernel took 0.27 ms a 65536-cell
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     spread two warp groups over one 64-row dot: _wgmma_safe); large rules and the
     interpreter keep the cell kernel's rows. The conv kernel's dots have 4 warps: always safe."""
     if interpreting():
-        return (block_m, warps), block_m
+        return (block_m, warps, 1), block_m
     large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
     conv_m = block_m if large else 64
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe)
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
     if pinned:
-        return pinned[:2], conv_m
+        return pinned, conv_m
     if large:
-        return (block_m, warps), conv_m
-    return (64, 4), conv_m
+        return (block_m, warps, 1), conv_m
+    return (64, 4, 1), conv_m
 
 
 _FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
@@ -1688,12 +1690,13 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # H100, ~5% of the Med-NCA step's backward at 8 chunks).
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
-    (in_m, in_warps), cv_m = _side_tiles(rule, dev, block_m, warps)
+    (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
     in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
     # The resident input kernel's tile: 32 rows on 4 warps unless pinned (sm_90 compile,
     # Med-NCA rule, bfloat16: 214 registers, 92 KB, no spills; at 64 rows 120 bytes of stack)
-    pinned_in = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe)
+    pinned_in = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe,
+                                                         stages=True)
     res_in_m, res_in_warps = (in_m, in_warps) if interpreting() or pinned_in else (32, 4)
     parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
     if gemm:
@@ -1741,7 +1744,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                          FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                          DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps,
-                         num_stages=1)
+                         num_stages=in_stages)
             if not (in_resident and _try_resident(
                     _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args,
                     dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps))):
