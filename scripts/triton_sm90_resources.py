@@ -8,7 +8,7 @@ cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629) and wgmma layouts with more warp groups than 64-row blocks
 (split over N or repeating rows; see _wgmma_safe in kernels/triton/nca_step.py).
 
-Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
+Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] [LAYOUT=channels_last] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
        (groups: 1 or C; dtype of state and weights, default float32), e.g.
        8,32,64,64,128,2,1,1,bfloat16 for the Med-NCA rule in bf16 (FASTNCA_TRITON_NCA_EXACT=0:
        tf32x3 for every product, as before the half-operand products of _mm);
@@ -125,6 +125,8 @@ def report(B, C, H, W, hidden, F, groups, frozen, dtype="float32") -> None:
     g = C if groups == "C" else int(groups)
     dt = getattr(torch, dtype)
     x = torch.randn(B, C, H, W, dtype=dt)
+    if os.environ.get("LAYOUT") == "channels_last":  # the benchmark's layout: channel loads vectorise
+        x = x.contiguous(memory_format=torch.channels_last)
     w = tuple(t.to(dt) for t in (torch.randn(F * C, C // g, 3, 3), torch.randn(F * C),
                                  torch.randn(hidden, (F + 1) * C), torch.randn(hidden),
                                  torch.randn(C - frozen, hidden), torch.randn(C - frozen)))
