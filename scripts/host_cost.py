@@ -29,10 +29,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _rule(torch, dtype, C=32, hidden=128, F=2, frozen=1):
-    g = torch.Generator().manual_seed(0)
-    shapes = ((F * C, C, 3, 3), (F * C,), (hidden, (F + 1) * C), (hidden,), (C - frozen, hidden), (C - frozen,))
-    return [(torch.randn(*s, generator=g) * 0.1).to(dtype) for s in shapes]
+def _mednca_rule(dtype):
+    """The Med-NCA rule's weights (C=32, hidden 128, F=2, frozen 1), as the benchmark makes
+    them (imported here: the ``python`` part sets TRITON_INTERPRET before fastnca loads)."""
+    from fastnca.benchmark.nca_step import make_rule
+
+    return make_rule(32, 128, 2, 1, 1, "cpu", dtype)
 
 
 def launch_costs() -> None:
@@ -73,7 +75,7 @@ def launch_costs() -> None:
     tri, tri_na = sm90.tri, sm90.tri_na
     dt = torch.bfloat16
     x = torch.randn(8, 32, 256, 256, dtype=dt).contiguous(memory_format=torch.channels_last)
-    w = _rule(torch, dt)
+    w = [t.detach() for t in _mednca_rule(dt)]
     args = (*w, 1, "reflect", 0.5, 1, 2, 1)
     rule = tri.prepare(x, *w, 1, "reflect", 1)
     g = torch.randn_like(x)
@@ -117,7 +119,7 @@ def python_costs(profile: int) -> None:
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None  # every Triton launch stubbed
     import fastnca
 
-    w = [t.requires_grad_() for t in _rule(torch, torch.float32)]
+    w = _mednca_rule(torch.float32)
     x = torch.randn(1, 32, 8, 8, requires_grad=True)
     qkv = torch.randn(1, 4, 4, 3, 2, 16, requires_grad=True)  # tiny: the torch calls cost ~nothing
     kw = dict(seed=1, frozen_channels=1, backend="triton")

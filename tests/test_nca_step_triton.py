@@ -948,10 +948,12 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
     assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4, resident=True) == ((32, 4, 1), 64)  # the persistent kernel's
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
     assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4, 1), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")  # pipelined gathers
     assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 3), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4, resident=True) == ((64, 4, 3), 64)  # a pin holds for both
     for bad in ("64,x", "64,4,5", "64,4,2,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):

@@ -42,13 +42,15 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def call(op: Callable, function: type[torch.autograd.Function], impl: Callable, tensors: tuple, args: tuple):
+def call(op: Callable, function: type[torch.autograd.Function], impl: Callable, tensors: tuple, args: tuple,
+         grad: bool | None = None):
     """One public call: the registered ``op`` where something must see it (not plain()),
-    else ``function`` (the same code under autograd) when an input needs a gradient, else
-    the implementation ``impl`` itself."""
+    else ``function`` (the same code under autograd) when an input needs a gradient (``grad``:
+    needs_grad(*tensors), given where the caller has it already), else the implementation
+    ``impl`` itself."""
     if not plain(*tensors):
         return op(*args)
-    return function.apply(*args) if needs_grad(*tensors) else impl(*args)
+    return function.apply(*args) if (needs_grad(*tensors) if grad is None else grad) else impl(*args)
 
 
 def function(name: str, forward: Callable, setup: Callable, grad: Callable) -> type[torch.autograd.Function]:

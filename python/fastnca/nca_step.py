@@ -346,5 +346,5 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
     backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)
-    out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args)
+    out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args, grad=keep)
     return out

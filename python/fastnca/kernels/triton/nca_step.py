@@ -603,7 +603,9 @@ def _nca_step_backward_cell_kernel(
     cell's dz, h, gd, x and conv go to row `pos` (its place in the list) of `act` (the
     state's dtype), for _nca_step_backward_fc_kernel's GEMMs; only the bias partials are
     read-modify-written in the slot per tile."""
-    # act row layout: [dz | h (HID_PAD each) | gd | x (C_PAD each) | conv (FC_CEIL)]
+    # act row layout (the same in _nca_step_backward_fc_kernel and _act_row):
+    # [dz | h (HID_PAD each) | gd | x (C_PAD each) | conv (FC_CEIL)]. Derived here, not
+    # passed: five more constexpr arguments cost ~0.7 us a launch (scripts/host_cost.py).
     A_H: tl.constexpr = HID_PAD
     A_GD: tl.constexpr = 2 * HID_PAD
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
@@ -895,6 +897,7 @@ def _nca_step_backward_fc_kernel(
     p0 = part * per
     p1 = tl.minimum(p0 + per, count)
     out = part_ptr + part.to(tl.int64) * SLOT
+    # the cell kernel's act row layout
     A_H: tl.constexpr = HID_PAD
     A_GD: tl.constexpr = 2 * HID_PAD
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
@@ -1261,6 +1264,8 @@ class _Rule:
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
         self.C_PAD, self.HID_PAD, self.C_BLK, self.FC_BLK, self.FC_CEIL = _tile_dims(C, FC, hid)
+        # one channel chunk and one conv chunk (register partials, resident weights)
+        self.ONE_CHUNK = self.C_BLK == self.C_PAD and self.FC_BLK == self.FC_CEIL
         self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
         self.PAD = _ext.PADDING_CODES[padding]
         # One flat layout for the arranged weights and, in the backward, for each
@@ -1334,7 +1339,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
     cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False)
-    if compact and _resident_weights() and rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL:
+    if compact and _resident_weights() and rule.ONE_CHUNK:
         # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
         # on 4 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 168 registers, 152 KB
         # of shared memory; at 32 rows the im2col tile's pointers spill 440 bytes)
@@ -1441,7 +1446,7 @@ def _register_accumulators(rule: _Rule) -> int:
     on 4 warps: stack 936 -> 616 bytes, 255 registers either way; untimed), =gemm for 3
     on any rule (the fc weight gradients as GEMMs over a workspace of the cells'
     activations, _nca_step_backward_fc_kernel; untimed)."""
-    fits = (rule.C_BLK == rule.C_PAD and rule.FC_BLK == rule.FC_CEIL
+    fits = (rule.ONE_CHUNK
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
     if v not in ("", "registers", "memory", "mixed", "gemm"):
@@ -1487,11 +1492,13 @@ def _resident_weights() -> bool:
     return v == "resident"
 
 
-def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
+def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, resident: bool = False):
     """((BLOCK_M, warps, stages) of the input-gradient kernel, BLOCK_M of the conv-gradient
     kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the sm_90 compile of
     the Med-NCA rule pipelines the tap loop's gathers with cp.async (72 KB, 232 registers;
-    untimed). Small rules: 64 rows on 4 warps, one warp group (the
+    untimed). ``resident``: the tile of the resident input kernel, 32 rows on 4 warps
+    unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 214 registers, 92 KB, no spills;
+    at 64 rows 120 bytes of stack). Small rules: 64 rows on 4 warps, one warp group (the
     conv kernel's dot reduces over the rows; the input kernel took 0.27 ms a 65536-cell
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     spread two warp groups over one 64-row dot: _wgmma_safe); large rules and the
@@ -1503,12 +1510,19 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
     if pinned:
         return pinned, conv_m
+    if resident:
+        return (32, 4, 1), conv_m
     if large:
         return (block_m, warps, 1), conv_m
     return (64, 4, 1), conv_m
 
 
 _FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
+
+
+def _act_row(rule: _Rule) -> int:
+    """The width of the =gemm workspace row the cell kernel writes (its A_ROW)."""
+    return 2 * rule.HID_PAD + 2 * rule.C_PAD + rule.FC_CEIL
 
 
 def _fc_grad_tiles(rule: _Rule, half: bool) -> tuple[dict, int]:
@@ -1671,14 +1685,15 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     gemm = reg_acc == 3
     # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
     # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
-    act_row = 2 * rule.HID_PAD + 2 * rule.C_PAD + rule.FC_CEIL if gemm else 0
+    act_row = _act_row(rule) if gemm else 0
     # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk).
     chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC) + act_row * state.element_size())
     ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ], transient
-    act = torch.empty(min(B, chunk) * H * W if gemm else 0, act_row, dtype=state.dtype, device=dev)
+    act = torch.empty(min(B, chunk) * H * W, act_row, dtype=state.dtype, device=dev) if gemm else ws  # ws: unread
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
-        act.fill_(float("nan"))
+        if gemm:
+            act.fill_(float("nan"))
     sizes_a = _cell_slot_sizes(rule)
     nf = rule.FC_CEIL // rule.FC_BLK
     conv_programs = 9 * nf
@@ -1692,12 +1707,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
-    in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
-    # The resident input kernel's tile: 32 rows on 4 warps unless pinned (sm_90 compile,
-    # Med-NCA rule, bfloat16: 214 registers, 92 KB, no spills; at 64 rows 120 bytes of stack)
-    pinned_in = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe,
-                                                         stages=True)
-    res_in_m, res_in_warps = (in_m, in_warps) if interpreting() or pinned_in else (32, 4)
+    if in_resident:  # persistent: its own tile and program count
+        (res_in_m, res_in_warps, _), _ = _side_tiles(rule, dev, block_m, warps, resident=True)
+        in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
     parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
     if gemm:
         fc_tile, fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
