@@ -51,11 +51,12 @@ WARM_ONLY = False
 IMPLS: list | None = None
 
 
-def selected(rows: list, name=lambda row: row[0]) -> list:
-    """rows (each suite's implementations, its baseline first) narrowed to IMPLS."""
+def selected(rows: list) -> list:
+    """rows (each suite's implementations as tuples led by their names, its baseline first)
+    narrowed to IMPLS."""
     if not IMPLS:
         return rows
-    return rows[:1] + [r for r in rows[1:] if any(part in name(r) for part in IMPLS)]
+    return rows[:1] + [r for r in rows[1:] if any(part in r[0] for part in IMPLS)]
 
 
 # On a GPU, calls shorter than this are timed in back-to-back batches (CUDA events around
