@@ -29,27 +29,24 @@
 # Example, everything in one ten-minute call:
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
-# Next planned calls (after the fifth run, H200, 220af96; written 2026-11-27). The opt-in
-#       backward modes come first: FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as
-#       GEMMs), FASTNCA_TRITON_NCA_WEIGHTS=resident (weights kept in shared memory across
-#       tiles; forward, cell and input kernels) and FASTNCA_TRITON_NCA_BF16_DOTS=all, the
-#       candidates for the rollout-training target, all untimed. The GPU tests grew (gemm and
-#       resident cases), so two calls within the 900 s: call 1
-#         scripts/gpu_session.sh build@110 test@240+sanitize:memcheck,racecheck@240 pack
-#       (copy python/fastnca/_C_cuda*.so to $OUT), call 2 (carry the .so):
-#         VARIANTS_ARGS="--tiles default --input-tiles default 64,4,3 --acc default gemm
-#         --weights staged resident --prec tf32x3 --no-cuda --rounds 5"
-#         BENCH_IMPLS="compile,fastnca:triton"
-#         scripts/gpu_session.sh variants@240 bench:nca:bfloat16@220 pack
-#       (8 kernel variants, each a few Triton compiles; the rollouts add bf16-all)
-#       (variants alone on the GPU: it times the backward kernels per mode and 64-step
-#       rollouts of every mode, alone and together). If time is left:
-#         bench:attention:bfloat16@120 timeline:nca:triton@60 timeline:attention:triton@40
-#       (the nca bench's rows "triton bf16-all", "triton gemm resident" and "... bf16-all";
-#       the timelines for the eager single-step host gap: Triton nca fwd+bwd 5.1 ms eager
-#       against 2.95 replayed from a graph, attention ~1.2 ms of host per fwd+bwd). A machine
-#       is given back 30 s after a call: copy python/fastnca/_C_cuda*.so to $OUT and name it
-#       in the next call's carry to skip the rebuild (the Triton caches are lost anyway).
+# Next planned calls (after the sixth run, H100, dd6c6c4; written 2026-11-27). No benchmark
+#       JSON since 220af96: the host-path changes since are untimed. Call 1:
+#         scripts/gpu_session.sh build@100 test@300+sanitize:memcheck,racecheck@240 pack
+#       then at once, on the still-warm machine and WITHOUT carry (build outputs and Triton
+#       caches stay between calls on a warm machine; a carried path that the local checkout
+#       lacks is deleted there, which cost the sixth run its _C_cuda):
+#         BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh \
+#             bench-warm:nca,attention:bfloat16@150 bench:nca,attention:bfloat16@250 \
+#             timeline:nca:triton@60 timeline:attention:triton@40 pack
+#       (the timelines for the eager host gap: Triton nca fwd+bwd 5.1 ms eager against 2.95
+#       replayed from a graph on the H200, attention ~1.2 ms of host per fwd+bwd). If a
+#       machine was given back, copy the .so from files_at into python/fastnca/ first, then
+#       carry it. Then, if time is left, the rollout ranking of the opt-in modes, now in
+#       interleaved rounds: VARIANTS_ARGS="--tiles default --acc default gemm --prec tf32x3
+#       --no-cuda --rounds 3" scripts/gpu_session.sh variants@200 pack.
+# Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
+# in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
+# 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
 # Seen on an H100 (2026-11-26): build 55-130 s (nvcc, sm_90 only); `pytest -m gpu` 80-95 s on
 # 10 processes (Triton compiles); memcheck + racecheck under 3 min beside it; warm-up of the
 # nca and attention benchmarks 180 s; timed `bench:nca:bfloat16` over 140 s after the
@@ -98,6 +95,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       [[ $name == test-triton ]] && files=($(ls tests/test_*.py | grep -v test_cuda_kernels.py))
       "$py" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_PROCS:-10}")
       "$py" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 150)  # a hung test fails alone
+      FASTNCA_FAILURE_LOG="$out/logs/$name-failures.log" \
       FASTNCA_TRITON_AUTOTUNE=0 "${tmo[@]}" "$py" -m pytest -m gpu -v -rfE -p no:cacheprovider -p no:benchmark "${xdist[@]}" \
         --junitxml="$out/$name.xml" "${files[@]}" > "$out/logs/$name.log" 2>&1
       local rc=$?

@@ -8,8 +8,8 @@ and dot precision
 default; "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
-Triton settings, then TF32 and the opt-in modes: resident weights, =gemm, both, bfloat16
-dots everywhere, all three) and in eager PyTorch (benchmark.nca_step.PaperStep), same state.
+Triton settings, then TF32 and the opt-in modes: resident weights, =gemm, both) and in
+eager PyTorch (benchmark.nca_step.PaperStep), same state, in --rounds interleaved rounds.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
 B=8, 256x256 bfloat16 state by default. Each variant: the median [min-max] over --rounds
@@ -20,8 +20,8 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec tf32x3 tf32x3-all tf32 bf16-dots bf16-all]
-           [--rounds 7] [--no-cuda] [--rollout] [--device cuda]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec tf32x3 tf32x3-all tf32 bf16-dots]
+           [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64] [--device cuda]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
-from fastnca.benchmark.common import batch_ms, batch_size, env, median_ms, peak_mb, sync  # noqa: E402
+from fastnca.benchmark.common import batch_ms, batch_size, env, peak_mb, sync  # noqa: E402
 from fastnca.benchmark.nca_step import PaperStep, _tf32, make_rule  # noqa: E402
 
 
@@ -53,11 +53,11 @@ def main() -> int:
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory / gemm ('' or 'default' = the default)")
     ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
-                    help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1) / "
-                         "bf16-all (=all: every dot in bfloat16, bfloat16 states)")
+                    help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
-    ap.add_argument("--rollout", action="store_true", help="also time a 64-step rollout fwd+bwd")
+    ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
+    ap.add_argument("--rollout-steps", type=int, default=64, help="the rollout's steps (default 64)")
     a = ap.parse_args()
     for opt in ("tiles", "input_tiles", "acc", "weights"):  # 'default' spells '' where quoting is awkward
         setattr(a, opt, ["" if v == "default" else v for v in getattr(a, opt)])
@@ -82,8 +82,8 @@ def main() -> int:
             for acc in a.acc:
                 for wts in a.weights:
                     for prec in a.prec:
-                        label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
-                                 "bf16-all": "bf16 dots everywhere"}.get(prec, "3xTF32")
+                        label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all",
+                                 "bf16-dots": "3xTF32 bf16 dots"}.get(prec, "3xTF32")
                         name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
                                 f"{f' weights={wts}' if wts else ''} {label}")
                         variants.append((name, "triton", (t, it, wts), acc, prec))
@@ -101,7 +101,7 @@ def main() -> int:
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
                      FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
-                     FASTNCA_TRITON_NCA_BF16_DOTS={"bf16-dots": "1", "bf16-all": "all"}.get(prec))
+                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else None)
 
         def call(kern=kern):
             return kern.backward(gout, x, *args)
@@ -141,15 +141,17 @@ def main() -> int:
         print(f"  {name:<48} {statistics.median(times):8.3f} ms [{min(times):.3f}-{max(times):.3f}]   "
               f"rel. diff vs first: max-norm {diff:.2e}, 2-norm {diff2:.2e}", flush=True)
     if a.rollout:
-        _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev)
+        _time_rollouts(x, w, groups, frozen, ["cuda"] * use_cuda + ["triton"], dev, a.rounds, a.rollout_steps)
     return 0
 
 
 
-def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
-    """64-step rollout fwd+bwd: each fastnca backend (Triton: also its opt-in modes) and eager
-    PyTorch, with the time and the peak memory of one training step."""
-    print(f"nca_rollout fwd+bwd, {steps} steps")
+def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
+    """A `steps`-step rollout fwd+bwd: each fastnca backend (Triton: also its opt-in modes) and eager
+    PyTorch. Each run once to warm up, then `rounds` interleaved rounds of one timed call
+    each (a rollout is long enough for one): the median [min-max], and the peak memory of
+    one training step. A run that fails is reported and left out of the later rounds."""
+    print(f"nca_rollout fwd+bwd, {steps} steps, {rounds} interleaved rounds")
     leaves = [t.detach().requires_grad_() for t in w]
     eager = PaperStep(leaves, groups, "reflect", 0.5, frozen)
 
@@ -160,10 +162,10 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, acc=None, bf16=None, weights=None):
+    def run(backend, acc=None, weights=None):
         s = x.detach().requires_grad_()
-        with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc,
-                 FASTNCA_TRITON_NCA_BF16_DOTS=bf16, FASTNCA_TRITON_NCA_WEIGHTS=weights):
+        with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc, FASTNCA_TRITON_NCA_BF16_DOTS=None,
+                 FASTNCA_TRITON_NCA_WEIGHTS=weights):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()
@@ -173,26 +175,43 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, steps=64):
         runs.append((b, lambda b=b: run(b), False))
         if b == "triton":
             runs.append(("triton TF32", lambda: run("triton"), True))
-            # the opt-in modes, alone and together: (weights, acc, bf16)
-            modes = [("resident", None, None), (None, "gemm", None), ("resident", "gemm", None)]
-            if x.dtype == torch.bfloat16:
-                modes += [(None, None, "all"), ("resident", "gemm", "all")]
-            for wts, acc, bf16 in modes:
-                label = " ".join(m for m in (acc, wts, bf16 and f"bf16-{bf16}") if m)
-                runs.append((f"triton {label}", lambda wts=wts, acc=acc, bf16=bf16: run(
-                    "triton", acc=acc, bf16=bf16, weights=wts), False))
-    for name, fn, tf32 in runs:
+            for wts, acc in [("resident", None), (None, "gemm"), ("resident", "gemm")]:  # opt-in modes
+                label = " ".join(m for m in (acc, wts) if m)
+                runs.append((f"triton {label}", lambda wts=wts, acc=acc: run("triton", acc=acc, weights=wts), False))
+
+    def attempt(name, fn, tf32, measure):
+        """(True, measure(fn)), or (False, None) with the failure reported."""
         try:
             with _tf32(tf32):
-                ms = median_ms(fn, dev, warmup=1, reps=3)
-                peak = peak_mb(fn, dev)  # None off CUDA
-        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported
-            print(f"  {name:<30} failed: {type(e).__name__}: {str(e)[:100]}")
-            continue
+                return True, measure(fn)
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: reported, left out
+            print(f"  {name:<30} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            return False, None
         finally:
             for t in leaves:
                 t.grad = None
-        print(f"  {name:<30} {ms:9.1f} ms   peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
+
+    def warm_peak(fn):
+        fn()
+        sync(dev)
+        return peak_mb(fn, dev)  # None off CUDA
+
+    ready = []  # [name, fn, tf32, peak, times]
+    for name, fn, tf32 in runs:
+        ok, peak = attempt(name, fn, tf32, warm_peak)
+        if ok:
+            ready.append([name, fn, tf32, peak, []])
+    for _ in range(rounds):
+        for r in [r for r in ready if r[4] is not None]:
+            ok, ms = attempt(r[0], r[1], r[2], lambda f: batch_ms(f, dev, 1))
+            if ok:
+                r[4].append(ms)
+            else:
+                r[4] = None  # failed: out of the later rounds and the report
+    for name, _, _, peak, times in ready:
+        if times:
+            print(f"  {name:<30} {statistics.median(times):9.1f} ms [{min(times):.1f}-{max(times):.1f}]   "
+                  f"peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

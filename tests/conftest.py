@@ -173,11 +173,16 @@ def copies_of(shapes, fn) -> list:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under pytest-xdist, end the worker after a CUDA illegal memory access: the error is
+    """With FASTNCA_FAILURE_LOG set, append each failure's traceback to that file as it
+    happens. Under pytest-xdist, end the worker after a CUDA illegal memory access: the error is
     sticky, so every later test in that process would fail for it too. xdist reports the
     test as crashed, by name, and starts a fresh worker."""
     outcome = yield
     rep = outcome.get_result()
+    log = os.environ.get("FASTNCA_FAILURE_LOG")
+    if rep.failed and log:  # written at once: a run cut by its time limit keeps the tracebacks
+        with open(log, "a") as f:
+            f.write(f"=== {rep.nodeid} ({rep.when})\n{rep.longreprtext}\n\n")
     if (rep.failed and call.excinfo is not None and os.environ.get("PYTEST_XDIST_WORKER")
             and "illegal memory access" in str(call.excinfo.value)):
         import sys

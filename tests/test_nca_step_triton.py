@@ -479,67 +479,6 @@ def test_bf16_dots_keep_float32_accuracy(monkeypatch, tf32_dots, case, families)
     check_bf16_claims(monkeypatch, case, families)
 
 
-LOWP_CASES = [(2, 16, 5, 6, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 1, "zeros", 0.5),
-              (1, 32, 4, 5, 256, 1, 1, 0, "circular", 1.0)]
-
-
-def fro_err(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def check_bf16_everywhere(monkeypatch, case):
-    """FASTNCA_TRITON_NCA_BF16_DOTS=all on bfloat16 state and weights: every dot rounds its
-    operands to bfloat16 (float32 sums), as PyTorch multiplies bfloat16 tensors. Against
-    float64, each result's error (Frobenius, relative) stays within 1.5x (+2e-3) of the
-    reference backend's computed in bfloat16 (PyTorch's bfloat16 numerics: its ReLU masks
-    flip on the same near-zero pre-activations, so a max-norm bound would measure single
-    flips); and the results are not bitwise those of BF16_DOTS=1: the mode took effect."""
-    import fastnca.kernels.reference.nca_step as ref_mod
-
-    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
-    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
-    monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
-    B, C, H, W, hidden, F, g, frozen, padding, p = case
-    g = C if g == "C" else g
-    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=8)
-    args = (*w, g, padding, p, 5, 3, frozen)
-    runs = {}
-    for mode in ("1", "all"):
-        monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", mode)
-        assert bool(tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] & tri._LOWP.value) == (mode == "all")
-        runs[mode] = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
-    d = [t.double() for t in (state, grad_out, *w)]
-    want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
-    with monkeypatch.context() as m:
-        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
-        torch_bf16 = (ref.forward(state, *args), *ref.backward(grad_out, state, *args))
-    for name, a, t, b in zip(("out",) + GRAD_NAMES, runs["all"], torch_bf16, want):
-        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 2e-3, f"{name}: {fro_err(a, b):.2e} vs torch {fro_err(t, b):.2e}"
-    assert any(not torch.equal(a, b) for a, b in zip(runs["1"], runs["all"]))
-
-
-@pytest.mark.parametrize("case", LOWP_CASES, ids=["dense", "depthwise", "chunks"])
-def test_bf16_everywhere_mode(monkeypatch, tf32_dots, case):
-    check_bf16_everywhere(monkeypatch, case)
-
-
-def test_bf16_everywhere_mode_gemm_resident(monkeypatch, tf32_dots):
-    """The candidate combination of the opt-in modes (=gemm, resident weights, bfloat16 dots
-    everywhere) keeps the bfloat16-everywhere bound."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    check_bf16_everywhere(monkeypatch, LOWP_CASES[0])
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("case", LOWP_CASES + [(4, 32, 64, 64, 128, 2, 1, 1, "reflect", 0.5)],
-                         ids=["dense", "depthwise", "chunks", "mednca"])
-def test_gpu_bf16_everywhere_mode(monkeypatch, case):
-    check_bf16_everywhere(monkeypatch, case)
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("families", BF16_CLAIMS[:3], ids=lambda f: "+".join(f))
@@ -579,17 +518,13 @@ def test_bf16_bits_per_family(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
     assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
     assert tri._exact_bits("tf32", dtypes) == 0 and tri._exact_bits("ieee", dtypes) == 0
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "all")  # and every dot, on a bfloat16 state
-    assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift) + tri._LOWP.value
-    assert tri._exact_bits("tf32x3", dict(dtypes, state=torch.float16)) & tri._LOWP.value == 0
-    assert tri._exact_bits("tf32x3", dict(grad=torch.bfloat16)) & tri._LOWP.value == 0
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", False)
     monkeypatch.setattr(tri, "interpreting", lambda: True)
     assert tri._exact_bits("tf32x3", dtypes) == half  # the stock interpreter's bf16 dots are wrong
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "yes")
-    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BF16_DOTS"):
-        tri._exact_bits("tf32x3", dtypes)
+    for bad in ("yes", "all"):  # "all" (every dot in bfloat16) was withdrawn
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BF16_DOTS must be 0 or 1"):
+            tri._exact_bits("tf32x3", dtypes)
 
 
 def test_strided_inputs():
@@ -831,18 +766,15 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-bf16-all"])
+@pytest.mark.parametrize("mode", ["registers", "gemm"])
 def test_gpu_resident_weights(monkeypatch, case, mode):
     """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU (forward, cell and input kernels),
     bfloat16 state and weights (where the weights fit shared memory; the others fall back),
-    against the reference (with bfloat16 dots everywhere, check_bf16_everywhere's bound)."""
+    against the reference."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)  # the persistent resident forward too
-    if mode == "gemm-bf16-all":  # PyTorch's bfloat16 numerics: its own bound
-        check_bf16_everywhere(monkeypatch, case)
-    else:
-        check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
+    check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
 
 
 @pytest.mark.gpu

@@ -360,7 +360,7 @@ def test_kernel_constants_compare_by_value():
     from fastnca.kernels.triton import nca_step as ns
     from fastnca.kernels.triton._runtime import const
 
-    for k in (ns._EX_STATE, ns._LOWP, na._SHIFT):
+    for k in (ns._EX_STATE, ns._EX_W2, na._SHIFT):
         assert type(k) is const and isinstance(k, tl.constexpr)
         assert (k != copy.deepcopy(k)) is False
         assert (k != const(k.value + 1)) is True

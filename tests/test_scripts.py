@@ -74,6 +74,21 @@ def test_backward_variants_smoke():
         assert float(row.split("2-norm")[1]) < 1e-5, row  # same fp32 math, summed in another order
 
 
+def test_backward_variants_rollout_smoke():
+    """nca_backward_variants.py --rollout under the Triton interpreter: eager PyTorch, the
+    Triton backend and each of its opt-in modes are timed in interleaved rounds."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "nca_backward_variants.py"), "--device", "cpu",
+                          "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--tiles", "", "--acc", "", "--prec", "tf32x3",
+                          "--dtype", "float32", "--rollout", "--rollout-steps", "2", "--rounds", "2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    assert "failed" not in out, out
+    rows = out.split("nca_rollout fwd+bwd, 2 steps, 2 interleaved rounds")[1].strip().splitlines()
+    names = [row.strip().split("  ")[0] for row in rows]
+    assert names == ["eager", "triton", "triton TF32", "triton resident", "triton gemm", "triton gemm resident"], out
+
+
 def test_host_cost_python_part():
     """scripts/host_cost.py python: the ops' Python path with the Triton launches stubbed runs
     and reports a positive time per call for each op."""

@@ -143,18 +143,16 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             mode "tf32": both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
             from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
             and cuDNN without TF32 (the reference backend's row); "bf16-dots": the Triton
-            kernels under FASTNCA_TRITON_NCA_BF16_DOTS=1; "bf16-all": =all (every dot in
-            bfloat16, PyTorch's numerics for bfloat16 tensors); "gemm resident" / "gemm
-            resident bf16-all": the default / =all under FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc
-            weight gradients as GEMMs over a workspace of the firing cells' activations) and
-            FASTNCA_TRITON_NCA_WEIGHTS=resident (weights kept in shared memory)."""
+            kernels under FASTNCA_TRITON_NCA_BF16_DOTS=1; "gemm resident": under
+            FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
+            the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
+            kept in shared memory)."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
                     else contextlib.nullcontext()
                 # every formulation knob pinned (None: unset), whatever the caller exported
                 words = (mode or "").split()
-                knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="1" if "bf16-dots" in words else
-                            "all" if "bf16-all" in words else None,
+                knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="1" if "bf16-dots" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC="gemm" if "gemm" in words else None,
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
@@ -180,9 +178,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
             if dtype == torch.bfloat16:  # opt-in: bfloat16 x bfloat16 operands as bf16 dots (same result)
                 fast.append(("fastnca:triton bf16-dots", "triton", "bf16-dots"))
-                fast.append(("fastnca:triton bf16-all", "triton", "bf16-all"))  # opt-in, untimed yet
-                fast.append(("fastnca:triton gemm resident bf16-all", "triton", "gemm resident bf16-all"))  # untimed yet
-            fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in, untimed yet
+            fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, mode)

@@ -57,8 +57,8 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   keeps them in shared memory across the program's tiles. By default every 16-cell tile
   stages ~180 KB of them from L2 through registers (Med-NCA rule). The dense conv then runs
   as an im2col dot (taps 0..7, K = 8 * C_PAD, then tap 8). sm_90 compile, Med-NCA rule,
-  =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B); with
-  BF16_DOTS=all 98 KB. Float32 (384 KB) does not fit: the launch falls back to staged.
+  =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B). Float32
+  (384 KB) does not fit: the launch falls back to staged.
   The compact forward does the same when the knob is set, as a persistent kernel of 16-row
   tiles (bfloat16: 152 KB, 168 registers; float32 falls back), and so does kernel B for
   dense rules of one conv chunk: persistent 32-row tiles, the 9 taps' weights loaded once
@@ -154,9 +154,6 @@ _EX_PW = const(4)
 _EX_W1 = const(8)
 _EX_W2 = const(16)
 _BF16_SHIFT = const(5)
-# FASTNCA_TRITON_NCA_BF16_DOTS=all on a bfloat16 state: every dot of K >= 16 as a bfloat16
-# dot (operands rounded to bfloat16, float32 sums), PyTorch's own numerics for bfloat16.
-_LOWP = const(1 << 10)
 
 
 @triton.jit
@@ -174,13 +171,10 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     two when one is (the other split hi + lo, tf32x3's terms without the one that is zero).
     Where it marks both as from bfloat16 tensors (FASTNCA_TRITON_NCA_BF16_DOTS=1, opt-in),
     the product is one bfloat16 dot: exact products, float32 accumulation, the same result
-    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum).
-    With the _LOWP bit (FASTNCA_TRITON_NCA_BF16_DOTS=all, opt-in, bfloat16 states) every
-    dot is one: operands rounded to bfloat16, as PyTorch multiplies bfloat16 tensors."""
+    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum)."""
     A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
     B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
-    LOWP: tl.constexpr = (_LOWP & EXACT) != 0
-    BF16: tl.constexpr = LOWP | ((((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0))
+    BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
     if BF16 and a.shape[1] >= 16:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif A_EXACT and B_EXACT:
@@ -1232,16 +1226,16 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     if knob not in ("", "0", "1"):
         raise ValueError(f"FASTNCA_TRITON_NCA_EXACT must be 0 or 1, got {knob!r}")
     bf16 = os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "")
-    if bf16 not in ("", "0", "1", "all"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0, 1 or all, got {bf16!r}")
+    if bf16 not in ("", "0", "1"):
+        # "all" (every dot in bfloat16) was withdrawn: wrong results and an illegal memory
+        # access on an H100 (benchmarks/README.md, sixth run)
+        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0 or 1, got {bf16!r}")
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
-    if bf16 in ("1", "all") and (_INTERPRETER_BF16_DOTS or not interpreting()):
+    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting()):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
-        if bf16 == "all" and dtypes.get("state") == torch.bfloat16:
-            bits |= _LOWP.value
     return bits
 
 
@@ -1484,7 +1478,7 @@ def _resident_weights() -> bool:
     the weight operands in shared memory across a program's tiles, for rules of one channel
     and conv chunk: in the backward cell kernel (with register partials or =gemm) and in a
     persistent compact forward (the kernels' RESIDENT; untimed). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
-    bfloat16 state and weights, 98 KB with BF16_DOTS=all, 384 KB in float32, whose tf32x3
+    bfloat16 state and weights, 384 KB in float32, whose tf32x3
     keeps two copies), the launch falls back to the staged kernel."""
     v = os.environ.get("FASTNCA_TRITON_NCA_WEIGHTS", "")
     if v not in ("", "staged", "resident"):
