@@ -22,7 +22,7 @@
 #          (OPS, DTYPES: comma lists; bench-warm runs everything once to fill the compile
 #          caches, so that a timed bench after it spends its time measuring)
 #   STAGE@SECONDS  stops that stage after SECONDS (what it wrote so far stays: the benchmark
-#                  rewrites its JSON after every suite)
+#                  rewrites its JSON, marked partial, before each new measurement)
 #   A+B            runs stages A and B at the same time (tests beside the sanitizer and a
 #                  cache warm-up: Triton compiles are CPU-bound, the sanitizer waits on the GPU)
 #   pack           tars every log into $OUT/logs.tgz (the device tool returns 8 files at most)

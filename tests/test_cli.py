@@ -28,3 +28,25 @@ def test_bench_impls_filter(tmp_path):
     impls = {(r["op"], r["impl"]) for r in json.loads(path.read_text())["results"]}
     assert {impl for _, impl in impls} == {"pytorch", "unfold (GeCA)", "fastnca:cpu"}, impls
     assert ("nca_step", "fastnca:cpu") in impls and ("neighborhood_attention", "fastnca:cpu") in impls
+
+
+def test_bench_writes_rows_as_it_goes(tmp_path, monkeypatch):
+    """Before each new measurement the rows finished so far are written (marked partial),
+    atomically: a run killed mid-suite keeps them. The last write is the complete file."""
+    from fastnca.benchmark import common
+
+    path = tmp_path / "bench.json"
+    seen = []
+    real = common.write_json
+
+    def spy(p, env, roofs, results, args):
+        real(p, env, roofs, results, args)
+        data = json.loads(path.read_text())  # complete JSON after every write
+        seen.append((len(data["results"]), bool(data["args"].get("partial"))))
+
+    monkeypatch.setattr(common, "write_json", spy)
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca", "--impls", "fastnca:cpu",
+                 "--json", str(path)]) == 0
+    partial = [n for n, p in seen if p]
+    assert partial and partial == sorted(partial) and 0 < partial[0] < seen[-1][0], seen
+    assert seen[-1][1] is False and [p.name for p in tmp_path.iterdir()] == ["bench.json"]

@@ -67,17 +67,29 @@ def _bench(args) -> int:
     common.WARM_ONLY = args.warm_only
     common.IMPLS = [part for part in (args.impls or "").split(",") if part] or None
     results = []
+    written = [0]
+
+    def log(message):
+        """A suite's progress line. Before each new measurement the results made so far are
+        written, marked partial: a run killed outright (SIGKILL, or a SIGTERM that lands in a
+        long compile and is followed by the kill) keeps every row it finished."""
+        if record and len(common.MADE) > written[0]:
+            common.write_json(args.json, env, roofs, list(common.MADE), {**run_args, "partial": True})
+            written[0] = len(common.MADE)
+        print(message, flush=True)
+
     try:
         for name in args.ops or list(suites):
             for d in dtypes:
                 print(f"[{name} {d}]", flush=True)
-                got = suites[name](device, getattr(torch, d), args.quick, roofs, log=lambda m: print(m, flush=True))
+                got = suites[name](device, getattr(torch, d), args.quick, roofs, log=log)
                 for r in got:
                     print(f"    {r.op} | {r.config} | {r.impl}: fwd {common.fmt(r.fwd_ms)} ms, fwd+bwd "
                           f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}", flush=True)
                 results += got
-                if record:  # after every suite: a run cut short keeps what it measured
+                if record:  # after every suite: complete so far
                     common.write_json(args.json, env, roofs, results, run_args)
+                    written[0] = len(common.MADE)
     finally:
         common.WARM_ONLY = False
         if previous is not None:

@@ -448,7 +448,11 @@ DEFINITIONS = {
 
 
 def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: dict) -> None:
+    """The results file, replaced atomically: a run killed while writing leaves the previous
+    complete file, never a truncated one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump({"environment": env, "roofs": roofs, "args": args, "definitions": DEFINITIONS,
                    "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    os.replace(tmp, path)
