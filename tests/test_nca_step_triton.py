@@ -766,13 +766,17 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("mode", ["registers", "gemm"])
+@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-16,8"])
 def test_gpu_resident_weights(monkeypatch, case, mode):
     """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU (forward, cell and input kernels),
     bfloat16 state and weights (where the weights fit shared memory; the others fall back),
-    against the reference."""
+    against the reference; "gemm-16,8": the cell kernel on 8 warps (16 rows), the next
+    candidate (sm_90 compile, Med-NCA rule: 200 KB, 234 registers, no spills, so 8 warps an
+    SM where 4 warps hold the whole SM's shared memory at the default 16,4)."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
+    if mode == "gemm-16,8":
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,8")
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)  # the persistent resident forward too
     check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
 
@@ -812,6 +816,20 @@ def test_wgmma_safe_rule():
     assert tri._wgmma_safe(128, 4)
     assert tri._wgmma_safe(32, 8)        # under 64 rows: mma.sync, no wgmma
     assert tri._wgmma_safe(16, 8)
+
+
+def test_cell_tile_safe_counts_the_partial_dots_only_where_they_exist(monkeypatch):
+    """The cell kernel's weight-gradient partial dots have C_BLK and HID_PAD rows: with them
+    (register or memory partials) 8 warps are refused on a 64-wide rule; under =gemm the
+    kernel has none, and 16 rows on 8 warps are safe."""
+    from types import SimpleNamespace
+
+    rule = SimpleNamespace(C_BLK=64, HID_PAD=64)
+    for acc in ("", "memory"):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+        assert not tri._cell_tile_safe(rule, 16, 8) and tri._cell_tile_safe(rule, 16, 4)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    assert tri._cell_tile_safe(rule, 16, 8) and not tri._cell_tile_safe(rule, 64, 8)
 
 
 @pytest.mark.parametrize("C", [1, 5, 8, 16, 32, 48, 64, 128])

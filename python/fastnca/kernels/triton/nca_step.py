@@ -532,9 +532,11 @@ def _wgmma_safe(block_m: int, num_warps: int) -> bool:
 def _cell_tile_safe(rule, block_m: int, num_warps: int) -> bool:
     """_wgmma_safe for every dot of the backward cell kernel at this tile: the per-cell dots
     have BLOCK_M rows, the weight-gradient partials (gd^T h, dz^T x, dz^T conv) C_BLK and
-    HID_PAD rows. sm_90 compile (triton 3.9): 32 rows on 8 warps for C=64, hidden=64 gave
-    the 64-row dz^T x dot warpsPerCTA [8, 1] and [4, 2], the layouts _wgmma_safe avoids."""
-    return all(_wgmma_safe(m, num_warps) for m in (block_m, rule.C_BLK, rule.HID_PAD))
+    HID_PAD rows; under =gemm the kernel has no partial dots. sm_90 compile (triton 3.9):
+    32 rows on 8 warps for C=64, hidden=64 gave the 64-row dz^T x dot warpsPerCTA [8, 1]
+    and [4, 2], the layouts _wgmma_safe avoids."""
+    rows = (block_m,) if _bwd_acc_knob() == "gemm" else (block_m, rule.C_BLK, rule.HID_PAD)
+    return all(_wgmma_safe(m, num_warps) for m in rows)
 
 
 def _forward_prune(configs, named_args, **kwargs):
@@ -1430,6 +1432,14 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     return block_m, warps, programs, stages
 
 
+def _bwd_acc_knob() -> str:
+    """FASTNCA_TRITON_NCA_BWD_ACC, checked ('' when unset)."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
+    if v not in ("", "registers", "memory", "mixed", "gemm"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed', 'memory' or 'gemm', got {v!r}")
+    return v
+
+
 def _register_accumulators(rule: _Rule) -> int:
     """REG_ACC of the backward cell kernel: 1 keeps its weight-grad partials in registers,
     for rules of one channel chunk and one conv chunk whose fc partials take at most 16384
@@ -1442,9 +1452,7 @@ def _register_accumulators(rule: _Rule) -> int:
     activations, _nca_step_backward_fc_kernel; untimed)."""
     fits = (rule.ONE_CHUNK
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
-    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
-    if v not in ("", "registers", "memory", "mixed", "gemm"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed', 'memory' or 'gemm', got {v!r}")
+    v = _bwd_acc_knob()
     if v == "gemm":
         return 3
     if not fits or v == "memory":
