@@ -41,11 +41,11 @@
 #       (the timelines for the eager host gap: Triton nca fwd+bwd 5.1 ms eager against 2.95
 #       replayed from a graph on the H200, attention ~1.2 ms of host per fwd+bwd). If a
 #       machine was given back, copy the .so from files_at into python/fastnca/ first, then
-#       carry it. Then, if time is left, the cell kernel on 8 warps (resident weights at
-#       16,4 hold all of an SM's shared memory with 4 warps; at 16,8 the sm_90 compile gives
-#       234 registers, no spills: 8 warps an SM, as staged) and the rollout ranking of the
-#       opt-in modes, now in interleaved rounds: VARIANTS_ARGS="--tiles default 16,8 --acc
-#       default gemm --weights staged resident --prec tf32x3 --no-cuda --rounds 3"
+#       carry it. Then, if time is left, the resident kernels on 8 warps (at 16,4 one block
+#       of 4 warps held an SM's shared memory; resident now takes 16,8: sm_90 compile 234
+#       registers, no spills) against staged 16,4 and 16,8, and the rollout ranking of the
+#       opt-in modes, now in interleaved rounds: VARIANTS_ARGS="--tiles default 16,8 16,4
+#       --acc default gemm --weights staged resident --prec tf32x3 --no-cuda --rounds 3"
 #       scripts/gpu_session.sh variants@240 pack.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,

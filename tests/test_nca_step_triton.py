@@ -194,11 +194,12 @@ class _CellLaunchSpy:
     memory cannot hold the weights does."""
 
     def __init__(self, kernel, fail_resident=False):
-        self.kernel, self.fail, self.resident = kernel, fail_resident, []
+        self.kernel, self.fail, self.resident, self.warps = kernel, fail_resident, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.resident.append(kwargs["RESIDENT"])
+            self.warps.append(kwargs.get("num_warps"))
             if self.fail and kwargs["RESIDENT"]:
                 raise tri.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
             return self.kernel[grid](*args, **kwargs)
@@ -256,6 +257,25 @@ def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "shared")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_WEIGHTS"):
         check_against_reference(case)
+
+
+@pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
+def test_resident_cell_kernel_takes_8_warps_at_16_rows(monkeypatch, acc):
+    """Resident weights fill an SM's shared memory, so at the 16-row tile the resident cell
+    kernel runs on 8 warps (one block an SM); a pinned tile is kept as pinned, and the staged
+    fallback keeps the staged tile's 4 warps."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
+    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
+    monkeypatch.setattr(tri, "_backward_tiling", lambda rule, dev, n, prec="tf32x3": (16, 4, 3, 1))
+    case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
+    for pin, fail, want in (("", False, [8]), ("16,4", False, [4]), ("", True, [8, 4])):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", pin)
+        spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=fail)
+        monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
+        check_against_reference(case)
+        assert spy.warps == want and spy.resident == [True, False][:len(want)], (pin, fail, spy.warps)
+        monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy.kernel)
 
 
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
@@ -766,17 +786,16 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-16,8"])
+@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-16,4"])
 def test_gpu_resident_weights(monkeypatch, case, mode):
     """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU (forward, cell and input kernels),
     bfloat16 state and weights (where the weights fit shared memory; the others fall back),
-    against the reference; "gemm-16,8": the cell kernel on 8 warps (16 rows), the next
-    candidate (sm_90 compile, Med-NCA rule: 200 KB, 234 registers, no spills, so 8 warps an
-    SM where 4 warps hold the whole SM's shared memory at the default 16,4)."""
+    against the reference (the resident cell kernel takes 16 rows on 8 warps; "gemm-16,4"
+    pins the 4-warp tile of the staged kernel)."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
-    if mode == "gemm-16,8":
-        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,8")
+    if mode == "gemm-16,4":
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)  # the persistent resident forward too
     check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
 

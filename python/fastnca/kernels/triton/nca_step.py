@@ -52,15 +52,17 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
   takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
   (50 MB for a 65536-cell chunk).
-- Opt-in, untimed (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv
+- Opt-in (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv
   chunk): kernel A loads its weight operands once, before its tile loop, so the compiler
   keeps them in shared memory across the program's tiles. By default every 16-cell tile
   stages ~180 KB of them from L2 through registers (Med-NCA rule). The dense conv then runs
   as an im2col dot (taps 0..7, K = 8 * C_PAD, then tap 8). sm_90 compile, Med-NCA rule,
   =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B). Float32
-  (384 KB) does not fit: the launch falls back to staged.
+  (384 KB) does not fit: the launch falls back to staged. One such block fills an SM, so
+  at 16 rows it runs on 8 warps (=gemm: 234 registers, no stack). First H100 timing
+  (dd6c6c4, at 4 warps then): 4-7% slower than staged.
   The compact forward does the same when the knob is set, as a persistent kernel of 16-row
-  tiles (bfloat16: 152 KB, 168 registers; float32 falls back), and so does kernel B for
+  tiles on 8 warps (bfloat16: 152 KB, 125 registers; float32 falls back), and so does kernel B for
   dense rules of one conv chunk: persistent 32-row tiles, the 9 taps' weights loaded once
   and the taps unrolled, so that several taps' gathers can be in flight (bfloat16: 92 KB,
   214 registers, no spills; the staged kernel issues one tap's gather at a time).
@@ -1337,10 +1339,11 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False)
     if compact and _resident_weights() and rule.ONE_CHUNK:
         # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
-        # on 4 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 168 registers, 152 KB
-        # of shared memory; at 32 rows the im2col tile's pointers spill 440 bytes)
+        # on 8 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 152 KB of shared
+        # memory, so one block an SM; 125 registers on 8 warps, 168 on 4; at 32 rows the
+        # im2col tile's pointers spill)
         pinned = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
-        block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 4))
+        block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 8))
         programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
         with _on_device(state.device):
             if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
@@ -1707,6 +1710,14 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # H100, ~5% of the Med-NCA step's backward at 8 chunks).
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
+    # Resident weights fill an SM's shared memory (Med-NCA rule, bf16: ~200 KB), one block an
+    # SM: at 16 rows that block takes 8 warps unless the tile is pinned (sm_90 compile,
+    # Med-NCA rule, bf16: =gemm 234 registers, no stack; register partials 112 B of stack,
+    # 608 at 4 warps). The staged fallback keeps the staged tile.
+    res_warps = warps
+    if (resident and block_m == 16 and not os.environ.get("FASTNCA_TRITON_NCA_BWD_TILE")
+            and _cell_tile_safe(rule, 16, 8)):
+        res_warps = 8
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
     if in_resident:  # persistent: its own tile and program count
@@ -1741,7 +1752,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             cell_grid = (min(G, cdiv(N, block_m)),)
-            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_kw)):
+            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
+                                               dict(cell_kw, num_warps=res_warps))):
                 _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
