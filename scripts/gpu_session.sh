@@ -30,14 +30,16 @@
 #   scripts/gpu_session.sh build test@240+sanitize:memcheck,racecheck@240+bench-warm:nca@240 \
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after the sixth run, H100, dd6c6c4; written 2026-11-27). No benchmark
-#       JSON since 220af96: the host-path changes since are untimed. Call 1:
-#         scripts/gpu_session.sh build@100 test@300+sanitize:memcheck,racecheck@240 pack
+#       JSON since 220af96: the host-path changes since are untimed. Call 1 (the warm-up
+#       beside the tests: both compile on the CPU, 16 cores):
+#         BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh build@100 \
+#             test@300+sanitize:memcheck,racecheck@240+bench-warm:nca,attention:bfloat16@300 pack
 #       then at once, on the still-warm machine and WITHOUT carry (build outputs and Triton
 #       caches stay between calls on a warm machine; a carried path that the local checkout
 #       lacks is deleted there, which cost the sixth run its _C_cuda):
 #         BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh \
-#             bench-warm:nca,attention:bfloat16@150 bench:nca,attention:bfloat16@250 \
-#             timeline:nca:triton@60 timeline:attention:triton@40 pack
+#             bench:nca,attention:bfloat16@250 timeline:nca:triton@50 timeline:attention:triton@40 pack
+#       (about 420 + 360 s with the starts; the timelines also list each kernel's GPU time)
 #       (the timelines for the eager host gap: Triton nca fwd+bwd 5.1 ms eager against 2.95
 #       replayed from a graph on the H200, attention ~1.2 ms of host per fwd+bwd). If a
 #       machine was given back, copy the .so from files_at into python/fastnca/ first, then
