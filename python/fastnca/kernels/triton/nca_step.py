@@ -686,14 +686,14 @@ def _nca_step_backward_cell_kernel(
             gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
             if GEMM:
                 tl.store(act_row + A_GD + offs_k[None, :], gdk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
-                p_b2 = db2_ptr + offs_k
-                tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
             elif REGS:
                 acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, EXACT, _EX_GRAD, _EX_NONE)
-                acc_b2 += tl.sum(gdk, axis=0)
             else:
                 p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
                 tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_NONE))
+            if REGS:
+                acc_b2 += tl.sum(gdk, axis=0)
+            else:
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
             if RES:
@@ -745,6 +745,11 @@ def _nca_step_backward_cell_kernel(
                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
                      mask=rows[:, None] & fmask[None, :])
+            if REGS:
+                acc_pb += tl.sum(dq, axis=0)
+            else:
+                p_pb = dpb_ptr + offs_f
+                tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
             if GEMM:
                 if not KEEP:
                     conv_g = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
@@ -752,10 +757,7 @@ def _nca_step_backward_cell_kernel(
                                          F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
                     tl.store(act_row + A_CV + offs_f[None, :], conv_g.to(act_ptr.dtype.element_ty),
                              mask=rows[:, None])
-                p_pbg = dpb_ptr + offs_f
-                tl.store(p_pbg, tl.load(p_pbg) + tl.sum(dq, axis=0))
             elif REGS:
-                acc_pb += tl.sum(dq, axis=0)
                 if REG_ACC == 2:  # d_w1b read-modify-written in the slot: 64 fewer registers (Med-NCA)
                     p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
                     tl.store(p_w1b, _mm(tl.trans(dz), conv0, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
@@ -765,8 +767,6 @@ def _nca_step_backward_cell_kernel(
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_ptr, pb_ptr,
                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
-                p_pb = dpb_ptr + offs_f
-                tl.store(p_pb, tl.load(p_pb) + tl.sum(dq, axis=0))
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
                 tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
         if REG_ACC != 1:
@@ -1060,8 +1060,7 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
                                          K1, PAD)
                         acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
                 else:
-                    w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL
-                                + offs_f[:, None])  # [FC_BLK, C_PAD] = pw[o, c, tap]
+                    w = _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD, FC_CEIL)
                     acc = _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
                                      xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2,
                                      C + offs_f, fmask, K1, PAD, DOT_PREC, EXACT)
@@ -1071,8 +1070,9 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
 
 
 @triton.jit
-def _pw_tap_t(pw_ptr, tap: tl.constexpr, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
-    """pw[o, c, tap] as [FC_BLK, C_PAD] (the input kernel's operand for one tap)."""
+def _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """pw[o, c, tap] as [FC_BLK, C_PAD] (the input kernel's operand for one tap; tap a
+    constant or a runtime value)."""
     return tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL + offs_f[:, None])
 
 
