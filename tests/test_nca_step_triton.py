@@ -262,19 +262,19 @@ def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
 @pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
 def test_resident_cell_kernel_takes_8_warps_at_16_rows(monkeypatch, acc):
     """Resident weights fill an SM's shared memory, so at the 16-row tile the resident cell
-    kernel runs on 8 warps (one block an SM); a pinned tile is kept as pinned, and the staged
-    fallback keeps the staged tile's 4 warps."""
+    kernel runs on 8 warps (one block an SM; the tile from _backward_tiling(resident=True),
+    stubbed here as the GPU's), and the staged fallback keeps the staged tile's 4 warps."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
-    monkeypatch.setattr(tri, "_backward_tiling", lambda rule, dev, n, prec="tf32x3": (16, 4, 3, 1))
+    monkeypatch.setattr(tri, "_backward_tiling",
+                        lambda rule, dev, n, prec="tf32x3", resident=False: (16, 8 if resident else 4, 3, 1))
     case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
-    for pin, fail, want in (("", False, [8]), ("16,4", False, [4]), ("", True, [8, 4])):
-        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", pin)
+    for fail, want in ((False, [8]), (True, [8, 4])):
         spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=fail)
         monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
         check_against_reference(case)
-        assert spy.warps == want and spy.resident == [True, False][:len(want)], (pin, fail, spy.warps)
+        assert spy.warps == want and spy.resident == [True, False][:len(want)], (fail, spy.warps)
         monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy.kernel)
 
 
@@ -893,9 +893,14 @@ def test_pinned_backward_tile(monkeypatch):
     c_pad, hid_pad, c_blk, fc_blk, _ = tri._tile_dims(32, 64, 128)  # the Med-NCA rule
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     cuda = torch.device("cuda")
+    # unpinned, the resident cell kernel takes the staged 16 rows on 8 warps (the SM's one block)
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE", raising=False)
+    assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (16, 4)
+    assert tri._backward_tiling(rule, cuda, 1 << 20, resident=True)[:2] == (16, 8)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
     block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
     assert (block_m, warps, stages) == (16, 4, 1)
+    assert tri._backward_tiling(rule, cuda, 1 << 20, resident=True)[:2] == (16, 4)  # a pinned tile stays
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "32,8,2")
     block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
     assert (block_m, warps, stages) == (32, 8, 2)

@@ -1402,11 +1402,17 @@ def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] |
     return block_m, warps, n_stages
 
 
-def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3"):
+def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3",
+                     resident: bool = False):
     """(BLOCK_M, num_warps, programs, num_stages) for the backward with dots of precision
     ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum order, so
     it must be a pure function of the shapes, the device and the precision for grads to be
-    bitwise reproducible across processes."""
+    bitwise reproducible across processes. ``resident``: the tile of the resident cell
+    kernel (FASTNCA_TRITON_NCA_WEIGHTS=resident), whose weights fill an SM's shared memory
+    (Med-NCA rule, bf16: ~200 KB), one block an SM: at 16 rows that block takes 8 warps
+    unless the tile is pinned (sm_90 compile, Med-NCA rule, bf16: =gemm 234 registers, no
+    stack; register partials 112 B of stack, 608 at 4 warps). Its rows and programs are
+    the staged kernel's."""
     stages = 1
     if interpreting():
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
@@ -1430,6 +1436,8 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
         if pinned:
             block_m, warps, stages = pinned
+        elif resident and block_m == 16 and _cell_tile_safe(rule, 16, 8):
+            warps = 8
         programs = 2 * sms
     programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
@@ -1711,14 +1719,6 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # H100, ~5% of the Med-NCA step's backward at 8 chunks).
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
-    # Resident weights fill an SM's shared memory (Med-NCA rule, bf16: ~200 KB), one block an
-    # SM: at 16 rows that block takes 8 warps unless the tile is pinned (sm_90 compile,
-    # Med-NCA rule, bf16: =gemm 234 registers, no stack; register partials 112 B of stack,
-    # 608 at 4 warps). The staged fallback keeps the staged tile.
-    res_warps = warps
-    if (resident and block_m == 16 and not os.environ.get("FASTNCA_TRITON_NCA_BWD_TILE")
-            and _cell_tile_safe(rule, 16, 8)):
-        res_warps = 8
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
     if in_resident:  # persistent: its own tile and program count
@@ -1741,6 +1741,14 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # the mask for each cell's direct term.
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     idx, pos = _firing_cells(fires.reshape(-1))
+    cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+    if resident:  # the staged fallback keeps the staged tile
+        cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
+    in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=in_stages)
+    if in_resident:
+        in_res_kw = dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps)
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
@@ -1751,10 +1759,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         with _on_device(dev):
             cell_args = (g_c, x_c, ws, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
-            cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
             cell_grid = (min(G, cdiv(N, block_m)),)
-            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
-                                               dict(cell_kw, num_warps=res_warps))):
+            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
                 _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
@@ -1768,13 +1774,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 BLOCK_M=cv_m, num_warps=4, num_stages=1)
             in_args = (ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
                        *g_c.stride())
-            in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
-                         FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                         DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps,
-                         num_stages=in_stages)
             if not (in_resident and _try_resident(
-                    _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args,
-                    dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps))):
+                    _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
                 _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
     del ws
     weights = (pw, pb, w1, b1, w2, b2)
