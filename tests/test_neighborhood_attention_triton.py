@@ -167,14 +167,15 @@ def test_split_passes_on_different_tiles(monkeypatch):
     different tiles, over edge tiles, padded heads and every border."""
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "split")
     launch, default = tri._launch, tri._default_config
-    tiles = {1: (2, 4), 2: (4, 2)}
+    tiles = {1: (2, 4, 1), 2: (4, 2, 2)}
 
-    def launch_pinned(name, backward, B, H, W, NH, width, args, consts):
+    def launch_pinned(name, backward, B, H, W, NH, args, consts):
         if name == "_na2d_backward_kernel":
-            by, bx = tiles[consts["PASS"]]
-            monkeypatch.setattr(tri, "_default_config", lambda *a: {"BLOCK_Y": by, "BLOCK_X": bx, "num_warps": 4})
+            by, bx, nsplit = tiles[consts["PASS"]]
+            monkeypatch.setattr(tri, "_default_config",
+                                lambda *a: {"BLOCK_Y": by, "BLOCK_X": bx, "NSPLIT": nsplit, "num_warps": 4})
         try:
-            return launch(name, backward, B, H, W, NH, width, args, consts)
+            return launch(name, backward, B, H, W, NH, args, consts)
         finally:
             monkeypatch.setattr(tri, "_default_config", default)
 
@@ -182,8 +183,41 @@ def test_split_passes_on_different_tiles(monkeypatch):
     for case in ((1, 9, 11, 3, 5, 5, "mask", torch.float32), (1, 3, 5, 3, 8, 5, "circular", torch.float32),
                  (1, 8, 11, 1, 16, 7, "shift", torch.float32), (2, 5, 6, 3, 8, 3, "zeros", torch.bfloat16)):
         check_against_reference(*case)
-    tiles = {1: (4, 2), 2: (1, 8)}
+    tiles = {1: (4, 2, 2), 2: (1, 8, 1)}
     check_against_reference(1, 8, 11, 1, 16, 7, "shift", torch.float32)
+
+
+@pytest.mark.parametrize("nsplit", [1, 2, 4])
+@pytest.mark.parametrize("case", [(2, 5, 6, 3, 8, 3, "zeros", torch.float32), (1, 4, 7, 2, 16, 3, "mask", torch.bfloat16),
+                                  (1, 6, 5, 1, 5, 5, "shift", torch.float32), (1, 3, 4, 2, 8, 3, "circular", torch.float16)],
+                         ids=["zeros", "mask-bf16", "shift5-unaligned", "circular-fp16"])
+def test_column_chunks_match_reference(monkeypatch, case, nsplit):
+    """The window kernels' D-rows in NSPLIT column chunks ([BLOCK_M, NSPLIT, BLOCK_D /
+    NSPLIT] blocks, _cols), pinned in all three kernels (forward, preprocess, backward):
+    the same values as one chunk, against the reference."""
+    seen = []
+
+    def pinned(block_m, block_d, vec, num_warps):
+        seen.append(min(nsplit, block_d))
+        return min(nsplit, block_d)
+
+    monkeypatch.setattr(tri, "_nsplit", pinned)
+    check_against_reference(*case)
+    assert seen and set(seen) == {min(nsplit, tri._head_tile(case[3], case[4])[1])}
+
+
+def test_nsplit_gives_each_thread_one_row():
+    """_nsplit: chunks of VEC x (threads per row) columns, so that a tile's threads cover
+    its rows once (GeCA-S bf16 forward: 64 rows on 8 warps, 4 threads a row of 64, two
+    chunks of 32); never more chunks than vectors in a row, never fewer than one."""
+    assert tri._nsplit(64, 64, 8, 8) == 2  # bf16 D=64: 4 threads x 8 columns, 2 chunks
+    assert tri._nsplit(64, 64, 4, 8) == 4  # float32: 4 threads x 4 columns
+    assert tri._nsplit(32, 64, 8, 8) == 1  # 8 threads a row cover it in one chunk
+    assert tri._nsplit(4, 64, 8, 8) == 1  # more threads than a row has vectors
+    assert tri._nsplit(1024, 8, 1, 4) == 8  # scalar loads: one thread a row
+    for block_m, block_d, vec, nw in itertools.product((1, 16, 64, 128, 512), (2, 8, 64, 128), (1, 2, 4, 8), (4, 8)):
+        n = tri._nsplit(block_m, block_d, vec, nw)
+        assert 1 <= n and block_d % n == 0 and (n == 1 or block_d // n >= vec)
 
 
 def test_halo_backward_from_window_forward(monkeypatch):
@@ -322,11 +356,12 @@ def test_launch_helpers():
     assert tri._vec(8, x.unbind(3)) == 8  # strides 8, 144, ...: 16-byte rows
     assert tri._vec(5, (torch.empty(1, 2, 2, 1, 5),)) == 1
     assert tri._vec(64, (torch.empty(1, 2, 2, 1, 64),)) == 4  # fp32: 4 per 16 bytes
-    for H, W, width, bwd in itertools.product((1, 3, 64), (1, 17, 256), (2, 64, 128), (False, True)):
-        cfgs = tri._tile_configs(H, W, width, bwd)
+    for H, W, (bh, bd), bwd in itertools.product((1, 3, 64), (1, 17, 256), ((1, 2), (1, 64), (2, 64)), (False, True)):
+        cfgs = tri._tile_configs(H, W, bh, bd, bwd)
         assert cfgs
         for c in cfgs:
             assert c.kwargs["BLOCK_Y"] <= triton_next_pow2(H) and c.kwargs["BLOCK_X"] <= triton_next_pow2(W)
+            assert bd % c.kwargs["NSPLIT"] == 0
 
 
 def triton_next_pow2(n):
@@ -461,15 +496,15 @@ def test_every_tile_candidate_matches_reference_gpu(case, index, monkeypatch):
     default. Each candidate in turn (forward and backward), in float32 against the
     reference at the float32 tolerance."""
     B, H, W, nh, D, ks, border = case
-    width = (lambda bh, bd: bh * bd)(*tri._head_tile(nh, D))
+    bh, bd = tri._head_tile(nh, D)
     vec = tri._vec(D, qkv(B, H, W, nh, D))
-    counts = {bwd: len(tri._tile_configs(H, W, width, bwd, vec)) for bwd in (False, True)}
+    counts = {bwd: len(tri._tile_configs(H, W, bh, bd, bwd, vec)) for bwd in (False, True)}
     if index >= max(counts.values()):
         pytest.skip(f"{max(counts.values())} candidates")
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
 
-    def pick(H, W, width, backward, vec):
-        cands = tri._tile_configs(H, W, width, backward, vec)
+    def pick(H, W, block_h, block_d, backward, vec):
+        cands = tri._tile_configs(H, W, block_h, block_d, backward, vec)
         cfg = cands[min(index, len(cands) - 1)]
         return {**cfg.kwargs, "num_warps": cfg.num_warps}
 

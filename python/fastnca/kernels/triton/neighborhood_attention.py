@@ -9,10 +9,12 @@ Assumptions (the launchers enforce them):
     written by exactly one program, so gradients are bitwise reproducible.
 
 Tiling. One program owns a BLOCK_Y x BLOCK_X tile of cells of one image times BLOCK_H
-heads, held as a [BLOCK_M, BLOCK_D] register block: BLOCK_M = BLOCK_Y * BLOCK_X * BLOCK_H
-rows, row m = (ty * BLOCK_X + tx) * BLOCK_H + h (heads fastest, so for small D the rows of
-neighbouring heads, adjacent in memory, load together), D padded to a power of two with
-masks. Every window load is a gather of whole rows through the border map; the
+heads, held as a [BLOCK_M, NSPLIT, BLOCK_D / NSPLIT] register block: BLOCK_M = BLOCK_Y *
+BLOCK_X * BLOCK_H rows, row m = (ty * BLOCK_X + tx) * BLOCK_H + h (heads fastest, so for
+small D the rows of neighbouring heads, adjacent in memory, load together), D padded to a
+power of two with masks, each D-row in NSPLIT column chunks so that a thread holds
+vectors of one row only (_cols, _nsplit). bfloat16 rows load as int32 words of two values
+and widen with one shift or mask each (_f32). Every window load is a gather of whole rows through the border map; the
 kernel_size^2 shifted copies of a tile overlap, so after the first they hit L1/L2 and
 DRAM sees q, k, v and o about once each. The op is memory-bound (~36*D FLOP per
 query-head at k=3 against >= 8*D bytes in fp16); 2-D tiles (BLOCK_Y > 1) cut the
@@ -134,7 +136,7 @@ def _ptrs(ptr, base, y, x, sy, sx, d, sd, VEC: tl.constexpr):
     see it (head stride 8, say). sd is the last-dim stride: 1 (specialised away) except
     for a strided grad_o."""
     off = tl.multiple_of(base + y.to(tl.int64) * sy + x.to(tl.int64) * sx, VEC)
-    return ptr + off[:, None] + d[None, :].to(tl.int64) * sd
+    return ptr + off[:, None, None] + d.to(tl.int64) * sd
 
 
 @triton.jit
@@ -143,20 +145,65 @@ def _out_rows(b64, y, x, h, H, W, NH):
     return ((b64 * H + y) * W + x) * NH + h
 
 
+@triton.jit
+def _cols(NSPLIT: tl.constexpr, DC: tl.constexpr):
+    """[NSPLIT, 1, DC] column indices of the window kernels' [NSPLIT, BLOCK_M, DC] blocks:
+    chunk c holds columns c*DC .. c*DC + DC - 1 of every row. Triton spreads a block's
+    threads over its last dim first, then over the rows, and repeats the leading dim in
+    each thread: with DC = VEC * 32 * num_warps / BLOCK_M (_nsplit) a thread holds whole
+    vectors of ONE row, so the per-row work (window addresses, softmax, the reductions'
+    shuffles) runs once per row, not once per row and vector group."""
+    return (tl.arange(0, NSPLIT) * DC)[None, :, None] + tl.arange(0, DC)[None, None, :]
+
+
+@triton.jit
+def _f32(t, PAIRS: tl.constexpr):
+    """A loaded [BLOCK_M, NSPLIT, DC] block in float32. PAIRS: t holds int32 words of two
+    bfloat16 values each (the launcher passes int32 views of bfloat16 tensors): the low
+    half is the even column. A bfloat16 is the top half of its float32, so each value
+    takes one shift or mask, where the compiler's conversion takes ~1.5 instructions a value
+    (a byte permute for the high half, then a shift). The join + reshape interleaves the
+    halves back into column order in registers."""
+    if PAIRS:
+        lo = (t << 16).to(tl.float32, bitcast=True)
+        hi = (t & -65536).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [t.shape[0], t.shape[1], 2 * t.shape[2]])
+    else:
+        return t.to(tl.float32)
+
+
+@triton.jit
+def _load_cols(NSPLIT: tl.constexpr, DC: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr):
+    """(columns, mask) of the window kernels' loads: _cols in elements, or in int32 words
+    of two bfloat16 values (PAIRS; D is even then)."""
+    if PAIRS:
+        dl = _cols(NSPLIT, DC // 2)
+        return dl, dl < D // 2
+    else:
+        dl = _cols(NSPLIT, DC)
+        return dl, dl < D
+
+
+@triton.jit
+def _rowsum(t):
+    """Row sums [BLOCK_M] of an [NSPLIT, BLOCK_M, DC] block."""
+    return tl.sum(tl.sum(t, 2), 1)
+
+
 # ---- forward -------------------------------------------------------------------------
 @triton.jit
 def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr):
+             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
     """Online-softmax update with the KS keys of window row a (offsets (a, -r..r))."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
     for bi in tl.static_range(KS):
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = (ky >= 0) & (kx >= 0)
-        m2 = (ok & inside)[:, None] & dm[None, :]
-        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0)
-        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0)
-        s = tl.sum(q * k.to(tl.float32), 1)
+        m2 = (ok & inside)[:, None, None] & dm
+        k = _f32(tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        v = _f32(tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        s = _rowsum(q * k)
         if BORDER == _MASK:
             # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
             # (ok = 0, never stored) count as inside with s = 0, so nothing turns NaN.
@@ -170,21 +217,22 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_pt
         if BORDER == _MASK:
             p = tl.where(keep, p, 0.0)
         l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        acc = acc * alpha[:, None, None] + p[:, None, None] * v
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _window_score(q, ky, kx, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr, VEC: tl.constexpr):
+def _window_score(q, ky, kx, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr, VEC: tl.constexpr,
+                  PAIRS: tl.constexpr):
     """(logit, inside) of the key at (ky, kx) (-1: outside) for each query row. An outside
     key under border="mask" gets -FLT_MAX: its probability underflows to exactly 0 against
     the window's max, which the always-inside centre key keeps finite. Padded rows (ok = 0,
     never stored) count as inside with s = 0, so nothing turns NaN."""
     inside = (ky >= 0) & (kx >= 0)
-    k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=(ok & inside)[:, None] & dm[None, :],
-                other=0.0)
-    s = tl.sum(q * k.to(tl.float32), 1)
+    k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=(ok & inside)[:, None, None] & dm,
+                other=0)
+    s = _rowsum(q * _f32(k, PAIRS))
     if BORDER == _MASK:
         s = tl.where(inside | (ok == 0), s, -3.4028234663852886e38)
     elif BORDER == _ZEROS:
@@ -193,16 +241,17 @@ def _window_score(q, ky, kx, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.cons
 
 
 @triton.jit
-def _window_value(acc, p, ky, kx, inside, ok, d, dm, v_ptr, v_base, svy, svx, VEC: tl.constexpr):
+def _window_value(acc, p, ky, kx, inside, ok, d, dm, v_ptr, v_base, svy, svx, VEC: tl.constexpr,
+                  PAIRS: tl.constexpr):
     """acc + p * v of the key at (ky, kx) (a zero value outside the grid)."""
-    v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=(ok & inside)[:, None] & dm[None, :],
-                other=0.0)
-    return acc + p[:, None] * v.to(tl.float32)
+    v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=(ok & inside)[:, None, None] & dm,
+                other=0)
+    return acc + p[:, None, None] * _f32(v, PAIRS)
 
 
 @triton.jit
 def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
-                 BORDER: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
     """(max logit, softmax denominator, unnormalised output) of a whole 3x3 window in two
     passes: its 9 logits and their max, then the probabilities and the output. Per query
     and head that is 18 D-length multiply-add rows and 9 exponentials, against 27 and 18
@@ -214,15 +263,15 @@ def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy
     xa = _key_index(x, -1, W, 1, BORDER)
     xb = _key_index(x, 0, W, 1, BORDER)
     xc = _key_index(x, 1, W, 1, BORDER)
-    s0, i0 = _window_score(q, ya, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s1, i1 = _window_score(q, ya, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s2, i2 = _window_score(q, ya, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s3, i3 = _window_score(q, yb, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s4, i4 = _window_score(q, yb, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s5, i5 = _window_score(q, yb, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s6, i6 = _window_score(q, yc, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s7, i7 = _window_score(q, yc, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
-    s8, i8 = _window_score(q, yc, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC)
+    s0, i0 = _window_score(q, ya, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s1, i1 = _window_score(q, ya, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s2, i2 = _window_score(q, ya, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s3, i3 = _window_score(q, yb, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s4, i4 = _window_score(q, yb, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s5, i5 = _window_score(q, yb, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s6, i6 = _window_score(q, yc, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s7, i7 = _window_score(q, yc, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    s8, i8 = _window_score(q, yc, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
     m = tl.maximum(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)),
                    tl.maximum(tl.maximum(s4, s5), tl.maximum(tl.maximum(s6, s7), s8)))
     p0 = tl.exp(s0 - m)
@@ -235,16 +284,16 @@ def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy
     p7 = tl.exp(s7 - m)
     p8 = tl.exp(s8 - m)
     den = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)) + p8
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc = _window_value(acc, p0, ya, xa, i0, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p1, ya, xb, i1, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p2, ya, xc, i2, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p3, yb, xa, i3, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p4, yb, xb, i4, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p5, yb, xc, i5, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p6, yc, xa, i6, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p7, yc, xb, i7, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
-    acc = _window_value(acc, p8, yc, xc, i8, ok, d, dm, v_ptr, v_base, svy, svx, VEC)
+    acc = tl.zeros_like(q)
+    acc = _window_value(acc, p0, ya, xa, i0, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p1, ya, xb, i1, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p2, ya, xc, i2, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p3, yb, xa, i3, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p4, yb, xb, i4, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p5, yb, xc, i5, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p6, yc, xa, i6, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p7, yc, xb, i7, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p8, yc, xc, i8, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
     return m, den, acc
 
 
@@ -254,41 +303,44 @@ def _na2d_forward_kernel(
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh,
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
+    """q, k, v: bfloat16 as int32 words under PAIRS (_f32); strides in load units."""
     R: tl.constexpr = KS // 2
     BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
+    VL: tl.constexpr = VEC // (1 + PAIRS)  # load units per vector
     b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    tile_mask = ok[:, None] & dm[None, :]
+    d = _cols(NSPLIT, BLOCK_D // NSPLIT)
+    tile_mask = ok[:, None, None] & (d < D)
+    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
-    q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
-    q = q.to(tl.float32) * scale
+    q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, dl, 1, VL), mask=ok[:, None, None] & dml, other=0)
+    q = _f32(q, PAIRS) * scale
 
     # UNROLL (k=3): the whole window unrolled, in two passes (_fwd_window3), lets the
     # compiler issue all its loads at once. At k=5/7 that hoisting spills (sm_90, 8 warps:
     # 255 regs + 6 KB stack at k=7 fwd), so window rows run as a loop with an online softmax
     # and only the KS loads of one row are unrolled (128 regs).
     if UNROLL:
-        m_i, l_i, acc = _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
-                                     BORDER, VEC, BLOCK_M, BLOCK_D)
+        m_i, l_i, acc = _fwd_window3(q, y, x, ok, dl, dml, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
+                                     BORDER, VL, PAIRS)
     else:
         # The running max starts at -FLT_MAX, not -inf: under border="mask" a window may
         # open with outside keys, and -inf - -inf would be NaN.
         m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc = tl.zeros_like(q)
         for ai in range(KS):
-            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VEC)
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, dl, dml, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VL, PAIRS)
 
     row = _out_rows(b64, y, x, h, H, W, NH)
     out = tl.multiple_of(row * D, VEC)
-    tl.store(o_ptr + out[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(o_ptr + out[:, None, None] + d, (acc / l_i[:, None, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=ok)
 
 
@@ -530,17 +582,20 @@ def _na2d_backward_preprocess_kernel(
     sob, soy, sox, soh, sdob, sdoy, sdox, sdoh, sdod, slb, sly, slx, slh, sgb, sgy, sgx, sgh,
     H, W, NH, D: tl.constexpr,
     HAS_DLSE: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
-    """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i) in float32."""
+    """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i) in float32. o, do: bfloat16 as int32
+    words under PAIRS (_f32); strides in load units."""
+    VL: tl.constexpr = VEC // (1 + PAIRS)
     b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    tile_mask = ok[:, None] & (d < D)[None, :]
+    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
+    tile_mask = ok[:, None, None] & dml
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    o = tl.load(_ptrs(o_ptr, b64 * sob + h64 * soh, y, x, soy, sox, d, 1, VEC), mask=tile_mask, other=0.0)
-    do = tl.load(_ptrs(do_ptr, b64 * sdob + h64 * sdoh, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
-    di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = tl.load(_ptrs(o_ptr, b64 * sob + h64 * soh, y, x, soy, sox, dl, 1, VL), mask=tile_mask, other=0)
+    do = tl.load(_ptrs(do_ptr, b64 * sdob + h64 * sdoh, y, x, sdoy, sdox, dl, sdod, VL), mask=tile_mask, other=0)
+    di = _rowsum(_f32(o, PAIRS) * _f32(do, PAIRS))
     if HAS_DLSE:
         dlse = tl.load(dlse_ptr + b64 * sgb + h64 * sgh + y.to(tl.int64) * sgy + x.to(tl.int64) * sgx,
                        mask=ok, other=0.0)
@@ -554,7 +609,7 @@ def _na2d_backward_preprocess_kernel(
 @triton.jit
 def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
             pds_ptr, row, n_rows, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
-            STORE_PDS: tl.constexpr):
+            PAIRS: tl.constexpr, STORE_PDS: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
     nothing (zeros border: k_j = 0; mask: p_ij = 0). STORE_PDS: also writes p_ij and ds_ij
     for the split backward's dk/dv pass, slot-major so that a tile's rows are contiguous:
@@ -565,12 +620,12 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
     for bi in tl.static_range(KS):
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = ok & (ky >= 0) & (kx >= 0)
-        m2 = inside[:, None] & dm[None, :]
-        k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
-        v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
-        p = tl.where(inside, tl.exp(tl.sum(q * k, 1) - lse), 0.0)  # q carries the scale
-        ds = p * (tl.sum(do * v, 1) - di)
-        dq += ds[:, None] * k
+        m2 = inside[:, None, None] & dm
+        k = _f32(tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        v = _f32(tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        p = tl.where(inside, tl.exp(_rowsum(q * k) - lse), 0.0)  # q carries the scale
+        ds = p * (_rowsum(do * v) - di)
+        dq += ds[:, None, None] * k
         if STORE_PDS:
             at = 2 * ((a + R) * KS + bi) * n_rows + row
             tl.store(pds_ptr + at, p, mask=ok)
@@ -581,14 +636,14 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
 @triton.jit
 def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
                 do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC: tl.constexpr,
-                FROM_PDS: tl.constexpr):
+                PAIRS: tl.constexpr, FROM_PDS: tl.constexpr):
     """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0.
     FROM_PDS: p_ij and ds_ij come from the split backward's pds[row_i, slot] (key j's slot
     in query i's window; see _dq_row) instead of being recomputed from q_i . k_j and
     do_i . v_j. The masks matter: an invalid lane's slot or row may lie outside pds."""
-    m2 = valid[:, None] & dm[None, :]
-    qi = tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0.0).to(tl.float32)
-    doi = tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0.0).to(tl.float32)
+    m2 = valid[:, None, None] & dm
+    qi = _f32(tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0), PAIRS)
+    doi = _f32(tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0), PAIRS)
     row = _out_rows(b64, iy, ix, h, H, W, NH)
     if FROM_PDS:
         at = 2 * slot * n_rows + row
@@ -597,17 +652,17 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
     else:
         lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
         di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
-        p = tl.where(valid, tl.exp(tl.sum(qi * kj, 1) - lse_i), 0.0)  # kj carries the scale
-        ds = p * (tl.sum(doi * vj, 1) - di_i)
-    dk += ds[:, None] * qi
-    dv += p[:, None] * doi
+        p = tl.where(valid, tl.exp(_rowsum(qi * kj) - lse_i), 0.0)  # kj carries the scale
+        ds = p * (_rowsum(doi * vj) - di_i)
+    dk += ds[:, None, None] * qi
+    dv += p[:, None, None] * doi
     return dk, dv
 
 
 @triton.jit
 def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
              sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS: tl.constexpr, BORDER: tl.constexpr,
-             VEC: tl.constexpr, FROM_PDS: tl.constexpr):
+             VEC: tl.constexpr, PAIRS: tl.constexpr, FROM_PDS: tl.constexpr):
     """dk_j, dv_j from the queries reading key j through window row a: one per offset for
     zeros/mask/circular (circular grids smaller than the window repeat a pair once per
     offset, exactly as the forward counts it)."""
@@ -618,54 +673,57 @@ def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, 
         valid = ok & (iy >= 0) & (ix >= 0)
         dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, (a + R) * KS + bi, b64, h, H, W, NH, q_ptr, q_base,
                              sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
-                             FROM_PDS)
+                             PAIRS, FROM_PDS)
     return dk, dv
 
 
 @triton.jit
-def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
-             q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, smask, row,
+             out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
              H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_PDS: tl.constexpr):
-    """The tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window."""
+             PAIRS: tl.constexpr, STORE_PDS: tl.constexpr):
+    """The tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
+    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'."""
     R: tl.constexpr = KS // 2
-    tile_mask = ok[:, None] & dm[None, :]
-    q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=tile_mask, other=0.0)
-    q = q.to(tl.float32) * scale
-    do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=tile_mask, other=0.0)
-    do = do.to(tl.float32)
+    lmask = ok[:, None, None] & dm
+    q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=lmask, other=0)
+    q = _f32(q, PAIRS) * scale
+    do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=lmask, other=0)
+    do = _f32(do, PAIRS)
     lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
     di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros_like(q)
     if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, STORE_PDS)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS)
     else:
         for ai in range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, STORE_PDS)
-    tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS)
+    tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
-def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
-              q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, smask,
+              out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
               H, W, NH, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FROM_PDS: tl.constexpr):
-    """The tile as keys: dk_j, dv_j gathered over the queries whose window holds key j."""
+              PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
+              FROM_PDS: tl.constexpr):
+    """The tile as keys: dk_j, dv_j gathered over the queries whose window holds key j.
+    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'."""
     R: tl.constexpr = KS // 2
-    tile_mask = ok[:, None] & dm[None, :]
+    lmask = ok[:, None, None] & dm
     if FROM_PDS:  # p and ds come from pds: no key or value needed
-        kj = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kj = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
         vj = kj
     else:
-        kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=tile_mask, other=0.0)
-        kj = kj.to(tl.float32) * scale
-        vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=tile_mask, other=0.0)
-        vj = vj.to(tl.float32)
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=lmask, other=0)
+        kj = _f32(kj, PAIRS) * scale
+        vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=lmask, other=0)
+        vj = _f32(vj, PAIRS)
+    dk = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
+    dv = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
     if BORDER == _SHIFT:
         # Window keys are distinct under shift, so each (query, key) pair counts once:
         # scan the per-axis query ranges. Interior tiles run (2r+1)^2 steps, edge tiles up
@@ -684,19 +742,19 @@ def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_p
                 slot = sy * KS + x - tl.minimum(tl.maximum(ix, R), W - 1 - R) + R
                 dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy,
                                      sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
-                                     FROM_PDS)
+                                     PAIRS, FROM_PDS)
     elif UNROLL:
         for ai in tl.static_range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
                               do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
-                              FROM_PDS)
+                              PAIRS, FROM_PDS)
     else:
         for ai in range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
                               do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
-                              FROM_PDS)
-    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+                              PAIRS, FROM_PDS)
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=smask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # a tensor even at 1 row: cast to int64 below
@@ -705,17 +763,20 @@ def _na2d_backward_kernel(
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PASS: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
+    PAIRS: tl.constexpr, PASS: tl.constexpr,
 ):
     """The window backward of a tile. PASS 0: both passes in one program (the default,
     "window"). The split formulation ("split") launches PASS 1 (dq, and p_ij, ds_ij of
     every window slot to pds) and then PASS 2 (dk, dv from pds and the queries' q, do: no
-    dot products recomputed)."""
+    dot products recomputed). q, k, v, do: bfloat16 as int32 words under PAIRS (_f32),
+    strides in load units; dq, dk, dv written in elements."""
     BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
+    VL: tl.constexpr = VEC // (1 + PAIRS)
     b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    d = _cols(NSPLIT, BLOCK_D // NSPLIT)
+    smask = ok[:, None, None] & (d < D)
+    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     q_base = b64 * sqb + h64 * sqh
@@ -723,16 +784,16 @@ def _na2d_backward_kernel(
     v_base = b64 * svb + h64 * svh
     do_base = b64 * sdob + h64 * sdoh
     row = _out_rows(b64, y, x, h, H, W, NH)
-    out = tl.multiple_of(row * D, VEC)[:, None] + d[None, :]
+    out = tl.multiple_of(row * D, VEC)[:, None, None] + d
     n_rows = n_rows.to(tl.int64)  # pds offsets reach 2 * KS^2 * n_rows
     if PASS != 2:
-        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, row, out,
-                 q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
-                 H, W, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 1)
+        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, dl, dml, smask, row,
+                 out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+                 H, W, scale, KS, BORDER, UNROLL, VL, PAIRS, PASS == 1)
     if PASS != 1:
-        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, out,
-                  q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
-                  H, W, NH, scale, KS, BORDER, UNROLL, VEC, BLOCK_M, BLOCK_D, PASS == 2)
+        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, dl, dml,
+                  smask, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+                  H, W, NH, scale, KS, BORDER, UNROLL, VL, PAIRS, BLOCK_M, BLOCK_D, NSPLIT, PASS == 2)
 
 
 # ---- launch configuration ------------------------------------------------------------
@@ -763,6 +824,19 @@ def _vec(D: int, tensors) -> int:
     return vec
 
 
+def _pairs(vec: int, tensors) -> bool:
+    """Whether the window kernels load these bfloat16 tensors as int32 words of two values
+    (_f32): rows of whole pairs (vec >= 2: D and every row stride even) at 4-byte aligned
+    addresses, so that their int32 views exist."""
+    return (tensors[0].dtype == torch.bfloat16 and vec >= 2
+            and all(t.data_ptr() % 4 == 0 for t in tensors))
+
+
+def _load_views(pairs: bool, tensors) -> tuple:
+    """The tensors as the window kernels load them: int32 views under pairs (strides halve)."""
+    return tuple(t.view(torch.int32) for t in tensors) if pairs else tuple(tensors)
+
+
 def _unroll(kernel_size: int, vec: int) -> bool:
     # Fully unrolled k=3 windows: fine with vector loads (109 regs fwd / 159 bwd on sm_90
     # at D=64), but scalar loads (unaligned D) carry a 64-bit address per element and the
@@ -770,8 +844,19 @@ def _unroll(kernel_size: int, vec: int) -> bool:
     return kernel_size == 3 and vec > 1
 
 
-def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> list[triton.Config]:
-    """Candidates (BLOCK_Y, BLOCK_X, num_warps) for cells of `width` = BLOCK_H * BLOCK_D.
+def _nsplit(block_m: int, block_d: int, vec: int, num_warps: int) -> int:
+    """NSPLIT of a window-kernel tile (_cols): the D-row in chunks of VEC x (threads per
+    row) columns, where block_m rows on num_warps warps give each row 32 * num_warps /
+    block_m threads. sm_90 SASS of the GeCA-S forward (bf16, 64 rows on 8 warps, triton
+    3.6): one chunk (a warp 4 rows x 8 threads, each thread 8 columns of 2 rows) 1752
+    instructions a thread; two chunks of 32 columns (8 rows x 4 threads, each thread 16
+    columns of 1 row) 1552, and 1408 with the word loads of _f32. Untimed."""
+    threads_per_row = max(1, 32 * num_warps // block_m)
+    return max(1, block_d // (threads_per_row * vec))
+
+
+def _tile_configs(H: int, W: int, block_h: int, block_d: int, backward: bool, vec: int = 8) -> list[triton.Config]:
+    """Candidates (BLOCK_Y, BLOCK_X, NSPLIT, num_warps) for cells of BLOCK_H heads of BLOCK_D.
 
     Full budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (live fp32 blocks q,
     acc, k, v), 2048 backward (k/v/dk/dv + the gathered q/do), at 8 warps; then half and
@@ -784,6 +869,7 @@ def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> l
     GPU: the autotuner picks.
     """
     hp, wp = next_pow2(H), next_pow2(W)
+    width = block_h * block_d
     full = (2048 if backward else 4096) // (4 if vec == 1 else 1)
     out, seen = [], set()
     for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
@@ -793,16 +879,17 @@ def _tile_configs(H: int, W: int, width: int, backward: bool, vec: int = 8) -> l
             bx = min(max(1, cells // by_), wp)
             if (by_, bx, nw) not in seen:
                 seen.add((by_, bx, nw))
-                out.append(triton.Config({"BLOCK_Y": by_, "BLOCK_X": bx}, num_warps=nw))
+                nsplit = _nsplit(by_ * bx * block_h, block_d, vec, nw)
+                out.append(triton.Config({"BLOCK_Y": by_, "BLOCK_X": bx, "NSPLIT": nsplit}, num_warps=nw))
     return out
 
 
-def _default_config(H: int, W: int, width: int, backward: bool, vec: int) -> dict:
+def _default_config(H: int, W: int, block_h: int, block_d: int, backward: bool, vec: int) -> dict:
     if interpreting():
         # The interpreter pays per program and per op, not per element: one tile per image.
-        return {"BLOCK_Y": min(next_pow2(H), 8),
-                "BLOCK_X": min(next_pow2(W), 32), "num_warps": 4}
-    cfg = _tile_configs(H, W, width, backward, vec)[1]  # full budget, 2 rows, 8 warps
+        by, bx = min(next_pow2(H), 8), min(next_pow2(W), 32)
+        return {"BLOCK_Y": by, "BLOCK_X": bx, "NSPLIT": _nsplit(by * bx * block_h, block_d, vec, 4), "num_warps": 4}
+    cfg = _tile_configs(H, W, block_h, block_d, backward, vec)[1]  # full budget, 2 rows, 8 warps
     return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
 
@@ -810,23 +897,25 @@ _AUTOTUNE_KEY = ["H", "W", "NH", "D", "KS", "BORDER", "VEC"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, hp: int, wp: int, width: int, backward: bool, vec: int):
-    # One Autotuner per candidate list (it depends on the slice width, grid caps and vec).
-    configs = _tile_configs(hp, wp, width, backward, vec)
+def _tuned(kernel_name: str, hp: int, wp: int, block_h: int, block_d: int, backward: bool, vec: int):
+    # One Autotuner per candidate list (it depends on the head tile, grid caps and vec).
+    configs = _tile_configs(hp, wp, block_h, block_d, backward, vec)
     key = _AUTOTUNE_KEY + (["PASS"] if kernel_name == "_na2d_backward_kernel" else [])
     return triton.autotune(configs=configs, key=key)(globals()[kernel_name])
 
 
-def _launch(kernel_name, backward, B, H, W, NH, width, args, consts):
+def _launch(kernel_name, backward, B, H, W, NH, args, consts):
     def grid(meta):
         return (B * cdiv(H, meta["BLOCK_Y"]) * cdiv(W, meta["BLOCK_X"])
                 * cdiv(NH, meta["BLOCK_H"]),)
 
     if _autotuning():
         hp, wp = next_pow2(H), next_pow2(W)
-        _tuned(kernel_name, hp, wp, width, backward, consts["VEC"])[grid](*args, **consts)
+        _tuned(kernel_name, hp, wp, consts["BLOCK_H"], consts["BLOCK_D"], backward, consts["VEC"])[grid](
+            *args, **consts)
     else:
-        globals()[kernel_name][grid](*args, **consts, **_default_config(H, W, width, backward, consts["VEC"]))
+        cfg = _default_config(H, W, consts["BLOCK_H"], consts["BLOCK_D"], backward, consts["VEC"])
+        globals()[kernel_name][grid](*args, **consts, **cfg)
 
 
 def _check(q, k, v):
@@ -919,18 +1008,21 @@ def forward(q, k, v, kernel_size, border, scale):
     B, H, W, NH, D = q.shape
     o = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, NH), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D)
     setup = _halo_setup(q, kernel_size, border) if _forward_formulation() == "halo" else None
     if setup is not None:
+        args = (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D)
         with _device_guard(q):
             _halo_launch("_na2d_forward_halo_kernel", setup, B, H, W, NH, args)
         return o, lse
     block_h, block_d = _head_tile(NH, D)
     vec = _vec(D, (q, k, v))
+    pairs = _pairs(vec, (q, k, v))
+    lq, lk, lv = _load_views(pairs, (q, k, v))
+    args = (lq, lk, lv, o, lse, *lq.stride()[:4], *lk.stride()[:4], *lv.stride()[:4], H, W, NH, float(scale), D)
     with _device_guard(q):
-        _launch("_na2d_forward_kernel", False, B, H, W, NH, block_h * block_d, args,
+        _launch("_na2d_forward_kernel", False, B, H, W, NH, args,
                 dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
-                     BLOCK_H=block_h, BLOCK_D=block_d))
+                     BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs))
     return o, lse
 
 
@@ -965,6 +1057,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     width = block_h * block_d
     # grad_o's last stride may be anything (0 for the gradient of o.sum()): then no vectors.
     vec = _vec(D, (q, k, v, o, grad_o)) if grad_o.stride(-1) == 1 else 1
+    pairs = _pairs(vec, (q, k, v, o, grad_o))
+    lq, lk, lv, lo, ldo = _load_views(pairs, (q, k, v, o, grad_o))
     ws = torch.empty((B, H, W, NH, 2), dtype=torch.float32, device=q.device)  # (lse, Di)
     has_dlse = grad_lse is not None
     dlse = grad_lse if has_dlse else lse  # placeholder, never read
@@ -979,8 +1073,9 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
             pre = {"BLOCK_Y": 1, "BLOCK_X": min(max(1, 4096 // width), next_pow2(W))}
         grid = (B * cdiv(H, pre["BLOCK_Y"]) * cdiv(W, pre["BLOCK_X"]) * cdiv(NH, block_h),)
         _na2d_backward_preprocess_kernel[grid](
-            o, grad_o, lse, dlse, ws, *o.stride()[:4], *grad_o.stride(), *lse.stride(), *dlse.stride(),
-            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pre)
+            lo, ldo, lse, dlse, ws, *lo.stride()[:4], *ldo.stride(), *lse.stride(), *dlse.stride(),
+            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, PAIRS=pairs, BLOCK_H=block_h, BLOCK_D=block_d,
+            NSPLIT=_nsplit(pre["BLOCK_Y"] * pre["BLOCK_X"] * block_h, block_d, vec, 4), num_warps=4, **pre)
         if halo is not None:
             _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, halo)
             return dq, dk, dv
@@ -989,10 +1084,9 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         pds = torch.empty(B * H * W * NH * kernel_size ** 2 * 2 if split else 1, dtype=torch.float32,
                           device=q.device)
         for pass_ in ((1, 2) if split else (0,)):
-            _launch("_na2d_backward_kernel", True, B, H, W, NH, width,
-                    (q, k, v, grad_o, ws, pds, B * H * W * NH, dq, dk, dv, *q.stride()[:4], *k.stride()[:4],
-                     *v.stride()[:4],
-                     *grad_o.stride(), H, W, NH, float(scale), D),
+            _launch("_na2d_backward_kernel", True, B, H, W, NH,
+                    (lq, lk, lv, ldo, ws, pds, B * H * W * NH, dq, dk, dv, *lq.stride()[:4], *lk.stride()[:4],
+                     *lv.stride()[:4], *ldo.stride(), H, W, NH, float(scale), D),
                     dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec),
-                         VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PASS=pass_))
+                         VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs, PASS=pass_))
     return dq, dk, dv
