@@ -206,6 +206,21 @@ def test_column_chunks_match_reference(monkeypatch, case, nsplit):
     assert seen and set(seen) == {min(nsplit, tri._head_tile(case[3], case[4])[1])}
 
 
+def test_bfloat16_rows_load_as_words(monkeypatch):
+    """Aligned bfloat16 rows take _f32's int32 word loads in the forward and backward
+    (where the Triton compiles them well, _PAIRS_OK), against the reference; float16 and
+    odd D do not."""
+    taken = []
+    pairs = tri._pairs
+    monkeypatch.setattr(tri, "_pairs", lambda vec, ts: taken.append(pairs(vec, ts)) or taken[-1])
+    check_against_reference(1, 4, 5, 2, 16, 3, "zeros", torch.bfloat16, layout="packed")
+    assert taken and all(t == tri._PAIRS_OK for t in taken)
+    taken.clear()
+    check_against_reference(1, 4, 5, 2, 16, 3, "zeros", torch.float16)
+    check_against_reference(1, 4, 5, 2, 5, 3, "zeros", torch.bfloat16)
+    assert taken and not any(taken)
+
+
 def test_nsplit_gives_each_thread_one_row():
     """_nsplit: chunks of VEC x (threads per row) columns, so that a tile's threads cover
     its rows once (GeCA-S bf16 forward: 64 rows on 8 warps, 4 threads a row of 64, two

@@ -51,6 +51,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 
 import torch
 import triton
@@ -824,11 +825,22 @@ def _vec(D: int, tensors) -> int:
     return vec
 
 
+def _triton_version() -> tuple:
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+
+
+# _f32's word loads from Triton 3.6 on. Triton 3.0 placed the join in another layout than
+# the reshape wants: 43 layout conversions in the GeCA-S backward (sm_90: 4096
+# instructions, 255 registers + 168 bytes of stack, against 2288 and 150 without them);
+# 3.6 and 3.9 compile it with none. Versions in between were not tried.
+_PAIRS_OK = _triton_version() >= (3, 6)
+
+
 def _pairs(vec: int, tensors) -> bool:
     """Whether the window kernels load these bfloat16 tensors as int32 words of two values
     (_f32): rows of whole pairs (vec >= 2: D and every row stride even) at 4-byte aligned
-    addresses, so that their int32 views exist."""
-    return (tensors[0].dtype == torch.bfloat16 and vec >= 2
+    addresses, so that their int32 views exist, on a Triton that compiles it well."""
+    return (_PAIRS_OK and tensors[0].dtype == torch.bfloat16 and vec >= 2
             and all(t.data_ptr() % 4 == 0 for t in tensors))
 
 
