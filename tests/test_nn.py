@@ -156,3 +156,12 @@ def test_zero_step_modules_run_with_grad():
     out = model(torch.randn(1, 1, 8, 8))
     out.sum().backward()
     assert out.shape == (1, 1, 8, 8)
+
+
+def test_nca_names_a_state_of_the_wrong_channels():
+    """The module's input check names the state and the channels it expects (before, the
+    perception weight's shape check fired, blaming the weight)."""
+    nca = fastnca.nn.NCA(channels=4, hidden=8)
+    for bad in (torch.randn(1, 3, 6, 6), torch.randn(1, 6, 6, 4), torch.randn(4, 6, 6)):
+        with pytest.raises(ValueError, match=r"state must have shape \[B, 4, H, W\]"):
+            nca(bad, steps=2)

@@ -162,3 +162,83 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
     monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31)) == "cuda"
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"
+
+
+def _autodiff_cases(backend):
+    """(name, f(*inputs) -> output, inputs) of each differentiable op, float64, tiny."""
+    g = torch.Generator().manual_seed(3)
+    qkv = [torch.randn(1, 3, 4, 2, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    state = make_state(1, 3, 4, 5, dtype=torch.float64)
+    rule = make_rule(3, hidden=5, dtype=torch.float64)
+
+    def step(x, w1):
+        return fastnca.nca_step(x, rule[0], rule[1], w1, *rule[3:], seed=2, backend=backend)
+
+    def rollout(x, w1):
+        return fastnca.nca_rollout(x, rule[0], rule[1], w1, *rule[3:], steps=3, seed=2, backend=backend)
+
+    def attention(q, k, v):
+        return fastnca.neighborhood_attention2d(q, k, v, backend=backend)
+
+    return [("nca_step", step, (state, rule[2])), ("nca_rollout", rollout, (state, rule[2])),
+            ("neighborhood_attention2d", attention, tuple(qkv))]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_second_derivatives_raise_instead_of_dropping_terms(backend):
+    """The ops are differentiable once. With create_graph=True the first derivatives are
+    the usual ones, and differentiating them again raises, for a Hessian and a gradient
+    penalty alike (torch's once_differentiable let both through with the second-order
+    terms dropped: a zero Hessian), also towards an input the incoming gradient does not
+    depend on."""
+    for name, f, inputs in _autodiff_cases(backend):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        first = torch.autograd.grad(f(*leaves).pow(2).sum(), leaves)
+        graph = torch.autograd.grad(f(*leaves).pow(2).sum(), leaves, create_graph=True)
+        for a, b in zip(first, graph):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
+            torch.autograd.grad(graph[0].pow(2).sum(), leaves[-1], allow_unused=True)
+        with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
+            torch.autograd.functional.hessian(lambda x: f(x, *leaves[1:]).pow(2).sum(), leaves[0].detach())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_forward_mode_and_func_transforms_raise(backend):
+    """Forward-mode AD (dual tensors: no tangent came out before; torch.func.jvp: a zero
+    one) and torch.func.grad (a torch-internal error naming no op) raise a clear error;
+    torch.func.vmap of a forward still works."""
+    import torch.autograd.forward_ad as fwad
+
+    for name, f, inputs in _autodiff_cases(backend):
+        with fwad.dual_level():
+            dual = fwad.make_dual(inputs[0], torch.ones_like(inputs[0]))
+            with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support forward-mode AD"):
+                f(dual, *inputs[1:])
+            f(*inputs)  # no dual tensor: runs
+        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func.jvp"):
+            torch.func.jvp(lambda x: f(x, *inputs[1:]), (inputs[0],), (torch.ones_like(inputs[0]),))
+        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func.grad"):
+            torch.func.grad(lambda x: f(x, *inputs[1:]).sum())(inputs[0])
+    q, k, v = (torch.stack([t, 2 * t]) for t in _autodiff_cases(backend)[2][2])  # a leading vmap dim
+    out = torch.func.vmap(lambda a, b, c: fastnca.neighborhood_attention2d(a, b, c, backend=backend))(q, k, v)
+    torch.testing.assert_close(out, torch.stack([fastnca.neighborhood_attention2d(a, b, c, backend=backend)
+                                                 for a, b, c in zip(q, k, v)]))
+
+
+def test_argument_type_messages(monkeypatch):
+    """backend of the wrong type is a TypeError; return_lse must be a bool; a backend from
+    FASTNCA_BACKEND that cannot run says where it came from; one-dimension shapes read
+    "1 dimension"."""
+    q = torch.randn(1, 3, 3, 1, 4)
+    with pytest.raises(TypeError, match="backend must be None or a str"):
+        fastnca.neighborhood_attention2d(q, q, q, backend=1)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        fastnca.neighborhood_attention2d(q, q, q, return_lse="no")
+    monkeypatch.setenv("FASTNCA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"'cuda' \(from FASTNCA_BACKEND\) is not usable"):
+        fastnca.neighborhood_attention2d(q, q, q)
+    monkeypatch.delenv("FASTNCA_BACKEND")
+    rule = make_rule(3, hidden=5)
+    with pytest.raises(ValueError, match="fc1_bias must have 1 dimension, got"):
+        fastnca.nca_step(make_state(1, 3, 4, 4), rule[0], rule[1], rule[2], rule[3][None], *rule[4:], seed=0)

@@ -162,12 +162,16 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
                     and (dtype is None or dtype in _DTYPES[name]) and not refuses(name)):
                 return name
         return "reference"
-    if not isinstance(backend, str) or backend not in BACKENDS:
+    if not isinstance(backend, str):
+        raise TypeError(f"{source} must be None or a str, one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
         raise ValueError(f"{source} must be {'None or ' if source == 'backend' else ''}one of {BACKENDS}, "
                          f"got {backend!r}")
     status = _usable_on(backend, device)
     if status is not True:
-        raise RuntimeError(f"fastnca backend {backend!r} is not usable for {op}: {status}")
+        raise RuntimeError(f"fastnca backend {backend!r}"
+                           f"{' (from FASTNCA_BACKEND)' if source == 'FASTNCA_BACKEND' else ''} is not usable for {op}: "
+                           f"{status}")
     if not has_kernel(backend, op):
         raise NotImplementedError(f"fastnca backend {backend!r} has no {op} kernel")
     fix = ("unset FASTNCA_BACKEND or set it to 'reference'" if source == "FASTNCA_BACKEND"

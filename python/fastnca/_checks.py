@@ -18,7 +18,7 @@ def tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {tuple(x.shape)}")
     return x
 
 

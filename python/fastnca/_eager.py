@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -42,31 +42,91 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def call(op: Callable, function: type[torch.autograd.Function], impl: Callable, tensors: tuple, args: tuple,
+def call(op, function: type[torch.autograd.Function], impl: Callable, tensors: tuple, args: tuple,
          grad: bool | None = None):
-    """One public call: the registered ``op`` where something must see it (not plain()),
-    else ``function`` (the same code under autograd) when an input needs a gradient (``grad``:
-    needs_grad(*tensors), given where the caller has it already), else the implementation
-    ``impl`` itself."""
-    if not plain(*tensors):
+    """One public call: the registered ``op`` (a CustomOpDef) where something must see it
+    (not plain()), else ``function`` (the same code under autograd) when an input needs a
+    gradient (``grad``: needs_grad(*tensors), given where the caller has it already), else
+    the implementation ``impl`` itself. Forward-mode AD and torch.func's differentiating
+    transforms raise (unsupported_autodiff)."""
+    if torch.compiler.is_compiling():  # traced: dynamo sees the op (and its own transforms)
+        return op(*args)
+    seen = plain(*tensors)
+    if not seen or getattr(forward_ad, "_current_level", -1) >= 0:
+        unsupported_autodiff(op._name, tensors)
+    if not seen:
         return op(*args)
     return function.apply(*args) if (needs_grad(*tensors) if grad is None else grad) else impl(*args)
 
 
-def function(name: str, forward: Callable, setup: Callable, grad: Callable) -> type[torch.autograd.Function]:
+def unsupported_autodiff(name: str, tensors: tuple) -> None:
+    """Raise for what the ops cannot differentiate, rather than give wrong derivatives:
+    forward-mode AD (dual tensors of torch.autograd.forward_ad; torch.func.jvp, jacfwd) and
+    torch.func.grad / vjp / jacrev, whose torch-internal failure names no fastnca op.
+    (Without this, forward_ad got no tangent and torch.func.jvp a zero one.) vmap,
+    torch.compile and torch.export are not affected."""
+    if _func_transform():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        for level in retrieve_all_functorch_interpreters():
+            if level.key() in (TransformType.Grad, TransformType.Jvp):
+                raise NotImplementedError(
+                    f"fastnca.{name} does not support torch.func.{'grad / vjp / jacrev' if level.key() == TransformType.Grad else 'jvp / jacfwd'}; "
+                    "use torch.autograd.grad or .backward() (torch.func.vmap of the op works)")
+    if getattr(forward_ad, "_current_level", -1) >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"fastnca.{name} does not support forward-mode AD (dual tensors); "
+                                  "use reverse mode (torch.autograd.grad / .backward())")
+
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """The identity on a backward's gradients, tied to every tensor they depend on, whose
+    own backward raises. torch's once_differentiable ties them to the incoming gradients
+    only: a Hessian or a gradient penalty, where those need no gradient, went through
+    without an error and with the second-order terms dropped (zero Hessian)."""
+
+    @staticmethod
+    def forward(ctx, name, n, *tensors):
+        ctx.name = name
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastnca.{ctx.name} is differentiable once: its gradients are computed by kernels "
+                           "without a graph of their own, so differentiating them again (create_graph=True, then "
+                           "a Hessian or a gradient penalty) is not supported")
+
+
+def function(name: str, op_name: str, forward: Callable, setup: Callable, grad: Callable
+             ) -> type[torch.autograd.Function]:
     """An autograd.Function computing ``forward(*inputs)``, then ``setup(ctx, inputs,
     output)`` and ``grad(ctx, *grad_outputs)``: the op's implementation and the same
     functions its custom op registers with ``register_autograd`` (``grad`` here given the
-    backward's implementation rather than its op)."""
+    backward's implementation rather than its op). Differentiable once, as the custom op,
+    whose backward op has no autograd formula: under create_graph=True the gradients come
+    out tied to the saved tensors and incoming gradients by _DifferentiableOnce, so a
+    second differentiation raises instead of dropping terms."""
 
     def fwd(ctx, *inputs):
         output = forward(*inputs)
         setup(ctx, inputs, output)
         return output
 
-    @once_differentiable  # as the custom op, whose backward op has no autograd formula:
-    def bwd(ctx, *grad_outputs):  # a double backward raises instead of dropping terms
-        return grad(ctx, *grad_outputs)
+    def bwd(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = grad(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+            return grads
+        deps = [t for t in (*ctx.saved_tensors, *grad_outputs) if t is not None and t.requires_grad]
+        if not deps:
+            return grads
+        given = [i for i, g in enumerate(grads) if g is not None]
+        tied = _DifferentiableOnce.apply(op_name, len(given), *(grads[i] for i in given), *deps)
+        out = list(grads)
+        for i, g in zip(given, tied):
+            out[i] = g
+        return tuple(out)
 
     # (the setup_context form, which torch.func's transforms take, cost ~25 us more a
     # fwd+bwd on 2 CPU cores; those transforms go through the custom ops: plain())

@@ -66,7 +66,7 @@ def _nca_step_grad(ctx, grad_out, backward=_nca_step_backward_op):
 
 
 _nca_step_op.register_autograd(_nca_step_grad, setup_context=_nca_step_setup)
-_NcaStepFunction = _eager.function("_NcaStepFunction", _nca_step, _nca_step_setup,
+_NcaStepFunction = _eager.function("_NcaStepFunction", "nca_step", _nca_step, _nca_step_setup,
                                    lambda ctx, g: _nca_step_grad(ctx, g, backward=_nca_step_backward))
 
 
@@ -200,7 +200,7 @@ def _nca_rollout_grad(ctx, grad_out, grad_ckpt, backward=_nca_rollout_backward_o
 
 _nca_rollout_op.register_autograd(_nca_rollout_grad, setup_context=_nca_rollout_setup)
 _NcaRolloutFunction = _eager.function(
-    "_NcaRolloutFunction", _nca_rollout, _nca_rollout_setup,
+    "_NcaRolloutFunction", "nca_rollout", _nca_rollout, _nca_rollout_setup,
     lambda ctx, g, g_ckpt: _nca_rollout_grad(ctx, g, g_ckpt, backward=_nca_rollout_backward))
 
 # ---------------------------------------------------------------------------------------
@@ -281,6 +281,8 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         out[:, :f] = state[:, :f]                     (f = frozen_channels, never updated)
         out[:, f:] = state[:, f:] + m * delta[:, f:]
 
+    Cells that do not fire keep their state exactly, on every backend, also where their
+    delta would not be finite (the kernels compute delta only for the firing cells).
     Half inputs compute in float32 inside and store in their dtype. Autograd saves only
     the inputs: perception, hidden activations and the mask are recomputed in backward.
 

@@ -72,7 +72,7 @@ def _na2d_grad(ctx, grad_o, grad_lse, backward=_na2d_backward_op):
 
 _na2d_op.register_autograd(_na2d_grad, setup_context=_na2d_setup)
 # eager calls of plain tensors (_eager): the same functions, without the dispatcher
-_NA2dFunction = _eager.function("_NA2dFunction", _na2d, _na2d_setup,
+_NA2dFunction = _eager.function("_NA2dFunction", "neighborhood_attention2d", _na2d, _na2d_setup,
                                 lambda ctx, g_o, g_lse: _na2d_grad(ctx, g_o, g_lse, backward=_na2d_backward))
 
 
@@ -142,6 +142,8 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
         lse [B, H, W, heads] in float32 (float64 for float64 inputs).
     """
     kernel_size, border, scale = _check(query, key, value, kernel_size, border, scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
     backend = _backend.resolve(backend, "neighborhood_attention", query.device, query.dtype)

@@ -78,6 +78,9 @@ class NCA(nn.Module):
         ``torch.manual_seed`` repeats runs); step i draws its mask with counter
         ``start_step + i``, so a rollout continued from ``start_step=steps`` equals one
         longer rollout."""
+        if not isinstance(state, torch.Tensor) or state.dim() != 4 or state.shape[1] != self.channels:
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"state must have shape [B, {self.channels}, H, W] (this NCA's channels), got {got}")
         return nca_rollout(
             state, self.perception_weight, self.perception_bias, self.fc1_weight, self.fc1_bias,
             self.fc2_weight, self.fc2_bias, steps=steps, start_step=start_step,
