@@ -53,7 +53,8 @@ def main() -> int:
     ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory / gemm ('' or 'default' = the default)")
     ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["tf32x3", "tf32x3-all", "tf32"],
-                    help="tf32x3 / tf32x3-all / tf32 / bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1)")
+                    help="tf32x3 / tf32x3-all / tf32 (FASTNCA_TRITON_NCA_BF16_DOTS=0) / bf16-dots (tf32x3 with "
+                         "FASTNCA_TRITON_NCA_BF16_DOTS=1, the default)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
@@ -101,7 +102,7 @@ def main() -> int:
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
                      FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
-                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else None)
+                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else "0")
 
         def call(kern=kern):
             return kern.backward(gout, x, *args)

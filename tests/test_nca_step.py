@@ -332,7 +332,7 @@ ARG_ERRORS = [
     (dict(fc1_weight=torch.zeros(6, 8)), ValueError, "fc1_weight must have shape \\[hidden, 9\\]"),
     (dict(fc2_weight=torch.zeros(3, 5)), ValueError, "fc2_weight must have shape \\[3, 6\\] or \\[2, 6\\]"),
     (dict(fc1_bias=torch.zeros(5)), ValueError, "fc1_bias must have shape \\(6,\\)"),
-    (dict(perception_bias=torch.zeros(6, 1)), ValueError, "perception_bias must have 1 dimensions"),
+    (dict(perception_bias=torch.zeros(6, 1)), ValueError, "perception_bias must have 1 dimension,"),
     (dict(fc2_weight=torch.zeros(3, 6, dtype=torch.int64)), TypeError, "fc2_weight must have dtype"),
     (dict(frozen_channels=4), ValueError, "frozen_channels must be in \\[0, 4\\)"),
     (dict(update_prob=-0.1), ValueError, "update_prob must be in \\[0, 1\\]"),
@@ -754,3 +754,27 @@ def test_gpu_rollout_backward_peak_in_states(backend):
     peak = (torch.cuda.max_memory_allocated(dev) - base) / state_bytes
     checkpoints = steps // every - 1
     assert peak <= checkpoints + (every - 1) + 4 + workspace / state_bytes, f"peak {peak:.2f} states"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("nca_step"))
+def test_idle_cells_keep_their_state_when_delta_is_not_finite(backend):
+    """Cells that do not fire are copied, not updated by 0 * delta: a NaN in the state
+    reaches only the firing cells of its neighbourhood (and itself where it fires), and a
+    NaN weight leaves the state unchanged at update_prob 0. Every backend alike (the
+    reference and the Triton non-compact forward computed state + 0 * NaN = NaN there)."""
+    device = device_for(backend)
+    C = 3
+    rule = [t if t is None else t.to(device) for t in make_rule(C, hidden=5)]
+    x = make_state(1, C, 6, 7, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    out = fastnca.nca_step(x, *rule, seed=3, step=1, backend=backend)
+    fires = fastnca.fire_mask(1, 6, 7, 0.5, seed=3, step=1).to(device)
+    idle = ~fires[0]
+    assert idle.any() and fires.any()
+    torch.testing.assert_close(out[0][:, idle], x[0][:, idle], rtol=0, atol=0, equal_nan=True)
+    assert out[0][:, fires[0]].isnan().any()  # the firing neighbours of the NaN cell
+    bad = [t.clone() if t is not None else None for t in rule]
+    bad[2][0, 0] = float("nan")
+    x = make_state(1, C, 6, 7, device=device)
+    torch.testing.assert_close(fastnca.nca_step(x, *bad, seed=3, update_prob=0.0, backend=backend), x,
+                               rtol=0, atol=0)

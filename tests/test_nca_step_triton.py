@@ -325,7 +325,7 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype, weights_tagge
     CPU the tf32_dots fixture gives the interpreter's dots TF32 semantics; the GPU runs it
     on tensor cores."""
     monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
-    monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS", raising=False)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "0")  # the TF32 products themselves
     B, C, H, W, hidden, F, groups, frozen, padding, p = case
     g = C if groups == "C" else groups
     state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, dtype, wdtype, seed=3)
@@ -524,19 +524,24 @@ def test_bf16_dots_are_taken(monkeypatch, tf32_dots):
 
 def test_bf16_bits_per_family(monkeypatch):
     """_exact_bits: half bits for float16 and bfloat16 families, bfloat16 bits (shifted)
-    only for bfloat16 ones and only with the knob; the knob's values are checked."""
+    only for bfloat16 ones, by default (the knob at 0 turns them off); the knob's values are
+    checked."""
     dtypes = dict(state=torch.bfloat16, grad=torch.float32, pw=torch.float16, w1=torch.bfloat16, w2=torch.float32)
     bits, shift = tri._EXACT_BITS, tri._BF16_SHIFT.value
     half = bits["state"] + bits["pw"] + bits["w1"]
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
     monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
-    monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS", raising=False)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "0")
     assert tri._exact_bits("tf32x3", dtypes) == half
     # beside a float32 state the half weights are not tagged (wrong d_state on H100/H200)
     assert tri._exact_bits("tf32x3", dict(dtypes, state=torch.float32)) == 0
     assert tri._exact_bits("tf32x3", dict(grad=torch.bfloat16)) == bits["grad"]
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
-    assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
+    for on in ("1", None):  # the default
+        if on is None:
+            monkeypatch.delenv("FASTNCA_TRITON_NCA_BF16_DOTS")
+        else:
+            monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", on)
+        assert tri._exact_bits("tf32x3", dtypes) == half + ((bits["state"] + bits["w1"]) << shift)
     assert tri._exact_bits("tf32", dtypes) == 0 and tri._exact_bits("ieee", dtypes) == 0
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", False)
     monkeypatch.setattr(tri, "interpreting", lambda: True)

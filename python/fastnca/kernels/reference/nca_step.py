@@ -60,7 +60,10 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step)
     delta = torch.einsum("bjhw,cj->bchw", h, w2) + b2[:, None, None]
     out = torch.empty_like(state)
-    out.copy_(torch.cat([x[:, :frozen], x[:, frozen:] + m * delta], dim=1))
+    # state + m * delta, where cells that do not fire keep their state exactly, as the fused
+    # kernels (which never compute their delta) do, also when a delta is not finite
+    kept = x[:, frozen:]
+    out.copy_(torch.cat([x[:, :frozen], torch.where(m != 0, kept + delta, kept)], dim=1))
     return out
 
 

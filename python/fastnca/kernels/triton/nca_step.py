@@ -489,7 +489,8 @@ def _nca_step_forward_kernel(
             delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
                         DOT_PREC, EXACT, _EX_NONE, _EX_W2)
             delta += tl.load(b2_ptr + offs_k)[None, :]
-            new = tl.where(offs_k[None, :] >= frozen, xk + m[:, None] * delta, xk)
+            # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
+            new = tl.where((offs_k[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
             tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -1222,9 +1223,13 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     """The EXACT constexpr of the kernels: under tf32x3, a bit per operand family whose
     tensor is float16 / bfloat16 (values exact in TF32: 8 / 11 significant bits, exponents
     within fp32's), so that _mm spends one TF32 product on exact x exact and two on exact x
-    fp32 instead of tf32x3's three, with tf32x3's result. With FASTNCA_TRITON_NCA_BF16_DOTS=1
-    (opt-in until a GPU has timed it) also, shifted by _BF16_SHIFT, a bit per bfloat16
-    family: _mm multiplies two of them as one bfloat16 dot. 0 for other precisions, or with
+    fp32 instead of tf32x3's three, with tf32x3's result. Also, shifted by _BF16_SHIFT, a bit
+    per bfloat16 family: _mm multiplies two of them as one bfloat16 dot (exact products,
+    float32 sums; FASTNCA_TRITON_NCA_BF16_DOTS=0 turns it off). The default since the H200
+    (220af96) and H100 (dd6c6c4) runs: a Med-NCA bf16 step 0.27 / 2.68 ms fwd / fwd+bwd in
+    graph replay against 0.38 / 2.95, rollout training 225 against 230 ms, and its GPU tests
+    passed at the float32 tolerance. Only operands loaded from bfloat16 tensors take it: the
+    withdrawn "all" mode, which also rounded computed (MMA-output) operands, broke on Hopper. 0 for other precisions, or with
     FASTNCA_TRITON_NCA_EXACT=0 (every product tf32x3, for comparison)."""
     knob = os.environ.get("FASTNCA_TRITON_NCA_EXACT", "")
     if knob not in ("", "0", "1"):
@@ -1237,7 +1242,7 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
-    if bf16 == "1" and (_INTERPRETER_BF16_DOTS or not interpreting()):
+    if bf16 != "0" and (_INTERPRETER_BF16_DOTS or not interpreting()):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
     return bits
