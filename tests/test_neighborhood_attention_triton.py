@@ -221,6 +221,19 @@ def test_bfloat16_rows_load_as_words(monkeypatch):
     assert taken and not any(taken)
 
 
+@pytest.mark.parametrize("off64", [False, True])
+def test_offset_width(monkeypatch, off64):
+    """The window kernels form offsets in int32 unless a tensor spans 2^31 elements
+    (_off64); both widths against the reference, forward and backward (with an lse
+    gradient: the preprocess reads it through its own strides)."""
+    real = tri._off64
+    big = torch.empty_strided((2, 1, 1, 1, 8), (2 ** 31, 8, 8, 8, 1), device="meta")
+    assert real((big,)) and not real((big[:1],)) and not real((torch.empty(0),))
+    monkeypatch.setattr(tri, "_off64", lambda tensors: off64)
+    check_against_reference(2, 5, 6, 3, 16, 3, "zeros", torch.bfloat16, layout="packed")
+    check_against_reference(1, 4, 7, 2, 8, 5, "shift", torch.float32)
+
+
 def test_nsplit_gives_each_thread_one_row():
     """_nsplit: chunks of VEC x (threads per row) columns, so that a tile's threads cover
     its rows once (GeCA-S bf16 forward: 64 rows on 8 warps, 4 threads a row of 64, two

@@ -136,8 +136,19 @@ def _ptrs(ptr, base, y, x, sy, sx, d, sd, VEC: tl.constexpr):
     elements, so gathered rows load as 16-byte vectors even where the compiler cannot
     see it (head stride 8, say). sd is the last-dim stride: 1 (specialised away) except
     for a strided grad_o."""
-    off = tl.multiple_of(base + y.to(tl.int64) * sy + x.to(tl.int64) * sx, VEC)
-    return ptr + off[:, None, None] + d.to(tl.int64) * sd
+    off = tl.multiple_of(base + y.to(base.dtype) * sy + x.to(base.dtype) * sx, VEC)
+    return ptr + off[:, None, None] + d.to(base.dtype) * sd
+
+
+@triton.jit
+def _wide(i, OFF64: tl.constexpr):
+    """i in the window kernels' offset type: int64 where a tensor spans 2^31 elements or
+    more (_off64), else int32 (sm_90, GeCA-S bf16: 5-6% fewer instructions, backward
+    registers 108 -> 80)."""
+    if OFF64:
+        return i.to(tl.int64)
+    else:
+        return i
 
 
 @triton.jit
@@ -305,7 +316,7 @@ def _na2d_forward_kernel(
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, OFF64: tl.constexpr,
 ):
     """q, k, v: bfloat16 as int32 words under PAIRS (_f32); strides in load units."""
     R: tl.constexpr = KS // 2
@@ -315,8 +326,8 @@ def _na2d_forward_kernel(
     d = _cols(NSPLIT, BLOCK_D // NSPLIT)
     tile_mask = ok[:, None, None] & (d < D)
     dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
+    h64 = _wide(h, OFF64)
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
     q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, dl, 1, VL), mask=ok[:, None, None] & dml, other=0)
@@ -584,7 +595,7 @@ def _na2d_backward_preprocess_kernel(
     H, W, NH, D: tl.constexpr,
     HAS_DLSE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, OFF64: tl.constexpr,
 ):
     """ws[row] = (lse_i, Di = <do_i, o_i> - dlse_i) in float32. o, do: bfloat16 as int32
     words under PAIRS (_f32); strides in load units."""
@@ -592,16 +603,17 @@ def _na2d_backward_preprocess_kernel(
     b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
     dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
     tile_mask = ok[:, None, None] & dml
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
+    h64 = _wide(h, OFF64)
     o = tl.load(_ptrs(o_ptr, b64 * sob + h64 * soh, y, x, soy, sox, dl, 1, VL), mask=tile_mask, other=0)
     do = tl.load(_ptrs(do_ptr, b64 * sdob + h64 * sdoh, y, x, sdoy, sdox, dl, sdod, VL), mask=tile_mask, other=0)
     di = _rowsum(_f32(o, PAIRS) * _f32(do, PAIRS))
     if HAS_DLSE:
-        dlse = tl.load(dlse_ptr + b64 * sgb + h64 * sgh + y.to(tl.int64) * sgy + x.to(tl.int64) * sgx,
+        dlse = tl.load(dlse_ptr + b64 * sgb + h64 * sgh + y.to(b64.dtype) * sgy + x.to(b64.dtype) * sgx,
                        mask=ok, other=0.0)
         di -= dlse.to(tl.float32)
-    lse = tl.load(lse_ptr + b64 * slb + h64 * slh + y.to(tl.int64) * sly + x.to(tl.int64) * slx, mask=ok, other=0.0)
+    lse = tl.load(lse_ptr + b64 * slb + h64 * slh + y.to(b64.dtype) * sly + x.to(b64.dtype) * slx, mask=ok,
+                  other=0.0)
     row = _out_rows(b64, y, x, h, H, W, NH)
     tl.store(ws_ptr + 2 * row, lse, mask=ok)
     tl.store(ws_ptr + 2 * row + 1, di, mask=ok)
@@ -765,7 +777,7 @@ def _na2d_backward_kernel(
     H, W, NH, scale, D: tl.constexpr,
     KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    PAIRS: tl.constexpr, PASS: tl.constexpr,
+    PAIRS: tl.constexpr, OFF64: tl.constexpr, PASS: tl.constexpr,
 ):
     """The window backward of a tile. PASS 0: both passes in one program (the default,
     "window"). The split formulation ("split") launches PASS 1 (dq, and p_ij, ds_ij of
@@ -778,8 +790,8 @@ def _na2d_backward_kernel(
     d = _cols(NSPLIT, BLOCK_D // NSPLIT)
     smask = ok[:, None, None] & (d < D)
     dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
+    h64 = _wide(h, OFF64)
     q_base = b64 * sqb + h64 * sqh
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
@@ -847,6 +859,13 @@ def _pairs(vec: int, tensors) -> bool:
 def _load_views(pairs: bool, tensors) -> tuple:
     """The tensors as the window kernels load them: int32 views under pairs (strides halve)."""
     return tuple(t.view(torch.int32) for t in tensors) if pairs else tuple(tensors)
+
+
+def _off64(tensors) -> bool:
+    """Whether the window kernels need int64 offsets (_wide): some tensor reaches an element
+    2^31 or more past its data pointer. Offsets to padded rows (masked) may wrap."""
+    return any(t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2 ** 31 - 1
+               for t in tensors)
 
 
 def _unroll(kernel_size: int, vec: int) -> bool:
@@ -1034,7 +1053,7 @@ def forward(q, k, v, kernel_size, border, scale):
     with _device_guard(q):
         _launch("_na2d_forward_kernel", False, B, H, W, NH, args,
                 dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
-                     BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs))
+                     BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs, OFF64=_off64((q, k, v, o, lse))))
     return o, lse
 
 
@@ -1077,6 +1096,7 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     dq = torch.empty((B, H, W, NH, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
+    off64 = _off64((q, k, v, o, grad_o, lse, dlse, ws, dq))
     with _device_guard(q):
         # Preprocess: a streaming reduction over o and do, one image row of cells per program.
         if interpreting():
@@ -1086,7 +1106,7 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         grid = (B * cdiv(H, pre["BLOCK_Y"]) * cdiv(W, pre["BLOCK_X"]) * cdiv(NH, block_h),)
         _na2d_backward_preprocess_kernel[grid](
             lo, ldo, lse, dlse, ws, *lo.stride()[:4], *ldo.stride(), *lse.stride(), *dlse.stride(),
-            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, PAIRS=pairs, BLOCK_H=block_h, BLOCK_D=block_d,
+            H, W, NH, D, HAS_DLSE=has_dlse, VEC=vec, PAIRS=pairs, OFF64=off64, BLOCK_H=block_h, BLOCK_D=block_d,
             NSPLIT=_nsplit(pre["BLOCK_Y"] * pre["BLOCK_X"] * block_h, block_d, vec, 4), num_warps=4, **pre)
         if halo is not None:
             _backward_halo(grad_o, q, k, v, ws, dq, dk, dv, scale, halo)
@@ -1100,5 +1120,5 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
                     (lq, lk, lv, ldo, ws, pds, B * H * W * NH, dq, dk, dv, *lq.stride()[:4], *lk.stride()[:4],
                      *lv.stride()[:4], *ldo.stride(), H, W, NH, float(scale), D),
                     dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec),
-                         VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs, PASS=pass_))
+                         VEC=vec, BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs, OFF64=off64, PASS=pass_))
     return dq, dk, dv
