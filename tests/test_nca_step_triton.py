@@ -336,6 +336,7 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype, weights_tagge
     if weights_tagged is None:  # half weights are tagged beside a half state only (_exact_bits)
         weights_tagged = wdtype in half and dtype in half
     want_bits = (bits["state"] if dtype in half else 0) + (bits["pw"] + bits["w1"] + bits["w2"] if weights_tagged else 0)
+    want_bits += bits["dq"] if dtype == wdtype == torch.bfloat16 else 0  # a bfloat16 dQ workspace (_half_dq)
     assert rule.constexprs()["EXACT"] == want_bits
     got = (tri.forward(state, *args), *tri.backward(grad_out, state, *args))
     d = [t.double() for t in (state, grad_out, *w)]
@@ -940,3 +941,46 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,8")
     with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
         tri._side_tiles(rule, cuda, 16, 4)
+
+
+def fro_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("case", [(2, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 0, "circular", 1.0)],
+                         ids=["dense", "depthwise"])
+def test_half_dq_workspace(monkeypatch, tf32_dots, case):
+    """bfloat16 state and weights keep dQ in a bfloat16 workspace (_half_dq): taken, and
+    every result's error against float64 (Frobenius, relative) stays within 1.5x (+1e-3) of
+    eager bfloat16's (the reference computed in bfloat16, PyTorch's numerics); with
+    FASTNCA_TRITON_NCA_HALF_DQ=0 the workspace stays float32 and the gradients change.
+    float32 weights beside a bfloat16 state keep a float32 dQ (test_exact_operand_products
+    holds their d_pw to the float32 tolerance)."""
+    import fastnca.kernels.reference.nca_step as ref_mod
+
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    B, C, H, W, hidden, F, g, frozen, padding, p = case
+    g = C if g == "C" else g
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=8)
+    args = (*w, g, padding, p, 5, 3, frozen)
+    assert tri._Rule(state, *w, g, padding, frozen).dtypes["dq"] == torch.bfloat16
+    assert tri._Rule(state, w[0].float(), *w[1:], g, padding, frozen).dtypes["dq"] == torch.float32
+    got = tri.backward(grad_out, state, *args)
+    d = [t.double() for t in (state, grad_out, *w)]
+    want = ref.backward(d[1], d[0], *d[2:], *args[6:])
+    with monkeypatch.context() as m:
+        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
+        eager = ref.backward(grad_out, state, *args)
+    for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
+        if b is None or b.abs().max() == 0:
+            continue
+        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 1e-3, f"{name}: {fro_err(a, b):.2e} vs eager {fro_err(t, b):.2e}"
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_DQ", "0")
+    assert tri._Rule(state, *w, g, padding, frozen).dtypes["dq"] == torch.float32
+    full = tri.backward(grad_out, state, *args)
+    assert not torch.equal(full[0], got[0]) or not torch.equal(full[1], got[1])
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_DQ", "yes")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1"):
+        tri._Rule(state, *w, g, padding, frozen)

@@ -144,7 +144,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
             and cuDNN without TF32 (the reference backend's row); "no-bf16-dots": the Triton
             kernels under FASTNCA_TRITON_NCA_BF16_DOTS=0 (3xTF32 products throughout, the
-            default before 2026-11-27); "gemm resident": under
+            default before 2026-11-27); "fp32-dq": under FASTNCA_TRITON_NCA_HALF_DQ=0 (the
+            backward's dQ workspace in float32, as before 2026-11-27); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory)."""
@@ -154,6 +155,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 # every formulation knob pinned (None: unset), whatever the caller exported
                 words = (mode or "").split()
                 knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
+                            FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC="gemm" if "gemm" in words else None,
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
@@ -179,6 +181,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
             if dtype == torch.bfloat16:  # bfloat16 x bfloat16 operands as 3xTF32 products, as before
                 fast.append(("fastnca:triton no-bf16-dots", "triton", "no-bf16-dots"))
+                fast.append(("fastnca:triton fp32-dq", "triton", "fp32-dq"))  # the dQ workspace as before
             fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,

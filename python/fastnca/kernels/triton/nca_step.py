@@ -155,7 +155,9 @@ _EX_GRAD = const(2)
 _EX_PW = const(4)
 _EX_W1 = const(8)
 _EX_W2 = const(16)
-_BF16_SHIFT = const(5)
+_EX_DQ = const(32)  # the conv-output gradient dQ, from the backward's workspace (_half_dq)
+_BF16_SHIFT = const(6)
+_TF32_BITS = (1 << _BF16_SHIFT.value) - 1  # EXACT without its bfloat16 bits
 
 
 @triton.jit
@@ -179,7 +181,10 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
     if BF16 and a.shape[1] >= 16:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif A_EXACT and B_EXACT:
+        return acc
+    a = a.to(tl.float32)  # a gathered bfloat16 dQ stays half until here (_input_tap)
+    b = b.to(tl.float32)
+    if A_EXACT and B_EXACT:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     elif B_EXACT:
         hi = _tf32_hi(a)
@@ -579,7 +584,7 @@ def _forward_autotuned():
 
 @triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_cell_kernel(
-    g_ptr, x_ptr, ws_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
+    g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
@@ -587,6 +592,7 @@ def _nca_step_backward_cell_kernel(
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    K1: tl.constexpr, WQ: tl.constexpr,
 ):
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
     partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
@@ -628,7 +634,8 @@ def _nca_step_backward_cell_kernel(
     db2_ptr += slot
     dpb_ptr += slot
 
-    K1 = C + FC  # workspace row: [g + dP_x (C) | dQ (FC)]
+    # workspace rows: g + dP_x at ws[cell, :C] (row stride K1), dQ at wq[cell, :FC] (stride
+    # WQ; wq is ws[:, C:] itself, or a bfloat16 workspace of its own: _half_dq)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
@@ -653,6 +660,7 @@ def _nca_step_backward_cell_kernel(
         offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0  # in the chunk
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
+        wq_row = offs_m.to(tl.int64) * WQ
         act_row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
         xb = b.to(tl.int64) * s_b
         x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
@@ -744,7 +752,7 @@ def _nca_step_backward_cell_kernel(
                 w_dq = tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None])
             dq = _mm(dz, w_dq, None,
                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
-            tl.store(ws_ptr + ws_row[:, None] + C + offs_f[None, :], dq,
+            tl.store(wq_ptr + wq_row[:, None] + offs_f[None, :], dq.to(wq_ptr.dtype.element_ty),
                      mask=rows[:, None] & fmask[None, :])
             if REGS:
                 acc_pb += tl.sum(dq, axis=0)
@@ -789,10 +797,10 @@ def _nca_step_backward_cell_kernel(
 
 @triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_conv_kernel(
-    ws_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w,
+    wq_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, WQ: tl.constexpr,
 ):
     """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of the firing cells
     idx[0..count) (the others have dQ = 0): a split-K GEMM over cells, split evenly by the
@@ -814,7 +822,6 @@ def _nca_step_backward_conv_kernel(
     fmask = offs_f < FC
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
-    K1 = C + FC
     if DEPTHWISE:
         ch = (offs_f // F).to(tl.int64) * s_c  # output channel o reads input channel o // F
         chmask = fmask
@@ -829,8 +836,8 @@ def _nca_step_backward_conv_kernel(
         rows = pos < count
         offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0
         b, y, xx = _cell_coords(offs_m, H, W)
-        dq = tl.load(ws_ptr + (offs_m.to(tl.int64) * K1)[:, None] + C + offs_f[None, :],
-                     mask=rows[:, None] & fmask[None, :], other=0.0)
+        dq = tl.load(wq_ptr + (offs_m.to(tl.int64) * WQ)[:, None] + offs_f[None, :],
+                     mask=rows[:, None] & fmask[None, :], other=0.0).to(tl.float32)
         ny, vy = _pad_index(y + (ky - 1), H, PAD)
         nx, vx = _pad_index(xx + (kx - 1), W, PAD)
         off = b.to(tl.int64) * s_b + ny.to(tl.int64) * s_h + nx.to(tl.int64) * s_w
@@ -839,7 +846,8 @@ def _nca_step_backward_conv_kernel(
         if DEPTHWISE:
             acc_d += tl.sum(dq * t, axis=0)
         else:
-            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, EXACT, _EX_NONE, _EX_STATE)
+            # a bfloat16 dQ is exact in TF32: one product (EXACT has no bfloat16 bits here)
+            acc = _mm(tl.trans(dq), t, acc, DOT_PREC, EXACT, _EX_DQ, _EX_STATE)
     if DEPTHWISE:  # partial layout [9, FC_CEIL]
         p_d = dpw_ptr + part.to(tl.int64) * (9 * FC_CEIL) + tap * FC_CEIL + offs_f
         tl.store(p_d, tl.load(p_d) + acc_d)
@@ -934,15 +942,15 @@ def _readers(s, n, rows, PAD: tl.constexpr):
 
 
 @triton.jit
-def _gather_one(ws_ptr, cell, valid, cols, cm, K1: tl.constexpr):
-    """ws[cell, cols] where the reader cell exists (the launcher zeroes the dQ columns of
-    the workspace first: a reader that does not fire contributes 0, with no fire-bit load
-    in front of the gather)."""
-    return tl.load(ws_ptr + (cell * K1)[:, None] + cols[None, :], mask=valid[:, None] & cm, other=0.0)
+def _gather_one(wq_ptr, cell, valid, cols, cm, WQ: tl.constexpr):
+    """wq[cell, cols] (dQ, in the workspace's dtype) where the reader cell exists (the
+    launcher zeroes the dQ workspace first: a reader that does not fire contributes 0, with
+    no fire-bit load in front of the gather)."""
+    return tl.load(wq_ptr + (cell * WQ)[:, None] + cols[None, :], mask=valid[:, None] & cm, other=0.0)
 
 
 @triton.jit
-def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, K1: tl.constexpr,
+def _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, WQ: tl.constexpr,
                 PAD: tl.constexpr):
     """Sum of ws[cell, cols] over the (up to 2 x 2) cells that read this source cell through
     one tap; yd/yb are cell-row bases ((b*H + q)*W), xd/xb column coordinates. The border
@@ -950,14 +958,14 @@ def _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, 
     (y_edge / x_edge, scalars): elsewhere their masks are all false, and the branch saves
     their address arithmetic and predicated loads (the kernel is instruction-bound)."""
     cm = colmask[None, :]
-    acc = _gather_one(ws_ptr, yd + xd, yv & xv, cols, cm, K1)
+    acc = _gather_one(wq_ptr, yd + xd, yv & xv, cols, cm, WQ).to(tl.float32)
     if PAD != 0:  # zeros padding has no border readers
         if x_edge:
-            acc += _gather_one(ws_ptr, yd + xb, yv & xbv, cols, cm, K1)
+            acc += _gather_one(wq_ptr, yd + xb, yv & xbv, cols, cm, WQ).to(tl.float32)
         if y_edge:
-            acc += _gather_one(ws_ptr, yb + xd, ybv & xv, cols, cm, K1)
+            acc += _gather_one(wq_ptr, yb + xd, ybv & xv, cols, cm, WQ).to(tl.float32)
             if x_edge:
-                acc += _gather_one(ws_ptr, yb + xb, ybv & xbv, cols, cm, K1)
+                acc += _gather_one(wq_ptr, yb + xb, ybv & xbv, cols, cm, WQ).to(tl.float32)
     return acc
 
 
@@ -981,16 +989,36 @@ def _tap_readers(ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0
 
 
 @triton.jit
-def _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+def _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
                xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, cols, colmask,
-               K1: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
+               WQ: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
+               HALF_DQ: tl.constexpr):
     """acc + (dQ gathered over the readers of tap (ky, kx)) @ w, w = pw[:, :, tap]^T
-    [FC_BLK, C_PAD]; ky, kx runtime values or constants (then the selects fold)."""
+    [FC_BLK, C_PAD]; ky, kx runtime values or constants (then the selects fold). HALF_DQ
+    (a bfloat16 dQ workspace, _half_dq): the gathered tiles stay bfloat16 into the dot (a
+    bfloat16 dot with bfloat16 weights, else one TF32 product), one dot per reader, since a
+    sum of two readers' values is no longer a bfloat16 value; only edge tiles have more
+    than one reader a tap."""
     yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge = _tap_readers(
         ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2,
         xbv0, xbv2, ye0, ye2, xe0, xe2)
-    gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, K1, PAD)
-    return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
+    if HALF_DQ:
+        cm = colmask[None, :]
+        acc = _mm(_gather_one(wq_ptr, yd + xd, yv & xv, cols, cm, WQ), w, acc, DOT_PREC, EXACT, _EX_DQ, _EX_PW)
+        if PAD != 0:
+            if x_edge:
+                acc = _mm(_gather_one(wq_ptr, yd + xb, yv & xbv, cols, cm, WQ), w, acc, DOT_PREC, EXACT,
+                          _EX_DQ, _EX_PW)
+            if y_edge:
+                acc = _mm(_gather_one(wq_ptr, yb + xd, ybv & xv, cols, cm, WQ), w, acc, DOT_PREC, EXACT,
+                          _EX_DQ, _EX_PW)
+                if x_edge:
+                    acc = _mm(_gather_one(wq_ptr, yb + xb, ybv & xbv, cols, cm, WQ), w, acc, DOT_PREC, EXACT,
+                              _EX_DQ, _EX_PW)
+        return acc
+    else:
+        gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, WQ, PAD)
+        return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
 
 
 @triton.jit
@@ -1001,12 +1029,12 @@ def _pick9(i: tl.constexpr, w0, w1, w2, w3, w4, w5, w6, w7, w8):
 
 
 @triton.jit
-def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
-                w0, w1, w2, w3, w4, w5, w6, w7, w8,
+def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d_c, d_h, d_w,
+                g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
                 C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
                 C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
                 DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-                RES: tl.constexpr):
+                RES: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr):
     """d_state of the cells offs_m (the input kernel's docstring). RES: dense rule of one
     conv chunk, taps unrolled with the weights w0..w8 given (loaded once by the caller);
     otherwise per-tap weights loaded here (w0..w8 unused)."""
@@ -1014,7 +1042,6 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
     b, y, xx = _cell_coords(offs_m, H, W)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
-    K1 = C + FC
     io_mask = rows[:, None] & cmask[None, :]
     fires = (tl.load(fire_ptr + offs_m, mask=rows, other=0) != 0)[:, None]
     acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask & fires, other=0.0)
@@ -1040,10 +1067,10 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
         offs_f = tl.arange(0, FC_BLK)
         fmask = offs_f < FC
         for tap in tl.static_range(9):
-            acc = _input_tap(acc, _pick9(tap, w0, w1, w2, w3, w4, w5, w6, w7, w8), tap // 3, tap % 3, ws_ptr,
+            acc = _input_tap(acc, _pick9(tap, w0, w1, w2, w3, w4, w5, w6, w7, w8), tap // 3, tap % 3, wq_ptr,
                              yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
-                             xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, C + offs_f, fmask, K1, PAD,
-                             DOT_PREC, EXACT)
+                             xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, offs_f, fmask, WQ, PAD,
+                             DOT_PREC, EXACT, HALF_DQ)
     else:
         for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
             offs_f = f0 + tl.arange(0, FC_BLK)
@@ -1057,14 +1084,14 @@ def _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d
                         xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2)
                     for f in tl.static_range(F):
                         o = offs_c * F + f  # the output channels that read input channel c
-                        gq = _gather_tap(ws_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, C + o, cmask,
-                                         K1, PAD)
+                        gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, o, cmask,
+                                         WQ, PAD)
                         acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
                 else:
                     w = _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD, FC_CEIL)
-                    acc = _input_tap(acc, w, ky, kx, ws_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+                    acc = _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
                                      xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2,
-                                     C + offs_f, fmask, K1, PAD, DOT_PREC, EXACT)
+                                     offs_f, fmask, WQ, PAD, DOT_PREC, EXACT, HALF_DQ)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
@@ -1079,11 +1106,11 @@ def _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.cons
 
 @triton.jit
 def _nca_step_backward_input_kernel(
-    ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
+    ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
     C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
     DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
     dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
@@ -1107,14 +1134,16 @@ def _nca_step_backward_input_kernel(
         w7 = _pw_tap_t(pw_ptr, 7, offs_c, offs_f, C_PAD, FC_CEIL)
         w8 = _pw_tap_t(pw_ptr, 8, offs_c, offs_f, C_PAD, FC_CEIL)
         for tile in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
-            _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, tile * BLOCK_M + tl.arange(0, BLOCK_M), N, H, W,
-                        d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
-                        C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, True)
+            _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, tile * BLOCK_M + tl.arange(0, BLOCK_M), N,
+                        H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+                        C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, True,
+                        K1, WQ, HALF_DQ)
     else:
         nil = tl.zeros([1], dtype=tl.float32)  # placeholders for the weight operands
-        _input_tile(ws_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, pid * BLOCK_M + tl.arange(0, BLOCK_M), N, H, W,
-                    d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, nil, nil, nil, nil, nil, nil, nil, nil, nil,
-                    C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, False)
+        _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, pid * BLOCK_M + tl.arange(0, BLOCK_M), N, H,
+                    W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, nil, nil, nil, nil, nil, nil, nil, nil, nil,
+                    C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, False,
+                    K1, WQ, HALF_DQ)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1198,7 +1227,7 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
 _MAX_CELLS = _backend.NCA_LIMITS["triton"]["cells"]
 _HALF = (torch.float16, torch.bfloat16)
 # EXACT bits by operand family, for the host (the kernels' _EX_* constants)
-_EXACT_BITS = dict(state=_EX_STATE.value, grad=_EX_GRAD.value, pw=_EX_PW.value, w1=_EX_W1.value,
+_EXACT_BITS = dict(state=_EX_STATE.value, grad=_EX_GRAD.value, pw=_EX_PW.value, w1=_EX_W1.value, dq=_EX_DQ.value,
                    w2=_EX_W2.value)
 
 
@@ -1248,6 +1277,22 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     return bits
 
 
+def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
+    """Whether the backward keeps dQ, the gradient of the perception conv's output, in a
+    bfloat16 workspace of its own: where both results computed from it, d_state and d_pw,
+    are bfloat16 themselves (FASTNCA_TRITON_NCA_HALF_DQ=0 keeps it in float32). Eager
+    bfloat16 autograd holds that gradient in bfloat16 too. Float32 weights beside a
+    bfloat16 state (master weights) keep a float32 dQ, and their d_pw float32 accuracy.
+    The input kernel then gathers half the bytes and multiplies them by the bfloat16
+    weights in one bfloat16 dot, where a float32 dQ took two TF32 products; the
+    conv-gradient kernel takes one TF32 product instead of two. Untimed; on a CPU the
+    gradients' error against float64 stays within eager bfloat16's (tests)."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_HALF_DQ", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1, got {v!r}")
+    return state_dtype == torch.bfloat16 and pw_dtype == torch.bfloat16 and v != "0"
+
+
 # The Triton interpreter multiplies bfloat16 dot operands as raw bits: bfloat16 dots stay
 # off there unless a test supplies a correct dot (tests/test_nca_step_triton.py, tf32_dots).
 _INTERPRETER_BF16_DOTS = False
@@ -1263,7 +1308,8 @@ class _Rule:
         if B * H * W > _MAX_CELLS:  # tile positions (int32) run up to a tile past the last cell
             raise ValueError(f"triton nca_step needs B*H*W <= {_MAX_CELLS} cells, got {B * H * W}")
         dev = self.device = state.device
-        self.dtypes = dict(state=state.dtype, pw=pw.dtype, w1=w1.dtype, w2=w2.dtype)
+        self.dtypes = dict(state=state.dtype, pw=pw.dtype, w1=w1.dtype, w2=w2.dtype,
+                           dq=torch.bfloat16 if _half_dq(state.dtype, pw.dtype) else torch.float32)
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
         self.C_PAD, self.HID_PAD, self.C_BLK, self.FC_BLK, self.FC_CEIL = _tile_dims(C, FC, hid)
@@ -1705,12 +1751,25 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
     # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
     act_row = _act_row(rule) if gemm else 0
-    # Batch chunks bound the fp32 workspace [cells, C + FC] (_common.backward_batch_chunk).
-    chunk = _common.backward_batch_chunk(state, 4 * (C + rule.FC) + act_row * state.element_size())
-    ws = torch.empty(min(B, chunk) * H * W, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ], transient
-    act = torch.empty(min(B, chunk) * H * W, act_row, dtype=state.dtype, device=dev) if gemm else ws  # ws: unread
+    # The transient workspace: g + dP_x (float32) and dQ, as [cells, C + FC] float32 rows,
+    # or dQ in a bfloat16 workspace of its own (_half_dq). Batch chunks bound it
+    # (_common.backward_batch_chunk).
+    half_dq = rule.dtypes["dq"] == torch.bfloat16
+    ws_bytes = 4 * C + (2 * rule.FC_CEIL if half_dq else 4 * rule.FC)
+    chunk = _common.backward_batch_chunk(state, ws_bytes + act_row * state.element_size())
+    n_ws = min(B, chunk) * H * W
+    if half_dq:
+        ws = torch.empty(n_ws, C, dtype=torch.float32, device=dev)
+        wq = torch.empty(n_ws, rule.FC_CEIL, dtype=torch.bfloat16, device=dev)
+        k1, wq_row = C, rule.FC_CEIL
+    else:
+        ws = torch.empty(n_ws, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ]
+        wq = ws[:, C:]
+        k1 = wq_row = C + rule.FC
+    act = torch.empty(n_ws, act_row, dtype=state.dtype, device=dev) if gemm else ws  # ws: unread
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
+        wq.fill_(float("nan"))
         if gemm:
             act.fill_(float("nan"))
     sizes_a = _cell_slot_sizes(rule)
@@ -1746,12 +1805,13 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # the mask for each cell's direct term.
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     idx, pos = _firing_cells(fires.reshape(-1))
-    cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+    cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
     if resident:  # the staged fallback keeps the staged tile
         cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
     in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                  FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, num_warps=in_warps, num_stages=in_stages)
+                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row, HALF_DQ=half_dq,
+                 num_warps=in_warps, num_stages=in_stages)
     if in_resident:
         in_res_kw = dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps)
     for b0 in range(0, B, chunk):
@@ -1760,9 +1820,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         N = nb * H * W
         c0 = b0 * H * W  # the chunk's first cell
         fire_c = fires[b0:b0 + nb].reshape(N)
-        ws[:N, C:].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
+        wq[:N].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
         with _on_device(dev):
-            cell_args = (g_c, x_c, ws, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
+            cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_grid = (min(G, cdiv(N, block_m)),)
             if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
@@ -1773,16 +1833,16 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                     FC_CEIL=rule.FC_CEIL, **fc_tile, BLOCK_K=_FC_BLOCK_K, DOT_PREC=cx["DOT_PREC"],
                     HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
             _nca_step_backward_conv_kernel[(conv_programs, parts)](
-                ws, x_c, dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(),
+                wq, x_c, dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(),
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
-                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"],
-                BLOCK_M=cv_m, num_warps=4, num_stages=1)
-            in_args = (ws, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
+                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"] & _TF32_BITS,
+                BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
+            in_args = (ws, wq, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
                        *g_c.stride())
             if not (in_resident and _try_resident(
                     _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
                 _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
-    del ws
+    del ws, wq
     weights = (pw, pb, w1, b1, w2, b2)
     own._fold(zero=sink is not None)
     own._finish = functools.partial(_weight_grads, rule, weights)
