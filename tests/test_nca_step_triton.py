@@ -948,9 +948,23 @@ def fro_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("case", [(2, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 0, "circular", 1.0)],
-                         ids=["dense", "depthwise"])
+HALF_DQ_CASES = [(2, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 0, "circular", 1.0)]
+
+
+@pytest.mark.parametrize("case", HALF_DQ_CASES, ids=["dense", "depthwise"])
 def test_half_dq_workspace(monkeypatch, tf32_dots, case):
+    check_half_dq(monkeypatch, case)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
+                         ids=["dense", "depthwise", "mednca"])
+def test_gpu_half_dq_workspace(monkeypatch, case):
+    check_half_dq(monkeypatch, case)
+
+
+def check_half_dq(monkeypatch, case):
     """bfloat16 state and weights keep dQ in a bfloat16 workspace (_half_dq): taken, and
     every result's error against float64 (Frobenius, relative) stays within 1.5x (+1e-3) of
     eager bfloat16's (the reference computed in bfloat16, PyTorch's numerics); with
