@@ -114,10 +114,10 @@ def function(name: str, op_name: str, forward: Callable, setup: Callable, grad: 
         return output
 
     def bwd(ctx, *grad_outputs):
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+            return grad(ctx, *grad_outputs)
         with torch.no_grad():
             grads = grad(ctx, *grad_outputs)
-        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            return grads
         deps = [t for t in (*ctx.saved_tensors, *grad_outputs) if t is not None and t.requires_grad]
         if not deps:
             return grads
