@@ -34,7 +34,7 @@
 #       window kernels' one-row-per-thread chunks and bfloat16 word loads (sm_90 SASS -20%
 #       instructions forward, -6% backward; compare with the H100 attention rows of
 #       h100-bf1a97b-attention-nca-bf16.json) and bfloat16 dots as the nca default (the
-#       "no-bf16-dots" row is the old default). Call 1 (the warm-up
+#       "no-bf16-dots fp32-dq" row is the old default). Call 1 (the warm-up
 #       beside the tests: both compile on the CPU, 16 cores):
 #         BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh build@100 \
 #             test@300+sanitize:memcheck,racecheck@240+bench-warm:nca,attention:bfloat16@300 pack

@@ -102,7 +102,8 @@ def main() -> int:
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
                      FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
-                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else "0")
+                     FASTNCA_TRITON_NCA_BF16_DOTS="1" if prec == "bf16-dots" else "0",
+                     FASTNCA_TRITON_NCA_HALF_DQ=None)  # the default, whatever the caller exported
 
         def call(kern=kern):
             return kern.backward(gout, x, *args)
@@ -166,7 +167,7 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
     def run(backend, acc=None, weights=None):
         s = x.detach().requires_grad_()
         with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc, FASTNCA_TRITON_NCA_BF16_DOTS=None,
-                 FASTNCA_TRITON_NCA_WEIGHTS=weights):
+                 FASTNCA_TRITON_NCA_HALF_DQ=None, FASTNCA_TRITON_NCA_WEIGHTS=weights):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()

@@ -197,6 +197,7 @@ def test_second_derivatives_raise_instead_of_dropping_terms(backend):
         graph = torch.autograd.grad(f(*leaves).pow(2).sum(), leaves, create_graph=True)
         for a, b in zip(first, graph):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+        graph[0].mul_(1.0)  # usable in place, as torch's own gradients
         with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
             torch.autograd.grad(graph[0].pow(2).sum(), leaves[-1], allow_unused=True)
         with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
@@ -216,10 +217,18 @@ def test_forward_mode_and_func_transforms_raise(backend):
             with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support forward-mode AD"):
                 f(dual, *inputs[1:])
             f(*inputs)  # no dual tensor: runs
-        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func.jvp"):
+        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func's"):
             torch.func.jvp(lambda x: f(x, *inputs[1:]), (inputs[0],), (torch.ones_like(inputs[0]),))
-        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func.grad"):
+        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func's"):
             torch.func.grad(lambda x: f(x, *inputs[1:]).sum())(inputs[0])
+        with pytest.raises(NotImplementedError, match=f"fastnca.{name} does not support torch.func's"):
+            torch.func.vmap(torch.func.grad(lambda x: f(x, *inputs[1:]).sum()))(inputs[0][None])
+        # an op on constants of the transform runs: d/dw of f(inputs) * w
+        out = f(*inputs)
+        w = torch.tensor(2.0, dtype=torch.float64)
+        torch.testing.assert_close(torch.func.grad(lambda w: (f(*inputs) * w).sum())(w), out.sum())
+        _, tangent = torch.func.jvp(lambda w: (f(*inputs) * w).sum(), (w,), (torch.ones_like(w),))
+        torch.testing.assert_close(tangent, out.sum())
     q, k, v = (torch.stack([t, 2 * t]) for t in _autodiff_cases(backend)[2][2])  # a leading vmap dim
     out = torch.func.vmap(lambda a, b, c: fastnca.neighborhood_attention2d(a, b, c, backend=backend))(q, k, v)
     torch.testing.assert_close(out, torch.stack([fastnca.neighborhood_attention2d(a, b, c, backend=backend)

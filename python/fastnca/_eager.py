@@ -63,21 +63,28 @@ def unsupported_autodiff(name: str, tensors: tuple) -> None:
     """Raise for what the ops cannot differentiate, rather than give wrong derivatives:
     forward-mode AD (dual tensors of torch.autograd.forward_ad; torch.func.jvp, jacfwd) and
     torch.func.grad / vjp / jacrev, whose torch-internal failure names no fastnca op.
-    (Without this, forward_ad got no tangent and torch.func.jvp a zero one.) vmap,
-    torch.compile and torch.export are not affected."""
-    if _func_transform():
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        for level in retrieve_all_functorch_interpreters():
-            if level.key() in (TransformType.Grad, TransformType.Jvp):
-                raise NotImplementedError(
-                    f"fastnca.{name} does not support torch.func.{'grad / vjp / jacrev' if level.key() == TransformType.Grad else 'jvp / jacfwd'}; "
-                    "use torch.autograd.grad or .backward() (torch.func.vmap of the op works)")
+    (Without this, forward_ad got no tangent and torch.func.jvp a zero one.) Only inputs
+    the transform differentiates count: an op on constants inside torch.func.grad runs.
+    vmap, torch.compile and torch.export are not affected."""
+    if _func_transform() and any(t is not None and _differentiated(t) for t in tensors):
+        raise NotImplementedError(
+            f"fastnca.{name} does not support torch.func's differentiating transforms (grad, vjp, jacrev, jvp, "
+            "jacfwd) of its inputs; use torch.autograd.grad or .backward() (torch.func.vmap of the op works)")
     if getattr(forward_ad, "_current_level", -1) >= 0 and any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"fastnca.{name} does not support forward-mode AD (dual tensors); "
                                   "use reverse mode (torch.autograd.grad / .backward())")
+
+
+def _differentiated(t: torch.Tensor) -> bool:
+    """Whether a torch.func grad / jvp level wraps t (a GradTrackingTensor, at any depth of
+    functorch wrappers: vmap's BatchedTensor may sit outside it)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_gradtrackingtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 class _DifferentiableOnce(torch.autograd.Function):
@@ -89,7 +96,8 @@ class _DifferentiableOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, n, *tensors):
         ctx.name = name
-        return tuple(t.view_as(t) for t in tensors[:n])
+        # copies (only under create_graph=True): views would forbid in-place use of the grads
+        return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
     def backward(ctx, *grads):

@@ -142,10 +142,10 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             """forward(), and with ``grad`` its backward from grad_out, as one callable.
             mode "tf32": both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
             from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
-            and cuDNN without TF32 (the reference backend's row); "no-bf16-dots": the Triton
-            kernels under FASTNCA_TRITON_NCA_BF16_DOTS=0 (3xTF32 products throughout, the
-            default before 2026-11-27); "fp32-dq": under FASTNCA_TRITON_NCA_HALF_DQ=0 (the
-            backward's dQ workspace in float32, as before 2026-11-27); "gemm resident": under
+            and cuDNN without TF32 (the reference backend's row); "no-bf16-dots fp32-dq": the
+            Triton kernels as before 2026-11-27, under FASTNCA_TRITON_NCA_BF16_DOTS=0 (3xTF32
+            products throughout) and FASTNCA_TRITON_NCA_HALF_DQ=0 (the backward's dQ workspace
+            in float32); "fp32-dq": the latter alone; "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory)."""
@@ -179,9 +179,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         fast = [(f"fastnca:{b}", b, "fp32" if b == "reference" else None) for b in backends]
         if "triton" in backends and device.type == "cuda":
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
-            if dtype == torch.bfloat16:  # bfloat16 x bfloat16 operands as 3xTF32 products, as before
-                fast.append(("fastnca:triton no-bf16-dots", "triton", "no-bf16-dots"))
+            if dtype == torch.bfloat16:  # the defaults of before 2026-11-27, for comparison
                 fast.append(("fastnca:triton fp32-dq", "triton", "fp32-dq"))  # the dQ workspace as before
+                fast.append(("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq"))  # as before
             fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,

@@ -38,7 +38,9 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   (_list_range), B reads the mask for each cell's own direct term.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
-  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] and sums its fc
+  dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] (with bfloat16 state
+  and weights: g + dP_x to a float32 [N, C] and dQ to a bfloat16 [N, FC_CEIL], _half_dq)
+  and sums its fc
   weight-grad partials (d_w1, d_b1, d_w2, d_b2, d_pb) over its tiles in a fixed order:
   in registers, stored once, for rules of one channel and one conv chunk (the Med-NCA
   rule); else read-modify-written in its own slot of a [G, ...] buffer per tile. No
@@ -173,9 +175,10 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     family as from a half tensor (exact in TF32, a zero low part), tf32x3 needs fewer TF32
     products for the same result: one when both operands are (each product exact in fp32),
     two when one is (the other split hi + lo, tf32x3's terms without the one that is zero).
-    Where it marks both as from bfloat16 tensors (FASTNCA_TRITON_NCA_BF16_DOTS=1, opt-in),
-    the product is one bfloat16 dot: exact products, float32 accumulation, the same result
-    at twice TF32's rate with half the operand bytes (K >= 16, the bf16 MMA's minimum)."""
+    Where it marks both as from bfloat16 tensors (by default; FASTNCA_TRITON_NCA_BF16_DOTS=0
+    turns it off), the product is one bfloat16 dot: exact products, float32 accumulation,
+    the same result at twice TF32's rate with half the operand bytes (K >= 16, the bf16
+    MMA's minimum). a, b may be half (a gathered dQ): cast to float32 for the TF32 paths."""
     A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
     B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
     BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)

@@ -131,11 +131,12 @@ def _tile(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.co
 
 @triton.jit
 def _ptrs(ptr, base, y, x, sy, sx, d, sd, VEC: tl.constexpr):
-    """[BLOCK_M, BLOCK_D] pointers of the D-rows of cells (y, x); base = b*sb + h*sh (int64:
-    big batches overflow int32). The launcher proves every row offset a multiple of VEC
-    elements, so gathered rows load as 16-byte vectors even where the compiler cannot
-    see it (head stride 8, say). sd is the last-dim stride: 1 (specialised away) except
-    for a strided grad_o."""
+    """[BLOCK_M, NSPLIT, DC] pointers of the D-rows of cells (y, x), d the columns (_cols or
+    _load_cols); base = b*sb + h*sh in the offset type (int64 where a tensor spans 2^31
+    elements, else int32: _wide), which the row offsets take. The launcher proves every
+    row offset a multiple of VEC load units, so gathered rows load as 16-byte vectors even
+    where the compiler cannot see it (head stride 8, say). sd is the last-dim stride: 1
+    (specialised away) except for a strided grad_o."""
     off = tl.multiple_of(base + y.to(base.dtype) * sy + x.to(base.dtype) * sx, VEC)
     return ptr + off[:, None, None] + d.to(base.dtype) * sd
 
@@ -159,12 +160,13 @@ def _out_rows(b64, y, x, h, H, W, NH):
 
 @triton.jit
 def _cols(NSPLIT: tl.constexpr, DC: tl.constexpr):
-    """[NSPLIT, 1, DC] column indices of the window kernels' [NSPLIT, BLOCK_M, DC] blocks:
-    chunk c holds columns c*DC .. c*DC + DC - 1 of every row. Triton spreads a block's
-    threads over its last dim first, then over the rows, and repeats the leading dim in
-    each thread: with DC = VEC * 32 * num_warps / BLOCK_M (_nsplit) a thread holds whole
-    vectors of ONE row, so the per-row work (window addresses, softmax, the reductions'
-    shuffles) runs once per row, not once per row and vector group."""
+    """[1, NSPLIT, DC] column indices of the window kernels' [BLOCK_M, NSPLIT, DC] blocks:
+    chunk c holds columns c*DC .. c*DC + DC - 1 of every row. Triton's load layout takes
+    the contiguous last dim first, then the rows (dim 0; dims of equal contiguity go in
+    index order), and repeats the chunk dim in each thread: with DC = VEC * 32 * num_warps
+    / BLOCK_M (_nsplit) a thread holds whole vectors of ONE row, so the per-row work
+    (window addresses, softmax, the reductions' shuffles) runs once per row, not once per
+    row and vector group. (Chunks as the leading dim got threads of their own.)"""
     return (tl.arange(0, NSPLIT) * DC)[None, :, None] + tl.arange(0, DC)[None, None, :]
 
 
@@ -197,31 +199,57 @@ def _load_cols(NSPLIT: tl.constexpr, DC: tl.constexpr, D: tl.constexpr, PAIRS: t
 
 
 @triton.jit
+def _in_grid(k, own, BORDER: tl.constexpr):
+    """A key coordinate to load from: k, or the query's own (clamped) coordinate where k
+    is negative (outside the grid: zeros / mask borders, and shift on a grid smaller than
+    the window, whose kernels read a zero key there), so that every window load is in
+    bounds and needs no mask; the logit and value of an outside key are set apart
+    (zeros and shift: a zero key; mask: left out)."""
+    if BORDER == _CIRCULAR:
+        return k
+    else:
+        return tl.where(k >= 0, k, own)
+
+
+@triton.jit
+def _load_rows(ptrs, dm, FULL: tl.constexpr):
+    """A window load: unmasked when the D-row has no padded columns (FULL), every row
+    address being in bounds (_in_grid, clamped padded rows)."""
+    if FULL:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=dm, other=0)
+
+
+@triton.jit
 def _rowsum(t):
-    """Row sums [BLOCK_M] of an [NSPLIT, BLOCK_M, DC] block."""
+    """Row sums [BLOCK_M] of a [BLOCK_M, NSPLIT, DC] block."""
     return tl.sum(tl.sum(t, 2), 1)
 
 
 # ---- forward -------------------------------------------------------------------------
 @triton.jit
-def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
-    """Online-softmax update with the KS keys of window row a (offsets (a, -r..r))."""
+def _fwd_row(a, m_i, l_i, acc, q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+             FULL: tl.constexpr):
+    """Online-softmax update with the KS keys of window row a (offsets (a, -r..r)), loaded
+    in the grid (_in_grid: yl, xl the query's own coordinates, clamped)."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
+    kyl = _in_grid(ky, yl, BORDER)
     for bi in tl.static_range(KS):
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = (ky >= 0) & (kx >= 0)
-        m2 = (ok & inside)[:, None, None] & dm
-        k = _f32(tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0), PAIRS)
-        v = _f32(tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        kxl = _in_grid(kx, xl, BORDER)
+        k = _f32(_load_rows(_ptrs(k_ptr, k_base, kyl, kxl, sky, skx, d, 1, VEC), dm, FULL), PAIRS)
+        v = _f32(_load_rows(_ptrs(v_ptr, v_base, kyl, kxl, svy, svx, d, 1, VEC), dm, FULL), PAIRS)
         s = _rowsum(q * k)
         if BORDER == _MASK:
             # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
             # (ok = 0, never stored) count as inside with s = 0, so nothing turns NaN.
             keep = inside | (ok == 0)
             s = tl.where(keep, s, m_i)
-        elif BORDER == _ZEROS:
+        elif BORDER == _ZEROS or BORDER == _SHIFT:
             s = tl.where(inside, s, 0.0)  # a zero key: logit exactly 0, still in the softmax
         m_new = tl.maximum(m_i, s)
         alpha = tl.exp(m_i - m_new)  # exactly 0 at the first key (m_i = -FLT_MAX)
@@ -229,41 +257,44 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_pt
         if BORDER == _MASK:
             p = tl.where(keep, p, 0.0)
         l_i = l_i * alpha + p
+        if BORDER == _ZEROS or BORDER == _SHIFT:  # a zero value outside the grid
+            p = tl.where(inside, p, 0.0)
         acc = acc * alpha[:, None, None] + p[:, None, None] * v
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _window_score(q, ky, kx, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr, VEC: tl.constexpr,
-                  PAIRS: tl.constexpr):
-    """(logit, inside) of the key at (ky, kx) (-1: outside) for each query row. An outside
-    key under border="mask" gets -FLT_MAX: its probability underflows to exactly 0 against
-    the window's max, which the always-inside centre key keeps finite. Padded rows (ok = 0,
-    never stored) count as inside with s = 0, so nothing turns NaN."""
-    inside = (ky >= 0) & (kx >= 0)
-    k = tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=(ok & inside)[:, None, None] & dm,
-                other=0)
+def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr,
+                  VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
+    """The logit of each query row's key, loaded at (ky, kx) (in the grid: _in_grid);
+    inside: whether the window's key is in the grid. An outside key under border="mask"
+    gets -FLT_MAX: its probability underflows to exactly 0 against the window's max, which
+    the always-inside centre key keeps finite; under "zeros" it is a zero key, logit
+    exactly 0. Padded rows (ok = 0, never stored) count as inside, so nothing turns NaN."""
+    k = _load_rows(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), dm, FULL)
     s = _rowsum(q * _f32(k, PAIRS))
     if BORDER == _MASK:
         s = tl.where(inside | (ok == 0), s, -3.4028234663852886e38)
-    elif BORDER == _ZEROS:
+    elif BORDER == _ZEROS or BORDER == _SHIFT:
         s = tl.where(inside, s, 0.0)  # a zero key: logit exactly 0, still in the softmax
-    return s, inside
+    return s
 
 
 @triton.jit
-def _window_value(acc, p, ky, kx, inside, ok, d, dm, v_ptr, v_base, svy, svx, VEC: tl.constexpr,
-                  PAIRS: tl.constexpr):
-    """acc + p * v of the key at (ky, kx) (a zero value outside the grid)."""
-    v = tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=(ok & inside)[:, None, None] & dm,
-                other=0)
+def _window_value(acc, p, ky, kx, inside, d, dm, v_ptr, v_base, svy, svx, BORDER: tl.constexpr,
+                  VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
+    """acc + p * v of the key loaded at (ky, kx): a zero value where the window's key is
+    outside the grid (zeros; under mask its p is 0 already)."""
+    v = _load_rows(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), dm, FULL)
+    if BORDER == _ZEROS or BORDER == _SHIFT:
+        p = tl.where(inside, p, 0.0)
     return acc + p[:, None, None] * _f32(v, PAIRS)
 
 
 @triton.jit
-def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
-                 BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
+def _fwd_window3(q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
+                 BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
     """(max logit, softmax denominator, unnormalised output) of a whole 3x3 window in two
     passes: its 9 logits and their max, then the probabilities and the output. Per query
     and head that is 18 D-length multiply-add rows and 9 exponentials, against 27 and 18
@@ -275,15 +306,21 @@ def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy
     xa = _key_index(x, -1, W, 1, BORDER)
     xb = _key_index(x, 0, W, 1, BORDER)
     xc = _key_index(x, 1, W, 1, BORDER)
-    s0, i0 = _window_score(q, ya, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s1, i1 = _window_score(q, ya, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s2, i2 = _window_score(q, ya, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s3, i3 = _window_score(q, yb, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s4, i4 = _window_score(q, yb, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s5, i5 = _window_score(q, yb, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s6, i6 = _window_score(q, yc, xa, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s7, i7 = _window_score(q, yc, xb, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
-    s8, i8 = _window_score(q, yc, xc, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS)
+    # load coordinates, in the grid (yl, xl: the query's own, clamped for padded rows)
+    la, lb, lc = _in_grid(ya, yl, BORDER), _in_grid(yb, yl, BORDER), _in_grid(yc, yl, BORDER)
+    ma, mb, mc = _in_grid(xa, xl, BORDER), _in_grid(xb, xl, BORDER), _in_grid(xc, xl, BORDER)
+    i0, i1, i2 = (ya >= 0) & (xa >= 0), (ya >= 0) & (xb >= 0), (ya >= 0) & (xc >= 0)
+    i3, i4, i5 = (yb >= 0) & (xa >= 0), (yb >= 0) & (xb >= 0), (yb >= 0) & (xc >= 0)
+    i6, i7, i8 = (yc >= 0) & (xa >= 0), (yc >= 0) & (xb >= 0), (yc >= 0) & (xc >= 0)
+    s0 = _window_score(q, la, ma, i0, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s1 = _window_score(q, la, mb, i1, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s2 = _window_score(q, la, mc, i2, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s3 = _window_score(q, lb, ma, i3, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s4 = _window_score(q, lb, mb, i4, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s5 = _window_score(q, lb, mc, i5, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s6 = _window_score(q, lc, ma, i6, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s7 = _window_score(q, lc, mb, i7, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s8 = _window_score(q, lc, mc, i8, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
     m = tl.maximum(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)),
                    tl.maximum(tl.maximum(s4, s5), tl.maximum(tl.maximum(s6, s7), s8)))
     p0 = tl.exp(s0 - m)
@@ -297,15 +334,15 @@ def _fwd_window3(q, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy
     p8 = tl.exp(s8 - m)
     den = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)) + p8
     acc = tl.zeros_like(q)
-    acc = _window_value(acc, p0, ya, xa, i0, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p1, ya, xb, i1, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p2, ya, xc, i2, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p3, yb, xa, i3, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p4, yb, xb, i4, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p5, yb, xc, i5, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p6, yc, xa, i6, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p7, yc, xb, i7, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
-    acc = _window_value(acc, p8, yc, xc, i8, ok, d, dm, v_ptr, v_base, svy, svx, VEC, PAIRS)
+    acc = _window_value(acc, p0, la, ma, i0, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p1, la, mb, i1, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p2, la, mc, i2, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p3, lb, ma, i3, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p4, lb, mb, i4, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p5, lb, mc, i5, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p6, lc, ma, i6, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p7, lc, mb, i7, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
+    acc = _window_value(acc, p8, lc, mc, i8, d, dm, v_ptr, v_base, svy, svx, BORDER, VEC, PAIRS, FULL)
     return m, den, acc
 
 
@@ -326,11 +363,15 @@ def _na2d_forward_kernel(
     d = _cols(NSPLIT, BLOCK_D // NSPLIT)
     tile_mask = ok[:, None, None] & (d < D)
     dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
+    FULL: tl.constexpr = D == BLOCK_D  # no padded columns: unmasked loads
+    # Loads read padded rows (ok = 0, never stored) at clamped coordinates: in bounds.
+    yl = tl.minimum(y, H - 1)
+    xl = tl.minimum(x, W - 1)
     b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
-    h64 = _wide(h, OFF64)
+    h64 = _wide(tl.minimum(h, NH - 1), OFF64)
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
-    q = tl.load(_ptrs(q_ptr, b64 * sqb + h64 * sqh, y, x, sqy, sqx, dl, 1, VL), mask=ok[:, None, None] & dml, other=0)
+    q = _load_rows(_ptrs(q_ptr, b64 * sqb + h64 * sqh, yl, xl, sqy, sqx, dl, 1, VL), dml, FULL)
     q = _f32(q, PAIRS) * scale
 
     # UNROLL (k=3): the whole window unrolled, in two passes (_fwd_window3), lets the
@@ -338,8 +379,8 @@ def _na2d_forward_kernel(
     # 255 regs + 6 KB stack at k=7 fwd), so window rows run as a loop with an online softmax
     # and only the KS loads of one row are unrolled (128 regs).
     if UNROLL:
-        m_i, l_i, acc = _fwd_window3(q, y, x, ok, dl, dml, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
-                                     BORDER, VL, PAIRS)
+        m_i, l_i, acc = _fwd_window3(q, y, x, yl, xl, ok, dl, dml, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+                                     H, W, BORDER, VL, PAIRS, FULL)
     else:
         # The running max starts at -FLT_MAX, not -inf: under border="mask" a window may
         # open with outside keys, and -inf - -inf would be NaN.
@@ -347,8 +388,8 @@ def _na2d_forward_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros_like(q)
         for ai in range(KS):
-            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, ok, dl, dml, k_ptr, k_base, sky, skx,
-                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VL, PAIRS)
+            m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, yl, xl, ok, dl, dml, k_ptr, k_base, sky, skx,
+                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VL, PAIRS, FULL)
 
     row = _out_rows(b64, y, x, h, H, W, NH)
     out = tl.multiple_of(row * D, VEC)
@@ -620,9 +661,9 @@ def _na2d_backward_preprocess_kernel(
 
 
 @triton.jit
-def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
+def _dq_row(a, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
             pds_ptr, row, n_rows, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
-            PAIRS: tl.constexpr, STORE_PDS: tl.constexpr):
+            PAIRS: tl.constexpr, STORE_PDS: tl.constexpr, FULL: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
     nothing (zeros border: k_j = 0; mask: p_ij = 0). STORE_PDS: also writes p_ij and ds_ij
     for the split backward's dk/dv pass, slot-major so that a tile's rows are contiguous:
@@ -630,12 +671,13 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
     for keys outside the grid, which that pass never reads)."""
     R: tl.constexpr = KS // 2
     ky = _key_index(y, a, H, R, BORDER)
+    kyl = _in_grid(ky, yl, BORDER)  # load coordinates (outside keys: p = 0 below)
     for bi in tl.static_range(KS):
         kx = _key_index(x, bi - R, W, R, BORDER)
         inside = ok & (ky >= 0) & (kx >= 0)
-        m2 = inside[:, None, None] & dm
-        k = _f32(tl.load(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), mask=m2, other=0), PAIRS)
-        v = _f32(tl.load(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), mask=m2, other=0), PAIRS)
+        kxl = _in_grid(kx, xl, BORDER)
+        k = _f32(_load_rows(_ptrs(k_ptr, k_base, kyl, kxl, sky, skx, d, 1, VEC), dm, FULL), PAIRS)
+        v = _f32(_load_rows(_ptrs(v_ptr, v_base, kyl, kxl, svy, svx, d, 1, VEC), dm, FULL), PAIRS)
         p = tl.where(inside, tl.exp(_rowsum(q * k) - lse), 0.0)  # q carries the scale
         ds = p * (_rowsum(do * v) - di)
         dq += ds[:, None, None] * k
@@ -649,22 +691,22 @@ def _dq_row(a, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx, v_p
 @triton.jit
 def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
                 do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC: tl.constexpr,
-                PAIRS: tl.constexpr, FROM_PDS: tl.constexpr):
+                PAIRS: tl.constexpr, FROM_PDS: tl.constexpr, FULL: tl.constexpr):
     """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0.
-    FROM_PDS: p_ij and ds_ij come from the split backward's pds[row_i, slot] (key j's slot
-    in query i's window; see _dq_row) instead of being recomputed from q_i . k_j and
-    do_i . v_j. The masks matter: an invalid lane's slot or row may lie outside pds."""
-    m2 = valid[:, None, None] & dm
-    qi = _f32(tl.load(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), mask=m2, other=0), PAIRS)
-    doi = _f32(tl.load(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), mask=m2, other=0), PAIRS)
+    (iy, ix) and h: where the query is loaded from, always in the grid (_in_grid, clamped
+    head); valid: whether it is a real query of key j. FROM_PDS: p_ij and ds_ij come from
+    the split backward's pds[row_i, slot] (key j's slot in query i's window; see _dq_row)
+    instead of being recomputed from q_i . k_j and do_i . v_j."""
+    qi = _f32(_load_rows(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), dm, FULL), PAIRS)
+    doi = _f32(_load_rows(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), dm, FULL), PAIRS)
     row = _out_rows(b64, iy, ix, h, H, W, NH)
     if FROM_PDS:
         at = 2 * slot * n_rows + row
-        p = tl.load(pds_ptr + at, mask=valid, other=0.0)
-        ds = tl.load(pds_ptr + at + n_rows, mask=valid, other=0.0)
+        p = tl.where(valid, tl.load(pds_ptr + at), 0.0)
+        ds = tl.where(valid, tl.load(pds_ptr + at + n_rows), 0.0)
     else:
-        lse_i = tl.load(ws_ptr + 2 * row, mask=valid, other=0.0)
-        di_i = tl.load(ws_ptr + 2 * row + 1, mask=valid, other=0.0)
+        lse_i = tl.load(ws_ptr + 2 * row)
+        di_i = tl.load(ws_ptr + 2 * row + 1)
         p = tl.where(valid, tl.exp(_rowsum(qi * kj) - lse_i), 0.0)  # kj carries the scale
         ds = p * (_rowsum(doi * vj) - di_i)
     dk += ds[:, None, None] * qi
@@ -673,67 +715,70 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
 
 
 @triton.jit
-def _dkv_row(a, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
+def _dkv_row(a, dk, dv, kj, vj, y, x, yl, xl, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
              sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS: tl.constexpr, BORDER: tl.constexpr,
-             VEC: tl.constexpr, PAIRS: tl.constexpr, FROM_PDS: tl.constexpr):
+             VEC: tl.constexpr, PAIRS: tl.constexpr, FROM_PDS: tl.constexpr, FULL: tl.constexpr):
     """dk_j, dv_j from the queries reading key j through window row a: one per offset for
     zeros/mask/circular (circular grids smaller than the window repeat a pair once per
     offset, exactly as the forward counts it)."""
     R: tl.constexpr = KS // 2
     iy = _query_index(y, a, H, R, BORDER)
+    iyl = _in_grid(iy, yl, BORDER)
     for bi in tl.static_range(KS):
         ix = _query_index(x, bi - R, W, R, BORDER)
         valid = ok & (iy >= 0) & (ix >= 0)
-        dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, (a + R) * KS + bi, b64, h, H, W, NH, q_ptr, q_base,
-                             sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
-                             PAIRS, FROM_PDS)
+        dk, dv = _dkv_update(dk, dv, kj, vj, iyl, _in_grid(ix, xl, BORDER), valid, (a + R) * KS + bi, b64, h,
+                             H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr,
+                             n_rows, d, dm, VEC, PAIRS, FROM_PDS, FULL)
     return dk, dv
 
 
 @triton.jit
-def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, d, dm, smask, row,
-             out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, yl, xl, ok, d, dm, smask,
+             row, rowl, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
              H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
-             PAIRS: tl.constexpr, STORE_PDS: tl.constexpr):
+             PAIRS: tl.constexpr, STORE_PDS: tl.constexpr, FULL: tl.constexpr):
     """The tile as queries: dq_i = scale * sum_j p_ij (dp_ij - Di) k_j over the window.
-    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'."""
+    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'.
+    Loads read at (yl, xl) and row rowl: in the grid also for padded rows."""
     R: tl.constexpr = KS // 2
-    lmask = ok[:, None, None] & dm
-    q = tl.load(_ptrs(q_ptr, q_base, y, x, sqy, sqx, d, 1, VEC), mask=lmask, other=0)
+    q = _load_rows(_ptrs(q_ptr, q_base, yl, xl, sqy, sqx, d, 1, VEC), dm, FULL)
     q = _f32(q, PAIRS) * scale
-    do = tl.load(_ptrs(do_ptr, do_base, y, x, sdoy, sdox, d, sdod, VEC), mask=lmask, other=0)
+    do = _load_rows(_ptrs(do_ptr, do_base, yl, xl, sdoy, sdox, d, sdod, VEC), dm, FULL)
     do = _f32(do, PAIRS)
-    lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
-    di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
+    lse = tl.load(ws_ptr + 2 * rowl)
+    di = tl.load(ws_ptr + 2 * rowl + 1)
     dq = tl.zeros_like(q)
     if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
-            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS)
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS,
+                         FULL)
     else:
         for ai in range(KS):
-            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS)
+            dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx,
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS,
+                         FULL)
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
-def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, d, dm, smask,
-              out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, yl, xl, hl, ok, d,
+              dm, smask, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
               H, W, NH, scale, KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
               PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-              FROM_PDS: tl.constexpr):
+              FROM_PDS: tl.constexpr, FULL: tl.constexpr):
     """The tile as keys: dk_j, dv_j gathered over the queries whose window holds key j.
-    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'."""
+    d, dm, VEC: the loads' columns, mask and vector (_load_cols); smask: the stores'.
+    Loads read in the grid: (yl, xl, hl) clamped for padded rows, queries via _in_grid."""
     R: tl.constexpr = KS // 2
-    lmask = ok[:, None, None] & dm
     if FROM_PDS:  # p and ds come from pds: no key or value needed
         kj = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
         vj = kj
     else:
-        kj = tl.load(_ptrs(k_ptr, k_base, y, x, sky, skx, d, 1, VEC), mask=lmask, other=0)
+        kj = _load_rows(_ptrs(k_ptr, k_base, yl, xl, sky, skx, d, 1, VEC), dm, FULL)
         kj = _f32(kj, PAIRS) * scale
-        vj = tl.load(_ptrs(v_ptr, v_base, y, x, svy, svx, d, 1, VEC), mask=lmask, other=0)
+        vj = _load_rows(_ptrs(v_ptr, v_base, yl, xl, svy, svx, d, 1, VEC), dm, FULL)
         vj = _f32(vj, PAIRS)
     dk = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
     dv = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
@@ -753,19 +798,20 @@ def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_p
                 ix = lo_x + w
                 valid = ok & (iy <= hi_y) & (ix <= hi_x)
                 slot = sy * KS + x - tl.minimum(tl.maximum(ix, R), W - 1 - R) + R
-                dk, dv = _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy,
-                                     sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC,
-                                     PAIRS, FROM_PDS)
+                # iy, ix >= 0; past the grid only beyond a row's own range (valid = 0)
+                dk, dv = _dkv_update(dk, dv, kj, vj, tl.minimum(iy, H - 1), tl.minimum(ix, W - 1), valid, slot,
+                                     b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod,
+                                     ws_ptr, pds_ptr, n_rows, d, dm, VEC, PAIRS, FROM_PDS, FULL)
     elif UNROLL:
         for ai in tl.static_range(KS):
-            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, yl, xl, ok, b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx,
                               do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
-                              PAIRS, FROM_PDS)
+                              PAIRS, FROM_PDS, FULL)
     else:
         for ai in range(KS):
-            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
+            dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, yl, xl, ok, b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx,
                               do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
-                              PAIRS, FROM_PDS)
+                              PAIRS, FROM_PDS, FULL)
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=smask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=smask)
 
@@ -790,23 +836,29 @@ def _na2d_backward_kernel(
     d = _cols(NSPLIT, BLOCK_D // NSPLIT)
     smask = ok[:, None, None] & (d < D)
     dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
+    FULL: tl.constexpr = D == BLOCK_D  # no padded columns: unmasked loads
+    # Loads read padded rows (ok = 0, never stored) at clamped coordinates: in bounds.
+    yl = tl.minimum(y, H - 1)
+    xl = tl.minimum(x, W - 1)
+    hl = tl.minimum(h, NH - 1)
     b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
-    h64 = _wide(h, OFF64)
+    h64 = _wide(hl, OFF64)
     q_base = b64 * sqb + h64 * sqh
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
     do_base = b64 * sdob + h64 * sdoh
     row = _out_rows(b64, y, x, h, H, W, NH)
+    rowl = _out_rows(b64, yl, xl, hl, H, W, NH)
     out = tl.multiple_of(row * D, VEC)[:, None, None] + d
     n_rows = n_rows.to(tl.int64)  # pds offsets reach 2 * KS^2 * n_rows
     if PASS != 2:
-        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, h, ok, dl, dml, smask, row,
-                 out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
-                 H, W, scale, KS, BORDER, UNROLL, VL, PAIRS, PASS == 1)
+        _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, y, x, yl, xl, ok, dl, dml, smask,
+                 row, rowl, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
+                 H, W, scale, KS, BORDER, UNROLL, VL, PAIRS, PASS == 1, FULL)
     if PASS != 1:
-        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, h, ok, dl, dml,
-                  smask, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox, sdod,
-                  H, W, NH, scale, KS, BORDER, UNROLL, VL, PAIRS, BLOCK_M, BLOCK_D, NSPLIT, PASS == 2)
+        _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_ptr, b64, y, x, yl, xl, hl, ok,
+                  dl, dml, smask, out, q_base, k_base, v_base, do_base, sqy, sqx, sky, skx, svy, svx, sdoy, sdox,
+                  sdod, H, W, NH, scale, KS, BORDER, UNROLL, VL, PAIRS, BLOCK_M, BLOCK_D, NSPLIT, PASS == 2, FULL)
 
 
 # ---- launch configuration ------------------------------------------------------------
