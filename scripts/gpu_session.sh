@@ -31,10 +31,13 @@
 #       bench:nca:bfloat16@120 pack
 # Next planned calls (after the sixth run, H100, dd6c6c4; written 2026-11-27). No benchmark
 #       JSON since 220af96: the host-path changes since are untimed, and so are the attention
-#       window kernels' one-row-per-thread chunks and bfloat16 word loads (sm_90 SASS -20%
-#       instructions forward, -6% backward; compare with the H100 attention rows of
-#       h100-bf1a97b-attention-nca-bf16.json) and bfloat16 dots as the nca default (the
-#       "no-bf16-dots fp32-dq" row is the old default). Call 1 (the warm-up
+#       window kernels of session 12 (one row a thread, bfloat16 word loads, int32 offsets,
+#       unmasked loads: sm_90 SASS GeCA-S bf16 forward 1752 -> 1256 instructions, backward
+#       2112 -> 1768; compare with the H100 attention rows of h100-bf1a97b-attention-nca-
+#       bf16.json), bfloat16 dots as the nca default and the bfloat16 dQ workspace (rows
+#       "fp32-dq" and "no-bf16-dots fp32-dq", the old default, in the same run). The GPU
+#       tests include test_gpu_half_dq_workspace; the unmasked attention loads would show
+#       as memcheck errors if a clamp were missed. Call 1 (the warm-up
 #       beside the tests: both compile on the CPU, 16 cores):
 #         BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh build@100 \
 #             test@300+sanitize:memcheck,racecheck@240+bench-warm:nca,attention:bfloat16@300 pack
