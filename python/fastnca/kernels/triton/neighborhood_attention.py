@@ -199,6 +199,21 @@ def _load_cols(NSPLIT: tl.constexpr, DC: tl.constexpr, D: tl.constexpr, PAIRS: t
 
 
 @triton.jit
+def _window_tile(H, W, NH, D: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, PAIRS: tl.constexpr, OFF64: tl.constexpr):
+    """A window kernel's tile: b (offset type, _wide), per-row y, x, h and ok (_tile); the
+    coordinates its loads use, clamped into the grid for padded rows (ok = 0, never
+    stored), and the clamped head in the offset type; the store columns and mask (_cols);
+    the load columns and mask (_load_cols)."""
+    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
+    hl = tl.minimum(h, NH - 1)
+    d = _cols(NSPLIT, BLOCK_D // NSPLIT)
+    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
+    return (_wide(b, OFF64), y, x, h, ok, tl.minimum(y, H - 1), tl.minimum(x, W - 1), hl, _wide(hl, OFF64), d,
+            ok[:, None, None] & (d < D), dl, dml)
+
+
+@triton.jit
 def _in_grid(k, own, BORDER: tl.constexpr):
     """A key coordinate to load from: k, or the query's own (clamped) coordinate where k
     is negative (outside the grid: zeros / mask borders, and shift on a grid smaller than
@@ -359,16 +374,9 @@ def _na2d_forward_kernel(
     R: tl.constexpr = KS // 2
     BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
     VL: tl.constexpr = VEC // (1 + PAIRS)  # load units per vector
-    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = _cols(NSPLIT, BLOCK_D // NSPLIT)
-    tile_mask = ok[:, None, None] & (d < D)
-    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
     FULL: tl.constexpr = D == BLOCK_D  # no padded columns: unmasked loads
-    # Loads read padded rows (ok = 0, never stored) at clamped coordinates: in bounds.
-    yl = tl.minimum(y, H - 1)
-    xl = tl.minimum(x, W - 1)
-    b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
-    h64 = _wide(tl.minimum(h, NH - 1), OFF64)
+    b64, y, x, h, ok, yl, xl, hl, h64, d, tile_mask, dl, dml = _window_tile(
+        H, W, NH, D, BLOCK_Y, BLOCK_X, BLOCK_H, BLOCK_D, NSPLIT, PAIRS, OFF64)
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
     q = _load_rows(_ptrs(q_ptr, b64 * sqb + h64 * sqh, yl, xl, sqy, sqx, dl, 1, VL), dml, FULL)
@@ -832,17 +840,9 @@ def _na2d_backward_kernel(
     strides in load units; dq, dk, dv written in elements."""
     BLOCK_M: tl.constexpr = BLOCK_Y * BLOCK_X * BLOCK_H
     VL: tl.constexpr = VEC // (1 + PAIRS)
-    b, y, x, h, ok = _tile(H, W, NH, BLOCK_Y, BLOCK_X, BLOCK_H)
-    d = _cols(NSPLIT, BLOCK_D // NSPLIT)
-    smask = ok[:, None, None] & (d < D)
-    dl, dml = _load_cols(NSPLIT, BLOCK_D // NSPLIT, D, PAIRS)
     FULL: tl.constexpr = D == BLOCK_D  # no padded columns: unmasked loads
-    # Loads read padded rows (ok = 0, never stored) at clamped coordinates: in bounds.
-    yl = tl.minimum(y, H - 1)
-    xl = tl.minimum(x, W - 1)
-    hl = tl.minimum(h, NH - 1)
-    b64 = _wide(b, OFF64)  # b, h in the offset type (int64 when OFF64)
-    h64 = _wide(hl, OFF64)
+    b64, y, x, h, ok, yl, xl, hl, h64, d, smask, dl, dml = _window_tile(
+        H, W, NH, D, BLOCK_Y, BLOCK_X, BLOCK_H, BLOCK_D, NSPLIT, PAIRS, OFF64)
     q_base = b64 * sqb + h64 * sqh
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
