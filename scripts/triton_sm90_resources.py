@@ -17,6 +17,9 @@ Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] [LAYOUT=channels_last] python scripts/trit
        na:32,32,32,12,64,3,zeros,bfloat16 for GeCA-S.
 Seen with triton 3.9 (2026-11-26): the Med-NCA rule's backward cell kernel (64 rows,
 8 warps) used 255 registers + 2256 bytes of stack, 128 KB of shared memory.
+SASS:N is the kernel's static instruction count; for the unrolled k=3 attention kernels
+that is what a thread runs (triton 3.6, 2026-11-27: GeCA-S bf16 forward 1232, backward
+1712, from 1752 and 2112).
 """
 from __future__ import annotations
 
@@ -87,11 +90,15 @@ _CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__
 
 
 def _resources(cubin: bytes) -> str:
+    """Registers and stack (cuobjdump --dump-resource-usage) and the SASS instruction count
+    (instructions a thread of one program runs, where the kernel has no loops)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line)
+        sass = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+    instr = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
+    return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line) + f" SASS:{instr}"
 
 
 def _mma_summary(ttgir: str) -> str:
