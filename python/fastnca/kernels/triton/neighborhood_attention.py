@@ -719,14 +719,15 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
     (iy, ix) and h: where the query is loaded from, always in the grid (_in_grid, clamped
     head); valid: whether it is a real query of key j. FROM_PDS: p_ij and ds_ij come from
     the split backward's pds[row_i, slot] (key j's slot in query i's window; see _dq_row)
-    instead of being recomputed from q_i . k_j and do_i . v_j."""
+    instead of being recomputed from q_i . k_j and do_i . v_j (those loads stay masked)."""
     qi = _f32(_load_rows(_ptrs(q_ptr, q_base, iy, ix, sqy, sqx, d, 1, VEC), dm, FULL), PAIRS)
     doi = _f32(_load_rows(_ptrs(do_ptr, do_base, iy, ix, sdoy, sdox, d, sdod, VEC), dm, FULL), PAIRS)
     row = _out_rows(b64, iy, ix, h, H, W, NH)
     if FROM_PDS:
         at = 2 * slot * n_rows + row
-        p = tl.where(valid, tl.load(pds_ptr + at), 0.0)
-        ds = tl.where(valid, tl.load(pds_ptr + at + n_rows), 0.0)
+        # masked: under shift an invalid lane's slot may lie outside [0, KS^2)
+        p = tl.load(pds_ptr + at, mask=valid, other=0.0)
+        ds = tl.load(pds_ptr + at + n_rows, mask=valid, other=0.0)
     else:
         lse_i = tl.load(ws_ptr + 2 * row)
         di_i = tl.load(ws_ptr + 2 * row + 1)
