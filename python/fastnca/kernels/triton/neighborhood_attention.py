@@ -217,8 +217,8 @@ def _window_tile(H, W, NH, D: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.c
 
 @triton.jit
 def _in_grid(k, own, BORDER: tl.constexpr):
-    """A key coordinate to load from: k, or the query's own (clamped) coordinate where k
-    is negative (outside the grid: zeros / mask borders, and shift on a grid smaller than
+    """A coordinate to load from: k, or `own` (the tile cell's own clamped coordinate: the
+    query's in the forward and dq pass, the key's in the dk/dv pass) where k is negative (outside the grid: zeros / mask borders, and shift on a grid smaller than
     the window, whose kernels read a zero key there), so that every window load is in
     bounds and needs no mask; the logit and value of an outside key are set apart
     (zeros and shift: a zero key; mask: left out)."""
@@ -276,7 +276,8 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, s
         s = _rowsum(q * k)
         if BORDER == _MASK:
             # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
-            # (ok = 0, never stored) count as inside with s = 0, so nothing turns NaN.
+            # (ok = 0, never stored) count as inside, with the finite logit of a
+            # clamped real cell, so nothing turns NaN.
             keep = inside | (ok == 0)
             s = tl.where(keep, s, m_i)
         elif BORDER == _ZEROS or BORDER == _SHIFT:
@@ -315,7 +316,8 @@ def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, BORDER:
 def _window_value(acc, p, ky, kx, inside, d, dm, v_ptr, v_base, svy, svx, BORDER: tl.constexpr,
                   VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
     """acc + p * v of the key loaded at (ky, kx): a zero value where the window's key is
-    outside the grid (zeros; under mask its p is 0 already)."""
+    outside the grid (zeros, and shift on grids smaller than the window; under mask its
+    p is 0 already)."""
     v = _load_rows(_ptrs(v_ptr, v_base, ky, kx, svy, svx, d, 1, VEC), dm, FULL)
     if BORDER == _ZEROS or BORDER == _SHIFT:
         p = tl.where(inside, p, 0.0)
@@ -688,7 +690,7 @@ def _dq_row(a, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, 
             pds_ptr, row, n_rows, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
             PAIRS: tl.constexpr, STORE_PDS: tl.constexpr, FULL: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
-    nothing (zeros border: k_j = 0; mask: p_ij = 0). STORE_PDS: also writes p_ij and ds_ij
+    nothing: p_ij = 0 (their k_j is loaded from an in-grid cell, _in_grid). STORE_PDS: also writes p_ij and ds_ij
     for the split backward's dk/dv pass, slot-major so that a tile's rows are contiguous:
     p at pds[2 * slot * n_rows + row], ds n_rows further (slot = (a + r) * KS + column; 0
     for keys outside the grid, which that pass never reads)."""
