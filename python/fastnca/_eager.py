@@ -19,11 +19,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain(*tensors: torch.Tensor | None) -> bool:
-    """True for an eager call whose tensors are all plain ``torch.Tensor`` (or Parameter):
-    not traced by torch.compile / torch.export, no subclass, no dispatch mode (make_fx,
-    FakeTensorMode, a user's TorchDispatchMode) and no torch.func transform (its wrapped
-    tensors would reach the kernels in backward) that must see the op."""
-    if torch.compiler.is_compiling() or _dispatch_modes() or _func_transform():
+    """True for an eager call (call() has ruled out tracing by torch.compile / torch.export)
+    whose tensors are all plain ``torch.Tensor`` (or Parameter): no subclass, no dispatch
+    mode (make_fx, FakeTensorMode, a user's TorchDispatchMode) and no torch.func transform
+    (its wrapped tensors would reach the kernels in backward) that must see the op."""
+    if _dispatch_modes() or _func_transform():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
@@ -51,10 +51,10 @@ def call(op, function: type[torch.autograd.Function], impl: Callable, tensors: t
     transforms raise (unsupported_autodiff)."""
     if torch.compiler.is_compiling():  # traced: dynamo sees the op (and its own transforms)
         return op(*args)
-    seen = plain(*tensors)
-    if not seen or getattr(forward_ad, "_current_level", -1) >= 0:
+    is_plain = plain(*tensors)
+    if not is_plain or getattr(forward_ad, "_current_level", -1) >= 0:
         unsupported_autodiff(op._name, tensors)
-    if not seen:
+    if not is_plain:
         return op(*args)
     return function.apply(*args) if (needs_grad(*tensors) if grad is None else grad) else impl(*args)
 
