@@ -97,7 +97,7 @@ def _resources(cubin: bytes) -> str:
         f.flush()
         out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
-    instr = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
+    instr = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))
     return " ".join(line.strip().split(" SHARED")[0] for line in out.splitlines() if "REG:" in line) + f" SASS:{instr}"
 
 

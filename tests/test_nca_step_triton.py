@@ -459,6 +459,9 @@ def _claim_bf16(monkeypatch, families=tuple(FAMILY_TENSORS)):
     monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "1")
     monkeypatch.delenv("FASTNCA_TRITON_NCA_EXACT", raising=False)
+    # every claim's results are float32, held to the float32 tolerance: the gradient-only
+    # single TF32 products of bfloat16 rules (test_bwd_tf32_products) stay off here
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TF32", "0")
     monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
     tagged_bits = tri._tagged_bits  # every claimed family tagged, with or without the state
     monkeypatch.setattr(tri, "_exact_bits", lambda prec, dtypes: tagged_bits(
@@ -998,3 +1001,57 @@ def check_half_dq(monkeypatch, case):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_DQ", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1"):
         tri._Rule(state, *w, g, padding, frozen)
+
+
+@pytest.mark.parametrize("case", HALF_DQ_CASES + [(1, 32, 4, 5, 256, 1, 1, 0, "zeros", 1.0)],
+                         ids=["dense", "depthwise", "chunks"])  # chunks: partials in memory
+def test_bwd_tf32_products(monkeypatch, tf32_dots, case):
+    check_bwd_tf32(monkeypatch, case)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
+                         ids=["dense", "depthwise", "mednca"])
+def test_gpu_bwd_tf32_products(monkeypatch, case):
+    check_bwd_tf32(monkeypatch, case)
+
+
+def check_bwd_tf32(monkeypatch, case):
+    """bfloat16 state and weights: the backward's gradient-only products with a computed
+    operand take one TF32 product (_bwd_tf32, the _EX_BWD bit). Taken (the gradients move
+    against FASTNCA_TRITON_NCA_BWD_TF32=0, the forward does not), and every gradient's error
+    against float64 (Frobenius, relative) stays within 1.5x (+1e-3) of eager bfloat16's.
+    Float16, and bfloat16 beside float32 weights, keep the hi + lo split."""
+    import fastnca.kernels.reference.nca_step as ref_mod
+
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    B, C, H, W, hidden, F, g, frozen, padding, p = case
+    g = C if g == "C" else g
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=9)
+    args = (*w, g, padding, p, 7, 3, frozen)
+    bwd = tri._EX_BWD.value
+    assert tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] & bwd
+    half_w = [t.half() if t.dim() > 1 else t for t in w]
+    assert not tri._Rule(state.half(), *half_w, g, padding, frozen).constexprs()["EXACT"] & bwd
+    assert not tri._Rule(state, w[0], w[1], w[2].float(), *w[3:], g, padding, frozen).constexprs()["EXACT"] & bwd
+    out = tri.forward(state, *args)
+    got = tri.backward(grad_out, state, *args)
+    d = [t.double() for t in (state, grad_out, *w)]
+    want = ref.backward(d[1], d[0], *d[2:], *args[6:])
+    with monkeypatch.context() as m:
+        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
+        eager = ref.backward(grad_out, state, *args)
+    for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
+        if b is None or b.abs().max() == 0:
+            continue
+        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 1e-3, f"{name}: {fro_err(a, b):.2e} vs eager {fro_err(t, b):.2e}"
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TF32", "0")
+    assert not tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] & bwd
+    assert torch.equal(tri.forward(state, *args), out)
+    split = tri.backward(grad_out, state, *args)
+    assert any(not torch.equal(a, b) for a, b in zip(split, got) if a is not None)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TF32", "yes")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TF32 must be 0 or 1"):
+        tri._Rule(state, *w, g, padding, frozen).constexprs()

@@ -160,6 +160,12 @@ _EX_W2 = const(16)
 _EX_DQ = const(32)  # the conv-output gradient dQ, from the backward's workspace (_half_dq)
 _BF16_SHIFT = const(6)
 _TF32_BITS = (1 << _BF16_SHIFT.value) - 1  # EXACT without its bfloat16 bits
+# A computed operand of a product that only the backward's gradients depend on (dz, h and
+# the conv tile in the weight-gradient products; dz and a float32 dQ in the input-gradient
+# ones). With its bit in EXACT (bfloat16 state and weights: _bwd_tf32) such an operand
+# enters one TF32 product as it is, instead of being split hi + lo; the forward and its
+# recompute, whose z decides each ReLU, keep float32-accurate products. Never shifted.
+_EX_BWD = const(1 << 12)
 
 
 @triton.jit
@@ -178,7 +184,9 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     Where it marks both as from bfloat16 tensors (by default; FASTNCA_TRITON_NCA_BF16_DOTS=0
     turns it off), the product is one bfloat16 dot: exact products, float32 accumulation,
     the same result at twice TF32's rate with half the operand bytes (K >= 16, the bf16
-    MMA's minimum). a, b may be half (a gathered dQ): cast to float32 for the TF32 paths."""
+    MMA's minimum). a, b may be half (a gathered dQ): cast to float32 for the TF32 paths.
+    _EX_BWD marks a computed operand of a gradient-only product: with its bit in EXACT
+    (_bwd_tf32) it counts as exact here, i.e. enters one TF32 product unsplit."""
     A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
     B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
     BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
@@ -699,10 +707,10 @@ def _nca_step_backward_cell_kernel(
             if GEMM:
                 tl.store(act_row + A_GD + offs_k[None, :], gdk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             elif REGS:
-                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, EXACT, _EX_GRAD, _EX_NONE)
+                acc_w2 = _mm(tl.trans(gdk), h, acc_w2, DOT_PREC, EXACT, _EX_GRAD, _EX_BWD)
             else:
                 p_w2 = dw2_ptr + offs_k[:, None] * HID_PAD + offs_h[None, :]
-                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_NONE))
+                tl.store(p_w2, _mm(tl.trans(gdk), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_BWD))
             if REGS:
                 acc_b2 += tl.sum(gdk, axis=0)
             else:
@@ -731,17 +739,17 @@ def _nca_step_backward_cell_kernel(
             if GEMM:
                 tl.store(act_row + A_X + offs_k[None, :], xk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             elif REGS:
-                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, EXACT, _EX_NONE, _EX_STATE)
+                acc_w1a = _mm(tl.trans(dz), xk, acc_w1a, DOT_PREC, EXACT, _EX_BWD, _EX_STATE)
             else:
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
-                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, EXACT, _EX_NONE, _EX_STATE))
+                tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, EXACT, _EX_BWD, _EX_STATE))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
             if RES:
                 w_dpx = tl.trans(w_x)
             else:
                 w_dpx = tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD)
             dpx = _mm(dz, w_dpx, gk,
-                      DOT_PREC, EXACT, _EX_NONE, _EX_W1)
+                      DOT_PREC, EXACT, _EX_BWD, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
         # ---- conv part: dQ = dz @ W1b per chunk -> workspace (d_pw comes from it in the
@@ -754,7 +762,7 @@ def _nca_step_backward_cell_kernel(
             else:
                 w_dq = tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None])
             dq = _mm(dz, w_dq, None,
-                     DOT_PREC, EXACT, _EX_NONE, _EX_W1)
+                     DOT_PREC, EXACT, _EX_BWD, _EX_W1)
             tl.store(wq_ptr + wq_row[:, None] + offs_f[None, :], dq.to(wq_ptr.dtype.element_ty),
                      mask=rows[:, None] & fmask[None, :])
             if REGS:
@@ -772,15 +780,15 @@ def _nca_step_backward_cell_kernel(
             elif REGS:
                 if REG_ACC == 2:  # d_w1b read-modify-written in the slot: 64 fewer registers (Med-NCA)
                     p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_fb[None, :]
-                    tl.store(p_w1b, _mm(tl.trans(dz), conv0, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
+                    tl.store(p_w1b, _mm(tl.trans(dz), conv0, tl.load(p_w1b), DOT_PREC, EXACT, _EX_BWD, _EX_BWD))
                 else:
-                    acc_w1b = _mm(tl.trans(dz), conv0, acc_w1b, DOT_PREC, EXACT, _EX_NONE, _EX_NONE)
+                    acc_w1b = _mm(tl.trans(dz), conv0, acc_w1b, DOT_PREC, EXACT, _EX_BWD, _EX_BWD)
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_ptr, pb_ptr,
                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
-                tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_NONE, _EX_NONE))
+                tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_BWD, _EX_BWD))
         if REG_ACC != 1:
             # The next tile re-reads this tile's partial slots, whose elements may live in
             # other threads than the ones that stored them: make the stores visible CTA-wide.
@@ -1021,7 +1029,7 @@ def _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, y
         return acc
     else:
         gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, cols, colmask, WQ, PAD)
-        return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_NONE, _EX_PW)
+        return _mm(gq, w, acc, DOT_PREC, EXACT, _EX_BWD, _EX_PW)
 
 
 @triton.jit
@@ -1274,10 +1282,28 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
+    if _bwd_tf32(dtypes):
+        bits += _EX_BWD.value
     if bf16 != "0" and (_INTERPRETER_BF16_DOTS or not interpreting()):
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
     return bits
+
+
+def _bwd_tf32(dtypes: dict) -> bool:
+    """Whether the backward's gradient-only products with a computed operand (_EX_BWD) take
+    one TF32 product instead of a hi + lo split: where every result they feed is bfloat16
+    (state, pw, w1 and w2 bfloat16; FASTNCA_TRITON_NCA_BWD_TF32=0 keeps the split). TF32
+    keeps 11 significant bits of dz, h and the conv tile, eager bfloat16 autograd 8 (it
+    stores them in bfloat16), and the gradients round to 8 when stored. The forward and its
+    recompute keep float32-accurate products, so the ReLU pattern is the forward's. In the
+    Med-NCA cell kernel this halves the backward's TF32 MMAs (d_w1b: three products to
+    one). Float16 (11 bits stored) keeps the split. On a CPU (interpreter with TF32 dots)
+    every gradient's error against float64 stays within eager bfloat16's (tests)."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_TF32", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TF32 must be 0 or 1, got {v!r}")
+    return v != "0" and all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2"))
 
 
 def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
