@@ -1055,3 +1055,46 @@ def check_bwd_tf32(monkeypatch, case):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TF32", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TF32 must be 0 or 1"):
         tri._Rule(state, *w, g, padding, frozen).constexprs()
+
+
+@pytest.mark.parametrize("case", HALF_DQ_CASES, ids=["dense", "depthwise"])
+def test_half_weight_copy(monkeypatch, tf32_dots, case):
+    check_half_weight_copy(monkeypatch, case)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
+                         ids=["dense", "depthwise", "mednca"])
+def test_gpu_half_weight_copy(monkeypatch, case):
+    check_half_weight_copy(monkeypatch, case)
+
+
+def check_half_weight_copy(monkeypatch, case):
+    """FASTNCA_TRITON_NCA_HALF_WEIGHTS=1: the bfloat16 dots read their weights from a
+    bfloat16 copy of the arranged weights. The copy holds the same values, so the forward
+    and every gradient are bitwise those of the float32 copy; the kernels do read it (a
+    zeroed copy changes the results). Taken only with bfloat16 state and weight matrices."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    B, C, H, W, hidden, F, g, frozen, padding, p = case
+    g = C if g == "C" else g
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=10)
+    args = (*w, g, padding, p, 7, 3, frozen)
+
+    def run(rule=None):
+        return (tri.forward(state, *args, prepared=rule), *tri.backward(grad_out, state, *args, prepared=rule))
+
+    assert not tri._Rule(state, *w, g, padding, frozen).HALF_W  # opt-in
+    base = run()
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "1")
+    rule = tri._Rule(state, *w, g, padding, frozen)
+    assert rule.HALF_W and torch.equal(rule.weights()[7], torch.cat(rule.weights()[:7]).bfloat16())
+    assert not tri._Rule(state, w[0], w[1], w[2].float(), *w[3:], g, padding, frozen).HALF_W
+    for got, want in zip(run(), base):
+        assert got is None and want is None or torch.equal(got, want)
+    rule.weights()[7].zero_()  # the copy is what the bfloat16 dots read
+    assert not torch.equal(run(rule)[0], base[0])
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "yes")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1"):
+        tri._Rule(state, *w, g, padding, frozen)

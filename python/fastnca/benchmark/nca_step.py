@@ -147,7 +147,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             products throughout) and FASTNCA_TRITON_NCA_HALF_DQ=0 (the backward's dQ workspace
             in float32); "fp32-dq": the latter alone; "split-bwd": under
             FASTNCA_TRITON_NCA_BWD_TF32=0 (the backward's gradient-only products split hi + lo,
-            as before 2026-11-27; the two rows above take it too); "gemm resident": under
+            as before 2026-11-27; the two rows above take it too); "half-weights": under
+            FASTNCA_TRITON_NCA_HALF_WEIGHTS=1 (bfloat16 dots read a bfloat16 copy of the
+            weights; opt-in); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory)."""
@@ -159,6 +161,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
                             FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
                             FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
+                            FASTNCA_TRITON_NCA_HALF_WEIGHTS="1" if "half-weights" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC="gemm" if "gemm" in words else None,
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
@@ -183,6 +186,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if "triton" in backends and device.type == "cuda":
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
             if dtype == torch.bfloat16:  # the defaults of before 2026-11-27, for comparison
+                fast.append(("fastnca:triton half-weights", "triton", "half-weights"))  # opt-in
                 fast.append(("fastnca:triton split-bwd", "triton", "split-bwd"))  # the products as before
                 fast.append(("fastnca:triton fp32-dq", "triton", "fp32-dq"))  # and the dQ workspace as before
                 fast.append(("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq"))  # as before

@@ -211,6 +211,23 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
 
 
 @triton.jit
+def _weight_src(ptr, wh_ptr, SEG: tl.constexpr, HALF_W: tl.constexpr, EXACT: tl.constexpr,
+                A_FAM: tl.constexpr, B_FAM: tl.constexpr):
+    """Where a weight operand of _mm(a, w, ...) is read: ``ptr`` (the float32 arranged
+    weights), or its segment SEG of the bfloat16 copy wh (HALF_W, _half_weights) where the
+    product is a bfloat16 dot (both families' bfloat16 bits in EXACT, as _mm decides):
+    the same values in half the bytes, and no float32 -> bfloat16 conversion in the kernel.
+    Products in TF32 keep the float32 copy (a bfloat16 one would cost a conversion a value
+    in every tile)."""
+    BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
+    if HALF_W and BF16:
+        src = wh_ptr + SEG
+    else:
+        src = ptr
+    return src
+
+
+@triton.jit
 def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask,
                 pw_ptr, pb_ptr,
                 F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
@@ -242,7 +259,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
         t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=ok[:, None] & chmask[None, :],
                     other=0.0).to(tl.float32)
         if DEPTHWISE:
-            conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f)[None, :]
+            conv += t * tl.load(pw_ptr + tap * FC_CEIL + offs_f).to(tl.float32)[None, :]
         else:
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
             conv = _mm(t, w, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW)
@@ -365,13 +382,15 @@ def _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c,
 
 @triton.jit
 def _nca_step_arrange_kernel(
-    out_ptr, pw_ptr, pb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    out_ptr, wh_ptr, pw_ptr, pb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     pw_s0, pw_s1, pw_s2, pw_s3, pb_s, w1_s0, w1_s1, b1_s, w2_s0, w2_s1, b2_s, frozen,
     C: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr, C_PAD: tl.constexpr,
-    HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, BLOCK: tl.constexpr,
+    HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, HALF_W: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Fill the flat fp32 buffer [w1at | w1bt | b1p | w2t | b2p | pwt | pbp] (module
-    docstring) from the raw weights (any float dtype, any strides); padding is zero."""
+    docstring) from the raw weights (any float dtype, any strides); padding is zero.
+    HALF_W: also its bfloat16 copy wh (same layout; the weights are bfloat16, so exact)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     E0 = C_PAD * HID_PAD
     E1 = E0 + FC_CEIL * HID_PAD
@@ -425,6 +444,8 @@ def _nca_step_arrange_kernel(
     j = i - E5
     val += tl.load(pb_ptr + j * pb_s, mask=(j >= 0) & (j < FC), other=0.0).to(tl.float32)
     tl.store(out_ptr + i, val, mask=i < E6)
+    if HALF_W:
+        tl.store(wh_ptr + i, val.to(tl.bfloat16), mask=i < E6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,18 +455,21 @@ def _nca_step_arrange_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_forward_kernel(
-    x_ptr, out_ptr, idx_ptr, count_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    x_ptr, out_ptr, idx_ptr, count_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
     N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w, seed_lo, seed_hi, step_lo, threshold, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, COMPACT: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, COMPACT: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
     the others); programs past the list's last tile do nothing. Otherwise every cell, the
     mask drawn in-kernel (one launch: small states, where launches dominate).
     RESIDENT (with COMPACT, rules of one channel and conv chunk; opt-in): persistent, each
-    program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1)."""
+    program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1).
+    wh: the bfloat16 copy of the arranged weights (HALF_W): the conv and fc1's state part,
+    bfloat16 dots, read their weights there."""
     pid = tl.program_id(0)
     if COMPACT:
         count = tl.load(count_ptr)
@@ -495,9 +519,12 @@ def _nca_step_forward_kernel(
         ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
         o_row = out_ptr + ob[:, None]
 
+        SEG_PW: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD + HID_PAD * C_PAD + C_PAD
         h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                       w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
+                       _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1), w1bt_ptr, b1_ptr,
+                       _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW), pb_ptr,
+                       C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False,
+                       EXACT)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + tl.arange(0, C_BLK)
             kmask = rows[:, None] & (offs_k < C)[None, :]
@@ -596,14 +623,14 @@ def _forward_autotuned():
 @triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
-    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr,
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    K1: tl.constexpr, WQ: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr,
 ):
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
     partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
@@ -618,7 +645,9 @@ def _nca_step_backward_cell_kernel(
     3 (FASTNCA_TRITON_NCA_BWD_ACC=gemm): no fc weight-grad partials here; each listed
     cell's dz, h, gd, x and conv go to row `pos` (its place in the list) of `act` (the
     state's dtype), for _nca_step_backward_fc_kernel's GEMMs; only the bias partials are
-    read-modify-written in the slot per tile."""
+    read-modify-written in the slot per tile.
+    wh: the bfloat16 copy of the arranged weights (HALF_W), read by the bfloat16 dots (the
+    recompute's conv and fc1 state part, dh = gd W2); the TF32 products read float32."""
     # act row layout (the same in _nca_step_backward_fc_kernel and _act_row):
     # [dz | h (HID_PAD each) | gd | x (C_PAD each) | conv (FC_CEIL)]. Derived here, not
     # passed: five more constexpr arguments cost ~0.7 us a launch (scripts/host_cost.py).
@@ -635,6 +664,11 @@ def _nca_step_backward_cell_kernel(
     # operand's load is invariant in the tile loop and the compiler keeps it in shared
     # memory across the program's tiles, instead of staging it from L2 at every tile.
     RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
+    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
+    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
+    pw_d = _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW)
+    w1a_d = _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1)
+    w2_d = _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
@@ -686,7 +720,7 @@ def _nca_step_backward_cell_kernel(
                                         PAD, EXACT)
         else:
             h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                               w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
+                               w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
                                FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
         if GEMM:  # stored at once: the kept conv tile is then dead here, not live to the dq loop
             tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
@@ -719,7 +753,7 @@ def _nca_step_backward_cell_kernel(
             if RES:
                 w_dhk = w_dh
             else:
-                w_dhk = tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_k[:, None])
+                w_dhk = tl.load(w2_d + offs_h[None, :] * C_PAD + offs_k[:, None])
             dh = _mm(gdk, w_dhk, dh,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
@@ -773,7 +807,7 @@ def _nca_step_backward_cell_kernel(
             if GEMM:
                 if not KEEP:
                     conv_g = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
-                                         offs_f, fmask, pw_ptr, pb_ptr,
+                                         offs_f, fmask, pw_d, pb_ptr,
                                          F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
                     tl.store(act_row + A_CV + offs_f[None, :], conv_g.to(act_ptr.dtype.element_ty),
                              mask=rows[:, None])
@@ -785,7 +819,7 @@ def _nca_step_backward_cell_kernel(
                     acc_w1b = _mm(tl.trans(dz), conv0, acc_w1b, DOT_PREC, EXACT, _EX_BWD, _EX_BWD)
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
-                                   offs_f, fmask, pw_ptr, pb_ptr,
+                                   offs_f, fmask, pw_d, pb_ptr,
                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
                 tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_BWD, _EX_BWD))
@@ -1097,7 +1131,8 @@ def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W
                         o = offs_c * F + f  # the output channels that read input channel c
                         gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, o, cmask,
                                          WQ, PAD)
-                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask, other=0.0)[None, :]
+                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask,
+                                            other=0.0).to(tl.float32)[None, :]
                 else:
                     w = _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD, FC_CEIL)
                     acc = _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
@@ -1117,11 +1152,12 @@ def _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.cons
 
 @triton.jit
 def _nca_step_backward_input_kernel(
-    ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
+    ws_ptr, wq_ptr, pw_ptr, whpw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
     C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
     DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
+    HALF_W: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
     dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
@@ -1129,8 +1165,10 @@ def _nca_step_backward_input_kernel(
     term is g itself (the cell kernel does not write its g + dP_x columns).
     RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident, dense rules of one conv chunk; opt-in):
     persistent over tiles pid, pid + G, ..., the 9 taps' weights loaded once (kept in
-    shared memory) and the taps unrolled."""
+    shared memory) and the taps unrolled. whpw: the pw segment of the bfloat16 weight
+    copy (HALF_W), read where the taps are bfloat16 dots."""
     pid = tl.program_id(0)
+    pw_ptr = _weight_src(pw_ptr, whpw_ptr, 0, HALF_W, EXACT, _EX_DQ, _EX_PW)
     RES: tl.constexpr = RESIDENT & (not DEPTHWISE) & (FC_BLK == FC_CEIL)
     if RES:
         offs_c = tl.arange(0, C_PAD)
@@ -1306,6 +1344,24 @@ def _bwd_tf32(dtypes: dict) -> bool:
     return v != "0" and all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2"))
 
 
+def _half_weights(dtypes: dict) -> bool:
+    """Whether the rule keeps a bfloat16 copy of its arranged weights for the kernels'
+    bfloat16 dots (_weight_src): FASTNCA_TRITON_NCA_HALF_WEIGHTS=1 (opt-in, untimed;
+    benchmark row `half-weights`), state, pw, w1 and w2 bfloat16, bfloat16 dots on. Those
+    dots (the conv, fc1's state part and dh = gd W2: 29% of the weight bytes of the Med-NCA
+    backward cell kernel) then read their weights in half the bytes, without a conversion
+    in the kernel. The weights are staged again at every tile: ~185 KB of float32 a 16-cell
+    tile of the cell kernel (Med-NCA rule), ~11 KB a cell from L2. Opt-in because the sm_90
+    compile is not clearly better: the cell kernel's spill stack 672 -> 568 bytes, but its
+    static instructions 2928 -> 3208 (the bfloat16 pw tile goes to shared memory in 16-bit
+    stores); the GPU has to say."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1, got {v!r}")
+    return (v == "1" and os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "") != "0"
+            and all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2")))
+
+
 def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
     """Whether the backward keeps dQ, the gradient of the perception conv's output, in a
     bfloat16 workspace of its own: where both results computed from it, d_state and d_pw,
@@ -1352,18 +1408,25 @@ class _Rule:
         self.sizes = (cp * hp, fcc * hp, hp, hp * cp, cp, 9 * fcc * (1 if self.DEPTHWISE else cp), fcc)
         self.SLOT = sum(self.sizes)  # every size is a multiple of 16: aligned segments
         buf = torch.empty(self.SLOT, dtype=torch.float32, device=dev)
+        # the bfloat16 copy of the same layout that bfloat16 dots read (_half_weights)
+        self.HALF_W = _half_weights(self.dtypes)
+        wh = torch.empty(self.SLOT, dtype=torch.bfloat16, device=dev) if self.HALF_W else buf
         with _on_device(dev):
             _nca_step_arrange_kernel[(cdiv(self.SLOT, 1024),)](
-                buf, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
+                buf, wh, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
                 *w2.stride(), *b2.stride(), frozen, C=C, FC=FC, HID=hid, C_PAD=cp, HID_PAD=hp,
-                FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, BLOCK=1024)
-        self._weights = self.split(buf)
+                FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, HALF_W=self.HALF_W, BLOCK=1024)
+        # the kernels' weight arguments: the 7 float32 segments, then the bfloat16 copy
+        self._weights = (*self.split(buf), wh)
+        self.half_pw = self.split(wh)[5]  # the input-gradient kernel's pw, for its bfloat16 dots
 
     def split(self, flat):
         """Views of the 7 segments of ``flat`` [..., SLOT] (w1a, w1b, b1, w2, b2, pw, pb)."""
         return flat.split(self.sizes, dim=-1)
 
     def weights(self):
+        """w1at, w1bt, b1p, w2t, b2p, pwt, pbp (float32), wh (their bfloat16 copy, or the
+        float32 buffer itself without HALF_W)."""
         return self._weights
 
     def constexprs(self):
@@ -1371,7 +1434,7 @@ class _Rule:
         return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
                     C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
                     FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
-                    DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes))
+                    DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes), HALF_W=self.HALF_W)
 
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
@@ -1840,7 +1903,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                  FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                  DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row, HALF_DQ=half_dq,
-                 num_warps=in_warps, num_stages=in_stages)
+                 HALF_W=rule.HALF_W, num_warps=in_warps, num_stages=in_stages)
     if in_resident:
         in_res_kw = dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps)
     for b0 in range(0, B, chunk):
@@ -1866,7 +1929,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"] & _TF32_BITS,
                 BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
-            in_args = (ws, wq, rule.weights()[5], d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
+            in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
                        *g_c.stride())
             if not (in_resident and _try_resident(
                     _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
