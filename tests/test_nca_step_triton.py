@@ -174,6 +174,54 @@ def test_gemm_weight_grads(monkeypatch, case, dtype):
     check_against_reference(case, dtype, channels_last=dtype != torch.float32)
 
 
+class _LaunchCount:
+    """Stands in for a kernel (kernel[grid](...)): counts its launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("case,dtype", [
+    ((3, 8, 9, 11, 40, 2, 1, 1, "reflect", 0.5), torch.float32),      # 3 chunks of 16, padded units
+    ((2, 8, 6, 7, 48, 3, "C", 2, "zeros", 0.5), torch.float32),
+    ((2, 16, 5, 6, 64, 2, 1, 1, "circular", 1.0), torch.bfloat16),
+    ((2, 8, 5, 6, 33, 1, "C", 0, "replicate", 0.5), torch.float16),
+], ids=["dense", "depthwise", "bf16", "fp16-depthwise"])
+def test_gemm_hidden_chunks(monkeypatch, case, dtype):
+    """=gemm on rules of one channel and conv chunk runs _nca_step_backward_cell_gemm_kernel
+    (hidden units HC at a time; here 16, so several chunks add into dP_x and dQ): against
+    the reference, and the other cell kernel is not launched."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "16")
+    chunked = _LaunchCount(tri._nca_step_backward_cell_gemm_kernel)
+    other = _LaunchCount(tri._nca_step_backward_cell_kernel)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", chunked)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", other)
+    check_against_reference(case, dtype, channels_last=dtype != torch.float32)
+    assert chunked.launches > 0 and other.launches == 0
+
+
+def test_hidden_chunk_knob(monkeypatch):
+    from types import SimpleNamespace
+
+    rule = SimpleNamespace(HID_PAD=128)
+    assert tri._hidden_chunk(rule) == 32 and tri._hidden_chunk(SimpleNamespace(HID_PAD=16)) == 16
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "64")
+    assert tri._hidden_chunk(rule) == 64
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "256")
+    assert tri._hidden_chunk(rule) == 128  # at most the padded hidden width
+    for bad in ("8", "24", "512", "x"):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_HCHUNK"):
+            tri._hidden_chunk(rule)
+
+
 def test_gemm_weight_grads_are_computed_there(monkeypatch):
     """Negative control: with the fc kernel's launch dropped, =gemm loses d_w1 and d_w2 (so
     the test above checks that kernel, not another path)."""
@@ -832,6 +880,21 @@ def test_gpu_gemm_weight_grads(monkeypatch, case, dtype):
     against float64, bfloat16 (activations saved in bfloat16) at its own."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
     check_against_reference(case, dtype, channels_last=dtype == torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("tile,hc", [("64,4", "32"), ("64,4", "64"), ("128,8", "32"), ("32,4", "32"),
+                                     ("16,8", "16")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gemm_hidden_chunk_tiles(monkeypatch, tile, hc, dtype):
+    """The hidden-chunk cell kernel of =gemm (_nca_step_backward_cell_gemm_kernel) at each
+    tile and chunk the benchmarks try, on the Med-NCA rule and a depthwise one."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", tile)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", hc)
+    check_against_reference((2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5), dtype, dtype, channels_last=True)
+    check_against_reference((2, 16, 33, 20, 64, 2, "C", 0, "zeros", 0.5), dtype, dtype)
 
 
 def test_wgmma_safe_rule():

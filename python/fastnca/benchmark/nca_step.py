@@ -190,6 +190,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 fast.append(("fastnca:triton split-bwd", "triton", "split-bwd"))  # the products as before
                 fast.append(("fastnca:triton fp32-dq", "triton", "fp32-dq"))  # and the dQ workspace as before
                 fast.append(("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq"))  # as before
+            fast.append(("fastnca:triton gemm", "triton", "gemm"))  # opt-in: the hidden-chunk cell kernel
             fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,

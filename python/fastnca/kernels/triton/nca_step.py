@@ -841,6 +841,104 @@ def _nca_step_backward_cell_kernel(
 
 
 @triton.jit(do_not_specialize=["c0", "c1"])
+def _nca_step_backward_cell_gemm_kernel(
+    g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
+    db1_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
+    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
+    FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, HC: tl.constexpr, BLOCK_M: tl.constexpr,
+    K1: tl.constexpr, WQ: tl.constexpr,
+):
+    """The cell kernel of FASTNCA_TRITON_NCA_BWD_ACC=gemm for rules of one channel and one
+    conv chunk (C_BLK = C_PAD, FC_BLK = FC_CEIL; the Med-NCA rule), in hidden chunks: per
+    tile of listed cells it loads x and g and recomputes the conv once, then walks the
+    hidden units HC at a time: z, h, dh and dz of the chunk, whose products add into dP_x
+    and dQ ([BLOCK_M, C_PAD] and [BLOCK_M, FC_CEIL] accumulators). Only one chunk's
+    [BLOCK_M, HC] activations are live, not [BLOCK_M, HID_PAD] ones, so the tile can be 64
+    rows on one warp group (wgmma) where _nca_step_backward_cell_kernel spills at 16 rows
+    on 4 warps: a quarter of the weight traffic a cell (the weights are staged again at
+    every tile). Writes what the other kernel's =gemm branch writes: g + dP_x to ws, dQ to
+    wq, [dz | h | gd | x | conv] to act row `pos`, bias partials (d_b1 read-modify-written
+    per tile, d_b2 and d_pb summed in registers) to this program's slot."""
+    A_H: tl.constexpr = HID_PAD
+    A_GD: tl.constexpr = 2 * HID_PAD
+    A_X: tl.constexpr = 2 * HID_PAD + C_PAD
+    A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
+    A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
+    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
+    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
+    pw_d = _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW)
+    w1a_d = _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1)
+    w2_d = _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
+    db1_ptr += slot
+    db2_ptr += slot
+    dpb_ptr += slot
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    offs_f = tl.arange(0, FC_CEIL)
+    fmask = offs_f < FC
+    offs_j = tl.arange(0, HC)
+    acc_b2 = tl.zeros([C_PAD], dtype=tl.float32)
+    acc_pb = tl.zeros([FC_CEIL], dtype=tl.float32)
+    start, count = _list_range(pos_ptr, c0, c1)
+    for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
+        pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pos < count
+        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0  # in the chunk
+        b, y, xx = _cell_coords(offs_m, H, W)
+        act_row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
+        xb = b.to(tl.int64) * s_b
+        kmask = rows[:, None] & cmask[None, :]
+        # x and g stay in their storage dtype (half: the operands of bfloat16 dots; _mm casts)
+        x = tl.load(x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
+                    + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0)
+        g = tl.load(g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
+                    + offs_c.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0)
+        gd = tl.where(offs_c[None, :] >= frozen, g, 0.0)  # every listed cell fires
+        acc_b2 += tl.sum(gd.to(tl.float32), axis=0)
+        conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask, pw_d, pb_ptr,
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
+        tl.store(act_row + A_GD + offs_c[None, :], gd.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+        tl.store(act_row + A_X + offs_c[None, :], x.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+        tl.store(act_row + A_CV + offs_f[None, :], conv.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+        dpx = g.to(tl.float32)  # g + dP_x, dP_x = dz @ W1a summed over the chunks
+        dq = tl.zeros([BLOCK_M, FC_CEIL], dtype=tl.float32)
+        for j0 in range(0, HID_PAD, HC):
+            offs_h = j0 + offs_j
+            z = _mm(x, tl.load(w1a_d + offs_c[:, None] * HID_PAD + offs_h[None, :]), None,
+                    DOT_PREC, EXACT, _EX_STATE, _EX_W1)
+            z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                    DOT_PREC, EXACT, _EX_NONE, _EX_W1)
+            z = z + tl.load(b1_ptr + offs_h)[None, :]
+            h = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN, as the forward's
+            dh = _mm(gd, tl.load(w2_d + offs_h[None, :] * C_PAD + offs_c[:, None]), None,
+                     DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
+            dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
+            tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            tl.store(act_row + offs_h[None, :], dz.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            p_b1 = db1_ptr + offs_h
+            tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
+            dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_c[None, :] * HID_PAD), dpx,
+                      DOT_PREC, EXACT, _EX_BWD, _EX_W1)
+            dq = _mm(dz, tl.load(w1bt_ptr + offs_h[:, None] + offs_f[None, :] * HID_PAD), dq,
+                     DOT_PREC, EXACT, _EX_BWD, _EX_W1)
+        tl.store(ws_ptr + (offs_m.to(tl.int64) * K1)[:, None] + offs_c[None, :], dpx, mask=kmask)
+        tl.store(wq_ptr + (offs_m.to(tl.int64) * WQ)[:, None] + offs_f[None, :], dq.to(wq_ptr.dtype.element_ty),
+                 mask=rows[:, None] & fmask[None, :])
+        acc_pb += tl.sum(dq, axis=0)
+        # the next tile re-reads d_b1's slot, whose elements other threads may have stored
+        tl.debug_barrier()
+    tl.store(db2_ptr + offs_c, tl.load(db2_ptr + offs_c) + acc_b2)
+    tl.store(dpb_ptr + offs_f, tl.load(dpb_ptr + offs_f) + acc_pb)
+
+
+@triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_conv_kernel(
     wq_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
@@ -1677,6 +1775,35 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, res
 _FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
 
 
+def _hidden_chunk(rule: _Rule) -> int:
+    """HC of _nca_step_backward_cell_gemm_kernel: hidden units a chunk, 32 (at most HID_PAD)
+    unless FASTNCA_TRITON_NCA_BWD_HCHUNK pins a power of two in 16..HID_PAD."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_HCHUNK", "")
+    if not v:
+        return min(32, rule.HID_PAD)
+    try:
+        hc = int(v)
+    except ValueError:
+        hc = 0
+    if hc < 16 or hc & (hc - 1) or hc > 256:
+        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_HCHUNK must be a power of two in 16..256, got {v!r}")
+    return min(hc, rule.HID_PAD)
+
+
+def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, programs: int):
+    """(BLOCK_M, warps, programs, stages) of _nca_step_backward_cell_gemm_kernel: half
+    states 64 rows on one warp group (wgmma), float32 ones 32 rows on 4 warps, unless
+    FASTNCA_TRITON_NCA_BWD_TILE pins another; programs as the other cell kernel's
+    (``programs``), within the tiles. sm_90 compile, Med-NCA rule (untimed): bfloat16 at
+    64/4 255 registers + 256 B of stack, at 32/4 231 and none; float32 (tf32x3 products) at
+    64/4 720 B of stack, at 32/4 8 B."""
+    if interpreting():
+        return _INTERPRET_BLOCK_M, 4, programs, 1
+    default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
+    block_m, warps, stages = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", _wgmma_safe, stages=True) or default
+    return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages
+
+
 def _act_row(rule: _Rule) -> int:
     """The width of the =gemm workspace row the cell kernel writes (its A_ROW)."""
     return 2 * rule.HID_PAD + 2 * rule.C_PAD + rule.FC_CEIL
@@ -1875,6 +2002,10 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # H100, ~5% of the Med-NCA step's backward at 8 chunks).
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
+    # =gemm, rules of one channel and conv chunk: the cell kernel in hidden chunks
+    hidden_chunks = gemm and rule.ONE_CHUNK and not resident
+    if hidden_chunks:
+        block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
     if in_resident:  # persistent: its own tile and program count
@@ -1898,6 +2029,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     idx, pos = _firing_cells(fires.reshape(-1))
     cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
+    if hidden_chunks:
+        cell_kw = dict(**cx, HC=_hidden_chunk(rule), BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps,
+                       num_stages=stages)
     if resident:  # the staged fallback keeps the staged tile
         cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
     in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
@@ -1917,7 +2051,11 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_grid = (min(G, cdiv(N, block_m)),)
-            if not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
+            if hidden_chunks:
+                _nca_step_backward_cell_gemm_kernel[cell_grid](
+                    g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), db1, db2, dpb, sum(sizes_a),
+                    H, W, *x_c.stride(), *g_c.stride(), frozen, **cell_kw)
+            elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
                 _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
