@@ -60,10 +60,12 @@
 #       TF32 product for bfloat16 rules (default; row "split-bwd" is the old split), a
 #       bfloat16 weight copy for the bfloat16 dots (opt-in; row "half-weights"), and under
 #       =gemm a cell kernel in hidden chunks on 64-row tiles (row "gemm"; sm_90 ~half the
-#       instructions a cell of the default kernel). The bench rows above time them; the
+#       instructions a cell of the default kernel), and =chunked, that kernel with its
+#       weight-gradient partials in memory (row "chunked"; no workspace, so it could become
+#       the default within the rollout's memory bound). The bench rows above time them; the
 #       kernels alone, per tile, in interleaved rounds (before the resident runs):
-#         VARIANTS_ARGS="--tiles default 32,4 64,4 128,8 --acc default gemm --prec default
-#         split-bwd half-weights --no-cuda --rounds 3" scripts/gpu_session.sh variants@240 pack
+#         VARIANTS_ARGS="--tiles default 32,4 64,4 128,8 --acc default gemm chunked --prec
+#         default split-bwd half-weights --no-cuda --rounds 3" scripts/gpu_session.sh variants@240 pack
 #       The GPU tests add test_gpu_bwd_tf32_products, test_gpu_half_weight_copy and
 #       test_gpu_gemm_hidden_chunk_tiles.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%

@@ -1,7 +1,8 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
-the cell kernel, the fc weight gradients as GEMMs over a workspace of activations), whether its
+the cell kernel, the fc weight gradients as GEMMs over a workspace of activations, or chunked:
+the hidden-chunk cell kernel with its partials in memory), whether its
 weight operands stay in shared memory across tiles (FASTNCA_TRITON_NCA_WEIGHTS=resident)
 and dot precision ("default": every precision knob unset, what ships; "split-bwd": the
 default with FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split
@@ -53,7 +54,8 @@ def main() -> int:
                     help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' or 'default' = the default choice)")
     ap.add_argument("--input-tiles", nargs="*", default=[""],
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
-    ap.add_argument("--acc", nargs="*", default=[""], help="registers / mixed / memory / gemm ('' or 'default' = the default)")
+    ap.add_argument("--acc", nargs="*", default=[""],
+                    help="registers / mixed / memory / gemm / chunked ('' or 'default' = the default)")
     ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["default", "split-bwd", "half-weights", "tf32x3", "tf32"],
                     help="default (no precision knob set) / split-bwd (FASTNCA_TRITON_NCA_BWD_TF32=0) / "
@@ -189,7 +191,7 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
             runs.append(("triton TF32", lambda: run("triton"), True))
             runs.append(("triton split-bwd", lambda: run("triton", bwd_tf32="0"), False))  # before 2026-11-27
             runs.append(("triton half-weights", lambda: run("triton", half_weights="1"), False))  # opt-in
-            for wts, acc in [("resident", None), (None, "gemm"), ("resident", "gemm")]:  # opt-in modes
+            for wts, acc in [("resident", None), (None, "gemm"), (None, "chunked"), ("resident", "gemm")]:  # opt-in
                 label = " ".join(m for m in (acc, wts) if m)
                 runs.append((f"triton {label}", lambda wts=wts, acc=acc: run("triton", acc=acc, weights=wts), False))
 

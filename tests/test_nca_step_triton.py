@@ -193,18 +193,34 @@ class _LaunchCount:
     ((2, 16, 5, 6, 64, 2, 1, 1, "circular", 1.0), torch.bfloat16),
     ((2, 8, 5, 6, 33, 1, "C", 0, "replicate", 0.5), torch.float16),
 ], ids=["dense", "depthwise", "bf16", "fp16-depthwise"])
-def test_gemm_hidden_chunks(monkeypatch, case, dtype):
-    """=gemm on rules of one channel and conv chunk runs _nca_step_backward_cell_gemm_kernel
-    (hidden units HC at a time; here 16, so several chunks add into dP_x and dQ): against
-    the reference, and the other cell kernel is not launched."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+@pytest.mark.parametrize("acc", ["gemm", "chunked"])
+def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc):
+    """=gemm and =chunked on rules of one channel and conv chunk run
+    _nca_step_backward_cell_gemm_kernel (hidden units HC at a time; here 16, so several
+    chunks add into dP_x and dQ, and under =chunked into the weight-gradient partials):
+    against the reference, and the other cell kernel is not launched, nor the fc kernel
+    under =chunked."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    fc = _LaunchCount(tri._nca_step_backward_fc_kernel)
+    monkeypatch.setattr(tri, "_nca_step_backward_fc_kernel", fc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "16")
     chunked = _LaunchCount(tri._nca_step_backward_cell_gemm_kernel)
     other = _LaunchCount(tri._nca_step_backward_cell_kernel)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", chunked)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", other)
     check_against_reference(case, dtype, channels_last=dtype != torch.float32)
-    assert chunked.launches > 0 and other.launches == 0
+    assert chunked.launches > 0 and other.launches == 0 and (fc.launches > 0) == (acc == "gemm")
+
+
+def test_chunked_partials_fall_back_on_wide_rules(monkeypatch):
+    """=chunked on a rule of several channel chunks (C=64, hidden 128: C_BLK 32) takes the
+    other cell kernel with memory partials, and matches the reference."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "chunked")
+    state, _, *w = make_inputs(1, 64, 2, 2, 128, 2, 1, 1)
+    assert tri._register_accumulators(tri._Rule(state, *w, 1, "reflect", 1)) == 0
+    state, _, *w = make_inputs(1, 32, 2, 2, 128, 2, 1, 1)
+    assert tri._register_accumulators(tri._Rule(state, *w, 1, "reflect", 1)) == 4
+    check_against_reference((2, 64, 5, 6, 128, 1, 1, 2, "reflect", 0.5))
 
 
 def test_hidden_chunk_knob(monkeypatch):
@@ -690,10 +706,12 @@ def test_rollout_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b), name
 
 
-def test_gemm_rollout_equals_loop_of_steps(monkeypatch):
-    """=gemm in a rollout: the fc kernel's partials land in the slots the GradSink folds, so
-    the rollout's gradients stay bitwise those of the loop of nca_step."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+@pytest.mark.parametrize("acc", ["gemm", "chunked"])
+def test_gemm_rollout_equals_loop_of_steps(monkeypatch, acc):
+    """=gemm and =chunked in a rollout: the fc kernel's (or the hidden-chunk kernel's)
+    partials land in the slots the GradSink folds, so the rollout's gradients stay bitwise
+    those of the loop of nca_step."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     state, g, *w = make_inputs(2, 4, 7, 6, 8, 2, 1, 1)
     params = [t.clone().requires_grad_(True) for t in (state, *w)]
     kw = dict(seed=3, frozen_channels=1, backend="triton")
@@ -887,10 +905,11 @@ def test_gpu_gemm_weight_grads(monkeypatch, case, dtype):
 @pytest.mark.parametrize("tile,hc", [("64,4", "32"), ("64,4", "64"), ("128,8", "32"), ("32,4", "32"),
                                      ("16,8", "16")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_gemm_hidden_chunk_tiles(monkeypatch, tile, hc, dtype):
-    """The hidden-chunk cell kernel of =gemm (_nca_step_backward_cell_gemm_kernel) at each
-    tile and chunk the benchmarks try, on the Med-NCA rule and a depthwise one."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+@pytest.mark.parametrize("acc", ["gemm", "chunked"])
+def test_gpu_gemm_hidden_chunk_tiles(monkeypatch, tile, hc, dtype, acc):
+    """The hidden-chunk cell kernel of =gemm and =chunked (_nca_step_backward_cell_gemm_kernel)
+    at each tile and chunk the benchmarks try, on the Med-NCA rule and a depthwise one."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", tile)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", hc)
     check_against_reference((2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5), dtype, dtype, channels_last=True)

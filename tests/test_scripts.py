@@ -65,11 +65,12 @@ def test_backward_variants_smoke():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "nca_backward_variants.py"), "--device", "cpu",
-                          "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--tiles", "", "--acc", "registers", "memory", "gemm",
+                          "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--tiles", "",
+                          "--acc", "registers", "memory", "gemm", "chunked",
                           "--prec", "tf32x3", "tf32x3-all", "--dtype", "float32"],
                          capture_output=True, text=True, env=env, timeout=600, check=True).stdout
     rows = [line for line in out.splitlines() if "triton tile=" in line]
-    assert len(rows) == 6 and "failed" not in out, out
+    assert len(rows) == 8 and "failed" not in out, out
     for row in rows[1:]:
         assert float(row.split("2-norm")[1]) < 1e-5, row  # same fp32 math, summed in another order
 
@@ -87,7 +88,7 @@ def test_backward_variants_rollout_smoke():
     rows = out.split("nca_rollout fwd+bwd, 2 steps, 2 interleaved rounds")[1].strip().splitlines()
     names = [row.strip().split("  ")[0] for row in rows]
     assert names == ["eager", "triton", "triton TF32", "triton split-bwd", "triton half-weights", "triton resident",
-                     "triton gemm", "triton gemm resident"], out
+                     "triton gemm", "triton chunked", "triton gemm resident"], out
 
 
 def test_host_cost_python_part():

@@ -152,7 +152,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             weights; opt-in); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
-            kept in shared memory)."""
+            kept in shared memory); "gemm" alone: the hidden-chunk cell kernel; "chunked":
+            FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots)."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
                     else contextlib.nullcontext()
@@ -162,7 +163,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                             FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
                             FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
                             FASTNCA_TRITON_NCA_HALF_WEIGHTS="1" if "half-weights" in words else None,
-                            FASTNCA_TRITON_NCA_BWD_ACC="gemm" if "gemm" in words else None,
+                            FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
+                                                        "chunked" if "chunked" in words else None),
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
                 with torch.set_grad_enabled(grad), ctx, knobs:
@@ -191,6 +193,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 fast.append(("fastnca:triton fp32-dq", "triton", "fp32-dq"))  # and the dQ workspace as before
                 fast.append(("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq"))  # as before
             fast.append(("fastnca:triton gemm", "triton", "gemm"))  # opt-in: the hidden-chunk cell kernel
+            fast.append(("fastnca:triton chunked", "triton", "chunked"))  # opt-in: that, partials in its slots
             fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,

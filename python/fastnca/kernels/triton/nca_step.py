@@ -844,13 +844,13 @@ def _nca_step_backward_cell_kernel(
 def _nca_step_backward_cell_gemm_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
-    db1_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, HALF_W: tl.constexpr, HC: tl.constexpr, BLOCK_M: tl.constexpr,
-    K1: tl.constexpr, WQ: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, HC: tl.constexpr, PARTIALS: tl.constexpr,
+    BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr,
 ):
     """The cell kernel of FASTNCA_TRITON_NCA_BWD_ACC=gemm for rules of one channel and one
     conv chunk (C_BLK = C_PAD, FC_BLK = FC_CEIL; the Med-NCA rule), in hidden chunks: per
@@ -862,7 +862,11 @@ def _nca_step_backward_cell_gemm_kernel(
     on 4 warps: a quarter of the weight traffic a cell (the weights are staged again at
     every tile). Writes what the other kernel's =gemm branch writes: g + dP_x to ws, dQ to
     wq, [dz | h | gd | x | conv] to act row `pos`, bias partials (d_b1 read-modify-written
-    per tile, d_b2 and d_pb summed in registers) to this program's slot."""
+    per tile, d_b2 and d_pb summed in registers) to this program's slot.
+    PARTIALS (FASTNCA_TRITON_NCA_BWD_ACC=chunked): no act rows; the fc weight-gradient
+    partials of each chunk (d_w1a, d_w1b rows and d_w2 columns of its hidden units) are
+    read-modify-written in this program's slot per tile instead (~2 KB a cell of L2
+    traffic at 64 rows, no workspace and no fc kernel)."""
     A_H: tl.constexpr = HID_PAD
     A_GD: tl.constexpr = 2 * HID_PAD
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
@@ -876,7 +880,10 @@ def _nca_step_backward_cell_gemm_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
+    dw1a_ptr += slot
+    dw1b_ptr += slot
     db1_ptr += slot
+    dw2_ptr += slot
     db2_ptr += slot
     dpb_ptr += slot
     offs_c = tl.arange(0, C_PAD)
@@ -904,9 +911,10 @@ def _nca_step_backward_cell_gemm_kernel(
         acc_b2 += tl.sum(gd.to(tl.float32), axis=0)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask, pw_d, pb_ptr,
                            F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
-        tl.store(act_row + A_GD + offs_c[None, :], gd.to(act_ptr.dtype.element_ty), mask=rows[:, None])
-        tl.store(act_row + A_X + offs_c[None, :], x.to(act_ptr.dtype.element_ty), mask=rows[:, None])
-        tl.store(act_row + A_CV + offs_f[None, :], conv.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+        if not PARTIALS:
+            tl.store(act_row + A_GD + offs_c[None, :], gd.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            tl.store(act_row + A_X + offs_c[None, :], x.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            tl.store(act_row + A_CV + offs_f[None, :], conv.to(act_ptr.dtype.element_ty), mask=rows[:, None])
         dpx = g.to(tl.float32)  # g + dP_x, dP_x = dz @ W1a summed over the chunks
         dq = tl.zeros([BLOCK_M, FC_CEIL], dtype=tl.float32)
         for j0 in range(0, HID_PAD, HC):
@@ -920,8 +928,16 @@ def _nca_step_backward_cell_gemm_kernel(
             dh = _mm(gd, tl.load(w2_d + offs_h[None, :] * C_PAD + offs_c[:, None]), None,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
             dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
-            tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
-            tl.store(act_row + offs_h[None, :], dz.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+            if PARTIALS:  # padded rows hold zeros in x, conv, gd, h and dz: they add nothing
+                p_w2 = dw2_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]
+                tl.store(p_w2, _mm(tl.trans(gd), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_BWD))
+                p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]
+                tl.store(p_w1a, _mm(tl.trans(dz), x, tl.load(p_w1a), DOT_PREC, EXACT, _EX_BWD, _EX_STATE))
+                p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
+                tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_BWD, _EX_BWD))
+            else:
+                tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
+                tl.store(act_row + offs_h[None, :], dz.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             p_b1 = db1_ptr + offs_h
             tl.store(p_b1, tl.load(p_b1) + tl.sum(dz, axis=0))
             dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_c[None, :] * HID_PAD), dpx,
@@ -1687,8 +1703,9 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
 def _bwd_acc_knob() -> str:
     """FASTNCA_TRITON_NCA_BWD_ACC, checked ('' when unset)."""
     v = os.environ.get("FASTNCA_TRITON_NCA_BWD_ACC", "")
-    if v not in ("", "registers", "memory", "mixed", "gemm"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed', 'memory' or 'gemm', got {v!r}")
+    if v not in ("", "registers", "memory", "mixed", "gemm", "chunked"):
+        raise ValueError("FASTNCA_TRITON_NCA_BWD_ACC must be 'registers', 'mixed', 'memory', 'gemm' or 'chunked', "
+                         f"got {v!r}")
     return v
 
 
@@ -1702,12 +1719,16 @@ def _register_accumulators(rule: _Rule) -> int:
     on 4 warps: stack 936 -> 616 bytes, 255 registers either way; untimed), =gemm for 3
     on any rule (the fc weight gradients as GEMMs over a workspace of the cells'
     activations, _nca_step_backward_fc_kernel; H100, dd6c6c4, Med-NCA rule, bf16: the
-    backward kernels 12% faster than with register partials)."""
+    backward kernels 12% faster than with register partials), =chunked for 4 on rules of
+    one channel and conv chunk (the hidden-chunk cell kernel, _nca_step_backward_cell_gemm_kernel,
+    with its fc partials read-modify-written in its slot; untimed), 0 on the others."""
     fits = (rule.ONE_CHUNK
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = _bwd_acc_knob()
     if v == "gemm":
         return 3
+    if v == "chunked":
+        return 4 if rule.ONE_CHUNK else 0
     if not fits or v == "memory":
         return 0
     return 2 if v == "mixed" else 1
@@ -1800,7 +1821,13 @@ def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, prog
     if interpreting():
         return _INTERPRET_BLOCK_M, 4, programs, 1
     default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
-    block_m, warps, stages = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", _wgmma_safe, stages=True) or default
+    hc = _hidden_chunk(rule)
+
+    def safe(block_m, warps):  # =chunked adds the partial dots: HC and C_PAD rows
+        return _wgmma_safe(block_m, warps) and (
+            _bwd_acc_knob() != "chunked" or (_wgmma_safe(hc, warps) and _wgmma_safe(rule.C_PAD, warps)))
+
+    block_m, warps, stages = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", safe, stages=True) or default
     return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages
 
 
@@ -1967,6 +1994,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     reg_acc = _register_accumulators(rule)
     resident = _resident_weights()
     gemm = reg_acc == 3
+    chunked = reg_acc == 4  # FASTNCA_TRITON_NCA_BWD_ACC=chunked: the hidden-chunk kernel, partials in its slot
     # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
     # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
     act_row = _act_row(rule) if gemm else 0
@@ -2003,7 +2031,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     n0 = min(B, chunk) * H * W
     block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
     # =gemm, rules of one channel and conv chunk: the cell kernel in hidden chunks
-    hidden_chunks = gemm and rule.ONE_CHUNK and not resident
+    hidden_chunks = chunked or (gemm and rule.ONE_CHUNK and not resident)
     if hidden_chunks:
         block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
@@ -2030,8 +2058,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     idx, pos = _firing_cells(fires.reshape(-1))
     cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
     if hidden_chunks:
-        cell_kw = dict(**cx, HC=_hidden_chunk(rule), BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps,
-                       num_stages=stages)
+        cell_kw = dict(**cx, HC=_hidden_chunk(rule), PARTIALS=chunked, BLOCK_M=block_m, K1=k1, WQ=wq_row,
+                       num_warps=warps, num_stages=stages)
     if resident:  # the staged fallback keeps the staged tile
         cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
     in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
@@ -2053,7 +2081,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_grid = (min(G, cdiv(N, block_m)),)
             if hidden_chunks:
                 _nca_step_backward_cell_gemm_kernel[cell_grid](
-                    g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), db1, db2, dpb, sum(sizes_a),
+                    g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
+                    sum(sizes_a),
                     H, W, *x_c.stride(), *g_c.stride(), frozen, **cell_kw)
             elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
                 _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
