@@ -64,8 +64,9 @@
 #       weight-gradient partials in memory (row "chunked"; no workspace, so it could become
 #       the default within the rollout's memory bound). The bench rows above time them; the
 #       kernels alone, per tile, in interleaved rounds (before the resident runs):
-#         VARIANTS_ARGS="--tiles default 32,4 64,4 128,8 --acc default gemm chunked --prec
-#         default split-bwd half-weights --no-cuda --rounds 3" scripts/gpu_session.sh variants@240 pack
+#         VARIANTS_ARGS="--variant default:default:default default:default:split-bwd
+#         default:default:half-weights 64,4:chunked:default 32,4:chunked:default 128,8:chunked:default
+#         64,4:gemm:default 32,4:gemm:default --no-cuda --rounds 3" scripts/gpu_session.sh variants@240 pack
 #       The GPU tests add test_gpu_bwd_tf32_products, test_gpu_half_weight_copy and
 #       test_gpu_gemm_hidden_chunk_tiles.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%

@@ -25,7 +25,8 @@ reported.
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
            [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec default split-bwd half-weights tf32x3 tf32x3-all tf32 bf16-dots]
-           [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64] [--device cuda]
+           [--variant TILE:ACC:PREC ...] [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64]
+           [--device cuda]
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def main() -> int:
                          "half-weights (FASTNCA_TRITON_NCA_HALF_WEIGHTS=1) / tf32x3 / "
                          "tf32x3-all / tf32 (these three with FASTNCA_TRITON_NCA_BF16_DOTS=0 and BWD_TF32=0) / "
                          "bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1, BWD_TF32=0)")
+    ap.add_argument("--variant", nargs="*", default=[],
+                    help="explicit variants TILE:ACC:PREC ('default' or '' for a default part), e.g. "
+                         "default:default:default 64,4:chunked:default; replaces the product of --tiles, "
+                         "--input-tiles, --acc, --weights and --prec")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
@@ -85,17 +90,24 @@ def main() -> int:
 
     use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
     variants = [("cuda", "cuda", (None, None, None), None, "")] if use_cuda else []
-    for t in a.tiles:
-        for it in a.input_tiles:
-            for acc in a.acc:
-                for wts in a.weights:
-                    for prec in a.prec:
-                        label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
-                                 "default": "default prec", "split-bwd": "split bwd",
-                                 "half-weights": "half weights"}.get(prec, "3xTF32")
-                        name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
-                                f"{f' weights={wts}' if wts else ''} {label}")
-                        variants.append((name, "triton", (t, it, wts), acc, prec))
+    if a.variant:  # explicit TILE:ACC:PREC triples instead of the product of the lists
+        combos = []
+        for v in a.variant:
+            parts = v.split(":")
+            if len(parts) != 3:
+                ap.error(f"--variant takes TILE:ACC:PREC, got {v!r}")
+            t, acc, prec = ("" if p == "default" else p for p in parts)
+            combos.append((t, "", acc, "", prec or "default"))
+    else:
+        combos = [(t, it, acc, wts, prec) for t in a.tiles for it in a.input_tiles for acc in a.acc
+                  for wts in a.weights for prec in a.prec]
+    for t, it, acc, wts, prec in combos:
+        label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
+                 "default": "default prec", "split-bwd": "split bwd",
+                 "half-weights": "half weights"}.get(prec, "3xTF32")
+        name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
+                f"{f' weights={wts}' if wts else ''} {label}")
+        variants.append((name, "triton", (t, it, wts), acc, prec))
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "

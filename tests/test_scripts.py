@@ -75,6 +75,22 @@ def test_backward_variants_smoke():
         assert float(row.split("2-norm")[1]) < 1e-5, row  # same fp32 math, summed in another order
 
 
+def test_backward_variants_explicit_list():
+    """--variant TILE:ACC:PREC runs exactly the listed variants, in order; a malformed one
+    is refused."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "nca_backward_variants.py"), "--device", "cpu",
+           "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--dtype", "float32", "--rounds", "1", "--variant",
+           "default:default:default", "16,4:chunked:default", "default:gemm:split-bwd"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    rows = [line.split()[:3] for line in out.splitlines() if "triton tile=" in line]
+    assert rows == [["triton", "tile=default", "acc=default"], ["triton", "tile=16,4", "acc=chunked"],
+                    ["triton", "tile=default", "acc=gemm"]] and "failed" not in out, out
+    bad = subprocess.run(cmd[:-3] + ["default:gemm"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "TILE:ACC:PREC" in bad.stderr
+
+
 def test_backward_variants_rollout_smoke():
     """nca_backward_variants.py --rollout under the Triton interpreter: eager PyTorch, the
     Triton backend and each of its opt-in modes are timed in interleaved rounds."""
