@@ -28,7 +28,8 @@ Layout and assumptions (the launchers below enforce them):
   _dot_precision; plain tf32 only if the user enabled TF32 matmuls in torch. Under tf32x3
   an operand loaded from a half tensor (state, grad_out, the weights) is exact in TF32, so
   its dots take one or two TF32 products instead of three for the same result (_mm,
-  _exact_bits).
+  _exact_bits); two bfloat16 operands make one bfloat16 dot; with bfloat16 state and
+  weights the backward's gradient-only products take one TF32 product (_bwd_tf32).
 
 Backward (nothing but the inputs is saved; everything is recomputed):
 - Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
@@ -54,6 +55,12 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
   takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
   (50 MB for a 65536-cell chunk).
+- Opt-in, untimed: under =gemm, rules of one channel and conv chunk (the Med-NCA rule)
+  run kernel A' (_nca_step_backward_cell_gemm_kernel) instead of A: x, g and the conv
+  once a tile, then the hidden units HC (32) at a time, so only [BLOCK_M, HC] activations
+  are live and a tile takes 64 rows on one warp group (A spills at 16). With
+  FASTNCA_TRITON_NCA_BWD_ACC=chunked it runs without the activation workspace and kernel
+  D: each chunk's fc weight-grad partials are read-modify-written in its slot per tile.
 - Opt-in (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv
   chunk): kernel A loads its weight operands once, before its tile loop, so the compiler
   keeps them in shared memory across the program's tiles. By default every 16-cell tile
