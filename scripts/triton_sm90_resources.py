@@ -157,6 +157,7 @@ def report_attention(B, H, W, heads, D, ks, border, dtype) -> None:
     o, lse = tri_na.forward(q, k, v, ks, border, D ** -0.5)
     tri_na.backward(torch.randn_like(o), None, q, k, v, o, lse, ks, border, D ** -0.5)
     for name, _, warps, kernel in _compiled:
+        _dump(name, kernel)
         print(f"attention [{B}, {H}, {W}, {heads}, {D}] k={ks} {border} {dtype}  {name}: warps={warps} "
               f"shared={kernel.metadata.shared // 1024} KB {_resources(kernel.asm['cubin'])} "
               f"{_mma_summary(kernel.asm['ttgir'])}", flush=True)
