@@ -935,7 +935,7 @@ def _nca_step_backward_cell_gemm_kernel(
             dh = _mm(gd, tl.load(w2_d + offs_h[None, :] * C_PAD + offs_c[:, None]), None,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
             dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
-            if PARTIALS:  # padded rows hold zeros in x, conv, gd, h and dz: they add nothing
+            if PARTIALS:  # padded rows have gd = dz = 0 (conv and h hold the biases'): they add nothing
                 p_w2 = dw2_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]
                 tl.store(p_w2, _mm(tl.trans(gd), h, tl.load(p_w2), DOT_PREC, EXACT, _EX_GRAD, _EX_BWD))
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]
