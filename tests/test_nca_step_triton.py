@@ -1034,6 +1034,35 @@ def fro_err(a, b):
 
 
 HALF_DQ_CASES = [(2, 16, 6, 7, 32, 2, 1, 1, "reflect", 0.5), (1, 16, 5, 6, 32, 2, "C", 0, "circular", 1.0)]
+HALF_GPU_CASES = HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)]  # + the Med-NCA rule
+HALF_GPU_IDS = ["dense", "depthwise", "mednca"]
+
+
+def bf16_rule_inputs(monkeypatch, case, seed):
+    """A bfloat16 rule and state of ``case``, with the GPU's product paths on the CPU
+    (tf32x3, bfloat16 dots): (state, grad_out, weights, args, groups, padding, frozen)."""
+    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
+    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
+    B, C, H, W, hidden, F, g, frozen, padding, p = case
+    g = C if g == "C" else g
+    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=seed)
+    return state, grad_out, w, (*w, g, padding, p, 5, 3, frozen), g, padding, frozen
+
+
+def assert_within_eager_bf16(monkeypatch, got, grad_out, state, args):
+    """Every gradient's error against float64 (Frobenius, relative) within 1.5x (+1e-3) of
+    eager bfloat16's: the reference computed in bfloat16, PyTorch's numerics."""
+    import fastnca.kernels.reference.nca_step as ref_mod
+
+    d = [t.double() for t in (state, grad_out, *args[:6])]
+    want = ref.backward(d[1], d[0], *d[2:], *args[6:])
+    with monkeypatch.context() as m:
+        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
+        eager = ref.backward(grad_out, state, *args)
+    for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
+        if b is None or b.abs().max() == 0:
+            continue
+        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 1e-3, f"{name}: {fro_err(a, b):.2e} vs eager {fro_err(t, b):.2e}"
 
 
 @pytest.mark.parametrize("case", HALF_DQ_CASES, ids=["dense", "depthwise"])
@@ -1043,8 +1072,7 @@ def test_half_dq_workspace(monkeypatch, tf32_dots, case):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
-                         ids=["dense", "depthwise", "mednca"])
+@pytest.mark.parametrize("case", HALF_GPU_CASES, ids=HALF_GPU_IDS)
 def test_gpu_half_dq_workspace(monkeypatch, case):
     check_half_dq(monkeypatch, case)
 
@@ -1056,26 +1084,11 @@ def check_half_dq(monkeypatch, case):
     FASTNCA_TRITON_NCA_HALF_DQ=0 the workspace stays float32 and the gradients change.
     float32 weights beside a bfloat16 state keep a float32 dQ (test_exact_operand_products
     holds their d_pw to the float32 tolerance)."""
-    import fastnca.kernels.reference.nca_step as ref_mod
-
-    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
-    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
-    B, C, H, W, hidden, F, g, frozen, padding, p = case
-    g = C if g == "C" else g
-    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=8)
-    args = (*w, g, padding, p, 5, 3, frozen)
+    state, grad_out, w, args, g, padding, frozen = bf16_rule_inputs(monkeypatch, case, seed=8)
     assert tri._Rule(state, *w, g, padding, frozen).dtypes["dq"] == torch.bfloat16
     assert tri._Rule(state, w[0].float(), *w[1:], g, padding, frozen).dtypes["dq"] == torch.float32
     got = tri.backward(grad_out, state, *args)
-    d = [t.double() for t in (state, grad_out, *w)]
-    want = ref.backward(d[1], d[0], *d[2:], *args[6:])
-    with monkeypatch.context() as m:
-        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
-        eager = ref.backward(grad_out, state, *args)
-    for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
-        if b is None or b.abs().max() == 0:
-            continue
-        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 1e-3, f"{name}: {fro_err(a, b):.2e} vs eager {fro_err(t, b):.2e}"
+    assert_within_eager_bf16(monkeypatch, got, grad_out, state, args)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_DQ", "0")
     assert tri._Rule(state, *w, g, padding, frozen).dtypes["dq"] == torch.float32
     full = tri.backward(grad_out, state, *args)
@@ -1093,8 +1106,7 @@ def test_bwd_tf32_products(monkeypatch, tf32_dots, case):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
-                         ids=["dense", "depthwise", "mednca"])
+@pytest.mark.parametrize("case", HALF_GPU_CASES, ids=HALF_GPU_IDS)
 def test_gpu_bwd_tf32_products(monkeypatch, case):
     check_bwd_tf32(monkeypatch, case)
 
@@ -1105,14 +1117,7 @@ def check_bwd_tf32(monkeypatch, case):
     against FASTNCA_TRITON_NCA_BWD_TF32=0, the forward does not), and every gradient's error
     against float64 (Frobenius, relative) stays within 1.5x (+1e-3) of eager bfloat16's.
     Float16, and bfloat16 beside float32 weights, keep the hi + lo split."""
-    import fastnca.kernels.reference.nca_step as ref_mod
-
-    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
-    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
-    B, C, H, W, hidden, F, g, frozen, padding, p = case
-    g = C if g == "C" else g
-    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=9)
-    args = (*w, g, padding, p, 7, 3, frozen)
+    state, grad_out, w, args, g, padding, frozen = bf16_rule_inputs(monkeypatch, case, seed=9)
     bwd = tri._EX_BWD.value
     assert tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] & bwd
     half_w = [t.half() if t.dim() > 1 else t for t in w]
@@ -1120,15 +1125,7 @@ def check_bwd_tf32(monkeypatch, case):
     assert not tri._Rule(state, w[0], w[1], w[2].float(), *w[3:], g, padding, frozen).constexprs()["EXACT"] & bwd
     out = tri.forward(state, *args)
     got = tri.backward(grad_out, state, *args)
-    d = [t.double() for t in (state, grad_out, *w)]
-    want = ref.backward(d[1], d[0], *d[2:], *args[6:])
-    with monkeypatch.context() as m:
-        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
-        eager = ref.backward(grad_out, state, *args)
-    for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
-        if b is None or b.abs().max() == 0:
-            continue
-        assert fro_err(a, b) <= 1.5 * fro_err(t, b) + 1e-3, f"{name}: {fro_err(a, b):.2e} vs eager {fro_err(t, b):.2e}"
+    assert_within_eager_bf16(monkeypatch, got, grad_out, state, args)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TF32", "0")
     assert not tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] & bwd
     assert torch.equal(tri.forward(state, *args), out)
@@ -1146,8 +1143,7 @@ def test_half_weight_copy(monkeypatch, tf32_dots, case):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", HALF_DQ_CASES + [(2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)],
-                         ids=["dense", "depthwise", "mednca"])
+@pytest.mark.parametrize("case", HALF_GPU_CASES, ids=HALF_GPU_IDS)
 def test_gpu_half_weight_copy(monkeypatch, case):
     check_half_weight_copy(monkeypatch, case)
 
@@ -1157,12 +1153,7 @@ def check_half_weight_copy(monkeypatch, case):
     bfloat16 copy of the arranged weights. The copy holds the same values, so the forward
     and every gradient are bitwise those of the float32 copy; the kernels do read it (a
     zeroed copy changes the results). Taken only with bfloat16 state and weight matrices."""
-    monkeypatch.setattr(tri, "_dot_precision", lambda device: "tf32x3")
-    monkeypatch.setattr(tri, "_INTERPRETER_BF16_DOTS", True)
-    B, C, H, W, hidden, F, g, frozen, padding, p = case
-    g = C if g == "C" else g
-    state, grad_out, *w = make_inputs(B, C, H, W, hidden, F, g, frozen, torch.bfloat16, torch.bfloat16, seed=10)
-    args = (*w, g, padding, p, 7, 3, frozen)
+    state, grad_out, w, args, g, padding, frozen = bf16_rule_inputs(monkeypatch, case, seed=10)
 
     def run(rule=None):
         return (tri.forward(state, *args, prepared=rule), *tri.backward(grad_out, state, *args, prepared=rule))

@@ -194,6 +194,8 @@ def _mm(a, b, acc, DOT_PREC: tl.constexpr, EXACT: tl.constexpr, A_FAM: tl.conste
     MMA's minimum). a, b may be half (a gathered dQ): cast to float32 for the TF32 paths.
     _EX_BWD marks a computed operand of a gradient-only product: with its bit in EXACT
     (_bwd_tf32) it counts as exact here, i.e. enters one TF32 product unsplit."""
+    if acc is None:  # Triton 3.0's tl.dot reads a None passed through a jit call as a tensor
+        acc = tl.zeros([a.shape[0], b.shape[1]], dtype=tl.float32)
     A_EXACT: tl.constexpr = (A_FAM & EXACT) != 0
     B_EXACT: tl.constexpr = (B_FAM & EXACT) != 0
     BF16: tl.constexpr = (((A_FAM << _BF16_SHIFT) & EXACT) != 0) & (((B_FAM << _BF16_SHIFT) & EXACT) != 0)
@@ -232,6 +234,24 @@ def _weight_src(ptr, wh_ptr, SEG: tl.constexpr, HALF_W: tl.constexpr, EXACT: tl.
     else:
         src = ptr
     return src
+
+
+@triton.jit
+def _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W: tl.constexpr, EXACT: tl.constexpr,
+                      C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """_weight_src of the backward cell kernels' bfloat16-dot operands: (fc1's state part,
+    W2 for dh = gd W2, pw for the recomputed conv); segment offsets of the arranged layout."""
+    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
+    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
+    return (_weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1),
+            _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2),
+            _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW))
+
+
+@triton.jit
+def _program_slot(dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, slot):
+    """The partial-sum pointers moved to this program's private slot (``slot`` elements)."""
+    return dw1a_ptr + slot, dw1b_ptr + slot, db1_ptr + slot, dw2_ptr + slot, db2_ptr + slot, dpb_ptr + slot
 
 
 @triton.jit
@@ -671,20 +691,11 @@ def _nca_step_backward_cell_kernel(
     # operand's load is invariant in the tile loop and the compiler keeps it in shared
     # memory across the program's tiles, instead of staging it from L2 at every tile.
     RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
-    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
-    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
-    pw_d = _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW)
-    w1a_d = _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1)
-    w2_d = _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2)
+    w1a_d, w2_d, pw_d = _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
-    dw1a_ptr += slot
-    dw1b_ptr += slot
-    db1_ptr += slot
-    dw2_ptr += slot
-    db2_ptr += slot
-    dpb_ptr += slot
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
+        dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, pid.to(tl.int64) * SLOT)
 
     # workspace rows: g + dP_x at ws[cell, :C] (row stride K1), dQ at wq[cell, :FC] (stride
     # WQ; wq is ws[:, C:] itself, or a bfloat16 workspace of its own: _half_dq)
@@ -879,20 +890,11 @@ def _nca_step_backward_cell_gemm_kernel(
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
     A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
     A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
-    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
-    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
-    pw_d = _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW)
-    w1a_d = _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1)
-    w2_d = _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2)
+    w1a_d, w2_d, pw_d = _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    slot = pid.to(tl.int64) * SLOT  # this program's private partial-sum slot
-    dw1a_ptr += slot
-    dw1b_ptr += slot
-    db1_ptr += slot
-    dw2_ptr += slot
-    db2_ptr += slot
-    dpb_ptr += slot
+    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
+        dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, pid.to(tl.int64) * SLOT)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_f = tl.arange(0, FC_CEIL)
