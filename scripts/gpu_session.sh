@@ -58,7 +58,8 @@
 #       scripts/gpu_session.sh variants@240 pack.
 #     Added in session 13 (2026-11-27, untimed): the backward's gradient-only products in one
 #       TF32 product for bfloat16 rules (default; row "split-bwd" is the old split), a
-#       bfloat16 weight copy for the bfloat16 dots (opt-in; row "half-weights"), and under
+#       bfloat16 weight copy for the bfloat16 dots, with an im2col conv (opt-in; row
+#       "half-weights"; sm_90 forward -17%, default cell kernel -24% instructions), and under
 #       =gemm a cell kernel in hidden chunks on 64-row tiles (row "gemm"; sm_90 ~half the
 #       instructions a cell of the default kernel), and =chunked, that kernel with its
 #       weight-gradient partials in memory (row "chunked"; no workspace, so it could become

@@ -80,15 +80,17 @@ TRITON30 = os.environ.get("FASTNCA_TEST_TRITON30")
 
 @pytest.mark.skipif(not TRITON30, reason="FASTNCA_TEST_TRITON30 (a pip --target folder holding triton 3.0.0) "
                                          "is not set; .ci/run sets it")
-@pytest.mark.parametrize("acc", ["", "gemm", "chunked"])
-def test_kernels_compile_with_triton_3_0(acc):
+@pytest.mark.parametrize("acc,half_weights", [("", ""), ("gemm", ""), ("chunked", ""), ("", "1")],
+                         ids=["default", "gemm", "chunked", "half-weights"])
+def test_kernels_compile_with_triton_3_0(acc, half_weights):
     """Every Triton kernel compiles for sm_90 with Triton 3.0, the oldest supported (torch
     2.4's): scripts/triton_sm90_resources.py on the Med-NCA rule (bfloat16), a depthwise one
-    (float32) and GeCA's attention, in each backward mode. Nothing else tests 3.0: CI
+    (float32) and GeCA's attention, in each backward mode and with the bfloat16 weight copy
+    (its im2col conv). Nothing else tests 3.0: CI
     installs the newest Triton and the lent GPUs have 3.6 (an nca compile error on 3.0 went
     unseen until 2026-11-27)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TRITON30, str(ROOT / "python")]),
-           "FASTNCA_TRITON_NCA_BWD_ACC": acc}
+           "FASTNCA_TRITON_NCA_BWD_ACC": acc, "FASTNCA_TRITON_NCA_HALF_WEIGHTS": half_weights}
     env.pop("TRITON_INTERPRET", None)
     version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()

@@ -266,7 +266,30 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
     a strip touches stay in L1/L2). The tap loop is a runtime loop on purpose. Unrolled (static_range), the compiler
     hoisted all 9 tiles out of the chunk loop (loop-invariant) into shared memory: 320 KB
     for C=128, hidden=256 with tf32x3, over the 227 KB of an H100; and sm_90a compile
-    times were ~7x longer (AOT compile here: backward cell kernel 162 s -> 22 s)."""
+    times were ~7x longer (AOT compile here: backward cell kernel 162 s -> 22 s).
+    Dense rules of one conv chunk whose pw comes as the bfloat16 copy (HALF_W) take
+    _conv_im2col instead: two bfloat16 dots (K = 8 C_PAD and C_PAD) with no tap loop, their
+    weights 32 KB a tile for the Med-NCA rule."""
+    IM2COL: tl.constexpr = ((not DEPTHWISE) and (FC_BLK == FC_CEIL)) and (pw_ptr.dtype.element_ty == tl.bfloat16)
+    if IM2COL:
+        offs_j = tl.arange(0, 8 * C_PAD)
+        w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_f[None, :])
+        w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
+        conv = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
+                            tl.load(pb_ptr + offs_f), C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
+    else:
+        conv = _conv_taps(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask, pw_ptr, pb_ptr,
+                          F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+    return conv
+
+
+@triton.jit
+def _conv_taps(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask,
+               pw_ptr, pb_ptr,
+               F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+               BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
+               DOT_PREC: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
+    """_conv_chunk as a loop over the 9 taps."""
     conv = tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32)
     if DEPTHWISE:
         ch = (offs_f // F).to(tl.int64) * s_c  # groups=C: output channel o reads o // F
@@ -308,14 +331,14 @@ def _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_p
     ok = rows[:, None] & vy & vx
     ch = offs_c.to(tl.int64) * s_c
     t8 = tl.load(x_ptr + off[:, :, None] + ch[None, None, :], mask=ok[:, :, None] & cmask[None, None, :],
-                 other=0.0).to(tl.float32)
+                 other=0.0)  # the state's dtype (_mm casts)
     conv = _mm(tl.reshape(t8, [BLOCK_M, 8 * C_PAD]), w_pw8, tl.zeros([BLOCK_M, FC_BLK], dtype=tl.float32),
                DOT_PREC, EXACT, _EX_STATE, _EX_PW)
     ny9, vy9 = _pad_index(y + 1, H, PAD)
     nx9, vx9 = _pad_index(xx + 1, W, PAD)
     off9 = xb + ny9.to(tl.int64) * s_h + nx9.to(tl.int64) * s_w
     t9 = tl.load(x_ptr + off9[:, None] + ch[None, :], mask=(rows & vy9 & vx9)[:, None] & cmask[None, :],
-                 other=0.0).to(tl.float32)
+                 other=0.0)
     return _mm(t9, w_pw9, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW) + pb[None, :]
 
 
@@ -1474,10 +1497,13 @@ def _half_weights(dtypes: dict) -> bool:
     dots (the conv, fc1's state part and dh = gd W2: 29% of the weight bytes of the Med-NCA
     backward cell kernel) then read their weights in half the bytes, without a conversion
     in the kernel. The weights are staged again at every tile: ~185 KB of float32 a 16-cell
-    tile of the cell kernel (Med-NCA rule), ~11 KB a cell from L2. Opt-in because the sm_90
-    compile is not clearly better: the cell kernel's spill stack 672 -> 568 bytes, but its
-    static instructions 2928 -> 3208 (the bfloat16 pw tile goes to shared memory in 16-bit
-    stores); the GPU has to say."""
+    tile of the cell kernel (Med-NCA rule), ~11 KB a cell from L2. With the copy, dense
+    rules of one conv chunk also run the conv as an im2col dot (_conv_chunk) instead of a
+    loop over the 9 taps. sm_90 compile, Med-NCA rule, instructions a tile (static, plus
+    the tap loop's extra trips): forward 3784 -> 3136 at 64 rows (255 registers against
+    217, no spills either way); default cell kernel 2395 -> 1832 at 16 rows, stack 672 ->
+    608 bytes. Untimed, so opt-in; the hidden-chunk kernels spill more with it (=chunked at
+    64 rows: 480 -> 888 bytes)."""
     v = os.environ.get("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "")
     if v not in ("", "0", "1"):
         raise ValueError(f"FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1, got {v!r}")
