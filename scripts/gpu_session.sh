@@ -63,13 +63,20 @@
 #       =gemm a cell kernel in hidden chunks on 64-row tiles (row "gemm"; sm_90 ~half the
 #       instructions a cell of the default kernel), and =chunked, that kernel with its
 #       weight-gradient partials in memory (row "chunked"; no workspace, so it could become
-#       the default within the rollout's memory bound). The bench rows above time them; the
-#       kernels alone, per tile, in interleaved rounds (before the resident runs):
+#       the default within the rollout's memory bound). The GPU tests add
+#       test_gpu_bwd_tf32_products, test_gpu_half_weight_copy and
+#       test_gpu_gemm_hidden_chunk_tiles (gemm and chunked at five tiles; =chunked
+#       transposes a wgmma-output dz, the pattern of a Hopper miscompile, fla #640).
+#     SO THE SECOND CALL CHANGES: the variants decide the defaults, and 15 device minutes do
+#       not hold call 1, the bench and the variants. Call 2 (warm machine, no carry), the
+#       variants first (kernels alone and 64-step rollouts, interleaved rounds), then as much
+#       of the bench as fits (its rows come most wanted first):
 #         VARIANTS_ARGS="--variant default:default:default default:default:split-bwd
-#         default:default:half-weights 64,4:chunked:default 32,4:chunked:default 128,8:chunked:default
-#         64,4:gemm:default 32,4:gemm:default --no-cuda --rounds 3" scripts/gpu_session.sh variants@240 pack
-#       The GPU tests add test_gpu_bwd_tf32_products, test_gpu_half_weight_copy and
-#       test_gpu_gemm_hidden_chunk_tiles.
+#         default:default:half-weights 64,4:chunked:default 32,4:chunked:default
+#         128,8:chunked:default 64,4:gemm:default 32,4:gemm:default 64,4:chunked:half-weights
+#         --no-cuda --rounds 3" BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh \
+#             variants@200 bench:nca,attention:bfloat16@230 timeline:attention:triton@40 pack
+#       Make the winner the default only if it wins both the kernels and the rollout rows.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
