@@ -973,6 +973,35 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
     assert not any((c.kwargs["BLOCK_M"], c.num_warps) == (64, 8) for c in kept)
 
 
+@pytest.mark.parametrize("acc", ["gemm", "chunked"])
+def test_hidden_chunk_tiles(monkeypatch, acc):
+    """The hidden-chunk kernel's tile (_hidden_chunk_tiling) on a GPU: 64 rows on 4 warps
+    for half states, 32 for float32; a pinned tile is checked against that kernel's dots
+    (BLOCK_M rows; under =chunked also C_PAD and HC rows), not the other cell kernel's
+    (HID_PAD rows): a depthwise C=16, hidden 64 rule takes 16 and 128 rows on 8 warps (the
+    GPU test's tiles); 64 rows on 8 warps stay refused."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tri, "_device_limits", lambda device: (132, 227 * 1024))
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    c_pad, hid_pad, c_blk, fc_blk, fcc = tri._tile_dims(16, 32, 64)
+    rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, FC_CEIL=fcc, SLOT=4096,
+                           ONE_CHUNK=True, dtypes=dict(state=torch.bfloat16))
+    cuda = torch.device("cuda")
+    assert tri._hidden_chunk_tiling(rule, cuda, 1 << 20, 264) == (64, 4, 264, 1)
+    assert tri._hidden_chunk_tiling(SimpleNamespace(**{**vars(rule), "dtypes": dict(state=torch.float32)}),
+                                    cuda, 1 << 20, 264)[:2] == (32, 4)
+    for tile, hc in (("16,8", "16"), ("128,8", "32")):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", tile)
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", hc)
+        programs = tri._backward_tiling(rule, cuda, 1 << 20)[2]  # the other kernel's pin check passes too
+        assert tri._hidden_chunk_tiling(rule, cuda, 1 << 20, programs)[:2] == tuple(map(int, tile.split(",")))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "64,8")
+    with pytest.raises(ValueError, match="more warp groups than 64-row blocks"):
+        tri._hidden_chunk_tiling(rule, cuda, 1 << 20, 264)
+
+
 def test_pinned_backward_tile(monkeypatch):
     """FASTNCA_TRITON_NCA_BWD_TILE (a benchmarking knob) pins the backward tile (and its
     pipelining stages) on a GPU, rejects malformed values and tiles with more warp groups

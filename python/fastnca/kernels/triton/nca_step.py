@@ -628,10 +628,17 @@ def _wgmma_safe(block_m: int, num_warps: int) -> bool:
 def _cell_tile_safe(rule, block_m: int, num_warps: int) -> bool:
     """_wgmma_safe for every dot of the backward cell kernel at this tile: the per-cell dots
     have BLOCK_M rows, the weight-gradient partials (gd^T h, dz^T x, dz^T conv) C_BLK and
-    HID_PAD rows; under =gemm the kernel has no partial dots. sm_90 compile (triton 3.9):
+    HID_PAD rows; under =gemm the kernel has no partial dots; under =chunked the hidden-chunk
+    kernel's (rules of one chunk) have C_PAD and HC rows. sm_90 compile (triton 3.9):
     32 rows on 8 warps for C=64, hidden=64 gave the 64-row dz^T x dot warpsPerCTA [8, 1]
     and [4, 2], the layouts _wgmma_safe avoids."""
-    rows = (block_m,) if _bwd_acc_knob() == "gemm" else (block_m, rule.C_BLK, rule.HID_PAD)
+    knob = _bwd_acc_knob()
+    if knob == "gemm":
+        rows = (block_m,)
+    elif knob == "chunked" and getattr(rule, "ONE_CHUNK", False):
+        rows = (block_m, rule.C_PAD, _hidden_chunk(rule))
+    else:
+        rows = (block_m, rule.C_BLK, rule.HID_PAD)
     return all(_wgmma_safe(m, num_warps) for m in rows)
 
 
@@ -1856,13 +1863,8 @@ def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, prog
     if interpreting():
         return _INTERPRET_BLOCK_M, 4, programs, 1
     default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
-    hc = _hidden_chunk(rule)
-
-    def safe(block_m, warps):  # =chunked adds the partial dots: HC and C_PAD rows
-        return _wgmma_safe(block_m, warps) and (
-            _bwd_acc_knob() != "chunked" or (_wgmma_safe(hc, warps) and _wgmma_safe(rule.C_PAD, warps)))
-
-    block_m, warps, stages = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", safe, stages=True) or default
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
+    block_m, warps, stages = pinned or default
     return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages
 
 
