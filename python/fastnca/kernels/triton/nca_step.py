@@ -237,10 +237,10 @@ def _weight_src(ptr, wh_ptr, SEG: tl.constexpr, HALF_W: tl.constexpr, EXACT: tl.
 
 
 @triton.jit
-def _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W: tl.constexpr, EXACT: tl.constexpr,
+def _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W: tl.constexpr, EXACT: tl.constexpr,
                       C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
-    """_weight_src of the backward cell kernels' bfloat16-dot operands: (fc1's state part,
-    W2 for dh = gd W2, pw for the recomputed conv); segment offsets of the arranged layout."""
+    """_weight_src of the weight operands that can be bfloat16 dots: (fc1's state part, W2
+    for the backward's dh = gd W2, pw for the conv); segment offsets of the arranged layout."""
     SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
     SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
     return (_weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1),
@@ -272,9 +272,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
     weights 32 KB a tile for the Med-NCA rule."""
     IM2COL: tl.constexpr = ((not DEPTHWISE) and (FC_BLK == FC_CEIL)) and (pw_ptr.dtype.element_ty == tl.bfloat16)
     if IM2COL:
-        offs_j = tl.arange(0, 8 * C_PAD)
-        w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_f[None, :])
-        w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
+        w_pw8, w_pw9 = _im2col_weights(pw_ptr, offs_c, offs_f, C_PAD, FC_CEIL)
         conv = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
                             tl.load(pb_ptr + offs_f), C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
     else:
@@ -314,6 +312,15 @@ def _conv_taps(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_
             w = tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :])
             conv = _mm(t, w, conv, DOT_PREC, EXACT, _EX_STATE, _EX_PW)
     return conv + tl.load(pb_ptr + offs_f)[None, :]
+
+
+@triton.jit
+def _im2col_weights(pw_ptr, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """_conv_im2col's weight operands from pwt: taps 0..7 as [8 * C_PAD, FC] (rows
+    tap * C_PAD + c, in order), tap 8 as [C_PAD, FC]."""
+    offs_j = tl.arange(0, 8 * C_PAD)
+    return (tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_f[None, :]),
+            tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_f[None, :]))
 
 
 @triton.jit
@@ -397,9 +404,7 @@ def _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, offs_c, offs_h, of
         w_pw8 = pb_v
         w_pw9 = pb_v
     else:
-        offs_j = tl.arange(0, 8 * C_PAD)
-        w_pw8 = tl.load(pw_ptr + offs_j[:, None] * FC_CEIL + offs_fb[None, :])
-        w_pw9 = tl.load(pw_ptr + 8 * C_PAD * FC_CEIL + offs_c[:, None] * FC_CEIL + offs_fb[None, :])
+        w_pw8, w_pw9 = _im2col_weights(pw_ptr, offs_c, offs_fb, C_PAD, FC_CEIL)
     return w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v
 
 
@@ -569,12 +574,11 @@ def _nca_step_forward_kernel(
         ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
         o_row = out_ptr + ob[:, None]
 
-        SEG_PW: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD + HID_PAD * C_PAD + C_PAD
+        w1a_d, _, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD,
+                                           FC_CEIL)
         h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                       _weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1), w1bt_ptr, b1_ptr,
-                       _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW), pb_ptr,
-                       C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False,
-                       EXACT)
+                       w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + tl.arange(0, C_BLK)
             kmask = rows[:, None] & (offs_k < C)[None, :]
@@ -721,7 +725,7 @@ def _nca_step_backward_cell_kernel(
     # operand's load is invariant in the tile loop and the compiler keeps it in shared
     # memory across the program's tiles, instead of staging it from L2 at every tile.
     RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
-    w1a_d, w2_d, pw_d = _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
+    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
@@ -920,7 +924,7 @@ def _nca_step_backward_cell_gemm_kernel(
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
     A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
     A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
-    w1a_d, w2_d, pw_d = _cell_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
+    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
@@ -1462,14 +1466,10 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     passed at the float32 tolerance. Only operands loaded from bfloat16 tensors take it: the
     withdrawn "all" mode, which also rounded computed (MMA-output) operands, broke on Hopper. 0 for other precisions, or with
     FASTNCA_TRITON_NCA_EXACT=0 (every product tf32x3, for comparison)."""
-    knob = os.environ.get("FASTNCA_TRITON_NCA_EXACT", "")
-    if knob not in ("", "0", "1"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_EXACT must be 0 or 1, got {knob!r}")
-    bf16 = os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "")
-    if bf16 not in ("", "0", "1"):
-        # "all" (every dot in bfloat16) was withdrawn: wrong results and an illegal memory
-        # access on an H100 (benchmarks/README.md, sixth run)
-        raise ValueError(f"FASTNCA_TRITON_NCA_BF16_DOTS must be 0 or 1, got {bf16!r}")
+    knob = _knob01("FASTNCA_TRITON_NCA_EXACT")
+    # (FASTNCA_TRITON_NCA_BF16_DOTS=all, every dot in bfloat16, was withdrawn: wrong results
+    # and an illegal memory access on an H100; benchmarks/README.md, sixth run)
+    bf16 = _knob01("FASTNCA_TRITON_NCA_BF16_DOTS")
     if prec != "tf32x3" or knob == "0":
         return 0
     bits = sum(bit for name, bit in _EXACT_BITS.items() if dtypes.get(name) in _HALF)
@@ -1479,6 +1479,19 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
         bits += sum(bit << _BF16_SHIFT.value for name, bit in _EXACT_BITS.items()
                     if dtypes.get(name) == torch.bfloat16)
     return bits
+
+
+def _knob01(name: str) -> str:
+    """An on/off knob's value, "" (unset), "0" or "1"; anything else raises."""
+    v = os.environ.get(name, "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {v!r}")
+    return v
+
+
+def _bf16_rule(dtypes: dict) -> bool:
+    """State and the three weight matrices bfloat16: every result of the rule's kernels is."""
+    return all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2"))
 
 
 def _bwd_tf32(dtypes: dict) -> bool:
@@ -1491,10 +1504,7 @@ def _bwd_tf32(dtypes: dict) -> bool:
     Med-NCA cell kernel this halves the backward's TF32 MMAs (d_w1b: three products to
     one). Float16 (11 bits stored) keeps the split. On a CPU (interpreter with TF32 dots)
     every gradient's error against float64 stays within eager bfloat16's (tests)."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_TF32", "")
-    if v not in ("", "0", "1"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_TF32 must be 0 or 1, got {v!r}")
-    return v != "0" and all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2"))
+    return _knob01("FASTNCA_TRITON_NCA_BWD_TF32") != "0" and _bf16_rule(dtypes)
 
 
 def _half_weights(dtypes: dict) -> bool:
@@ -1511,11 +1521,8 @@ def _half_weights(dtypes: dict) -> bool:
     217, no spills either way); default cell kernel 2395 -> 1832 at 16 rows, stack 672 ->
     608 bytes. Untimed, so opt-in; the hidden-chunk kernels spill more with it (=chunked at
     64 rows: 480 -> 888 bytes)."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "")
-    if v not in ("", "0", "1"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1, got {v!r}")
-    return (v == "1" and os.environ.get("FASTNCA_TRITON_NCA_BF16_DOTS", "") != "0"
-            and all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2")))
+    return (_knob01("FASTNCA_TRITON_NCA_HALF_WEIGHTS") == "1" and _knob01("FASTNCA_TRITON_NCA_BF16_DOTS") != "0"
+            and _bf16_rule(dtypes))
 
 
 def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
@@ -1528,10 +1535,7 @@ def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
     weights in one bfloat16 dot, where a float32 dQ took two TF32 products; the
     conv-gradient kernel takes one TF32 product instead of two. Untimed; on a CPU the
     gradients' error against float64 stays within eager bfloat16's (tests)."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_HALF_DQ", "")
-    if v not in ("", "0", "1"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1, got {v!r}")
-    return state_dtype == torch.bfloat16 and pw_dtype == torch.bfloat16 and v != "0"
+    return state_dtype == torch.bfloat16 and pw_dtype == torch.bfloat16 and _knob01("FASTNCA_TRITON_NCA_HALF_DQ") != "0"
 
 
 # The Triton interpreter multiplies bfloat16 dot operands as raw bits: bfloat16 dots stay
@@ -2133,8 +2137,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
                 DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"] & _TF32_BITS,
                 BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
-            in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W, *d_c.stride(),
-                       *g_c.stride())
+            in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W,
+                       *d_c.stride(), *g_c.stride())
             if not (in_resident and _try_resident(
                     _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
                 _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
