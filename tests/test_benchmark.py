@@ -1,4 +1,7 @@
-"""Benchmark helpers that do not need a GPU: the largest-size-within-a-memory-budget search."""
+"""Benchmark helpers that do not need a GPU: the largest-size-within-a-memory-budget search, the
+CUDA-graph columns of the table, and the plots of committed results."""
+import os
+
 import pytest
 import torch
 
@@ -173,3 +176,46 @@ def test_gpu_failed_capture_leaves_the_generator_usable():
     assert "graph_error" in got, got
     assert torch.randn(8, device=dev).isfinite().all()
     assert torch.rand(8, device=dev).lt(1).all()
+
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+
+
+def test_plot_groups_and_speedups():
+    from fastnca.benchmark import plot
+
+    rows = [dict(op="nca_step", config="c", dtype="float32", impl="fastnca:cpu", fwd_ms=2.0, fwd_bwd_ms=None),
+            dict(op="nca_step", config="c", dtype="float32", impl="pytorch", fwd_ms=8.0, fwd_bwd_ms=12.0),
+            dict(op="nca_step", config="d", dtype="float32", impl="pytorch", fwd_ms=None, fwd_bwd_ms=None),
+            dict(op="nca_rollout_peak", config="c", dtype="float32", impl="pytorch", peak_mb=5.0)]
+    found = plot.groups(rows)
+    assert [key for key, _ in found] == [("nca_step", "c", "float32"), ("nca_rollout_peak", "c", "float32")]
+    assert [r["impl"] for r in found[0][1]] == ["fastnca:cpu", "pytorch"]  # file order kept
+    assert plot.speedup(found[0][1], "nca_step", "fwd_ms") == {"fastnca:cpu": 4.0, "pytorch": 1.0}
+    assert plot.speedup(found[0][1], "nca_step", "fwd_bwd_ms") == {"pytorch": 1.0}  # not measured: no ratio
+    assert plot.speedup(found[0][1], "neighborhood_attention", "fwd_ms") == {}  # no baseline row
+
+
+@pytest.mark.parametrize("name", ["cpu-amd-epyc-2threads-2026-11-26.json", "h200-220af96-attention-nca-bf16-partial.json"])
+def test_fastnca_plot_draws_committed_results(tmp_path, name):
+    pytest.importorskip("matplotlib")
+    from fastnca import cli
+
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{name} not in this checkout")
+    assert cli.main(["plot", path, "--out", str(tmp_path)]) == 0
+    png = tmp_path / name.replace(".json", ".png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 30_000  # a figure with its panels, not an empty canvas
+
+
+def test_fastnca_plot_rejects_a_file_without_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastnca.benchmark import plot
+
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"results": []}')
+    with pytest.raises(ValueError, match="no results"):
+        plot.plot_file(str(empty), str(tmp_path))

@@ -159,6 +159,15 @@ def test_emulated_nca_step_one_cell_per_thread(emulated, monkeypatch):
     check_nca(emulated, 1, 16, 5, 7, 2, 64, 1, "reflect", 1, 0.5)
 
 
+@pytest.mark.parametrize("value", ["3", "auto", "-1"])
+def test_cells_per_thread_knob_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv("FASTNCA_CUDA_NCA_CPT", value)
+    with pytest.raises(ValueError, match="FASTNCA_CUDA_NCA_CPT must be 0 .automatic., 1 or 2"):
+        cuda_nca._cells_per_thread()
+    monkeypatch.setenv("FASTNCA_CUDA_NCA_CPT", "")
+    assert cuda_nca._cells_per_thread() == 0
+
+
 @pytest.mark.parametrize("dtype,groups,channels_last", [(torch.float32, 1, False),
                                                        (torch.bfloat16, 1, False),
                                                        (torch.float16, "C", True)])

@@ -340,8 +340,8 @@ ARG_ERRORS = [
     (dict(step=-1), ValueError, "step must be in"),
     (dict(backend="fast"), ValueError, "backend must be None or one of"),
     (dict(fc1_weight="w"), TypeError, "fc1_weight must be a torch.Tensor"),
-    (dict(state=torch.zeros(0, 3, 4, 4)), ValueError, "state must be non-empty"),
-    (dict(state=torch.zeros(1, 3, 0, 4)), ValueError, "state must be non-empty"),
+    (dict(state=torch.zeros(1, 3, 0, 4)), ValueError, "state must have C, H, W >= 1"),
+    (dict(state=torch.zeros(1, 3, 4, 0)), ValueError, "state must have C, H, W >= 1"),
     (dict(frozen_channels=-1), ValueError, "frozen_channels must be in \\[0, 4\\)"),
     (dict(groups=1.0), TypeError, "groups must be an integer"),
     (dict(update_prob=1.5), ValueError, "update_prob must be in \\[0, 1\\]"),
@@ -365,6 +365,26 @@ ARG_ERRORS = [
     (dict(perception_bias=torch.zeros(6, device="meta")), ValueError, mentions("perception_bias", "meta")),
     (dict(fc2_bias=torch.zeros(3, device="meta")), ValueError, mentions("fc2_bias", "meta")),
 ]
+
+
+@pytest.mark.parametrize("backend", [None, "reference", *fast_backends("nca_step")])
+@pytest.mark.parametrize("padding,channels_last", [("reflect", False), ("circular", True)])
+def test_empty_batch(backend, padding, channels_last):
+    """B = 0 gives an empty state like the input and zero weight gradients, as torch's conv2d
+    does (the public functions run the reference: no kernel to launch)."""
+    dev = device_for(backend or "reference")
+    rule = make_rule(4, hidden=8, frozen=1, device=dev, requires_grad=True)
+    state = make_state(0, 4, 5, 3, device=dev, requires_grad=True)
+    if channels_last:
+        state = state.detach().to(memory_format=torch.channels_last).requires_grad_()
+    kw = dict(padding=padding, seed=3, frozen_channels=1, backend=backend)
+    for out in (fastnca.nca_step(state, *rule, step=2, **kw), fastnca.nca_rollout(state, *rule, steps=3, **kw)):
+        assert out.shape == state.shape and out.dtype == state.dtype and out.device == state.device
+        out.sum().backward()
+        assert state.grad.shape == state.shape
+        for t in rule:
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+            t.grad = None
 
 
 @pytest.mark.parametrize("override,exc,match", ARG_ERRORS)

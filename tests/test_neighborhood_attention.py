@@ -214,15 +214,27 @@ ARG_ERRORS = [
     (dict(scale=float("inf")), ValueError, mentions("scale")),
     (dict(kernel_size=3.0), TypeError, mentions("kernel_size")),
     (dict(kernel_size=True), TypeError, mentions("kernel_size")),
-    # Empty inputs: every dim, including heads and D.
+    # Empty grids and head dims (an empty batch or no heads are valid: test_empty_batch_or_heads).
     *[(dict(query=torch.zeros(shape), key=torch.zeros(shape), value=torch.zeros(shape)), ValueError,
-       mentions("query")) for shape in [(0, 4, 4, 2, 8), (1, 0, 4, 2, 8), (1, 4, 0, 2, 8), (1, 4, 4, 0, 8),
-                                        (1, 4, 4, 2, 0)]],
+       mentions("query")) for shape in [(1, 0, 4, 2, 8), (1, 4, 0, 2, 8), (1, 4, 4, 2, 0)]],
     # Device mismatches ("meta" stands in for a second device on a CPU-only machine).
     (dict(key=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("key", "meta")),
     (dict(value=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("value", "meta")),
     (dict(query=torch.zeros(1, 4, 4, 2, 8, device="meta")), ValueError, mentions("query", "meta")),
 ]
+
+
+@pytest.mark.parametrize("backend", [None, "reference", *fast_backends("neighborhood_attention")])
+@pytest.mark.parametrize("border", ["zeros", "mask", "circular", "shift"])
+@pytest.mark.parametrize("shape", [(0, 5, 3, 2, 8), (2, 3, 5, 0, 8)], ids=["batch0", "heads0"])
+def test_empty_batch_or_heads(backend, border, shape):
+    """No batch or no heads: empty out, lse and gradients of the inputs' shapes, as
+    scaled_dot_product_attention gives (the public function runs the reference)."""
+    q, k, v = make_qkv(*shape, device=device_for(backend or "reference"), requires_grad=True)
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, border=border, return_lse=True, backend=backend)
+    assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    (o.sum() + lse.sum()).backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == q.shape
 
 
 @pytest.mark.parametrize("override,exc,match", ARG_ERRORS)

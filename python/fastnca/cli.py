@@ -1,8 +1,10 @@
 """The ``fastnca`` command: ``fastnca bench`` runs the benchmarks on whatever device is
-here and prints a table; ``fastnca info`` says which backends are usable and why not."""
+here and prints a table; ``fastnca plot`` draws its JSON results; ``fastnca info`` says
+which backends are usable and why not."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -94,12 +96,22 @@ def _bench(args) -> int:
         common.WARM_ONLY = False
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    common.print_table(results, {"nca_step": "pytorch", "nca_rollout": "pytorch",
-                                 "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
-                                 "geca_train": "pytorch", "geca_sample": "pytorch"})
+    common.print_table(results, common.BASELINES)
     print(f"\n{time.time() - t0:.0f} s")
     if record:
         print(f"wrote {args.json}")
+    return 0
+
+
+def _plot(args) -> int:
+    try:
+        from .benchmark import plot
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("fastnca plot needs matplotlib: pip install 'fastnca[plot]'", file=sys.stderr)
+        return 2
+    for path in args.results:
+        print(f"wrote {plot.plot_file(path, args.out or os.path.dirname(os.path.abspath(path)))}")
     return 0
 
 
@@ -120,6 +132,10 @@ def main(argv=None) -> int:
                    help="run every implementation once and time nothing: fills the Triton and "
                         "Inductor compile caches ahead of a timed run (writes no JSON)")
     b.set_defaults(func=_bench)
+    p = sub.add_parser("plot", help="draw fastnca bench --json results (time and memory per implementation)")
+    p.add_argument("results", nargs="+", help="JSON files written by fastnca bench --json")
+    p.add_argument("--out", help="folder for the PNGs (default: next to each JSON file)")
+    p.set_defaults(func=_plot)
     i = sub.add_parser("info", help="list backends and why any is unavailable")
     i.set_defaults(func=_info)
     args = parser.parse_args(argv)

@@ -213,8 +213,8 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     _checks.tensor(state, "state", ndim=4)
     _checks.floating(state, "state")
     B, C, H, W = state.shape
-    if min(B, C, H, W) < 1:
-        raise ValueError(f"state must be non-empty [B, C, H, W], got shape {tuple(state.shape)}")
+    if min(C, H, W) < 1:
+        raise ValueError(f"state must have C, H, W >= 1 (B may be 0), got shape {tuple(state.shape)}")
     padding = _checks.choice(padding, "padding", _checks.PADDINGS)
     if padding == "reflect" and (H < 2 or W < 2):
         raise ValueError(f"padding='reflect' needs height and width >= 2, got state of shape {tuple(state.shape)}")
@@ -262,6 +262,12 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     return (state, pw, pb, w1, b1, w2, b2), (groups, padding, update_prob, seed, frozen)
 
 
+def _empty_batch(state: torch.Tensor, backend: str) -> str:
+    """The backend to run: the reference for an empty batch (nothing to launch; its torch ops
+    give the empty result and zero weight gradients, as torch's conv2d does), else ``backend``."""
+    return "reference" if state.shape[0] == 0 else backend
+
+
 def _sizes(state, pw, w1, groups) -> dict:
     """The sizes backend selection checks against the kernels' limits (_backend.NCA_LIMITS)."""
     B, C, H, W = state.shape
@@ -289,6 +295,7 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
     Args:
         state: [B, C, H, W] float32/float16/bfloat16 (float64 on "cpu"/"reference"), any
             memory format (channels_last is read in place; the output keeps the format).
+            C, H, W >= 1; B may be 0 (an empty result and zero weight gradients).
         perception_weight: [F*C, C/groups, 3, 3], F >= 1 filter banks per channel.
         perception_bias: [F*C] or None.
         fc1_weight, fc1_bias: [hidden, (F+1)*C] and [hidden] (or None).
@@ -309,7 +316,8 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
+    backend = _empty_batch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
+                                                   _sizes(state, tensors[1], tensors[3], groups)))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
     return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args)
 
@@ -345,7 +353,8 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = _eager.needs_grad(*tensors)
-    backend = _backend.resolve(backend, "nca_step", state.device, state.dtype, _sizes(state, tensors[1], tensors[3], groups))
+    backend = _empty_batch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
+                                                   _sizes(state, tensors[1], tensors[3], groups)))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)
     out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args, grad=keep)

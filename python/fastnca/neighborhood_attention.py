@@ -87,8 +87,9 @@ def _check(query, key, value, kernel_size, border, scale):
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     _checks.same_device(query, "query", key=key, value=value)
     B, H, W, nh, D = query.shape
-    if min(B, H, W, nh, D) < 1:
-        raise ValueError(f"query must be non-empty [B, H, W, heads, D], got shape {tuple(query.shape)}")
+    if min(H, W, D) < 1:
+        raise ValueError(f"query must be [B, H, W, heads, D] with H, W, D >= 1 (B and heads may be 0), "
+                         f"got shape {tuple(query.shape)}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if D > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides "
@@ -131,6 +132,7 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
         query, key, value: [B, H, W, heads, D], same shape, dtype (float32/float16/bfloat16;
             float64 on "cpu"/"reference") and device; only the last dim must be contiguous,
             so q/k/v can be strided views of one packed QKV tensor (no copy is made).
+            H, W, D >= 1; B and heads may be 0 (empty results).
         kernel_size: 3, 5 or 7.
         scale: logit scale, default D ** -0.5.
         return_lse: also return the log-sum-exp of each window's logits.
@@ -147,6 +149,8 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
     if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
     backend = _backend.resolve(backend, "neighborhood_attention", query.device, query.dtype)
+    if query.numel() == 0:  # B or heads 0: nothing to launch; the reference's torch ops give the empty results
+        backend = "reference"
     args = (query, key, value, kernel_size, border, scale, backend)
     o, lse = _eager.call(_na2d_op, _NA2dFunction, _na2d, (query, key, value), args)
     return (o, lse) if return_lse else o

@@ -392,6 +392,12 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+# Each suite's baseline, the implementation ratios are taken against: the papers' code.
+BASELINES = {"nca_step": "pytorch", "nca_rollout": "pytorch", "nca_rollout_peak": "pytorch",
+             "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
+             "mednca_max_size": "pytorch", "geca_train": "pytorch", "geca_sample": "pytorch"}
+
+
 def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
     """One table per (op, config, dtype): every implementation with ratios vs the baseline."""
     groups: dict[tuple, list[Result]] = {}

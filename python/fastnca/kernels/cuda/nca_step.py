@@ -111,8 +111,10 @@ def _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward):
 
 def _cells_per_thread() -> int:
     """FASTNCA_CUDA_NCA_CPT=1|2 pins the forward's cells per thread (benchmarking knob)."""
-    v = os.environ.get("FASTNCA_CUDA_NCA_CPT", "0")
-    return int(v) if v in ("0", "1", "2") else 0
+    v = os.environ.get("FASTNCA_CUDA_NCA_CPT", "") or "0"
+    if v not in ("0", "1", "2"):
+        raise ValueError(f"FASTNCA_CUDA_NCA_CPT must be 0 (automatic), 1 or 2, got {v!r}")
+    return int(v)
 
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):

@@ -62,7 +62,7 @@ def _scatter(window_grad, flat, B, H, W):
     """Sum [B, H, W, kk, nh, D] window gradients into the keys they were read from."""
     nh, D = window_grad.shape[-2:]
     out = window_grad.new_zeros(B, (H + 1) * (W + 1), nh, D)
-    out.index_add_(1, flat, window_grad.reshape(B, -1, nh, D))
+    out.index_add_(1, flat, window_grad.reshape(B, flat.numel(), nh, D))
     return out.view(B, H + 1, W + 1, nh, D)[:, :H, :W]
 
 
