@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from train_geca import add_model_args, build_model, image_grid, load_vae, sample_images, write_png  # noqa: E402
+from train_geca import (MODEL_DEFAULTS, add_model_args, build_model, image_grid, load_vae,  # noqa: E402
+                        sample_images, write_png)
 
 
 def parse_labels(spec: str, num_classes: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def parse_labels(spec: str, num_classes: int) -> torch.Tensor:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    add_model_args(p)
+    add_model_args(p, defaults=False)  # the checkpoint's values fill what is not given
     p.add_argument("--labels", default="all-single",
                    help='multi-hot vectors "1,0,1;0,1,0", or "all-single", or "null"')
     p.add_argument("-n", "--per-label", type=int, default=8)
@@ -63,11 +64,19 @@ def main(argv=None):
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     saved = ck.get("args") if isinstance(ck, dict) else None
     saved = saved if isinstance(saved, dict) else {}
-    # checkpoints of examples/train_geca.py carry their sizes; the authors' need the CLI ones
-    for k in ("model", "num_classes", "embed_dim", "heads", "dim_head", "mlp_dim", "hidden_channels",
-              "ca_steps", "update_prob"):
-        if k in saved:
+    # Checkpoints of examples/train_geca.py carry their sizes (the authors' need the flags):
+    # a size flag must agree with the weights; the sampling settings (--ca-steps,
+    # --update-prob) given on the command line win over the checkpoint's.
+    for k in ("model", "num_classes", "embed_dim", "heads", "dim_head", "mlp_dim", "hidden_channels"):
+        if saved.get(k) is not None:
+            given = getattr(args, k)
+            if given is not None and given != saved[k]:
+                p.error(f"--{k.replace('_', '-')} {given} does not match the checkpoint's {saved[k]} "
+                        "(the size of its weights)")
             setattr(args, k, saved[k])
+    for k, default in MODEL_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, saved[k] if saved.get(k) is not None else default)
     in_channels = args.in_channels or saved.get("in_channels", 4)
     size = args.image_size or saved.get("image_size", 32)
     vae_path = args.vae or saved.get("vae")  # a latent-space checkpoint decodes with its VAE
@@ -89,8 +98,9 @@ def main(argv=None):
     write_png(args.out, image_grid(x, nrow=args.per_label))
     if args.save_pt:
         torch.save({"samples": x.cpu(), "labels": y}, args.save_pt)
-    print(f"| samples | steps | cfg | carry | time (s) |\n| {len(y)} | {args.steps} | {args.cfg_scale} | "
-          f"{args.carry or ('default GHG' if ghg else 'none')} | {dt:.1f} |")
+    print(f"| samples | steps | cfg | carry | CA steps | update prob | time (s) |\n| {len(y)} | {args.steps} | "
+          f"{args.cfg_scale} | {args.carry or ('default GHG' if ghg else 'none')} | {model.config.ca_steps} | "
+          f"{model.config.update_prob} | {dt:.1f} |")
     print(f"wrote {args.out}")
 
 

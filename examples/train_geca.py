@@ -258,13 +258,22 @@ def load_vae(path: str, device):
 # --------------------------------------------------------------------------- model
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="GeCA-XS", choices=sorted(CONFIGS) + ["custom"])
-    p.add_argument("--num-classes", type=int, default=5)
+MODEL_DEFAULTS = {"model": "GeCA-XS", "num_classes": 5, "ca_steps": 12, "update_prob": 0.5}
+
+
+def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The model flags; ``defaults=False`` leaves unset ones None (MODEL_DEFAULTS then), so
+    that a caller can tell a given flag from a default one."""
+    d = MODEL_DEFAULTS if defaults else {}
+    p.add_argument("--model", default=d.get("model"), choices=sorted(CONFIGS) + ["custom"],
+                   help=f"default {MODEL_DEFAULTS['model']}")
+    p.add_argument("--num-classes", type=int, default=d.get("num_classes"),
+                   help=f"default {MODEL_DEFAULTS['num_classes']}")
     for name in ("embed-dim", "heads", "dim-head", "mlp-dim", "hidden-channels"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the --model size")
-    p.add_argument("--ca-steps", type=int, default=12)
-    p.add_argument("--update-prob", type=float, default=0.5)
+    p.add_argument("--ca-steps", type=int, default=d.get("ca_steps"), help=f"default {MODEL_DEFAULTS['ca_steps']}")
+    p.add_argument("--update-prob", type=float, default=d.get("update_prob"),
+                   help=f"default {MODEL_DEFAULTS['update_prob']}")
     p.add_argument("--backend", default=None, help="fastnca backend (default: fastest available)")
 
 
@@ -455,7 +464,9 @@ def main(argv=None):
                        out / "checkpoint.pt")
     if bar is not None:
         bar.close()
-    if main_proc:
+    if main_proc and loss_avg is None:  # resumed at or past --iters: nothing ran
+        print(f"nothing to train: the checkpoint is at step {step}, --iters is {args.iters}")
+    elif main_proc:
         dt = time.time() - t0
         print(f"| iters | images | time (s) | images/s | final loss (EMA-smoothed) |\n"
               f"| {step} | {seen} | {dt:.1f} | {seen / dt:.1f} | {loss_avg:.4f} |")

@@ -117,6 +117,10 @@ def test_train_resume(trained, tmp_path):
     assert ck["step"] == 3 and len(ck["opt"]["state"]) == len(before["opt"]["state"])
     assert ck["opt"]["state"][0]["step"].item() == 3  # the optimizer continued, not restarted
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples_0000003.png"]
+    # resuming a finished run trains nothing and says so (the summary line crashed on it)
+    again = run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "3", "--out", tmp_path / "again",
+                "--resume", tmp_path / "checkpoint.pt")
+    assert "nothing to train: the checkpoint is at step 3" in again.stdout
 
 
 def test_train_image_folder(tmp_path):
@@ -183,3 +187,15 @@ def test_sample_grid(trained, tmp_path, flags, carry):
     s = torch.load(tmp_path / "s.pt")
     assert s["samples"].shape == (15, 4, 8, 8) and torch.isfinite(s["samples"]).all()
     assert torch.equal(s["labels"], torch.eye(5).repeat_interleave(3, 0))
+
+
+def test_sample_flags_against_the_checkpoint(trained, tmp_path):
+    """The checkpoint's sizes fill the model flags; --ca-steps / --update-prob given on the
+    command line win over its sampling settings (they were silently replaced), and a size
+    flag that contradicts its weights is an error."""
+    base = [EXAMPLES / "sample_geca.py", trained / "checkpoint.pt", "-n", "1", "--steps", "1",
+            "--out", tmp_path / "g.png"]
+    assert "| default GHG | 2 | 0.5 |" in run(*base).stdout  # trained with --ca-steps 2
+    assert "| default GHG | 3 | 1.0 |" in run(*base, "--ca-steps", "3", "--update-prob", "1").stdout
+    bad = run(*base, "--embed-dim", "32", ok=False)
+    assert bad.returncode == 2 and "--embed-dim 32 does not match the checkpoint's 16" in bad.stderr

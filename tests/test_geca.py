@@ -205,6 +205,9 @@ def test_load_original_checkpoint_dict():
     assert all(torch.equal(m.state_dict()[k], ema[k]) for k in ema)
     m.load_original_state_dict(ckpt, key="model")
     assert all(torch.equal(m.state_dict()[k], v) for k, v in src.state_dict().items())
+    del ckpt["ema"]  # raw weights only: asking for the EMA ones is an error, not a silent swap
+    with pytest.raises(KeyError, match="no 'ema' weights, only \\['model'\\]"):
+        m.load_original_state_dict(ckpt)
 
 
 def test_seed_cells():
@@ -459,6 +462,36 @@ def test_sampler_repeatable_with_generator():
     a = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=2)
     b = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=2)
     assert torch.equal(a, b)
+
+
+def test_sampler_with_a_bfloat16_model_and_one_step():
+    """The chain stays float32 while a bfloat16 model gets its inputs in bfloat16 (it raised a
+    dtype mismatch), and a respacing to a single step samples (its log-variance table was
+    empty)."""
+    m = perturb_(tiny()).eval()
+    y = torch.ones(1, 5)
+    ref = d1 = create_diffusion("1")
+    assert d1.num_timesteps == 1
+    x = d1.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(3), ca_steps=2)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    half = ref.sample(m.to(torch.bfloat16), y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(3), ca_steps=2)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, x, rtol=0.1, atol=0.1)  # the same chain at bfloat16 precision
+
+
+def test_forward_checks_t_and_y():
+    m = perturb_(tiny()).eval()
+    x, y = torch.randn(2, 4, 5, 5), torch.eye(5)[:2]
+    cells = m.seed_cells(x, generator=torch.Generator().manual_seed(0))
+    out = m(x, torch.tensor([7, 7]), y, cells=cells, seed=1)
+    for t in (7, torch.tensor(7), torch.tensor([7])):  # one timestep for the batch is broadcast
+        torch.testing.assert_close(m(x, t, y, cells=cells, seed=1), out)
+    with pytest.raises(ValueError, match=r"t must be \[B\] = \[2\] timesteps"):
+        m(x, torch.tensor([[7], [7]]), y, seed=1)
+    with pytest.raises(ValueError, match=r"y must be \[B, num_classes\] = \[2, 5\]"):
+        m(x, torch.tensor([7, 7]), torch.eye(4)[:2], seed=1)
+    with pytest.raises(TypeError, match="config must be a GeCAConfig"):
+        GeCA(dict(TINY))
 
 
 def test_tiny_model_overfits():

@@ -225,3 +225,70 @@ def test_torch_func_transforms_take_the_registered_ops(monkeypatch):
 
     with pytest.raises(NotImplementedError, match="neighborhood_attention2d does not support torch.func's"):
         torch.func.grad(loss)(q.detach())
+
+
+def odd_layout_inputs(dev):
+    """Tensors laid out as users hold them: a channels_last conv weight (a module moved with
+    .to(memory_format=channels_last)), fc1 as a transposed view, and a densely permuted
+    state (Med-NCA's checkpoints keep [B, W, H, C] transposed)."""
+    pw, pb, w1, b1, w2, b2 = (t.to(dev) for t in make_rule(3, hidden=5))
+    pw = pw.contiguous(memory_format=torch.channels_last)
+    w1 = w1.t().contiguous().t()
+    x = make_state(2, 5, 4, 3).to(dev).transpose(1, 3)
+    assert not pw.is_contiguous() and not w1.is_contiguous() and not x.is_contiguous()
+    return x, (pw, pb, w1, b1, w2[1:], b2[1:])
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_opcheck_backward_ops_odd_layouts(backend):
+    """The backward ops' fakes give every backend's strides: d_state like the state, weight
+    gradients contiguous (the compiled backward asserts them; a channels_last conv weight
+    and a permuted state failed there)."""
+    x, rule = odd_layout_inputs(device_for(backend))
+    g = torch.randn_like(x)
+    params = (1, "reflect", 0.5, -5, 3, 1, backend)
+    torch.library.opcheck(ops.nca_step_backward.default, (g, x, *rule, *params),
+                          test_utils=("test_schema", "test_faketensor"))
+    if backend == "triton" and not torch.cuda.is_available():
+        return  # the rollout's recompute under the interpreter: covered by the nca_step case
+    _, ckpt = ops.nca_rollout(x, *rule, 3, 3, 2, True, *params[:4], 1, backend)
+    torch.library.opcheck(ops.nca_rollout_backward.default,
+                          (g, x, ckpt, *rule, 3, 3, 2, 1, "reflect", 0.5, -5, 1, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_dynamic_module_with_odd_layouts(monkeypatch):
+    """torch.compile(fullgraph=True, dynamic=True) of fastnca.nn.NCA moved to channels_last,
+    on a permuted state: the checks take symbolic sizes (`4 in (s0, s0 - 1)` was False
+    under dynamo and refused valid rules), and forward and gradients match eager."""
+    import torch._inductor.config as inductor_config
+
+    for knob in ("fx_graph_cache", "autograd_cache"):  # a cached graph would hide a fake's change
+        if hasattr(inductor_config, knob):
+            monkeypatch.setattr(inductor_config, knob, False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = fastnca.nn.NCA(4, hidden=8, frozen_channels=1).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        m.fc2_weight.normal_()
+    x = make_state(2, 6, 5, 4).transpose(1, 3).detach().requires_grad_(True)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    out, expected = compiled(x, steps=3, seed=1), m(x, steps=3, seed=1)
+    torch.testing.assert_close(out, expected)
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(out.square().sum(), params),
+                    torch.autograd.grad(expected.square().sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_traces_default_device_and_new_scales():
+    """fire_mask without a device, and the attention called again with another Python-float
+    scale (dynamo then makes it symbolic), trace with fullgraph=True."""
+    torch._dynamo.reset()
+    mask = torch.compile(lambda: fastnca.fire_mask(2, 4, 4, 0.5, seed=1), fullgraph=True, backend="aot_eager")
+    assert torch.equal(mask(), fastnca.fire_mask(2, 4, 4, 0.5, seed=1))
+    q = torch.randn(1, 4, 4, 2, 8)
+    attend = torch.compile(lambda q, s: fastnca.neighborhood_attention2d(q, q, q, scale=s), fullgraph=True,
+                           backend="aot_eager")
+    for s in (0.25, 0.5):
+        torch.testing.assert_close(attend(q, s), fastnca.neighborhood_attention2d(q, q, q, scale=s))

@@ -341,6 +341,16 @@ def test_patch_gradients_reach_level0():
         assert b.fc2_weight.grad.abs().sum() > 0  # zero-initialised, so this is the first signal
 
 
+def test_patch_mode_checks_target_and_patch_size():
+    model = MedNCA(channels=6, hidden=8, steps=3)
+    img, tgt = synthetic_ellipses(2, 16, generator=torch.Generator().manual_seed(0))
+    for bad in (tgt[:, 0], tgt[:, :, :8], tgt[:1]):
+        with pytest.raises(ValueError, match=r"target must be \[B, output_channels, H, W\] = \[2, 1, 16, 16\]"):
+            model.forward_patch(img, bad, patch_size=8, seed=1)
+    with pytest.raises(TypeError, match="patch_size"):
+        model.forward_patch(img, tgt, patch_size=8.7, seed=1)
+
+
 def test_dice_bce_loss():
     y = (torch.rand(2, 1, 8, 8) > 0.5).float()
     perfect = dice_bce_loss((y * 2 - 1) * 30, y)

@@ -54,7 +54,10 @@ def fire_mask(
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
     step = _checks.integer(step, "step", 0, 1 << 64)
-    device = torch.get_default_device() if device is None else torch.device(device)
+    if device is None:  # get_default_device() cannot be traced; a factory call's device can
+        device = torch.empty(0).device if torch.compiler.is_compiling() else torch.get_default_device()
+    else:
+        device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"fire_mask: device {device} requested, but torch sees no CUDA device")
     backend = _backend.resolve(backend, "fire_mask", device)

@@ -50,9 +50,16 @@ def _nca_step_backward(
 _nca_step_backward_op = torch.library.custom_op("fastnca::nca_step_backward", mutates_args=())(_nca_step_backward)
 
 
+def _fake_grads(state, *weights):
+    """What every backend's backward returns: d_state like the state (its dense layout kept),
+    the weight gradients contiguous whatever the weights' layout (a channels_last conv
+    weight, a transposed fc1 view)."""
+    return (torch.empty_like(state), *(torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights))
+
+
 @_nca_step_backward_op.register_fake
 def _(grad_out, state, pw, pb, w1, b1, w2, b2, *args):
-    return tuple(torch.empty_like(t) for t in (state, pw, pb, w1, b1, w2, b2))
+    return _fake_grads(state, pw, pb, w1, b1, w2, b2)
 
 
 def _nca_step_setup(ctx, inputs, output):
@@ -161,8 +168,11 @@ def _nca_rollout_backward(
                                 (start_step + i) & 0xFFFFFFFF, frozen, **kw)
             for acc, d in zip(dweights, dw):
                 acc += d
-    if steps == 0:
-        g = torch.empty_like(state).copy_(grad_out)
+    like = torch.empty_like(state)
+    if steps == 0 or g.stride() != like.stride():
+        # Recomputed states take the checkpoints' layout (NCHW unless the state is
+        # channels_last): a densely permuted state gets its gradient in its own layout.
+        g = like.copy_(g if steps else grad_out)
     return (g, *(sink.result() if sink else (d.to(w.dtype) for d, w in zip(dweights, weights))))
 
 
@@ -172,7 +182,7 @@ _nca_rollout_backward_op = torch.library.custom_op("fastnca::nca_rollout_backwar
 
 @_nca_rollout_backward_op.register_fake
 def _(grad_out, state, ckpt, pw, pb, w1, b1, w2, b2, *args):
-    return tuple(torch.empty_like(t) for t in (state, pw, pb, w1, b1, w2, b2))
+    return _fake_grads(state, pw, pb, w1, b1, w2, b2)
 
 
 def _nca_rollout_setup(ctx, inputs, output):
@@ -219,7 +229,9 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     if padding == "reflect" and (H < 2 or W < 2):
         raise ValueError(f"padding='reflect' needs height and width >= 2, got state of shape {tuple(state.shape)}")
     groups = _checks.integer(groups, "groups")
-    if groups not in (1, C):
+    # Explicit comparisons, not `in`: under torch.compile(dynamic=True) C is symbolic, and
+    # dynamo evaluated `4 in (s0, s0 - 1)` as False (valid calls refused).
+    if groups != 1 and groups != C:
         raise ValueError(f"groups must be 1 or the channel count {C}, got {groups}")
     frozen = _checks.integer(frozen, "frozen_channels", 0, C + 1)
     update_prob = _checks.probability(update_prob, "update_prob")
@@ -236,7 +248,7 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
                          f"got {tuple(w1.shape)}")
     hidden = w1.shape[0]
     _checks.tensor(w2, "fc2_weight", ndim=2)
-    if w2.shape[1] != hidden or w2.shape[0] not in (C, C - frozen):
+    if w2.shape[1] != hidden or (w2.shape[0] != C and w2.shape[0] != C - frozen):
         shapes = f"[{C}, {hidden}]" + (f" or [{C - frozen}, {hidden}] (C or C - frozen_channels rows)"
                                         if frozen else "")
         raise ValueError(f"fc2_weight must have shape {shapes}, got {tuple(w2.shape)}")

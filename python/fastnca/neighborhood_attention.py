@@ -104,7 +104,7 @@ def _check(query, key, value, kernel_size, border, scale):
         scale = D ** -0.5
     else:
         scale = _checks.real(scale, "scale", "None or a finite float")
-        if not math.isfinite(scale):
+        if not -math.inf < scale < math.inf:  # not math.isfinite: a SymFloat under torch.compile
             raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     return kernel_size, border, float(scale)
 

@@ -282,9 +282,12 @@ class GeCA(nn.Module):
     def __init__(self, config: GeCAConfig | None = None, *, checkpoint_steps: bool = True,
                  backend: str | None = None, **kw):
         super().__init__()
-        cfg = config if config is not None else GeCAConfig(**kw)
         if config is not None and kw:
             raise TypeError("pass either a GeCAConfig or keyword sizes, not both")
+        if config is not None and not isinstance(config, GeCAConfig):
+            raise TypeError(f"config must be a GeCAConfig (or pass the sizes as keywords: GeCA(**d)), "
+                            f"got {type(config).__name__}")
+        cfg = config if config is not None else GeCAConfig(**kw)
         self.config = cfg
         self.checkpoint_steps = checkpoint_steps
         self.backend = backend
@@ -320,11 +323,14 @@ class GeCA(nn.Module):
     def load_original_state_dict(self, sd: dict, key: str = "ema", strict: bool = True):
         """Load weights saved by the authors' code: a bare state dict or a training
         checkpoint ``{"model", "ema", "opt", "args"}`` (``key`` picks one; default EMA).
-        A ``module.`` prefix (DDP) is stripped."""
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+        A ``module.`` prefix (DDP) is stripped. A training checkpoint without ``key`` is an
+        error, not a silent load of its other weights (EMA and raw weights sample differently)."""
+        nested = [k for k in ("model", "ema") if isinstance(sd, dict) and isinstance(sd.get(k), dict)]
+        if nested:
+            if key not in nested:
+                raise KeyError(f"load_original_state_dict: the checkpoint has no {key!r} weights, only "
+                               f"{nested}; pass key={nested[0]!r}")
             sd = sd[key]
-        elif isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
         sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
         return self.load_state_dict(sd, strict=strict)
 
@@ -355,6 +361,20 @@ class GeCA(nn.Module):
             self._pos_cache = {key: pe}
         return pe
 
+    def _conditioning(self, t, y, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """t as [B] on the cells' device (a number or a 0-dim / one-element tensor is
+        broadcast); y checked to be [B, ncls]."""
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0 or t.shape == (1,):
+            t = t.reshape(1).expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be [B] = [{B}] timesteps (or one for the batch), got shape {tuple(t.shape)}")
+        ncls = self.config.num_classes
+        if not isinstance(y, torch.Tensor) or y.shape != (B, ncls):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be [B, num_classes] = [{B}, {ncls}] multi-hot labels, got {got}")
+        return t, y
+
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c = t_emb(t) + y_emb(y) [B, D] (label dropout applies in training mode)."""
         return self.t_embedder(t) + self.y_embedder(y)
@@ -382,6 +402,7 @@ class GeCA(nn.Module):
         if C != cfg.cell_channels:
             raise ValueError(f"cells have {C} channels, GeCA expects {cfg.cell_channels} "
                              f"({cfg.in_channels} x_t + {cfg.out_channels} out + {cfg.hidden_channels} hidden)")
+        t, y = self._conditioning(t, y, B, cells.device)
         steps = cfg.ca_steps if steps is None else _checks.integer(steps, "steps", 0)
         p = cfg.update_prob if update_prob is None else _checks.probability(update_prob, "update_prob")
         if seed is None and p < 1.0:

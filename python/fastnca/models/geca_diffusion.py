@@ -170,8 +170,9 @@ class GeCADiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1.0 / acp - 1.0).sqrt()
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = pv = b * (1.0 - acp_prev) / (1.0 - acp)
-        # pv[0] = 0: clip the log to the t = 1 value
-        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))
+        # pv[0] = 0: clip the log to the t = 1 value. One step (respacing "1") has no t = 1,
+        # and its t = 0 step adds no noise: any finite value (beta_0) serves.
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]) if T > 1 else b)
         self.posterior_mean_coef1 = b * acp_prev.sqrt() / (1.0 - acp)
         self.posterior_mean_coef2 = (1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp)
         self.log_betas = torch.log(b)
@@ -288,16 +289,19 @@ class GeCADiffusion:
             steps = tqdm(steps, desc="sampling")
         was_training = model.training
         model.eval()
+        # The chain stays in float32; a half-precision model gets its inputs in its dtype.
+        mdtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         try:
             for i in steps:
                 t = torch.full((B,), i, device=device, dtype=torch.long)
-                x_in = torch.cat([x, x]) if use_cfg else x
+                x_in = (torch.cat([x, x]) if use_cfg else x).to(mdtype)
                 t_in = self.model_timesteps(torch.cat([t, t]) if use_cfg else t)
                 start = None if cells is None else heredity_cells(model, cells, carry, generator)
                 if start is None:
                     start = model.seed_cells(x_in, generator=generator)
                 seed = draw_seed(generator) if generator is not None else None
                 out, cells = model(x_in, t_in, y_in, cells=start, steps=ca_steps, seed=seed, return_cells=True)
+                out = out.float()
                 if use_cfg:
                     out = cfg_combine(out, cfg_scale, x.shape[1])
                 pm = self.p_mean_variance(out, x, t, clip_denoised=clip_denoised)

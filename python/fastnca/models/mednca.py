@@ -310,7 +310,11 @@ class MedNCA(nn.Module):
         """
         self._check_image(image)
         B, _, H, W = image.shape
-        p = int(patch_size)
+        if not isinstance(target, torch.Tensor) or target.shape != (B, self.output_channels, H, W):
+            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f"target must be [B, output_channels, H, W] = [{B}, {self.output_channels}, {H}, {W}] "
+                             f"like the logits, got {got}")
+        p = _checks.integer(patch_size, "patch_size")
         if p > H or p > W or p < 2:
             raise ValueError(f"patch_size must be in [2, min(H, W)], got {p} for {H}x{W}")
         if seed is None:

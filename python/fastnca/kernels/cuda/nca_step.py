@@ -187,7 +187,8 @@ def _weight_grads(d_fc, d_conv, weights, C, nf, hidden, frozen):
     # copies: with one updated channel (C - frozen = 1) d_w2 is a contiguous view of d_fc,
     # and gradients sharing a buffer are refused by the custom op (an error on any rule
     # with a single updated channel until the public ops ran this on the host emulation)
-    return tuple(g.to(w.dtype, copy=True).reshape(w.shape) for g, w in zip(grads, weights))
+    return tuple(g.to(w.dtype, memory_format=torch.contiguous_format, copy=True).reshape(w.shape)
+                 for g, w in zip(grads, weights))
 
 
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,

@@ -2010,7 +2010,8 @@ def _weight_grads(rule, weights, total_a, total_pw):
     else:
         g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
     grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
-    return tuple(g.to(w.dtype, copy=True).reshape(w.shape) for g, w in zip(grads, weights))
+    return tuple(g.to(w.dtype, memory_format=torch.contiguous_format, copy=True).reshape(w.shape)
+                 for g, w in zip(grads, weights))
 
 
 def _cell_slot_sizes(rule):
