@@ -49,12 +49,50 @@ def test_throughput_fractions_of_each_roof():
     from fastnca.benchmark.nca_step import _throughput
 
     roofs = {"matmul_float32_gflops": 100.0, "matmul_tf32_gflops": 400.0, "matmul_bfloat16_gflops": 800.0}
-    t = _throughput(2e9, fwd_ms=40.0, train_ms=200.0, roofs=roofs, dname="float32")
-    assert t["gflops_fwd"] == pytest.approx(50.0) and t["gflops_train"] == pytest.approx(40.0)
-    assert t["roof_fraction_fwd"] == pytest.approx(0.5) and t["tf32_roof_fraction_train"] == pytest.approx(0.1)
-    b = _throughput(2e9, 40.0, 200.0, roofs, "bfloat16")
-    assert b["roof_fraction_train"] == pytest.approx(0.05) and "tf32_roof_fraction_train" not in b
-    assert set(_throughput(2e9, 40.0, 200.0, {}, "float32")) == {"gflops_fwd", "gflops_train"}
+    # a training step is credited 3x the forward's model FLOPs, whatever the implementation does
+    t = _throughput(2e9, fwd_ms=40.0, train_ms=200.0, roofs=roofs, dname="float32", fire_fraction=0.5)
+    assert t["gflops_fwd"] == pytest.approx(50.0) and t["gflops_train"] == pytest.approx(30.0)
+    assert t["roof_fraction_fwd"] == pytest.approx(0.5) and t["tf32_roof_fraction_train"] == pytest.approx(0.075)
+    assert t["fire_fraction"] == 0.5
+    b = _throughput(2e9, 40.0, 200.0, roofs, "bfloat16", 0.5)
+    assert b["roof_fraction_train"] == pytest.approx(0.0375) and "tf32_roof_fraction_train" not in b
+    assert set(_throughput(2e9, 40.0, 200.0, {}, "float32", 0.5)) == {"gflops_fwd", "gflops_train", "fire_fraction"}
+
+
+def test_cpu_peak_counts_only_what_the_call_allocates():
+    from fastnca.benchmark.common import cpu_peak_bytes
+
+    big = torch.zeros(2**20)  # 4 MiB that exist before the call
+    try:
+        touched = cpu_peak_bytes(lambda: big.add_(1))
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"torch profiler memory timeline unavailable or changed: {e}")
+    assert touched < 2**16  # an in-place op allocates nothing (the timeline's plot said 4 MiB)
+
+    def two_temporaries():
+        a = torch.ones(2**20)
+        b = a * 2
+        del a
+        return (b + 1).sum()
+
+    assert 2 * 4 * 2**20 <= cpu_peak_bytes(two_temporaries) < 2 * 4 * 2**20 + 2**16
+
+
+def test_json_rows_carry_their_ratios(tmp_path):
+    import json
+
+    from fastnca.benchmark.common import BASELINES, Result, write_json
+
+    rows = [Result("nca_step", "c", "pytorch", "float32", 8.0, 12.0, 10.0, 20.0),
+            Result("nca_step", "c", "fastnca:cpu", "float32", 2.0, 6.0, 1.0, None),
+            Result("nca_step", "other", "fastnca:cpu", "float32", 2.0, 6.0, 1.0, 5.0)]
+    path = tmp_path / "r.json"
+    write_json(str(path), {}, {}, rows, {})
+    got = json.loads(path.read_text())["results"]
+    assert BASELINES["nca_step"] == "pytorch"
+    assert got[0]["extra"]["ratios"] == {"fwd_ms": 1.0, "fwd_bwd_ms": 1.0, "saved_mb": 1.0, "peak_mb": 1.0}
+    assert got[1]["extra"]["ratios"] == {"fwd_ms": 4.0, "fwd_bwd_ms": 2.0, "saved_mb": 10.0}  # peak not measured
+    assert "ratios" not in got[2]["extra"]  # no baseline in its group
 
 
 def test_saved_mb_releases_the_graph():

@@ -408,6 +408,8 @@ def test_heredity_cells_carry_hidden_reseed_out():
     assert torch.equal(both[:, 4:], prev[:, 4:])
     none = heredity_cells(m, prev, "none", g)
     assert (none[:, 12:] == 0).all()
+    with pytest.raises(ValueError, match="carry must be one of"):
+        heredity_cells(m, prev, "all", g)
 
 
 class _Recorder(nn.Module):

@@ -258,18 +258,28 @@ def env(**values: str | None):
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the bytes allocated on the CPU while ``fn`` runs, from torch.profiler's memory
-    timeline: a private API (torch >= 2.1), so this raises ImportError / AttributeError /
-    TypeError where a torch lacks or changed it."""
+    """Peak of the CPU bytes allocated while ``fn`` runs above what was allocated before (as
+    the CUDA measure: tensors that existed before count only when freed), from
+    torch.profiler's memory timeline: a private API (torch >= 2.1), so this raises
+    ImportError / AttributeError / TypeError where a torch lacks or changed it. The
+    timeline's own plot also counts the tensors that existed before and were touched."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    from torch.profiler._memory_profiler import Action
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
         fn()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    return max((sum(s) for s in sizes), default=0)
+    live = peak = 0
+    for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
 
 
 def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
@@ -439,9 +449,14 @@ DEFINITIONS = {
     "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
                "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "
                "torch.profiler's memory timeline",
-    "gflops_fwd, gflops_train": "nca: dense-equivalent GFLOP/s -- every cell counted as computed "
-                                "(the kernels skip cells that do not fire, so this can exceed "
-                                "the matmul roof); train counts 4x the forward's work",
+    "gflops_fwd, gflops_train": "nca: model GFLOP/s, the same count for every implementation: "
+                                "every cell (the fused kernels skip cells that do not fire, so "
+                                "this can exceed the matmul roof; fire_fraction is the measured "
+                                "share of firing cells), and a training step 3x the forward "
+                                "(forward and two backward products; a recomputing backward "
+                                "does ~4x)",
+    "fire_fraction": "nca: the share of cells that fire in the timed step (rollouts: averaged "
+                     "over the steps)",
     "roof_fraction_*": "that GFLOP/s over the measured matmul roof of the same dtype",
     "tf32_roof_fraction_*": "float32 on CUDA: over the TF32 tensor-core matmul roof",
     "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
@@ -449,8 +464,27 @@ DEFINITIONS = {
     "*_graph_ms, *_graph": "CUDA: the same call captured once in a CUDA graph and replayed "
                            "(median as above): the time of its kernels without the host's "
                            "launch cost; graph_error says why a capture failed",
-    "ratios": "x = baseline / implementation: speed-up, or times less memory",
+    "ratios": "x = baseline / implementation: speed-up, or times less memory (the table's x "
+              "columns; in JSON, extra.ratios: fwd_ms, fwd_bwd_ms, saved_mb, peak_mb against the "
+              "suite's baseline row of the same op, config and dtype)",
 }
+
+
+def with_ratios(results: list[Result], baselines: dict[str, str]) -> list[dict]:
+    """The results as dicts, each with extra["ratios"] (baseline / implementation) where its
+    group has a baseline row and both figures were measured."""
+    base = {(r.op, r.config, r.dtype): r for r in results if r.impl == baselines.get(r.op)}
+    out = []
+    for r in results:
+        row = dataclasses.asdict(r)
+        b = base.get((r.op, r.config, r.dtype))
+        if b is not None:
+            ratios = {f: getattr(b, f) / getattr(r, f) for f in ("fwd_ms", "fwd_bwd_ms", "saved_mb", "peak_mb")
+                      if getattr(b, f) and getattr(r, f)}
+            if ratios:
+                row["extra"] = {**row["extra"], "ratios": ratios}
+        out.append(row)
+    return out
 
 
 def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: dict) -> None:
@@ -460,5 +494,5 @@ def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: d
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"environment": env, "roofs": roofs, "args": args, "definitions": DEFINITIONS,
-                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+                   "results": with_ratios(results, BASELINES)}, f, indent=1)
     os.replace(tmp, path)

@@ -124,9 +124,11 @@ def geca_sampling(device: torch.device, dtype: torch.dtype, quick: bool, log=pri
     return results
 
 
-def _paper_mednca(model, image, target, patch, generator):
+def _paper_mednca(model, image, target, patch, generator, dtype=torch.float32):
     """Two-level Med-NCA in the original structure: channels-last states, PaperStep
-    (conv perception + Linear layers) under plain autograd for every step."""
+    (conv perception + Linear layers) under plain autograd for every step. The state is
+    kept in ``dtype`` (the autocast dtype), as fastnca's MedNCA keeps it: a float32 state
+    under bfloat16 autocast would hold, and time, twice the bytes."""
     import torch.nn.functional as F
 
     from fastnca.models.mednca import downscale
@@ -141,8 +143,8 @@ def _paper_mednca(model, image, target, patch, generator):
         steps.append(PaperStep(rule, 1, bb.padding, bb.update_prob, bb.input_channels))
     B, _, H, W = image.shape
     low = downscale(image, f)
-    x = torch.zeros(B, low.shape[2], low.shape[3], model.channels, device=image.device)
-    x = torch.cat([low.permute(0, 2, 3, 1), x[..., 1:]], -1)
+    x = torch.zeros(B, low.shape[2], low.shape[3], model.channels, device=image.device, dtype=dtype)
+    x = torch.cat([low.permute(0, 2, 3, 1).to(dtype), x[..., 1:]], -1)
     for _ in range(s0):
         x = steps[0](x)
     x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=f, mode="nearest").permute(0, 2, 3, 1)
@@ -152,7 +154,7 @@ def _paper_mednca(model, image, target, patch, generator):
         x0 = int(torch.randint(0, W - patch + 1, (), generator=generator))
         x = x[:, y0:y0 + patch, x0:x0 + patch]
         img, tgt = image[..., y0:y0 + patch, x0:x0 + patch], target[..., y0:y0 + patch, x0:x0 + patch]
-    x = torch.cat([img.permute(0, 2, 3, 1), x[..., 1:]], -1)
+    x = torch.cat([img.permute(0, 2, 3, 1).to(dtype), x[..., 1:]], -1)
     for _ in range(s1):
         x = steps[1](x)
     return x[..., 1:2].permute(0, 3, 1, 2), tgt
@@ -176,7 +178,7 @@ def _mednca_train_step(device, dtype, backend, B, size, patch):
     def train_step():
         with amp:
             if backend is None:
-                logits, tgt = _paper_mednca(model, image, target, patch, gen)
+                logits, tgt = _paper_mednca(model, image, target, patch, gen, dtype)
             elif patch:
                 logits, tgt = model.forward_patch(image, target, patch, backend=backend, generator=gen)
             else:

@@ -65,12 +65,16 @@ def flops_per_cell(C, hidden, nf, groups):
     return conv + (nf + 1) * C * hidden * 2 + hidden * C * 2
 
 
-def _throughput(flop_fwd: float, fwd_ms: float, train_ms: float, roofs: dict, dname: str) -> dict:
-    """Dense-equivalent GFLOP/s of the forward and of the training step (counted as 4x the
-    forward's work: forward, recompute, two backward products; checkpoint recomputes and
-    skipped non-firing cells not counted), and their fractions of the measured roofs: the
-    same dtype's matmul and, for float32 on CUDA, the TF32 tensor-core matmul."""
-    out = {"gflops_fwd": flop_fwd / (fwd_ms * 1e-3) / 1e9, "gflops_train": 4 * flop_fwd / (train_ms * 1e-3) / 1e9}
+def _throughput(flop_fwd: float, fwd_ms: float, train_ms: float, roofs: dict, dname: str,
+                fire_fraction: float) -> dict:
+    """Dense-equivalent GFLOP/s of the forward and of the training step, and their fractions
+    of the measured roofs (the same dtype's matmul and, for float32 on CUDA, the TF32
+    tensor-core matmul). Every implementation is credited the same model FLOPs: every cell,
+    and a training step 3x the forward (forward and two backward products). A recomputing
+    backward does ~4x, a kernel that skips idle cells about ``fire_fraction`` of it (the
+    step's measured share of firing cells, recorded beside)."""
+    out = {"gflops_fwd": flop_fwd / (fwd_ms * 1e-3) / 1e9, "gflops_train": 3 * flop_fwd / (train_ms * 1e-3) / 1e9,
+           "fire_fraction": fire_fraction}
     for key, roof in (("roof", roofs.get(f"matmul_{dname}_gflops")),
                       ("tf32_roof", roofs.get("matmul_tf32_gflops") if dname == "float32" else None)):
         if roof:
@@ -136,7 +140,10 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda":  # the original's per-step CPU mask draw and copy, reported apart
             impls.append(("pytorch (cpu mask)", PaperStep(rule, groups, padding, 0.5, frozen, host_mask=True)))
         if device.type == "cuda" or not quick:
-            impls.append(("pytorch+compile", torch.compile(paper)))
+            # dynamic=False: every config and dtype compiles its own static graph. Dynamo keys
+            # its cache on PaperStep.forward's code, so a later config failed a size guard and
+            # was recompiled with dynamic shapes: depthwise 1.7x slower than a fresh compile.
+            impls.append(("pytorch+compile", torch.compile(paper, dynamic=False)))
 
         def timed(forward, grad_out, grad, mode=None):
             """forward(), and with ``grad`` its backward from grad_out, as one callable.
@@ -208,13 +215,17 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                     for name, b, mode in fast]
         runners = selected(runners)
         reps = 3 if quick else 5
+        rreps = 3 if quick else 5  # rollouts: seconds each on a CPU, still a median of 5 (2-3 were noisy)
+        fired = fastnca.fire_mask(B, size, size, 0.5, seed=1, step=0, device=device).float().mean().item()
+        rfired = sum(fastnca.fire_mask(B, rsize, rsize, 0.5, seed=1, step=i, device=device).float().mean().item()
+                     for i in range(steps)) / steps
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
         for impl, step_fwd, step_g, roll_fwd, roll_g, mode in runners:
             log(f"  nca_step {name} {impl} ...")
             try:
                 fwd = median_ms(timed(step_fwd, step_g, False, mode), device, reps=reps)
                 fb = median_ms(timed(step_fwd, step_g, True, mode), device, reps=reps)
-                extra = _throughput(cells * fpc, fwd, fb, roofs, dname)
+                extra = _throughput(cells * fpc, fwd, fb, roofs, dname, fired)
                 if "cpu mask" not in impl:  # the kernels alone, without the host's launch cost (a
                     # mask drawn on the host and copied over cannot be captured)
                     extra.update(graph_times(timed(step_fwd, step_g, False, mode),
@@ -226,12 +237,13 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             release(device)
             try:
-                rfwd = median_ms(timed(roll_fwd, roll_g, False, mode), device, reps=max(2, reps - 2), warmup=1)
-                rfb = median_ms(timed(roll_fwd, roll_g, True, mode), device, reps=max(2, reps - 2), warmup=1)
+                rfwd = median_ms(timed(roll_fwd, roll_g, False, mode), device, reps=rreps, warmup=1)
+                rfb = median_ms(timed(roll_fwd, roll_g, True, mode), device, reps=rreps, warmup=1)
                 results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
                                       saved_mb(lambda: _kept(roll_fwd)),
                                       peak_mb(timed(roll_fwd, roll_g, True, mode), device, cpu=True),
-                                      extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname)))
+                                      extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname,
+                                                        rfired)))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             for t in (x, xl, xr, xlr, *rule):

@@ -135,6 +135,8 @@ def heredity_cells(model, prev_cells: torch.Tensor, carry: str = "hidden",
     a fresh seed (zeros, normal out channels at the centre cell) with the channels named
     by ``carry`` copied from ``prev_cells``. The x_t channels are left for the model to
     overwrite with the new x_t."""
+    if carry not in _CARRY:
+        raise ValueError(f"carry must be one of {sorted(_CARRY)}, got {carry!r}")
     carry_out, carry_hidden = _CARRY[carry]
     ci, co = model.in_channels, model.in_channels + model.out_channels
     cells = model.seed_cells(prev_cells[:, :ci], generator=generator)
