@@ -239,21 +239,26 @@ def odd_layout_inputs(dev):
     return x, (pw, pb, w1, b1, w2[1:], b2[1:])
 
 
+@pytest.mark.parametrize("p,frozen", [(0.5, 1), (0.0, 1), (0.5, 3)], ids=["some-fire", "none-fire", "all-frozen"])
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
-def test_opcheck_backward_ops_odd_layouts(backend):
+def test_opcheck_backward_ops_odd_layouts(backend, p, frozen):
     """The backward ops' fakes give every backend's strides: d_state like the state, weight
     gradients contiguous (the compiled backward asserts them; a channels_last conv weight
-    and a permuted state failed there)."""
+    and a permuted state failed there, and so did the cpu backend's shortcut for steps
+    where nothing updates)."""
     x, rule = odd_layout_inputs(device_for(backend))
+    if frozen == 3:  # every channel frozen: the ops take fc2 without the frozen rows, none left
+        full = make_rule(3, hidden=5)
+        rule = (*rule[:4], full[4][3:].to(x.device), full[5][3:].to(x.device))
     g = torch.randn_like(x)
-    params = (1, "reflect", 0.5, -5, 3, 1, backend)
+    params = (1, "reflect", p, -5, 3, frozen, backend)
     torch.library.opcheck(ops.nca_step_backward.default, (g, x, *rule, *params),
                           test_utils=("test_schema", "test_faketensor"))
     if backend == "triton" and not torch.cuda.is_available():
         return  # the rollout's recompute under the interpreter: covered by the nca_step case
-    _, ckpt = ops.nca_rollout(x, *rule, 3, 3, 2, True, *params[:4], 1, backend)
+    _, ckpt = ops.nca_rollout(x, *rule, 3, 3, 2, True, *params[:4], frozen, backend)
     torch.library.opcheck(ops.nca_rollout_backward.default,
-                          (g, x, ckpt, *rule, 3, 3, 2, 1, "reflect", 0.5, -5, 1, backend),
+                          (g, x, ckpt, *rule, 3, 3, 2, 1, "reflect", p, -5, frozen, backend),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -272,3 +272,20 @@ def test_compiled_module_checks_fail_loudly():
         m.na2d_forward([0] * 5, [1] * 12, [1, 1, 1, 1, 1], 3, 0, 1.0, 0, 1)
     with pytest.raises(ValueError, match="shift"):
         m.na2d_forward([1] * 5, [1] * 12, [1, 2, 2, 1, 1], 3, 3, 1.0, 0, 1)
+
+
+def test_outputs_stay_on_the_inputs_device_under_a_default_device():
+    """torch.set_default_device must not move the launcher's outputs and workspaces off the
+    CPU (they were allocated without device=: a null pointer error under "meta", and the
+    CPU kernel would have been handed CUDA addresses under "cuda")."""
+    q, k, v = (torch.randn(1, 3, 4, 2, 8, requires_grad=True) for _ in range(3))
+    expected = fastnca.neighborhood_attention2d(q, k, v, backend="reference")
+    torch.set_default_device("meta")
+    try:
+        o = fastnca.neighborhood_attention2d(q, k, v, backend="cpu")
+        grads = torch.autograd.grad(o.sum(), (q, k, v))
+    finally:
+        torch.set_default_device(None)
+    assert o.device.type == "cpu" and all(t.device.type == "cpu" for t in grads)
+    torch.testing.assert_close(o, expected)
+

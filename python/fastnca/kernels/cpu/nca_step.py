@@ -169,7 +169,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     ct = _compute_dtype(state)
     if thr == 0 or d["Co"] == 0:  # out = state: only the identity path carries gradient
         d_state.copy_(grad_out)
-        return (d_state, *(torch.zeros_like(t) for t in (pw, pb, w1, b1, w2, b2)))
+        # contiguous, as the kernels' gradients (zeros_like would keep a channels_last weight's layout)
+        return (d_state, *(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (pw, pb, w1, b1, w2, b2)))
     z = dict(dtype=ct, device=state.device)
     C, K, Hd, Co = d["C"], d["K"], d["Hd"], d["Co"]
     dwc = torch.empty(d["rows"], d["Kp"], **z)

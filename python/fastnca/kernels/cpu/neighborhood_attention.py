@@ -80,8 +80,9 @@ def _threads() -> int:
 
 def forward(q, k, v, kernel_size, border, scale):
     _check_qkv(q, k, v, kernel_size, border)
-    o = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty(q.shape[:-1], dtype=_compute_dtype(q.dtype))
+    # device=: torch.set_default_device must not move the kernel's outputs off the CPU
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=_compute_dtype(q.dtype), device=q.device)
     _module().na2d_forward(
         [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()], _strides(q, k, v),
         list(q.shape), kernel_size, _ext.BORDER_CODES[border], float(scale), _ext.DTYPE_CODES[q.dtype],
@@ -117,10 +118,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         grad_lse = grad_lse.to(ct).contiguous()
     B, H, W, nh, D = q.shape
     kk = kernel_size * kernel_size
-    ws = torch.empty(B * H * W * nh * 2 * kk, dtype=ct)  # p and scale*ds per window entry
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(q.shape, dtype=q.dtype)
-    dv = torch.empty(q.shape, dtype=q.dtype)
+    ws = torch.empty(B * H * W * nh * 2 * kk, dtype=ct, device=q.device)  # p and scale*ds per window entry
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), grad_o.data_ptr(), lse.data_ptr(),
             0 if grad_lse is None else grad_lse.data_ptr(), ws.data_ptr(), dq.data_ptr(), dk.data_ptr(),
             dv.data_ptr()]
