@@ -144,6 +144,13 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
     return None
 
 
+def nothing_to_launch(t: torch.Tensor, backend: str) -> str:
+    """The backend to run an op on input ``t`` with: the reference where ``t`` is empty (a
+    batch of 0, or no heads; the ops check the other sizes), whose torch ops give the empty
+    results and zero weight gradients as conv2d and SDPA do; otherwise ``backend``."""
+    return "reference" if t.numel() == 0 else backend
+
+
 def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None,
             sizes: dict | None = None) -> str:
     """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, and for nca_step

@@ -96,7 +96,7 @@ def _bench(args) -> int:
         common.WARM_ONLY = False
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    common.print_table(results, common.BASELINES)
+    common.print_table(results)
     print(f"\n{time.time() - t0:.0f} s")
     if record:
         print(f"wrote {args.json}")

@@ -168,11 +168,11 @@ def _nca_rollout_backward(
                                 (start_step + i) & 0xFFFFFFFF, frozen, **kw)
             for acc, d in zip(dweights, dw):
                 acc += d
-    like = torch.empty_like(state)
-    if steps == 0 or g.stride() != like.stride():
-        # Recomputed states take the checkpoints' layout (NCHW unless the state is
-        # channels_last): a densely permuted state gets its gradient in its own layout.
-        g = like.copy_(g if steps else grad_out)
+    # Recomputed states take the checkpoints' layout (NCHW unless the state is channels_last):
+    # a densely permuted state gets its gradient in its own layout (the strides empty_like
+    # gives, read off a meta tensor: no state-sized buffer unless a copy is needed).
+    if steps == 0 or g.stride() != torch.empty_like(state, device="meta").stride():
+        g = torch.empty_like(state).copy_(g if steps else grad_out)
     return (g, *(sink.result() if sink else (d.to(w.dtype) for d, w in zip(dweights, weights))))
 
 
@@ -274,12 +274,6 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     return (state, pw, pb, w1, b1, w2, b2), (groups, padding, update_prob, seed, frozen)
 
 
-def _empty_batch(state: torch.Tensor, backend: str) -> str:
-    """The backend to run: the reference for an empty batch (nothing to launch; its torch ops
-    give the empty result and zero weight gradients, as torch's conv2d does), else ``backend``."""
-    return "reference" if state.shape[0] == 0 else backend
-
-
 def _sizes(state, pw, w1, groups) -> dict:
     """The sizes backend selection checks against the kernels' limits (_backend.NCA_LIMITS)."""
     B, C, H, W = state.shape
@@ -328,8 +322,8 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    backend = _empty_batch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
-                                                   _sizes(state, tensors[1], tensors[3], groups)))
+    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
+                                                                 _sizes(state, tensors[1], tensors[3], groups)))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
     return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args)
 
@@ -365,8 +359,8 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = _eager.needs_grad(*tensors)
-    backend = _empty_batch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
-                                                   _sizes(state, tensors[1], tensors[3], groups)))
+    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
+                                                                 _sizes(state, tensors[1], tensors[3], groups)))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)
     out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args, grad=keep)

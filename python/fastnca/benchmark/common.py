@@ -408,22 +408,33 @@ BASELINES = {"nca_step": "pytorch", "nca_rollout": "pytorch", "nca_rollout_peak"
              "mednca_max_size": "pytorch", "geca_train": "pytorch", "geca_sample": "pytorch"}
 
 
-def print_table(results: list[Result], baselines: dict[tuple, str]) -> None:
+RATIO_FIELDS = ("fwd_ms", "fwd_bwd_ms", "saved_mb", "peak_mb")
+
+
+def baseline_ratios(rows: list[dict], baselines: dict[str, str] = BASELINES) -> list[dict[str, float]]:
+    """Per row (a dict of Result's fields, as in the JSON files), baseline / row for each of
+    RATIO_FIELDS that both measured, against the baseline row of its (op, config, dtype):
+    the table's x columns, the JSON's extra.ratios and the plots' labels."""
+    base = {(r["op"], r["config"], r.get("dtype")): r for r in rows if r["impl"] == baselines.get(r["op"])}
+    out = []
+    for r in rows:
+        b = base.get((r["op"], r["config"], r.get("dtype")), {})
+        out.append({f: b[f] / r[f] for f in RATIO_FIELDS if b.get(f) and r.get(f)})
+    return out
+
+
+def print_table(results: list[Result], baselines: dict[str, str] = BASELINES) -> None:
     """One table per (op, config, dtype): every implementation with ratios vs the baseline."""
-    groups: dict[tuple, list[Result]] = {}
-    for r in results:
-        groups.setdefault((r.op, r.config, r.dtype), []).append(r)
+    groups: dict[tuple, list[tuple[Result, dict]]] = {}
+    for r, q in zip(results, baseline_ratios([dataclasses.asdict(r) for r in results], baselines)):
+        groups.setdefault((r.op, r.config, r.dtype), []).append((r, q))
     header = f"{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'saved MB':>10}{'peak MB':>10}{'x fwd':>8}{'x f+b':>8}{'x saved':>9}  note"
     for key, rows in groups.items():
-        base = next((r for r in rows if r.impl == baselines.get(key[0])), None)
         print(f"\n== {key[0]} | {key[1]} | {key[2]}")
         print(header)
-        for r in rows:
-            def ratio(attr, inverse=False):
-                b, v = (getattr(base, attr) if base else None), getattr(r, attr)
-                if not b or not v:
-                    return "-"
-                return f"{(v / b if inverse else b / v):.2f}"
+        for r, q in rows:
+            def ratio(attr):
+                return f"{q[attr]:.2f}" if attr in q else "-"
             note = r.note
             if r.extra.get("fwd_graph_ms") is not None:  # CUDA-graph replay: the kernels alone
                 note = (f"graph {fmt(r.extra['fwd_graph_ms'], 3)} / {fmt(r.extra.get('fwd_bwd_graph_ms'), 3)} ms"
@@ -470,21 +481,13 @@ DEFINITIONS = {
 }
 
 
-def with_ratios(results: list[Result], baselines: dict[str, str]) -> list[dict]:
-    """The results as dicts, each with extra["ratios"] (baseline / implementation) where its
-    group has a baseline row and both figures were measured."""
-    base = {(r.op, r.config, r.dtype): r for r in results if r.impl == baselines.get(r.op)}
-    out = []
-    for r in results:
-        row = dataclasses.asdict(r)
-        b = base.get((r.op, r.config, r.dtype))
-        if b is not None:
-            ratios = {f: getattr(b, f) / getattr(r, f) for f in ("fwd_ms", "fwd_bwd_ms", "saved_mb", "peak_mb")
-                      if getattr(b, f) and getattr(r, f)}
-            if ratios:
-                row["extra"] = {**row["extra"], "ratios": ratios}
-        out.append(row)
-    return out
+def with_ratios(results: list[Result], baselines: dict[str, str] = BASELINES) -> list[dict]:
+    """The results as dicts, each with extra["ratios"] (baseline_ratios) where it has any."""
+    rows = [dataclasses.asdict(r) for r in results]
+    for row, q in zip(rows, baseline_ratios(rows, baselines)):
+        if q:
+            row["extra"] = {**row["extra"], "ratios": q}
+    return rows
 
 
 def write_json(path: str, env: dict, roofs: dict, results: list[Result], args: dict) -> None:

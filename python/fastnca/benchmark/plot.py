@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from .common import BASELINES
+from .common import BASELINES, baseline_ratios
 
 _FWD, _BWD, _GRAPH = "#9ecae1", "#2171b5", "#08306b"
 _MEM, _BASE = "#74c476", "#bdbdbd"
@@ -27,13 +27,6 @@ def groups(results: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]
     return list(out.items())
 
 
-def speedup(rows: list[dict], op: str, field: str) -> dict[str, float]:
-    """impl -> baseline time / impl time for ``field`` (only where both were measured)."""
-    base = next((r for r in rows if r["impl"] == BASELINES.get(op)), None)
-    b = base.get(field) if base else None
-    return {r["impl"]: b / r[field] for r in rows if b and r.get(field)}
-
-
 def _title(op: str, config: str, dtype: str) -> str:
     text = f"{op}  {config}  {dtype}"
     return text if len(text) <= 110 else text[:107] + "..."
@@ -43,6 +36,7 @@ def _time_panel(ax, op: str, rows: list[dict]) -> None:
     names = [r["impl"] for r in rows]
     ys = list(range(len(rows)))
     base = BASELINES.get(op)
+    ratios = baseline_ratios(rows)
     both = any(r.get("fwd_ms") for r in rows) and any(r.get("fwd_bwd_ms") for r in rows)
     h = 0.38 if both else 0.7
     for field, colour, dy, label in (("fwd_ms", _FWD, -h / 2 if both else 0, "forward"),
@@ -50,12 +44,10 @@ def _time_panel(ax, op: str, rows: list[dict]) -> None:
         vals = [r.get(field) for r in rows]
         if not any(vals):
             continue
-        ratios = speedup(rows, op, field)
         ax.barh([y + dy for y in ys], [v or 0 for v in vals], height=h, color=colour, label=label)
-        for y, r, v in zip(ys, rows, vals):
+        for y, r, v, q in zip(ys, rows, vals, ratios):
             if v:
-                tag = f" {v:.3g} ms" + (f"  {ratios[r['impl']]:.2g}x" if r["impl"] != base and r["impl"] in ratios
-                                        else "")
+                tag = f" {v:.3g} ms" + (f"  {q[field]:.2g}x" if r["impl"] != base and field in q else "")
                 ax.text(v, y + dy, tag, va="center", fontsize=7)
             graph = (r.get("extra") or {}).get(field.replace("_ms", "_graph_ms"))
             if graph:
@@ -81,13 +73,13 @@ def _memory_panel(ax, op: str, rows: list[dict], labels: bool = False) -> None:
         ax.axis("off")
         return
     base = BASELINES.get(op)
-    ref = next((r.get(field) for r in rows if r["impl"] == base), None)
     ys = list(range(len(rows)))
     ax.barh(ys, [v or 0 for v in vals], height=0.7,
             color=[_BASE if r["impl"] == base else _MEM for r in rows])
-    for y, v in zip(ys, vals):
+    for y, v, q in zip(ys, vals, baseline_ratios(rows)):
         if v:
-            ax.text(v, y, f" {v:.3g} MB" + (f"  {ref / v:.2g}x less" if ref and v * 1.05 < ref else "")
+            less = q.get(field, 0.0)
+            ax.text(v, y, f" {v:.3g} MB" + (f"  {less:.2g}x less" if less > 1.05 else "")
                     + (f"  ({rows[y]['note']})" if labels and rows[y].get("note") else ""), va="center", fontsize=7)
     ax.set_xscale("log")
     ax.set_yticks(ys, [r["impl"] + (" (baseline)" if r["impl"] == base else "") for r in rows] if labels

@@ -89,7 +89,6 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     rx = _pad_adjoint(W, padding, x.device, x.dtype)
     dx = g + dp[:, :C] + torch.einsum("yp,bcpq,xq->bcyx", ry, d_xp, rx)
     d_state = torch.empty_like(state).copy_(dx)
-    grads = (d_state, d_pw, d_pb, d_w1, d_b1, d_w2, d_b2)
     # weight gradients contiguous, as every backend returns them (the custom op's fake says so)
-    return (d_state.to(state.dtype),
-            *(d.to(t.dtype).contiguous() for d, t in zip(grads[1:], (pw, pb, w1, b1, w2, b2))))
+    return (d_state, *(d.to(t.dtype).contiguous() for d, t in zip((d_pw, d_pb, d_w1, d_b1, d_w2, d_b2),
+                                                                   (pw, pb, w1, b1, w2, b2))))
