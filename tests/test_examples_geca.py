@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -166,8 +167,18 @@ def test_load_vae_without_diffusers(tmp_path):
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo unavailable")
 def test_train_ddp_two_processes(tmp_path):
-    proc = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "2", "--out", tmp_path)
+    args = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+            EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "2", "--out", tmp_path)
+    proc = run(*args, ok=False)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # torch's own teardown, after the script returned: DDP leaks references to the gloo
+        # process group (torch 2.13: ten per DDP construction), so its worker threads outlive
+        # destroy_process_group() and, rarely (one CI run in ~20, never in 45 loaded local
+        # runs), a rank aborts at interpreter exit. One retry; a second abort, or any other
+        # failure, fails the test.
+        warnings.warn("torch.distributed teardown abort on the first try; retried")
+        proc = run(*args, ok=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     ck = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ck["step"] == 2 and ck["args"]["batch_size"] == 4
