@@ -20,6 +20,9 @@ only with a LOCAL diffusers AutoencoderKL (nothing is downloaded):
 
 Multi-GPU: ``torchrun --nproc_per_node 8 examples/train_geca.py ...`` (DDP; --batch-size is global).
 Checkpoints hold {"model", "ema", "opt", "args", "step"}; sample with examples/sample_geca.py.
+``--resume CHECKPOINT`` continues a run where it stopped, bitwise on the CPU: each step's
+random draws (data order and flips, timesteps, noise, label dropout, fire masks) depend only
+on (--seed, rank, step).
 """
 from __future__ import annotations
 
@@ -194,14 +197,35 @@ def synthetic_batch(n: int, size: int, num_classes: int = 5, generator: torch.Ge
     return torch.cat([img, cover[:, None] * 2 - 1], 1).clamp(-1, 1), labels
 
 
-class SyntheticShapes(torch.utils.data.IterableDataset):
-    def __init__(self, size: int, num_classes: int, batch: int, seed: int):
-        self.size, self.num_classes, self.batch, self.seed = size, num_classes, batch, seed
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded shuffle of range(n), as (index, flip) pairs: epoch e is a
+    permutation and a coin per image drawn from (seed, e), split round-robin over the ranks
+    (the tail that does not divide evenly is dropped, so every rank has the same count).
+    ``start(epoch, skip)`` sets where the next iteration begins, so a resumed run continues
+    the interrupted epoch without loading the images it skips, whatever --workers is."""
+
+    def __init__(self, n: int, world: int, rank: int, seed: int):
+        self.n, self.world, self.rank, self.seed = n, world, rank, seed
+        self.epoch, self.skip = 0, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.n // self.world - self.skip
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed)
-        while True:
-            yield synthetic_batch(self.batch, self.size, self.num_classes, g)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.n // self.world * self.world]
+        flip = torch.rand(self.n, generator=g) < 0.5
+        mine = order[self.rank:: self.world][self.skip:]
+        return iter(zip(mine.tolist(), flip[mine].tolist()))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's draws on one rank (data, timesteps, noise, fire masks):
+    a function of (seed, rank, step) only, so --resume continues the run it resumes."""
+    return ((seed * 1_000_003 + rank) * 1_000_003 + step) % (1 << 63)
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -231,7 +255,9 @@ class FolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: an index, or (index, flip) as EpochSampler yields it (flips drawn with the order)."""
+        i, flip = key if isinstance(key, tuple) else (key, False)
         x = read_rgb(self.root / self.files[i]).permute(2, 0, 1).float()
         _, h, w = x.shape
         s = min(h, w)
@@ -240,7 +266,7 @@ class FolderDataset(torch.utils.data.Dataset):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", antialias=True,
                               align_corners=False)[0].clamp(0, 255)
         x = x / 127.5 - 1
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and flip:
             x = x.flip(-1)
         return x, self.labels[i]
 
@@ -365,31 +391,32 @@ def main(argv=None):
             raise SystemExit("--data needs --labels CSV")
         ds = FolderDataset(args.data, args.labels, args.image_size)
         args.num_classes = ds.labels.shape[1]
-        sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed) \
-            if world > 1 else torch.utils.data.RandomSampler(ds)
-        if len(sampler) < local_batch:  # drop_last would leave no batch at all: never loop on nothing
+        sampler = EpochSampler(len(ds), world, rank, args.seed)
+        per_epoch = len(sampler) // local_batch
+        if per_epoch == 0:  # drop_last would leave no batch at all: never loop on nothing
             raise SystemExit(f"{len(ds)} images give {len(sampler)} per process, fewer than the per-process "
                              f"batch {local_batch}: lower --batch-size")
         loader = torch.utils.data.DataLoader(ds, local_batch, sampler=sampler, num_workers=args.workers,
                                              drop_last=True, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.workers > 0)
+                                             persistent_workers=args.workers > 0,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        # (its own generator: a new epoch's iterator draws a worker seed, not from the step's stream)
         in_channels = 4 if vae is not None else 3
 
-        def batches():
-            epoch = 0
+        def batches(first_step):
+            epoch, skip = divmod(first_step, per_epoch)
             while True:
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
+                sampler.start(epoch, skip * local_batch)
                 yield from loader
-                epoch += 1
+                epoch, skip = epoch + 1, 0
     else:
         if vae is not None:
             raise SystemExit("--vae needs --data (the synthetic set is image-space)")
-        ds = SyntheticShapes(args.image_size, args.num_classes, local_batch, args.seed * 1000 + rank)
         in_channels = 4
 
-        def batches():
-            yield from ds
+        def batches(first_step):
+            while True:  # drawn from the step's seed (set in the loop)
+                yield synthetic_batch(local_batch, args.image_size, args.num_classes)
     size = args.image_size // 8 if vae is not None else args.image_size
 
     # model: the same initial weights on every rank (so the EMA copies agree too)
@@ -427,10 +454,11 @@ def main(argv=None):
     except ImportError:
         bar = None
     fixed_y = label_bank(args.num_classes, args.sample_n)
-    it = batches()
+    it = batches(step)
     t0, seen, loss_avg = time.time(), 0, None
     model.train()
     while step < args.iters:
+        torch.manual_seed(step_seed(args.seed, rank, step))
         x0, y = next(it)
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if vae is not None:
