@@ -54,3 +54,21 @@ def test_query_range_covers_inverse_neighbourhood(border, kernel_size, n):
             found = [i for i in range(lo, hi + 1) if 0 <= i < n and C.key_index(i, a, n, r, code) == j]
             truth = [i for i in range(n) if C.key_index(i, a, n, r, code) == j]
             assert found == truth, (j, a, lo, hi)
+
+
+@pytest.mark.parametrize("n", [(1 << 29) + 3, (1 << 30) - 1, 1 << 30])
+def test_index_maps_on_axes_past_2_30(n):
+    """Axes long enough that (v % n) + n or 2 * (n - 1) overflow int (up to 2^30, the kernels'
+    limit on H and W): the circular and reflect maps near both edges, against Python's
+    arithmetic (they returned negative coordinates)."""
+    circ, refl = _ext.BORDER_CODES["circular"], _ext.PADDING_CODES["reflect"]
+    big = (1 << 31) - 1  # the padding maps hold up to int's limit
+    assert C.pad_index(big, big, refl) == big - 2 and C.pad_index(big, big, _ext.PADDING_CODES["circular"]) == 0
+    assert C.pad_index(n, n, refl) == n - 2 and C.pad_index(-1, n, refl) == 1
+    assert C.pad_index(n, n, _ext.PADDING_CODES["circular"]) == 0
+    assert C.pad_index(-1, n, _ext.PADDING_CODES["circular"]) == n - 1
+    for r in (1, 2, 3):
+        for i in (0, 1, r, n - 1 - r, n - 2, n - 1):
+            for a in range(-r, r + 1):
+                assert C.key_index(i, a, n, r, circ) == (i + a) % n, (i, a, r)
+                assert C.query_range(i, a, n, r, circ) == ((i - a) % n,) * 2, (i, a, r)

@@ -539,3 +539,31 @@ def test_every_tile_candidate_matches_reference_gpu(case, index, monkeypatch):
 
     monkeypatch.setattr(tri, "_default_config", pick)
     check_against_reference(B, H, W, nh, D, ks, border, torch.float32)
+
+
+@pytest.mark.parametrize("n", [(1 << 29) + 3, (1 << 30) - 1, 1 << 30])
+def test_circular_index_maps_on_long_axes(n):
+    """The kernels' circular key and query maps in int32 near both ends of axes past 2^29, up
+    to the 2^30 limit on H and W: (i + a + R*n) % n overflowed and gave negative coordinates
+    (out-of-bounds loads)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def maps(i_ptr, a_ptr, key_ptr, query_ptr, wrap_ptr, n, R: tl.constexpr, M: tl.constexpr):
+        o = tl.arange(0, M)
+        i, a = tl.load(i_ptr + o), tl.load(a_ptr + o)
+        tl.store(key_ptr + o, tri._key_index(i, a, n, R, tri._CIRCULAR))
+        tl.store(query_ptr + o, tri._query_index(i, a, n, R, tri._CIRCULAR))
+        tl.store(wrap_ptr + o, tri._wrap(i + a - 4, n))
+
+    for r in (1, 2, 3):
+        pairs = [(i, a) for i in (0, 1, r, n - 1 - r, n - 2, n - 1) for a in range(-r, r + 1)]
+        M = 1 << (len(pairs) - 1).bit_length()
+        pairs += [pairs[0]] * (M - len(pairs))
+        i = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE)
+        a = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE)
+        key, query, wrap = (torch.empty_like(i) for _ in range(3))
+        maps[(1,)](i, a, key, query, wrap, n, R=r, M=M)
+        for (ii, aa), kk, qq, ww in zip(pairs, key.tolist(), query.tolist(), wrap.tolist()):
+            assert (kk, qq, ww) == ((ii + aa) % n, (ii - aa) % n, (ii + aa - 4) % n), (ii, aa, r)

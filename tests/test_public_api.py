@@ -158,10 +158,38 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
     assert _backend.nca_unsupported("cuda", **dict(sizes, F=26, depthwise=False)) is None
     assert "cells" in _backend.nca_unsupported("triton", **dict(sizes, cells=2**31))
     assert "height and width" in _backend.nca_unsupported("cpu", **dict(sizes, height=2**30))
+    assert "65536 channels, got 65537" in _backend.nca_unsupported("cpu", **dict(sizes, C=65537))
     cuda = torch.device("cuda")
     monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31)) == "cuda"
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"
+
+
+def test_auto_backend_passes_over_attention_kernels_that_refuse_the_sizes(monkeypatch):
+    """Attention sizes past a backend's index arithmetic (H or W > 2^30; any dimension > 2^30
+    on the cpu) go to the reference under backend=None; naming the backend says why before
+    any kernel runs (a stride-0 view stands in for the 1G-cell tensor)."""
+    tall = torch.randn(1, 1, 1, 1, 4).expand(1, 2**30 + 1, 1, 1, 4)
+    for name in ("cpu", "cuda", "triton"):
+        assert _backend.attention_unsupported(name, shape=(2, 2**30, 2**30, 3, 4)) is None
+        assert "at most 1073741824" in _backend.attention_unsupported(name, shape=tuple(tall.shape))
+    assert "height and width" in _backend.attention_unsupported("triton", shape=tuple(tall.shape))
+    assert "every dimension" in _backend.attention_unsupported("cpu", shape=(2**30 + 1, 1, 1, 1, 4))
+    assert _backend.attention_unsupported("triton", shape=(2**30 + 1, 1, 1, 1, 4)) is None
+    assert _backend.attention_unsupported("reference", shape=tuple(tall.shape)) is None
+    assert _backend.resolve(None, "neighborhood_attention", tall.device, tall.dtype,
+                            {"shape": tuple(tall.shape)}) == "reference"
+    if fastnca.backends()["cpu"] is True:
+        assert _backend.resolve(None, "neighborhood_attention", tall.device, tall.dtype,
+                                {"shape": (1, 8, 8, 2, 4)}) == "cpu"
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run this neighborhood_attention: .* at most"):
+            fastnca.neighborhood_attention2d(tall, tall, tall, backend="cpu")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    assert _backend.resolve(None, "neighborhood_attention", cuda, torch.float32,
+                            {"shape": (2**30 + 1, 1, 1, 1, 4)}) in ("cuda", "triton")
+    assert _backend.resolve(None, "neighborhood_attention", cuda, torch.float32,
+                            {"shape": tuple(tall.shape)}) == "reference"
 
 
 def _autodiff_cases(backend):

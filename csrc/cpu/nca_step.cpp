@@ -143,7 +143,8 @@ struct Problem {
   T* ws;                                   // backward: dP workspace [H*W][LDW] per image,
   int64_t ws_b;                            //   image b's at ws + b * ws_b (0: one, reused)
   const uint8_t *simple_y, *simple_x;      // backward: one reader per tap (no border)
-  const int *inv_y_off, *inv_y, *inv_x_off, *inv_x;  // inverse neighbourhood per axis
+  const int64_t *inv_y_off, *inv_x_off;  // inverse neighbourhood per axis: CSR offsets,
+  const int *inv_y, *inv_x;              // and source coordinates
 };
 
 template <typename T>
@@ -379,9 +380,9 @@ void forward_impl(const Tensor4& state, const Tensor4& out, int dtype, const std
 // Inverse of pad_index along one axis: for source s and tap k, the coordinates p in
 // [0, n) with pad_index(p + k - 1, n) == s, as CSR (off[s*3 + k] .. off[s*3 + k + 1]);
 // simple[s] = 1 when every tap k has exactly the one reader s - (k - 1).
-void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx,
+void inverse_axis(int n, int mode, std::vector<int64_t>& off, std::vector<int>& idx,
                   std::vector<uint8_t>& simple) {
-  std::vector<int> count(static_cast<size_t>(3 * n) + 1, 0);
+  std::vector<int64_t> count(static_cast<size_t>(n) * 3 + 1, 0);  // 3n + 1 entries up to 3n: past int
   for (int q = 0; q < n; ++q)
     for (int k = 0; k < 3; ++k) {
       const int s = pad_index(q + k - 1, n, mode);
@@ -390,7 +391,7 @@ void inverse_axis(int n, int mode, std::vector<int>& off, std::vector<int>& idx,
   for (size_t i = 1; i < count.size(); ++i) count[i] += count[i - 1];
   off = count;
   idx.assign(static_cast<size_t>(count.back()), 0);
-  std::vector<int> fill(count.begin(), count.end() - 1);
+  std::vector<int64_t> fill(count.begin(), count.end() - 1);
   for (int q = 0; q < n; ++q)  // ascending q: a fixed summation order in pass 2
     for (int k = 0; k < 3; ++k) {
       const int s = pad_index(q + k - 1, n, mode);
@@ -463,7 +464,8 @@ void backward_impl(const Tensor4& grad, const Tensor4& state, const Tensor4& dst
   // The caller's workspace, backward_workspace(p) elements; not zero-filled (25 MB per
   // 256x256 image): pass 1 writes every row.
   p.ws_b = batched ? ws_img : 0;
-  std::vector<int> iyo, iy, ixo, ix;
+  std::vector<int64_t> iyo, ixo;
+  std::vector<int> iy, ix;
   std::vector<uint8_t> sy, sx;
   inverse_axis(static_cast<int>(p.H), padding, iyo, iy, sy);
   inverse_axis(static_cast<int>(p.W), padding, ixo, ix, sx);

@@ -359,7 +359,7 @@ struct View {  // a [B, H, W, heads, D] tensor with stride 1 along D
 // Inverse neighbourhood along one axis: the (query coordinate, offset index) pairs whose
 // key coordinate is j are entries[start[j] .. start[j+1]).
 struct Inverse {
-  std::vector<int> start;
+  std::vector<int64_t> start;  // CSR row starts: n * ks entries can pass 2^31 on long axes
   std::vector<int> query, offset;
 };
 
@@ -395,8 +395,8 @@ struct Window {
 FASTNCA_NA_INLINE void gather_window(const Problem& P, const int64_t* ks_, const int64_t* vs_, int y, int x,
                                      Window& w) {
   const int ks = P.ks;
-  const int* yk = P.ykey.data() + y * ks;
-  const int* xk = P.xkey.data() + x * ks;
+  const int* yk = P.ykey.data() + static_cast<size_t>(y) * ks;
+  const int* xk = P.xkey.data() + static_cast<size_t>(x) * ks;
   w.n = 0;
   w.n_out = 0;
   for (int ia = 0; ia < ks; ++ia) {
@@ -603,9 +603,9 @@ FASTNCA_NA_INLINE void backward_key_rows(const Args& a, int64_t r0, int64_t r1) 
     const int b = static_cast<int>(row / P.H), ky = static_cast<int>(row % P.H);
     for (int kx = 0; kx < W; ++kx) {
       int n = 0;
-      for (int e = yi.start[ky]; e < yi.start[ky + 1]; ++e) {
+      for (int64_t e = yi.start[ky]; e < yi.start[ky + 1]; ++e) {
         const int qy = yi.query[e], ia = yi.offset[e];
-        for (int f = xi.start[kx]; f < xi.start[kx + 1]; ++f) {
+        for (int64_t f = xi.start[kx]; f < xi.start[kx + 1]; ++f) {
           const int qx = xi.query[f], ic = xi.offset[f];
           qoff[n] = qy * qs[1] + qx * qs[2];
           doff[n] = qy * ds_[1] + qx * ds_[2];
@@ -783,7 +783,7 @@ void build_axis(int n, int ks, int mode, std::vector<int>& key, Inverse& inv) {
   const int r = ks / 2;
   key.resize(static_cast<size_t>(n) * ks);
   for (int i = 0; i < n; ++i)
-    for (int ia = 0; ia < ks; ++ia) key[i * ks + ia] = key_index(i, ia - r, n, r, mode);
+    for (int ia = 0; ia < ks; ++ia) key[static_cast<size_t>(i) * ks + ia] = key_index(i, ia - r, n, r, mode);
   inv.start.assign(1, 0);
   inv.query.clear();
   inv.offset.clear();
@@ -797,7 +797,7 @@ void build_axis(int n, int ks, int mode, std::vector<int>& key, Inverse& inv) {
         inv.offset.push_back(ia);
       }
     }
-    inv.start.push_back(static_cast<int>(inv.query.size()));
+    inv.start.push_back(static_cast<int64_t>(inv.query.size()));
   }
 }
 
@@ -822,7 +822,7 @@ Problem make_problem(const std::vector<int64_t>& shape, int ks, int border, doub
     throw std::invalid_argument("na2d: border 'shift' needs H and W >= kernel_size");
   build_axis(P.H, ks, border, P.ykey, P.yinv);
   build_axis(P.W, ks, border, P.xkey, P.xinv);
-  int my = 0, mx = 0;
+  int64_t my = 0, mx = 0;
   for (int j = 0; j < P.H; ++j) my = std::max(my, P.yinv.start[j + 1] - P.yinv.start[j]);
   for (int j = 0; j < P.W; ++j) mx = std::max(mx, P.xinv.start[j + 1] - P.xinv.start[j]);
   if (my * mx > kMaxPairs) throw std::logic_error("na2d: inverse neighbourhood larger than kMaxPairs");

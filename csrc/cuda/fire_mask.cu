@@ -17,6 +17,8 @@ void fire_mask_cuda(std::uintptr_t out, int64_t numel, uint64_t seed, uint64_t s
   if (numel == 0) return;
   constexpr int kThreads = 256;
   const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffff)  // gridDim.x limit
+    throw std::invalid_argument("fastnca fire_mask (cuda): more cells than one launch covers");
   fire_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(stream)>>>(
       ptr<bool>(out), numel, seed, step, threshold);
   check_launch("fire_mask");

@@ -324,6 +324,8 @@ NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border
   if (border < 0 || border > 3) throw std::invalid_argument("fastnca neighborhood_attention (cuda): bad border code");
   if (border == kBorderShift && (H < kernel_size || W < kernel_size))
     throw std::invalid_argument("fastnca neighborhood_attention (cuda): shift border needs H, W >= kernel_size");
+  if (H > (1 << 30) || W > (1 << 30))  // the border maps' int arithmetic (borders.h)
+    throw std::invalid_argument("fastnca neighborhood_attention (cuda): H and W must be at most 2^30");
   NaDims d{B, H, W, NH, D, border, scale, 1};
   while (d.G < 32 && d.G < D) d.G *= 2;  // lanes about D, at most a warp
   return d;
@@ -331,7 +333,10 @@ NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border
 
 dim3 grid_of(const NaDims& d) {
   const int64_t threads = static_cast<int64_t>(d.B) * d.H * d.W * d.NH * d.G;
-  return dim3(static_cast<unsigned>((threads + kThreads - 1) / kThreads));
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffff)  // gridDim.x limit
+    throw std::invalid_argument("fastnca neighborhood_attention (cuda): B*H*W*heads too large for one launch");
+  return dim3(static_cast<unsigned>(blocks));
 }
 
 // Calls f(T{}, std::integral_constant<int, KS>{}) for the dtype and kernel size.

@@ -121,7 +121,7 @@ _DTYPES = {"reference": _checks.COMPUTE_DTYPES, "cpu": _checks.COMPUTE_DTYPES,
 # Sizes past which a backend's nca_step kernels refuse a rule or state (the reference takes
 # any): the kernels check against these, and backend=None passes over a backend they rule out.
 NCA_LIMITS = {
-    "cpu": {"filters": 64, "hidden": 65536, "side": (1 << 30) - 1},
+    "cpu": {"channels": 65536, "filters": 64, "hidden": 65536, "side": (1 << 30) - 1},
     "cuda": {"depthwise_filters": 25},
     "triton": {"cells": 2**31 - 1024},  # tile positions (int32) run a tile past the last cell
 }
@@ -131,6 +131,8 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
                     height: int, width: int) -> str | None:
     """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS), or None."""
     lim = NCA_LIMITS.get(backend, {})
+    if C > lim.get("channels", C):
+        return f"its kernels support at most {lim['channels']} channels, got {C}"
     if F > lim.get("filters", F):
         return f"its kernels support at most {lim['filters']} filters per channel, got {F}"
     if hidden > lim.get("hidden", hidden):
@@ -144,6 +146,21 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
     return None
 
 
+# The same for neighborhood_attention2d: every dimension (cpu), or H and W (the border maps'
+# int32 arithmetic), at most 2^30.
+ATTENTION_LIMITS = {"cpu": {"dim": 1 << 30}, "cuda": {"side": 1 << 30}, "triton": {"side": 1 << 30}}
+
+
+def attention_unsupported(backend: str, *, shape: tuple) -> str | None:
+    """Why ``backend``'s attention kernels refuse q/k/v of ``shape`` [B, H, W, heads, D], or None."""
+    lim = ATTENTION_LIMITS.get(backend, {})
+    if "dim" in lim and any(n > lim["dim"] for n in shape):  # explicit comparisons: SymInts under compile
+        return f"its kernels support sizes of at most {lim['dim']} in every dimension, got {tuple(shape)}"
+    if "side" in lim and (shape[1] > lim["side"] or shape[2] > lim["side"]):
+        return f"its kernels support height and width of at most {lim['side']}, got {shape[1]}x{shape[2]}"
+    return None
+
+
 def nothing_to_launch(t: torch.Tensor, backend: str) -> str:
     """The backend to run an op on input ``t`` with: the reference where ``t`` is empty (a
     batch of 0, or no heads; the ops check the other sizes), whose torch ops give the empty
@@ -154,14 +171,17 @@ def nothing_to_launch(t: torch.Tensor, backend: str) -> str:
 def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None,
             sizes: dict | None = None) -> str:
     """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, and for nca_step
-    the rule's and state's ``sizes`` (nca_unsupported's keywords), when given); raises with
+    the rule's and state's ``sizes`` (nca_unsupported's keywords; attention_unsupported's for
+    the attention), when given); raises with
     the reason when impossible."""
     source = "backend"
     if backend is None and os.environ.get("FASTNCA_BACKEND"):
         backend, source = os.environ["FASTNCA_BACKEND"], "FASTNCA_BACKEND"
 
     def refuses(name):
-        return sizes is not None and op == "nca_step" and nca_unsupported(name, **sizes)
+        if sizes is None:
+            return None
+        return (nca_unsupported if op == "nca_step" else attention_unsupported)(name, **sizes)
 
     if backend is None:
         for name in _AUTO.get((device.type, op), _AUTO.get(device.type, ("reference",))):

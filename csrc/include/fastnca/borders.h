@@ -6,6 +6,13 @@
 
 namespace fastnca {
 
+// v mod n in [0, n) for any int v and n >= 1, without forming v % n + n (which overflows
+// int once n > 2^30).
+FASTNCA_HD int wrap_index(int v, int n) {
+  const int m = v % n;
+  return m < 0 ? m + n : m;
+}
+
 // ---- perception padding (nca_step) -------------------------------------------------
 // Codes shared with python/fastnca/_ext.py.
 enum Padding : int { kPadZeros = 0, kPadReflect = 1, kPadReplicate = 2, kPadCircular = 3 };
@@ -16,9 +23,9 @@ enum Padding : int { kPadZeros = 0, kPadReflect = 1, kPadReplicate = 2, kPadCirc
 FASTNCA_HD int pad_index(int p, int n, int mode) {
   if (p >= 0 && p < n) return p;
   switch (mode) {
-    case kPadReflect: return p < 0 ? -p : 2 * (n - 1) - p;
+    case kPadReflect: return p < 0 ? -p : (n - 1) - (p - (n - 1));  // not 2 * (n - 1) - p: int overflow
     case kPadReplicate: return p < 0 ? 0 : n - 1;
-    case kPadCircular: return ((p % n) + n) % n;
+    case kPadCircular: return wrap_index(p, n);
     default: return -1;
   }
 }
@@ -31,7 +38,7 @@ enum Border : int { kBorderZeros = 0, kBorderMask = 1, kBorderCircular = 2, kBor
 // value; mask: left out of the softmax). Shift needs n >= 2r + 1.
 FASTNCA_HD int key_index(int i, int a, int n, int r, int mode) {
   switch (mode) {
-    case kBorderCircular: return (((i + a) % n) + n) % n;
+    case kBorderCircular: return wrap_index(i + a, n);
     case kBorderShift: {
       const int c = i < r ? r : (i > n - 1 - r ? n - 1 - r : i);
       return c + a;
@@ -52,7 +59,7 @@ FASTNCA_HD void query_range(int j, int a, int n, int r, int mode, int* lo, int* 
     *lo = j - 2 * r < 0 ? 0 : j - 2 * r;
     *hi = j + 2 * r > n - 1 ? n - 1 : j + 2 * r;
   } else if (mode == kBorderCircular) {
-    *lo = *hi = (((j - a) % n) + n) % n;
+    *lo = *hi = wrap_index(j - a, n);
   } else {
     *lo = *hi = j - a;  // may be outside [0, n): callers skip it
   }

@@ -71,10 +71,18 @@ _FAST_EXP = const(not interpreting() and torch.version.hip is None)
 
 # ---- shared index math ---------------------------------------------------------------
 @triton.jit
+def _wrap(v, n):
+    """v mod n in [0, n) (borders.h wrap_index): % keeps the dividend's sign in Triton, as in C.
+    Neither (v + R*n) % n nor (v % n + n) % n: both overflow int32 on axes past 2^29 / 2^30."""
+    m = v % n
+    return tl.where(m < 0, m + n, m)
+
+
+@triton.jit
 def _key_index(i, a, n, R: tl.constexpr, BORDER: tl.constexpr):
     """Key coordinate read by query coordinate i through offset a, or -1 (outside)."""
     if BORDER == _CIRCULAR:
-        k = (i + a + R * n) % n  # + R*n keeps the dividend >= 0 (C and Python % agree)
+        k = _wrap(i + a, n)
     elif BORDER == _SHIFT:
         k = tl.minimum(tl.maximum(i, R), n - 1 - R) + a
     else:
@@ -87,7 +95,7 @@ def _key_index(i, a, n, R: tl.constexpr, BORDER: tl.constexpr):
 def _query_index(j, a, n, R: tl.constexpr, BORDER: tl.constexpr):
     """The query coordinate reading key j through offset a (zeros/mask/circular), or -1."""
     if BORDER == _CIRCULAR:
-        i = (j - a + R * n) % n
+        i = _wrap(j - a, n)
     else:
         i = j - a
         i = tl.where((i >= 0) & (i < n), i, -1)
@@ -552,8 +560,8 @@ def _halo_geometry(H, W, NH, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, RH: t
     hy = y0 + sy
     hx = x0 + sx
     if CIRC:
-        gy = ((hy % H) + H) % H
-        gx = ((hx % W) + W) % W
+        gy = _wrap(hy, H)
+        gx = _wrap(hx, W)
         load = in_halo
     else:
         gy = hy
