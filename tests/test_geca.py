@@ -494,6 +494,15 @@ def test_forward_checks_t_and_y():
         m(x, torch.tensor([7, 7]), torch.eye(4)[:2], seed=1)
     with pytest.raises(TypeError, match="config must be a GeCAConfig"):
         GeCA(dict(TINY))
+    # x and cells: named, with the expected shape (were a raw broadcast error / unpack error)
+    with pytest.raises(ValueError, match=r"x must be \[B, 4, H, W\]"):
+        m(torch.randn(2, 3, 5, 5), torch.tensor([7, 7]), y, seed=1)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        m(x[0], torch.tensor([7, 7]), y, seed=1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        m(x.tolist(), torch.tensor([7, 7]), y, seed=1)
+    with pytest.raises(ValueError, match=r"cells must be \[2, C, 5, 5\] like x"):
+        m(x, torch.tensor([7, 7]), y, cells=cells[:, :, :4], seed=1)
 
 
 def test_tiny_model_overfits():

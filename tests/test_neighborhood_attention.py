@@ -237,6 +237,18 @@ def test_empty_batch_or_heads(backend, border, shape):
     assert q.grad.shape == k.grad.shape == v.grad.shape == q.shape
 
 
+def test_return_lse_takes_python_and_numpy_bools_only():
+    np = pytest.importorskip("numpy")
+    q, k, v = make_qkv(1, 3, 3, 1, 4)
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, return_lse=np.bool_(True))
+    assert lse.shape == (1, 3, 3, 1)
+    assert isinstance(fastnca.neighborhood_attention2d(q, k, v, return_lse=np.bool_(False)), torch.Tensor)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got int"):
+        fastnca.neighborhood_attention2d(q, k, v, return_lse=1)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got numpy.int64"):
+        fastnca.neighborhood_attention2d(q, k, v, return_lse=np.int64(1))
+
+
 @pytest.mark.parametrize("override,exc,match", ARG_ERRORS)
 def test_argument_errors(override, exc, match):
     q, k, v = make_qkv(1, 4, 4, 2, 8)

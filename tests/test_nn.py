@@ -108,6 +108,7 @@ def _build(what, kw):
     ("NCA", dict(update_prob=2.0), ValueError, "update_prob must be in"),
     ("NCA", dict(checkpoint_every=0), ValueError, "checkpoint_every must be in"),
     ("NCA", dict(backend="gpu"), ValueError, "backend must be None or one of"),
+    ("NCA", dict(backend=1), TypeError, "backend must be None or a str"),
     ("NeighborhoodAttention2d", dict(num_heads=0), ValueError, "num_heads must be in"),
     ("NeighborhoodAttention2d", dict(num_heads=-2), ValueError, "num_heads must be in"),
     ("NeighborhoodAttention2d", dict(num_heads=3), ValueError, "divisible by num_heads"),
@@ -132,6 +133,14 @@ def test_constructors_name_the_bad_argument(what, kw, exc, match):
     (they used to fail later, inside torch, e.g. a ZeroDivisionError for num_heads=0)."""
     with pytest.raises(exc, match=match):
         _build(what, kw)
+
+
+def test_attention_module_checks_its_input():
+    m = NeighborhoodAttention2d(8, 2)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        m([[1.0]])
+    with pytest.raises(ValueError, match=r"x must have shape \[B, H, W, 8\]"):
+        m(torch.randn(1, 3, 3, 4))
 
 
 def test_constructors_take_numpy_integers():

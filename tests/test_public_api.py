@@ -279,3 +279,30 @@ def test_argument_type_messages(monkeypatch):
     rule = make_rule(3, hidden=5)
     with pytest.raises(ValueError, match="fc1_bias must have 1 dimension, got"):
         fastnca.nca_step(make_state(1, 3, 4, 4), rule[0], rule[1], rule[2], rule[3][None], *rule[4:], seed=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ops_ignore_an_enclosing_autocast(backend):
+    """Under torch.autocast("cpu", bfloat16) the ops still compute in float32 from float32
+    inputs, forward and backward, on every backend: the reference's conv and einsum ran in
+    bf16 (outputs off by ~3e-2) and its nca backward crashed in oneDNN on mixed dtypes."""
+    if backend == "cpu" and fastnca.backends()["cpu"] is not True:
+        pytest.skip("cpu backend unavailable")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 6, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    x = make_state(2, 6, 7, 5).requires_grad_(True)
+    rule = [t.requires_grad_(True) if t is not None else None for t in make_rule(6, hidden=16)]
+
+    def run():
+        o = fastnca.neighborhood_attention2d(q, k, v, backend=backend)
+        s = fastnca.nca_rollout(x, *rule, steps=3, seed=5, backend=backend)
+        loss = (o * o).sum() + (s * s).sum()
+        inputs = [q, k, v, x, *[t for t in rule if t is not None]]
+        return [o, s, *torch.autograd.grad(loss, inputs)]
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+    for a, b in zip(mixed, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

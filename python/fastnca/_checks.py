@@ -22,6 +22,16 @@ def tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
     return x
 
 
+def boolean(x, name: str) -> bool:
+    """A Python bool from a bool or a numpy bool (not from ints: 0/1 are not flags here)."""
+    if type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool"):
+        return bool(x)
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__module__}.{type(x).__name__}"
+                        if type(x).__module__ != "builtins" else f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
 def floating(x: torch.Tensor, name: str, dtypes: Iterable[torch.dtype] = COMPUTE_DTYPES) -> None:
     dtypes = tuple(dtypes)
     if x.dtype not in dtypes:

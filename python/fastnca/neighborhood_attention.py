@@ -144,8 +144,7 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
         lse [B, H, W, heads] in float32 (float64 for float64 inputs).
     """
     kernel_size, border, scale = _check(query, key, value, kernel_size, border, scale)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return_lse = _checks.boolean(return_lse, "return_lse")
     if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
     backend = _backend.nothing_to_launch(query, _backend.resolve(backend, "neighborhood_attention", query.device,

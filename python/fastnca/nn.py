@@ -12,6 +12,8 @@ from .neighborhood_attention import neighborhood_attention2d
 
 
 def _check_backend(backend) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None or a str, one of {_backend.BACKENDS}, got {type(backend).__name__}")
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
 
@@ -77,7 +79,8 @@ class NCA(nn.Module):
         ``seed`` keys the update masks (None: drawn from torch's default generator, so
         ``torch.manual_seed`` repeats runs); step i draws its mask with counter
         ``start_step + i``, so a rollout continued from ``start_step=steps`` equals one
-        longer rollout."""
+        longer rollout. Under ``torch.compile(fullgraph=True)`` pass ``seed``: drawing one
+        reads a tensor back to Python (a graph break)."""
         if not isinstance(state, torch.Tensor) or state.dim() != 4 or state.shape[1] != self.channels:
             got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
             raise ValueError(f"state must have shape [B, {self.channels}, H, W] (this NCA's channels), got {got}")
@@ -126,6 +129,7 @@ class NeighborhoodAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, W, dim] -> [B, H, W, dim]: QKV projection, neighbourhood attention over
         strided views of the packed QKV (no copy), output projection."""
+        _checks.tensor(x, "x")
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, H, W, {self.dim}], got {tuple(x.shape)}")
         B, H, W, _ = x.shape

@@ -431,6 +431,15 @@ class GeCA(nn.Module):
         multi-hot labels. ``cells`` (optional, [B, C, H, W]) is the starting state whose
         x_t channels are replaced by x (Gene Heredity Guidance); default: the seed.
         Returns the out channels [B, 2*in_ch, H, W], plus the final cells if ``return_cells``."""
+        _checks.tensor(x, "x", ndim=4)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W] (the model's in_channels), "
+                             f"got shape {tuple(x.shape)}")
+        if cells is not None:
+            _checks.tensor(cells, "cells", ndim=4)
+            if cells.shape[0] != x.shape[0] or cells.shape[2:] != x.shape[2:]:
+                B, _, H, W = x.shape
+                raise ValueError(f"cells must be [{B}, C, {H}, {W}] like x, got shape {tuple(cells.shape)}")
         if cells is None:
             cells = self.seed_cells(x)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import no_autocast
 from .fire_mask import fire_mask
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -55,6 +56,7 @@ def _prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, 
     return x, (pw, pb, w1, b1, w2, b2), p, z, h, m
 
 
+@no_autocast
 def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
     x, (_, _, _, _, w2, b2), _, _, h, m = _prepare(
         state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step)
@@ -67,6 +69,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     return out
 
 
+@no_autocast
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen):
     """Gradients of every input, recomputing the forward's intermediates (nothing saved)."""
     x, (pw_, _, w1_, _, w2_, _), p, z, h, m = _prepare(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import no_autocast
+
 
 def key_indices(n: int, kernel_size: int, border: str, device) -> torch.Tensor:
     """[n, kernel_size] key coordinate along one axis for query i and offset a (-1: outside)."""
@@ -53,6 +55,7 @@ def _compute(*ts):
     return [t.to(ct) for t in ts]
 
 
+@no_autocast
 def forward(q, k, v, kernel_size, border, scale):
     o, lse, *_ = _attend(*_compute(q, k, v), kernel_size, border, scale)
     return o.to(q.dtype).contiguous(), lse.contiguous()
@@ -66,6 +69,7 @@ def _scatter(window_grad, flat, B, H, W):
     return out.view(B, H + 1, W + 1, nh, D)[:, :H, :W]
 
 
+@no_autocast
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     """dq, dk, dv with the probabilities recomputed from q and k (nothing else needed)."""
     qc, kc, vc, do = _compute(q, k, v, grad_o)
