@@ -6,7 +6,8 @@ evaluation (cubic resize to 64x64, min-max, 0.5/99.5 percentile rescale, label
 nearest + binarised) and reports the soft Dice over the stacked volume for several
 fire-mask seeds. The original code measures 0.8925 +- 0.0011 over 10 seeds.
 
-    python examples/mednca_hippocampus.py --seeds 10 --backend reference
+    python examples/mednca_hippocampus.py --seeds 10              # fastest usable backend
+    python examples/mednca_hippocampus.py --seeds 10 --backend reference  # plain PyTorch (slow)
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_geca's helpers
 
 from train_geca import (MODEL_DEFAULTS, add_model_args, build_model, image_grid, load_vae,  # noqa: E402
                         sample_images, write_png)
@@ -85,7 +84,14 @@ def main(argv=None):
         size //= 8
 
     model = build_model(args, in_channels)
-    model.load_original_state_dict(ck, key=args.weights)
+    try:
+        model.load_original_state_dict(ck, key=args.weights)
+    except RuntimeError as e:  # size mismatches: the flags did not rebuild the trained model
+        first = str(e).strip().splitlines()
+        raise SystemExit(f"{args.checkpoint}: its weights do not fit the model built from the flags "
+                         f"({args.model}, {args.num_classes} classes, {in_channels} input channels); pass the "
+                         f"sizes it was trained with (--model, --num-classes, --in-channels, ...).\n"
+                         + "\n".join(first[:4]))
     model.to(device).eval()
 
     y = parse_labels(args.labels, args.num_classes).repeat_interleave(args.per_label, 0)

@@ -33,7 +33,6 @@ import importlib.util
 import math
 import os
 import struct
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -43,10 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
-from fastnca.models.geca import CONFIGS, GeCA, GeCAConfig  # noqa: E402
-from fastnca.models.geca_diffusion import create_diffusion  # noqa: E402
+from fastnca.models.geca import CONFIGS, GeCA, GeCAConfig
+from fastnca.models.geca_diffusion import create_diffusion
 
 LATENT_SCALE = 0.18215
 
@@ -354,8 +351,9 @@ def main(argv=None):
     p.add_argument("--no-step-checkpoint", action="store_true",
                    help="store every CA step's activations instead of recomputing them in backward")
     p.add_argument("--out", default="runs/geca")
-    p.add_argument("--ckpt-every", type=int, default=2000)
-    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--ckpt-every", type=int, default=2000, help="also at the end; 0: only at the end")
+    p.add_argument("--sample-every", type=int, default=1000,
+                   help="preview grid every N steps and at the end; 0: no previews")
     p.add_argument("--sample-n", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=50, help="respaced steps for preview grids")
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -364,6 +362,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    for flag in ("ckpt_every", "sample_every", "sample_n", "sample_steps", "iters", "batch_size"):
+        if getattr(args, flag) < (0 if flag.endswith("_every") or flag == "iters" else 1):
+            p.error(f"--{flag.replace('_', '-')} must be >= {0 if flag.endswith('_every') or flag == 'iters' else 1}, "
+                    f"got {getattr(args, flag)}")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -482,11 +484,11 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}", mse=f"{losses['mse'].mean().item():.4f}",
                             img_s=f"{seen / (time.time() - t0):.0f}")
-        if main_proc and (step % args.sample_every == 0 or step == args.iters):
+        if main_proc and args.sample_every and (step % args.sample_every == 0 or step == args.iters):
             imgs = sample_images(ema, fixed_y, size, in_channels, sample_steps=args.sample_steps,
                                  cfg_scale=args.cfg_scale, ghg=True, device=device, vae=vae)
             write_png(out / f"samples_{step:07d}.png", image_grid(imgs))
-        if main_proc and (step % args.ckpt_every == 0 or step == args.iters):
+        if main_proc and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.iters):
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "args": vars(args) | {"in_channels": in_channels, "latent_size": size}, "step": step},
                        out / "checkpoint.pt")

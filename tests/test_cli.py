@@ -20,14 +20,18 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert "x = baseline / fastnca" in capsys.readouterr().out
 
 
-def test_bench_impls_filter(tmp_path):
-    """--impls runs only the named implementations, and each suite's baseline."""
+def test_bench_impls_filter(tmp_path, capsys):
+    """--impls runs only the named implementations, and each suite's baseline; --ops takes a
+    comma list too; a name in --impls that ran nowhere is reported, not silently dropped."""
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca", "--ops", "attention",
-                 "--impls", "fastnca:cpu", "--json", str(path)]) == 0
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca,attention",
+                 "--impls", "fastnca:cpu,fastnca:nosuch", "--json", str(path)]) == 0
     impls = {(r["op"], r["impl"]) for r in json.loads(path.read_text())["results"]}
     assert {impl for _, impl in impls} == {"pytorch", "unfold (GeCA)", "fastnca:cpu"}, impls
     assert ("nca_step", "fastnca:cpu") in impls and ("neighborhood_attention", "fastnca:cpu") in impls
+    out = capsys.readouterr().out
+    assert "--impls fastnca:nosuch: no implementation of that name ran here" in out
+    assert "--impls fastnca:cpu" not in out
 
 
 def test_bench_writes_rows_as_it_goes(tmp_path, monkeypatch):

@@ -209,6 +209,17 @@ def test_train_image_folder_smaller_than_batch(tmp_path):
                     "--labels", str(tmp_path / "labels.csv")])
 
 
+def test_train_every_zero(tmp_path):
+    """--sample-every 0: no preview grids; --ckpt-every 0: one checkpoint, at the end (both
+    divided by zero); negative values are refused by the parser."""
+    out = tmp_path / "run"
+    train_main([*TINY, *FAST, "--iters", "2", "--out", str(out), "--sample-every", "0", "--ckpt-every", "0"])
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 2
+    assert not list(out.glob("*.png"))
+    with pytest.raises(SystemExit):
+        train_main([*TINY, *FAST, "--out", str(out), "--sample-every", "-1"])
+
+
 def test_train_missing_vae_is_a_clear_error(tmp_path):
     proc = run(EXAMPLES / "train_geca.py", *TINY, *FAST, "--iters", "1", "--out", tmp_path,
                "--vae", tmp_path / "no_such_vae", ok=False)
@@ -269,3 +280,12 @@ def test_sample_flags_against_the_checkpoint(trained, tmp_path):
     assert "| default GHG | 3 | 1.0 |" in run(*base, "--ca-steps", "3", "--update-prob", "1").stdout
     bad = run(*base, "--embed-dim", "32", ok=False)
     assert bad.returncode == 2 and "--embed-dim 32 does not match the checkpoint's 16" in bad.stderr
+    # an authors'-style checkpoint (weights only): flags that do not rebuild it are named
+    ck = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=False)
+    torch.save({"model": ck["model"], "ema": ck["ema"]}, tmp_path / "bare.pt")
+    bare = [EXAMPLES / "sample_geca.py", tmp_path / "bare.pt", "-n", "1", "--steps", "1", "--out", tmp_path / "b.png"]
+    bad = run(*bare, ok=False)
+    assert bad.returncode == 1 and "its weights do not fit the model built from the flags" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    ok = run(*bare, *TINY[:-2], "--num-classes", "5", "--in-channels", "4", "--image-size", "8")
+    assert png_size(tmp_path / "b.png") == grid_size(5, 1, 8), ok.stdout

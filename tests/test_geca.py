@@ -466,6 +466,21 @@ def test_sampler_repeatable_with_generator():
     assert torch.equal(a, b)
 
 
+def test_sampler_progress_without_tqdm(monkeypatch):
+    """progress=True with tqdm not installed (it is in the [examples] extra only) samples
+    without a bar; it raised ModuleNotFoundError."""
+    import sys
+
+    d = create_diffusion("2")
+    m = perturb_(tiny()).eval()
+    y = torch.ones(1, 5)
+    want = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=1)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    got = d.sample(m, y, (1, 4, 4, 4), generator=torch.Generator().manual_seed(7), ca_steps=1, progress=True)
+    assert torch.equal(got, want)
+
+
 def test_sampler_with_a_bfloat16_model_and_one_step():
     """The chain stays float32 while a bfloat16 model gets its inputs in bfloat16 (it raised a
     dtype mismatch), and a respacing to a single step samples (its log-variance table was

@@ -30,6 +30,7 @@ def _bench(args) -> int:
     if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
         from .benchmark import models
         suites.update(models.SUITES)
+    args.ops = [name for part in args.ops or () for name in part.split(",") if name] or None
     unknown = [name for name in args.ops or () if name not in suites]
     if unknown:
         print(f"unknown benchmark {unknown[0]!r}; choose from {list(suites)}", file=sys.stderr)
@@ -97,6 +98,11 @@ def _bench(args) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     common.print_table(results)
+    idle = [part for part in common.IMPLS or () if not any(part in r.impl for r in results)]
+    if idle and not args.warm_only:
+        print(f"\n--impls {', '.join(idle)}: no implementation of that name ran here (the Triton and CUDA "
+              "backends need a GPU, and --quick skips torch.compile on the CPU; `fastnca info` lists the "
+              "usable backends)")
     print(f"\n{time.time() - t0:.0f} s")
     if record:
         print(f"wrote {args.json}")
@@ -124,7 +130,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
                    help="repeatable; default bfloat16 and float32 on GPU, float32 on CPU")
-    b.add_argument("--ops", action="append", help="nca, attention, mednca, geca (default: all)")
+    b.add_argument("--ops", action="append",
+                   help="suites to run, repeatable or comma list: nca, attention, mednca, geca (default: all)")
     b.add_argument("--json", help="write the results (with device and versions) to this JSON file")
     b.add_argument("--impls", help="comma list: run only implementations whose names contain one of these "
                                    "(each suite's baseline always runs), e.g. 'compile,fastnca:triton'")

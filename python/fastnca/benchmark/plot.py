@@ -124,9 +124,9 @@ def plot_file(path: str, out_dir: str) -> str:
             _time_panel(left, key[0], rows)
             _memory_panel(right, key[0], rows)
         left.set_title(_title(*key), fontsize=9, loc="left")
-    commit = str(env.get("git_commit") or "")[:7]
+    commit = f", commit {str(env['git_commit'])[:7]}" if env.get("git_commit") else ""  # none outside a checkout
     fig.suptitle(f"fastnca bench on {env.get('device', '?')}: torch {env.get('torch')}, triton {env.get('triton')}, "
-                 f"CUDA {env.get('cuda')}, commit {commit}", fontsize=10)
+                 f"CUDA {env.get('cuda')}{commit}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (sum(heights) + 0.8)))
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")

@@ -287,8 +287,12 @@ class GeCADiffusion:
         cells = None
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling")
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # optional (the [examples] extra): no bar without it
+                pass
+            else:
+                steps = tqdm(steps, desc="sampling")
         was_training = model.training
         model.eval()
         # The chain stays in float32; a half-precision model gets its inputs in its dtype.
