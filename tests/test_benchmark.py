@@ -95,6 +95,30 @@ def test_json_rows_carry_their_ratios(tmp_path):
     assert "ratios" not in got[2]["extra"]  # no baseline in its group
 
 
+def test_json_rows_carry_the_spread_of_their_samples(tmp_path):
+    """median_ms keeps its samples: a Result records [fastest, slowest, count] per timing in
+    extra.spread (a loaded machine showed a forward slower than its fwd+bwd, with nothing in
+    the JSON to tell), and the progress line flags a range over 1.5x."""
+    import json
+
+    from fastnca.benchmark.common import MADE, Result, Timing, median_ms, write_json
+
+    calls = []
+    t = median_ms(lambda: calls.append(1), torch.device("cpu"), warmup=1, reps=5)
+    assert isinstance(t, Timing) and len(t.samples) == 5 and len(calls) == 6
+    assert min(t.samples) <= t <= max(t.samples)
+    steady = Result("nca_step", "c", "pytorch", "float32", Timing.of([2.0, 2.2, 2.1]), 5.0)
+    shaky = Result("nca_step", "c", "fastnca:cpu", "float32", Timing.of([1.0, 3.0, 1.1]))
+    assert type(steady.fwd_ms) is float and steady.fwd_ms == 2.1 and steady.fwd_bwd_ms == 5.0
+    path = tmp_path / "r.json"
+    write_json(str(path), {}, {}, [steady, shaky], {})
+    got = json.loads(path.read_text())["results"]
+    assert got[0]["extra"]["spread"] == {"fwd_ms": [2.0, 2.2, 3]} and got[0]["fwd_ms"] == 2.1
+    assert got[1]["extra"]["spread"] == {"fwd_ms": [1.0, 3.0, 3]}
+    assert steady.noisy() == "" and shaky.noisy() == " (noisy: fwd_ms samples 1.00-3.00 ms)"
+    MADE.clear()
+
+
 def test_saved_mb_releases_the_graph():
     """Counting saved bytes must not keep the measured graph alive: relu saves its own
     output, and a pack hook returning that tensor makes a cycle the GC cannot free."""

@@ -88,7 +88,8 @@ def _bench(args) -> int:
                 got = suites[name](device, getattr(torch, d), args.quick, roofs, log=log)
                 for r in got:
                     print(f"    {r.op} | {r.config} | {r.impl}: fwd {common.fmt(r.fwd_ms)} ms, fwd+bwd "
-                          f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}", flush=True)
+                          f"{common.fmt(r.fwd_bwd_ms)} ms, peak {common.fmt(r.peak_mb)} MB {r.note}{r.noisy()}",
+                          flush=True)
                 results += got
                 if record:  # after every suite: complete so far
                     common.write_json(args.json, env, roofs, results, run_args)

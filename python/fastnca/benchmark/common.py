@@ -29,7 +29,37 @@ class Result:
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        spread = {name: t.spread() for name in ("fwd_ms", "fwd_bwd_ms")
+                  if isinstance(t := getattr(self, name), Timing) and t.samples}
+        if spread:
+            self.extra = {**self.extra, "spread": spread}
+        for name in ("fwd_ms", "fwd_bwd_ms"):
+            if isinstance(getattr(self, name), Timing):
+                setattr(self, name, float(getattr(self, name)))
         MADE.append(self)
+
+    def noisy(self, factor: float = 1.5) -> str:
+        """' (noisy: ...)' where a timing's slowest sample is over ``factor`` x its fastest."""
+        bad = [f"{name} samples {fmt(lo)}-{fmt(hi)} ms" for name, (lo, hi, _) in self.extra.get("spread", {}).items()
+               if lo > 0 and hi > factor * lo]
+        return f" (noisy: {'; '.join(bad)})" if bad else ""
+
+
+class Timing(float):
+    """A median time (ms) that keeps the samples it is the median of: a Result built from it
+    records their range in extra["spread"]."""
+
+    samples: tuple = ()
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        t = cls(statistics.median(samples))
+        t.samples = tuple(samples)
+        return t
+
+    def spread(self) -> list:
+        """[fastest, slowest, count] of the samples."""
+        return [round(min(self.samples), 5), round(max(self.samples), 5), len(self.samples)]
 
 
 # Every Result made in this process, in order: what a run stopped part-way (SIGTERM from a
@@ -66,7 +96,7 @@ BATCH_MS = 10.0
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
-              max_seconds: float = 20.0) -> float:
+              max_seconds: float = 20.0) -> Timing:
     """Median time per call of ``fn`` in ms; stops early past max_seconds. CPU: wall time of
     each call. CUDA: each sample times a batch of back-to-back calls (as many as fill
     BATCH_MS, at least one) with CUDA events, and divides by the batch size."""
@@ -84,7 +114,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2
         times.append(batch_ms(fn, device, inner))
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 def batch_size(fn: Callable[[], object], device: torch.device) -> int:
@@ -456,6 +486,8 @@ DEFINITIONS = {
                           "gradients into the packed one nor accumulates qkv.grad; until commit "
                           "73b363e it did both, ~0.34 ms of GeCA-S bf16's 1.41 ms on an H100, for "
                           "every implementation alike)",
+    "spread": "extra.spread: [fastest, slowest, count] of the samples behind fwd_ms / fwd_bwd_ms "
+              "(ms per call); a wide range marks a noisy measurement (shared machine, clocks)",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
     "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
                "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "
