@@ -224,6 +224,39 @@ def test_gradients_are_bitwise_deterministic():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("border,ks,D,calls", [("circular", 7, 4, [1] * 5), ("zeros", 3, 8, [2, 2, 1]),
+                                               ("mask", 3, 32, [5])])
+def test_backward_workspace_runs_in_batch_chunks(border, ks, D, calls, monkeypatch):
+    """The backward's 2*k^2 floats per (cell, head) of workspace stay within q's bytes: batch
+    chunks (here with WORKSPACE_MIN_BYTES = 0) give bitwise the gradients of one call, and
+    match the reference. Per item: workspace 6*7*2*2*k^2 floats, q 6*7*2*D floats."""
+    expected = calls
+    q, k, v = make(5, 6, 7, 2, D, packed=True, seed=3)
+    o, lse = cpu.forward(q, k, v, ks, border, 0.5)
+    g = torch.Generator().manual_seed(4)
+    do, dlse = torch.randn(q.shape, generator=g), torch.randn(lse.shape, generator=g)
+    whole = cpu.backward(do, dlse, q, k, v, o, lse, ks, border, 0.5)
+    calls, real = [], cpu._module().na2d_backward  # the default budget (16 MB): one call
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(cpu._ext.load("_C"), name)
+
+        def na2d_backward(self, ptrs, strides, shape, *args):
+            calls.append(shape[0])
+            return real(ptrs, strides, shape, *args)
+
+    monkeypatch.setattr(cpu, "WORKSPACE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu, "_module", lambda: Spy())
+    chunked = cpu.backward(do, dlse, q, k, v, o, lse, ks, border, 0.5)
+    assert calls == expected
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    want = ref.backward(do, dlse, q, k, v, *ref.forward(q, k, v, ks, border, 0.5), ks, border, 0.5)
+    for a, b in zip(chunked, want):
+        assert rel_err(a, b) <= REL[torch.float32]
+
+
 @pytest.mark.parametrize("border,ks,grid", [("zeros", 3, (3, 4)), ("mask", 5, (2, 3)),
                                             ("circular", 3, (1, 2)), ("circular", 5, (2, 2)),
                                             ("shift", 3, (3, 4))])

@@ -39,6 +39,11 @@ def _module():
     return mod
 
 
+# The backward's workspace may always take this much (chunks smaller than this would cost
+# more in per-call setup and thread wake-ups than they save).
+WORKSPACE_MIN_BYTES = 16 << 20
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -118,12 +123,21 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         grad_lse = grad_lse.to(ct).contiguous()
     B, H, W, nh, D = q.shape
     kk = kernel_size * kernel_size
-    ws = torch.empty(B * H * W * nh * 2 * kk, dtype=ct, device=q.device)  # p and scale*ds per window entry
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), grad_o.data_ptr(), lse.data_ptr(),
-            0 if grad_lse is None else grad_lse.data_ptr(), ws.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-            dv.data_ptr()]
-    _module().na2d_backward(
-        ptrs, _strides(q, k, v, o, grad_o), list(q.shape), kernel_size, _ext.BORDER_CODES[border],
-        float(scale), _ext.DTYPE_CODES[q.dtype], _threads(), _isa())
+    # p and scale*ds per window entry: 2*k^2 floats per (cell, head), up to 12x q's bytes at
+    # kernel_size 7 and small D. Batch items are independent: in chunks, it stays within q's
+    # bytes (or WORKSPACE_MIN_BYTES), with bitwise the same gradients.
+    item_ws = H * W * nh * 2 * kk
+    budget = max(q.numel() * q.element_size(), WORKSPACE_MIN_BYTES) // (torch.finfo(ct).bits // 8)  # elements
+    chunk = max(1, min(B, budget // item_ws))
+    ws = torch.empty(chunk * item_ws, dtype=ct, device=q.device)
+    for b0 in range(0, B, chunk):
+        part = slice(b0, min(B, b0 + chunk))
+        ts = [t[part] for t in (q, k, v, o, grad_o)]
+        ptrs = [*(t.data_ptr() for t in ts), lse[part].data_ptr(),
+                0 if grad_lse is None else grad_lse[part].data_ptr(), ws.data_ptr(),
+                dq[part].data_ptr(), dk[part].data_ptr(), dv[part].data_ptr()]
+        _module().na2d_backward(
+            ptrs, _strides(*ts), list(ts[0].shape), kernel_size, _ext.BORDER_CODES[border],
+            float(scale), _ext.DTYPE_CODES[q.dtype], _threads(), _isa())
     return dq, dk, dv
