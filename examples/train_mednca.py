@@ -75,7 +75,9 @@ def make_data(args):
         xv, yv = synthetic_ellipses(max(args.synthetic_n // 8, 4), args.size, generator=g)
         return x, y, [(xv[i : i + 1], yv[i : i + 1]) for i in range(len(xv))]
     cases = load_msd(Path(args.data), args.size, args.slice_axis, args.modality)
-    if len(cases) == 1:  # nothing to hold out: validate on the training case
+    if len(cases) == 1:  # nothing to hold out: validate on the training case, and say so
+        print(f"{args.data}: one case only, so the validation Dice is measured on the training case "
+              "(not held out)")
         return cases[0][0], cases[0][1], cases
     perm = torch.randperm(len(cases), generator=g).tolist()
     n_val = min(max(1, round(args.val_fraction * len(cases))), len(cases) - 1)

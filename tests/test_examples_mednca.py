@@ -84,6 +84,7 @@ def test_train_msd_folder(tmp_path, cases, modalities):
     out = run(args)
     # 2 cases: 1 held out, 1 trained on; 1 case: trained and validated on; 5 slices each
     assert "5 training slices (16, 16), 1 validation volumes" in out, out
+    assert ("one case only, so the validation Dice is measured on the training case" in out) == (cases == 1)
     check_training_output(out, tmp_path / "run")
 
 
