@@ -22,7 +22,7 @@ Multi-GPU: ``torchrun --nproc_per_node 8 examples/train_geca.py ...`` (DDP; --ba
 Checkpoints hold {"model", "ema", "opt", "args", "step"}; sample with examples/sample_geca.py.
 ``--resume CHECKPOINT`` continues a run where it stopped, bitwise on the CPU: each step's
 random draws (data order and flips, timesteps, noise, label dropout, fire masks) depend only
-on (--seed, rank, step).
+on (--seed, rank, step), given the same --batch-size and number of processes.
 """
 from __future__ import annotations
 

@@ -56,11 +56,11 @@ def test_query_range_covers_inverse_neighbourhood(border, kernel_size, n):
             assert found == truth, (j, a, lo, hi)
 
 
-@pytest.mark.parametrize("n", [(1 << 29) + 3, (1 << 30) - 1, 1 << 30])
+@pytest.mark.parametrize("n", [(1 << 29) + 3, 1 << 30, (1 << 30) + 5, (1 << 31) - 4])
 def test_index_maps_on_axes_past_2_30(n):
-    """Axes long enough that (v % n) + n or 2 * (n - 1) overflow int (up to 2^30, the kernels'
-    limit on H and W): the circular and reflect maps near both edges, against Python's
-    arithmetic (they returned negative coordinates)."""
+    """The circular and reflect maps near both edges of long axes, against Python's arithmetic.
+    Past 2^30 (which the CUDA kernels allowed before capping attention's H and W at 2^30),
+    (v % n) + n overflowed int: key_index(n - 5, 0, 2^30 + 5) gave -1073741814."""
     circ, refl = _ext.BORDER_CODES["circular"], _ext.PADDING_CODES["reflect"]
     big = (1 << 31) - 1  # the padding maps hold up to int's limit
     assert C.pad_index(big, big, refl) == big - 2 and C.pad_index(big, big, _ext.PADDING_CODES["circular"]) == 0

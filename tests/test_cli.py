@@ -24,7 +24,7 @@ def test_bench_impls_filter(tmp_path, capsys):
     """--impls runs only the named implementations, and each suite's baseline; --ops takes a
     comma list too; a name in --impls that ran nowhere is reported, not silently dropped."""
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca,attention",
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "nca, attention",
                  "--impls", "fastnca:cpu,fastnca:nosuch", "--json", str(path)]) == 0
     impls = {(r["op"], r["impl"]) for r in json.loads(path.read_text())["results"]}
     assert {impl for _, impl in impls} == {"pytorch", "unfold (GeCA)", "fastnca:cpu"}, impls

@@ -306,3 +306,39 @@ def test_ops_ignore_an_enclosing_autocast(backend):
     for a, b in zip(mixed, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_size_limits_add_no_guards_under_export():
+    """torch.export with dynamic batch, height and width: the backends' size limits are not
+    checked against symbolic sizes (a guard B <= 2^30 is a constraint violation on an
+    unbounded Dim); the exported program runs other sizes and matches eager."""
+    from torch.export import Dim, export
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rule = torch.nn.ParameterList(make_rule(4, hidden=8))
+
+        def forward(self, q, x):
+            o = fastnca.neighborhood_attention2d(q, q, q)
+            return o, fastnca.nca_step(x, *self.rule, seed=3, padding="zeros")
+
+    B, H, W = Dim("B"), Dim("H"), Dim("W")
+    m = Both()
+    q, x = torch.randn(2, 6, 7, 2, 8), make_state(2, 4, 6, 7)
+    ep = export(m, (q, x), dynamic_shapes=({0: B, 1: H, 2: W}, {0: B, 2: H, 3: W}))
+    q2, x2 = torch.randn(3, 5, 9, 2, 8), make_state(3, 4, 5, 9)
+    for a, b in zip(ep.module()(q2, x2), m(q2, x2)):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_runs_on_meta_tensors():
+    """Meta tensors go to the reference, which must not enter torch.autocast for "meta"
+    (it raises there); under an enabled CPU autocast as well."""
+    q = torch.randn(1, 4, 4, 2, 8, device="meta")
+    x = make_state(1, 4, 5, 5).to("meta")
+    rule = [t.to("meta") if t is not None else None for t in make_rule(4, hidden=8)]
+    for ctx in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with ctx:
+            assert fastnca.neighborhood_attention2d(q, q, q).shape == q.shape
+            assert fastnca.nca_rollout(x, *rule, steps=2, seed=1).device.type == "meta"

@@ -127,21 +127,36 @@ NCA_LIMITS = {
 }
 
 
+def _over(size, limit) -> bool:
+    """size > limit where that is known without a guard: a symbolic size (torch.compile with
+    dynamic shapes, torch.export) is not specialised against the limit (export refuses the
+    guard on an unbounded dim); the kernels check such sizes again when they run."""
+    if limit is None:
+        return False
+    if isinstance(size, int):
+        return size > limit
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+    except ImportError:  # pragma: no cover - very old torch: leave it to the kernels
+        return False
+    return statically_known_true(size > limit)
+
+
 def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: bool, cells: int,
                     height: int, width: int) -> str | None:
     """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS), or None."""
     lim = NCA_LIMITS.get(backend, {})
-    if C > lim.get("channels", C):
+    if _over(C, lim.get("channels")):
         return f"its kernels support at most {lim['channels']} channels, got {C}"
-    if F > lim.get("filters", F):
+    if _over(F, lim.get("filters")):
         return f"its kernels support at most {lim['filters']} filters per channel, got {F}"
-    if hidden > lim.get("hidden", hidden):
+    if _over(hidden, lim.get("hidden")):
         return f"its kernels support a hidden size of at most {lim['hidden']}, got {hidden}"
-    if max(height, width) > lim.get("side", max(height, width)):
+    if _over(height, lim.get("side")) or _over(width, lim.get("side")):
         return f"its kernels support height and width of at most {lim['side']}, got {height}x{width}"
-    if depthwise and F > lim.get("depthwise_filters", F):
+    if depthwise and _over(F, lim.get("depthwise_filters")):
         return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
-    if cells > lim.get("cells", cells):
+    if _over(cells, lim.get("cells")):
         return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
     return None
 
@@ -154,9 +169,9 @@ ATTENTION_LIMITS = {"cpu": {"dim": 1 << 30}, "cuda": {"side": 1 << 30}, "triton"
 def attention_unsupported(backend: str, *, shape: tuple) -> str | None:
     """Why ``backend``'s attention kernels refuse q/k/v of ``shape`` [B, H, W, heads, D], or None."""
     lim = ATTENTION_LIMITS.get(backend, {})
-    if "dim" in lim and any(n > lim["dim"] for n in shape):  # explicit comparisons: SymInts under compile
+    if any(_over(n, lim.get("dim")) for n in shape):
         return f"its kernels support sizes of at most {lim['dim']} in every dimension, got {tuple(shape)}"
-    if "side" in lim and (shape[1] > lim["side"] or shape[2] > lim["side"]):
+    if _over(shape[1], lim.get("side")) or _over(shape[2], lim.get("side")):
         return f"its kernels support height and width of at most {lim['side']}, got {shape[1]}x{shape[2]}"
     return None
 

@@ -27,10 +27,10 @@ def _bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = args.dtype or (["bfloat16", "float32"] if device.type == "cuda" else ["float32"])
     suites = {"nca": nca_step.run, "attention": neighborhood_attention.run}
+    args.ops = [name.strip() for part in args.ops or () for name in part.split(",") if name.strip()] or None
     if not args.quick or args.ops:  # under --quick the model suites run only when named in --ops
         from .benchmark import models
         suites.update(models.SUITES)
-    args.ops = [name for part in args.ops or () for name in part.split(",") if name] or None
     unknown = [name for name in args.ops or () if name not in suites]
     if unknown:
         print(f"unknown benchmark {unknown[0]!r}; choose from {list(suites)}", file=sys.stderr)

@@ -223,7 +223,7 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     _checks.tensor(state, "state", ndim=4)
     _checks.floating(state, "state")
     B, C, H, W = state.shape
-    if min(C, H, W) < 1:
+    if C < 1 or H < 1 or W < 1:  # not min(): it compares H with W under torch.export
         raise ValueError(f"state must have C, H, W >= 1 (B may be 0), got shape {tuple(state.shape)}")
     padding = _checks.choice(padding, "padding", _checks.PADDINGS)
     if padding == "reflect" and (H < 2 or W < 2):

@@ -87,7 +87,7 @@ def _check(query, key, value, kernel_size, border, scale):
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     _checks.same_device(query, "query", key=key, value=value)
     B, H, W, nh, D = query.shape
-    if min(H, W, D) < 1:
+    if H < 1 or W < 1 or D < 1:  # not min(): it compares H with W under torch.export
         raise ValueError(f"query must be [B, H, W, heads, D] with H, W, D >= 1 (B and heads may be 0), "
                          f"got shape {tuple(query.shape)}")
     for name, t in (("query", query), ("key", key), ("value", value)):

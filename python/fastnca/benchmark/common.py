@@ -486,8 +486,9 @@ DEFINITIONS = {
                           "gradients into the packed one nor accumulates qkv.grad; until commit "
                           "73b363e it did both, ~0.34 ms of GeCA-S bf16's 1.41 ms on an H100, for "
                           "every implementation alike)",
-    "spread": "extra.spread: [fastest, slowest, count] of the samples behind fwd_ms / fwd_bwd_ms "
-              "(ms per call); a wide range marks a noisy measurement (shared machine, clocks)",
+    "spread": "extra.spread: {\"fwd_ms\": [fastest, slowest, count], \"fwd_bwd_ms\": [...]}, the "
+              "samples behind those medians (ms per call; CUDA-graph times have none); a wide "
+              "range marks a noisy measurement (shared machine, clocks)",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
     "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
                "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "

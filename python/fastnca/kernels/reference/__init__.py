@@ -14,8 +14,22 @@ def no_autocast(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None or not _autocasting(device):
+            return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 
     return run
+
+
+def _autocasting(device: str) -> bool:
+    """Whether autocast is on for ``device`` (False for devices autocast does not know, e.g.
+    "meta", where entering even a disabled torch.autocast raises)."""
+    try:
+        return bool(torch.is_autocast_enabled(device))
+    except TypeError:  # torch 2.4: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device == "cpu" else
+                    device == "cuda" and torch.is_autocast_enabled())
+    except RuntimeError:
+        return False
