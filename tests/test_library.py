@@ -297,3 +297,22 @@ def test_compile_traces_default_device_and_new_scales():
                            backend="aot_eager")
     for s in (0.25, 0.5):
         torch.testing.assert_close(attend(q, s), fastnca.neighborhood_attention2d(q, q, q, scale=s))
+
+
+def test_custom_op_functions_have_runtime_annotations():
+    """torch 2.4's custom_op infers the schema from the annotation objects and has no string
+    handling (2.5 added it): under ``from __future__ import annotations`` every op module
+    failed at import with 'Parameter batch has unsupported type int'."""
+    import importlib
+    import inspect
+
+    fire_mask, nca_step, neighborhood_attention = (importlib.import_module(f"fastnca.{m}") for m in
+                                                   ("fire_mask", "nca_step", "neighborhood_attention"))
+    ops = [fire_mask._fire_mask_op._init_fn, nca_step._nca_step, nca_step._nca_step_backward,
+           nca_step._nca_rollout, nca_step._nca_rollout_backward, neighborhood_attention._na2d,
+           neighborhood_attention._na2d_backward]
+    for fn in ops:
+        sig = inspect.signature(fn)
+        for p in [*sig.parameters.values(), sig.return_annotation]:
+            ann = p.annotation if isinstance(p, inspect.Parameter) else p
+            assert not isinstance(ann, str), (fn.__name__, p, ann)

@@ -567,3 +567,23 @@ def test_circular_index_maps_on_long_axes(n):
         maps[(1,)](i, a, key, query, wrap, n, R=r, M=M)
         for (ii, aa), kk, qq, ww in zip(pairs, key.tolist(), query.tolist(), wrap.tolist()):
             assert (kk, qq, ww) == ((ii + aa) % n, (ii - aa) % n, (ii + aa - 4) % n), (ii, aa, r)
+
+
+def test_autotune_keys_precede_tuned_parameters():
+    """Triton 3.0/3.1 (torch 2.4/2.5's) Autotuner reads its key arguments by position in the
+    list of arguments the configs do not supply: a key after a tuned parameter read past the
+    end (IndexError in every attention backward; PASS was last). Each autotuned kernel keeps
+    its keys ahead of every parameter a config sets."""
+    import inspect
+
+    from fastnca.kernels.triton import nca_step as tri_nca
+
+    tuned = [(tri._tuned(name, 32, 32, 1, 64, bwd, 4), bwd) for name, bwd in
+             (("_na2d_forward_kernel", False), ("_na2d_backward_kernel", True))]
+    tuned.append((tri_nca._forward_autotuned(), False))
+    for tuner, _ in tuned:
+        params = list(inspect.signature(tuner.fn.fn).parameters)
+        config_set = {name for c in tuner.configs for name in c.kwargs}
+        first_tuned = min(params.index(n) for n in config_set)
+        for key in tuner.keys:
+            assert params.index(key) < first_tuned, (tuner.fn.fn.__name__, key, sorted(config_set))

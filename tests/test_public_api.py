@@ -342,3 +342,20 @@ def test_reference_runs_on_meta_tensors():
         with ctx:
             assert fastnca.neighborhood_attention2d(q, q, q).shape == q.shape
             assert fastnca.nca_rollout(x, *rule, steps=2, seed=1).device.type == "meta"
+
+
+def test_interpreter_version_gate(monkeypatch):
+    """Triton's interpreter runs these kernels from triton 3.4, and from 3.7 with numpy >= 2.4
+    (older ones fail inside Triton); the reason names both versions."""
+    import importlib.metadata
+
+    versions = {}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    monkeypatch.setattr(_backend, "_triton_version", lambda: tuple(map(int, versions["triton"].split(".")[:2])))
+    for triton, numpy, ok in [("3.3.1", "1.26.4", False), ("3.4.0", "2.3.5", True), ("3.6.0", "2.4.1", False),
+                              ("3.7.0", "2.4.1", True), ("3.9.0", "2.4.6", True)]:
+        versions.update(triton=triton, numpy=numpy)
+        problem = _backend._interpreter_problem()
+        assert (problem is None) == ok, (triton, numpy, problem)
+        if problem:
+            assert f"Triton {triton[:3]}" in problem and f"numpy {numpy[:3]}" in problem

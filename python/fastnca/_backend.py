@@ -57,6 +57,21 @@ def _triton_version() -> tuple[int, int]:
         return (0, 0)
 
 
+def _interpreter_problem() -> str | None:
+    """Why the installed Triton's interpreter cannot run these kernels, or None: before 3.4
+    it fails on them (3.0/3.1: constexpr arguments; 3.2/3.3: the nca backward), and before
+    3.7 it fails with numpy >= 2.4 (int() of a 1-element array)."""
+    triton = _triton_version()
+    try:
+        numpy = tuple(int(p) for p in importlib.metadata.version("numpy").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "Triton's interpreter needs numpy (pip install numpy)"
+    if triton < (3, 4) or (numpy >= (2, 4) and triton < (3, 7)):
+        return (f"Triton {'.'.join(map(str, triton))}'s interpreter cannot run fastnca's kernels with numpy "
+                f"{'.'.join(map(str, numpy))}: it needs triton >= 3.4 (>= 3.7 with numpy >= 2.4)")
+    return None
+
+
 def _availability(name: str) -> bool | str:
     if name == "reference":
         return True
@@ -73,6 +88,8 @@ def _availability(name: str) -> bool | str:
             return "triton not installed (pip install fastnca[triton])"
         if not torch.cuda.is_available() and not _triton_interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 before import to run Triton on CPU tensors)"
+        if not torch.cuda.is_available():
+            return _interpreter_problem() or True
         return True
     raise ValueError(f"unknown backend {name!r}")
 

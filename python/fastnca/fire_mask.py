@@ -5,7 +5,6 @@ A pure function of (seed, step, b, y, x) -- Philox4x32-10 keyed by the seed, cou
 registers and backward regenerates it instead of storing it (as FlashAttention does with
 dropout).
 """
-from __future__ import annotations
 
 import torch
 
@@ -43,7 +42,8 @@ def fire_mask(
             is the probability that it does NOT: pass ``1 - fire_rate``).
         seed: int in [0, 2^64).
         step: int >= 0; only its low 32 bits enter the counter.
-        device: where the mask is made; default ``torch.get_default_device()``.
+        device: where the mask is made; default torch's default device (``torch.set_default_device``
+            or ``with torch.device(...)``).
         backend: None (fastest usable), "reference", "cpu", "cuda" or "triton".
     """
     batch = _checks.integer(batch, "batch", 0)
@@ -54,8 +54,8 @@ def fire_mask(
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
     step = _checks.integer(step, "step", 0, 1 << 64)
-    if device is None:  # get_default_device() cannot be traced; a factory call's device can
-        device = torch.empty(0).device if torch.compiler.is_compiling() else torch.get_default_device()
+    if device is None:  # a factory call's device: traceable, and right on torch < 2.8, whose
+        device = torch.empty(0).device  # get_default_device() ignores `with torch.device(...)`
     else:
         device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

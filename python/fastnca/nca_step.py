@@ -6,7 +6,6 @@ the mask to memory; backward recomputes them from the saved inputs (and the mask
 (seed, step)). The rollout saves only every k-th state and recomputes each segment in
 backward (k = ceil(sqrt(steps)) by default), so memory is O(sqrt(steps)) states.
 """
-from __future__ import annotations
 
 import math
 

@@ -5,7 +5,6 @@ Forward saves q, k, v, o and the log-sum-exp; backward recomputes the probabilit
 (FlashAttention-style, D_i = <do_i, o_i>) and gathers dk, dv over each key's inverse
 neighbourhood, deterministically.
 """
-from __future__ import annotations
 
 import math
 

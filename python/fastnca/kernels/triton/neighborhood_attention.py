@@ -855,9 +855,11 @@ def _na2d_backward_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, dk_ptr, dv_ptr,
     sqb, sqy, sqx, sqh, skb, sky, skx, skh, svb, svy, svx, svh, sdob, sdoy, sdox, sdoh, sdod,
     H, W, NH, scale, D: tl.constexpr,
-    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr,
+    KS: tl.constexpr, BORDER: tl.constexpr, UNROLL: tl.constexpr, VEC: tl.constexpr, PASS: tl.constexpr,
+    # the autotuned parameters after every autotune key (PASS included): Triton 3.0/3.1's
+    # Autotuner finds its keys by position among the arguments the configs do not supply
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr,
-    PAIRS: tl.constexpr, OFF64: tl.constexpr, PASS: tl.constexpr,
+    PAIRS: tl.constexpr, OFF64: tl.constexpr,
 ):
     """The window backward of a tile. PASS 0: both passes in one program (the default,
     "window"). The split formulation ("split") launches PASS 1 (dq, and p_ij, ds_ij of
