@@ -362,10 +362,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    for flag in ("ckpt_every", "sample_every", "sample_n", "sample_steps", "iters", "batch_size"):
-        if getattr(args, flag) < (0 if flag.endswith("_every") or flag == "iters" else 1):
-            p.error(f"--{flag.replace('_', '-')} must be >= {0 if flag.endswith('_every') or flag == 'iters' else 1}, "
-                    f"got {getattr(args, flag)}")
+    for flag, low in {"iters": 0, "ckpt_every": 0, "sample_every": 0, "batch_size": 1, "sample_n": 1,
+                      "sample_steps": 1}.items():
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -121,7 +121,7 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, version, knobs
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
     # read once per process (cached): here from the patched metadata on every call
-    monkeypatch.setattr(_backend, "_triton_version", _backend._triton_version.__wrapped__)
+    monkeypatch.setattr(_backend, "_version", _backend._version.__wrapped__)
     for value, old, new in (("1", True, True), ("true", False, True), ("On", False, True), ("YES", False, True),
                             ("0", False, False), ("", False, False), ("false", False, False), ("2", False, False)):
         monkeypatch.setenv("TRITON_INTERPRET", value)
@@ -351,7 +351,8 @@ def test_interpreter_version_gate(monkeypatch):
 
     versions = {}
     monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
-    monkeypatch.setattr(_backend, "_triton_version", lambda: tuple(map(int, versions["triton"].split(".")[:2])))
+    # read once per process (cached): here from the patched metadata on every call
+    monkeypatch.setattr(_backend, "_version", _backend._version.__wrapped__)
     for triton, numpy, ok in [("3.3.1", "1.26.4", False), ("3.4.0", "2.3.5", True), ("3.6.0", "2.4.1", False),
                               ("3.7.0", "2.4.1", True), ("3.9.0", "2.4.6", True)]:
         versions.update(triton=triton, numpy=numpy)

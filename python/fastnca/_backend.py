@@ -48,23 +48,26 @@ def _triton_interpret() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_version() -> tuple[int, int]:
-    """(major, minor) of the installed Triton, (0, 0) without one; read once (the package
+def _version(dist: str) -> tuple[int, int]:
+    """(major, minor) of an installed distribution, (0, 0) without it; read once (the package
     metadata parse took ~40 us, on every call on a CPU device)."""
     try:
-        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+        return tuple(int(p) for p in importlib.metadata.version(dist).split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return (0, 0)
+
+
+def _triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton (without importing it), (0, 0) without one."""
+    return _version("triton")
 
 
 def _interpreter_problem() -> str | None:
     """Why the installed Triton's interpreter cannot run these kernels, or None: before 3.4
     it fails on them (3.0/3.1: constexpr arguments; 3.2/3.3: the nca backward), and before
     3.7 it fails with numpy >= 2.4 (int() of a 1-element array)."""
-    triton = _triton_version()
-    try:
-        numpy = tuple(int(p) for p in importlib.metadata.version("numpy").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
+    triton, numpy = _triton_version(), _version("numpy")
+    if numpy == (0, 0):
         return "Triton's interpreter needs numpy (pip install numpy)"
     if triton < (3, 4) or (numpy >= (2, 4) and triton < (3, 7)):
         return (f"Triton {'.'.join(map(str, triton))}'s interpreter cannot run fastnca's kernels with numpy "
@@ -200,6 +203,15 @@ def nothing_to_launch(t: torch.Tensor, backend: str) -> str:
     return "reference" if t.numel() == 0 else backend
 
 
+def check_name(backend, source: str = "backend") -> None:
+    """A backend name: a str among BACKENDS (``source`` names where it came from)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{source} must be None or a str, one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be {'None or ' if source == 'backend' else ''}one of {BACKENDS}, "
+                         f"got {backend!r}")
+
+
 def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None,
             sizes: dict | None = None) -> str:
     """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, and for nca_step
@@ -221,11 +233,7 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
                     and (dtype is None or dtype in _DTYPES[name]) and not refuses(name)):
                 return name
         return "reference"
-    if not isinstance(backend, str):
-        raise TypeError(f"{source} must be None or a str, one of {BACKENDS}, got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be {'None or ' if source == 'backend' else ''}one of {BACKENDS}, "
-                         f"got {backend!r}")
+    check_name(backend, source)
     status = _usable_on(backend, device)
     if status is not True:
         raise RuntimeError(f"fastnca backend {backend!r}"

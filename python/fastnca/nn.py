@@ -12,10 +12,8 @@ from .neighborhood_attention import neighborhood_attention2d
 
 
 def _check_backend(backend) -> None:
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be None or a str, one of {_backend.BACKENDS}, got {type(backend).__name__}")
-    if backend is not None and backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
+    if backend is not None:
+        _backend.check_name(backend)
 
 
 def draw_seed() -> int:

@@ -29,13 +29,15 @@ class Result:
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        spread = {name: t.spread() for name in ("fwd_ms", "fwd_bwd_ms")
-                  if isinstance(t := getattr(self, name), Timing) and t.samples}
+        spread = {}
+        for name in ("fwd_ms", "fwd_bwd_ms"):  # Timings: their samples' range, then plain floats
+            t = getattr(self, name)
+            if isinstance(t, Timing):
+                if t.samples:
+                    spread[name] = t.spread()
+                setattr(self, name, float(t))
         if spread:
             self.extra = {**self.extra, "spread": spread}
-        for name in ("fwd_ms", "fwd_bwd_ms"):
-            if isinstance(getattr(self, name), Timing):
-                setattr(self, name, float(getattr(self, name)))
         MADE.append(self)
 
     def noisy(self, factor: float = 1.5) -> str:

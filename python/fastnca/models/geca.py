@@ -435,14 +435,13 @@ class GeCA(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W] (the model's in_channels), "
                              f"got shape {tuple(x.shape)}")
-        if cells is not None:
+        if cells is None:
+            cells = self.seed_cells(x)
+        else:
             _checks.tensor(cells, "cells", ndim=4)
             if cells.shape[0] != x.shape[0] or cells.shape[2:] != x.shape[2:]:
                 B, _, H, W = x.shape
                 raise ValueError(f"cells must be [{B}, C, {H}, {W}] like x, got shape {tuple(cells.shape)}")
-        if cells is None:
-            cells = self.seed_cells(x)
-        else:
             cells = torch.cat([x.to(cells.dtype), cells[:, self.in_channels:]], dim=1)
         final = self.evolve(cells, t, y, steps=steps, seed=seed, update_prob=update_prob)
         out = final[:, self.in_channels: self.in_channels + self.out_channels]

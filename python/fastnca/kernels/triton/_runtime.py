@@ -1,4 +1,7 @@
-"""Whether this process runs its Triton kernels in Triton's interpreter."""
+"""Whether this process runs its Triton kernels in Triton's interpreter, and the installed
+Triton's version."""
+import re
+
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
@@ -14,6 +17,11 @@ def interpreting() -> bool:
     was set, as the installed Triton reads it, when they were imported. They then run on CPU
     tensors, and the launchers pick tiles and dot precisions for the interpreter."""
     return not isinstance(_probe, JITFunction)
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton these kernels were decorated by."""
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 
 
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions

@@ -101,7 +101,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import warnings
 
 import torch
@@ -112,7 +111,7 @@ from triton.runtime.errors import OutOfResources
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import cdiv, const, interpreting, next_pow2
+from ._runtime import cdiv, const, interpreting, next_pow2, triton_version
 from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
@@ -1813,18 +1812,13 @@ def _resident_weights() -> bool:
     v = os.environ.get("FASTNCA_TRITON_NCA_WEIGHTS", "")
     if v not in ("", "staged", "resident"):
         raise ValueError(f"FASTNCA_TRITON_NCA_WEIGHTS must be 'staged' or 'resident', got {v!r}")
-    if v == "resident" and _triton_before(3, 3):
+    if v == "resident" and triton_version() < (3, 3):
         # Triton 3.0-3.2's backends abort the process (LLVM ERROR) compiling the resident
         # float32 forward on sm_80/sm_90 (AOT compiles, 2026-11-27): stay staged.
         warnings.warn("FASTNCA_TRITON_NCA_WEIGHTS=resident needs triton >= 3.3; using the staged kernels",
                       stacklevel=3)
         return False
     return v == "resident"
-
-
-def _triton_before(major: int, minor: int) -> bool:
-    parts = re.findall(r"\d+", triton.__version__)[:2]
-    return tuple(int(p) for p in parts) < (major, minor)
 
 
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, resident: bool = False):

@@ -51,14 +51,13 @@ import contextlib
 import functools
 import math
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import cdiv, const, interpreting, next_pow2
+from ._runtime import cdiv, const, interpreting, next_pow2, triton_version
 from .nca_step import fp32_dot_precision
 
 _ZEROS = const(_ext.BORDER_CODES["zeros"])
@@ -917,15 +916,11 @@ def _vec(D: int, tensors) -> int:
     return vec
 
 
-def _triton_version() -> tuple:
-    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
-
-
 # _f32's word loads from Triton 3.6 on. Triton 3.0 placed the join in another layout than
 # the reshape wants: 43 layout conversions in the GeCA-S backward (sm_90: 4096
 # instructions, 255 registers + 168 bytes of stack, against 2288 and 150 without them);
 # 3.6 and 3.9 compile it with none. Versions in between were not tried.
-_PAIRS_OK = _triton_version() >= (3, 6)
+_PAIRS_OK = triton_version() >= (3, 6)
 
 
 def _pairs(vec: int, tensors) -> bool:
