@@ -1,8 +1,9 @@
 """Train a Med-NCA segmentation model with the paper's recipe.
 
 Loss Dice + BCE, Adam (lr 1.6e-3, betas 0.5/0.5), ExponentialLR 0.9999 per batch,
-64 NCA steps per level, level 1 trained on one random 64x64 patch per image
-(``--patch 64``, the default) or on the full image (``--full-res``).
+256x256 slices (``--size``), batch 20, 64 NCA steps per level, level 1 trained on one
+random 64x64 patch per image (``--patch 64``, the default) or on the full image
+(``--full-res``).
 
 Data: a Medical Segmentation Decathlon style folder (``imagesTr/*.nii.gz`` and
 ``labelsTr/*.nii.gz``; 2D slices along ``--slice-axis``, resized to ``--size``
@@ -128,7 +129,7 @@ def main() -> None:
     data.add_argument("--data", type=Path, default=None, help="MSD task folder (imagesTr/, labelsTr/); default: synthetic")
     data.add_argument("--slice-axis", type=int, default=2)
     data.add_argument("--modality", type=int, default=0, help="channel of 4D (multi-modal) images")
-    data.add_argument("--size", type=int, default=128, help="slices are resized to size x size")
+    data.add_argument("--size", type=int, default=256, help="slices are resized to size x size (paper: 256)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="fraction of MSD cases held out")
     data.add_argument("--synthetic-n", type=int, default=512, help="synthetic training images")
     model = ap.add_argument_group("model")

@@ -293,8 +293,14 @@ def test_gpu_nca_step_mask_is_fire_mask(gpu):
 # ---------------------------------------------------------------------------------------
 
 def make_qkv(device, B, H, W, nh, D, dtype, packed, seed=5):
+    """packed: q, k, v as strided views of one [B, H, W, 3, heads, D] tensor; "offset": views
+    whose rows start one element past a 16-byte boundary (the kernels' element-wise path
+    for any D)."""
     g = torch.Generator().manual_seed(seed)
-    if packed:  # q, k, v as strided views of one [B, H, W, 3, heads, D] tensor
+    if packed == "offset":
+        buf = torch.randn(3, B, H, W, nh, D + 1, generator=g).to(dtype).to(device)
+        return list(buf[..., 1:].unbind(0))
+    if packed:
         qkv = torch.randn(B, H, W, 3, nh, D, generator=g).to(dtype).to(device)
         return qkv.unbind(3)
     return [torch.randn(B, H, W, nh, D, generator=g).to(dtype).to(device) for _ in range(3)]
@@ -338,6 +344,12 @@ NA_EMULATED = [  # B, H, W, heads, D, kernel, border, packed, with_dlse
     (1, 6, 5, 2, 16, 5, "mask", True, False),
     (1, 8, 9, 1, 8, 7, "mask", False, True),
     (1, 5, 6, 1, 8, 7, "circular", False, True),     # windows wrap more than once
+    # 16-byte rows (float32: D a multiple of 4, aligned views) take the vector path; G lanes a
+    # (cell, head), each 16 features a pass: D 520 needs two passes even at 32 lanes
+    (1, 3, 4, 1, 520, 3, "zeros", False, True),
+    (1, 4, 3, 2, 64, 3, "circular", "offset", True),   # the same D element-wise (misaligned rows)
+    (1, 3, 5, 1, 132, 5, "mask", "offset", True),      # element-wise in several passes
+    (1, 4, 4, 3, 4, 3, "shift", True, True),           # one vector a row: G = 1
 ]
 
 
@@ -352,6 +364,23 @@ def test_emulated_attention_half_and_strided_grad(emulated, dtype):
     check_na(emulated, 1, 3, 4, 2, 6, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)
     check_na(emulated, 1, 5, 6, 2, 16, 5, "mask", dtype=dtype)
     check_na(emulated, 1, 6, 5, 1, 8, 3, "shift", dtype=dtype, packed=True)
+    check_na(emulated, 1, 4, 5, 2, 64, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)  # copied
+    check_na(emulated, 1, 4, 5, 2, 32, 3, "circular", dtype=dtype, packed="offset")
+
+
+def test_emulated_attention_grad_o_rows_copied_for_vectors(emulated, monkeypatch):
+    """A grad_o whose rows are not 16-byte vectors is copied when q, k, v's are (the
+    backward then runs at the forward's width); with element-wise q, k, v it is read as is."""
+    seen = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: seen.append(t.shape) or real(t, *a, **kw))
+    for packed, copied in ((True, True), ("offset", False)):
+        seen.clear()
+        q, k, v = make_qkv(emulated, 1, 3, 4, 2, 8, torch.float32, packed)
+        o, lse = cuda_na.forward(q, k, v, 3, "zeros", 0.5)
+        do = torch.randn(1, 3, 4, 8, 2).transpose(-1, -2)
+        cuda_na.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.5)
+        assert (tuple(do.shape) in seen) == copied
 
 
 @pytest.mark.parametrize("border", ["mask", "circular", "shift"])

@@ -328,6 +328,20 @@ def test_label_dropout_train_only():
     assert any(torch.allclose(r, null[0]) for r in e1)  # some rows dropped fully: the null label
 
 
+def test_label_dropout_is_per_entry():
+    """GeCA drops single label entries (rand(B, ncls) < p), not whole rows."""
+    m = tiny(class_dropout_prob=0.3).train()
+    seen = []
+    m.y_embedder.embedding_table[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    torch.manual_seed(0)
+    m.y_embedder(torch.ones(4096, 5))
+    kept = seen[0]
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+    assert abs((kept == 0).float().mean().item() - 0.3) < 0.02
+    per_row = (kept == 0).sum(1)
+    assert ((per_row > 0) & (per_row < 5)).float().mean() > 0.5  # most dropped rows only in part
+
+
 def test_position_embedding_odd_channels_use_own_index():
     from fastnca.models.geca import position_embedding_1d
     pe = position_embedding_1d(10, 8)
@@ -455,6 +469,60 @@ def test_sampler_gene_heredity(cfg, ghg, carried):
             assert (o[:, :, 2, 2] != 0).all()
             o[:, :, 2, 2] = 0
             assert (o == 0).all()
+
+
+def test_sampler_timesteps_and_guidance():
+    """The model sees the original timestep of each respaced step (timestep_map), and the
+    posterior gets cfg_combine of the model's conditional and unconditional halves."""
+    d = create_diffusion("4")
+    m = perturb_(tiny()).eval()
+    seen_t, seen_out, seen_pm = [], [], []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.in_channels, self.out_channels = m, m.in_channels, m.out_channels
+
+        def seed_cells(self, *a, **k):
+            return m.seed_cells(*a, **k)
+
+        def forward(self, x, t, y, **kw):
+            seen_t.append(t.clone())
+            out, cells = m(x, t, y, **kw)
+            seen_out.append(out.float().clone())
+            return out, cells
+
+    real_pm = d.p_mean_variance
+    d.p_mean_variance = lambda out, x, t, **kw: seen_pm.append(out.clone()) or real_pm(out, x, t, **kw)
+    y = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
+    d.sample(Spy(), y, (2, 4, 5, 5), cfg_scale=2.5, ca_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(seen_t) == 4
+    for i, t in zip(range(3, -1, -1), seen_t):
+        assert t.tolist() == [int(d.timestep_map[i])] * 4  # doubled batch: cond and uncond
+    assert d.timestep_map.tolist() != list(range(4))  # a respaced schedule: the map matters
+    for out, pm in zip(seen_out, seen_pm):
+        torch.testing.assert_close(pm, cfg_combine(out, 2.5, 4), rtol=0, atol=0)
+        assert not torch.equal(pm[:, :4], out[:2, :4])  # guidance changed epsilon
+
+
+def test_seed_cells_and_sampler_check_channels():
+    m = tiny()
+    with pytest.raises(ValueError, match="in_channels=4"):
+        m.seed_cells(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="in_channels=4"):
+        create_diffusion("2").sample(m, torch.ones(2, 5), (2, 3, 6, 6), ca_steps=1)
+
+
+def test_inference_mode_pass_then_training():
+    """A validation pass under torch.inference_mode() builds the position table first; a
+    later training step (checkpointed steps save it for backward) must still run."""
+    for checkpoint_steps in (True, False):
+        m = GeCA(GeCAConfig(**TINY), checkpoint_steps=checkpoint_steps)
+        x, t, y = inputs()
+        with torch.inference_mode():
+            m.eval()(x, t, y, seed=0)
+        m.train()(x, t, y, seed=0).sum().backward()
+        assert m.cell_to_embedding.weight.grad is not None
 
 
 def test_sampler_repeatable_with_generator():

@@ -273,6 +273,21 @@ def test_load_rejects_foreign_file(tmp_path):
         MedNCA.load(tmp_path / "x.pt")
 
 
+def test_loaders_reject_each_others_files(tmp_path):
+    """from_original on fastnca files, load on an untagged safetensors file: a ValueError
+    naming the right loader (a KeyError / TypeError before)."""
+    model = MedNCA(channels=6, hidden=8, steps=3)
+    model.save(tmp_path / "ours.pt")
+    with pytest.raises(ValueError, match="MedNCA.load"):
+        MedNCA.from_original(tmp_path / "ours.pt", tmp_path / "ours.pt")
+    with pytest.raises(ValueError, match="missing p0.weight"):
+        model.backbones[0].load_original_state_dict({"fc0.weight": torch.zeros(1)})
+    st = pytest.importorskip("safetensors.torch")
+    st.save_file({"p0.weight": torch.zeros(2, 2)}, str(tmp_path / "orig.safetensors"))
+    with pytest.raises(ValueError, match="from_original"):
+        MedNCA.load(tmp_path / "orig.safetensors")
+
+
 def test_seed_none_uses_torch_generator():
     torch.manual_seed(0)
     model = MedNCA(channels=6, hidden=8, steps=3)
@@ -310,6 +325,18 @@ def test_ensemble():
     assert det.std.abs().max() < 1e-6 and det.score.abs().max() < 1e-5
 
 
+def test_ensemble_checks_its_arguments():
+    model = MedNCA(channels=6, hidden=8, steps=3)
+    img = torch.rand(2, 1, 8, 8)
+    with pytest.raises(TypeError, match="n must be an integer"):
+        model.ensemble(img, n=2.5)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        model.ensemble(img, n=1)
+    for bad in (img[0], torch.rand(2, 5, 8, 8)):  # unbatched, wrong channels: as forward
+        with pytest.raises(ValueError, match=r"image must be \[B, 1, H, W\]"):
+            model.ensemble(bad, n=2)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -329,6 +356,27 @@ def test_patch_mode_crops_the_upsampled_state():
         y0, x0 = divmod(int(tgt[b, 0, 0, 0]), 16)
         torch.testing.assert_close(tgt[b, 0], coords[b, 0, y0:y0 + 6, x0:x0 + 6])
         torch.testing.assert_close(logits[b], full[b, :, y0:y0 + 6, x0:x0 + 6])
+
+
+def test_patch_mode_reads_the_image_at_the_patch():
+    """Level 1 updating (random fc2): each patch's logits are level 1 run on the image crop
+    and the upsampled level-0 crop at the patch's own place."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=3, fire_rate=0.0)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img = torch.rand(3, 1, 16, 16)
+    coords = torch.arange(256.0).reshape(1, 1, 16, 16).expand(3, 1, 16, 16)
+    logits, tgt = model.forward_patch(img, coords, patch_size=6, seed=0, backend="reference",
+                                      generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        up = F.interpolate(model._level0(img, 0, "reference"), scale_factor=4, mode="nearest")
+    for b in range(3):
+        y0, x0 = divmod(int(tgt[b, 0, 0, 0]), 16)
+        crop = (slice(b, b + 1), slice(None), slice(y0, y0 + 6), slice(x0, x0 + 6))
+        with torch.no_grad():
+            expected = model._logits(model._level1(up[crop], img[crop], 0, "reference"))
+        torch.testing.assert_close(logits[b:b + 1], expected)
 
 
 def test_patch_gradients_reach_level0():

@@ -1,6 +1,6 @@
 // fire_mask on CUDA: one thread per cell, Philox from the shared header.
 #include "fastnca/bindings.h"
-#include "fastnca/cuda_check.h"
+#include "fastnca/device_cuda.cuh"
 #include "fastnca/philox.h"
 
 namespace fastnca {
@@ -16,12 +16,8 @@ void fire_mask_cuda(std::uintptr_t out, int64_t numel, uint64_t seed, uint64_t s
                     uint32_t threshold, std::uintptr_t stream) {
   if (numel == 0) return;
   constexpr int kThreads = 256;
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff)  // gridDim.x limit
-    throw std::invalid_argument("fastnca fire_mask (cuda): more cells than one launch covers");
-  fire_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(stream)>>>(
-      ptr<bool>(out), numel, seed, step, threshold);
-  check_launch("fire_mask");
+  launch("fire_mask", fire_mask_kernel, grid_1d(ceil_div(numel, kThreads), "fire_mask (cuda)"), dim3(kThreads), 0,
+         as_stream(stream), ptr<bool>(out), numel, seed, step, threshold);
 }
 
 }  // namespace

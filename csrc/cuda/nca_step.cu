@@ -966,7 +966,7 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int tile = plan_tile(plan.threads * plan.cpt, threshold);
-    const dim3 grid(static_cast<unsigned>((d.N + tile - 1) / tile));
+    const dim3 grid = grid_1d(ceil_div(d.N, tile), "nca_step forward (cuda)");
     if (plan.cpt == 2) {
       prepare_kernel(nca_forward_kernel<T, 2>, plan.threads, plan.smem);
       launch("nca_step_forward", nca_forward_kernel<T, 2>, grid, dim3(plan.threads), plan.smem,
@@ -1039,16 +1039,16 @@ void nca_step_backward_cuda(std::uintptr_t grad, const std::vector<int64_t>& gra
              xs, d, static_cast<const float*>(wsp), ptr<float>(conv_part), conv_cells, p.dw_cpb);
     }
     // 3. d_state
-    const dim3 sgrid(static_cast<unsigned>((d.N + p.state.threads - 1) / p.state.threads));
+    const dim3 sgrid = grid_1d(ceil_div(d.N, p.state.threads), "nca_step backward (cuda)");
     prepare_kernel(nca_state_grad_kernel<T>, p.state.threads, p.state.smem);
     launch("nca_step_backward_state_grad", nca_state_grad_kernel<T>, sgrid, dim3(p.state.threads),
            p.state.smem, s, static_cast<const float*>(wsp), ptr<T>(d_state), dss, d, w, p.state.nstage);
     // 4. fixed-order sums of the partials
     const int64_t E1 = p.main_part, E2 = p.conv_part;
-    launch("nca_step_backward_reduce", reduce_parts_kernel, dim3(static_cast<unsigned>((E1 + 255) / 256)),
+    launch("nca_step_backward_reduce", reduce_parts_kernel, grid_1d(ceil_div(E1, 256), "nca_step backward (cuda)"),
            dim3(256), 0, s, static_cast<const float*>(ptr<float>(main_part)), p.main_blocks, E1,
            ptr<float>(d_fc));
-    launch("nca_step_backward_reduce", reduce_parts_kernel, dim3(static_cast<unsigned>((E2 + 255) / 256)),
+    launch("nca_step_backward_reduce", reduce_parts_kernel, grid_1d(ceil_div(E2, 256), "nca_step backward (cuda)"),
            dim3(256), 0, s, static_cast<const float*>(ptr<float>(conv_part)), p.conv_parts, E2,
            ptr<float>(d_conv));
   });

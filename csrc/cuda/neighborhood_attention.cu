@@ -7,10 +7,19 @@
 //   * kernel_size in {3, 5, 7} (template), border code from borders.h; shift needs
 //     H, W >= kernel_size. Sizes fit in int, element offsets use int64.
 //
-// Mapping: a group of G lanes (G = power of two <= 32, about D) owns one (cell, head): lanes
-// stride over D, dot products are butterfly sums over the group (fixed order, so the
-// recomputed logits of the backward are bit-identical to the forward's). All k^2 logits of
-// a window stay in registers, so the softmax is exact (no online rescaling).
+// Mapping: a group of G lanes (G a power of two <= 32) owns one (cell, head), so a warp
+// works on 32 / G of them at once and the per-query index work is shared by few lanes.
+// Each lane holds lane_dims() of the D features per pass, as chunks of VEC consecutive
+// elements: VEC = 16 bytes / sizeof(T) when every row is 16-byte aligned (one 128-bit load
+// per chunk), else VEC = 1. Chunk c of the pass starting at d0 begins at element
+// d0 + (c * G + lane) * VEC, so the group reads G * VEC consecutive elements per load
+// (G is at least 2 with vectors: whole 32-byte sectors). G is the smallest power of two
+// whose passes cover D in one (up to 32 lanes); larger D takes several passes.
+//
+// Dot products: every lane sums its own elements in one fixed order (passes, chunks,
+// elements), then a butterfly over the group. The backward kernels form each logit with
+// the same lanes and order as the forward, so the recomputed logits are bit-identical. All
+// k^2 logits of a window stay in registers, so the softmax is exact (no online rescaling).
 //
 // Backward, no atomics:
 //   query kernel: recompute s and p = exp(s - lse), dp_j = <do, v_j>,
@@ -19,6 +28,7 @@
 //     Di goes to a workspace.
 //   key kernel: each key gathers over its inverse neighbourhood (query_range + key_index):
 //     dk = scale sum_i ds_ij q_i, dv = sum_i p_ij do_i, recomputing s_ij from q_i, k_j.
+#include <cstring>
 #include <vector>
 
 #include <pybind11/stl.h>
@@ -31,14 +41,19 @@ namespace fastnca {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kKeyDims = 4;  // dims per lane accumulated at once by the key kernel
-constexpr int kOutDims = 4;  // same for the o / dq sums
+// Features a lane holds per pass (registers per held row): two or four 16-byte vectors, or
+// four scalars on the unvectorised path (whose full unrolling is otherwise long to compile).
+template <int VEC>
+FASTNCA_HD constexpr int lane_dims() {
+  return VEC == 1 ? 4 : 16;
+}
 
 struct NaDims {
   int B, H, W, NH, D;
   int border;
   float scale;
-  int G;  // lanes per (cell, head)
+  int G;           // lanes per (cell, head)
+  int64_t groups;  // B * H * W * heads
 };
 
 struct View5 {  // element strides of a [B, H, W, heads, D] tensor
@@ -58,6 +73,16 @@ struct Query {
 FASTNCA_DEVICE Query decode(int64_t gid, const NaDims& d) {
   Query q;
   q.index = gid;
+  if (d.groups <= 0xffffffffll) {  // 32-bit divisions (64-bit ones are a long call)
+    uint32_t t = static_cast<uint32_t>(gid);
+    q.n = static_cast<int>(t % static_cast<uint32_t>(d.NH));
+    t /= static_cast<uint32_t>(d.NH);
+    q.x = static_cast<int>(t % static_cast<uint32_t>(d.W));
+    t /= static_cast<uint32_t>(d.W);
+    q.y = static_cast<int>(t % static_cast<uint32_t>(d.H));
+    q.b = static_cast<int>(t / static_cast<uint32_t>(d.H));
+    return q;
+  }
   q.n = static_cast<int>(gid % d.NH);
   int64_t t = gid / d.NH;
   q.x = static_cast<int>(t % d.W);
@@ -67,6 +92,99 @@ FASTNCA_DEVICE Query decode(int64_t gid, const NaDims& d) {
   return q;
 }
 
+// ---- a lane's share of a row ----------------------------------------------------------
+// lane_dims<VEC>() floats: chunk c (VEC elements) at element d0 + (c * G + lane) * VEC. Chunks past
+// D are left out (VEC divides D when VEC > 1, so a chunk is wholly in or out).
+template <int VEC>
+FASTNCA_DEVICE int chunk_start(int d0, int c, int lane, const NaDims& d) {
+  return d0 + (c * d.G + lane) * VEC;
+}
+
+template <typename T, int VEC>
+FASTNCA_DEVICE void load_vec(const T* p, float* out) {
+  if constexpr (VEC == 1) {
+    out[0] = to_float(*p);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "chunks are 16-byte vectors");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);  // the launcher checked alignment
+    T e[VEC];
+    memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
+  }
+}
+
+template <typename T, int VEC>
+FASTNCA_DEVICE void store_vec(T* p, const float* in, float mult) {
+  if constexpr (VEC == 1) {
+    *p = from_float<T>(in[0] * mult);
+  } else {
+    T e[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(in[i] * mult);
+    uint4 raw;
+    memcpy(&raw, e, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// x = the lane's share of row (element stride sd; 1 whenever VEC > 1); zeros past D.
+template <typename T, int VEC>
+FASTNCA_DEVICE void load_share(const T* __restrict__ row, int64_t sd, int d0, int lane, const NaDims& d,
+                               float (&x)[lane_dims<VEC>()]) {
+#pragma unroll
+  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+    const int dd = chunk_start<VEC>(d0, c, lane, d);
+    if (dd < d.D) {
+      load_vec<T, VEC>(row + dd * sd, &x[c * VEC]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[c * VEC + e] = 0.f;
+    }
+  }
+}
+
+// acc + this lane's part of <x, row> (x: a share held in registers, row read here).
+template <typename T, int VEC>
+FASTNCA_DEVICE float dot_share(const float (&x)[lane_dims<VEC>()], const T* __restrict__ row, int d0, int lane,
+                               const NaDims& d, float acc) {
+#pragma unroll
+  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+    const int dd = chunk_start<VEC>(d0, c, lane, d);
+    if (dd < d.D) {
+      float t[VEC];
+      load_vec<T, VEC>(row + dd, t);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], t[e], acc);
+    }
+  }
+  return acc;
+}
+
+// The same sum with both shares in registers (same chunks, same order).
+template <int VEC>
+FASTNCA_DEVICE float dot_regs(const float (&x)[lane_dims<VEC>()], const float (&y)[lane_dims<VEC>()], int d0, int lane,
+                              const NaDims& d, float acc) {
+#pragma unroll
+  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c)
+    if (chunk_start<VEC>(d0, c, lane, d) < d.D) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], y[c * VEC + e], acc);
+    }
+  return acc;
+}
+
+template <typename T, int VEC>
+FASTNCA_DEVICE void store_share(T* __restrict__ row, int d0, int lane, const NaDims& d,
+                                const float (&x)[lane_dims<VEC>()], float mult) {
+#pragma unroll
+  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+    const int dd = chunk_start<VEC>(d0, c, lane, d);
+    if (dd < d.D) store_vec<T, VEC>(row + dd, &x[c * VEC], mult);
+  }
+}
+
+// ---- windows ----------------------------------------------------------------------------
 // Window of a query: key rows/cols per offset (key_index, -1 = outside the grid).
 template <int KS>
 struct Window {
@@ -85,41 +203,44 @@ FASTNCA_DEVICE Window<KS> window_of(const Query& q, const NaDims& d) {
   return win;
 }
 
-// s[j] = scale * <q, k_j> for the KS*KS window entries (row-major offsets); outside
-// entries get 0 (zeros border: a zero key) -- callers apply the mask border.
-template <typename T, int KS>
-FASTNCA_DEVICE void window_logits(const T* __restrict__ q, const View5& qs, const T* __restrict__ k,
-                                  const View5& ks, const Query& qq, const Window<KS>& win,
-                                  const NaDims& d, int lane, unsigned mask, float (&s)[KS * KS]) {
-  const T* qp = q + pixel_offset(qs, qq.b, qq.y, qq.x, qq.n);
-  const T* kb = k + qq.b * ks.b + qq.n * ks.n;
-  // Key-outer loops keep one key address live at a time (k^2 = 49 hoisted addresses spill).
-#pragma unroll
-  for (int a = 0; a < KS; ++a)
-#pragma unroll
-    for (int b = 0; b < KS; ++b) {
-      float acc = 0.f;
-      if (win.ky[a] >= 0 && win.kx[b] >= 0) {
-        const T* kp = kb + win.ky[a] * ks.h + win.kx[b] * ks.w;
-        for (int dd = lane; dd < d.D; dd += d.G) acc = fmaf(load(qp + dd), load(kp + dd), acc);
-      }
-      s[a * KS + b] = acc;
-    }
-#pragma unroll
-  for (int j = 0; j < KS * KS; ++j) s[j] = group_sum(s[j], mask, d.G) * d.scale;
+FASTNCA_DEVICE bool in_softmax(int ky, int kx, int border) {
+  return border != kBorderMask || (ky >= 0 && kx >= 0);
 }
 
-// out[dd] = mult * sum_j c[j] * t_j[dd] over the window's in-grid entries, dims in passes of
-// kOutDims per lane so that only one key address is live at a time.
-template <typename T, int KS>
-FASTNCA_DEVICE void window_combine(const T* __restrict__ t, const View5& ts, const Query& qq,
-                                   const Window<KS>& win, const NaDims& d, int lane,
-                                   const float (&c)[KS * KS], float mult, T* __restrict__ out) {
-  const T* tb = t + qq.b * ts.b + qq.n * ts.n;
-  for (int d0 = 0; d0 < d.D; d0 += kOutDims * d.G) {
-    float acc[kOutDims];
+// s[j] = <x, t_j> over the window's in-grid entries (row-major offsets), outside ones 0:
+// x is the row at xrow (element stride sx), t_j the rows of tb. Passes outside, keys
+// inside, so x is read once. Returns group sums (every lane holds them).
+template <typename T, int KS, int VEC>
+FASTNCA_DEVICE void window_dots(const T* __restrict__ xrow, int64_t sx, const T* __restrict__ tb,
+                                const View5& ts, const Window<KS>& win, const NaDims& d, int lane,
+                                unsigned mask, float (&s)[KS * KS]) {
 #pragma unroll
-    for (int u = 0; u < kOutDims; ++u) acc[u] = 0.f;
+  for (int j = 0; j < KS * KS; ++j) s[j] = 0.f;
+  for (int d0 = 0; d0 < d.D; d0 += d.G * lane_dims<VEC>()) {
+    float x[lane_dims<VEC>()];
+    load_share<T, VEC>(xrow, sx, d0, lane, d, x);
+    // Key-outer loops keep one key address live at a time.
+#pragma unroll
+    for (int a = 0; a < KS; ++a)
+#pragma unroll
+      for (int b = 0; b < KS; ++b)
+        if (win.ky[a] >= 0 && win.kx[b] >= 0)
+          s[a * KS + b] = dot_share<T, VEC>(x, tb + win.ky[a] * ts.h + win.kx[b] * ts.w, d0, lane, d,
+                                            s[a * KS + b]);
+  }
+#pragma unroll
+  for (int j = 0; j < KS * KS; ++j) s[j] = group_sum(s[j], mask, d.G);
+}
+
+// out = mult * sum_j c[j] * t_j over the window's in-grid entries, pass by pass.
+template <typename T, int KS, int VEC>
+FASTNCA_DEVICE void window_combine(const T* __restrict__ tb, const View5& ts, const Window<KS>& win,
+                                   const NaDims& d, int lane, const float (&c)[KS * KS], float mult,
+                                   T* __restrict__ out) {
+  for (int d0 = 0; d0 < d.D; d0 += d.G * lane_dims<VEC>()) {
+    float acc[lane_dims<VEC>()];
+#pragma unroll
+    for (int u = 0; u < lane_dims<VEC>(); ++u) acc[u] = 0.f;
 #pragma unroll
     for (int a = 0; a < KS; ++a)
 #pragma unroll
@@ -128,45 +249,45 @@ FASTNCA_DEVICE void window_combine(const T* __restrict__ t, const View5& ts, con
         const T* tp = tb + win.ky[a] * ts.h + win.kx[b] * ts.w;
         const float cj = c[a * KS + b];
 #pragma unroll
-        for (int u = 0; u < kOutDims; ++u) {
-          const int dd = d0 + lane + u * d.G;
-          if (dd < d.D) acc[u] = fmaf(cj, load(tp + dd), acc[u]);
+        for (int ch = 0; ch < lane_dims<VEC>() / VEC; ++ch) {
+          const int dd = chunk_start<VEC>(d0, ch, lane, d);
+          if (dd < d.D) {
+            float t[VEC];
+            load_vec<T, VEC>(tp + dd, t);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[ch * VEC + e] = fmaf(cj, t[e], acc[ch * VEC + e]);
+          }
         }
       }
-#pragma unroll
-    for (int u = 0; u < kOutDims; ++u) {
-      const int dd = d0 + lane + u * d.G;
-      if (dd < d.D) store(out + dd, acc[u] * mult);
-    }
+    store_share<T, VEC>(out, d0, lane, d, acc, mult);
   }
-}
-
-FASTNCA_DEVICE bool in_softmax(int ky, int kx, int border) {
-  return border != kBorderMask || (ky >= 0 && kx >= 0);
 }
 
 // ---- forward --------------------------------------------------------------------------------
 
-template <typename T, int KS>
+template <typename T, int KS, int VEC>
 __global__ void __launch_bounds__(kThreads)
 na_forward_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ k, View5 ks,
                   const T* __restrict__ v, View5 vs, T* __restrict__ o, float* __restrict__ lse, NaDims d) {
   constexpr int KK = KS * KS;
   const int64_t gid = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / d.G;
-  if (gid >= static_cast<int64_t>(d.B) * d.H * d.W * d.NH) return;  // whole groups leave together
+  if (gid >= d.groups) return;  // whole groups leave together
   const int lane = static_cast<int>(threadIdx.x) & (d.G - 1);
   const unsigned mask = group_mask(d.G);
   const Query qq = decode(gid, d);
   const Window<KS> win = window_of<KS>(qq, d);
 
   float s[KK];
-  window_logits<T, KS>(q, qs, k, ks, qq, win, d, lane, mask, s);
+  window_dots<T, KS, VEC>(q + pixel_offset(qs, qq.b, qq.y, qq.x, qq.n), 1, k + qq.b * ks.b + qq.n * ks.n,
+                          ks, win, d, lane, mask, s);
   float m = -INFINITY;
 #pragma unroll
   for (int a = 0; a < KS; ++a)
 #pragma unroll
-    for (int b = 0; b < KS; ++b)
+    for (int b = 0; b < KS; ++b) {
+      s[a * KS + b] *= d.scale;
       if (in_softmax(win.ky[a], win.kx[b], d.border)) m = fmaxf(m, s[a * KS + b]);
+    }
   float l = 0.f;
 #pragma unroll
   for (int a = 0; a < KS; ++a)
@@ -177,13 +298,13 @@ na_forward_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ k, Vi
       l += s[j];
     }
 
-  window_combine<T, KS>(v, vs, qq, win, d, lane, s, 1.f / l, o + gid * d.D);
+  window_combine<T, KS, VEC>(v + qq.b * vs.b + qq.n * vs.n, vs, win, d, lane, s, 1.f / l, o + gid * d.D);
   if (lane == 0) lse[gid] = m + logf(l);
 }
 
 // ---- backward: queries -------------------------------------------------------------------------
 
-template <typename T, int KS>
+template <typename T, int KS, int VEC>
 __global__ void __launch_bounds__(kThreads)
 na_backward_query_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ k, View5 ks,
                          const T* __restrict__ v, View5 vs, const T* __restrict__ go, View5 gos,
@@ -191,117 +312,138 @@ na_backward_query_kernel(const T* __restrict__ q, View5 qs, const T* __restrict_
                          T* __restrict__ dq, float* __restrict__ delta, NaDims d) {
   constexpr int KK = KS * KS;
   const int64_t gid = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / d.G;
-  if (gid >= static_cast<int64_t>(d.B) * d.H * d.W * d.NH) return;
+  if (gid >= d.groups) return;
   const int lane = static_cast<int>(threadIdx.x) & (d.G - 1);
   const unsigned mask = group_mask(d.G);
   const Query qq = decode(gid, d);
   const Window<KS> win = window_of<KS>(qq, d);
+  const T* kb = k + qq.b * ks.b + qq.n * ks.n;
 
   float p[KK];
-  window_logits<T, KS>(q, qs, k, ks, qq, win, d, lane, mask, p);
+  window_dots<T, KS, VEC>(q + pixel_offset(qs, qq.b, qq.y, qq.x, qq.n), 1, kb, ks, win, d, lane, mask, p);
   const float lse_i = lse[gid];
 #pragma unroll
   for (int a = 0; a < KS; ++a)
 #pragma unroll
     for (int b = 0; b < KS; ++b) {
       const int j = a * KS + b;
-      p[j] = in_softmax(win.ky[a], win.kx[b], d.border) ? expf(p[j] - lse_i) : 0.f;
+      p[j] = in_softmax(win.ky[a], win.kx[b], d.border) ? expf(p[j] * d.scale - lse_i) : 0.f;
     }
 
   // dp_j = <do, v_j> (zero value outside the grid)
   float dp[KK];
-  const T* gp = go + qq.b * gos.b + qq.y * gos.h + qq.x * gos.w + qq.n * gos.n;
-  const T* vb = v + qq.b * vs.b + qq.n * vs.n;
-#pragma unroll
-  for (int a = 0; a < KS; ++a)
-#pragma unroll
-    for (int b = 0; b < KS; ++b) {
-      float acc = 0.f;
-      if (win.ky[a] >= 0 && win.kx[b] >= 0) {
-        const T* vp = vb + win.ky[a] * vs.h + win.kx[b] * vs.w;
-        for (int dd = lane; dd < d.D; dd += d.G) acc = fmaf(load(gp + dd * gos.d), load(vp + dd), acc);
-      }
-      dp[a * KS + b] = acc;
-    }
+  window_dots<T, KS, VEC>(go + qq.b * gos.b + qq.y * gos.h + qq.x * gos.w + qq.n * gos.n, gos.d,
+                          v + qq.b * vs.b + qq.n * vs.n, vs, win, d, lane, mask, dp);
   float di = 0.f;
 #pragma unroll
-  for (int j = 0; j < KK; ++j) {
-    dp[j] = group_sum(dp[j], mask, d.G);
-    di = fmaf(p[j], dp[j], di);
-  }
+  for (int j = 0; j < KK; ++j) di = fmaf(p[j], dp[j], di);
   if (dlse != nullptr) di -= dlse[gid];
 #pragma unroll
   for (int j = 0; j < KK; ++j) p[j] = p[j] * (dp[j] - di);  // ds_j (without scale)
 
-  window_combine<T, KS>(k, ks, qq, win, d, lane, p, d.scale, dq + gid * d.D);
+  window_combine<T, KS, VEC>(kb, ks, win, d, lane, p, d.scale, dq + gid * d.D);
   if (lane == 0) delta[gid] = di;
 }
 
 // ---- backward: keys ------------------------------------------------------------------------------
 
-template <typename T, int KS>
+// Calls f(qy, qx) for every query whose window reads key (ky, kx), once per window offset
+// that reads it (the inverse neighbourhood: several offsets of one query on small tori).
+template <int KS, typename Fn>
+FASTNCA_DEVICE void for_each_reader(int ky, int kx, const NaDims& d, Fn&& f) {
+  constexpr int r = KS / 2;
+#pragma unroll 1
+  for (int a = 0; a < KS; ++a) {
+    int ylo, yhi;
+    query_range(ky, a - r, d.H, r, d.border, &ylo, &yhi);
+#pragma unroll 1
+    for (int qy = max(ylo, 0); qy <= min(yhi, d.H - 1); ++qy) {
+      if (key_index(qy, a - r, d.H, r, d.border) != ky) continue;
+#pragma unroll 1
+      for (int b = 0; b < KS; ++b) {
+        int xlo, xhi;
+        query_range(kx, b - r, d.W, r, d.border, &xlo, &xhi);
+#pragma unroll 1
+        for (int qx = max(xlo, 0); qx <= min(xhi, d.W - 1); ++qx)
+          if (key_index(qx, b - r, d.W, r, d.border) == kx) f(qy, qx);
+      }
+    }
+  }
+}
+
+template <typename T, int KS, int VEC>
 __global__ void __launch_bounds__(kThreads)
 na_backward_key_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ k, View5 ks,
                        const T* __restrict__ v, View5 vs, const T* __restrict__ go, View5 gos,
                        const float* __restrict__ lse, const float* __restrict__ delta,
                        T* __restrict__ dk, T* __restrict__ dv, NaDims d) {
-  constexpr int r = KS / 2;
+  constexpr int L = lane_dims<VEC>();
   const int64_t gid = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / d.G;
-  if (gid >= static_cast<int64_t>(d.B) * d.H * d.W * d.NH) return;
+  if (gid >= d.groups) return;
   const int lane = static_cast<int>(threadIdx.x) & (d.G - 1);
   const unsigned mask = group_mask(d.G);
   const Query kk = decode(gid, d);  // this group's key
   const T* kp = k + pixel_offset(ks, kk.b, kk.y, kk.x, kk.n);
   const T* vp = v + pixel_offset(vs, kk.b, kk.y, kk.x, kk.n);
   const int64_t img = static_cast<int64_t>(kk.b) * d.H;
+  const int P = d.G * L;  // features per pass
+  // The reader's p_ij and ds_ij (unscaled) from its logit and <do_i, v_j>.
+  auto probs = [&](int qy, int qx, float s, float dp, float* p, float* ds) {
+    const int64_t qi = ((img + qy) * d.W + qx) * d.NH + kk.n;
+    s = group_sum(s, mask, d.G) * d.scale;
+    dp = group_sum(dp, mask, d.G);
+    *p = expf(s - lse[qi]);
+    *ds = *p * (dp - delta[qi]);
+  };
+  float gk[L], gv[L];
 
-  for (int d0 = 0; d0 < d.D; d0 += kKeyDims * d.G) {
-    float gk[kKeyDims], gv[kKeyDims];
+  if (d.D <= P) {  // one pass: k, v of this key and q, do of each reader are read once
+    float kr[L], vr[L];
+    load_share<T, VEC>(kp, 1, 0, lane, d, kr);
+    load_share<T, VEC>(vp, 1, 0, lane, d, vr);
 #pragma unroll
-    for (int u = 0; u < kKeyDims; ++u) gk[u] = gv[u] = 0.f;
-    for (int a = 0; a < KS; ++a) {
-      int ylo, yhi;
-      query_range(kk.y, a - r, d.H, r, d.border, &ylo, &yhi);
-      for (int qy = max(ylo, 0); qy <= min(yhi, d.H - 1); ++qy) {
-        if (key_index(qy, a - r, d.H, r, d.border) != kk.y) continue;
-        for (int b = 0; b < KS; ++b) {
-          int xlo, xhi;
-          query_range(kk.x, b - r, d.W, r, d.border, &xlo, &xhi);
-          for (int qx = max(xlo, 0); qx <= min(xhi, d.W - 1); ++qx) {
-            if (key_index(qx, b - r, d.W, r, d.border) != kk.x) continue;
-            // query (qy, qx) reads this key through window offset (a, b)
-            const int64_t qi = ((img + qy) * d.W + qx) * d.NH + kk.n;
-            const T* qp = q + pixel_offset(qs, kk.b, qy, qx, kk.n);
-            const T* gp = go + kk.b * gos.b + qy * gos.h + qx * gos.w + kk.n * gos.n;
-            float s = 0.f, dp = 0.f;
-            for (int dd = lane; dd < d.D; dd += d.G) {
-              s = fmaf(load(qp + dd), load(kp + dd), s);
-              dp = fmaf(load(gp + dd * gos.d), load(vp + dd), dp);
-            }
-            s = group_sum(s, mask, d.G) * d.scale;
-            dp = group_sum(dp, mask, d.G);
-            const float p = expf(s - lse[qi]);
-            const float ds = p * (dp - delta[qi]);
+    for (int u = 0; u < L; ++u) gk[u] = gv[u] = 0.f;
+    for_each_reader<KS>(kk.y, kk.x, d, [&](int qy, int qx) {
+      float qc[L], gc[L], p, ds;
+      load_share<T, VEC>(q + pixel_offset(qs, kk.b, qy, qx, kk.n), 1, 0, lane, d, qc);
+      load_share<T, VEC>(go + kk.b * gos.b + qy * gos.h + qx * gos.w + kk.n * gos.n, gos.d, 0, lane, d, gc);
+      probs(qy, qx, dot_regs<VEC>(qc, kr, 0, lane, d, 0.f), dot_regs<VEC>(gc, vr, 0, lane, d, 0.f), &p, &ds);
 #pragma unroll
-            for (int u = 0; u < kKeyDims; ++u) {
-              const int dd = d0 + lane + u * d.G;
-              if (dd < d.D) {
-                gk[u] = fmaf(ds, load(qp + dd), gk[u]);
-                gv[u] = fmaf(p, load(gp + dd * gos.d), gv[u]);
-              }
-            }
-          }
-        }
+      for (int u = 0; u < L; ++u) {
+        gk[u] = fmaf(ds, qc[u], gk[u]);
+        gv[u] = fmaf(p, gc[u], gv[u]);
       }
-    }
+    });
+    store_share<T, VEC>(dk + gid * d.D, 0, lane, d, gk, d.scale);
+    store_share<T, VEC>(dv + gid * d.D, 0, lane, d, gv, 1.f);
+    return;
+  }
+
+  // Several passes: each accumulates its features of dk, dv; the dots run over all of them.
+  for (int d0 = 0; d0 < d.D; d0 += P) {
 #pragma unroll
-    for (int u = 0; u < kKeyDims; ++u) {
-      const int dd = d0 + lane + u * d.G;
-      if (dd < d.D) {
-        store(dk + gid * d.D + dd, gk[u] * d.scale);
-        store(dv + gid * d.D + dd, gv[u]);
+    for (int u = 0; u < L; ++u) gk[u] = gv[u] = 0.f;
+    for_each_reader<KS>(kk.y, kk.x, d, [&](int qy, int qx) {
+      const T* qrow = q + pixel_offset(qs, kk.b, qy, qx, kk.n);
+      const T* grow = go + kk.b * gos.b + qy * gos.h + qx * gos.w + kk.n * gos.n;
+      float x[L], s = 0.f, dp = 0.f, p, ds;
+#pragma unroll 1
+      for (int e0 = 0; e0 < d.D; e0 += P) {  // the forward's order of passes and chunks
+        load_share<T, VEC>(qrow, 1, e0, lane, d, x);
+        s = dot_share<T, VEC>(x, kp, e0, lane, d, s);
+        load_share<T, VEC>(grow, gos.d, e0, lane, d, x);
+        dp = dot_share<T, VEC>(x, vp, e0, lane, d, dp);
       }
-    }
+      probs(qy, qx, s, dp, &p, &ds);
+      load_share<T, VEC>(qrow, 1, d0, lane, d, x);
+#pragma unroll
+      for (int u = 0; u < L; ++u) gk[u] = fmaf(ds, x[u], gk[u]);
+      load_share<T, VEC>(grow, gos.d, d0, lane, d, x);
+#pragma unroll
+      for (int u = 0; u < L; ++u) gv[u] = fmaf(p, x[u], gv[u]);
+    });
+    store_share<T, VEC>(dk + gid * d.D, d0, lane, d, gk, d.scale);
+    store_share<T, VEC>(dv + gid * d.D, d0, lane, d, gv, 1.f);
   }
 }
 
@@ -316,7 +458,15 @@ View5 view5(const std::vector<int64_t>& s, bool last_contiguous) {
   return View5{s[0], s[1], s[2], s[3], s[4]};
 }
 
-NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border, float scale) {
+// Whether a [B, H, W, heads, D] tensor's rows are whole 16-byte vectors: 16-byte aligned
+// start, unit element stride, the other strides multiples of the vector.
+bool rows_are_vectors(std::uintptr_t p, const View5& s, int D, int vec) {
+  return vec > 1 && p % 16 == 0 && s.d == 1 && D % vec == 0 && s.b % vec == 0 && s.h % vec == 0 &&
+         s.w % vec == 0 && s.n % vec == 0;
+}
+
+NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border, float scale, int vec,
+                 int elem_bytes) {
   if (B < 1 || H < 1 || W < 1 || NH < 1 || D < 1)
     throw std::invalid_argument("fastnca neighborhood_attention (cuda): invalid sizes");
   if (kernel_size != 3 && kernel_size != 5 && kernel_size != 7)
@@ -326,27 +476,33 @@ NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border
     throw std::invalid_argument("fastnca neighborhood_attention (cuda): shift border needs H, W >= kernel_size");
   if (H > (1 << 30) || W > (1 << 30))  // the border maps' int arithmetic (borders.h)
     throw std::invalid_argument("fastnca neighborhood_attention (cuda): H and W must be at most 2^30");
-  NaDims d{B, H, W, NH, D, border, scale, 1};
-  while (d.G < 32 && d.G < D) d.G *= 2;  // lanes about D, at most a warp
+  NaDims d{B, H, W, NH, D, border, scale, 1, static_cast<int64_t>(B) * H * W * NH};
+  // G: the fewest lanes whose passes cover D at once, at least one 32-byte sector per load
+  // (but no lane without a chunk), at most a warp.
+  const int chunks = (D + vec - 1) / vec;
+  const int sector = std::max(1, 32 / (vec * elem_bytes));
+  const int lane = vec > 1 ? lane_dims<2>() : lane_dims<1>();
+  while (d.G < 32 && d.G * lane < D) d.G *= 2;
+  while (d.G < sector && d.G < chunks) d.G *= 2;
   return d;
 }
 
-dim3 grid_of(const NaDims& d) {
-  const int64_t threads = static_cast<int64_t>(d.B) * d.H * d.W * d.NH * d.G;
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff)  // gridDim.x limit
-    throw std::invalid_argument("fastnca neighborhood_attention (cuda): B*H*W*heads too large for one launch");
-  return dim3(static_cast<unsigned>(blocks));
-}
-
-// Calls f(T{}, std::integral_constant<int, KS>{}) for the dtype and kernel size.
+// Calls f(T{}, integral_constant<KS>, integral_constant<VEC>) for the dtype, kernel size and
+// vector width (1, or 16 bytes of T).
 template <typename Fn>
-void dispatch(int dtype, int kernel_size, Fn&& f) {
+void dispatch(int dtype, int kernel_size, bool vectors, Fn&& f) {
+  auto with_vec = [&](auto tag, auto ks) {
+    using T = decltype(tag);
+    if (vectors)
+      f(tag, ks, std::integral_constant<int, 16 / sizeof(T)>{});
+    else
+      f(tag, ks, std::integral_constant<int, 1>{});
+  };
   auto with_ks = [&](auto tag) {
     switch (kernel_size) {
-      case 3: f(tag, std::integral_constant<int, 3>{}); break;
-      case 5: f(tag, std::integral_constant<int, 5>{}); break;
-      default: f(tag, std::integral_constant<int, 7>{}); break;
+      case 3: with_vec(tag, std::integral_constant<int, 3>{}); break;
+      case 5: with_vec(tag, std::integral_constant<int, 5>{}); break;
+      default: with_vec(tag, std::integral_constant<int, 7>{}); break;
     }
   };
   switch (dtype) {
@@ -360,17 +516,24 @@ void dispatch(int dtype, int kernel_size, Fn&& f) {
   }
 }
 
+int elem_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
 void na2d_forward_cuda(std::uintptr_t q, const std::vector<int64_t>& q_strides, std::uintptr_t k,
                        const std::vector<int64_t>& k_strides, std::uintptr_t v,
                        const std::vector<int64_t>& v_strides, std::uintptr_t o, std::uintptr_t lse, int B,
                        int H, int W, int heads, int D, int kernel_size, int border, double scale, int dtype,
                        std::uintptr_t stream) {
-  const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale));
   const View5 qs = view5(q_strides, true), ks = view5(k_strides, true), vs = view5(v_strides, true);
-  dispatch(dtype, kernel_size, [&](auto tag, auto ksz) {
+  const int eb = elem_bytes(dtype), vec = 16 / eb;
+  const bool vectors = rows_are_vectors(q, qs, D, vec) && rows_are_vectors(k, ks, D, vec) &&
+                       rows_are_vectors(v, vs, D, vec) && o % 16 == 0;
+  const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale),
+                             vectors ? vec : 1, eb);
+  const dim3 grid = grid_1d(ceil_div(d.groups * d.G, kThreads), "neighborhood_attention (cuda)");
+  dispatch(dtype, kernel_size, vectors, [&](auto tag, auto ksz, auto vsz) {
     using T = decltype(tag);
-    constexpr int KS = decltype(ksz)::value;
-    launch("neighborhood_attention_forward", na_forward_kernel<T, KS>, grid_of(d), dim3(kThreads), 0,
+    constexpr int KS = decltype(ksz)::value, VEC = decltype(vsz)::value;
+    launch("neighborhood_attention_forward", na_forward_kernel<T, KS, VEC>, grid, dim3(kThreads), 0,
            as_stream(stream), ptr<const T>(q), qs, ptr<const T>(k), ks, ptr<const T>(v), vs, ptr<T>(o),
            ptr<float>(lse), d);
   });
@@ -383,18 +546,28 @@ void na2d_backward_cuda(std::uintptr_t grad_o, const std::vector<int64_t>& grad_
                         std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, int B, int H, int W,
                         int heads, int D, int kernel_size, int border, double scale, int dtype,
                         std::uintptr_t stream) {
-  const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale));
   const View5 qs = view5(q_strides, true), ks = view5(k_strides, true), vs = view5(v_strides, true);
   const View5 gs = view5(grad_o_strides, false);
+  const int eb = elem_bytes(dtype), vec = 16 / eb;
+  // The forward's vector width whenever q, k, v are the same (so the recomputed logits are
+  // its bit for bit): the launcher hands over a contiguous grad_o when its rows are not
+  // vectors but q's are.
+  const bool qkv_vectors = rows_are_vectors(q, qs, D, vec) && rows_are_vectors(k, ks, D, vec) &&
+                           rows_are_vectors(v, vs, D, vec);
+  const bool vectors = qkv_vectors && rows_are_vectors(grad_o, gs, D, vec) && dq % 16 == 0 && dk % 16 == 0 &&
+                       dv % 16 == 0;
+  const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale),
+                             vectors ? vec : 1, eb);
+  const dim3 grid = grid_1d(ceil_div(d.groups * d.G, kThreads), "neighborhood_attention (cuda)");
   const cudaStream_t s = as_stream(stream);
-  dispatch(dtype, kernel_size, [&](auto tag, auto ksz) {
+  dispatch(dtype, kernel_size, vectors, [&](auto tag, auto ksz, auto vsz) {
     using T = decltype(tag);
-    constexpr int KS = decltype(ksz)::value;
-    launch("neighborhood_attention_backward_query", na_backward_query_kernel<T, KS>, grid_of(d),
+    constexpr int KS = decltype(ksz)::value, VEC = decltype(vsz)::value;
+    launch("neighborhood_attention_backward_query", na_backward_query_kernel<T, KS, VEC>, grid,
            dim3(kThreads), 0, s, ptr<const T>(q), qs, ptr<const T>(k), ks, ptr<const T>(v), vs,
            ptr<const T>(grad_o), gs, ptr<const float>(lse), ptr<const float>(grad_lse), ptr<T>(dq),
            ptr<float>(delta), d);
-    launch("neighborhood_attention_backward_key", na_backward_key_kernel<T, KS>, grid_of(d),
+    launch("neighborhood_attention_backward_key", na_backward_key_kernel<T, KS, VEC>, grid,
            dim3(kThreads), 0, s, ptr<const T>(q), qs, ptr<const T>(k), ks, ptr<const T>(v), vs,
            ptr<const T>(grad_o), gs, ptr<const float>(lse), static_cast<const float*>(ptr<float>(delta)),
            ptr<T>(dk), ptr<T>(dv), d);

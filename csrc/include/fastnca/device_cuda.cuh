@@ -81,6 +81,17 @@ FASTNCA_DEVICE float group_sum(float v, unsigned mask, int G) {
 }
 
 // ---- host side ------------------------------------------------------------------------
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A one-dimensional grid of `blocks` blocks (at least one), or an error naming the op past
+// gridDim.x's limit of 2^31 - 1.
+inline dim3 grid_1d(int64_t blocks, const char* op) {
+  if (blocks > 0x7fffffff)
+    throw std::invalid_argument(std::string("fastnca ") + op +
+                                ": too much work for one launch (more than 2^31 - 1 blocks of threads)");
+  return dim3(static_cast<unsigned>(blocks < 1 ? 1 : blocks));
+}
+
 inline void cuda_ok(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("fastnca CUDA: ") + what + " failed: " +

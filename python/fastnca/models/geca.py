@@ -345,6 +345,8 @@ class GeCA(nn.Module):
     def seed_cells(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Seed state for noisy inputs x [B, in_ch, H, W]: [x | 0 ... | 0] with standard
         normal out channels at the centre cell (H // 2, W // 2)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, in_channels={self.in_channels}, H, W], got {tuple(x.shape)}")
         B, _, H, W = x.shape
         cells = x.new_zeros(B, self.cell_channels, H, W)
         cells[:, : self.in_channels] = x
@@ -357,7 +359,10 @@ class GeCA(nn.Module):
         key = (H, W, str(device), dtype)
         pe = self._pos_cache.get(key)
         if pe is None:
-            pe = position_embedding_1d(H * W, self.config.embed_dim, device, dtype).view(H, W, -1)
+            # Built outside inference mode: a table made under torch.inference_mode() (a
+            # validation pass) could not be saved for backward by a later training step.
+            with torch.inference_mode(False):
+                pe = position_embedding_1d(H * W, self.config.embed_dim, device, dtype).view(H, W, -1)
             self._pos_cache = {key: pe}
         return pe
 

@@ -159,6 +159,12 @@ class BackboneNCA(nn.Module):
         The original convs act on the W,H-transposed grid: transposing each 3x3
         kernel spatially gives the same map on our untransposed NCHW grid.
         """
+        missing = [k for k in ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
+                   if k not in sd]
+        if missing:
+            hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
+                    if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
+            raise ValueError(f"not an original Med-NCA BackboneNCA state dict: missing {', '.join(missing)}{hint}")
         pw = torch.cat([sd["p0.weight"], sd["p1.weight"]], 0).transpose(-1, -2)
         pb = torch.cat([sd["p0.bias"], sd["p1.bias"]], 0)
         expected = {
@@ -343,8 +349,10 @@ class MedNCA(nn.Module):
         All members run as one batch (member i of image b is batch row i*B + b, so
         every member sees its own mask).
         """
+        n = _checks.integer(n, "n")
         if n < 2:
             raise ValueError(f"n must be >= 2 for a standard deviation, got {n}")
+        self._check_image(image)
         B = image.shape[0]
         logits = self.forward(image.repeat(n, 1, 1, 1), seed=seed, backend=backend)
         prob = torch.sigmoid(logits.float()).reshape(n, B, *logits.shape[1:])
@@ -383,6 +391,11 @@ class MedNCA(nn.Module):
             if isinstance(cfg, list):  # their config.json is a one-element list
                 cfg = cfg[0]
         sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
+        for path, sd in zip((model0_path, model1_path), sds):
+            if not isinstance(sd, dict) or "p0.weight" not in sd or "fc0.weight" not in sd:
+                hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
+                        if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
+                raise ValueError(f"{path} is not an original Med-NCA level state dict (p0.*, p1.*, fc0.*, fc1.*){hint}")
         C = sds[0]["p0.weight"].shape[0]
         hidden = sds[0]["fc0.weight"].shape[0]
         if downscale is None:
@@ -419,7 +432,11 @@ class MedNCA(nn.Module):
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-                config = json.loads(f.metadata()["config"])
+                meta = f.metadata() or {}
+                if meta.get("format") != "fastnca.mednca" or "config" not in meta:
+                    raise ValueError(f"{path} is not a fastnca MedNCA checkpoint (no fastnca.mednca metadata; "
+                                     "use from_original for the authors' weights)")
+                config = json.loads(meta["config"])
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         else:
             blob = torch.load(path, map_location=map_location, weights_only=True)

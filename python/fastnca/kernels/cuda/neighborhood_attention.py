@@ -4,6 +4,11 @@ q, k, v are read through their strides (only stride(-1) == 1 is required, so vie
 packed QKV tensor need no copy); grad_o may have any strides. o, dq, dk, dv are contiguous
 in the input dtype, lse contiguous float32. The backward needs one float32 workspace
 [B, H, W, heads] (D_i of every query).
+
+The kernels read rows as 16-byte vectors when every row of q, k, v (and grad_o) starts on a
+16-byte boundary, else element by element. The backward copies a grad_o whose rows are not
+vectors when q's are, so that it runs at the forward's width (and recomputes its logits bit
+for bit).
 """
 from __future__ import annotations
 
@@ -13,7 +18,11 @@ from ... import _ext
 from . import _launch
 
 
-
+def _rows_are_vectors(t):
+    """Whether every [..., D] row of t is whole 16-byte vectors (the kernels' test)."""
+    vec = 16 // t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] % vec == 0
+            and all(s % vec == 0 for s in t.stride()[:-1]))
 
 
 def _check(q, k, v, kernel_size, border):
@@ -54,7 +63,8 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         raise ValueError(f"grad_o must be a {tuple(q.shape)} tensor on {q.device}, got {tuple(grad_o.shape)} on {grad_o.device}")
     if grad_o.dtype != q.dtype:
         grad_o = grad_o.to(q.dtype)
-    if any(s < 0 for s in grad_o.stride()):
+    if any(s < 0 for s in grad_o.stride()) or (
+            not _rows_are_vectors(grad_o) and all(_rows_are_vectors(t) for t in (q, k, v))):
         grad_o = grad_o.contiguous()
     lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
     if tuple(lse.shape) != (B, H, W, nh):
