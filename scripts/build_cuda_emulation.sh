@@ -7,6 +7,9 @@
 # checks the kernels' logic on machines without a GPU. Needs the CUDA headers (nvcc's
 # toolkit) for cuda_fp16.h / cuda_bf16.h / cuda_runtime.h; nothing CUDA is linked.
 # Usage: scripts/build_cuda_emulation.sh [out-dir]   (default build/cuda-emu)
+#   EMU_DEFINES: extra compiler flags (e.g. -DFASTNCA_TEST_TILE_FACTOR=8: nca tiles of 8x
+#   the cells one pass holds, so that the backward's multi-pass tiles run in tests);
+#   EMU_SOURCES: the kernel files to build (default: nca_step neighborhood_attention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-build/cuda-emu}
@@ -29,9 +32,11 @@ PYBIND11_MODULE(fastnca_cuda_emu, m) {
 }
 CPP
 flags=(-std=c++17 -O1 -g0 -fPIC -shared -pthread -DFASTNCA_CUDA_EMULATION -Wno-attributes
-       -Icsrc/include -I"$cuda_home/include" $("$py" -m pybind11 --includes))
+       -Icsrc/include -I"$cuda_home/include" $("$py" -m pybind11 --includes) ${EMU_DEFINES:-})
 objs=()
-for src in "$out/emu_module.cpp" csrc/cuda/nca_step.cu csrc/cuda/neighborhood_attention.cu; do
+srcs=("$out/emu_module.cpp")
+for name in ${EMU_SOURCES:-nca_step neighborhood_attention}; do srcs+=("csrc/cuda/$name.cu"); done
+for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src").o"
   ${CXX:-g++} "${flags[@]}" -x c++ -c "$src" -o "$obj" &
   objs+=("$obj")

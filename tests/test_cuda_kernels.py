@@ -148,6 +148,34 @@ def test_emulated_nca_step_matches_reference(emulated, case):
     check_nca(emulated, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
 
 
+@pytest.mark.parametrize("case", [
+    (1, 4, 17, 31, 2, 40, 1, "reflect", 1, 1.0, "nchw"),       # every cell fires: 5 passes a tile
+    (1, 5, 17, 31, 2, 33, 1, "zeros", 0, 0.5, "channels_last"),
+    (2, 3, 13, 20, 2, 16, "C", "circular", 1, 0.7, "nchw"),
+    (1, 35, 9, 11, 1, 8, 1, "replicate", 2, 1.0, "strided"),  # several channel chunks too
+], ids=lambda c: "-".join(map(str, c)))
+def test_emulated_nca_step_multi_pass_tiles(emulated, monkeypatch, case):
+    """Tiles of 8x the cells one pass holds (the emulation built with
+    -DFASTNCA_TEST_TILE_FACTOR=8, as CI does): the path taken when more cells of a tile fire
+    than one pass holds, about one tile in a thousand at the planned tile size."""
+    import glob
+    import importlib.util
+    import os
+
+    from fastnca.kernels.cuda import _launch
+
+    found = glob.glob(os.path.join(os.path.dirname(__file__), "..", "build", "cuda-emu-tiles", "fastnca_cuda_emu*.so"))
+    if not found:
+        pytest.skip("tiled emulation not built (EMU_DEFINES=-DFASTNCA_TEST_TILE_FACTOR=8 "
+                    "scripts/build_cuda_emulation.sh build/cuda-emu-tiles)")
+    spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", found[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(_launch, "module", lambda: mod)
+    B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
+    check_nca(emulated, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_nca_step_half(emulated, dtype):
     check_nca(emulated, 1, 8, 3, 5, 2, 32, 8, "zeros", 1, 0.5, dtype=dtype, layout="channels_last",

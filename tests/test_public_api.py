@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastnca
-from fastnca import _backend
+from fastnca import _backend, _ext
 from test_nca_step import make_rule, make_state
 
 
@@ -161,8 +161,63 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
     assert "65536 channels, got 65537" in _backend.nca_unsupported("cpu", **dict(sizes, C=65537))
     cuda = torch.device("cuda")
     monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    monkeypatch.setattr(_backend, "_cuda_nca_refusal", lambda *a: None)
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31)) == "cuda"
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"
+
+
+@pytest.mark.parametrize("C,F,depthwise,fits", [
+    (236, 2, False, True), (240, 2, False, False),   # dense, F 2: the backward's rows of 33 floats
+    (128, 4, False, True), (128, 5, False, False),
+    (24, 25, True, True), (32, 25, True, False),     # depthwise at the most filters it takes
+])
+def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, depthwise, fits):
+    """The CUDA backward keeps ~2(F+1)C + C rows of 33 floats in shared memory: rules past the
+    device's limit (an H100's 227 KB here) are refused at selection, before the forward runs
+    (the backward raised after it), and the refusal agrees with the kernels' own plan."""
+    from conftest import emulation_module, emulation_path
+
+    mod = _ext.load("_C_cuda")
+    if mod is None and emulation_path() is None:
+        pytest.skip("neither fastnca._C_cuda nor its host emulation is built")
+    mod = mod if mod is not None else emulation_module()
+    monkeypatch.setattr(_ext, "load", lambda name: mod)
+    monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
+    cuda = torch.device("cuda", 0)
+    sizes = dict(C=C, F=F, hidden=128, depthwise=depthwise, cells=64, height=8, width=8, frozen=1)
+    why = _backend.nca_unsupported("cuda", device=cuda, **sizes)
+    assert (why is None) == fits, why
+    if not fits:
+        assert "backward needs" in why and "the device allows 232448" in why
+    assert _backend.nca_unsupported("cuda", **sizes) is None  # no device: the static limits only
+    if emulation_path() is not None:  # the emulated device has the same 227 KB
+        emu = emulation_module()
+        plan = lambda: emu.nca_step_backward_plan(1, C, 8, 8, F, 128, 1, depthwise, 1, 1 << 23, 0)  # noqa: E731
+        if fits:
+            assert plan()["main_threads"] >= 32
+        else:
+            with pytest.raises(ValueError, match="too large for the backward's shared memory"):
+                plan()
+    monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    monkeypatch.setattr(_backend, "_AUTO", {("cuda", "nca_step"): ("cuda", "reference")})
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, sizes) == ("cuda" if fits else "reference")
+    if not fits:
+        with pytest.raises(ValueError, match="backend 'cuda' cannot run this nca_step: its backward needs"):
+            _backend.resolve("cuda", "nca_step", cuda, torch.float32, sizes)
+
+
+def test_cuda_refusal_is_a_constant_for_dynamo():
+    """_cuda_nca_refusal carries the mark torch._dynamo.assume_constant_result sets (set by
+    hand so that import fastnca does not import dynamo)."""
+    dynamo = pytest.importorskip("torch._dynamo")
+
+    def probe():
+        pass
+
+    marked = dynamo.assume_constant_result(probe)
+    added = {k: v for k, v in vars(marked).items()}
+    assert added and all(getattr(_backend._cuda_nca_refusal, k, None) == v for k, v in added.items())
 
 
 def test_auto_backend_passes_over_attention_kernels_that_refuse_the_sizes(monkeypatch):

@@ -781,6 +781,9 @@ Dims make_dims(int B, int C, int H, int W, int F, int HD, int frozen, bool depth
   d.depthwise = depthwise ? 1 : 0;
   d.padding = padding;
   d.N = static_cast<int64_t>(B) * H * W;
+  // The weight-gradient partials index one slice with int (accumulate_outer, conv chunks).
+  if (static_cast<int64_t>(d.HDP) * (d.K + 1) + static_cast<int64_t>(d.Cu) * (d.HDP + 1) >= (int64_t(1) << 31))
+    throw std::invalid_argument("fastnca nca_step (cuda): hidden * ((F+1)*C + 1) must stay below 2^31");
   return d;
 }
 
@@ -890,8 +893,9 @@ CellPlan plan_backward_main(const Dims& d, const DeviceInfo& info, int* blocks_p
     }
     if (best_threads > 0) return best;
   }
-  throw std::invalid_argument("fastnca nca_step (cuda): channels/hidden too large for the backward's "
-                              "shared memory; use backend='triton' or 'reference'");
+  throw std::invalid_argument("fastnca nca_step (cuda): channels/filters too large for the backward's "
+                              "shared memory (2K + C rows of 33 floats, K = (F+1)*C); use backend='triton' "
+                              "or 'reference'");
 }
 
 struct BackwardPlan {
@@ -979,6 +983,16 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
   });
 }
 
+// The least dynamic shared memory (bytes) of the forward and of the backward's main kernel
+// for a rule (their smallest plans: 32 threads, the small staging buffer). Backend selection
+// compares them with the device's opt-in limit, so that a rule whose backward cannot run is
+// refused before its forward.
+pybind11::tuple nca_step_smem_cuda(int C, int F, int hidden, int frozen, bool depthwise) {
+  const Dims d = make_dims(1, C, 2, 2, F, hidden, frozen, depthwise, kPadZeros);
+  const int ns = staging_floats(d, kStageFloats / 4);
+  return pybind11::make_tuple(forward_smem(d, 32, 1, ns), backward_main_smem(d, 32, ns));
+}
+
 // Workspace sizes for nca_step_backward (floats): the caller allocates them with torch.
 pybind11::dict nca_step_backward_plan_cuda(int B, int C, int H, int W, int F, int hidden, int frozen,
                                            bool depthwise, int padding, uint32_t threshold, int dtype) {
@@ -1064,6 +1078,8 @@ FASTNCA_BINDINGS(m) {
         "padding"_a, "seed"_a, "step"_a, "threshold"_a, "weights"_a, "dtype"_a, "stream"_a,
         "cells_per_thread"_a = 0,
         "Fused NCA step. weights: pointers to the arranged fp32 (pw, pb, w1, b1, w2, b2, pwt).");
+  m.def("nca_step_smem", &fastnca::nca_step_smem_cuda, "C"_a, "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a,
+        "(forward, backward) least dynamic shared memory in bytes for a rule.");
   m.def("nca_step_backward_plan", &fastnca::nca_step_backward_plan_cuda, "B"_a, "C"_a, "H"_a, "W"_a,
         "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a, "padding"_a, "threshold"_a, "dtype"_a,
         "Workspace sizes (floats) of nca_step_backward on the current device.");

@@ -142,7 +142,7 @@ _DTYPES = {"reference": _checks.COMPUTE_DTYPES, "cpu": _checks.COMPUTE_DTYPES,
 # any): the kernels check against these, and backend=None passes over a backend they rule out.
 NCA_LIMITS = {
     "cpu": {"channels": 65536, "filters": 64, "hidden": 65536, "side": (1 << 30) - 1},
-    "cuda": {"depthwise_filters": 25},
+    "cuda": {"depthwise_filters": 25, "hidden": 65536},  # and shared memory: _cuda_nca_refusal
     "triton": {"cells": 2**31 - 1024},  # tile positions (int32) run a tile past the last cell
 }
 
@@ -162,9 +162,45 @@ def _over(size, limit) -> bool:
     return statically_known_true(size > limit)
 
 
+def _cuda_smem_limit(index: int | None) -> int | None:
+    """The opt-in shared memory of one block on CUDA device ``index`` (None: the current
+    one), in bytes, or None where torch does not report it."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+_CUDA_REFUSALS: dict = {}
+
+
+def _cuda_nca_refusal(index: int | None, C: int, F: int, hidden: int, frozen: int, depthwise: bool) -> str | None:
+    """Why the CUDA nca kernels cannot hold this rule in device ``index``'s shared memory (the
+    backward's main kernel keeps about 2(F+1)C + C rows of 33 floats), or None."""
+    key = (index, C, F, hidden, frozen, depthwise)
+    if key not in _CUDA_REFUSALS:
+        mod, limit, why = _ext.load("_C_cuda"), _cuda_smem_limit(index), None
+        if mod is not None and limit is not None:
+            try:
+                fwd, bwd = mod.nca_step_smem(C, F, hidden, frozen, depthwise)
+            except ValueError as e:
+                why = str(e).replace("fastnca nca_step (cuda): ", "")
+            else:
+                for part, need in (("forward", fwd), ("backward", bwd)):
+                    if why is None and need > limit:
+                        why = (f"its {part} needs {need} bytes of shared memory for {(F + 1) * C} perception "
+                               f"channels, the device allows {limit}")
+        _CUDA_REFUSALS[key] = why
+    return _CUDA_REFUSALS[key]
+
+
+# torch.compile calls it once at trace time and keeps the answer (what
+# torch._dynamo.assume_constant_result sets; importing dynamo here would slow `import fastnca`).
+_cuda_nca_refusal._dynamo_marked_constant = True
+
+
 def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: bool, cells: int,
-                    height: int, width: int) -> str | None:
-    """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS), or None."""
+                    height: int, width: int, frozen: int = 0, device: torch.device | None = None) -> str | None:
+    """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS; for ``cuda`` on a
+    given CUDA ``device``, also its shared memory), or None."""
     lim = NCA_LIMITS.get(backend, {})
     if _over(C, lim.get("channels")):
         return f"its kernels support at most {lim['channels']} channels, got {C}"
@@ -178,6 +214,9 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
         return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
     if _over(cells, lim.get("cells")):
         return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
+    if (backend == "cuda" and device is not None and device.type == "cuda"
+            and all(isinstance(n, int) for n in (C, F, hidden, frozen))):  # symbolic: the kernels check
+        return _cuda_nca_refusal(device.index, C, F, hidden, frozen, bool(depthwise))
     return None
 
 
@@ -225,7 +264,9 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
     def refuses(name):
         if sizes is None:
             return None
-        return (nca_unsupported if op == "nca_step" else attention_unsupported)(name, **sizes)
+        if op == "nca_step":
+            return nca_unsupported(name, device=device, **sizes)
+        return attention_unsupported(name, **sizes)
 
     if backend is None:
         for name in _AUTO.get((device.type, op), _AUTO.get(device.type, ("reference",))):
