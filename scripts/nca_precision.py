@@ -4,8 +4,10 @@ GPU kernels' dot precision (DESIGN.md: half inputs compute in float32 inside).
 For a bfloat16 state and weights (the Med-NCA rule unless --rule says otherwise), the step
 and its backward are computed four ways, each against a float64 ground truth from the
 same bfloat16 inputs and the same fire mask:
-  fp32   every product in float32: what fastnca's kernels do by default (3xTF32 on
-         tensor cores has float32-level error);
+  fp32   every product in float32: what fastnca's kernels do by default in the forward
+         (3xTF32 on tensor cores has float32-level error; for bfloat16 rules the Triton
+         backward's gradient-only products take one TF32 product by default,
+         FASTNCA_TRITON_NCA_BWD_TF32, which this study does not model);
   tf32   every dot's operands rounded to TF32 (10-bit mantissa, round to nearest even),
          products summed exactly: fastnca's Triton kernels under
          torch.backends.cuda.matmul.allow_tf32 = True;
