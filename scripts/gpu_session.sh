@@ -77,6 +77,14 @@
 #         --no-cuda --rounds 3" BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh \
 #             variants@200 bench:nca,attention:bfloat16@230 timeline:attention:triton@40 pack
 #       Make the winner the default only if it wins both the kernels and the rollout rows.
+#     Added in session 16 (untimed): the CUDA attention kernels rewritten (a warp on 8
+#       queries at D=64 instead of 1, 16-byte row loads, 32-bit index decoding), and the CUDA
+#       nca backend refuses rules its backward's shared memory cannot hold. Call 1's tests
+#       and memcheck cover them (test_gpu_attention_*: a misaligned vector load would show
+#       as a memcheck error); add fastnca:cuda to call 2's BENCH_IMPLS for the attention
+#       (BENCH_IMPLS="compile,fastnca:triton,fastnca:cuda"), and, if a minute is left,
+#       ncu:attention:cuda@60 to see what bounds them now (ncu-source's CUDA kernel names
+#       were the launchers' names, which match no kernel: fixed in session 16).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
@@ -182,10 +190,10 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
       # the first launch of each kernel of one fwd+bwd (the op's long-running ones)
       if [[ ${op:-nca} == nca ]]; then
         kernels="_nca_step_backward_cell_kernel _nca_step_backward_input_kernel _nca_step_backward_conv_kernel _nca_step_forward_kernel"
-        [[ ${backend:-triton} == cuda ]] && kernels="nca_step_backward nca_step_forward"
+        [[ ${backend:-triton} == cuda ]] && kernels="nca_backward_main_kernel nca_conv_grad nca_state_grad_kernel nca_forward_kernel"
       else
         kernels="_na2d_backward_kernel _na2d_forward_kernel"
-        [[ ${backend:-triton} == cuda ]] && kernels="na2d_backward na2d_forward"
+        [[ ${backend:-triton} == cuda ]] && kernels="na_backward_query_kernel na_backward_key_kernel na_forward_kernel"
       fi
       local -a names=($kernels)
       "${tmo[@]}" "$ncu" --profile-from-start off -k "regex:${kernels// /|}" --launch-count ${#names[@]} \
