@@ -398,17 +398,44 @@ def test_emulated_attention_half_and_strided_grad(emulated, dtype):
 
 def test_emulated_attention_grad_o_rows_copied_for_vectors(emulated, monkeypatch):
     """A grad_o whose rows are not 16-byte vectors is copied when q, k, v's are (the
-    backward then runs at the forward's width); with element-wise q, k, v it is read as is."""
-    seen = []
-    real = torch.Tensor.contiguous
-    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: seen.append(t.shape) or real(t, *a, **kw))
-    for packed, copied in ((True, True), ("offset", False)):
-        seen.clear()
-        q, k, v = make_qkv(emulated, 1, 3, 4, 2, 8, torch.float32, packed)
+    backward then runs at the forward's width); with element-wise q, k, v it is read as is.
+    A contiguous view at a misaligned offset is copied too (.contiguous() would return it
+    unchanged), and the strides of size-1 dimensions do not count."""
+    from fastnca.kernels.cuda import _launch
+
+    real = _launch.module()
+    passed = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def na2d_backward(self, grad_o, grad_o_strides, *rest, **kw):
+            passed.append((grad_o, tuple(grad_o_strides)))
+            return real.na2d_backward(grad_o, grad_o_strides, *rest, **kw)
+
+    monkeypatch.setattr(_launch, "module", lambda: Spy())
+    g = torch.Generator().manual_seed(2)
+    spare = torch.randn(1 + 1 * 3 * 4 * 2 * 8, generator=g)
+    cases = [  # (q, k, v layout, heads, grad_o, copied)
+        (True, 2, torch.randn(1, 3, 4, 8, 2, generator=g).transpose(-1, -2), True),
+        ("offset", 2, torch.randn(1, 3, 4, 8, 2, generator=g).transpose(-1, -2), False),
+        (True, 2, spare[1:].view(1, 3, 4, 2, 8), True),  # contiguous, 4 bytes past a boundary
+        (True, 1, torch.randn(1, 3, 4, 8, 1, generator=g).transpose(-1, -2), False),  # stride of a size-1 dim
+        (False, 2, torch.randn(1, 3, 4, 2, 8, generator=g), False),
+    ]
+    for packed, nh, do, copied in cases:
+        passed.clear()
+        q, k, v = make_qkv(emulated, 1, 3, 4, nh, 8, torch.float32, packed)
         o, lse = cuda_na.forward(q, k, v, 3, "zeros", 0.5)
-        do = torch.randn(1, 3, 4, 8, 2).transpose(-1, -2)
-        cuda_na.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.5)
-        assert (tuple(do.shape) in seen) == copied
+        grads = cuda_na.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.5)
+        (ptr, strides), = passed
+        assert (ptr != do.data_ptr()) == copied, (packed, nh, do.stride())
+        if copied:
+            assert ptr % 16 == 0 and strides == tuple(torch.empty(do.shape).stride())
+        ref = ref_na.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.5)
+        for a, b in zip(grads, ref):
+            assert_matches("grad", a, b, torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("border", ["mask", "circular", "shift"])

@@ -9,7 +9,7 @@
 //
 // Mapping: a group of G lanes (G a power of two <= 32) owns one (cell, head), so a warp
 // works on 32 / G of them at once and the per-query index work is shared by few lanes.
-// Each lane holds lane_dims() of the D features per pass, as chunks of VEC consecutive
+// Each lane holds lane_dims() (16; 8 at kernel sizes 5, 7) of the D features per pass, as chunks of VEC consecutive
 // elements: VEC = 16 bytes / sizeof(T) when every row is 16-byte aligned (one 128-bit load
 // per chunk), else VEC = 1. Chunk c of the pass starting at d0 begins at element
 // d0 + (c * G + lane) * VEC, so the group reads G * VEC consecutive elements per load
@@ -42,10 +42,12 @@ namespace {
 
 constexpr int kThreads = 128;
 // Features a lane holds per pass (registers per held row): two or four 16-byte vectors, or
-// four scalars on the unvectorised path (whose full unrolling is otherwise long to compile).
-template <int VEC>
+// four scalars on the unvectorised path (whose full unrolling is otherwise long to compile);
+// half that at kernel sizes 5 and 7, whose 25 / 49 logits and their gradients need the
+// registers (sm_90: the query kernel spilled up to 472 bytes with 16).
+template <int VEC, int KS>
 FASTNCA_HD constexpr int lane_dims() {
-  return VEC == 1 ? 4 : 16;
+  return (VEC == 1 ? 4 : 16) / (KS >= 5 ? 2 : 1);
 }
 
 struct NaDims {
@@ -93,7 +95,7 @@ FASTNCA_DEVICE Query decode(int64_t gid, const NaDims& d) {
 }
 
 // ---- a lane's share of a row ----------------------------------------------------------
-// lane_dims<VEC>() floats: chunk c (VEC elements) at element d0 + (c * G + lane) * VEC. Chunks past
+// L floats: chunk c (VEC elements) at element d0 + (c * G + lane) * VEC. Chunks past
 // D are left out (VEC divides D when VEC > 1, so a chunk is wholly in or out).
 template <int VEC>
 FASTNCA_DEVICE int chunk_start(int d0, int c, int lane, const NaDims& d) {
@@ -129,11 +131,11 @@ FASTNCA_DEVICE void store_vec(T* p, const float* in, float mult) {
 }
 
 // x = the lane's share of row (element stride sd; 1 whenever VEC > 1); zeros past D.
-template <typename T, int VEC>
+template <typename T, int VEC, int L>
 FASTNCA_DEVICE void load_share(const T* __restrict__ row, int64_t sd, int d0, int lane, const NaDims& d,
-                               float (&x)[lane_dims<VEC>()]) {
+                               float (&x)[L]) {
 #pragma unroll
-  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+  for (int c = 0; c < L / VEC; ++c) {
     const int dd = chunk_start<VEC>(d0, c, lane, d);
     if (dd < d.D) {
       load_vec<T, VEC>(row + dd * sd, &x[c * VEC]);
@@ -145,11 +147,11 @@ FASTNCA_DEVICE void load_share(const T* __restrict__ row, int64_t sd, int d0, in
 }
 
 // acc + this lane's part of <x, row> (x: a share held in registers, row read here).
-template <typename T, int VEC>
-FASTNCA_DEVICE float dot_share(const float (&x)[lane_dims<VEC>()], const T* __restrict__ row, int d0, int lane,
+template <typename T, int VEC, int L>
+FASTNCA_DEVICE float dot_share(const float (&x)[L], const T* __restrict__ row, int d0, int lane,
                                const NaDims& d, float acc) {
 #pragma unroll
-  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+  for (int c = 0; c < L / VEC; ++c) {
     const int dd = chunk_start<VEC>(d0, c, lane, d);
     if (dd < d.D) {
       float t[VEC];
@@ -162,11 +164,11 @@ FASTNCA_DEVICE float dot_share(const float (&x)[lane_dims<VEC>()], const T* __re
 }
 
 // The same sum with both shares in registers (same chunks, same order).
-template <int VEC>
-FASTNCA_DEVICE float dot_regs(const float (&x)[lane_dims<VEC>()], const float (&y)[lane_dims<VEC>()], int d0, int lane,
+template <int VEC, int L>
+FASTNCA_DEVICE float dot_regs(const float (&x)[L], const float (&y)[L], int d0, int lane,
                               const NaDims& d, float acc) {
 #pragma unroll
-  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c)
+  for (int c = 0; c < L / VEC; ++c)
     if (chunk_start<VEC>(d0, c, lane, d) < d.D) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], y[c * VEC + e], acc);
@@ -174,11 +176,11 @@ FASTNCA_DEVICE float dot_regs(const float (&x)[lane_dims<VEC>()], const float (&
   return acc;
 }
 
-template <typename T, int VEC>
-FASTNCA_DEVICE void store_share(T* __restrict__ row, int d0, int lane, const NaDims& d,
-                                const float (&x)[lane_dims<VEC>()], float mult) {
+template <typename T, int VEC, int L>
+FASTNCA_DEVICE void store_share(T* __restrict__ row, int d0, int lane, const NaDims& d, const float (&x)[L],
+                                float mult) {
 #pragma unroll
-  for (int c = 0; c < lane_dims<VEC>() / VEC; ++c) {
+  for (int c = 0; c < L / VEC; ++c) {
     const int dd = chunk_start<VEC>(d0, c, lane, d);
     if (dd < d.D) store_vec<T, VEC>(row + dd, &x[c * VEC], mult);
   }
@@ -216,8 +218,9 @@ FASTNCA_DEVICE void window_dots(const T* __restrict__ xrow, int64_t sx, const T*
                                 unsigned mask, float (&s)[KS * KS]) {
 #pragma unroll
   for (int j = 0; j < KS * KS; ++j) s[j] = 0.f;
-  for (int d0 = 0; d0 < d.D; d0 += d.G * lane_dims<VEC>()) {
-    float x[lane_dims<VEC>()];
+  constexpr int L = lane_dims<VEC, KS>();
+  for (int d0 = 0; d0 < d.D; d0 += d.G * L) {
+    float x[L];
     load_share<T, VEC>(xrow, sx, d0, lane, d, x);
     // Key-outer loops keep one key address live at a time.
 #pragma unroll
@@ -237,10 +240,11 @@ template <typename T, int KS, int VEC>
 FASTNCA_DEVICE void window_combine(const T* __restrict__ tb, const View5& ts, const Window<KS>& win,
                                    const NaDims& d, int lane, const float (&c)[KS * KS], float mult,
                                    T* __restrict__ out) {
-  for (int d0 = 0; d0 < d.D; d0 += d.G * lane_dims<VEC>()) {
-    float acc[lane_dims<VEC>()];
+  constexpr int L = lane_dims<VEC, KS>();
+  for (int d0 = 0; d0 < d.D; d0 += d.G * L) {
+    float acc[L];
 #pragma unroll
-    for (int u = 0; u < lane_dims<VEC>(); ++u) acc[u] = 0.f;
+    for (int u = 0; u < L; ++u) acc[u] = 0.f;
 #pragma unroll
     for (int a = 0; a < KS; ++a)
 #pragma unroll
@@ -249,7 +253,7 @@ FASTNCA_DEVICE void window_combine(const T* __restrict__ tb, const View5& ts, co
         const T* tp = tb + win.ky[a] * ts.h + win.kx[b] * ts.w;
         const float cj = c[a * KS + b];
 #pragma unroll
-        for (int ch = 0; ch < lane_dims<VEC>() / VEC; ++ch) {
+        for (int ch = 0; ch < L / VEC; ++ch) {
           const int dd = chunk_start<VEC>(d0, ch, lane, d);
           if (dd < d.D) {
             float t[VEC];
@@ -377,7 +381,7 @@ na_backward_key_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ 
                        const T* __restrict__ v, View5 vs, const T* __restrict__ go, View5 gos,
                        const float* __restrict__ lse, const float* __restrict__ delta,
                        T* __restrict__ dk, T* __restrict__ dv, NaDims d) {
-  constexpr int L = lane_dims<VEC>();
+  constexpr int L = lane_dims<VEC, KS>();
   const int64_t gid = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / d.G;
   if (gid >= d.groups) return;
   const int lane = static_cast<int>(threadIdx.x) & (d.G - 1);
@@ -458,11 +462,13 @@ View5 view5(const std::vector<int64_t>& s, bool last_contiguous) {
   return View5{s[0], s[1], s[2], s[3], s[4]};
 }
 
-// Whether a [B, H, W, heads, D] tensor's rows are whole 16-byte vectors: 16-byte aligned
-// start, unit element stride, the other strides multiples of the vector.
-bool rows_are_vectors(std::uintptr_t p, const View5& s, int D, int vec) {
-  return vec > 1 && p % 16 == 0 && s.d == 1 && D % vec == 0 && s.b % vec == 0 && s.h % vec == 0 &&
-         s.w % vec == 0 && s.n % vec == 0;
+// Whether every row of a [B, H, W, heads, D] tensor is whole 16-byte vectors: 16-byte
+// aligned start, unit element stride, the strides of the other dimensions of size > 1
+// multiples of the vector (a size-1 dimension's stride is never used).
+bool rows_are_vectors(std::uintptr_t p, const View5& s, int B, int H, int W, int NH, int D, int vec) {
+  auto steps = [vec](int64_t stride, int size) { return size == 1 || stride % vec == 0; };
+  return vec > 1 && p % 16 == 0 && s.d == 1 && D % vec == 0 && steps(s.b, B) && steps(s.h, H) &&
+         steps(s.w, W) && steps(s.n, NH);
 }
 
 NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border, float scale, int vec,
@@ -481,7 +487,8 @@ NaDims make_dims(int B, int H, int W, int NH, int D, int kernel_size, int border
   // (but no lane without a chunk), at most a warp.
   const int chunks = (D + vec - 1) / vec;
   const int sector = std::max(1, 32 / (vec * elem_bytes));
-  const int lane = vec > 1 ? lane_dims<2>() : lane_dims<1>();
+  const int lane = vec > 1 ? (kernel_size >= 5 ? lane_dims<2, 7>() : lane_dims<2, 3>())
+                            : (kernel_size >= 5 ? lane_dims<1, 7>() : lane_dims<1, 3>());
   while (d.G < 32 && d.G * lane < D) d.G *= 2;
   while (d.G < sector && d.G < chunks) d.G *= 2;
   return d;
@@ -525,8 +532,8 @@ void na2d_forward_cuda(std::uintptr_t q, const std::vector<int64_t>& q_strides, 
                        std::uintptr_t stream) {
   const View5 qs = view5(q_strides, true), ks = view5(k_strides, true), vs = view5(v_strides, true);
   const int eb = elem_bytes(dtype), vec = 16 / eb;
-  const bool vectors = rows_are_vectors(q, qs, D, vec) && rows_are_vectors(k, ks, D, vec) &&
-                       rows_are_vectors(v, vs, D, vec) && o % 16 == 0;
+  const bool vectors = rows_are_vectors(q, qs, B, H, W, heads, D, vec) && rows_are_vectors(k, ks, B, H, W, heads, D, vec) &&
+                       rows_are_vectors(v, vs, B, H, W, heads, D, vec) && o % 16 == 0;
   const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale),
                              vectors ? vec : 1, eb);
   const dim3 grid = grid_1d(ceil_div(d.groups * d.G, kThreads), "neighborhood_attention (cuda)");
@@ -552,9 +559,9 @@ void na2d_backward_cuda(std::uintptr_t grad_o, const std::vector<int64_t>& grad_
   // The forward's vector width whenever q, k, v are the same (so the recomputed logits are
   // its bit for bit): the launcher hands over a contiguous grad_o when its rows are not
   // vectors but q's are.
-  const bool qkv_vectors = rows_are_vectors(q, qs, D, vec) && rows_are_vectors(k, ks, D, vec) &&
-                           rows_are_vectors(v, vs, D, vec);
-  const bool vectors = qkv_vectors && rows_are_vectors(grad_o, gs, D, vec) && dq % 16 == 0 && dk % 16 == 0 &&
+  const bool qkv_vectors = rows_are_vectors(q, qs, B, H, W, heads, D, vec) && rows_are_vectors(k, ks, B, H, W, heads, D, vec) &&
+                           rows_are_vectors(v, vs, B, H, W, heads, D, vec);
+  const bool vectors = qkv_vectors && rows_are_vectors(grad_o, gs, B, H, W, heads, D, vec) && dq % 16 == 0 && dk % 16 == 0 &&
                        dv % 16 == 0;
   const NaDims d = make_dims(B, H, W, heads, D, kernel_size, border, static_cast<float>(scale),
                              vectors ? vec : 1, eb);

@@ -19,10 +19,11 @@ from . import _launch
 
 
 def _rows_are_vectors(t):
-    """Whether every [..., D] row of t is whole 16-byte vectors (the kernels' test)."""
+    """Whether every [..., D] row of t is whole 16-byte vectors (the kernels' test: the
+    strides of size-1 dimensions are never used)."""
     vec = 16 // t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] % vec == 0
-            and all(s % vec == 0 for s in t.stride()[:-1]))
+            and all(s % vec == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 def _check(q, k, v, kernel_size, border):
@@ -65,7 +66,9 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
         grad_o = grad_o.to(q.dtype)
     if any(s < 0 for s in grad_o.stride()) or (
             not _rows_are_vectors(grad_o) and all(_rows_are_vectors(t) for t in (q, k, v))):
-        grad_o = grad_o.contiguous()
+        # a fresh copy: .contiguous() hands back a contiguous view as it is, whatever its
+        # alignment (a storage offset, or odd strides of size-1 dimensions)
+        grad_o = torch.empty(grad_o.shape, dtype=grad_o.dtype, device=grad_o.device).copy_(grad_o)
     lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
     if tuple(lse.shape) != (B, H, W, nh):
         raise ValueError(f"lse must be [{B}, {H}, {W}, {nh}], got {tuple(lse.shape)}")
