@@ -156,6 +156,25 @@ def mentions(*words):
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
 
 
+def graph_held(out) -> list:
+    """Tensors the autograd graph behind ``out`` keeps as attributes of its nodes (a Python
+    Function's ``ctx.x = t``): alive until backward like saved tensors, but invisible to
+    saved_tensors_hooks, which see save_for_backward only."""
+    held, seen = [], set()
+    stack = [out.grad_fn] if isinstance(out, torch.Tensor) else [t.grad_fn for t in out]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    held.append(t)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return held
+
+
 def copies_of(shapes, fn) -> list:
     """The aten copy ops (copy_, clone, contiguous, _to_copy) that ``fn()`` runs with a first
     input of one of ``shapes``. torch.profiler records the ops run inside a custom op's

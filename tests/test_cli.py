@@ -5,9 +5,13 @@ from fastnca.cli import main
 
 
 def test_info(capsys):
+    """One line per backend with its own status: 'available', or the reason it is not."""
+    import fastnca
+
     assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "reference" in out and "available" in out
+    lines = {ln.split()[0]: ln.split(None, 1)[1].strip() for ln in capsys.readouterr().out.splitlines()[1:] if ln.strip()}
+    for name, status in fastnca.backends().items():
+        assert lines[name] == ("available" if status is True else status), name
 
 
 def test_bench_quick_writes_json(tmp_path, capsys):

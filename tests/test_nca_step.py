@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastnca
-from conftest import assert_close, copies_of, device_for, fast_backends, fire_bits, mentions
+from conftest import assert_close, copies_of, device_for, fast_backends, fire_bits, graph_held, mentions
 from fastnca import _backend
 from fastnca.kernels import _common
 from fastnca.kernels.reference import nca_step as ref_nca
@@ -202,9 +202,11 @@ def test_rollout_zero_steps_and_no_grad():
     x = make_state(1, 3, 4, 4)
     out = fastnca.nca_rollout(x, *rule, steps=0, seed=1, backend="reference")
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
-    with torch.no_grad():
+    rule = [t.requires_grad_(True) for t in rule]
+    x.requires_grad_(True)
+    with torch.no_grad():  # inputs that require grad: the graph would be built without no_grad
         y = fastnca.nca_rollout(x, *rule, steps=3, seed=1, backend="reference")
-    assert y.grad_fn is None
+    assert y.grad_fn is None and not y.requires_grad
 
 
 @pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
@@ -244,7 +246,8 @@ def test_nan_propagates_like_the_reference(backend, where):
 
 
 def saved_bytes(fn):
-    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once)."""
+    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once):
+    the saved tensors and any tensor the graph's nodes hold as attributes (graph_held)."""
     seen = {}
 
     def pack(t):
@@ -253,6 +256,8 @@ def saved_bytes(fn):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    for t in graph_held(out):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
     return sum(seen.values()), out
 
 
@@ -270,8 +275,9 @@ def test_step_saves_only_its_inputs(backend):
         return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fastnca.nca_step(x, *rule, seed=0, backend=backend)
+        out = fastnca.nca_step(x, *rule, seed=0, backend=backend)
     assert sorted(kept) == sorted(t.untyped_storage().data_ptr() for t in (x, *rule))
+    assert graph_held(out) == []  # nor anything kept on the side (ctx attributes)
 
 
 @pytest.mark.parametrize("steps,every", [(64, None), (64, 4), (10, 3), (1, None)])
@@ -722,8 +728,9 @@ def _cpu_peak_bytes(fn):
 @pytest.mark.parametrize("steps", [16, 32])
 def test_rollout_backward_peak_in_states(steps):
     """Peak memory of a rollout's forward + backward, in states: the checkpoints, one
-    recomputed segment, the backward's dP workspace and a few more (output, gradients).
-    A zero gradient materialised for the checkpoints (3 or 7 more states here) fails it."""
+    recomputed segment, the backward's dP workspace and a few more (output, gradients:
+    measured 11.15 states at 16 steps, 15.15 at 32, 1.35 under the bound). A zero gradient
+    materialised for the checkpoints (3 or 7 more states here) fails it."""
     if fastnca.backends()["cpu"] is not True:
         pytest.skip("needs the cpu backend")
     every = 4
@@ -742,7 +749,7 @@ def test_rollout_backward_peak_in_states(steps):
     workspace = 4 * fastnca._ext.load("_C").nca_step_backward_workspace(
         fastnca._ext.DTYPE_CODES[x.dtype], list(x.shape), 2, 1, 32, 1, fastnca._ext.PADDING_CODES["reflect"])
     assert workspace >= state_bytes  # a torch allocation, inside the measured peak
-    assert peak <= checkpoints + every + 5 + workspace / state_bytes, f"peak {peak:.2f} states"
+    assert peak <= checkpoints + every + 2.5 + workspace / state_bytes, f"peak {peak:.2f} states"
 
 
 @pytest.mark.parametrize("backend", [b for b in fast_backends("nca_step") if b.values[0] != "cpu"])

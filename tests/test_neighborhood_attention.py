@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastnca
-from conftest import assert_close, copies_of, device_for, fast_backends, mentions
+from conftest import assert_close, copies_of, device_for, fast_backends, graph_held, mentions
 
 BORDERS = ["zeros", "mask", "circular", "shift"]
 
@@ -152,7 +152,9 @@ def _saved(fn):
         return t.detach()  # not t: a saved output would hold its own graph (a leaked cycle)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+        out = fn()
+    for t in graph_held(out):  # tensors kept on the side (ctx attributes) count too
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -173,7 +175,7 @@ def test_memory_contract_q_k_v_o_lse_only():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         o, lse = fastnca.neighborhood_attention2d(q, k, v, return_lse=True)
-    assert len(kept) == 5
+    assert len(kept) == 5 and graph_held(o) == []
     for want in (q, k, v, o):
         assert any(t.data_ptr() == want.data_ptr() and t.shape == want.shape for t in kept)
     assert any(t.data_ptr() == lse.data_ptr() and t.dtype == torch.float32 for t in kept)
