@@ -176,6 +176,22 @@ FASTNCA_DEVICE float dot_regs(const float (&x)[L], const float (&y)[L], int d0, 
   return acc;
 }
 
+// acc += c * the lane's share of row (chunks past D left alone).
+template <typename T, int VEC, int L>
+FASTNCA_DEVICE void axpy_share(float c, const T* __restrict__ row, int d0, int lane, const NaDims& d,
+                               float (&acc)[L]) {
+#pragma unroll
+  for (int ch = 0; ch < L / VEC; ++ch) {
+    const int dd = chunk_start<VEC>(d0, ch, lane, d);
+    if (dd < d.D) {
+      float t[VEC];
+      load_vec<T, VEC>(row + dd, t);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[ch * VEC + e] = fmaf(c, t[e], acc[ch * VEC + e]);
+    }
+  }
+}
+
 template <typename T, int VEC, int L>
 FASTNCA_DEVICE void store_share(T* __restrict__ row, int d0, int lane, const NaDims& d, const float (&x)[L],
                                 float mult) {
@@ -249,19 +265,8 @@ FASTNCA_DEVICE void window_combine(const T* __restrict__ tb, const View5& ts, co
     for (int a = 0; a < KS; ++a)
 #pragma unroll
       for (int b = 0; b < KS; ++b) {
-        if (win.ky[a] < 0 || win.kx[b] < 0) continue;
-        const T* tp = tb + win.ky[a] * ts.h + win.kx[b] * ts.w;
-        const float cj = c[a * KS + b];
-#pragma unroll
-        for (int ch = 0; ch < L / VEC; ++ch) {
-          const int dd = chunk_start<VEC>(d0, ch, lane, d);
-          if (dd < d.D) {
-            float t[VEC];
-            load_vec<T, VEC>(tp + dd, t);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[ch * VEC + e] = fmaf(cj, t[e], acc[ch * VEC + e]);
-          }
-        }
+        if (win.ky[a] >= 0 && win.kx[b] >= 0)
+          axpy_share<T, VEC>(c[a * KS + b], tb + win.ky[a] * ts.h + win.kx[b] * ts.w, d0, lane, d, acc);
       }
     store_share<T, VEC>(out, d0, lane, d, acc, mult);
   }
