@@ -167,20 +167,20 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
 
 
 @pytest.mark.parametrize("C,F,depthwise,fits", [
-    (236, 2, False, True), (240, 2, False, False),   # dense, F 2: the backward's rows of 33 floats
+    (236, 2, False, True), (237, 2, False, False),   # dense, F 2: the backward's rows of 33 floats
     (128, 4, False, True), (128, 5, False, False),
     (24, 25, True, True), (32, 25, True, False),     # depthwise at the most filters it takes
 ])
 def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, depthwise, fits):
     """The CUDA backward keeps ~2(F+1)C + C rows of 33 floats in shared memory: rules past the
     device's limit (an H100's 227 KB here) are refused at selection, before the forward runs
-    (the backward raised after it), and the refusal agrees with the kernels' own plan."""
+    (the backward raised after it), and the refusal agrees with the kernels' own plan. Calls
+    that need no gradient are refused only where the forward does not fit."""
     from conftest import emulation_module, emulation_path
 
-    mod = _ext.load("_C_cuda")
-    if mod is None and emulation_path() is None:
+    if emulation_path() is None and _ext.load("_C_cuda") is None:
         pytest.skip("neither fastnca._C_cuda nor its host emulation is built")
-    mod = mod if mod is not None else emulation_module()
+    mod = emulation_module() if emulation_path() is not None else _ext.load("_C_cuda")
     monkeypatch.setattr(_ext, "load", lambda name: mod)
     monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
     monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
@@ -190,7 +190,11 @@ def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, dept
     assert (why is None) == fits, why
     if not fits:
         assert "backward needs" in why and "the device allows 232448" in why
+    assert _backend.nca_unsupported("cuda", device=cuda, grad=False, **sizes) is None  # forward fits
     assert _backend.nca_unsupported("cuda", **sizes) is None  # no device: the static limits only
+    monkeypatch.setattr(_backend, "_compiling", lambda: True)  # traced: the kernels check
+    assert _backend.nca_unsupported("cuda", device=cuda, **sizes) is None
+    monkeypatch.undo()
     if emulation_path() is not None:  # the emulated device has the same 227 KB
         emu = emulation_module()
         plan = lambda: emu.nca_step_backward_plan(1, C, 8, 8, F, 128, 1, depthwise, 1, 1 << 23, 0)  # noqa: E731
@@ -199,25 +203,57 @@ def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, dept
         else:
             with pytest.raises(ValueError, match="too large for the backward's shared memory"):
                 plan()
+
+
+def test_cuda_nca_refusal_in_backend_selection(monkeypatch):
+    """backend=None passes over cuda for a rule its backward cannot hold (when a gradient is
+    needed); backend='cuda' says why before any kernel runs; the kernels report the
+    backward's int index limit (hidden * (K+1) < 2^31) apart, for calls with a gradient."""
+    from conftest import emulation_module, emulation_path
+
+    if emulation_path() is None:
+        pytest.skip("host emulation of the CUDA kernels not built")
+    monkeypatch.setattr(_ext, "load", lambda name: emulation_module())
+    monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
     monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
     monkeypatch.setattr(_backend, "_AUTO", {("cuda", "nca_step"): ("cuda", "reference")})
-    assert _backend.resolve(None, "nca_step", cuda, torch.float32, sizes) == ("cuda" if fits else "reference")
-    if not fits:
-        with pytest.raises(ValueError, match="backend 'cuda' cannot run this nca_step: its backward needs"):
-            _backend.resolve("cuda", "nca_step", cuda, torch.float32, sizes)
+    cuda = torch.device("cuda", 0)
+    big = dict(C=240, F=2, hidden=128, depthwise=False, cells=64, height=8, width=8, frozen=1)
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, big) == "reference"
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(big, grad=False)) == "cuda"
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this nca_step: its backward needs"):
+        _backend.resolve("cuda", "nca_step", cuda, torch.float32, big)
+    # the kernels' own answer on the index limit (past the static hidden cap of 65536 here)
+    assert emulation_module().nca_step_smem(32, 2, 128, 1, False)[2] == ""
+    assert "below 2^31" in emulation_module().nca_step_smem(2048, 1, 1 << 20, 0, False)[2]
 
 
-def test_cuda_refusal_is_a_constant_for_dynamo():
-    """_cuda_nca_refusal carries the mark torch._dynamo.assume_constant_result sets (set by
-    hand so that import fastnca does not import dynamo)."""
-    dynamo = pytest.importorskip("torch._dynamo")
+def test_cuda_smem_limit_falls_back_to_the_module(monkeypatch):
+    """torch < 2.7 reports no shared_memory_per_block_optin: the CUDA module's own query of
+    the device attribute stands in (the emulated device's 227 KB here)."""
+    import contextlib
+    import types
 
-    def probe():
-        pass
+    from conftest import emulation_module, emulation_path
 
-    marked = dynamo.assume_constant_result(probe)
-    added = {k: v for k, v in vars(marked).items()}
-    assert added and all(getattr(_backend._cuda_nca_refusal, k, None) == v for k, v in added.items())
+    if emulation_path() is None:
+        pytest.skip("host emulation of the CUDA kernels not built")
+    monkeypatch.setattr(_ext, "load", lambda name: emulation_module())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(name="old"))
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    assert _backend._cuda_smem_limit(0) == 227 * 1024
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(shared_memory_per_block_optin=101376))
+    assert _backend._cuda_smem_limit(0) == 101376
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_smem_limit():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    limit = _backend._cuda_smem_limit(None)
+    assert isinstance(limit, int) and limit >= 48 * 1024
 
 
 def test_auto_backend_passes_over_attention_kernels_that_refuse_the_sizes(monkeypatch):
@@ -415,3 +451,29 @@ def test_interpreter_version_gate(monkeypatch):
         assert (problem is None) == ok, (triton, numpy, problem)
         if problem:
             assert f"Triton {triton[:3]}" in problem and f"numpy {numpy[:3]}" in problem
+
+
+def test_cuda_nca_refusal_traces_with_dynamic_sizes(monkeypatch):
+    """Backend selection for a CUDA device traces under torch.compile(dynamic=True,
+    fullgraph=True) with symbolic channel counts (dynamo reports a SymInt as an int: the
+    shared-memory check, a call into the CUDA module, stays out of traced code)."""
+    monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
+    monkeypatch.setattr(_backend, "_AUTO", {("cuda", "nca_step"): ("cuda", "reference")})
+    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
+    calls = []
+    monkeypatch.setattr(_backend, "_cuda_nca_refusal", lambda *a: calls.append(a))
+    cuda = torch.device("cuda", 0)
+
+    def pick(x):
+        B, C, H, W = x.shape
+        name = _backend.resolve(None, "nca_step", cuda, torch.float32, dict(
+            C=C, F=2, hidden=128, depthwise=False, cells=B * H * W, height=H, width=W, frozen=1, grad=True))
+        return x * (1.0 if name == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    f = torch.compile(pick, dynamic=True, fullgraph=True, backend="eager")
+    for C in (5, 7):
+        assert torch.equal(f(torch.ones(1, C, 3, 3)), torch.ones(1, C, 3, 3))
+    assert calls == []  # traced: left to the kernels
+    pick(torch.ones(1, 5, 3, 3))
+    assert len(calls) == 1  # eager: checked

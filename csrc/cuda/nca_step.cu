@@ -35,6 +35,7 @@
 // and adds the chunks' weight gradients in chunk order.
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include <pybind11/stl.h>
@@ -781,10 +782,14 @@ Dims make_dims(int B, int C, int H, int W, int F, int HD, int frozen, bool depth
   d.depthwise = depthwise ? 1 : 0;
   d.padding = padding;
   d.N = static_cast<int64_t>(B) * H * W;
-  // The weight-gradient partials index one slice with int (accumulate_outer, conv chunks).
-  if (static_cast<int64_t>(d.HDP) * (d.K + 1) + static_cast<int64_t>(d.Cu) * (d.HDP + 1) >= (int64_t(1) << 31))
-    throw std::invalid_argument("fastnca nca_step (cuda): hidden * ((F+1)*C + 1) must stay below 2^31");
   return d;
+}
+
+// The backward's weight-gradient partials index one slice with int (accumulate_outer, conv
+// chunks).
+void check_backward_sizes(const Dims& d) {
+  if (static_cast<int64_t>(d.HDP) * (d.K + 1) + static_cast<int64_t>(d.Cu) * (d.HDP + 1) >= (int64_t(1) << 31))
+    throw std::invalid_argument("fastnca nca_step (cuda): the backward needs hidden * ((F+1)*C + 1) below 2^31");
 }
 
 Strides4 strides4(const std::vector<int64_t>& s) {
@@ -913,6 +918,7 @@ struct BackwardPlan {
 
 template <typename T>
 BackwardPlan plan_backward(const Dims& d, uint32_t threshold) {
+  check_backward_sizes(d);
   const DeviceInfo info = device_info();
   BackwardPlan p;
   int per_sm = 0;
@@ -990,8 +996,17 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
 pybind11::tuple nca_step_smem_cuda(int C, int F, int hidden, int frozen, bool depthwise) {
   const Dims d = make_dims(1, C, 2, 2, F, hidden, frozen, depthwise, kPadZeros);
   const int ns = staging_floats(d, kStageFloats / 4);
-  return pybind11::make_tuple(forward_smem(d, 32, 1, ns), backward_main_smem(d, 32, ns));
+  std::string backward_sizes;  // empty: the backward's index arithmetic holds these sizes
+  try {
+    check_backward_sizes(d);
+  } catch (const std::invalid_argument& e) {
+    backward_sizes = e.what();
+  }
+  return pybind11::make_tuple(forward_smem(d, 32, 1, ns), backward_main_smem(d, 32, ns), backward_sizes);
 }
+
+// The current device's opt-in shared memory per block (bytes): what the plans compare with.
+int device_smem_optin_cuda() { return device_info().smem_optin; }
 
 // Workspace sizes for nca_step_backward (floats): the caller allocates them with torch.
 pybind11::dict nca_step_backward_plan_cuda(int B, int C, int H, int W, int F, int hidden, int frozen,
@@ -1079,7 +1094,10 @@ FASTNCA_BINDINGS(m) {
         "cells_per_thread"_a = 0,
         "Fused NCA step. weights: pointers to the arranged fp32 (pw, pb, w1, b1, w2, b2, pwt).");
   m.def("nca_step_smem", &fastnca::nca_step_smem_cuda, "C"_a, "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a,
-        "(forward, backward) least dynamic shared memory in bytes for a rule.");
+        "(forward, backward) least dynamic shared memory in bytes for a rule, and why the "
+        "backward cannot take its sizes ('' when it can).");
+  m.def("device_smem_optin", &fastnca::device_smem_optin_cuda,
+        "The current device's opt-in shared memory per block, in bytes.");
   m.def("nca_step_backward_plan", &fastnca::nca_step_backward_plan_cuda, "B"_a, "C"_a, "H"_a, "W"_a,
         "F"_a, "hidden"_a, "frozen"_a, "depthwise"_a, "padding"_a, "threshold"_a, "dtype"_a,
         "Workspace sizes (floats) of nca_step_backward on the current device.");

@@ -164,43 +164,53 @@ def _over(size, limit) -> bool:
 
 def _cuda_smem_limit(index: int | None) -> int | None:
     """The opt-in shared memory of one block on CUDA device ``index`` (None: the current
-    one), in bytes, or None where torch does not report it."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-    return getattr(props, "shared_memory_per_block_optin", None)
+    one), in bytes: torch's device property where it has one (torch >= 2.7), else the CUDA
+    module's query of the same attribute; None without either."""
+    index = torch.cuda.current_device() if index is None else index
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    mod = _ext.load("_C_cuda")
+    if limit is None and mod is not None:
+        with torch.cuda.device(index):
+            limit = mod.device_smem_optin()
+    return limit
 
 
 _CUDA_REFUSALS: dict = {}
 
 
-def _cuda_nca_refusal(index: int | None, C: int, F: int, hidden: int, frozen: int, depthwise: bool) -> str | None:
-    """Why the CUDA nca kernels cannot hold this rule in device ``index``'s shared memory (the
-    backward's main kernel keeps about 2(F+1)C + C rows of 33 floats), or None."""
-    key = (index, C, F, hidden, frozen, depthwise)
+def _cuda_nca_refusal(index: int | None, C: int, F: int, hidden: int, frozen: int, depthwise: bool,
+                      grad: bool) -> str | None:
+    """Why the CUDA nca kernels cannot run this rule on device ``index`` -- its shared memory
+    (the backward's main kernel keeps about 2(F+1)C + C rows of 33 floats) or, with ``grad``,
+    the backward's index arithmetic -- or None. Eager calls only (see nca_unsupported)."""
+    key = (index, C, F, hidden, frozen, depthwise, grad)
     if key not in _CUDA_REFUSALS:
-        mod, limit, why = _ext.load("_C_cuda"), _cuda_smem_limit(index), None
-        if mod is not None and limit is not None:
+        mod, why = _ext.load("_C_cuda"), None
+        limit = _cuda_smem_limit(index) if mod is not None else None
+        if limit is not None:
             try:
-                fwd, bwd = mod.nca_step_smem(C, F, hidden, frozen, depthwise)
+                fwd, bwd, bwd_sizes = mod.nca_step_smem(C, F, hidden, frozen, depthwise)
             except ValueError as e:
                 why = str(e).replace("fastnca nca_step (cuda): ", "")
             else:
-                for part, need in (("forward", fwd), ("backward", bwd)):
+                parts = (("forward", fwd), ("backward", bwd)) if grad else (("forward", fwd),)
+                for part, need in parts:
                     if why is None and need > limit:
                         why = (f"its {part} needs {need} bytes of shared memory for {(F + 1) * C} perception "
                                f"channels, the device allows {limit}")
+                if why is None and grad and bwd_sizes:
+                    why = bwd_sizes.replace("fastnca nca_step (cuda): ", "")
         _CUDA_REFUSALS[key] = why
     return _CUDA_REFUSALS[key]
 
 
-# torch.compile calls it once at trace time and keeps the answer (what
-# torch._dynamo.assume_constant_result sets; importing dynamo here would slow `import fastnca`).
-_cuda_nca_refusal._dynamo_marked_constant = True
-
-
 def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: bool, cells: int,
-                    height: int, width: int, frozen: int = 0, device: torch.device | None = None) -> str | None:
+                    height: int, width: int, frozen: int = 0, grad: bool = True,
+                    device: torch.device | None = None) -> str | None:
     """Why ``backend``'s nca_step kernels refuse these sizes (NCA_LIMITS; for ``cuda`` on a
-    given CUDA ``device``, also its shared memory), or None."""
+    given CUDA ``device``, also its shared memory, the backward's only where ``grad``), or
+    None. The shared-memory check runs on eager calls: under torch.compile the sizes may be
+    symbolic (dynamo reports a SymInt as an int), and the kernels check them again anyway."""
     lim = NCA_LIMITS.get(backend, {})
     if _over(C, lim.get("channels")):
         return f"its kernels support at most {lim['channels']} channels, got {C}"
@@ -214,10 +224,16 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
         return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
     if _over(cells, lim.get("cells")):
         return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
-    if (backend == "cuda" and device is not None and device.type == "cuda"
-            and all(isinstance(n, int) for n in (C, F, hidden, frozen))):  # symbolic: the kernels check
-        return _cuda_nca_refusal(device.index, C, F, hidden, frozen, bool(depthwise))
+    if (backend == "cuda" and device is not None and device.type == "cuda" and not _compiling()
+            and all(type(n) is int for n in (C, F, hidden, frozen))):  # not symbolic (export)
+        return _cuda_nca_refusal(device.index, C, F, hidden, frozen, bool(depthwise), bool(grad))
     return None
+
+
+def _compiling() -> bool:
+    """Whether torch.compile / torch.export is tracing this call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 # The same for neighborhood_attention2d: every dimension (cpu), or H and W (the border maps'

@@ -273,11 +273,12 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     return (state, pw, pb, w1, b1, w2, b2), (groups, padding, update_prob, seed, frozen)
 
 
-def _sizes(state, pw, w1, groups, frozen) -> dict:
-    """The sizes backend selection checks against the kernels' limits (_backend.NCA_LIMITS)."""
+def _sizes(state, pw, w1, groups, frozen, grad) -> dict:
+    """The sizes backend selection checks against the kernels' limits (_backend.NCA_LIMITS),
+    and whether the call will need the backward (grad)."""
     B, C, H, W = state.shape
     return dict(C=C, F=pw.shape[0] // C, hidden=w1.shape[0], depthwise=groups != 1, cells=B * H * W,
-                height=H, width=W, frozen=frozen)
+                height=H, width=W, frozen=frozen, grad=grad)
 
 
 def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,
@@ -321,8 +322,8 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
-                                                                 _sizes(state, tensors[1], tensors[3], groups, frozen)))
+    sizes = _sizes(state, tensors[1], tensors[3], groups, frozen, _eager.needs_grad(*tensors))
+    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype, sizes))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
     return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args)
 
@@ -359,7 +360,7 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = _eager.needs_grad(*tensors)
     backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
-                                                                 _sizes(state, tensors[1], tensors[3], groups, frozen)))
+                                                                 _sizes(state, tensors[1], tensors[3], groups, frozen, keep)))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)
     out, _ = _eager.call(_nca_rollout_op, _NcaRolloutFunction, _nca_rollout, tensors, args, grad=keep)
