@@ -74,16 +74,19 @@
 #         VARIANTS_ARGS="--variant default:default:default default:default:split-bwd
 #         default:default:half-weights 64,4:chunked:default 32,4:chunked:default
 #         128,8:chunked:default 64,4:gemm:default 32,4:gemm:default 64,4:chunked:half-weights
-#         --no-cuda --rounds 3" BENCH_IMPLS="compile,fastnca:triton" scripts/gpu_session.sh \
-#             variants@200 bench:nca,attention:bfloat16@230 timeline:attention:triton@40 pack
+#         --no-cuda --rounds 3" BENCH_IMPLS="compile,fastnca:triton,fastnca:cuda" scripts/gpu_session.sh \
+#             build-cpu variants@200 bench:attention:bfloat16@60 bench:nca:bfloat16@170 \
+#             timeline:attention:triton@40 pack
+#       (the attention first and apart: the nca suite alone ran past 140 s and was cut;
+#       build-cpu waits for call 1's background build of fastnca._C, which would otherwise
+#       share the CPU with the host-bound eager rows)
 #       Make the winner the default only if it wins both the kernels and the rollout rows.
 #     Added in session 16 (untimed): the CUDA attention kernels rewritten (a warp on 8
 #       queries at D=64 instead of 1, 16-byte row loads, 32-bit index decoding), and the CUDA
 #       nca backend refuses rules its backward's shared memory cannot hold. Call 1's tests
 #       and memcheck cover them (test_gpu_attention_*: a misaligned vector load would show
-#       as a memcheck error); add fastnca:cuda to call 2's BENCH_IMPLS for the attention
-#       (BENCH_IMPLS="compile,fastnca:triton,fastnca:cuda"), and, if a minute is left,
-#       ncu:attention:cuda@60 to see what bounds them now (ncu-source's CUDA kernel names
+#       as a memcheck error); call 2's BENCH_IMPLS above includes fastnca:cuda for them,
+#       and, if a minute is left, ncu:attention:cuda@60 shows what bounds them now (ncu-source's CUDA kernel names
 #       were the launchers' names, which match no kernel: fixed in session 16).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,

@@ -48,7 +48,7 @@ def _bench(args) -> int:
     roofs = {"copy_gbs": common.copy_bandwidth_gbs(device)}
     for d in dtypes:
         roofs[f"matmul_{d}_gflops"] = common.matmul_roof_gflops(device, getattr(torch, d))
-    if device.type == "cuda" and "float32" in dtypes:  # fp32 nca work runs as 3xTF32 in Triton
+    if device.type == "cuda" and "float32" in dtypes:  # single-TF32 roof (3xTF32 reaches ~1/3 of it)
         roofs["matmul_tf32_gflops"] = common.matmul_roof_gflops(device, torch.float32, tf32=True)
     print("roofs: " + ", ".join(f"{k}={v:.1f}" for k, v in roofs.items()))
 

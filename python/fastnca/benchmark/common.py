@@ -360,7 +360,9 @@ def largest_size_within(measure: Callable[[int], float], budget: float, *, start
 def matmul_roof_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None,
                        tf32: bool = False) -> float:
     """Achieved GFLOP/s of a large square matmul: the compute roof the NCA kernels are held to.
-    ``tf32`` (CUDA, float32): on TF32 tensor cores, the roof of fp32 work done as 3xTF32."""
+    ``tf32`` (CUDA, float32): one TF32 tensor-core product per product (allow_tf32), the
+    roof of the Triton kernels' single-TF32 mode; their default 3xTF32 does three TF32
+    products per product, so at most about a third of it."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -414,6 +416,9 @@ def environment(device: torch.device) -> dict:
         env["fastnca"] = __version__
     except ImportError:
         pass
+    # The eager and compiled PyTorch baselines run at torch's defaults: on CUDA, float32
+    # convolutions as TF32 (cudnn) and float32 matmuls as float32, unless the user changed them.
+    env["allow_tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     if device.type == "cpu":
         try:
             with open("/proc/cpuinfo") as f:
@@ -435,9 +440,10 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 # Each suite's baseline, the implementation ratios are taken against: the papers' code.
+# (mednca_max_size has none: its rows' peaks are taken at different image sizes.)
 BASELINES = {"nca_step": "pytorch", "nca_rollout": "pytorch", "nca_rollout_peak": "pytorch",
              "neighborhood_attention": "unfold (GeCA)", "mednca_train": "pytorch",
-             "mednca_max_size": "pytorch", "geca_train": "pytorch", "geca_sample": "pytorch"}
+             "geca_train": "pytorch", "geca_sample": "pytorch"}
 
 
 RATIO_FIELDS = ("fwd_ms", "fwd_bwd_ms", "saved_mb", "peak_mb")
@@ -492,9 +498,16 @@ DEFINITIONS = {
               "samples behind those medians (ms per call; CUDA-graph times have none); a wide "
               "range marks a noisy measurement (shared machine, clocks)",
     "saved_mb": "bytes autograd keeps for backward (saved-tensor hooks), MB",
+    "extra.peak_with_inputs_mb": "nca_rollout: peak_mb plus the state, its gradient and the output gradient, "
+                                 "which every implementation holds (memory ratios over the whole footprint)",
+    "environment.allow_tf32": "torch's TF32 switches during the run: the PyTorch baselines run at them "
+                              "(on CUDA by default float32 convolutions in TF32, matmuls in float32)",
     "peak_mb": "peak memory allocated during one forward + backward, above what was allocated "
-               "before, MB: CUDA torch.cuda.max_memory_allocated; CPU (nca rows) the peak of "
-               "torch.profiler's memory timeline",
+               "before (the inputs and their gradient buffers not counted), MB: CUDA "
+               "torch.cuda.max_memory_allocated; CPU (nca rows) the peak of torch.profiler's memory "
+               "timeline; nca_rollout_peak adds the state and its output gradient "
+               "(extra.includes_state_and_grad_mb); mednca_max_size counts everything one training "
+               "step makes, at the largest size that fits",
     "gflops_fwd, gflops_train": "nca: model GFLOP/s, the same count for every implementation: "
                                 "every cell (the fused kernels skip cells that do not fire, so "
                                 "this can exceed the matmul roof; fire_fraction is the measured "
@@ -504,7 +517,9 @@ DEFINITIONS = {
     "fire_fraction": "nca: the share of cells that fire in the timed step (rollouts: averaged "
                      "over the steps)",
     "roof_fraction_*": "that GFLOP/s over the measured matmul roof of the same dtype",
-    "tf32_roof_fraction_*": "float32 on CUDA: over the TF32 tensor-core matmul roof",
+    "tf32_roof_fraction_*": "float32 on CUDA: over the single-TF32 tensor-core matmul roof (the default 3xTF32 "
+                            "products reach at most about 1/3 of it; float32 roof_fraction_* is over the "
+                            "non-tensor-core float32 matmul)",
     "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
                                            "the measured device copy bandwidth",
     "*_graph_ms, *_graph": "CUDA: the same call captured once in a CUDA graph and replayed "

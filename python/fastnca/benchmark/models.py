@@ -192,13 +192,15 @@ def _mednca_train_step(device, dtype, backend, B, size, patch):
 
 
 def _peak_bytes(device, dtype, backend, B, size):
-    """Peak CUDA memory of one full-resolution training step, everything (data, model,
-    optimiser state) included: what has to fit on the card."""
+    """Peak CUDA memory of one full-resolution training step, everything it makes (data,
+    model, optimiser state) included: what has to fit on the card. Memory allocated before
+    it (earlier suites' tensors, cuBLAS workspaces kept per stream) is not counted."""
     torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     _mednca_train_step(device, dtype, backend, B, size, None)()
     sync(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 MAX_SIZE_BUDGET_GB = 8

@@ -239,11 +239,13 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             try:
                 rfwd = median_ms(timed(roll_fwd, roll_g, False, mode), device, reps=rreps, warmup=1)
                 rfb = median_ms(timed(roll_fwd, roll_g, True, mode), device, reps=rreps, warmup=1)
+                rpeak = peak_mb(timed(roll_fwd, roll_g, True, mode), device, cpu=True)
+                rextra = _throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname, rfired)
+                if rpeak is not None:  # with the state, its gradient and the output gradient, which
+                    # every implementation holds too (peak_mb leaves out what existed before)
+                    rextra["peak_with_inputs_mb"] = rpeak + 3 * xr.nbytes / 2**20
                 results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
-                                      saved_mb(lambda: _kept(roll_fwd)),
-                                      peak_mb(timed(roll_fwd, roll_g, True, mode), device, cpu=True),
-                                      extra=_throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname,
-                                                        rfired)))
+                                      saved_mb(lambda: _kept(roll_fwd)), rpeak, extra=rextra))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
             for t in (x, xl, xr, xlr, *rule):
@@ -275,6 +277,7 @@ def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, dev
     runs = [("pytorch", paper_rollout)]
     runs += [(f"fastnca:{b}", lambda b=b: torch.autograd.backward(
         fastnca.nca_rollout(big, *rule, steps=steps, seed=1, backend=b, **kw), gbig)) for b in backends]
+    runs = selected(runs)  # --impls narrows these rows too
     inputs_mb = 2 * big.nbytes / 2**20
     for impl, fn in runs:
         log(f"  nca_rollout 1024x1024 peak {impl} ...")
