@@ -130,36 +130,36 @@ FASTNCA_DEVICE void store_vec(T* p, const float* in, float mult) {
   }
 }
 
+// Calls f(c, dd) for each chunk c of the lane's share that lies inside D (dd: its first
+// element): the one loop of the share helpers below.
+template <int VEC, int L, typename Fn>
+FASTNCA_DEVICE void for_each_chunk(int d0, int lane, const NaDims& d, Fn&& f) {
+#pragma unroll
+  for (int c = 0; c < L / VEC; ++c) {
+    const int dd = chunk_start<VEC>(d0, c, lane, d);
+    if (dd < d.D) f(c, dd);
+  }
+}
+
 // x = the lane's share of row (element stride sd; 1 whenever VEC > 1); zeros past D.
 template <typename T, int VEC, int L>
 FASTNCA_DEVICE void load_share(const T* __restrict__ row, int64_t sd, int d0, int lane, const NaDims& d,
                                float (&x)[L]) {
 #pragma unroll
-  for (int c = 0; c < L / VEC; ++c) {
-    const int dd = chunk_start<VEC>(d0, c, lane, d);
-    if (dd < d.D) {
-      load_vec<T, VEC>(row + dd * sd, &x[c * VEC]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) x[c * VEC + e] = 0.f;
-    }
-  }
+  for (int u = 0; u < L; ++u) x[u] = 0.f;
+  for_each_chunk<VEC, L>(d0, lane, d, [&](int c, int dd) { load_vec<T, VEC>(row + dd * sd, &x[c * VEC]); });
 }
 
 // acc + this lane's part of <x, row> (x: a share held in registers, row read here).
 template <typename T, int VEC, int L>
 FASTNCA_DEVICE float dot_share(const float (&x)[L], const T* __restrict__ row, int d0, int lane,
                                const NaDims& d, float acc) {
+  for_each_chunk<VEC, L>(d0, lane, d, [&](int c, int dd) {
+    float t[VEC];
+    load_vec<T, VEC>(row + dd, t);
 #pragma unroll
-  for (int c = 0; c < L / VEC; ++c) {
-    const int dd = chunk_start<VEC>(d0, c, lane, d);
-    if (dd < d.D) {
-      float t[VEC];
-      load_vec<T, VEC>(row + dd, t);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], t[e], acc);
-    }
-  }
+    for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], t[e], acc);
+  });
   return acc;
 }
 
@@ -167,39 +167,29 @@ FASTNCA_DEVICE float dot_share(const float (&x)[L], const T* __restrict__ row, i
 template <int VEC, int L>
 FASTNCA_DEVICE float dot_regs(const float (&x)[L], const float (&y)[L], int d0, int lane,
                               const NaDims& d, float acc) {
+  for_each_chunk<VEC, L>(d0, lane, d, [&](int c, int) {
 #pragma unroll
-  for (int c = 0; c < L / VEC; ++c)
-    if (chunk_start<VEC>(d0, c, lane, d) < d.D) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], y[c * VEC + e], acc);
-    }
+    for (int e = 0; e < VEC; ++e) acc = fmaf(x[c * VEC + e], y[c * VEC + e], acc);
+  });
   return acc;
 }
 
-// acc += c * the lane's share of row (chunks past D left alone).
+// acc += w * the lane's share of row (chunks past D left alone).
 template <typename T, int VEC, int L>
-FASTNCA_DEVICE void axpy_share(float c, const T* __restrict__ row, int d0, int lane, const NaDims& d,
+FASTNCA_DEVICE void axpy_share(float w, const T* __restrict__ row, int d0, int lane, const NaDims& d,
                                float (&acc)[L]) {
+  for_each_chunk<VEC, L>(d0, lane, d, [&](int c, int dd) {
+    float t[VEC];
+    load_vec<T, VEC>(row + dd, t);
 #pragma unroll
-  for (int ch = 0; ch < L / VEC; ++ch) {
-    const int dd = chunk_start<VEC>(d0, ch, lane, d);
-    if (dd < d.D) {
-      float t[VEC];
-      load_vec<T, VEC>(row + dd, t);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[ch * VEC + e] = fmaf(c, t[e], acc[ch * VEC + e]);
-    }
-  }
+    for (int e = 0; e < VEC; ++e) acc[c * VEC + e] = fmaf(w, t[e], acc[c * VEC + e]);
+  });
 }
 
 template <typename T, int VEC, int L>
 FASTNCA_DEVICE void store_share(T* __restrict__ row, int d0, int lane, const NaDims& d, const float (&x)[L],
                                 float mult) {
-#pragma unroll
-  for (int c = 0; c < L / VEC; ++c) {
-    const int dd = chunk_start<VEC>(d0, c, lane, d);
-    if (dd < d.D) store_vec<T, VEC>(row + dd, &x[c * VEC], mult);
-  }
+  for_each_chunk<VEC, L>(d0, lane, d, [&](int c, int dd) { store_vec<T, VEC>(row + dd, &x[c * VEC], mult); });
 }
 
 // ---- windows ----------------------------------------------------------------------------
