@@ -30,14 +30,15 @@ TOLERANCES = {
 }
 
 
-def emulation_path():
-    """The host emulation of the CUDA kernels (scripts/build_cuda_emulation.sh), or None."""
+def emulation_path(build: str = "cuda-emu"):
+    """The host emulation of the CUDA kernels (scripts/build_cuda_emulation.sh) built into
+    build/<build>, or None; FASTNCA_CUDA_EMULATION names the default one's file."""
     import glob
 
-    path = os.environ.get("FASTNCA_CUDA_EMULATION")
+    path = os.environ.get("FASTNCA_CUDA_EMULATION") if build == "cuda-emu" else None
     if path:
         return path if os.path.exists(path) else None
-    found = glob.glob(os.path.join(os.path.dirname(__file__), "..", "build", "cuda-emu", "fastnca_cuda_emu*.so"))
+    found = glob.glob(os.path.join(os.path.dirname(__file__), "..", "build", build, "fastnca_cuda_emu*.so"))
     return found[0] if found else None
 
 
@@ -50,18 +51,19 @@ CUDA_EMULATION = (not torch.cuda.is_available() and os.environ.get("FASTNCA_TEST
 EMULATED_OPS = ("nca_step", "neighborhood_attention")  # fire_mask.cu is not in the emulation
 
 
-_EMULATION_MODULE = []
+_EMULATION_MODULES: dict = {}
 
 
-def emulation_module():
-    if not _EMULATION_MODULE:
+def emulation_module(build: str = "cuda-emu"):
+    """The emulation in build/<build> (emulation_path), loaded once."""
+    if build not in _EMULATION_MODULES:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", emulation_path())
+        spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", emulation_path(build))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        _EMULATION_MODULE.append(mod)
-    return _EMULATION_MODULE[0]
+        _EMULATION_MODULES[build] = mod
+    return _EMULATION_MODULES[build]
 
 
 def emulate_cuda(monkeypatch):

@@ -15,7 +15,7 @@ test_nca_step.py and test_neighborhood_attention.py.
 import pytest
 import torch
 
-from conftest import emulate_cuda, emulation_path
+from conftest import emulate_cuda, emulation_module, emulation_path
 from fastnca import _ext
 from fastnca.kernels.cuda import nca_step as cuda_nca
 from fastnca.kernels.cuda import neighborhood_attention as cuda_na
@@ -158,20 +158,12 @@ def test_emulated_nca_step_multi_pass_tiles(emulated, monkeypatch, case):
     """Tiles of 8x the cells one pass holds (the emulation built with
     -DFASTNCA_TEST_TILE_FACTOR=8, as CI does): the path taken when more cells of a tile fire
     than one pass holds, about one tile in a thousand at the planned tile size."""
-    import glob
-    import importlib.util
-    import os
-
     from fastnca.kernels.cuda import _launch
 
-    found = glob.glob(os.path.join(os.path.dirname(__file__), "..", "build", "cuda-emu-tiles", "fastnca_cuda_emu*.so"))
-    if not found:
+    if emulation_path("cuda-emu-tiles") is None:
         pytest.skip("tiled emulation not built (EMU_DEFINES=-DFASTNCA_TEST_TILE_FACTOR=8 "
                     "scripts/build_cuda_emulation.sh build/cuda-emu-tiles)")
-    spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", found[0])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setattr(_launch, "module", lambda: mod)
+    monkeypatch.setattr(_launch, "module", lambda: emulation_module("cuda-emu-tiles"))
     B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
     check_nca(emulated, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
 

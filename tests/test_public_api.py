@@ -166,24 +166,31 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"
 
 
+@pytest.fixture
+def h100_emulation(monkeypatch):
+    """The CUDA refusal's inputs from the host emulation of the CUDA kernels, on a device with
+    an H100's 227 KB of opt-in shared memory (the emulated device's too); yields the module."""
+    from conftest import emulation_module, emulation_path
+
+    if emulation_path() is None:
+        pytest.skip("host emulation of the CUDA kernels not built")
+    mod = emulation_module()
+    monkeypatch.setattr(_ext, "load", lambda name: mod)
+    monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
+    return mod
+
+
 @pytest.mark.parametrize("C,F,depthwise,fits", [
     (236, 2, False, True), (237, 2, False, False),   # dense, F 2: the backward's rows of 33 floats
     (128, 4, False, True), (128, 5, False, False),
     (24, 25, True, True), (32, 25, True, False),     # depthwise at the most filters it takes
 ])
-def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, depthwise, fits):
+def test_cuda_nca_refuses_rules_its_backward_cannot_hold(h100_emulation, monkeypatch, C, F, depthwise, fits):
     """The CUDA backward keeps ~2(F+1)C + C rows of 33 floats in shared memory: rules past the
     device's limit (an H100's 227 KB here) are refused at selection, before the forward runs
     (the backward raised after it), and the refusal agrees with the kernels' own plan. Calls
     that need no gradient are refused only where the forward does not fit."""
-    from conftest import emulation_module, emulation_path
-
-    if emulation_path() is None and _ext.load("_C_cuda") is None:
-        pytest.skip("neither fastnca._C_cuda nor its host emulation is built")
-    mod = emulation_module() if emulation_path() is not None else _ext.load("_C_cuda")
-    monkeypatch.setattr(_ext, "load", lambda name: mod)
-    monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
-    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
     cuda = torch.device("cuda", 0)
     sizes = dict(C=C, F=F, hidden=128, depthwise=depthwise, cells=64, height=8, width=8, frozen=1)
     why = _backend.nca_unsupported("cuda", device=cuda, **sizes)
@@ -192,30 +199,21 @@ def test_cuda_nca_refuses_rules_its_backward_cannot_hold(monkeypatch, C, F, dept
         assert "backward needs" in why and "the device allows 232448" in why
     assert _backend.nca_unsupported("cuda", device=cuda, grad=False, **sizes) is None  # forward fits
     assert _backend.nca_unsupported("cuda", **sizes) is None  # no device: the static limits only
-    monkeypatch.setattr(_backend, "_compiling", lambda: True)  # traced: the kernels check
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the kernels check
     assert _backend.nca_unsupported("cuda", device=cuda, **sizes) is None
-    monkeypatch.undo()
-    if emulation_path() is not None:  # the emulated device has the same 227 KB
-        emu = emulation_module()
-        plan = lambda: emu.nca_step_backward_plan(1, C, 8, 8, F, 128, 1, depthwise, 1, 1 << 23, 0)  # noqa: E731
-        if fits:
-            assert plan()["main_threads"] >= 32
-        else:
-            with pytest.raises(ValueError, match="too large for the backward's shared memory"):
-                plan()
+    # the emulated device has the same 227 KB
+    plan = lambda: h100_emulation.nca_step_backward_plan(1, C, 8, 8, F, 128, 1, depthwise, 1, 1 << 23, 0)  # noqa: E731
+    if fits:
+        assert plan()["main_threads"] >= 32
+    else:
+        with pytest.raises(ValueError, match="too large for the backward's shared memory"):
+            plan()
 
 
-def test_cuda_nca_refusal_in_backend_selection(monkeypatch):
+def test_cuda_nca_refusal_in_backend_selection(h100_emulation, monkeypatch):
     """backend=None passes over cuda for a rule its backward cannot hold (when a gradient is
     needed); backend='cuda' says why before any kernel runs; the kernels report the
     backward's int index limit (hidden * (K+1) < 2^31) apart, for calls with a gradient."""
-    from conftest import emulation_module, emulation_path
-
-    if emulation_path() is None:
-        pytest.skip("host emulation of the CUDA kernels not built")
-    monkeypatch.setattr(_ext, "load", lambda name: emulation_module())
-    monkeypatch.setattr(_backend, "_cuda_smem_limit", lambda index: 227 * 1024)
-    monkeypatch.setattr(_backend, "_CUDA_REFUSALS", {})
     monkeypatch.setattr(_backend, "_usable_on", lambda name, device: True)
     monkeypatch.setattr(_backend, "_AUTO", {("cuda", "nca_step"): ("cuda", "reference")})
     cuda = torch.device("cuda", 0)
@@ -225,8 +223,8 @@ def test_cuda_nca_refusal_in_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend 'cuda' cannot run this nca_step: its backward needs"):
         _backend.resolve("cuda", "nca_step", cuda, torch.float32, big)
     # the kernels' own answer on the index limit (past the static hidden cap of 65536 here)
-    assert emulation_module().nca_step_smem(32, 2, 128, 1, False)[2] == ""
-    assert "below 2^31" in emulation_module().nca_step_smem(2048, 1, 1 << 20, 0, False)[2]
+    assert h100_emulation.nca_step_smem(32, 2, 128, 1, False)[2] == ""
+    assert "below 2^31" in h100_emulation.nca_step_smem(2048, 1, 1 << 20, 0, False)[2]
 
 
 def test_cuda_smem_limit_falls_back_to_the_module(monkeypatch):

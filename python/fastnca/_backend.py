@@ -191,16 +191,16 @@ def _cuda_nca_refusal(index: int | None, C: int, F: int, hidden: int, frozen: in
             try:
                 fwd, bwd, bwd_sizes = mod.nca_step_smem(C, F, hidden, frozen, depthwise)
             except ValueError as e:
-                why = str(e).replace("fastnca nca_step (cuda): ", "")
+                why = str(e)
             else:
-                parts = (("forward", fwd), ("backward", bwd)) if grad else (("forward", fwd),)
-                for part, need in parts:
-                    if why is None and need > limit:
-                        why = (f"its {part} needs {need} bytes of shared memory for {(F + 1) * C} perception "
-                               f"channels, the device allows {limit}")
-                if why is None and grad and bwd_sizes:
-                    why = bwd_sizes.replace("fastnca nca_step (cuda): ", "")
-        _CUDA_REFUSALS[key] = why
+                needs = [("forward", fwd)] + ([("backward", bwd)] if grad else [])
+                over = [(part, need) for part, need in needs if need > limit]
+                if over:
+                    why = (f"its {over[0][0]} needs {over[0][1]} bytes of shared memory for {(F + 1) * C} "
+                           f"perception channels, the device allows {limit}")
+                elif grad and bwd_sizes:
+                    why = bwd_sizes
+        _CUDA_REFUSALS[key] = why and why.replace("fastnca nca_step (cuda): ", "")
     return _CUDA_REFUSALS[key]
 
 
@@ -224,16 +224,10 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
         return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
     if _over(cells, lim.get("cells")):
         return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
-    if (backend == "cuda" and device is not None and device.type == "cuda" and not _compiling()
+    if (backend == "cuda" and device is not None and device.type == "cuda" and not torch.compiler.is_compiling()
             and all(type(n) is int for n in (C, F, hidden, frozen))):  # not symbolic (export)
         return _cuda_nca_refusal(device.index, C, F, hidden, frozen, bool(depthwise), bool(grad))
     return None
-
-
-def _compiling() -> bool:
-    """Whether torch.compile / torch.export is tracing this call."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 # The same for neighborhood_attention2d: every dimension (cpu), or H and W (the border maps'

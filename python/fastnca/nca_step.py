@@ -322,10 +322,11 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
-    sizes = _sizes(state, tensors[1], tensors[3], groups, frozen, _eager.needs_grad(*tensors))
+    grad = _eager.needs_grad(*tensors)
+    sizes = _sizes(state, tensors[1], tensors[3], groups, frozen, grad)
     backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype, sizes))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
-    return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args)
+    return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args, grad=grad)
 
 
 def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight,

@@ -54,6 +54,19 @@ __all__ = [
 # --------------------------------------------------------------------------- backbone
 
 
+_ORIGINAL_KEYS = ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
+
+
+def _check_original_state_dict(sd, what: str) -> None:
+    """Raise unless ``sd`` holds an original Med-NCA BackboneNCA's weights (naming the
+    loader of a fastnca checkpoint when it is one)."""
+    missing = [k for k in _ORIGINAL_KEYS if not isinstance(sd, dict) or k not in sd]
+    if missing:
+        hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
+                if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
+        raise ValueError(f"{what} is not an original Med-NCA level state dict: missing {', '.join(missing)}{hint}")
+
+
 class BackboneNCA(nn.Module):
     """One Med-NCA level: ``steps`` NCA updates of a ``[B, C, H, W]`` state.
 
@@ -159,12 +172,7 @@ class BackboneNCA(nn.Module):
         The original convs act on the W,H-transposed grid: transposing each 3x3
         kernel spatially gives the same map on our untransposed NCHW grid.
         """
-        missing = [k for k in ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
-                   if k not in sd]
-        if missing:
-            hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
-                    if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
-            raise ValueError(f"not an original Med-NCA BackboneNCA state dict: missing {', '.join(missing)}{hint}")
+        _check_original_state_dict(sd, "the state dict")
         pw = torch.cat([sd["p0.weight"], sd["p1.weight"]], 0).transpose(-1, -2)
         pb = torch.cat([sd["p0.bias"], sd["p1.bias"]], 0)
         expected = {
@@ -392,10 +400,7 @@ class MedNCA(nn.Module):
                 cfg = cfg[0]
         sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
         for path, sd in zip((model0_path, model1_path), sds):
-            if not isinstance(sd, dict) or "p0.weight" not in sd or "fc0.weight" not in sd:
-                hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
-                        if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
-                raise ValueError(f"{path} is not an original Med-NCA level state dict (p0.*, p1.*, fc0.*, fc1.*){hint}")
+            _check_original_state_dict(sd, str(path))
         C = sds[0]["p0.weight"].shape[0]
         hidden = sds[0]["fc0.weight"].shape[0]
         if downscale is None:
