@@ -785,11 +785,12 @@ Dims make_dims(int B, int C, int H, int W, int F, int HD, int frozen, bool depth
   return d;
 }
 
-// The backward's weight-gradient partials index one slice with int (accumulate_outer, conv
-// chunks).
-void check_backward_sizes(const Dims& d) {
+// Why the backward cannot take these sizes ('' when it can): its weight-gradient partials
+// index one slice with int (accumulate_outer, conv chunks).
+std::string backward_size_problem(const Dims& d) {
   if (static_cast<int64_t>(d.HDP) * (d.K + 1) + static_cast<int64_t>(d.Cu) * (d.HDP + 1) >= (int64_t(1) << 31))
-    throw std::invalid_argument("fastnca nca_step (cuda): the backward needs hidden * ((F+1)*C + 1) below 2^31");
+    return "fastnca nca_step (cuda): the backward needs hidden * ((F+1)*C + 1) below 2^31";
+  return "";
 }
 
 Strides4 strides4(const std::vector<int64_t>& s) {
@@ -918,7 +919,8 @@ struct BackwardPlan {
 
 template <typename T>
 BackwardPlan plan_backward(const Dims& d, uint32_t threshold) {
-  check_backward_sizes(d);
+  const std::string problem = backward_size_problem(d);
+  if (!problem.empty()) throw std::invalid_argument(problem);
   const DeviceInfo info = device_info();
   BackwardPlan p;
   int per_sm = 0;
@@ -996,13 +998,7 @@ void nca_step_forward_cuda(std::uintptr_t state, const std::vector<int64_t>& sta
 pybind11::tuple nca_step_smem_cuda(int C, int F, int hidden, int frozen, bool depthwise) {
   const Dims d = make_dims(1, C, 2, 2, F, hidden, frozen, depthwise, kPadZeros);
   const int ns = staging_floats(d, kStageFloats / 4);
-  std::string backward_sizes;  // empty: the backward's index arithmetic holds these sizes
-  try {
-    check_backward_sizes(d);
-  } catch (const std::invalid_argument& e) {
-    backward_sizes = e.what();
-  }
-  return pybind11::make_tuple(forward_smem(d, 32, 1, ns), backward_main_smem(d, 32, ns), backward_sizes);
+  return pybind11::make_tuple(forward_smem(d, 32, 1, ns), backward_main_smem(d, 32, ns), backward_size_problem(d));
 }
 
 // The current device's opt-in shared memory per block (bytes): what the plans compare with.
