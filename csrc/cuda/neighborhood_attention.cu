@@ -590,4 +590,15 @@ FASTNCA_BINDINGS(m) {
         "dk"_a, "dv"_a, "B"_a, "H"_a, "W"_a, "heads"_a, "D"_a, "kernel_size"_a, "border"_a, "scale"_a,
         "dtype"_a, "stream"_a,
         "Neighbourhood attention backward (grad_lse = 0 for none; delta: fp32 workspace [B,H,W,heads]).");
+  m.def(
+      "na2d_rows_are_vectors",
+      [](std::uintptr_t p, const std::vector<int64_t>& strides, const std::vector<int64_t>& shape, int elem_bytes) {
+        if (shape.size() != 5) throw std::invalid_argument("fastnca neighborhood_attention (cuda): expected 5 sizes");
+        const int vec = 16 / elem_bytes;
+        return fastnca::rows_are_vectors(p, fastnca::view5(strides, false), static_cast<int>(shape[0]),
+                                         static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+                                         static_cast<int>(shape[3]), static_cast<int>(shape[4]), vec);
+      },
+      "p"_a, "strides"_a, "shape"_a, "elem_bytes"_a,
+      "Whether the kernels read every [..., D] row of this tensor as 16-byte vectors.");
 }

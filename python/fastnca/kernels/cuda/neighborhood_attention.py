@@ -19,11 +19,10 @@ from . import _launch
 
 
 def _rows_are_vectors(t):
-    """Whether every [..., D] row of t is whole 16-byte vectors (the kernels' test: the
-    strides of size-1 dimensions are never used)."""
-    vec = 16 // t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] % vec == 0
-            and all(s % vec == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1])))
+    """Whether the kernels read every [..., D] row of t as 16-byte vectors (their own test:
+    the strides of size-1 dimensions are never used)."""
+    return _launch.module().na2d_rows_are_vectors(t.data_ptr(), list(t.stride()), list(t.shape),
+                                                  t.element_size())
 
 
 def _check(q, k, v, kernel_size, border):
