@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Test-only build: compile the CUDA kernel sources (csrc/cuda/nca_step.cu,
-# csrc/cuda/neighborhood_attention.cu) with the host C++ compiler against the emulation
+# Test-only build: compile the CUDA kernel sources (csrc/cuda/fire_mask.cu, nca_step.cu,
+# neighborhood_attention.cu) with the host C++ compiler against the emulation
 # layer in csrc/include/fastnca/emulation_cuda.cuh, into the Python extension
 # fastnca_cuda_emu (same functions as fastnca._C_cuda, operating on CPU pointers).
 # tests/test_cuda_kernels.py then runs the CUDA launchers on CPU tensors through it, which
@@ -9,7 +9,7 @@
 # Usage: scripts/build_cuda_emulation.sh [out-dir]   (default build/cuda-emu)
 #   EMU_DEFINES: extra compiler flags (e.g. -DFASTNCA_TEST_TILE_FACTOR=8: nca tiles of 8x
 #   the cells one pass holds, so that the backward's multi-pass tiles run in tests);
-#   EMU_SOURCES: the kernel files to build (default: nca_step neighborhood_attention).
+#   EMU_SOURCES: the kernel files to build (default: fire_mask nca_step neighborhood_attention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-build/cuda-emu}
@@ -35,7 +35,7 @@ flags=(-std=c++17 -O1 -g0 -fPIC -shared -pthread -DFASTNCA_CUDA_EMULATION -Wno-a
        -Icsrc/include -I"$cuda_home/include" $("$py" -m pybind11 --includes) ${EMU_DEFINES:-})
 objs=()
 srcs=("$out/emu_module.cpp")
-for name in ${EMU_SOURCES:-nca_step neighborhood_attention}; do srcs+=("csrc/cuda/$name.cu"); done
+for name in ${EMU_SOURCES:-fire_mask nca_step neighborhood_attention}; do srcs+=("csrc/cuda/$name.cu"); done
 for src in "${srcs[@]}"; do
   obj="$out/$(basename "$src").o"
   ${CXX:-g++} "${flags[@]}" -x c++ -c "$src" -o "$obj" &

@@ -76,13 +76,14 @@ jit.JITFunction.run = _compile_only
 
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
 from fastnca.kernels.triton import neighborhood_attention as tri_na  # noqa: E402
+from fastnca.kernels.triton import _runtime  # noqa: E402
 
 tri._device_limits = lambda device: (132, 227 * 1024)  # H100: SMs, opt-in shared memory
-tri._on_device = lambda device: contextlib.nullcontext()
+tri.on_device = tri_na.on_device = lambda device: contextlib.nullcontext()
 # DOT_PREC=tf32 shows what torch.backends.cuda.matmul.allow_tf32 = True compiles to.
-_PREC = os.environ.get("DOT_PREC") or ("tf32x3" if tri._TF32X3 else "ieee")
+_PREC = os.environ.get("DOT_PREC") or ("tf32x3" if _runtime._TF32X3 else "ieee")
 tri._dot_precision = lambda device: _PREC
-tri_na._autotuning = lambda: False  # the default tiles
+tri_na.autotuning = lambda: False  # the default tiles
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 _CUOBJDUMP = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",

@@ -48,7 +48,7 @@ def emulation_path(build: str = "cuda-emu"):
 # (tests/test_cuda_kernels.py runs its own small emulated cases in every CI run).
 CUDA_EMULATION = (not torch.cuda.is_available() and os.environ.get("FASTNCA_TEST_EMULATED_CUDA") == "1"
                   and emulation_path() is not None)
-EMULATED_OPS = ("nca_step", "neighborhood_attention")  # fire_mask.cu is not in the emulation
+EMULATED_OPS = ("fire_mask", "nca_step", "neighborhood_attention")
 
 
 _EMULATION_MODULES: dict = {}
@@ -87,10 +87,6 @@ def _emulate_cuda_backend(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
     if CUDA_EMULATION and callspec is not None and callspec.params.get("backend") == "cuda":
         emulate_cuda(monkeypatch)
-        from fastnca.kernels.cuda import fire_mask as cuda_fire_mask
-        from fastnca.kernels.reference import fire_mask as ref_fire_mask
-
-        monkeypatch.setattr(cuda_fire_mask, "fire_mask", ref_fire_mask.fire_mask)  # not in the emulation
         usable = _backend._usable_on
         monkeypatch.setitem(_backend._STATUS, "cuda", True)
         monkeypatch.setattr(_backend, "_usable_on",
@@ -125,12 +121,9 @@ def fast_backends(op: str) -> list:
 def fire_bits(n: int, seed: int, step: int) -> list:
     """The 24 fire bits of cells 0..n-1 at ``step`` (the reference's Philox): a cell fires
     iff bits < fire_threshold(update_prob); tests set update_prob on a cell's boundary."""
-    from fastnca.kernels.reference.fire_mask import philox4x32_10
+    from fastnca.kernels.reference.fire_mask import fire_bits as reference_fire_bits
 
-    cell = torch.arange(n, dtype=torch.int64)
-    zero = torch.zeros_like(cell)
-    out0 = philox4x32_10(cell, zero, zero + (step & 0xFFFFFFFF), zero, seed & 0xFFFFFFFF, seed >> 32)[0]
-    return (out0 >> 8).tolist()
+    return reference_fire_bits(n, seed, step).tolist()
 
 
 def assert_close(actual, expected, dtype, name="", scale=1.0):

@@ -29,6 +29,22 @@ def test_largest_size_within_budget(start, bytes_per_pixel):
     assert len(probes) <= 2 * 10  # doubling plus bisection: logarithmic in limit / multiple
 
 
+@pytest.mark.parametrize("op", ["nca_step", "neighborhood_attention"])
+def test_every_suite_times_the_same_backends(monkeypatch, op):
+    """One list for the op and model suites: usable backends with a kernel, no Triton on a
+    CPU (even where its interpreter makes it usable), reference only in the op suites."""
+    from fastnca import _backend
+    from fastnca.benchmark.common import timed_backends
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_backend, "_usable_on", lambda b, device: True)
+    assert timed_backends(cpu, op) == ["reference", "cpu", "cuda"]
+    assert timed_backends(cpu, op, reference=False) == ["cpu", "cuda"]
+    assert "triton" in timed_backends(torch.device("cuda"), op)
+    monkeypatch.setattr(_backend, "_usable_on", lambda b, device: b in ("reference", "triton"))
+    assert timed_backends(cpu, op, reference=False) == ["reference"]  # nothing else to time
+
+
 def test_out_of_memory_does_not_fit():
     best, probes = largest_size_within(quadratic(1.0, oom_above=700), 2**40, start=256, multiple=32, limit=16384)
     assert best == 672

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import emulate_cuda, emulation_module, emulation_path
-from fastnca import _ext
+from fastnca import _backend, _ext
 from fastnca.kernels.cuda import nca_step as cuda_nca
 from fastnca.kernels.cuda import neighborhood_attention as cuda_na
 from fastnca.kernels.reference import fire_mask as ref_fire_mask
@@ -200,6 +200,39 @@ def test_emulated_nca_step_rejects_float64(emulated):
     x, weights, _ = make_nca(emulated, 1, 3, 3, 3, 1, 8, 1, 0, torch.float64, "nchw")
     with pytest.raises(TypeError, match="float64"):
         cuda_nca.forward(x, *weights, 1, "reflect", 0.5, 1, 0, 0)
+
+
+def test_emulated_fire_mask_matches_reference(emulated):
+    """fire_mask.cu through its launcher: bit-identical to the reference Philox, across the
+    seed's high word, step wrap-around, update_prob 0 and 1, and sizes past one block."""
+    from fastnca.kernels.cuda import fire_mask as cuda_fire_mask
+
+    for shape, p, seed, step in (((2, 17, 9), 0.5, 2**40 + 11, 2**32 + 9), ((1, 1, 1), 0.5, 3, 0),
+                                 ((3, 8, 13), 0.0, 7, 5), ((3, 8, 13), 1.0, 7, 5), ((1, 5, 7), 0.3, 2**64 - 1, 2**32 - 1),
+                                 ((0, 4, 4), 0.5, 1, 1)):
+        got = cuda_fire_mask.fire_mask(*shape, p, seed, step, torch.device("cpu"))
+        assert torch.equal(got, ref_fire_mask.fire_mask(*shape, p, seed, step, "cpu")), (shape, p, seed, step)
+
+
+def test_emulated_nca_step_refuses_rules_past_its_limits(emulated):
+    """The launcher itself refuses what _backend.NCA_LIMITS advertises as the CUDA limits
+    (the public layer checks them too, but the kernels must not rely on it)."""
+    limits = _backend.NCA_LIMITS["cuda"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, 3, 3, generator=g)
+    hidden = limits["hidden"] + 1
+    weights = (torch.randn(1, 1, 3, 3, generator=g), torch.randn(1, generator=g),
+               torch.randn(hidden, 2, generator=g), torch.randn(hidden, generator=g),
+               torch.randn(1, hidden, generator=g), torch.randn(1, generator=g))
+    with pytest.raises(ValueError, match=f"hidden size of at most {limits['hidden']}, got {hidden}"):
+        cuda_nca.forward(x, *weights, 1, "zeros", 0.5, 1, 0, 0)
+    f = limits["depthwise_filters"] + 1
+    x = torch.randn(1, 2, 3, 3, generator=g)
+    weights = (torch.randn(2 * f, 1, 3, 3, generator=g), torch.randn(2 * f, generator=g),
+               torch.randn(4, 2 * (f + 1), generator=g), torch.randn(4, generator=g),
+               torch.randn(2, 4, generator=g), torch.randn(2, generator=g))
+    with pytest.raises(ValueError, match=f"at most {limits['depthwise_filters']} depthwise filters"):
+        cuda_nca.forward(x, *weights, 2, "zeros", 0.5, 1, 0, 0)
 
 
 # GPU matrix: every padding x groups, then sizes, F, frozen, p, layouts, dtypes.

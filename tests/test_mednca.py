@@ -379,6 +379,27 @@ def test_patch_mode_reads_the_image_at_the_patch():
         torch.testing.assert_close(logits[b:b + 1], expected)
 
 
+def test_patch_mode_generator_draws_the_fire_seed():
+    """Without a seed, forward_patch's generator also draws the fire-mask seed: the same
+    generator state gives the same logits whatever the default generator's state."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=3, fire_rate=0.5)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img, tgt = synthetic_ellipses(2, 16, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            runs.append(model.forward_patch(img, tgt, patch_size=8, backend="reference",
+                                            generator=torch.Generator().manual_seed(3))[0])
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    with torch.no_grad():  # and another generator state gives another mask
+        other = model.forward_patch(img, tgt, patch_size=8, backend="reference",
+                                    generator=torch.Generator().manual_seed(4))[0]
+    assert not torch.equal(other, runs[0])
+
+
 def test_patch_gradients_reach_level0():
     torch.manual_seed(0)
     model = MedNCA(channels=6, hidden=8, steps=3)

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 import fastnca  # noqa: E402
 from fastnca.kernels.reference import nca_step as ref  # noqa: E402
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
+from fastnca.kernels.triton import neighborhood_attention as tri_na  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -833,6 +834,18 @@ def test_pinned_forward_tile(monkeypatch):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", bad)
         with pytest.raises(ValueError, match=match):
             tri._pinned_forward_tile()
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "64,3")
+    with pytest.raises(ValueError, match="warps in 1/2/4/8, got"):  # no stages in this knob's message
+        tri._pinned_forward_tile()
+    monkeypatch.delenv("FASTNCA_TRITON_NCA_FWD_TILE")
+    for bad in ("off", "false", "no", "O"):  # a typo raises, as every on/off knob
+        monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_AUTOTUNE must be 0 or 1"):
+            tri._pinned_forward_tile()
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_AUTOTUNE must be 0 or 1"):
+            tri_na.autotuning()
+    monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "")  # empty: unset, as for every knob
+    assert tri._pinned_forward_tile() is None
 
 
 @pytest.mark.gpu
@@ -1125,6 +1138,8 @@ def check_half_dq(monkeypatch, case):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_DQ", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1"):
         tri._Rule(state, *w, g, padding, frozen)
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_DQ must be 0 or 1"):  # whatever the rule
+        tri._Rule(state.float(), *(t.float() for t in w), g, padding, frozen)
 
 
 @pytest.mark.parametrize("case", HALF_DQ_CASES + [(1, 32, 4, 5, 256, 1, 1, 0, "zeros", 1.0)],

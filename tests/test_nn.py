@@ -103,7 +103,7 @@ def _build(what, kw):
     ("NCA", dict(frozen_channels=5), ValueError, "frozen_channels must be in"),
     ("NCA", dict(hidden=0), ValueError, "hidden must be in"),
     ("NCA", dict(filters=1.5), TypeError, "filters must be an integer"),
-    ("NCA", dict(groups=2), ValueError, "groups must be 1 or channels"),
+    ("NCA", dict(groups=2), ValueError, "groups must be 1 or the channel count"),
     ("NCA", dict(padding="same"), ValueError, "padding must be one of"),
     ("NCA", dict(update_prob=2.0), ValueError, "update_prob must be in"),
     ("NCA", dict(checkpoint_every=0), ValueError, "checkpoint_every must be in"),
@@ -174,3 +174,43 @@ def test_nca_names_a_state_of_the_wrong_channels():
     for bad in (torch.randn(1, 3, 6, 6), torch.randn(1, 6, 6, 4), torch.randn(4, 6, 6)):
         with pytest.raises(ValueError, match=r"state must have shape \[B, 4, H, W\]"):
             nca(bad, steps=2)
+    with pytest.raises(TypeError, match="state must be a torch.Tensor, got list"):  # as the ops say it
+        nca([[1.0]], steps=2)
+
+
+def test_nca_seed_none_under_compile_says_to_pass_a_seed():
+    """Drawing the seed reads a tensor back to Python: under fullgraph=True the module says
+    to pass one (it was a data-dependent guard error); without fullgraph the call falls
+    back to eager and draws from the default generator as before."""
+    nca = fastnca.nn.NCA(channels=3, hidden=4, backend="reference")
+    for b in nca.parameters():
+        torch.nn.init.normal_(b, std=0.3)
+    state = torch.randn(1, 3, 5, 5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs seed="):
+        torch.compile(lambda s: nca(s, steps=2), fullgraph=True, backend="eager")(state)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(lambda s: nca(s, steps=2), backend="eager")(state)
+    torch.manual_seed(0)
+    assert torch.equal(compiled, nca(state, steps=2))
+    assert torch.equal(torch.compile(lambda s: nca(s, steps=2, seed=4), fullgraph=True, backend="eager")(state),
+                       nca(state, steps=2, seed=4))
+
+
+def test_nca_draws_its_seed_on_the_cpu_whatever_the_default_device():
+    """The seed comes from the CPU generator: a default device of meta (or cuda) does not
+    move the draw (it raised 'Tensor.item() cannot be called on meta tensors')."""
+    nca = fastnca.nn.NCA(channels=3, hidden=4, backend="reference")
+    for b in nca.parameters():
+        torch.nn.init.normal_(b, std=0.3)
+    state = torch.randn(1, 3, 5, 5)
+    torch.manual_seed(1)
+    expected = nca(state, steps=2)
+    torch.manual_seed(1)
+    torch.set_default_device("meta")
+    try:
+        got = nca(state, steps=2)
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(got, expected)

@@ -11,7 +11,6 @@ kernels in every formulation, on small odd grids where tiles are mostly padding.
 from __future__ import annotations
 
 import contextlib
-import os
 import traceback
 
 import pytest

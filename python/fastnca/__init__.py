@@ -1,8 +1,9 @@
 """fastnca: fused kernels for Neural Cellular Automata.
 
 Three ops -- the stochastic fire mask, the 3x3 perception + per-cell MLP update step
-(and its checkpointed rollout), and 3x3 neighbourhood self-attention -- each with a
-``reference`` (pure PyTorch), ``cpu`` (C++), ``cuda`` (CUDA C++) and ``triton`` backend.
+(and its checkpointed rollout), and neighbourhood self-attention over 3x3, 5x5 or 7x7
+windows -- each with a ``reference`` (pure PyTorch), ``cpu`` (C++), ``cuda`` (CUDA C++)
+and ``triton`` backend.
 """
 from ._backend import backends
 from .fire_mask import fire_mask

@@ -2,6 +2,7 @@
 what was expected, so a wrong call fails here and never inside a kernel."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable
 
@@ -36,7 +37,9 @@ def floating(x: torch.Tensor, name: str, dtypes: Iterable[torch.dtype] = COMPUTE
     dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {names}; got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype {names}; got {str(x.dtype).replace('torch.', '')}"
+                        if len(dtypes) == 1 else
+                        f"{name} must have dtype one of {names}; got {str(x.dtype).replace('torch.', '')}")
 
 
 def shape(x: torch.Tensor, name: str, expected: tuple, what: str = "") -> None:
@@ -51,10 +54,32 @@ def same_device(ref: torch.Tensor, ref_name: str, **others: torch.Tensor | None)
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; all inputs must share a device")
 
 
-def finite_values(x: torch.Tensor, name: str) -> None:
-    """Cheap check used only where a NaN would otherwise be silent (not on hot paths)."""
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+def kernel_size(x) -> int:
+    """An attention window size: 3, 5 or 7."""
+    k = integer(x, "kernel_size")
+    if k != 3 and k != 5 and k != 7:
+        raise ValueError(f"kernel_size must be 3, 5 or 7 (odd; 3 is the cell and its 8 neighbours), got {k}")
+    return k
+
+
+def attention_scale(x) -> float | None:
+    """An attention logit scale: None (the op's default) or a finite float."""
+    if x is None:
+        return None
+    scale = real(x, "scale", "None or a finite float")
+    if not -math.inf < scale < math.inf:  # not math.isfinite: a SymFloat under torch.compile
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    return scale
+
+
+def groups(x, channels) -> int:
+    """A perception's groups: 1 (full 3x3 convs) or ``channels`` (depthwise)."""
+    g = integer(x, "groups")
+    # Explicit comparisons, not `in`: under torch.compile(dynamic=True) the channel count is
+    # symbolic, and dynamo evaluated `4 in (s0, s0 - 1)` as False (valid calls refused).
+    if g != 1 and g != channels:
+        raise ValueError(f"groups must be 1 or the channel count {channels}, got {g}")
+    return g
 
 
 def integer(x, name: str, low: int | None = None, high: int | None = None) -> int:

@@ -190,6 +190,7 @@ def _nca_rollout_setup(ctx, inputs, output):
     ctx.save_for_backward(state, output[1], pw, pb, w1, b1, w2, b2)
     ctx.params = (steps, start_step, every) + tuple(inputs[11:])
     ctx.keep = keep
+    ctx.non_tensor_inputs = len(inputs) - 7
     # The checkpoints are an internal output: no gradient flows into them, and autograd must
     # not materialise one (a zero tensor the size of every checkpoint, at the backward's peak).
     ctx.mark_non_differentiable(output[1])
@@ -202,9 +203,9 @@ def _nca_rollout_grad(ctx, grad_out, grad_ckpt, backward=_nca_rollout_backward_o
                            "or no input required grad) but backward was called")
     state, ckpt, *weights = ctx.saved_tensors
     if grad_out is None:  # the output took no part in the loss
-        return (None,) * 17
+        return (None,) * (7 + ctx.non_tensor_inputs)
     grads = backward(grad_out, state, ckpt, *weights, *ctx.params)
-    return (*grads, None, None, None, None, None, None, None, None, None, None)
+    return (*grads, *([None] * ctx.non_tensor_inputs))
 
 
 _nca_rollout_op.register_autograd(_nca_rollout_grad, setup_context=_nca_rollout_setup)
@@ -227,11 +228,7 @@ def _check_and_normalise(state, pw, pb, w1, b1, w2, b2, groups, padding, update_
     padding = _checks.choice(padding, "padding", _checks.PADDINGS)
     if padding == "reflect" and (H < 2 or W < 2):
         raise ValueError(f"padding='reflect' needs height and width >= 2, got state of shape {tuple(state.shape)}")
-    groups = _checks.integer(groups, "groups")
-    # Explicit comparisons, not `in`: under torch.compile(dynamic=True) C is symbolic, and
-    # dynamo evaluated `4 in (s0, s0 - 1)` as False (valid calls refused).
-    if groups != 1 and groups != C:
-        raise ValueError(f"groups must be 1 or the channel count {C}, got {groups}")
+    groups = _checks.groups(groups, C)
     frozen = _checks.integer(frozen, "frozen_channels", 0, C + 1)
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
@@ -335,9 +332,10 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
     """``steps`` applications of :func:`nca_step`, step i drawing its mask with
     ``step = start_step + i``: bitwise the same as that loop, in O(sqrt(steps)) memory.
 
-    Autograd saves the input and every ``checkpoint_every``-th state (default
-    ceil(sqrt(steps))), at most ceil(steps / checkpoint_every) + 1 states, and backward
-    recomputes each segment from its checkpoint. The backend's kernels arrange the
+    Autograd saves the input and the state at the start of every later segment of
+    ``checkpoint_every`` steps (default ceil(sqrt(steps))): max(1, ceil(steps /
+    checkpoint_every)) states, within the contract's ceil(steps / checkpoint_every) + 1.
+    Backward recomputes each segment from its checkpoint. The backend's kernels arrange the
     weights once for all steps.
 
     Args:

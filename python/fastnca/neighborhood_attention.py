@@ -6,7 +6,6 @@ Forward saves q, k, v, o and the log-sum-exp; backward recomputes the probabilit
 neighbourhood, deterministically.
 """
 
-import math
 
 import torch
 
@@ -93,19 +92,12 @@ def _check(query, key, value, kernel_size, border, scale):
         if D > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, got strides "
                              f"{tuple(t.stride())}; call .contiguous() or slice a packed QKV tensor on dim -2 or earlier")
-    kernel_size = _checks.integer(kernel_size, "kernel_size")
-    if kernel_size not in (3, 5, 7):
-        raise ValueError(f"kernel_size must be 3, 5 or 7 (odd, 3 is the 8-neighbourhood plus the cell), got {kernel_size}")
+    kernel_size = _checks.kernel_size(kernel_size)
     border = _checks.choice(border, "border", _checks.BORDERS)
     if border == "shift" and (H < kernel_size or W < kernel_size):
         raise ValueError(f"border='shift' needs height and width >= kernel_size={kernel_size}, got {H}x{W}")
-    if scale is None:
-        scale = D ** -0.5
-    else:
-        scale = _checks.real(scale, "scale", "None or a finite float")
-        if not -math.inf < scale < math.inf:  # not math.isfinite: a SymFloat under torch.compile
-            raise ValueError(f"scale must be None or a finite float, got {scale!r}")
-    return kernel_size, border, float(scale)
+    scale = _checks.attention_scale(scale)
+    return kernel_size, border, float(D ** -0.5 if scale is None else scale)
 
 
 def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", scale=None,

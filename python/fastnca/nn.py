@@ -16,9 +16,11 @@ def _check_backend(backend) -> None:
         _backend.check_name(backend)
 
 
-def draw_seed() -> int:
-    """A 63-bit seed from torch's default generator (``torch.manual_seed`` repeats runs)."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A 63-bit fire-mask seed from ``generator`` (default: torch's default CPU generator,
+    so ``torch.manual_seed`` repeats runs)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device).item())
 
 
 class NCA(nn.Module):
@@ -47,9 +49,7 @@ class NCA(nn.Module):
         channels = _checks.integer(channels, "channels", 1)
         hidden = _checks.integer(hidden, "hidden", 1)
         filters = _checks.integer(filters, "filters", 1)
-        groups = _checks.integer(groups, "groups")
-        if groups not in (1, channels):
-            raise ValueError(f"groups must be 1 or channels={channels}, got {groups}")
+        groups = _checks.groups(groups, channels)
         padding = _checks.choice(padding, "padding", _checks.PADDINGS)
         update_prob = _checks.probability(update_prob, "update_prob")
         frozen_channels = _checks.integer(frozen_channels, "frozen_channels", 0, channels + 1)
@@ -77,11 +77,18 @@ class NCA(nn.Module):
         ``seed`` keys the update masks (None: drawn from torch's default generator, so
         ``torch.manual_seed`` repeats runs); step i draws its mask with counter
         ``start_step + i``, so a rollout continued from ``start_step=steps`` equals one
-        longer rollout. Under ``torch.compile(fullgraph=True)`` pass ``seed``: drawing one
-        reads a tensor back to Python (a graph break)."""
-        if not isinstance(state, torch.Tensor) or state.dim() != 4 or state.shape[1] != self.channels:
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must have shape [B, {self.channels}, H, W] (this NCA's channels), got {got}")
+        longer rollout. Under ``torch.compile`` pass ``seed``: drawing one reads a tensor
+        back to Python, so without it the call falls back to eager (a graph break), and
+        ``fullgraph=True`` raises."""
+        _checks.tensor(state, "state")
+        if seed is None and torch.compiler.is_compiling():
+            # (a draw reads a tensor back to Python: a graph break, or an error on a data-
+            # dependent guard under fullgraph=True, which did not say what to do)
+            raise RuntimeError("NCA.forward under torch.compile needs seed=...: drawing one reads a "
+                               "tensor back to Python")
+        if state.dim() != 4 or state.shape[1] != self.channels:
+            raise ValueError(f"state must have shape [B, {self.channels}, H, W] (this NCA's channels), "
+                             f"got {tuple(state.shape)}")
         return nca_rollout(
             state, self.perception_weight, self.perception_bias, self.fc1_weight, self.fc1_bias,
             self.fc2_weight, self.fc2_bias, steps=steps, start_step=start_step,
@@ -109,14 +116,9 @@ class NeighborhoodAttention2d(nn.Module):
         num_heads = _checks.integer(num_heads, "num_heads", 1)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        kernel_size = _checks.integer(kernel_size, "kernel_size")
-        if kernel_size not in (3, 5, 7):
-            raise ValueError(f"kernel_size must be 3, 5 or 7, got {kernel_size}")
+        kernel_size = _checks.kernel_size(kernel_size)
         border = _checks.choice(border, "border", _checks.BORDERS)
-        if scale is not None:
-            scale = _checks.real(scale, "scale", "None or a finite float")
-            if not math.isfinite(scale):
-                raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+        scale = _checks.attention_scale(scale)
         _check_backend(backend)
         kw = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads

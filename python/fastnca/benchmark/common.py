@@ -69,6 +69,18 @@ class Timing(float):
 MADE: list[Result] = []
 
 
+def timed_backends(device: torch.device, op: str, reference: bool = True) -> list[str]:
+    """The fastnca backends a suite times for ``op`` on ``device``: those usable there with a
+    kernel for it, without Triton on a CPU (its interpreter is not a benchmark), and without
+    ``reference`` unless asked (then ["reference"] where no other is left)."""
+    from fastnca import _backend
+
+    names = [b for b in ("reference", "cpu", "cuda", "triton")
+             if (reference or b != "reference") and not (b == "triton" and device.type == "cpu")
+             and _backend._usable_on(b, device) is True and _backend.has_kernel(b, op)]
+    return names or ["reference"]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

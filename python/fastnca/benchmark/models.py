@@ -6,16 +6,8 @@ import types
 
 import torch
 
-from fastnca import _backend
-
-from .common import Result, largest_size_within, median_ms, peak_mb, release, sync
+from .common import Result, largest_size_within, median_ms, peak_mb, release, sync, timed_backends
 from .neighborhood_attention import unfold_attention
-
-
-def _backends(device, op):
-    names = [b for b in ("cpu", "cuda", "triton")
-             if _backend._usable_on(b, device) is True and _backend.has_kernel(b, op)]
-    return names or ["reference"]
 
 
 def _unfold_forward(self, x, backend=None):
@@ -27,7 +19,7 @@ def _unfold_forward(self, x, backend=None):
 
 def _geca_impls(device) -> list[tuple[str, str | None]]:
     """(impl, backend): the original structure (backend None) first, then each fastnca backend."""
-    return [("pytorch", None)] + [(f"fastnca:{b}", b) for b in _backends(device, "neighborhood_attention")]
+    return [("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, "neighborhood_attention", reference=False)]
 
 
 def _geca_model(cfg, backend, device):
@@ -211,7 +203,7 @@ def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, l
     dname = str(dtype).replace("torch.", "")
     B, size = (8, 256) if device.type == "cuda" else (1, 64)
     label = f"Med-NCA C=32 h=128 B={B} {size}x{size} 64+64 steps"
-    impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in _backends(device, "nca_step")]
+    impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, "nca_step", reference=False)]
     for mode, patch in (("patch 64", 64), ("full-res", None)):
         for impl, backend in impls:
             log(f"  mednca {mode} {impl} ...")

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastnca
-from fastnca import _backend
 
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
 class PaperStep(torch.nn.Module):
@@ -109,10 +108,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
     if quick:
         configs = configs[:1]
     dname = str(dtype).replace("torch.", "")
-    backends = [b for b in ("reference", "cpu", "cuda", "triton")
-                if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "nca_step")]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    backends = timed_backends(device, "nca_step")
     # On a GPU the reference backend stays: its backward recomputes the step in float32
     # torch ops (cuBLAS / cuDNN GEMMs and convolutions, TF32 off), unfused and on every
     # cell, a yardstick for the fused kernels at the same precision.

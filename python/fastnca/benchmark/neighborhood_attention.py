@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastnca
-from fastnca import _backend
 
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
 def unfold_attention(q, k, v):
@@ -58,10 +57,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         shapes = [("GeCA-XS", 4, 32, 32, 6, 64)]
     else:
         shapes = [("GeCA-S", 8, 32, 32, 12, 64), ("GeCA-XS", 8, 32, 32, 6, 64), ("high-res", 1, 128, 128, 4, 32)]
-    backends = [b for b in ("reference", "cpu", "cuda", "triton")
-                if _backend._usable_on(b, device) is True and _backend.has_kernel(b, "neighborhood_attention")]
-    if device.type == "cpu":
-        backends = [b for b in backends if b != "triton"]
+    backends = timed_backends(device, "neighborhood_attention")
     bw = roofs.get("copy_gbs")
     for name, B, H, W, nh, D in shapes:
         label = f"{name} B={B} {H}x{W} heads={nh} D={D}"

@@ -19,6 +19,11 @@ def backward_batch_chunk(state: torch.Tensor, ws_bytes_per_cell: int) -> int:
     return max(1, min(B, max(by_bytes, by_cells)))
 
 
+def cpu_threads() -> int:
+    """Threads a CPU kernel launch runs on: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last] byte address a tensor with non-negative strides touches."""
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0

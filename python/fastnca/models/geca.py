@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastnca
 from fastnca import _checks
+from fastnca.nn import draw_seed
 
 __all__ = [
     "GeCA",
@@ -99,8 +100,7 @@ class GeCAConfig:
             _checks.integer(getattr(self, name), name, 1)
         _checks.integer(self.hidden_channels, "hidden_channels", 0)
         _checks.integer(self.ca_steps, "ca_steps", 0)
-        if _checks.integer(self.kernel_size, "kernel_size") not in (3, 5, 7):
-            raise ValueError(f"kernel_size must be 3, 5 or 7, got {self.kernel_size}")
+        _checks.kernel_size(self.kernel_size)
         _checks.probability(self.update_prob, "update_prob")
         _checks.probability(self.class_dropout_prob, "class_dropout_prob")
 
@@ -127,14 +127,6 @@ def geca_s(num_classes: int = 5, **kw) -> "GeCA":
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fire-mask seed in [0, 2^64) from ``generator`` (default: torch's default CPU
-    generator, so ``torch.manual_seed`` makes runs repeatable)."""
-    device = generator.device if generator is not None else "cpu"
-    lo, hi = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator, device=device).tolist()
-    return lo | (hi << 32)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

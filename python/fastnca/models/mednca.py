@@ -320,7 +320,9 @@ class MedNCA(nn.Module):
 
         Level 0 runs on the whole downscaled image; its state is upsampled only
         where the patch lies (gather from the low-res state = nearest upsample +
-        crop), so gradients reach level 0 through the patch.
+        crop), so gradients reach level 0 through the patch. ``generator`` draws the
+        patch positions and, when ``seed`` is None, the fire-mask seed (default: torch's
+        default CPU generator).
         """
         self._check_image(image)
         B, _, H, W = image.shape
@@ -332,7 +334,7 @@ class MedNCA(nn.Module):
         if p > H or p > W or p < 2:
             raise ValueError(f"patch_size must be in [2, min(H, W)], got {p} for {H}x{W}")
         if seed is None:
-            seed = _draw_seed()
+            seed = _draw_seed(generator)
         state0 = self._level0(image, seed, backend)
         gen_dev = generator.device if generator is not None else "cpu"
         y0 = torch.randint(0, H - p + 1, (B,), generator=generator, device=gen_dev).to(image.device)

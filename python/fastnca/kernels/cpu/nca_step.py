@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backend, _ext
-from .._common import backward_out
+from .._common import backward_out, cpu_threads
 
 _PAD = 8  # must match kPadTo in csrc/cpu/nca_step.cpp
 _TILE_W = 0  # cells per tile; 0 = the kernel's tuned default (kTileW), for experiments
@@ -114,10 +114,6 @@ def _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward):
     return ws, dims
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def _common(state, padding, update_prob, seed, step):
     if state.dtype not in _ext.DTYPE_CODES:
         raise TypeError(f"fastnca cpu nca_step: unsupported state dtype {state.dtype}")
@@ -147,7 +143,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     _ext.load("_C").nca_step_forward(
         state.data_ptr(), list(state.stride()), out.data_ptr(), list(out.stride()), dtype,
         list(state.shape), d["F"], groups, d["Hd"], frozen, pad, seed, step, thr,
-        *(t.data_ptr() for t in ws[:6]), _threads(), _TILE_W)
+        *(t.data_ptr() for t in ws[:6]), cpu_threads(), _TILE_W)
     return out
 
 
@@ -188,7 +184,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         grad_out.data_ptr(), list(grad_out.stride()), state.data_ptr(), list(state.stride()),
         d_state.data_ptr(), list(d_state.stride()), dtype, list(state.shape), d["F"], groups, Hd,
         frozen, pad, seed, step, thr, [t.data_ptr() for t in ws],
-        [t.data_ptr() for t in (dwc, dpb, dw1, db1, dw2, db2)], _threads(), _TILE_W, scratch.data_ptr())
+        [t.data_ptr() for t in (dwc, dpb, dw1, db1, dw2, db2)], cpu_threads(), _TILE_W, scratch.data_ptr())
     del scratch
     if groups == 1:
         d_pw = dwc[:, :K].reshape(3, 3, C, K).permute(3, 2, 0, 1)

@@ -16,6 +16,7 @@ import os
 import torch
 
 from ... import _ext
+from .._common import cpu_threads
 
 _ISA_CODES = {"": -1, "auto": -1, "base": 0, "avx2": 1, "avx512": 2, "avx2-wide": 3}
 
@@ -79,10 +80,6 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:4]]
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def forward(q, k, v, kernel_size, border, scale):
     _check_qkv(q, k, v, kernel_size, border)
     # device=: torch.set_default_device must not move the kernel's outputs off the CPU
@@ -91,7 +88,7 @@ def forward(q, k, v, kernel_size, border, scale):
     _module().na2d_forward(
         [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()], _strides(q, k, v),
         list(q.shape), kernel_size, _ext.BORDER_CODES[border], float(scale), _ext.DTYPE_CODES[q.dtype],
-        _threads(), _isa())
+        cpu_threads(), _isa())
     return o, lse
 
 
@@ -139,5 +136,5 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
                 dq[part].data_ptr(), dk[part].data_ptr(), dv[part].data_ptr()]
         _module().na2d_backward(
             ptrs, _strides(*ts), list(ts[0].shape), kernel_size, _ext.BORDER_CODES[border],
-            float(scale), _ext.DTYPE_CODES[q.dtype], _threads(), _isa())
+            float(scale), _ext.DTYPE_CODES[q.dtype], cpu_threads(), _isa())
     return dq, dk, dv

@@ -30,6 +30,7 @@ from . import _launch
 
 _CHUNK = 32
 _MAX_DEPTHWISE_F = _backend.NCA_LIMITS["cuda"]["depthwise_filters"]
+_MAX_HIDDEN = _backend.NCA_LIMITS["cuda"]["hidden"]
 
 
 
@@ -61,6 +62,8 @@ def _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     depthwise = groups == C and not (C == 1 and groups == 1)
     if depthwise and nf > _MAX_DEPTHWISE_F:
         raise ValueError(f"the CUDA kernels support at most {_MAX_DEPTHWISE_F} depthwise filters per channel, got {nf}")
+    if hidden > _MAX_HIDDEN:
+        raise ValueError(f"the CUDA kernels support a hidden size of at most {_MAX_HIDDEN}, got {hidden}")
     if tuple(w1.shape) != (hidden, (nf + 1) * C) or tuple(b1.shape) != (hidden,):
         raise ValueError(f"fc1 must be [hidden, {(nf + 1) * C}] with bias [hidden], got {tuple(w1.shape)}, {tuple(b1.shape)}")
     if tuple(w2.shape) != (C - frozen, hidden) or tuple(b2.shape) != (C - frozen,):

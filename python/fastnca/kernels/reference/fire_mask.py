@@ -34,11 +34,17 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def fire_mask(batch, height, width, update_prob, seed, step, device):
-    n = batch * height * width
+def fire_bits(n: int, seed: int, step: int, device=None) -> torch.Tensor:
+    """The 24-bit draws of cells 0..n-1 at ``step`` (int64): a cell fires iff its draw is
+    below fire_threshold(update_prob)."""
     cell = torch.arange(n, dtype=torch.int64, device=device)
     zero = torch.zeros_like(cell)
     out0, _, _, _ = philox4x32_10(
         cell & _MASK32, cell >> 32, zero + (step & _MASK32), zero, seed & _MASK32, seed >> 32
     )
-    return ((out0 >> 8) < fire_threshold(update_prob)).view(batch, height, width)
+    return out0 >> 8
+
+
+def fire_mask(batch, height, width, update_prob, seed, step, device):
+    bits = fire_bits(batch * height * width, seed, step, device)
+    return (bits < fire_threshold(update_prob)).view(batch, height, width)

@@ -1,7 +1,11 @@
-"""Whether this process runs its Triton kernels in Triton's interpreter, and the installed
-Triton's version."""
+"""What the Triton launchers share: whether this process runs the kernels in Triton's
+interpreter, the installed Triton's version, on/off knobs, the device guard and the
+float32-accurate dot mode of a device."""
+import contextlib
+import os
 import re
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
@@ -47,3 +51,40 @@ class const(tl.constexpr):
         if type(other) is const:
             return self.value != other.value
         return super().__ne__(other)
+
+
+def knob01(name: str) -> str:
+    """An on/off environment knob's value: "" (unset), "0" or "1"; anything else raises."""
+    v = os.environ.get(name, "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {v!r}")
+    return v
+
+
+def autotuning() -> bool:
+    """Whether the Triton kernels pick their tiles by autotuning: not under the interpreter,
+    nor with FASTNCA_TRITON_AUTOTUNE=0, which pins the default tiles (results then bitwise
+    identical across processes: a tuned tile can change a reduction's order)."""
+    return knob01("FASTNCA_TRITON_AUTOTUNE") != "0" and not interpreting()
+
+
+def on_device(device: torch.device):
+    """The launch's device guard: the tensor's CUDA device current, nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _has_tf32x3() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return "tf32x3" in CUDAOptions.allowed_dot_input_precisions
+    except Exception:  # noqa: BLE001 -- an older/other backend: fall back to ieee
+        return False
+
+
+_TF32X3 = _has_tf32x3()
+
+
+def fp32_dot_precision(device: torch.device) -> str:
+    """The float32-accurate dot mode of a CUDA device: "tf32x3" on sm_80+ where this Triton
+    has it, else "ieee"."""
+    return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ... import _ext
 from ._philox import fire_bits
-from ._runtime import cdiv
+from ._runtime import cdiv, on_device
 
 
 # Not specialised: Triton would turn a seed or step word equal to 1 into a constant, which
@@ -25,7 +23,7 @@ def fire_mask(batch, height, width, update_prob, seed, step, device):
     numel = out.numel()
     if numel:
         block = 1024
-        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        with on_device(out.device):
             _fire_mask_kernel[(cdiv(numel, block),)](
                 out, numel, seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF,
                 _ext.fire_threshold(update_prob), BLOCK=block,

@@ -98,7 +98,6 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
@@ -111,7 +110,8 @@ from triton.runtime.errors import OutOfResources
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import cdiv, const, interpreting, next_pow2, triton_version
+from ._runtime import cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
+from ._runtime import knob01 as _knob01
 from .fire_mask import fire_mask as _fire_mask
 
 # ---------------------------------------------------------------------------------------
@@ -1374,8 +1374,9 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     """(multiprocessors, opt-in shared memory bytes per block) of a CUDA device."""
     if device.index not in _limits:
         props = torch.cuda.get_device_properties(device)
-        smem = getattr(props, "shared_memory_per_block_optin", 0) or \
-            _SMEM_OPTIN.get((props.major, props.minor), 99 * 1024)
+        # torch's property (>= 2.7) or the CUDA module's query, as backend selection reads it;
+        # without either, by architecture
+        smem = _backend._cuda_smem_limit(device.index) or _SMEM_OPTIN.get((props.major, props.minor), 99 * 1024)
         _limits[device.index] = (props.multi_processor_count, smem)
     return _limits[device.index]
 
@@ -1385,23 +1386,8 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 _INTERPRET_BLOCK_M, _INTERPRET_PROGRAMS = 256, 3
 
 
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _pow2(n: int) -> int:
     return max(16, next_pow2(n))
-
-
-def _has_tf32x3() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        return "tf32x3" in CUDAOptions.allowed_dot_input_precisions
-    except Exception:  # noqa: BLE001 -- an older/other backend: fall back to ieee
-        return False
-
-
-_TF32X3 = _has_tf32x3()
 
 
 def _dot_precision(device: torch.device) -> str:
@@ -1415,12 +1401,6 @@ def _dot_precision(device: torch.device) -> str:
     if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return fp32_dot_precision(device)
-
-
-def fp32_dot_precision(device: torch.device) -> str:
-    """The fp32-accurate dot mode of a CUDA device: "tf32x3" on sm_80+ where this Triton
-    has it, else "ieee" (also used by the attention's halo kernels)."""
-    return "tf32x3" if _TF32X3 and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
@@ -1482,14 +1462,6 @@ def _tagged_bits(prec: str, dtypes: dict) -> int:
     return bits
 
 
-def _knob01(name: str) -> str:
-    """An on/off knob's value, "" (unset), "0" or "1"; anything else raises."""
-    v = os.environ.get(name, "")
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {v!r}")
-    return v
-
-
 def _bf16_rule(dtypes: dict) -> bool:
     """State and the three weight matrices bfloat16: every result of the rule's kernels is."""
     return all(dtypes.get(n) == torch.bfloat16 for n in ("state", "pw", "w1", "w2"))
@@ -1536,7 +1508,7 @@ def _half_dq(state_dtype: torch.dtype, pw_dtype: torch.dtype) -> bool:
     weights in one bfloat16 dot, where a float32 dQ took two TF32 products; the
     conv-gradient kernel takes one TF32 product instead of two. Untimed; on a CPU the
     gradients' error against float64 stays within eager bfloat16's (tests)."""
-    return state_dtype == torch.bfloat16 and pw_dtype == torch.bfloat16 and _knob01("FASTNCA_TRITON_NCA_HALF_DQ") != "0"
+    return _knob01("FASTNCA_TRITON_NCA_HALF_DQ") != "0" and state_dtype == torch.bfloat16 and pw_dtype == torch.bfloat16
 
 
 # The Triton interpreter multiplies bfloat16 dot operands as raw bits: bfloat16 dots stay
@@ -1572,7 +1544,7 @@ class _Rule:
         # the bfloat16 copy of the same layout that bfloat16 dots read (_half_weights)
         self.HALF_W = _half_weights(self.dtypes)
         wh = torch.empty(self.SLOT, dtype=torch.bfloat16, device=dev) if self.HALF_W else buf
-        with _on_device(dev):
+        with on_device(dev):
             _nca_step_arrange_kernel[(cdiv(self.SLOT, 1024),)](
                 buf, wh, pw, pb, w1, b1, w2, b2, *pw.stride(), *pb.stride(), *w1.stride(), *b1.stride(),
                 *w2.stride(), *b2.stride(), frozen, C=C, FC=FC, HID=hid, C_PAD=cp, HID_PAD=hp,
@@ -1632,7 +1604,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx, pos = _firing_cells(fires)
         count = pos[-1:]
         copy_m = _INTERPRET_BLOCK_M if interpreting() else 64
-        with _on_device(state.device):
+        with on_device(state.device):
             _nca_step_copy_idle_kernel[(cdiv(N, copy_m),)](
                 state, out, fires.view(torch.uint8), N, H, W, *state.stride(), *out.stride(),
                 C_PAD=rule.C_PAD, C=C, BLOCK_M=copy_m)
@@ -1649,7 +1621,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         pinned = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
         block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 8))
         programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
-        with _on_device(state.device):
+        with on_device(state.device):
             if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
                              dict(cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)):
                 return out
@@ -1657,11 +1629,11 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         _nca_step_forward_kernel[(cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
     elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
         block_m, warps = pinned
-        with _on_device(state.device):
+        with on_device(state.device):
             _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
                                                                  num_stages=1)
     else:
-        with _on_device(state.device):
+        with on_device(state.device):
             grid = lambda meta: (cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
             _forward_autotuned()[grid](*args, **cx)
     return out
@@ -1674,7 +1646,7 @@ def _pinned_forward_tile() -> tuple[int, int] | None:
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
     if pinned:
         return pinned[:2]
-    if os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") in ("", "0"):
+    if _knob01("FASTNCA_TRITON_AUTOTUNE") == "0":
         return 64, 4
     return None
 
@@ -1698,8 +1670,8 @@ def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] |
         raise ValueError(f"{var} must be '{form}', got {v!r}")
     n_stages = rest[0] if rest else 1
     if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= n_stages <= 4:
-        raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8 and "
-                         f"stages in 1..4, got {v!r}")
+        raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8"
+                         f"{' and stages in 1..4' if stages else ''}, got {v!r}")
     if not safe(block_m, warps):
         raise ValueError(f"{var}={block_m},{warps}: a dot of this kernel would get more warp groups than "
                          "64-row blocks (see _wgmma_safe); pick another tile")
@@ -1756,6 +1728,10 @@ def _bwd_acc_knob() -> str:
     return v
 
 
+# REG_ACC of the backward cell kernels: where the weight-gradient partials are summed.
+_ACC_MEMORY, _ACC_REGISTERS, _ACC_MIXED, _ACC_GEMM, _ACC_CHUNKED = 0, 1, 2, 3, 4
+
+
 def _register_accumulators(rule: _Rule) -> int:
     """REG_ACC of the backward cell kernel: 1 keeps its weight-grad partials in registers,
     for rules of one channel chunk and one conv chunk whose fc partials take at most 16384
@@ -1773,12 +1749,12 @@ def _register_accumulators(rule: _Rule) -> int:
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = _bwd_acc_knob()
     if v == "gemm":
-        return 3
+        return _ACC_GEMM
     if v == "chunked":
-        return 4 if rule.ONE_CHUNK else 0
+        return _ACC_CHUNKED if rule.ONE_CHUNK else _ACC_MEMORY
     if not fits or v == "memory":
-        return 0
-    return 2 if v == "mixed" else 1
+        return _ACC_MEMORY
+    return _ACC_MIXED if v == "mixed" else _ACC_REGISTERS
 
 
 # Kernel configurations whose resident weights did not fit a GPU's shared memory.
@@ -1925,7 +1901,7 @@ def _firing_cells(fire):
     idx = torch.empty(max(n, 1), dtype=torch.int32, device=fire.device)
     block = 1024
     if n:
-        with _on_device(fire.device):
+        with on_device(fire.device):
             _list_firing_kernel[(cdiv(n, block),)](fire.view(torch.uint8), pos, idx, n, BLOCK=block)
     return idx, pos
 
@@ -1961,7 +1937,7 @@ def _fold(partials, total, zero):
     after when ``zero`` (one launch)."""
     rows, cols = partials.shape
     block = 1024
-    with _on_device(partials.device):
+    with on_device(partials.device):
         _fold_partials_kernel[(cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block)
 
 
@@ -2042,8 +2018,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     d_state = _common.backward_out(out, state, grad_out)
     reg_acc = _register_accumulators(rule)
     resident = _resident_weights()
-    gemm = reg_acc == 3
-    chunked = reg_acc == 4  # FASTNCA_TRITON_NCA_BWD_ACC=chunked: the hidden-chunk kernel, partials in its slot
+    gemm = reg_acc == _ACC_GEMM
+    chunked = reg_acc == _ACC_CHUNKED  # the hidden-chunk kernel, partials in its slot
     # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
     # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
     act_row = _act_row(rule) if gemm else 0
@@ -2105,10 +2081,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # the mask for each cell's direct term.
     fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
     idx, pos = _firing_cells(fires.reshape(-1))
-    cell_kw = dict(**cx, REG_ACC=reg_acc, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
-    if hidden_chunks:
-        cell_kw = dict(**cx, HC=_hidden_chunk(rule), PARTIALS=chunked, BLOCK_M=block_m, K1=k1, WQ=wq_row,
-                       num_warps=warps, num_stages=stages)
+    cell_kw = dict(**cx, **(dict(HC=_hidden_chunk(rule), PARTIALS=chunked) if hidden_chunks else dict(REG_ACC=reg_acc)),
+                   BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
     if resident:  # the staged fallback keeps the staged tile
         cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
     in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
@@ -2124,15 +2098,12 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         c0 = b0 * H * W  # the chunk's first cell
         fire_c = fires[b0:b0 + nb].reshape(N)
         wq[:N].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
-        with _on_device(dev):
+        with on_device(dev):
             cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_grid = (min(G, cdiv(N, block_m)),)
             if hidden_chunks:
-                _nca_step_backward_cell_gemm_kernel[cell_grid](
-                    g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
-                    sum(sizes_a),
-                    H, W, *x_c.stride(), *g_c.stride(), frozen, **cell_kw)
+                _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **cell_kw)
             elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
                 _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:

@@ -47,7 +47,6 @@ Border maps mirror csrc/include/fastnca/borders.h (key_index; codes from fastnca
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -57,8 +56,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import cdiv, const, interpreting, next_pow2, triton_version
-from .nca_step import fp32_dot_precision
+from ._runtime import autotuning, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
 
 _ZEROS = const(_ext.BORDER_CODES["zeros"])
 _MASK = const(_ext.BORDER_CODES["mask"])
@@ -889,12 +887,6 @@ def _na2d_backward_kernel(
 
 
 # ---- launch configuration ------------------------------------------------------------
-def _autotuning() -> bool:
-    # FASTNCA_TRITON_AUTOTUNE=0 pins the default tile: bitwise-identical results across
-    # processes too (tuning may pick another tile, hence another reduction order, per process).
-    return os.environ.get("FASTNCA_TRITON_AUTOTUNE", "1") not in ("", "0") and not interpreting()
-
-
 def _head_tile(nh: int, D: int) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_D): D padded to a power of two (>= 2, no size-1 blocks) and enough
     heads per cell that its slice spans >= 128 elements, so small-D tiles still read whole
@@ -1016,7 +1008,7 @@ def _launch(kernel_name, backward, B, H, W, NH, args, consts):
         return (B * cdiv(H, meta["BLOCK_Y"]) * cdiv(W, meta["BLOCK_X"])
                 * cdiv(NH, meta["BLOCK_H"]),)
 
-    if _autotuning():
+    if autotuning():
         hp, wp = next_pow2(H), next_pow2(W)
         _tuned(kernel_name, hp, wp, consts["BLOCK_H"], consts["BLOCK_D"], backward, consts["VEC"])[grid](
             *args, **consts)
@@ -1032,10 +1024,6 @@ def _check(q, k, v):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ---- host launchers (backend interface) ----------------------------------------------
@@ -1118,7 +1106,7 @@ def forward(q, k, v, kernel_size, border, scale):
     setup = _halo_setup(q, kernel_size, border) if _forward_formulation() == "halo" else None
     if setup is not None:
         args = (q, k, v, o, lse, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], H, W, NH, float(scale), D)
-        with _device_guard(q):
+        with on_device(q.device):
             _halo_launch("_na2d_forward_halo_kernel", setup, B, H, W, NH, args)
         return o, lse
     block_h, block_d = _head_tile(NH, D)
@@ -1126,7 +1114,7 @@ def forward(q, k, v, kernel_size, border, scale):
     pairs = _pairs(vec, (q, k, v))
     lq, lk, lv = _load_views(pairs, (q, k, v))
     args = (lq, lk, lv, o, lse, *lq.stride()[:4], *lk.stride()[:4], *lv.stride()[:4], H, W, NH, float(scale), D)
-    with _device_guard(q):
+    with on_device(q.device):
         _launch("_na2d_forward_kernel", False, B, H, W, NH, args,
                 dict(KS=kernel_size, BORDER=_ext.BORDER_CODES[border], UNROLL=_unroll(kernel_size, vec), VEC=vec,
                      BLOCK_H=block_h, BLOCK_D=block_d, PAIRS=pairs, OFF64=_off64((q, k, v, o, lse))))
@@ -1173,7 +1161,7 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     off64 = _off64((q, k, v, o, grad_o, lse, dlse, ws, dq))
-    with _device_guard(q):
+    with on_device(q.device):
         # Preprocess: a streaming reduction over o and do, one image row of cells per program.
         if interpreting():
             pre = {"BLOCK_Y": min(next_pow2(H), 8), "BLOCK_X": min(next_pow2(W), 32)}
