@@ -214,6 +214,25 @@ def test_emulated_fire_mask_matches_reference(emulated):
         assert torch.equal(got, ref_fire_mask.fire_mask(*shape, p, seed, step, "cpu")), (shape, p, seed, step)
 
 
+@pytest.mark.parametrize("groups", [1, "C"])
+def test_emulated_nca_step_conv_grad_leaves_out_idle_cells(emulated, groups):
+    """The conv-gradient kernels skip cells that do not fire: a NaN that only idle cells read
+    leaves d_pw as a finite value there gives (it was multiplied by their zero dQ)."""
+    C, H, W, p, seed, step = 4, 9, 11, 0.2, 5, 2
+    groups = C if groups == "C" else 1
+    fires = ref_fire_mask.fire_mask(1, H, W, p, seed, step, "cpu")[0]
+    near = torch.nn.functional.max_pool2d(torch.nn.functional.pad(fires[None, None].float(), (1, 1, 1, 1)), 3,
+                                          stride=1)[0, 0] > 0
+    y, x_ = map(int, (~near).nonzero()[0])
+    runs = []
+    for value in (0.5, float("nan")):
+        x, weights, gout = make_nca(emulated, 1, C, H, W, 2, 16, groups, 1, torch.float32, "nchw")
+        x[0, :, y, x_] = value
+        runs.append(cuda_nca.backward(gout, x, *weights, groups, "zeros", p, seed, step, 1))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_emulated_nca_step_refuses_rules_past_its_limits(emulated):
     """The launcher itself refuses what _backend.NCA_LIMITS advertises as the CUDA limits
     (the public layer checks them too, but the kernels must not rely on it)."""
@@ -419,6 +438,16 @@ def test_emulated_attention_half_and_strided_grad(emulated, dtype):
     check_na(emulated, 1, 6, 5, 1, 8, 3, "shift", dtype=dtype, packed=True)
     check_na(emulated, 1, 4, 5, 2, 64, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)  # copied
     check_na(emulated, 1, 4, 5, 2, 32, 3, "circular", dtype=dtype, packed="offset")
+
+
+def test_emulated_attention_lse_of_infinite_logits(emulated):
+    """lse is torch.logsumexp's where the window's max logit is infinite (it was NaN)."""
+    inf = float("inf")
+    for D in (1, 8):
+        q = torch.ones(1, 1, 1, 1, D)
+        for kval, expected in ((-inf, -inf), (inf, inf)):
+            _, lse = cuda_na.forward(q, torch.full_like(q, kval), torch.rand(q.shape), 3, "mask", 0.5)
+            assert lse.item() == expected, (D, kval, lse)
 
 
 def test_emulated_attention_grad_o_rows_copied_for_vectors(emulated, monkeypatch):

@@ -245,6 +245,44 @@ def test_nan_propagates_like_the_reference(backend, where):
     assert torch.equal(out.isnan(), ref.isnan())
 
 
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("nca_step"))
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+@pytest.mark.parametrize("groups", [1, "C"])
+def test_gradients_leave_out_what_only_idle_cells_read(backend, padding, groups):
+    """Cells that do not fire take no part in any gradient: a NaN or inf that only idle cells
+    read (its own cell and its 8 neighbours idle) leaves every gradient as a finite value
+    there gives, bit for bit, also at update_prob 0 (all gradients of the weights zero). The
+    reference and the CUDA conv-gradient kernel multiplied those cells' NaN activations
+    and patches by their zero gradient."""
+    device = device_for(backend)
+    C, H, W, p, seed, step = 3, 9, 11, 0.2, 5, 2
+    groups = C if groups == "C" else 1
+    fires = fastnca.fire_mask(1, H, W, p, seed=seed, step=step)[0]
+    # a cell whose neighbourhood, read through the padding, has no firing cell
+    near = torch.nn.functional.pad(fires[None, None].float(), (1, 1, 1, 1),
+                                   mode="constant" if padding == "zeros" else padding)
+    near = torch.nn.functional.max_pool2d(near, 3, stride=1)[0, 0] > 0
+    y, x_ = map(int, (~near).nonzero()[0])
+    assert fires.any() and not fires[max(0, y - 1):y + 2, max(0, x_ - 1):x_ + 2].any()
+    rule = [t.to(device) for t in make_rule(C, hidden=6, groups=groups)]
+    g = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(1)).to(device)
+    for prob in (p, 0.0):
+        grads = []
+        for value in (0.25, float("nan"), float("inf")):
+            x = make_state(1, C, H, W, device=device)
+            x[0, :, y, x_] = value
+            x.requires_grad_(True)
+            w = [t.detach().clone().requires_grad_(True) for t in rule]
+            out = fastnca.nca_step(x, *w, groups=groups, padding=padding, update_prob=prob, seed=seed, step=step,
+                                   frozen_channels=1, backend=backend)
+            grads.append(torch.autograd.grad(out, [x, *w], g))
+        for other in grads[1:]:
+            for name, a, b in zip(("state", "pw", "pb", "w1", "b1", "w2", "b2"), grads[0], other):
+                assert torch.equal(a, b), (prob, name)
+        if prob == 0.0:
+            assert not any(d.any() for d in grads[0][1:])
+
+
 def saved_bytes(fn):
     """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once):
     the saved tensors and any tensor the graph's nodes hold as attributes (graph_held)."""

@@ -2,6 +2,8 @@
 kernel size, properties, gradients, the memory contract, argument checks, and every
 fast backend against the reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -103,6 +105,41 @@ def test_zeros_border_corner_logits_are_zero(backend):
     expected = torch.logsumexp(torch.stack(s + [torch.tensor(0.0, dtype=torch.float64)] * 5), 0)
     tol = 1e-14 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(lse[0, 0, 0, 0].double().cpu(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("neighborhood_attention")])
+@pytest.mark.parametrize("D", [1, 4])
+def test_infinite_logits_follow_logsumexp(backend, D):
+    """Windows with infinite logits, alike on every backend: lse is torch.logsumexp's (+inf
+    with a +inf logit; -inf where every logit in the softmax is -inf, whose output is NaN);
+    under zeros the outside keys keep logit exactly 0 beside an infinite query (lse log 8,
+    output 0 at a 1x1 grid). The kernels gave NaN lse, the Triton k=3 mask kernel a finite
+    output of the clamped cell, the reference a NaN zero-key logit (inf * 0)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    inf = float("inf")
+
+    def run(q, k, border, ks=3):
+        v = torch.rand(q.shape, generator=g)
+        o, lse = fastnca.neighborhood_attention2d(q.to(dev), k.to(dev), v.to(dev), ks, border, return_lse=True,
+                                                  backend=backend)
+        return o.cpu(), lse.cpu()
+
+    ones = torch.ones(1, 1, 1, 1, D)
+    o, lse = run(ones, -inf * ones, "mask")  # the only logit -inf
+    assert o.isnan().all() and lse.item() == -inf
+    o, lse = run(ones, inf * ones, "mask")  # the only logit +inf
+    assert lse.item() == inf
+    o, lse = run(-inf * ones, ones, "zeros")  # inside -inf, 8 zero keys at logit 0
+    assert torch.equal(o, torch.zeros_like(o)) and lse.item() == pytest.approx(math.log(8))
+    for ks in (3, 5):  # a row of 9: cell 0's in-grid logits all -inf, the others finite
+        q = torch.rand(1, 1, 9, 1, D, generator=g) + 0.5
+        q[0, 0, 0] = inf
+        k = -torch.rand(1, 1, 9, 1, D, generator=g) - 0.5
+        k[0, 0, 3:] = torch.rand(6, 1, D, generator=g)
+        o, lse = run(q, k, "mask", ks)
+        assert o[0, 0, 0].isnan().all() and lse[0, 0, 0].item() == -inf, (ks, o[0, 0, 0], lse[0, 0, 0])
+        assert o[0, 0, 5:].isfinite().all() and lse[0, 0, 5:].isfinite().all()
 
 
 @pytest.mark.parametrize("border", BORDERS)

@@ -347,7 +347,7 @@ FASTNCA_NA_INLINE typename K::C softmax(typename K::C* __restrict s, int n, int 
   const C sum = K::hsum(sv) + (n_zero ? static_cast<C>(n_zero) * std::exp(-m) : C(0));
   const C inv = C(1) / sum;
   for (int j = 0; j < npad; j += L) K::storec(s + j, K::loadc(s + j) * inv);
-  return m + std::log(sum);
+  return std::isinf(m) ? m : m + std::log(sum);  // +inf / all -inf logits: as torch.logsumexp
 }
 
 // ---- arguments ---------------------------------------------------------------------

@@ -535,16 +535,19 @@ nca_backward_main_kernel(const T* __restrict__ g, Strides4 gs, const T* __restri
 
 // Cell coordinates of a conv_grad tile, shared by the loaders.
 struct TileCells {
-  int64_t base[kTileS];  // b * stride_b, or -1 past the cell range
+  int64_t base[kTileS];  // b * stride_b, or -1 past the cell range or where the cell does not fire
   int y[kTileS], x[kTileS];
 };
 
+// A cell that does not fire takes no part in the perception weight's gradient: its dQ row is
+// zero, and its patch is left out rather than multiplied by that zero (a NaN or inf that only
+// idle cells read must not reach d_pw, as in the other backends).
 FASTNCA_DEVICE void load_tile_cells(TileCells* tc, int64_t c0, int64_t cend, const Dims& d,
-                                    const Strides4& xs) {
+                                    const Strides4& xs, const Rng& rng) {
   const int s = threadIdx.x;
   if (s < kTileS) {
     const int64_t cell = c0 + s;
-    if (cell < cend) {
+    if (cell < cend && fire(rng.seed, rng.cell0 + static_cast<uint64_t>(cell), rng.step, rng.threshold)) {
       tc->x[s] = static_cast<int>(cell % d.W);
       const int64_t t = cell / d.W;
       tc->y[s] = static_cast<int>(t % d.H);
@@ -571,7 +574,7 @@ FASTNCA_DEVICE float tap_value(const T* __restrict__ x, const Strides4& xs, cons
 // [blockIdx.y * cells_per_part, +cells_per_part). 16x16 threads, 4x4 outputs each.
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads)
-nca_conv_grad_kernel(const T* __restrict__ x, Strides4 xs, Dims d, const float* __restrict__ ws,
+nca_conv_grad_kernel(const T* __restrict__ x, Strides4 xs, Dims d, Rng rng, const float* __restrict__ ws,
                      float* __restrict__ part, int64_t cells_per_part) {
   FASTNCA_DYNAMIC_SMEM(smem4);
   constexpr int LDA = kTileO + 4, LDB = kTileJ + 4;  // rows stay 16-byte aligned
@@ -589,7 +592,7 @@ nca_conv_grad_kernel(const T* __restrict__ x, Strides4 xs, Dims d, const float* 
 
   for (int64_t c0 = cbeg; c0 < cend; c0 += kTileS) {
     __syncthreads();
-    load_tile_cells(tc, c0, cend, d, xs);
+    load_tile_cells(tc, c0, cend, d, xs, rng);
     __syncthreads();
     for (int i = tid; i < kTileO * kTileS; i += nt) {
       const int ol = i / kTileS, s = i % kTileS, o = o0 + ol;
@@ -627,7 +630,7 @@ nca_conv_grad_kernel(const T* __restrict__ x, Strides4 xs, Dims d, const float* 
 // `cpb` channels (cpb * F * 10 <= threads).
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads)
-nca_conv_grad_dw_kernel(const T* __restrict__ x, Strides4 xs, Dims d, const float* __restrict__ ws,
+nca_conv_grad_dw_kernel(const T* __restrict__ x, Strides4 xs, Dims d, Rng rng, const float* __restrict__ ws,
                         float* __restrict__ part, int64_t cells_per_part, int cpb) {
   FASTNCA_DYNAMIC_SMEM(smem4);
   constexpr int LD = kTileS + 1;
@@ -646,7 +649,7 @@ nca_conv_grad_dw_kernel(const T* __restrict__ x, Strides4 xs, Dims d, const floa
 
   for (int64_t c0 = cbeg; c0 < cend; c0 += kTileS) {
     __syncthreads();
-    load_tile_cells(tc, c0, cend, d, xs);
+    load_tile_cells(tc, c0, cend, d, xs, rng);
     __syncthreads();
     for (int i = tid; i < rows_a * kTileS; i += nt) {
       const int r = i / kTileS, s = i % kTileS, o = cb0 * d.F + r;
@@ -1055,13 +1058,13 @@ void nca_step_backward_cuda(std::uintptr_t grad, const std::vector<int64_t>& gra
     if (!d.depthwise) {
       prepare_kernel(nca_conv_grad_kernel<T>, kGemmThreads, conv_smem);
       launch("nca_step_backward_conv_grad", nca_conv_grad_kernel<T>, dim3(p.conv_slices, p.conv_parts),
-             dim3(kGemmThreads), conv_smem, s, ptr<const T>(state), xs, d,
+             dim3(kGemmThreads), conv_smem, s, ptr<const T>(state), xs, d, rng,
              static_cast<const float*>(wsp), ptr<float>(conv_part), conv_cells);
     } else {
       prepare_kernel(nca_conv_grad_dw_kernel<T>, kGemmThreads, conv_smem);
       launch("nca_step_backward_conv_grad_dw", nca_conv_grad_dw_kernel<T>,
              dim3(p.conv_slices, p.conv_parts), dim3(kGemmThreads), conv_smem, s, ptr<const T>(state),
-             xs, d, static_cast<const float*>(wsp), ptr<float>(conv_part), conv_cells, p.dw_cpb);
+             xs, d, rng, static_cast<const float*>(wsp), ptr<float>(conv_part), conv_cells, p.dw_cpb);
     }
     // 3. d_state
     const dim3 sgrid = grid_1d(ceil_div(d.N, p.state.threads), "nca_step backward (cuda)");

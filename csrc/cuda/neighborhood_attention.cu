@@ -298,7 +298,7 @@ na_forward_kernel(const T* __restrict__ q, View5 qs, const T* __restrict__ k, Vi
     }
 
   window_combine<T, KS, VEC>(v + qq.b * vs.b + qq.n * vs.n, vs, win, d, lane, s, 1.f / l, o + gid * d.D);
-  if (lane == 0) lse[gid] = m + logf(l);
+  if (lane == 0) lse[gid] = isinf(m) ? m : m + logf(l);  // +inf / all -inf logits: as torch.logsumexp
 }
 
 // ---- backward: queries -------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def attention_unsupported(backend: str, *, shape: tuple) -> str | None:
     return None
 
 
-def nothing_to_launch(t: torch.Tensor, backend: str) -> str:
+def backend_for_input(t: torch.Tensor, backend: str) -> str:
     """The backend to run an op on input ``t`` with: the reference where ``t`` is empty (a
     batch of 0, or no heads; the ops check the other sizes), whose torch ops give the empty
     results and zero weight gradients as conv2d and SDPA do; otherwise ``backend``."""

@@ -321,7 +321,7 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
     step = _checks.integer(step, "step", 0, 1 << 64) & 0xFFFFFFFF
     grad = _eager.needs_grad(*tensors)
     sizes = _sizes(state, tensors[1], tensors[3], groups, frozen, grad)
-    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype, sizes))
+    backend = _backend.backend_for_input(state, _backend.resolve(backend, "nca_step", state.device, state.dtype, sizes))
     args = (*tensors, groups, padding, update_prob, _checks.seed_to_i64(seed), step, frozen, backend)
     return _eager.call(_nca_step_op, _NcaStepFunction, _nca_step, tensors, args, grad=grad)
 
@@ -358,7 +358,7 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
     start_step &= 0xFFFFFFFF  # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1)
     keep = _eager.needs_grad(*tensors)
-    backend = _backend.nothing_to_launch(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
+    backend = _backend.backend_for_input(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
                                                                  _sizes(state, tensors[1], tensors[3], groups, frozen, keep)))
     args = (*tensors, steps, start_step, every, keep, groups, padding, update_prob, _checks.seed_to_i64(seed),
             frozen, backend)

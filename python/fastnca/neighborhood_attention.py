@@ -138,7 +138,7 @@ def neighborhood_attention2d(query, key, value, kernel_size=3, border="zeros", s
     return_lse = _checks.boolean(return_lse, "return_lse")
     if query.shape[-1] == 1:  # a size-1 head dim is contiguous whatever its stride: make it 1
         query, key, value = (t.squeeze(-1).unsqueeze(-1) for t in (query, key, value))
-    backend = _backend.nothing_to_launch(query, _backend.resolve(backend, "neighborhood_attention", query.device,
+    backend = _backend.backend_for_input(query, _backend.resolve(backend, "neighborhood_attention", query.device,
                                                                  query.dtype, {"shape": tuple(query.shape)}))
     args = (query, key, value, kernel_size, border, scale, backend)
     o, lse = _eager.call(_na2d_op, _NA2dFunction, _na2d, (query, key, value), args)

@@ -77,19 +77,26 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     C, H, W = x.shape[1:]
     g = grad_out.to(x.dtype)
     gd = g[:, frozen:] * m  # gradient of delta
-    d_w2 = torch.einsum("bchw,bjhw->cj", gd, h)
+    # Cells that do not fire take no part in the weight gradients: their activations are
+    # left out (where), not multiplied by their zero gradient, so that a NaN or inf only
+    # idle cells compute or read does not reach the sums (the fused kernels skip them).
+    fires = m != 0
+    d_w2 = torch.einsum("bchw,bjhw->cj", gd, torch.where(fires, h, 0))
     d_b2 = gd.sum((0, 2, 3))
     dz = torch.einsum("bchw,cj->bjhw", gd, w2_) * (z > 0)
-    d_w1 = torch.einsum("bjhw,bkhw->jk", dz, p)
+    d_w1 = torch.einsum("bjhw,bkhw->jk", dz, torch.where(fires, p, 0))
     d_b1 = dz.sum((0, 2, 3))
     dp = torch.einsum("bjhw,jk->bkhw", dz, w1_)
     dconv = dp[:, C:]
-    xp = F.pad(x, (1, 1, 1, 1), mode=_PAD_MODE[padding])
+    ry = _pad_adjoint(H, padding, x.device, x.dtype)
+    rx = _pad_adjoint(W, padding, x.device, x.dtype)
+    # the same for the conv's weight gradient: source cells that no firing cell reads
+    read = torch.nn.grad.conv2d_input((x.shape[0], 1, H + 2, W + 2), x.new_ones(1, 1, 3, 3), m)
+    read = torch.einsum("yp,bcpq,xq->bcyx", ry, read, rx) > 0
+    xp = F.pad(torch.where(read, x, 0), (1, 1, 1, 1), mode=_PAD_MODE[padding])
     d_pw = torch.nn.grad.conv2d_weight(xp, pw_.shape, dconv, groups=groups)
     d_pb = dconv.sum((0, 2, 3))
     d_xp = torch.nn.grad.conv2d_input(xp.shape, pw_, dconv, groups=groups)
-    ry = _pad_adjoint(H, padding, x.device, x.dtype)
-    rx = _pad_adjoint(W, padding, x.device, x.dtype)
     dx = g + dp[:, :C] + torch.einsum("yp,bcpq,xq->bcyx", ry, d_xp, rx)
     d_state = torch.empty_like(state).copy_(dx)
     # weight gradients contiguous, as every backend returns them (the custom op's fake says so)

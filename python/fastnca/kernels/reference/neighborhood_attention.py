@@ -44,6 +44,8 @@ def _attend(q, k, v, kernel_size, border, scale):
     s = torch.einsum("bhwnd,bhwjnd->bhwnj", q, kw) * scale
     if border == "mask":
         s = s.masked_fill(~inside[None, :, :, None, :], float("-inf"))
+    elif border == "zeros":  # the zero key's logit is exactly 0, also beside an infinite query
+        s = s.masked_fill(~inside[None, :, :, None, :], 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None])
     o = torch.einsum("bhwnj,bhwjnd->bhwnd", p, vw)

@@ -301,17 +301,27 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, s
 
 
 @triton.jit
+def _lse(m, l):
+    """log-sum-exp from the window's max logit m and its sum of exp(s - m): m itself where
+    m is infinite (a +inf logit, or every logit -inf), as torch.logsumexp gives, where
+    m + log(l) would be NaN."""
+    return tl.where(tl.abs(m) == float("inf"), m, m + tl.log(l))
+
+
+@triton.jit
 def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr,
                   VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
     """The logit of each query row's key, loaded at (ky, kx) (in the grid: _in_grid);
     inside: whether the window's key is in the grid. An outside key under border="mask"
-    gets -FLT_MAX: its probability underflows to exactly 0 against the window's max, which
-    the always-inside centre key keeps finite; under "zeros" it is a zero key, logit
-    exactly 0. Padded rows (ok = 0, never stored) count as inside, so nothing turns NaN."""
+    gets -inf: its probability is exactly 0 against the window's max, which the always-
+    inside centre key keeps above -inf unless every logit inside the grid is -inf (then
+    the output is NaN and lse -inf, as the reference's; -FLT_MAX here gave those keys
+    p = 1, a finite output of the clamped cell's values). Under "zeros" it is a zero key,
+    logit exactly 0. Padded rows (ok = 0, never stored) count as inside."""
     k = _load_rows(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), dm, FULL)
     s = _rowsum(q * _f32(k, PAIRS))
     if BORDER == _MASK:
-        s = tl.where(inside | (ok == 0), s, -3.4028234663852886e38)
+        s = tl.where(inside | (ok == 0), s, -float("inf"))
     elif BORDER == _ZEROS or BORDER == _SHIFT:
         s = tl.where(inside, s, 0.0)  # a zero key: logit exactly 0, still in the softmax
     return s
@@ -424,7 +434,7 @@ def _na2d_forward_kernel(
     row = _out_rows(b64, y, x, h, H, W, NH)
     out = tl.multiple_of(row * D, VEC)
     tl.store(o_ptr + out[:, None, None] + d, (acc / l_i[:, None, None]).to(o_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=ok)
+    tl.store(lse_ptr + row, _lse(m_i, l_i), mask=ok)
 
 
 
@@ -513,7 +523,7 @@ def _na2d_forward_halo_kernel(
     row = _out_rows(b64, y, x, hd, H, W, NH)
     tl.store(o_ptr + (row * D)[:, None] + d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
              mask=ok[:, None] & dm[None, :])
-    tl.store(lse_ptr + row, mx + tl.log(l_i), mask=ok)
+    tl.store(lse_ptr + row, _lse(mx, l_i), mask=ok)
 
 
 
