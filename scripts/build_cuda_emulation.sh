@@ -7,7 +7,7 @@
 # checks the kernels' logic on machines without a GPU. Needs the CUDA headers (nvcc's
 # toolkit) for cuda_fp16.h / cuda_bf16.h / cuda_runtime.h; nothing CUDA is linked.
 # Usage: scripts/build_cuda_emulation.sh [out-dir]   (default build/cuda-emu)
-#   EMU_DEFINES: extra compiler flags (e.g. -DFASTNCA_TEST_TILE_FACTOR=8: nca tiles of 8x
+#   EMU_DEFINES: extra compiler and link flags (e.g. -DFASTNCA_TEST_TILE_FACTOR=8: nca tiles of 8x
 #   the cells one pass holds, so that the backward's multi-pass tiles run in tests);
 #   EMU_SOURCES: the kernel files to build (default: fire_mask nca_step neighborhood_attention).
 set -euo pipefail
@@ -42,5 +42,5 @@ for src in "${srcs[@]}"; do
   objs+=("$obj")
 done
 wait
-${CXX:-g++} -shared -pthread "${objs[@]}" -o "$out/fastnca_cuda_emu$ext"
+${CXX:-g++} -shared -pthread ${EMU_DEFINES:-} "${objs[@]}" -o "$out/fastnca_cuda_emu$ext"
 echo "$out/fastnca_cuda_emu$ext"

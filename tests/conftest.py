@@ -59,7 +59,10 @@ def emulation_module(build: str = "cuda-emu"):
     if build not in _EMULATION_MODULES:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("fastnca_cuda_emu", emulation_path(build))
+        # a name of its own per build: pybind11 (3.x) hands back an extension module already
+        # loaded under the same name, so the tiles build would silently be the default one
+        name = f"_fastnca_emu_{build.replace('-', '_')}.fastnca_cuda_emu"
+        spec = importlib.util.spec_from_file_location(name, emulation_path(build))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         _EMULATION_MODULES[build] = mod

@@ -163,7 +163,9 @@ def test_emulated_nca_step_multi_pass_tiles(emulated, monkeypatch, case):
     if emulation_path("cuda-emu-tiles") is None:
         pytest.skip("tiled emulation not built (EMU_DEFINES=-DFASTNCA_TEST_TILE_FACTOR=8 "
                     "scripts/build_cuda_emulation.sh build/cuda-emu-tiles)")
-    monkeypatch.setattr(_launch, "module", lambda: emulation_module("cuda-emu-tiles"))
+    tiles = emulation_module("cuda-emu-tiles")
+    assert tiles is not emulation_module() and tiles.__file__ != emulation_module().__file__  # its own build
+    monkeypatch.setattr(_launch, "module", lambda: tiles)
     B, C, H, W, F, hidden, groups, padding, frozen, p, layout = case
     check_nca(emulated, B, C, H, W, F, hidden, groups, padding, frozen, p, layout=layout)
 

@@ -40,7 +40,8 @@ def backward_out(out: torch.Tensor | None, state: torch.Tensor, grad: torch.Tens
         raise ValueError(f"out must match state ({tuple(state.shape)}, {state.dtype}, {state.device}), "
                          f"got ({tuple(out.shape)}, {out.dtype}, {out.device})")
     if any(s < 0 for s in out.stride()) or torch._debug_has_internal_overlap(out) != 0:
-        raise ValueError(f"out must not have negative or overlapping strides, got {out.stride()}")
+        raise ValueError(f"out must have non-negative strides whose elements torch can tell apart "
+                         f"(not overlapping, e.g. dense), got strides {out.stride()}")
 
     def overlaps(t):
         (a0, a1), (b0, b1) = _span(out), _span(t)
