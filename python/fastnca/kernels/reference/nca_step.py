@@ -92,12 +92,15 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     rx = _pad_adjoint(W, padding, x.device, x.dtype)
     # the same for the conv's weight gradient: source cells that no firing cell reads
     read = torch.nn.grad.conv2d_input((x.shape[0], 1, H + 2, W + 2), x.new_ones(1, 1, 3, 3), m)
-    read = torch.einsum("yp,bcpq,xq->bcyx", ry, read, rx) > 0
+    def unpad(t):  # the adjoint of padding: a padded-grid tensor summed onto the cells it reads
+        return torch.einsum("yp,bcpq,xq->bcyx", ry, t, rx)
+
+    read = unpad(read) > 0
     xp = F.pad(torch.where(read, x, 0), (1, 1, 1, 1), mode=_PAD_MODE[padding])
     d_pw = torch.nn.grad.conv2d_weight(xp, pw_.shape, dconv, groups=groups)
     d_pb = dconv.sum((0, 2, 3))
     d_xp = torch.nn.grad.conv2d_input(xp.shape, pw_, dconv, groups=groups)
-    dx = g + dp[:, :C] + torch.einsum("yp,bcpq,xq->bcyx", ry, d_xp, rx)
+    dx = g + dp[:, :C] + unpad(d_xp)
     d_state = torch.empty_like(state).copy_(dx)
     # weight gradients contiguous, as every backend returns them (the custom op's fake says so)
     return (d_state, *(d.to(t.dtype).contiguous() for d, t in zip((d_pw, d_pb, d_w1, d_b1, d_w2, d_b2),
