@@ -303,6 +303,28 @@ def test_seed_none_uses_torch_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_seed_none_under_compile_says_to_pass_a_seed():
+    """The backbone and the model draw a missing seed on the CPU generator, which
+    torch.compile cannot trace: under fullgraph=True they say to pass one; with a seed the
+    compiled call equals the eager one. The backbone names a state of the wrong channels."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=2)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.2)
+    img = torch.rand(1, 1, 8, 8)
+    backbone = model.backbones[0]
+    state = torch.randn(1, 6, 4, 4)
+    for name, call in (("BackboneNCA.forward", lambda seed: backbone(state, 2, seed=seed, backend="reference")),
+                       ("MedNCA.forward", lambda seed: model(img, seed=seed, backend="reference"))):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=f"{name} under torch.compile needs seed="):
+            torch.compile(lambda: call(None), fullgraph=True, backend="eager")()
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(lambda: call(5), fullgraph=True, backend="eager")(), call(5))
+    with pytest.raises(ValueError, match=r"state must have shape \[B, 6, H, W\] \(this BackboneNCA's"):
+        backbone(torch.randn(1, 5, 4, 4), 2)
+
+
 def test_ensemble():
     torch.manual_seed(0)
     model = MedNCA(channels=6, hidden=8, steps=4)

@@ -812,6 +812,19 @@ def test_gpu_every_tile_matches_reference(monkeypatch, case, var, tile):
     check_pinned_tile(monkeypatch, case, var, tile)
 
 
+@pytest.mark.parametrize("var,tile", [("FASTNCA_TRITON_NCA_FWD_TILE", "16,4"), ("FASTNCA_TRITON_NCA_FWD_TILE", "128,8"),
+                                      ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4"), ("FASTNCA_TRITON_NCA_BWD_TILE", "32,8"),
+                                      ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")])
+def test_pinned_tiles_under_the_interpreter(monkeypatch, var, tile):
+    """The tile knobs hold under the interpreter too (its own tile is 256 rows): the GPU's
+    tiles, several to a program and a partial last one, on a small grid of both rules.
+    A typo in a knob raises there as on a GPU."""
+    for case in ((2, 8, 9, 13, 16, 2, 1, 1, "reflect", 0.5), (1, 8, 7, 11, 24, 1, "C", 0, "zeros", 1.0)):
+        check_pinned_tile(monkeypatch, case, var, tile)
+    with pytest.raises(ValueError, match=f"{var} must be"):
+        check_pinned_tile(monkeypatch, (1, 4, 5, 5, 8, 1, 1, 0, "zeros", 0.5), var, "64;4")
+
+
 def test_gpu_tile_candidates_are_tested():
     """The pinned-tile GPU test above covers every forward autotune candidate that
     _wgmma_safe keeps (a new candidate must join it)."""
@@ -824,6 +837,9 @@ def test_gpu_tile_candidates_are_tested():
 def test_pinned_forward_tile(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_FWD_TILE", raising=False)
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(tri, "interpreting", lambda: True)
+    assert tri._pinned_forward_tile() == (tri._INTERPRET_BLOCK_M, 4)
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
     assert tri._pinned_forward_tile() is None
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
     assert tri._pinned_forward_tile() == (64, 4)
@@ -1099,7 +1115,7 @@ def assert_within_eager_bf16(monkeypatch, got, grad_out, state, args):
     d = [t.double() for t in (state, grad_out, *args[:6])]
     want = ref.backward(d[1], d[0], *d[2:], *args[6:])
     with monkeypatch.context() as m:
-        m.setattr(ref_mod, "_compute_dtype", lambda s: torch.bfloat16)
+        m.setattr(ref_mod, "compute_dtype", lambda dtype: torch.bfloat16)
         eager = ref.backward(grad_out, state, *args)
     for name, a, t, b in zip(GRAD_NAMES, got, eager, want):
         if b is None or b.abs().max() == 0:

@@ -37,9 +37,8 @@ def floating(x: torch.Tensor, name: str, dtypes: Iterable[torch.dtype] = COMPUTE
     dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {names}; got {str(x.dtype).replace('torch.', '')}"
-                        if len(dtypes) == 1 else
-                        f"{name} must have dtype one of {names}; got {str(x.dtype).replace('torch.', '')}")
+        expected = names if len(dtypes) == 1 else f"one of {names}"
+        raise TypeError(f"{name} must have dtype {expected}; got {str(x.dtype).replace('torch.', '')}")
 
 
 def shape(x: torch.Tensor, name: str, expected: tuple, what: str = "") -> None:

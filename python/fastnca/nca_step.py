@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import _backend, _checks, _eager
+from .kernels._common import compute_dtype
 
 # ---------------------------------------------------------------------------------------
 # Custom ops. Seeds travel as two's-complement int64 (schemas have no uint64).
@@ -144,7 +145,7 @@ def _nca_rollout_backward(
     # its own layout (bitwise the sums autograd makes of the loop) and unpacks them once;
     # otherwise each step's gradients are unpacked and added up here.
     sink = k.GradSink() if hasattr(k, "GradSink") and steps > 0 else None
-    acc_dtype = torch.float64 if state.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(state.dtype)
     dweights = [] if sink else [torch.zeros(w.shape, dtype=acc_dtype, device=w.device) for w in weights]
     g = grad_out
     segs = _segments(steps, every)

@@ -10,10 +10,7 @@ neighbourhood, deterministically.
 import torch
 
 from . import _backend, _checks, _eager
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+from .kernels._common import compute_dtype
 
 
 def _na2d(
@@ -29,7 +26,7 @@ _na2d_op = torch.library.custom_op("fastnca::neighborhood_attention2d", mutates_
 @_na2d_op.register_fake
 def _(q, k, v, kernel_size, border, scale, backend):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return o, torch.empty(q.shape[:-1], dtype=_lse_dtype(q), device=q.device)
+    return o, torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
 
 
 def _na2d_backward(

@@ -23,6 +23,26 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device).item())
 
 
+def _seed_or_draw(seed: int | None, module: str, generator: torch.Generator | None = None) -> int:
+    """A module's fire-mask seed: ``seed``, or a :func:`draw_seed` from ``generator``. Under
+    torch.compile a draw cannot be traced (it reads a tensor back to Python: a graph break,
+    or under fullgraph=True an error on a data-dependent guard that did not say what to do),
+    so there a missing seed raises."""
+    if seed is not None:
+        return seed
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{module} under torch.compile needs seed=...: drawing one reads a "
+                           "tensor back to Python")
+    return draw_seed(generator)
+
+
+def _check_state(state: torch.Tensor, channels: int, module: str) -> None:
+    _checks.tensor(state, "state")
+    if state.dim() != 4 or state.shape[1] != channels:
+        raise ValueError(f"state must have shape [B, {channels}, H, W] (this {module}'s channels), "
+                         f"got {tuple(state.shape)}")
+
+
 class NCA(nn.Module):
     """An NCA update rule: 3x3 perception (F filter banks, full or depthwise), per-cell
     MLP (fc1 + ReLU + fc2), stochastic residual update; ``forward`` runs a checkpointed
@@ -80,20 +100,13 @@ class NCA(nn.Module):
         longer rollout. Under ``torch.compile`` pass ``seed``: drawing one reads a tensor
         back to Python, so without it the call falls back to eager (a graph break), and
         ``fullgraph=True`` raises."""
-        _checks.tensor(state, "state")
-        if seed is None and torch.compiler.is_compiling():
-            # (a draw reads a tensor back to Python: a graph break, or an error on a data-
-            # dependent guard under fullgraph=True, which did not say what to do)
-            raise RuntimeError("NCA.forward under torch.compile needs seed=...: drawing one reads a "
-                               "tensor back to Python")
-        if state.dim() != 4 or state.shape[1] != self.channels:
-            raise ValueError(f"state must have shape [B, {self.channels}, H, W] (this NCA's channels), "
-                             f"got {tuple(state.shape)}")
+        _check_state(state, self.channels, "NCA")
+        seed = _seed_or_draw(seed, "NCA.forward")
         return nca_rollout(
             state, self.perception_weight, self.perception_bias, self.fc1_weight, self.fc1_bias,
             self.fc2_weight, self.fc2_bias, steps=steps, start_step=start_step,
             checkpoint_every=self.checkpoint_every, groups=self.groups, padding=self.padding,
-            update_prob=self.update_prob, seed=draw_seed() if seed is None else seed,
+            update_prob=self.update_prob, seed=seed,
             frozen_channels=self.frozen_channels, backend=self.backend)
 
     def extra_repr(self) -> str:

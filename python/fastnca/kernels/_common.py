@@ -19,6 +19,12 @@ def backward_batch_chunk(state: torch.Tensor, ws_bytes_per_cell: int) -> int:
     return max(1, min(B, max(by_bytes, by_cells)))
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes and accumulates in for inputs of ``dtype``: float64
+    for float64, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def cpu_threads() -> int:
     """Threads a CPU kernel launch runs on: torch's intra-op thread count."""
     return max(1, torch.get_num_threads())

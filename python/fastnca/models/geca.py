@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import draw_seed
+from fastnca.nn import _seed_or_draw, draw_seed
 
 __all__ = [
     "GeCA",
@@ -402,8 +402,8 @@ class GeCA(nn.Module):
         t, y = self._conditioning(t, y, B, cells.device)
         steps = cfg.ca_steps if steps is None else _checks.integer(steps, "steps", 0)
         p = cfg.update_prob if update_prob is None else _checks.probability(update_prob, "update_prob")
-        if seed is None and p < 1.0:
-            seed = draw_seed()
+        if p < 1.0:
+            seed = _seed_or_draw(seed, "GeCA.evolve")
         c = self.condition(t, y)
         D = cfg.embed_dim
         m = self.transformer.adaLN_modulation(c).view(B, 1, 1, 6 * D).chunk(6, dim=-1)

@@ -34,7 +34,7 @@ from torch import nn
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import draw_seed as _draw_seed
+from fastnca.nn import _check_state, _seed_or_draw
 
 __all__ = [
     "BackboneNCA",
@@ -138,8 +138,8 @@ class BackboneNCA(nn.Module):
         Mask of step i: ``fastnca.fire_mask(..., seed, start_step + i)``. The rollout
         is checkpointed by ``fastnca.nca_rollout`` (``checkpoint_every``).
         """
-        if seed is None:
-            seed = _draw_seed()
+        _check_state(state, self.channels, "BackboneNCA")
+        seed = _seed_or_draw(seed, "BackboneNCA.forward")
         return fastnca.nca_rollout(
             state,
             self.perception_weight,
@@ -300,8 +300,7 @@ class MedNCA(nn.Module):
                 return_state: bool = False) -> torch.Tensor:
         """Full-resolution inference/training: logits [B, output_channels, H, W]."""
         self._check_image(image)
-        if seed is None:
-            seed = _draw_seed()
+        seed = _seed_or_draw(seed, "MedNCA.forward")
         state = self._level0(image, seed, backend)
         state = F.interpolate(state, scale_factor=self.downscale, mode="nearest")
         state = self._level1(state, image, seed, backend)
@@ -333,8 +332,7 @@ class MedNCA(nn.Module):
         p = _checks.integer(patch_size, "patch_size")
         if p > H or p > W or p < 2:
             raise ValueError(f"patch_size must be in [2, min(H, W)], got {p} for {H}x{W}")
-        if seed is None:
-            seed = _draw_seed(generator)
+        seed = _seed_or_draw(seed, "MedNCA.forward_patch", generator)
         state0 = self._level0(image, seed, backend)
         gen_dev = generator.device if generator is not None else "cpu"
         y0 = torch.randint(0, H - p + 1, (B,), generator=generator, device=gen_dev).to(image.device)

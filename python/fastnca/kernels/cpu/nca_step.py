@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backend, _ext
-from .._common import backward_out, cpu_threads
+from .._common import backward_out, compute_dtype, cpu_threads
 
 _PAD = 8  # must match kPadTo in csrc/cpu/nca_step.cpp
 _TILE_W = 0  # cells per tile; 0 = the kernel's tuned default (kTileW), for experiments
@@ -19,10 +19,6 @@ _LIMITS = _backend.NCA_LIMITS["cpu"]
 
 def _pad(n: int) -> int:
     return (n + _PAD - 1) // _PAD * _PAD
-
-
-def _compute_dtype(state: torch.Tensor) -> torch.dtype:
-    return torch.float64 if state.dtype == torch.float64 else torch.float32
 
 
 def _check_view(t: torch.Tensor, name: str, shape, dtype) -> None:
@@ -68,7 +64,7 @@ def _sizes(state, pw, w1, w2, groups, frozen):
 
 def _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward):
     """The kernel's weight layouts (see the header of csrc/cpu/nca_step.cpp)."""
-    ct = _compute_dtype(state)
+    ct = compute_dtype(state.dtype)
     B, C, H, W, F, Hd = _sizes(state, pw, w1, w2, groups, frozen)
     K, Co = F * C, C - frozen
     Kp, Hdp, Cop, Cp, LDP = _pad(K), _pad(Hd), _pad(Co), _pad(C), _pad(C + _pad(K))
@@ -162,7 +158,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     _check_view(grad_out, "grad_out", state.shape, state.dtype)
     d_state = backward_out(out, state, grad_out)
     _check_view(d_state, "d_state", state.shape, state.dtype)
-    ct = _compute_dtype(state)
+    ct = compute_dtype(state.dtype)
     if thr == 0 or d["Co"] == 0:  # out = state: only the identity path carries gradient
         d_state.copy_(grad_out)
         # contiguous, as the kernels' gradients (zeros_like would keep a channels_last weight's layout)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ... import _ext
-from .._common import cpu_threads
+from .._common import compute_dtype, cpu_threads
 
 _ISA_CODES = {"": -1, "auto": -1, "base": 0, "avx2": 1, "avx512": 2, "avx2-wide": 3}
 
@@ -43,10 +43,6 @@ def _module():
 # The backward's workspace may always take this much (chunks smaller than this would cost
 # more in per-call setup and thread wake-ups than they save).
 WORKSPACE_MIN_BYTES = 16 << 20
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_qkv(q, k, v, kernel_size, border):
@@ -84,7 +80,7 @@ def forward(q, k, v, kernel_size, border, scale):
     _check_qkv(q, k, v, kernel_size, border)
     # device=: torch.set_default_device must not move the kernel's outputs off the CPU
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=_compute_dtype(q.dtype), device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
     _module().na2d_forward(
         [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()], _strides(q, k, v),
         list(q.shape), kernel_size, _ext.BORDER_CODES[border], float(scale), _ext.DTYPE_CODES[q.dtype],
@@ -102,7 +98,7 @@ def _head_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     _check_qkv(q, k, v, kernel_size, border)
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     for name, t in (("grad_o", grad_o), ("o", o)):
         if t.shape != q.shape or t.device.type != "cpu":
             raise ValueError(f"cpu backend: {name} must be a CPU tensor of shape {tuple(q.shape)}, "

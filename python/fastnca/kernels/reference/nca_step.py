@@ -8,14 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._common import compute_dtype
 from . import no_autocast
 from .fire_mask import fire_mask
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-def _compute_dtype(state: torch.Tensor) -> torch.dtype:
-    return torch.float64 if state.dtype == torch.float64 else torch.float32
 
 
 def perceive(x, pw, pb, groups, padding):
@@ -45,7 +42,7 @@ def _pad_adjoint(n: int, padding: str, device, dtype) -> torch.Tensor:
 
 def _prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step):
     """Everything the step computes, in the compute dtype (float32, float64 for float64)."""
-    ct = _compute_dtype(state)
+    ct = compute_dtype(state.dtype)
     x = state.to(ct)
     pw, pb, w1, b1, w2, b2 = (t.to(ct) for t in (pw, pb, w1, b1, w2, b2))
     p = perceive(x, pw, pb, groups, padding)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import compute_dtype
 from . import no_autocast
 
 
@@ -53,7 +54,7 @@ def _attend(q, k, v, kernel_size, border, scale):
 
 
 def _compute(*ts):
-    ct = torch.float64 if ts[0].dtype == torch.float64 else torch.float32
+    ct = compute_dtype(ts[0].dtype)
     return [t.to(ct) for t in ts]
 
 

@@ -1618,16 +1618,14 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         # on 8 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 152 KB of shared
         # memory, so one block an SM; 125 registers on 8 warps, 168 on 4; at 32 rows the
         # im2col tile's pointers spill)
-        pinned = None if interpreting() else _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
-        block_m, warps = (_INTERPRET_BLOCK_M, 4) if interpreting() else (pinned[:2] if pinned else (16, 8))
+        pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
+        block_m, warps = pinned[:2] if pinned else ((_INTERPRET_BLOCK_M, 4) if interpreting() else (16, 8))
         programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
         with on_device(state.device):
             if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
                              dict(cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)):
                 return out
-    if interpreting():
-        _nca_step_forward_kernel[(cdiv(N, _INTERPRET_BLOCK_M),)](*args, **cx, BLOCK_M=_INTERPRET_BLOCK_M)
-    elif (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
+    if (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
         block_m, warps = pinned
         with on_device(state.device):
             _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
@@ -1641,14 +1639,16 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
 
 def _pinned_forward_tile() -> tuple[int, int] | None:
     """The forward's tile when it is not autotuned: FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS
-    (a testing and benchmarking knob, e.g. to check every autotune candidate on a GPU), else
-    64 rows on 4 warps under FASTNCA_TRITON_AUTOTUNE=0; None: autotune."""
+    (a testing and benchmarking knob, e.g. to check every autotune candidate on a GPU, or a
+    tile's rows under the interpreter), else the interpreter's tile, else 64 rows on 4 warps
+    under FASTNCA_TRITON_AUTOTUNE=0; None: autotune. Both knobs are checked in any case."""
+    autotune_off = _knob01("FASTNCA_TRITON_AUTOTUNE") == "0"
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
     if pinned:
         return pinned[:2]
-    if _knob01("FASTNCA_TRITON_AUTOTUNE") == "0":
-        return 64, 4
-    return None
+    if interpreting():
+        return _INTERPRET_BLOCK_M, 4
+    return (64, 4) if autotune_off else None
 
 
 def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] | None:
@@ -1657,7 +1657,9 @@ def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] |
     for the input-gradient kernel (stages=True), FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
     (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
     software pipelining stages in 1..4, default 1). ``safe(block_m, warps)``: the kernel's
-    warp-group rule (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused."""
+    warp-group rule (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused. The
+    interpreter takes a pinned tile's rows too (its own tile is 256 rows), so CPU tests can
+    run the GPU's tiles."""
     v = os.environ.get(var)
     if not v:
         return None
@@ -1690,8 +1692,11 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     stack; register partials 112 B of stack, 608 at 4 warps). Its rows and programs are
     the staged kernel's."""
     stages = 1
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
     if interpreting():
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
+        if pinned:
+            block_m, warps, stages = pinned
     else:
         sms, smem = _device_limits(device)
         if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
@@ -1709,7 +1714,6 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
             # tiles spill less.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
         if pinned:
             block_m, warps, stages = pinned
         elif resident and block_m == 16 and _cell_tile_safe(rule, 16, 8):
@@ -1808,11 +1812,11 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, res
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     spread two warp groups over one 64-row dot: _wgmma_safe); large rules and the
     interpreter keep the cell kernel's rows. The conv kernel's dots have 4 warps: always safe."""
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
     if interpreting():
-        return (block_m, warps, 1), block_m
+        return pinned or (block_m, warps, 1), block_m
     large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
     conv_m = block_m if large else 64
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
     if pinned:
         return pinned, conv_m
     if resident:
@@ -1847,10 +1851,10 @@ def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, prog
     (``programs``), within the tiles. sm_90 compile, Med-NCA rule (untimed): bfloat16 at
     64/4 255 registers + 256 B of stack, at 32/4 231 and none; float32 (tf32x3 products) at
     64/4 720 B of stack, at 32/4 8 B."""
-    if interpreting():
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
+    if interpreting() and not pinned:
         return _INTERPRET_BLOCK_M, 4, programs, 1
     default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
     block_m, warps, stages = pinned or default
     return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages
 
