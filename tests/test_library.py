@@ -171,6 +171,32 @@ def test_eager_calls_take_an_autograd_function_with_the_ops_results(monkeypatch)
         _public_calls(x, rule, q, k, v)
 
 
+def test_boundary_integers_on_the_registered_ops(monkeypatch):
+    """torch.library carries step, start_step and seed as int64: on the registered-op path,
+    as eagerly, a step is taken mod 2^32 (2^64 - 1 is 2^32 - 1, also past int64), a
+    rollout's start_step too, and seeds span [0, 2^64) (2^63, the first past int64, and
+    2^64 - 1 run): the eager path's values and gradients, bitwise."""
+    x, rule, *_ = _inputs()
+    kw = dict(frozen_channels=1, backend="reference")
+
+    def calls(step, start, seed):
+        y = fastnca.nca_step(x, *rule, seed=seed, step=step, **kw)
+        r = fastnca.nca_rollout(x, *rule, steps=3, start_step=start, seed=seed, **kw)
+        m = fastnca.fire_mask(2, 4, 5, 0.5, seed=seed, step=step)
+        grads = torch.autograd.grad(y.sum() + r.square().sum(), [x, *rule])
+        return (y, r, m, *grads)
+
+    for seed in (2**63, 2**64 - 1, 5):
+        want = calls(2**32 - 1, 2**32 - 2, seed)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)  # take the registered ops
+            got = calls(2**64 - 1, 2**64 - 2, seed)
+            assert torch.equal(fastnca.nca_step(x, *rule, seed=seed, step=2**32 + 5, **kw),
+                               fastnca.nca_step(x, *rule, seed=seed, step=5, **kw))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 def test_dispatch_modes_and_subclasses_see_the_registered_ops():
     """Under a TorchDispatchMode (make_fx, FakeTensorMode, a user's) the public functions
     call the registered ops, so the mode sees fastnca's ops and not their insides."""

@@ -422,6 +422,27 @@ def test_patch_mode_generator_draws_the_fire_seed():
     assert not torch.equal(other, runs[0])
 
 
+def test_level1_continues_the_mask_counter():
+    """Level 1's step i draws its mask with counter steps[0] + i, so its masks are not level
+    0's again (the original draws fresh random masks every step): the model equals its two
+    backbones run by hand with that counter, and not with a restarted one."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=(3, 2), fire_rate=0.5)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        got = model(img, seed=11, backend="reference", return_state=True)
+        s0 = model._seed_state(downscale(img, 4))
+        s0 = model.backbones[0](s0, 3, seed=11, start_step=0, backend="reference")
+        s1 = F.interpolate(s0, scale_factor=4, mode="nearest")
+        s1 = torch.cat([img, s1[:, 1:]], 1)
+        want = model.backbones[1](s1, 2, seed=11, start_step=3, backend="reference")
+        restarted = model.backbones[1](s1, 2, seed=11, start_step=0, backend="reference")
+    assert torch.equal(got, want)
+    assert not torch.equal(got, restarted)
+
+
 def test_patch_gradients_reach_level0():
     torch.manual_seed(0)
     model = MedNCA(channels=6, hidden=8, steps=3)

@@ -318,7 +318,7 @@ def test_step_saves_only_its_inputs(backend):
     assert graph_held(out) == []  # nor anything kept on the side (ctx attributes)
 
 
-@pytest.mark.parametrize("steps,every", [(64, None), (64, 4), (10, 3), (1, None)])
+@pytest.mark.parametrize("steps,every", [(64, None), (64, 4), (10, 3), (10, None), (1, None)])
 def test_rollout_checkpoint_contract(steps, every):
     rule = make_rule(4, hidden=8, requires_grad=True)
     x = make_state(1, 4, 8, 8, requires_grad=True)

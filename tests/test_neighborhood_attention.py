@@ -288,10 +288,13 @@ def test_return_lse_takes_python_and_numpy_bools_only():
         fastnca.neighborhood_attention2d(q, k, v, return_lse=np.int64(1))
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("override,exc,match", ARG_ERRORS)
-def test_argument_errors(override, exc, match):
+def test_argument_errors(override, exc, match, backend):
+    """Each bad argument raises from the public checks, also on the reference backend (whose
+    torch code takes any kernel size) where no kernel's own check would catch it."""
     q, k, v = make_qkv(1, 4, 4, 2, 8)
-    args = dict(query=q, key=k, value=v)
+    args = dict(query=q, key=k, value=v, backend=backend)
     args.update(override)
     with pytest.raises(exc, match=match):
         fastnca.neighborhood_attention2d(**args)

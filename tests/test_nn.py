@@ -113,6 +113,7 @@ def _build(what, kw):
     ("NeighborhoodAttention2d", dict(num_heads=-2), ValueError, "num_heads must be in"),
     ("NeighborhoodAttention2d", dict(num_heads=3), ValueError, "divisible by num_heads"),
     ("NeighborhoodAttention2d", dict(kernel_size=4), ValueError, "kernel_size must be 3, 5 or 7"),
+    ("NeighborhoodAttention2d", dict(kernel_size=9), ValueError, "kernel_size must be 3, 5 or 7"),
     ("NeighborhoodAttention2d", dict(border="reflect"), ValueError, "border must be one of"),
     ("NeighborhoodAttention2d", dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
     ("BackboneNCA", dict(channels=8, input_channels=8), ValueError, "input_channels must be in"),
@@ -176,6 +177,19 @@ def test_nca_names_a_state_of_the_wrong_channels():
             nca(bad, steps=2)
     with pytest.raises(TypeError, match="state must be a torch.Tensor, got list"):  # as the ops say it
         nca([[1.0]], steps=2)
+
+
+def test_nca_rollout_continues_from_start_step():
+    """A rollout continued with start_step=steps equals one longer rollout (the step counter
+    keys each step's mask), and another start_step gives other masks."""
+    nca = fastnca.nn.NCA(channels=4, hidden=8, backend="reference")
+    torch.manual_seed(0)
+    for b in nca.parameters():
+        torch.nn.init.normal_(b, std=0.3)
+    x = torch.randn(1, 4, 6, 6)
+    whole = nca(x, steps=4, seed=7)
+    assert torch.equal(nca(nca(x, steps=2, seed=7), steps=2, seed=7, start_step=2), whole)
+    assert not torch.equal(nca(nca(x, steps=2, seed=7), steps=2, seed=7), whole)
 
 
 def test_nca_seed_none_under_compile_says_to_pass_a_seed():

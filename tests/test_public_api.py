@@ -319,6 +319,11 @@ def test_second_derivatives_raise_instead_of_dropping_terms(backend):
             torch.autograd.grad(graph[0].pow(2).sum(), leaves[-1], allow_unused=True)
         with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
             torch.autograd.functional.hessian(lambda x: f(x, *leaves[1:]).pow(2).sum(), leaves[0].detach())
+        # A loss linear in the output: the incoming gradient needs no grad, yet the first
+        # derivatives still depend on the inputs (a gradient penalty's second-order terms)
+        linear = torch.autograd.grad(f(*leaves).sum(), leaves, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"fastnca.{name} is differentiable once"):
+            (linear[0].pow(2).sum() + leaves[-1].pow(2).sum()).backward()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
