@@ -142,6 +142,114 @@ def test_infinite_logits_follow_logsumexp(backend, D):
         assert o[0, 0, 5:].isfinite().all() and lse[0, 0, 5:].isfinite().all()
 
 
+def _dense_in_order(shape, order, g):
+    """A dense [B, H, W, heads, D] tensor whose dims are stored in ``order`` (D last, so its
+    stride is 1): the same shape as a contiguous one, other strides."""
+    t = torch.randn([shape[i] for i in order], generator=g, dtype=torch.float64).float()
+    return t.permute([order.index(i) for i in range(len(order))])
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("ks", [3, 5])
+def test_each_input_is_read_through_its_own_strides(backend, border, ks):
+    """q, k, v and grad_o dense in four different dim orders (a kernel that read v, or
+    grad_o, through k's or q's strides gives other numbers; packed views share theirs)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(ks)
+    shape = (2, 5, 6, 2, 8)
+    q, k, v, do = (_dense_in_order(shape, order, g).to(dev) for order in
+                   ((0, 1, 2, 3, 4), (0, 2, 1, 3, 4), (3, 1, 0, 2, 4), (1, 0, 3, 2, 4)))
+    assert len({t.stride() for t in (q, k, v, do)}) == 4
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_(True) for t in (q, k, v)]
+    o, lse = fastnca.neighborhood_attention2d(*leaves, ks, border, return_lse=True, backend=backend)
+    got = (o, lse, *torch.autograd.grad(o, leaves, do))
+    ref_leaves = [t.detach().cpu().double().contiguous().requires_grad_(True) for t in (q, k, v)]
+    ro, rlse = fastnca.neighborhood_attention2d(*ref_leaves, ks, border, return_lse=True, backend="reference")
+    want = (ro, rlse, *torch.autograd.grad(ro, ref_leaves, do.cpu().double()))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+@pytest.mark.parametrize("ks,border", [(3, "zeros"), (5, "mask"), (7, "circular")])
+def test_large_logits(backend, ks, border):
+    """Logits in the hundreds (q and k scaled by 20): the softmax needs the window's true
+    maximum (a partial one overflows exp); o and lse hold float32 accuracy against float64
+    of the same inputs, relative to the logits' size for lse."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(ks)
+    q, k, v = (torch.randn(1, 8, 8, 2, 16, generator=g, dtype=torch.float64).float() for _ in range(3))
+    q, k = 20 * q, 20 * k
+    o, lse = fastnca.neighborhood_attention2d(q.to(dev), k.to(dev), v.to(dev), ks, border, return_lse=True,
+                                              backend=backend)
+    ro, rlse = fastnca.neighborhood_attention2d(q.double(), k.double(), v.double(), ks, border,
+                                                return_lse=True, backend="reference")
+    assert rlse.abs().max() > 200
+    assert_close(o, ro, torch.float32, "o", scale=10.0)  # exp(s - lse) carries lse's rounding, ~eps * 400
+    assert_close(lse, rlse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("border", ["zeros", "mask"])
+def test_nonfinite_half_inputs(backend, dtype, border):
+    """inf and NaN in half inputs at D=64 (the vectorised loads): an inf value feature
+    gives inf in that feature of every output whose window holds the cell, a NaN key
+    makes those windows NaN; elsewhere the outputs are finite and the reference's."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 7, 7, 1, 64, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    v[0, 2, 2, 0, 3], v[0, 2, 2, 0, 9] = float("inf"), float("-inf")
+    k[0, 4, 5, 0, 60] = float("nan")
+    o = fastnca.neighborhood_attention2d(q.to(dev), k.to(dev), v.to(dev), 3, border, backend=backend).cpu()
+    ro = fastnca.neighborhood_attention2d(q, k, v, 3, border, backend="reference")
+    assert o[0, 1:4, 1:4, 0, 3].isposinf().all() and o[0, 1:4, 1:4, 0, 9].isneginf().all()
+    assert o[0, 3:6, 4:7].isnan().all()
+    assert torch.equal(o.isnan(), ro.isnan()) and torch.equal(o.isinf(), ro.isinf())
+    fin = o.isfinite()
+    assert_close(o[fin], ro[fin], dtype, "o")
+
+
+def _ulps(a: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|a - exact| in units in the last place of ``dtype`` at ``exact``."""
+    bits, lowest = {torch.float16: (10, -24), torch.bfloat16: (7, -133)}[dtype]
+    _, e = torch.frexp(exact)
+    return (a.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), (e - 1 - bits).clamp(min=lowest))
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("neighborhood_attention")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_are_rounded_once(backend, dtype):
+    """Half inputs compute in float32 and round once: o within an ulp of the float64
+    result of the same inputs (a sum kept in half for a tail of the head dim was ~3 ulp
+    off), at head dims with tails (5, 7) and without (96), values of mean 4. The gradients,
+    whose softmax term cancels, stay within 5x the reference's error (normwise)."""
+    dev = device_for(backend)
+    for D in (5, 7, 96):
+        g = torch.Generator().manual_seed(D)
+        shape = (1, 7, 8, 2, D)
+        q, k = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+        v = (torch.randn(shape, generator=g, dtype=torch.float64) + 4).to(dtype)
+        do = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+        def grads(backend, cast):
+            leaves = [cast(t).requires_grad_(True) for t in (q, k, v)]
+            o = fastnca.neighborhood_attention2d(*leaves, 7, "zeros", backend=backend)
+            return [t.cpu() for t in (o, *torch.autograd.grad(o, leaves, cast(do)))]
+
+        got = grads(backend, lambda t: t.to(dev))
+        exact = grads("reference", lambda t: t.double())
+        ulps = _ulps(got[0], exact[0], dtype).max().item()
+        # the interpreter truncates float32 to bfloat16 where a GPU rounds: up to an ulp
+        assert ulps <= 1.05, f"D={D}: o is {ulps:.2f} ulp off"
+        if backend != "reference":
+            ref = grads("reference", lambda t: t)
+            for name, a, r, x in zip(("dq", "dk", "dv"), got[1:], ref[1:], exact[1:]):
+                err, ref_err = ((t.double() - x).norm() / x.norm() for t in (a, r))
+                assert err <= 5 * ref_err + 1e-6, f"D={D} {name}: {err:.1e} vs the reference's {ref_err:.1e}"
+
+
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("ks", [3, 5])
 def test_reference_gradcheck(border, ks):
