@@ -299,3 +299,141 @@ def test_fastnca_plot_rejects_a_file_without_results(tmp_path):
     empty.write_text('{"results": []}')
     with pytest.raises(ValueError, match="no results"):
         plot.plot_file(str(empty), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------
+# The figures the results publish: counts, roofs, medians, peaks, baselines, provenance
+# ---------------------------------------------------------------------------------------
+
+def test_flop_and_byte_counts():
+    """The work each suite credits: FLOPs a cell of the Med-NCA and depthwise rules (conv to
+    F*C channels, fc1 over (F+1)*C inputs, fc2 to the C - frozen updated channels) and the
+    bytes an attention call moves at least (q, k, v, o; the float32 lse)."""
+    from fastnca.benchmark.nca_step import flops_per_cell
+    from fastnca.benchmark.neighborhood_attention import attention_bytes
+
+    assert flops_per_cell(32, 128, 2, 1, 1) == 2 * (9 * 32 * 64 + 96 * 128 + 128 * 31) == 69376
+    assert flops_per_cell(16, 128, 2, 16, 1) == 2 * (9 * 1 * 32 + 48 * 128 + 128 * 15) == 16704
+    n, queries = 4 * 32 * 32 * 6 * 64, 4 * 32 * 32 * 6
+    assert attention_bytes(4, 32, 32, 6, 64, 2) == (4 * n * 2 + 4 * queries, 8 * n * 2 + 4 * queries)
+
+
+def test_roofs_count_both_directions_and_both_flops(monkeypatch):
+    """A copy moves its bytes twice (read and write); an n x n matmul does 2 n^3 FLOPs."""
+    from fastnca.benchmark import common
+
+    monkeypatch.setattr(common, "median_ms", lambda fn, device, **kw: 1.0)
+    cpu = torch.device("cpu")
+    assert common.copy_bandwidth_gbs(cpu) == pytest.approx(2 * (1 << 25) * 4 / 1e-3 / 1e9)
+    assert common.matmul_roof_gflops(cpu, torch.float32, n=64) == pytest.approx(2 * 64**3 / 1e-3 / 1e9)
+
+
+def test_medians_and_saved_storages():
+    """A timing is the median of its samples (not their mean), and saved bytes count each
+    storage once, however many views of it autograd keeps (q, k, v of one packed qkv)."""
+    from fastnca.benchmark.common import Timing, saved_mb
+
+    assert Timing.of([1.0, 3.0, 1.1]) == 1.1
+    x = torch.randn(3, 1000, requires_grad=True)
+    a, b, c = x.unbind(0)
+    assert saved_mb(lambda: (a * b).sum() + (b * c).sum()) == x.nbytes / 2**20
+
+
+def test_ratios_are_taken_within_a_dtype(tmp_path):
+    """Rows of two dtypes in one config each take their own dtype's baseline."""
+    from fastnca.benchmark.common import Result, baseline_ratios
+
+    rows = [Result("nca_step", "c", "pytorch", "bfloat16", 4.0), Result("nca_step", "c", "fastnca:cpu", "bfloat16", 1.0),
+            Result("nca_step", "c", "pytorch", "float32", 8.0), Result("nca_step", "c", "fastnca:cpu", "float32", 2.0)]
+    import dataclasses
+
+    got = [r.get("fwd_ms") for r in baseline_ratios([dataclasses.asdict(r) for r in rows])]
+    assert got == [1.0, 4.0, 1.0, 4.0]
+
+
+def test_cuda_peak_leaves_out_what_existed_before(monkeypatch):
+    """On CUDA the peak is the allocator's maximum during the call less what was allocated
+    before it (counters faked: 100 MiB before, 130 MiB at the peak)."""
+    from fastnca.benchmark import common
+
+    mib = 2**20
+    calls = []
+    for name, fn in (("empty_cache", lambda: None), ("memory_allocated", lambda d=None: 100 * mib),
+                     ("reset_peak_memory_stats", lambda d=None: calls.append("reset")),
+                     ("max_memory_allocated", lambda d=None: 130 * mib)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(common, "sync", lambda device: None)
+    assert common.peak_mb(lambda: calls.append("call"), torch.device("cuda")) == 30.0
+    assert calls == ["reset", "call"]
+
+
+def test_environment_names_the_commit(monkeypatch):
+    """The JSON's git_commit: FASTNCA_GIT_COMMIT where set (a copied tree without .git),
+    else the checkout's HEAD."""
+    import subprocess
+
+    from fastnca.benchmark.common import environment
+
+    monkeypatch.setenv("FASTNCA_GIT_COMMIT", "abc123")
+    assert environment(torch.device("cpu"))["git_commit"] == "abc123"
+    monkeypatch.delenv("FASTNCA_GIT_COMMIT")
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    if not head:
+        pytest.skip("not a git checkout")
+    assert environment(torch.device("cpu"))["git_commit"] == head
+
+
+def _stub_measures(monkeypatch, module, ms=1.0, peak=10.0):
+    from fastnca.benchmark import common
+    from fastnca.benchmark.common import Timing
+
+    monkeypatch.setattr(module, "median_ms", lambda fn, device, **kw: Timing.of([ms]))
+    monkeypatch.setattr(module, "peak_mb", lambda fn, device, cpu=False: peak)
+    monkeypatch.setattr(module, "saved_mb", lambda fn: 0.0)
+    monkeypatch.setattr(common, "MADE", [])
+
+
+def test_nca_suite_credits_each_row_its_own_work(monkeypatch):
+    """The CPU nca suite (not --quick: rollouts at half the steps' resolution), timings
+    stubbed at 1 ms and 10 MB: each row's GFLOP/s is its own cells x steps x FLOPs a cell,
+    and a rollout's peak_with_inputs_mb adds its state, state gradient and output gradient."""
+    from fastnca.benchmark import common
+    from fastnca.benchmark import nca_step as suite
+
+    _stub_measures(monkeypatch, suite)
+    monkeypatch.setattr(common, "IMPLS", ["fastnca:cpu"])
+    rows = suite.run(torch.device("cpu"), torch.float32, False, {"matmul_float32_gflops": 1000.0}, log=lambda *a: None)
+    seen = set()
+    for r in rows:
+        assert not r.note, r.note
+        C, fpc = (32, 69376) if r.config.startswith("mednca") else (16, 16704)
+        cells, steps = (256 * 256, 1) if r.op == "nca_step" else (128 * 128, 64)
+        assert r.extra["gflops_fwd"] == pytest.approx(cells * steps * fpc / 1e-3 / 1e9), (r.op, r.config)
+        assert r.extra["roof_fraction_fwd"] == pytest.approx(r.extra["gflops_fwd"] / 1000.0)
+        if r.op == "nca_rollout":
+            assert r.extra["peak_with_inputs_mb"] == pytest.approx(10.0 + 3 * C * 128 * 128 * 4 / 2**20)
+        seen.add((r.op, r.config.split()[0], r.impl))
+    assert {(op, cfg) for op, cfg, _ in seen} == {(op, cfg) for op in ("nca_step", "nca_rollout")
+                                                   for cfg in ("mednca", "ncalab-depthwise")}
+
+
+def test_attention_suite_credits_its_bytes(monkeypatch):
+    """The attention suite (--quick shape, timings stubbed at 1 ms): GB/s and the fraction
+    of the copy roof from attention_bytes."""
+    from fastnca.benchmark import common
+    from fastnca.benchmark import neighborhood_attention as suite
+
+    _stub_measures(monkeypatch, suite)
+    monkeypatch.setattr(common, "IMPLS", ["fastnca:cpu"])
+    rows = suite.run(torch.device("cpu"), torch.float32, True, {"copy_gbs": 100.0}, log=lambda *a: None)
+    fwd, bwd = suite.attention_bytes(4, 32, 32, 6, 64, 4)
+    assert {r.impl for r in rows} == {"unfold (GeCA)", "fastnca:cpu"}
+    for r in rows:
+        assert r.extra["gbs_fwd"] == pytest.approx(fwd / 1e-3 / 1e9)
+        assert r.extra["gbs_fwd_bwd"] == pytest.approx((fwd + bwd) / 1e-3 / 1e9)
+        assert r.extra["bw_fraction_fwd"] == pytest.approx(r.extra["gbs_fwd"] / 100.0)

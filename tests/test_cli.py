@@ -1,6 +1,8 @@
 """The ``fastnca`` command: ``info`` and a quick ``bench`` writing its JSON."""
 import json
 
+import torch
+
 from fastnca.cli import main
 
 
@@ -58,3 +60,21 @@ def test_bench_writes_rows_as_it_goes(tmp_path, monkeypatch):
     partial = [n for n, p in seen if p]
     assert partial and partial == sorted(partial) and 0 < partial[0] < seen[-1][0], seen
     assert seen[-1][1] is False and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_bench_measures_each_dtypes_own_roof(tmp_path, monkeypatch, capsys):
+    """Each --dtype's matmul roof is measured in that dtype, and the suites and JSON get it
+    under its own key (roof and suite stubbed: the CLI's own bookkeeping)."""
+    from fastnca.benchmark import common, nca_step
+
+    measured, handed = [], []
+    monkeypatch.setattr(common, "matmul_roof_gflops", lambda device, dtype, n=None, tf32=False:
+                        measured.append(dtype) or {torch.float32: 10.0, torch.bfloat16: 20.0}[dtype])
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda device: 5.0)
+    monkeypatch.setattr(nca_step, "run", lambda device, dtype, quick, roofs, log=print: handed.append(dict(roofs)) or [])
+    out = tmp_path / "r.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--ops", "nca", "--dtype", "float32", "--dtype", "bfloat16",
+                 "--json", str(out)]) == 0
+    assert measured == [torch.float32, torch.bfloat16]
+    assert handed == [{"copy_gbs": 5.0, "matmul_float32_gflops": 10.0, "matmul_bfloat16_gflops": 20.0}] * 2
+    assert json.loads(out.read_text())["roofs"] == handed[0]

@@ -198,6 +198,28 @@ def test_emulated_nca_step_backward_chunks_and_out(emulated, monkeypatch, dtype,
     check_backward_chunks_and_out(cuda_nca, emulated, monkeypatch, dtype, groups, channels_last)
 
 
+def test_emulated_nca_step_backward_workspace_within_the_state(emulated, monkeypatch):
+    """The backward's float32 workspace ([(F+1)C] a cell) never outgrows the state's bytes:
+    with no minimum chunk, a state of 3 items whose workspace a cell is 3x its bytes runs in
+    3 chunks of 1 (sized from C instead, one chunk of 3 would take 3 states)."""
+    from fastnca.kernels import _common
+
+    monkeypatch.setattr(_common, "BACKWARD_CHUNK_MIN_CELLS", 1)
+    mod = emulation_module()
+    plans, real = [], mod.nca_step_backward_plan
+    monkeypatch.setattr(mod, "nca_step_backward_plan", lambda *a: plans.append((a[0], real(*a))) or plans[-1][1])
+    x, weights, g = make_nca(emulated, 3, 5, 4, 6, 2, 16, 1, 1, torch.float32, "nchw")
+    cuda_nca.backward(g, x, *weights, 1, "reflect", 0.5, 77, 5, 1)
+    assert [nb for nb, _ in plans] == [1, 1, 1]
+    assert all(4 * plan["ws"] <= x.nbytes for _, plan in plans)
+
+
+def test_emulated_nca_step_rejects_integer_states(emulated):
+    x, weights, _ = make_nca(emulated, 1, 3, 3, 3, 1, 8, 1, 0, torch.float32, "nchw")
+    with pytest.raises(TypeError, match="state must be float32, float16 or bfloat16, got torch.int32"):
+        cuda_nca.forward(x.to(torch.int32), *weights, 1, "reflect", 0.5, 1, 0, 0)
+
+
 def test_emulated_nca_step_rejects_float64(emulated):
     x, weights, _ = make_nca(emulated, 1, 3, 3, 3, 1, 8, 1, 0, torch.float64, "nchw")
     with pytest.raises(TypeError, match="float64"):
@@ -247,6 +269,12 @@ def test_emulated_nca_step_refuses_rules_past_its_limits(emulated):
                torch.randn(1, hidden, generator=g), torch.randn(1, generator=g))
     with pytest.raises(ValueError, match=f"hidden size of at most {limits['hidden']}, got {hidden}"):
         cuda_nca.forward(x, *weights, 1, "zeros", 0.5, 1, 0, 0)
+    at_limit = [w[:limits["hidden"]] for w in weights[2:4]] + [weights[4][:, :limits["hidden"]]]
+    weights_at_limit = (*weights[:2], *at_limit, weights[5])
+    # the limit itself runs (fc2 sums 65536 float32 terms: held to float64 at 1e-4 of the output)
+    want = ref_nca.forward(x.double(), *(w.double() for w in weights_at_limit), 1, "zeros", 1.0, 1, 0, 0)
+    got = cuda_nca.forward(x, *weights_at_limit, 1, "zeros", 1.0, 1, 0, 0)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
     f = limits["depthwise_filters"] + 1
     x = torch.randn(1, 2, 3, 3, generator=g)
     weights = (torch.randn(2 * f, 1, 3, 3, generator=g), torch.randn(2 * f, generator=g),

@@ -59,9 +59,13 @@ def _kept(forward):
         return forward()
 
 
-def flops_per_cell(C, hidden, nf, groups):
+def flops_per_cell(C, hidden, nf, groups, frozen=0):
+    """FLOPs (a multiply-add is 2) of one cell's forward step: the 3x3 perception conv to
+    F*C channels, fc1 over [state | perception] ((F+1)*C inputs), fc2 to the C - frozen
+    updated channels; biases, ReLU and the residual add left out. Med-NCA rule (32, 128, 2,
+    1, frozen 1): 36864 + 24576 + 7936 = 69376."""
     conv = 9 * (C // groups) * nf * C * 2
-    return conv + (nf + 1) * C * hidden * 2 + hidden * C * 2
+    return conv + (nf + 1) * C * hidden * 2 + hidden * (C - frozen) * 2
 
 
 def _throughput(flop_fwd: float, fwd_ms: float, train_ms: float, roofs: dict, dname: str,
@@ -123,7 +127,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         xr = x.detach()[..., :rsize, :rsize].clone().requires_grad_(True)
         gr = torch.randn_like(xr)
         cells = B * size * size
-        fpc = flops_per_cell(C, hidden, nf, groups)
+        fpc = flops_per_cell(C, hidden, nf, groups, frozen)
         label = f"{name} C={C} h={hidden} F={nf} groups={groups} {padding} B={B} {size}x{size}"
         kw = dict(groups=groups, padding=padding, update_prob=0.5, frozen_channels=frozen)
 

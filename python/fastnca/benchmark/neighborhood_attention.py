@@ -48,6 +48,14 @@ def natten_fn():
     return lambda q, k, v: na2d(q, k, v, kernel_size=3)
 
 
+def attention_bytes(B: int, H: int, W: int, nh: int, D: int, elem: int) -> tuple[int, int]:
+    """The least bytes a fused kernel moves, forward and fwd+bwd's backward: forward reads
+    q, k, v and writes o (``elem`` bytes a value) and the float32 lse; backward reads q, k,
+    v, o, grad_o and lse and writes dq, dk, dv. Each cell's neighbours come from cache."""
+    n, queries = B * H * W * nh * D, B * H * W * nh
+    return 4 * n * elem + 4 * queries, 8 * n * elem + 4 * queries
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
     results = []
     dname = str(dtype).replace("torch.", "")
@@ -63,10 +71,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         label = f"{name} B={B} {H}x{W} heads={nh} D={D}"
         qkv = torch.randn(B, H, W, 3, nh, D, device=device, dtype=dtype, requires_grad=True)
         do = torch.randn(B, H, W, nh, D, device=device, dtype=dtype)
-        elem = qkv.element_size()
-        n = B * H * W * nh * D
-        bytes_fwd = 4 * n * elem + B * H * W * nh * 4
-        bytes_bwd = 8 * n * elem + B * H * W * nh * 4
+        bytes_fwd, bytes_bwd = attention_bytes(B, H, W, nh, D, qkv.element_size())
         impls = [("unfold (GeCA)", unfold_attention, True)]
         if not quick or device.type == "cuda":
             try:
