@@ -520,7 +520,10 @@ DEFINITIONS = {
                "timeline; nca_rollout_peak adds the state and its output gradient "
                "(extra.includes_state_and_grad_mb); mednca_max_size counts everything one training "
                "step makes, at the largest size that fits",
-    "gflops_fwd, gflops_train": "nca: model GFLOP/s, the same count for every implementation: "
+    "gflops_fwd, gflops_train": "nca: model GFLOP/s, the same count for every implementation "
+                                "(benchmark.nca_step.flops_per_cell: the conv, fc1 and fc2 to the "
+                                "C - frozen updated channels; 69376 a cell for the Med-NCA rule, "
+                                "69632 in results before 2026-11-27, which counted fc2 to all C): "
                                 "every cell (the fused kernels skip cells that do not fire, so "
                                 "this can exceed the matmul roof; fire_fraction is the measured "
                                 "share of firing cells), and a training step 3x the forward "
