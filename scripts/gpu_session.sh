@@ -88,6 +88,11 @@
 #       as a memcheck error); call 2's BENCH_IMPLS above includes fastnca:cuda for them,
 #       and, if a minute is left, ncu:attention:cuda@60 shows what bounds them now (ncu-source's CUDA kernel names
 #       were the launchers' names, which match no kernel: fixed in session 16).
+#     Added in session 18 (no kernel changes): new tests that call 1's `pytest -m gpu` run on
+#       the GPU backends too: attention inputs each in its own dim order, logits in the hundreds,
+#       inf/NaN in half inputs, half outputs within an ulp of float64 (test_neighborhood_attention.py);
+#       the benchmark's FLOP count now credits fc2 with C - frozen rows (69376 a Med-NCA cell, not
+#       69632), so compare roof fractions with older JSON at that 0.4%.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
