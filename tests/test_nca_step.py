@@ -821,6 +821,24 @@ def test_gpu_rollout_backward_peak_in_states(backend):
     assert peak <= checkpoints + (every - 1) + 4 + workspace / state_bytes, f"peak {peak:.2f} states"
 
 
+def check_frozen_channels_kept_beside_nan(backend, device):
+    """A NaN in an updated channel makes the hidden activations of its firing neighbours NaN;
+    the frozen channels of those cells still keep the state bitwise (a kernel that adds a
+    zero-weighted delta there writes NaN)."""
+    C = 4
+    rule = [t if t is None else t.to(device) for t in make_rule(C, hidden=5, fc2_rows=C - 1)]
+    x = make_state(1, C, 6, 7, device=device)
+    x[0, 2, 2, 3] = float("nan")
+    out = fastnca.nca_step(x, *rule, seed=3, step=1, update_prob=1.0, frozen_channels=1, backend=backend)
+    assert out[0, 1:].isnan().sum() > 1  # the neighbours took the NaN
+    assert torch.equal(out[:, :1], x[:, :1])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("nca_step"))
+def test_frozen_channels_kept_beside_nan(backend):
+    check_frozen_channels_kept_beside_nan(backend, device_for(backend))
+
+
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("nca_step"))
 def test_idle_cells_keep_their_state_when_delta_is_not_finite(backend):
     """Cells that do not fire are copied, not updated by 0 * delta: a NaN in the state

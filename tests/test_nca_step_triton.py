@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import fastnca  # noqa: E402
+from fastnca.kernels import _common  # noqa: E402
 from fastnca.kernels.reference import nca_step as ref  # noqa: E402
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
 from fastnca.kernels.triton import neighborhood_attention as tri_na  # noqa: E402
@@ -164,7 +165,8 @@ def test_weight_grad_accumulators(monkeypatch):
     ((3, 3, 3, 5, 5, 1, "C", 0, "zeros", 0.0), torch.float32),        # nothing fires: no rows
     ((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), torch.bfloat16),
     ((2, 8, 5, 6, 16, 2, "C", 2, "replicate", 0.5), torch.float16),
-], ids=["dense", "depthwise", "tiny", "none-fire", "bf16", "fp16-depthwise"])
+    ((1, 8, 6, 7, 128, 2, 1, 1, "reflect", 0.5), torch.float32),      # hidden in several fc tiles
+], ids=["dense", "depthwise", "tiny", "none-fire", "bf16", "fp16-depthwise", "wide-hidden"])
 def test_gemm_weight_grads(monkeypatch, case, dtype):
     """FASTNCA_TRITON_NCA_BWD_ACC=gemm: the cell kernel writes the firing cells' dz, h, gd,
     x and conv rows, and _nca_step_backward_fc_kernel reduces them (over two cell ranges
@@ -237,6 +239,18 @@ def test_hidden_chunk_knob(monkeypatch):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_HCHUNK"):
             tri._hidden_chunk(rule)
+
+
+@pytest.mark.parametrize("weights", ["staged", "resident"])
+def test_compact_forward_keeps_frozen_channels_beside_nan(weights, monkeypatch):
+    """The compact forward (every listed cell fires), staged and resident: frozen channels
+    keep the state bitwise beside NaN activations (the resident kernel's select of the
+    updated channels had no test; its zero weights alone give 0 * NaN there)."""
+    from test_nca_step import check_frozen_channels_kept_beside_nan
+
+    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
+    check_frozen_channels_kept_beside_nan("triton", DEVICE)
 
 
 def test_gemm_weight_grads_are_computed_there(monkeypatch):
@@ -621,10 +635,13 @@ def test_bf16_bits_per_family(monkeypatch):
             tri._exact_bits("tf32x3", dtypes)
 
 
-def test_strided_inputs():
+@pytest.mark.parametrize("compact", [False, True], ids=["every-cell", "compact"])
+def test_strided_inputs(compact, monkeypatch):
     """Arbitrary strides are read in place: a channel-sliced state, a transposed grad,
     non-contiguous weights (channels_last pw, transposed w1, offset w2 / b2 views) and
-    an fp64 bias."""
+    an fp64 bias; the compact forward too, whose idle-cell copy writes out at out's strides."""
+    if compact:
+        monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
     state, grad_out, pw, pb, w1, b1, w2, b2 = make_inputs(2, 6, 5, 7, 5, 2, 1, 0)
     big = torch.randn(2, 9, 5, 7, device=DEVICE)
     state = big[:, 1:7]
@@ -662,13 +679,15 @@ def test_gradients_are_bitwise_reproducible():
 
 
 @pytest.mark.parametrize("wdtype,shape", [(torch.float32, (1, 48, 40)), (torch.bfloat16, (3, 9, 7))])
-def test_grad_sink_sums_the_steps(wdtype, shape):
+def test_grad_sink_sums_the_steps(wdtype, shape, monkeypatch):
     """A GradSink (nca_rollout's backward) collects the weight gradients of several backward
     calls, with d_state per call as without it. float32: bitwise the sum, in call order, of
     the calls' own gradients (what autograd makes of the loop of nca_step), on a state of
     several tiles per program; bfloat16 (3 batch chunks of 1 item): their float32 sum
     rounded once, against the per-call gradients each rounded to bf16 first."""
     B, H, W = shape
+    if B > 1:  # batch chunks of one item (the minimum chunk would otherwise take all three)
+        monkeypatch.setattr(_common, "BACKWARD_CHUNK_MIN_CELLS", 1)
     calls = [make_inputs(B, 4, H, W, 8, 2, 1, 1, wdtype=wdtype, seed=s) for s in range(3)]
     w = calls[0][2:]
     prep = tri.prepare(calls[0][0], *w, 1, "reflect", 1)

@@ -106,6 +106,7 @@ CASES = [  # (B, H, W, heads, D, kernel_size, border, dtype)
     (1, 1, 1, 2, 8, 5, "mask", torch.float32),       # 1x1: only the centre key in the softmax
     (1, 3, 5, 1, 96, 3, "mask", torch.float32),      # fp32 D 96 (padded to 128)
     (1, 4, 4, 6, 16, 3, "zeros", torch.bfloat16),    # 6 heads in a half dtype
+    (1, 3, 4, 2, 6, 3, "zeros", torch.bfloat16),     # bf16 word loads of an even D padded 6 -> 8
 ]
 
 
@@ -133,6 +134,16 @@ def test_halo_formulations_match_reference(monkeypatch, case):
     monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
     monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
     check_against_reference(*case)
+
+
+@pytest.mark.parametrize("D", [1, 4])
+def test_halo_forward_infinite_logits(monkeypatch, D):
+    """The halo forward's lse follows torch.logsumexp where a window's max logit is
+    infinite, as the window kernels' (the public test's cases under the knob)."""
+    from test_neighborhood_attention import test_infinite_logits_follow_logsumexp
+
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    test_infinite_logits_follow_logsumexp("triton", D)
 
 
 @pytest.mark.parametrize("tile", ["4x8", "4x4"])

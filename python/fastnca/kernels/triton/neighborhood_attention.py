@@ -512,6 +512,8 @@ def _na2d_forward_halo_kernel(
     v = tl.load(_halo_rows(v_ptr, b64, h64, gy, gx, svb, svh, svy, svx) + d[None, :], mask=kv_mask,
                 other=0.0).to(tl.float32)
     scores = _halo_scores(q, k, scale, DOT_PREC, HALF_DOT)  # p @ v below: fp32 at DOT_PREC
+    if BORDER == _ZEROS:  # a zero key's logit is exactly 0, also beside an infinite query (not inf * 0)
+        scores = tl.where(load[None, :], scores, 0.0)
     cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
     cnt = tl.where(in_halo[None, :] & ok[:, None], cnt, 0.0)
     cnt = tl.where(ok[:, None] | (s[None, :] > 0), cnt, 1.0)  # padded query rows: one dummy key
@@ -616,6 +618,8 @@ def _na2d_backward_dq_halo_kernel(
     lse = tl.load(ws_ptr + 2 * row, mask=ok, other=0.0)
     di = tl.load(ws_ptr + 2 * row + 1, mask=ok, other=0.0)
     scores = _halo_scores(q, k, scale, DOT_PREC, HALF_DOT)
+    if BORDER == _ZEROS:  # as in the forward: zero keys at logit exactly 0
+        scores = tl.where(load[None, :], scores, 0.0)
     cnt = (_halo_counts(y, y0, H, R, BORDER, sy) * _halo_counts(x, x0, W, R, BORDER, sx)).to(tl.float32)
     live = (cnt > 0) & in_halo[None, :] & ok[:, None]
     p = tl.where(live, cnt * tl.exp(tl.where(live, scores, 0.0) - lse[:, None]), 0.0)
