@@ -139,6 +139,9 @@ NCA_EMULATED = [  # B, C, H, W, F, hidden, groups, padding, frozen, p, layout
     (1, 3, 4, 4, 2, 8, 1, "reflect", 0, 0.0, "nchw"),  # nothing fires
     (1, 3, 3, 3, 1, 8, 1, "zeros", 3, 0.5, "nchw"),    # every channel frozen
     (2, 1, 1, 1, 1, 1, 1, "replicate", 0, 1.0, "nchw"),  # 1x1 grid, C = hidden = 1
+    (1, 80, 4, 5, 2, 32, 1, "zeros", 1, 1.0, "nchw"),    # F*C and (F+1)*C past one staging pass
+    (1, 14, 3, 4, 2, 16, "C", "reflect", 1, 1.0, "nchw"),  # depthwise d_pw over several blocks
+    (1, 21, 3, 4, 25, 16, "C", "zeros", 0, 1.0, "nchw"),  # depthwise F=25: channels past one stage
 ]
 
 
@@ -468,6 +471,12 @@ def test_emulated_attention_half_and_strided_grad(emulated, dtype):
     check_na(emulated, 1, 6, 5, 1, 8, 3, "shift", dtype=dtype, packed=True)
     check_na(emulated, 1, 4, 5, 2, 64, 3, "zeros", dtype=dtype, packed=True, strided_grad=True)  # copied
     check_na(emulated, 1, 4, 5, 2, 32, 3, "circular", dtype=dtype, packed="offset")
+
+
+def test_emulated_attention_several_passes_strided_grad(emulated):
+    """The key kernel's several-pass path (D past one pass) with element rows and a grad_o
+    whose features are strided (two heads: the transposed view's last stride is not 1)."""
+    check_na(emulated, 1, 3, 4, 2, 130, 3, "zeros", strided_grad=True)
 
 
 def test_emulated_attention_lse_of_infinite_logits(emulated):

@@ -191,6 +191,33 @@ def test_large_logits(backend, ks, border):
 
 
 @pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+@pytest.mark.parametrize("ks", [3, 5])
+def test_very_negative_logits(backend, ks):
+    """Every logit of every window near -120, mask border: exp underflows unless the
+    softmax subtracts its own window's max (a max that also took the outside keys' slots at
+    0 gave lse -inf and NaN outputs at the border cells). o, lse and the gradients stay
+    finite and float64's."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(ks)
+    shape = (1, 5, 6, 2, 8)
+    q = 6 + torch.rand(shape, generator=g, dtype=torch.float64)
+    k = -6 - torch.rand(shape, generator=g, dtype=torch.float64)
+    v, do = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    leaves = [t.float().to(dev).requires_grad_(True) for t in (q, k, v)]
+    o, lse = fastnca.neighborhood_attention2d(*leaves, ks, "mask", return_lse=True, backend=backend)
+    got = (o, lse, *torch.autograd.grad(o, leaves, do.float().to(dev)))
+    ref_leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    ro, rlse = fastnca.neighborhood_attention2d(*ref_leaves, ks, "mask", return_lse=True, backend="reference")
+    want = (ro, rlse, *torch.autograd.grad(ro, ref_leaves, do))
+    assert rlse.max() < -100  # exp of every logit underflows float32 (below about -103)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        assert a.isfinite().all(), name
+        # exp(s - lse) carries the float32 rounding of logits near 120 (~1e-5 relative), and
+        # dq, dk sum ds (whose sum is 0) against keys / queries near 6: a cancellation
+        assert_close(a, b, torch.float32, name, scale=1.0 if name == "lse" else 20.0)
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("border", ["zeros", "mask"])
 def test_nonfinite_half_inputs(backend, dtype, border):
