@@ -216,7 +216,7 @@ def main() -> None:
             log(f"iter {it:>6}  loss {running:.4f}  val Dice {dice:.4f}  (best {best:.4f})  "
                 f"{(time.perf_counter() - t0) / it:.3f} s/iter")
     if main_proc:
-        log(f"done: best validation Dice {best:.4f}; checkpoints in {args.out}/")
+        log(f"done: best validation Dice {best:.4f}; final lr {sched.get_last_lr()[0]:.6e}; checkpoints in {args.out}/")
     if world > 1:
         dist.barrier()  # rank 0 may still be sampling / saving: tear down together (gloo aborts otherwise)
         dist.destroy_process_group()

@@ -107,6 +107,11 @@ def test_train_writes_checkpoint_and_grids(trained):
     assert ck["model"]["cell_to_embedding.weight"].shape == (16, 4 + 8 + 4)
     for step in (1, 2):
         assert png_size(trained / f"samples_{step:07d}.png") == grid_size(2, 2, 8)
+    # EMA decay 0.9999: after 2 Adam steps (each moving a weight by about lr) the EMA is
+    # still about the initial weights, so about lr from the model (an inverted decay keeps
+    # it within 1e-4 of that)
+    gap = max((ck["ema"][k] - v).abs().max().item() for k, v in ck["model"].items() if v.is_floating_point())
+    assert gap > 0.5 * ck["args"]["lr"]
 
 
 def test_train_resume(trained, tmp_path):
@@ -188,6 +193,19 @@ def test_epoch_sampler_covers_each_epoch_once():
     assert list(shares[0]) == first[2:] and len(shares[0]) == 1
     shares[0].start(0)
     assert [i for i, _ in shares[0]] != [i for i, _ in first]  # epochs differ in order
+
+
+def test_folder_images_span_minus_one_to_one(tmp_path):
+    """Folder images come as [-1, 1] (0 -> -1, 255 -> 1), the range the diffusion's decoder
+    likelihood and clipping assume."""
+    from train_geca import FolderDataset
+
+    img = torch.zeros(4, 4, 3, dtype=torch.uint8)
+    img[:2] = 255
+    encode_png(tmp_path / "a.png", img)
+    (tmp_path / "labels.csv").write_text("filename,a\na.png,1\n")
+    x, y = FolderDataset(str(tmp_path), str(tmp_path / "labels.csv"), 4, hflip=False)[0]
+    assert x.shape == (3, 4, 4) and x.min() == -1 and x.max() == 1 and y.tolist() == [1.0]
 
 
 def test_train_image_folder(tmp_path):

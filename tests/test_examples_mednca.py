@@ -40,6 +40,9 @@ def check_training_output(out, run_dir, validated_at=(2, 3)):
     found = re.findall(r"iter\s+(\d+)\s+loss \S+\s+val Dice (\d+\.\d+)", out)
     assert [int(it) for it, _ in found] == list(validated_at), out
     assert all(0 <= float(d) <= 1 for _, d in found), out
+    # ExponentialLR 0.9999 stepped once a batch (MEDNCA.md), from lr 1.6e-3
+    lr = float(re.search(r"final lr (\S+);", out).group(1))
+    assert lr == pytest.approx(1.6e-3 * 0.9999 ** validated_at[-1], rel=1e-6), out
     for name in ("last.pt", "best.pt"):
         model = MedNCA.load(run_dir / name)
         assert model.channels == 8 and model.steps == (2, 2)

@@ -619,3 +619,82 @@ def test_tiny_model_overfits():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last, len(losses))
+
+
+# ---------------------------------------------------------------- the diffusion's fixed facts
+
+
+class _FixedOutput(nn.Module):
+    """A stand-in model: a fixed (learnable) output [eps | v], the GeCA call signature."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = nn.Parameter(out.clone())
+        self.in_channels = self.out_channels = out.shape[1] // 2
+
+    def seed_cells(self, x, generator=None):
+        return x
+
+    def forward(self, x, t, y, cells=None, steps=None, seed=None, return_cells=False):
+        out = self.out[: x.shape[0]] * (1 + 0.1 * x.mean())  # depends on x_t, as a model does
+        return (out, cells) if return_cells else out
+
+
+def test_hybrid_loss_is_mse_plus_vb_and_trains_both_halves():
+    """GECA.md: loss = MSE on epsilon + the variational bound (improved DDPM's hybrid); the
+    MSE trains eps, the VB trains the variance channels."""
+    diff = create_diffusion(num_timesteps=50)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 4, 6, 6, generator=g) * 2 - 1
+    model = _FixedOutput(torch.randn(3, 8, 6, 6, generator=g))
+    t = torch.tensor([0, 7, 49])
+    losses = diff.training_losses(model, x0, t, torch.zeros(3, 5))
+    assert torch.equal(losses["loss"], losses["mse"] + losses["vb"])
+    losses["loss"].sum().backward()
+    assert model.out.grad[:, :4].abs().sum() > 0 and model.out.grad[:, 4:].abs().sum() > 0
+
+
+def test_sample_timesteps_cover_every_step():
+    diff = create_diffusion(num_timesteps=20)
+    t = diff.sample_timesteps(2000, generator=torch.Generator().manual_seed(1))
+    assert t.min() == 0 and t.max() == 19  # t = 0 trains the decoder term
+
+
+def test_sampler_steps_are_mean_plus_std_noise_and_the_last_is_the_mean():
+    """Ancestral sampling: x_{t-1} = mean + exp(log_var / 2) z with fresh z, and no noise at
+    the last step (t = 0): checked against the chain rebuilt by hand from the same draws."""
+    from fastnca.models.geca_diffusion import draw_seed
+
+    diff = create_diffusion(num_timesteps=4)
+    g = torch.Generator().manual_seed(2)
+    model = _FixedOutput(torch.randn(2, 8, 5, 5, generator=g) * 0.5)
+    noise = torch.randn(2, 4, 5, 5, generator=g)
+    y = torch.zeros(2, 5)
+    got = diff.sample(model, y, noise=noise, cfg_scale=1.0, ghg=False, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x = noise
+    for i in (3, 2, 1, 0):
+        t = torch.full((2,), i)
+        pm = diff.p_mean_variance(model(x, diff.model_timesteps(t), y).detach(), x, t)
+        draw_seed(g)  # the CA's fire-mask seed of this step
+        x = pm["mean"] + (torch.exp(0.5 * pm["log_variance"]) * torch.randn(x.shape, generator=g) if i else 0)
+    torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_decoder_likelihood_is_the_gaussian_mass_of_the_bin():
+    """log P(x) of a 256-level pixel: the mass of [x - 1/255, x + 1/255] (edge bins to
+    +-inf), to the tanh CDF approximation's accuracy."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0]).double()
+    means = x + 0.05 * torch.randn(5, generator=g, dtype=torch.float64)
+    log_scales = torch.full((5,), math.log(0.04), dtype=torch.float64)
+    s = torch.exp(log_scales)
+    hi, lo = torch.special.ndtr((x - means + 1 / 255) / s), torch.special.ndtr((x - means - 1 / 255) / s)
+    exact = torch.where(x < -0.999, hi.log(), torch.where(x > 0.999, (1 - lo).log(), (hi - lo).log()))
+    torch.testing.assert_close(discretized_gaussian_log_likelihood(x, means, log_scales), exact, rtol=0, atol=2e-2)
+
+
+def test_final_layer_norm_epsilon():
+    """GECA.md: the final LayerNorm has no affine parameters and eps 1e-6."""
+    norm = tiny().final_layer.norm_final
+    assert norm.eps == 1e-6 and not norm.elementwise_affine

@@ -20,6 +20,7 @@ from fastnca.models.mednca import (
     MedNCA,
     dice_bce_loss,
     downscale,
+    preprocess_slice,
     preprocess_volume,
     resize_cubic,
     resize_nearest,
@@ -341,10 +342,19 @@ def test_ensemble():
     with torch.no_grad():
         members = torch.sigmoid(model(img.repeat(5, 1, 1, 1), seed=11, backend="reference")).reshape(5, 3, 1, 8, 12)
     torch.testing.assert_close(res.mean, members.mean(0))
+    torch.testing.assert_close(res.std, members.std(0))  # unbiased, over the n members
     # no randomness, no spread
     model.backbones[0].fire_rate = model.backbones[1].fire_rate = 0.0
     det = model.ensemble(img, n=3, seed=0, backend="reference")
     assert det.std.abs().max() < 1e-6 and det.score.abs().max() < 1e-5
+
+
+def test_preprocessing_clips_at_the_half_percentiles():
+    """MEDNCA.md: intensities are clipped at the 0.5th and 99.5th percentiles: on a 64x64
+    slice of distinct values, ~0.5% of the pixels (20 of 4096) end at 0 and at 1 each."""
+    img = np.random.default_rng(0).permutation(64 * 64).reshape(64, 64).astype(np.float64)
+    out, _ = preprocess_slice(img, size=64)
+    assert 18 <= (out == 0).sum() <= 22 and 18 <= (out == 1).sum() <= 22
 
 
 def test_ensemble_checks_its_arguments():
