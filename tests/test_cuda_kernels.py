@@ -479,6 +479,21 @@ def test_emulated_attention_several_passes_strided_grad(emulated):
     check_na(emulated, 1, 3, 4, 2, 130, 3, "zeros", strided_grad=True)
 
 
+@pytest.mark.parametrize("ks", [3, 5])
+def test_emulated_attention_very_negative_logits(emulated, ks):
+    """Every logit near -120 under mask (exp of each underflows): the softmax subtracts its
+    window's own max, not one that also took the outside slots at 0 (lse -inf, NaN o)."""
+    g = torch.Generator().manual_seed(ks)
+    shape = (1, 5, 6, 2, 8)
+    q = 6 + torch.rand(shape, generator=g, dtype=torch.float64)
+    k = -6 - torch.rand(shape, generator=g, dtype=torch.float64)
+    v = torch.randn(shape, generator=g, dtype=torch.float64)
+    o, lse = cuda_na.forward(q.float(), k.float(), v.float(), ks, "mask", 8 ** -0.5)
+    ro, rlse = ref_na.forward(q, k, v, ks, "mask", 8 ** -0.5)
+    assert rlse.max() < -100 and o.isfinite().all() and lse.isfinite().all()
+    assert rel_err(lse, rlse) < 1e-6 and rel_err(o, ro) < 1e-4
+
+
 def test_emulated_attention_lse_of_infinite_logits(emulated):
     """lse is torch.logsumexp's where the window's max logit is infinite (it was NaN)."""
     inf = float("inf")

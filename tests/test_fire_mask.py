@@ -49,8 +49,48 @@ try:
         tl.store(out_ptr + i * 4 + 1, r1)
         tl.store(out_ptr + i * 4 + 2, r2)
         tl.store(out_ptr + i * 4 + 3, r3)
+    from fastnca.kernels.triton._philox import fire_bits as tl_fire_bits
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo"])
+    def _fire_bits_kernel(cell_ptr, out_ptr, seed_lo, seed_hi, step_lo, N: tl.constexpr):
+        i = tl.arange(0, N)  # the words as the mask kernel passes them
+        bits = tl_fire_bits(tl.load(cell_ptr + i), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), step_lo.to(tl.uint32))
+        tl.store(out_ptr + i, bits.to(tl.int32))
 except ImportError:
-    _kat_kernel = None
+    _kat_kernel = _fire_bits_kernel = None
+
+# Cell indices no test-sized mask reaches: the counter's high word (i >> 32) at work.
+HIGH_CELLS = [0, 5, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**63 - 1, 7]
+
+
+def _fire_bits_by_definition(cells, seed, step):
+    """DESIGN.md: Philox4x32-10, key (seed lo, seed hi), counter (i lo, i hi, step lo, 0)."""
+    from fastnca.kernels.reference.fire_mask import philox4x32_10
+
+    c = torch.tensor(cells, dtype=torch.int64)
+    out0, *_ = philox4x32_10(c & 0xFFFFFFFF, c >> 32, torch.full_like(c, step & 0xFFFFFFFF),
+                             torch.zeros_like(c), seed & 0xFFFFFFFF, seed >> 32)
+    return (out0 >> 8).tolist()
+
+
+def test_fire_bits_of_cells_past_2_32():
+    """Cells at 2^32 and beyond draw with the counter's high word (a mask of 2^32 cells, 4 GB,
+    fits a GPU): the reference, the C++ kernels' philox.h (CPU and CUDA) and Triton's."""
+    from fastnca.kernels.reference.fire_mask import fire_bits_of
+
+    seed, step = 0x0123_4567_89AB_CDEF, 77
+    want = _fire_bits_by_definition(HIGH_CELLS, seed, step)
+    assert len(set(want)) == len(want)  # the high word changes the draw (5 and 2^32 + 5 differ)
+    assert fire_bits_of(torch.tensor(HIGH_CELLS), seed, step).tolist() == want
+    C = _ext.load("_C")
+    if C is not None:
+        assert [C.fire_bits(seed, c, step) for c in HIGH_CELLS] == want
+    if fastnca.backends()["triton"] is True and _fire_bits_kernel is not None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = torch.empty(len(HIGH_CELLS), dtype=torch.int32, device=device)
+        _fire_bits_kernel[(1,)](torch.tensor(HIGH_CELLS, device=device), out, seed & 0xFFFFFFFF, seed >> 32, step,
+                                N=len(HIGH_CELLS))
+        assert out.cpu().tolist() == want
 
 
 def test_philox_known_answers_triton():

@@ -153,8 +153,9 @@ def _dense_in_order(shape, order, g):
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("ks", [3, 5])
 def test_each_input_is_read_through_its_own_strides(backend, border, ks):
-    """q, k, v and grad_o dense in four different dim orders (a kernel that read v, or
-    grad_o, through k's or q's strides gives other numbers; packed views share theirs)."""
+    """q, k, v, grad_o and grad_lse dense in different dim orders (a kernel that read v, or
+    grad_o, through k's or q's strides gives other numbers; packed views share theirs), and
+    the stride-0 grad_lse of lse.sum()."""
     dev = device_for(backend)
     g = torch.Generator().manual_seed(ks)
     shape = (2, 5, 6, 2, 8)
@@ -162,12 +163,17 @@ def test_each_input_is_read_through_its_own_strides(backend, border, ks):
                    ((0, 1, 2, 3, 4), (0, 2, 1, 3, 4), (3, 1, 0, 2, 4), (1, 0, 3, 2, 4)))
     assert len({t.stride() for t in (q, k, v, do)}) == 4
     leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_(True) for t in (q, k, v)]
+    dlse = _dense_in_order(shape[:4], (2, 0, 3, 1), g).to(dev)
     o, lse = fastnca.neighborhood_attention2d(*leaves, ks, border, return_lse=True, backend=backend)
-    got = (o, lse, *torch.autograd.grad(o, leaves, do))
+    got = (o, lse, *torch.autograd.grad((o, lse), leaves, (do, dlse), retain_graph=True),
+           *torch.autograd.grad((o * do).sum() + lse.sum(), leaves))
     ref_leaves = [t.detach().cpu().double().contiguous().requires_grad_(True) for t in (q, k, v)]
     ro, rlse = fastnca.neighborhood_attention2d(*ref_leaves, ks, border, return_lse=True, backend="reference")
-    want = (ro, rlse, *torch.autograd.grad(ro, ref_leaves, do.cpu().double()))
-    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+    do64 = do.cpu().double()
+    want = (ro, rlse, *torch.autograd.grad((ro, rlse), ref_leaves, (do64, dlse.cpu().double()), retain_graph=True),
+            *torch.autograd.grad((ro * do64).sum() + rlse.sum(), ref_leaves))
+    names = ("o", "lse", "dq", "dk", "dv", "dq (lse.sum)", "dk (lse.sum)", "dv (lse.sum)")
+    for name, a, b in zip(names, got, want):
         assert_close(a, b, torch.float32, name)
 
 

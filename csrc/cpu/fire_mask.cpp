@@ -31,6 +31,10 @@ FASTNCA_BINDINGS(m) {
           const Philox4 r = philox4x32_10(c0, c1, c2, c3, k0, k1);
           return std::vector<uint32_t>{r.v[0], r.v[1], r.v[2], r.v[3]};
         });
+  // the 24 fire bits of any cell index (philox.h, shared by the CPU and CUDA kernels), for
+  // tests of cells past 2^32 that no test-sized mask reaches
+  m.def("fire_bits", [](uint64_t seed, uint64_t cell, uint64_t step) { return fire_bits(seed, cell, step); },
+        "seed"_a, "cell"_a, "step"_a);
   m.def("pad_index", &pad_index, "p"_a, "n"_a, "mode"_a);
   m.def("key_index", &key_index, "i"_a, "a"_a, "n"_a, "r"_a, "mode"_a);
   m.def("query_range", [](int j, int a, int n, int r, int mode) {

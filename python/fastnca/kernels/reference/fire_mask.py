@@ -37,7 +37,11 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 def fire_bits(n: int, seed: int, step: int, device=None) -> torch.Tensor:
     """The 24-bit draws of cells 0..n-1 at ``step`` (int64): a cell fires iff its draw is
     below fire_threshold(update_prob)."""
-    cell = torch.arange(n, dtype=torch.int64, device=device)
+    return fire_bits_of(torch.arange(n, dtype=torch.int64, device=device), seed, step)
+
+
+def fire_bits_of(cell: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """The 24-bit draws of the cells whose indices (int64, any in [0, 2^63)) ``cell`` holds."""
     zero = torch.zeros_like(cell)
     out0, _, _, _ = philox4x32_10(
         cell & _MASK32, cell >> 32, zero + (step & _MASK32), zero, seed & _MASK32, seed >> 32
