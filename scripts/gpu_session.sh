@@ -88,7 +88,9 @@
 #       as a memcheck error); call 2's BENCH_IMPLS above includes fastnca:cuda for them,
 #       and, if a minute is left, ncu:attention:cuda@60 shows what bounds them now (ncu-source's CUDA kernel names
 #       were the launchers' names, which match no kernel: fixed in session 16).
-#     Added in session 18 (no kernel changes): new tests that call 1's `pytest -m gpu` run on
+#     Added in session 18 (one kernel change: the opt-in halo attention's zeros border gives
+#       outside keys logit 0, not q . 0, which was NaN beside an infinite query; test
+#       test_halo_forward_infinite_logits). New tests that call 1's `pytest -m gpu` run on
 #       the GPU backends too: attention inputs each in its own dim order, logits in the hundreds,
 #       inf/NaN in half inputs, half outputs within an ulp of float64 (test_neighborhood_attention.py);
 #       the benchmark's FLOP count now credits fc2 with C - frozen rows (69376 a Med-NCA cell, not

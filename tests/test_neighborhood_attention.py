@@ -196,6 +196,16 @@ def test_large_logits(backend, ks, border):
     assert_close(lse, rlse, torch.float32, "lse")
 
 
+def very_negative_inputs(ks: int):
+    """float64 q, k, v, grad_o [1, 5, 6, 2, 8] whose every logit (scale 8^-0.5) lies near -120."""
+    g = torch.Generator().manual_seed(ks)
+    shape = (1, 5, 6, 2, 8)
+    q = 6 + torch.rand(shape, generator=g, dtype=torch.float64)
+    k = -6 - torch.rand(shape, generator=g, dtype=torch.float64)
+    v, do = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    return q, k, v, do
+
+
 @pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
 @pytest.mark.parametrize("ks", [3, 5])
 def test_very_negative_logits(backend, ks):
@@ -204,11 +214,7 @@ def test_very_negative_logits(backend, ks):
     0 gave lse -inf and NaN outputs at the border cells). o, lse and the gradients stay
     finite and float64's."""
     dev = device_for(backend)
-    g = torch.Generator().manual_seed(ks)
-    shape = (1, 5, 6, 2, 8)
-    q = 6 + torch.rand(shape, generator=g, dtype=torch.float64)
-    k = -6 - torch.rand(shape, generator=g, dtype=torch.float64)
-    v, do = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    q, k, v, do = very_negative_inputs(ks)
     leaves = [t.float().to(dev).requires_grad_(True) for t in (q, k, v)]
     o, lse = fastnca.neighborhood_attention2d(*leaves, ks, "mask", return_lse=True, backend=backend)
     got = (o, lse, *torch.autograd.grad(o, leaves, do.float().to(dev)))

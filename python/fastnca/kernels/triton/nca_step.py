@@ -1695,8 +1695,6 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
     if interpreting():
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
-        if pinned:
-            block_m, warps, stages = pinned
     else:
         sms, smem = _device_limits(device)
         if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
@@ -1714,11 +1712,11 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
             # tiles spill less.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        if pinned:
-            block_m, warps, stages = pinned
-        elif resident and block_m == 16 and _cell_tile_safe(rule, 16, 8):
-            warps = 8
         programs = 2 * sms
+    if pinned:  # on a GPU and under the interpreter alike
+        block_m, warps, stages = pinned
+    elif resident and block_m == 16 and _cell_tile_safe(rule, 16, 8):  # (never the interpreter's 256 rows)
+        warps = 8
     programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
 
