@@ -105,6 +105,14 @@ def test_train_ddp_two_processes(tmp_path):
 @pytest.mark.skipif(not HIPPO.exists(), reason="shared/ data not present")
 def test_hippocampus_example():
     pytest.importorskip("nibabel")
-    out = run([HIPPO_SCRIPT, "--data-dir", HIPPO, "--seeds", "1"], timeout=300)
+    out = run([HIPPO_SCRIPT, "--data-dir", HIPPO, "--seeds", "1", "--ensemble", "2"], timeout=300)
     dice = float(re.search(r"soft Dice\s+(\d+\.\d+) \+-", out).group(1))
     assert abs(dice - 0.8925) < 0.005, out  # the original code: 0.8925 +- 0.0011 over 10 seeds
+    # The pseudo-ensemble: the mean of two members segments as well as one member, and the
+    # volume's quality score sum(std) / sum(mean) is that of two members that disagree on a
+    # few percent of the foreground mass (0.0354 measured on CPU; the biased std gives
+    # 0.0250, a variance far less).
+    m = re.search(r"pseudo-ensemble of 2: Dice of the mean (\d+\.\d+), .* = (\d+\.\d+)", out)
+    assert m, out
+    assert abs(float(m.group(1)) - 0.8925) < 0.005, out
+    assert 0.03 < float(m.group(2)) < 0.042, out
