@@ -215,6 +215,40 @@ def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc):
     assert chunked.launches > 0 and other.launches == 0 and (fc.launches > 0) == (acc == "gemm")
 
 
+class _TileSpy:
+    """Stands in for a kernel: records each launch's BLOCK_M and RESIDENT, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.rows, self.resident = kernel, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.rows.append(kwargs["BLOCK_M"])
+            self.resident.append(kwargs.get("RESIDENT", False))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("acc", ["chunked", "gemm"])
+def test_hidden_chunk_kernel_over_tiles_and_batch_chunks(monkeypatch, acc):
+    """The hidden-chunk cell kernel at a pinned 16-row tile (the interpreter takes it too):
+    4 tiles of firing cells over 3 programs, the last one partial, so =chunked's fc partials
+    (read-modify-written in a program's slot per tile) and both modes' bias partials add over
+    a program's tiles; then in batch chunks of one item, which add into the same slots.
+    Against float64 at the float32 tolerance (the other tests of these modes have one tile
+    a program under the interpreter)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "16")
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
+    spy = _TileSpy(tri._nca_step_backward_cell_gemm_kernel)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", spy)
+    case = (3, 8, 5, 7, 40, 2, 1, 1, "reflect", 0.5)  # 105 cells, 54 fire; hidden 40: 3 chunks of 16
+    check_against_reference(case)
+    monkeypatch.setattr(_common, "BACKWARD_CHUNK_MIN_CELLS", 1)
+    check_against_reference(case)
+    assert spy.rows == [16] * 4  # one launch, then one a batch chunk
+
+
 def test_chunked_partials_fall_back_on_wide_rules(monkeypatch):
     """=chunked on a rule of several channel chunks (C=64, hidden 128: C_BLK 32) takes the
     other cell kernel with memory partials, and matches the reference."""
@@ -844,6 +878,30 @@ def test_pinned_tiles_under_the_interpreter(monkeypatch, var, tile):
         check_pinned_tile(monkeypatch, (1, 4, 5, 5, 8, 1, 1, 0, "zeros", 0.5), var, "64;4")
 
 
+@pytest.mark.parametrize("var,tile,kernel,env", [
+    ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4", "_nca_step_forward_kernel", {}),
+    ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4", "_nca_step_forward_kernel", {"FASTNCA_TRITON_NCA_WEIGHTS": "resident"}),
+    ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_kernel", {}),
+    ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_gemm_kernel",
+     {"FASTNCA_TRITON_NCA_BWD_ACC": "chunked"}),
+    ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4", "_nca_step_backward_input_kernel", {}),
+    ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4", "_nca_step_backward_input_kernel",
+     {"FASTNCA_TRITON_NCA_WEIGHTS": "resident"}),
+], ids=["fwd", "fwd-resident", "cell", "cell-chunked", "input", "input-resident"])
+def test_pinned_tiles_reach_the_kernels_under_the_interpreter(monkeypatch, var, tile, kernel, env):
+    """A pinned tile is the one each kernel launches with under the interpreter too, in
+    every mode that has its own tiling (the resident compact forward, the hidden-chunk cell
+    kernel, the persistent resident input kernel); the results match the reference."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spy = _TileSpy(getattr(tri, kernel))
+    monkeypatch.setattr(tri, kernel, spy)
+    check_pinned_tile(monkeypatch, (2, 8, 5, 7, 16, 2, 1, 1, "reflect", 0.5), var, tile)
+    assert spy.rows and set(spy.rows) == {int(tile.split(",")[0])}, spy.rows
+    if env.get("FASTNCA_TRITON_NCA_WEIGHTS") == "resident":
+        assert any(spy.resident)
+
+
 def test_gpu_tile_candidates_are_tested():
     """The pinned-tile GPU test above covers every forward autotune candidate that
     _wgmma_safe keeps (a new candidate must join it)."""
@@ -988,6 +1046,15 @@ def test_cell_tile_safe_counts_the_partial_dots_only_where_they_exist(monkeypatc
         assert not tri._cell_tile_safe(rule, 16, 8) and tri._cell_tile_safe(rule, 16, 4)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
     assert tri._cell_tile_safe(rule, 16, 8) and not tri._cell_tile_safe(rule, 64, 8)
+    # =chunked on a rule of one chunk: the hidden-chunk kernel's partial dots have C_PAD and
+    # HC rows (not HID_PAD)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "chunked")
+    wide = SimpleNamespace(C_BLK=64, C_PAD=64, HID_PAD=64, ONE_CHUNK=True)
+    assert not tri._cell_tile_safe(wide, 16, 8) and tri._cell_tile_safe(wide, 16, 4)
+    narrow = SimpleNamespace(C_BLK=16, C_PAD=16, HID_PAD=64, ONE_CHUNK=True)
+    assert tri._cell_tile_safe(narrow, 16, 8)  # rows 16, 16 and HC = 32
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "64")
+    assert not tri._cell_tile_safe(narrow, 16, 8)
 
 
 @pytest.mark.parametrize("C", [1, 5, 8, 16, 32, 48, 64, 128])
