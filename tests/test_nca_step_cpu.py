@@ -71,8 +71,8 @@ def compare(state, weights, grad, groups, padding, p, frozen, seed=1234, step=5,
 
 
 # (B, C, H, W, F, groups, hidden, frozen, padding, update_prob): every padding with both
-# perception kinds, F 1..3, frozen 0/1/3, update_prob 0/0.5/1, sizes 2x2/3x5/17x31,
-# batch 1/3, C 1/3/16/32, hidden 1/7/64/128; rows longer than one tile.
+# perception kinds, F 1..3 and 64, frozen 0/1/3 and C - 1, update_prob 0/0.5/1, sizes
+# 2x2/3x5/17x31, batch 1/3, C 1/3/16/17/32, hidden 1/7/20/64/128; rows longer than one tile.
 CASES = [
     (1, 1, 3, 5, 1, 1, 1, 0, "zeros", 1.0),
     (3, 1, 17, 31, 2, 1, 7, 0, "reflect", 0.5),
@@ -94,6 +94,16 @@ CASES = [
     (1, 8, 7, 130, 1, 8, 16, 0, "circular", 0.5),
     # a backward workspace over the kernel's 2 MiB batch limit (~3 MB): it runs image by image
     (2, 32, 64, 64, 2, 1, 32, 1, "reflect", 0.5),
+    # C = 17 (two 8-channel blocks and a tail; C - frozen pads to 16 < C: loops over the
+    # updated channels must stop at C - frozen) and hidden 20 / 40 (padded to 24 / 40: a
+    # 16-column GEMM panel and an 8-column tail, with a bias): both perception kinds, and
+    # frozen = C - 1 with full perception
+    (2, 17, 5, 11, 2, 1, 20, 1, "reflect", 0.5),
+    (2, 17, 5, 11, 1, 17, 20, 16, "circular", 1.0),
+    (1, 9, 6, 9, 2, 1, 40, 8, "replicate", 1.0),
+    # F = 64, the cpu backend's limit of filters per channel (_backend.NCA_LIMITS)
+    (1, 2, 4, 5, 64, 2, 9, 1, "reflect", 0.5),
+    (1, 1, 3, 4, 64, 1, 9, 0, "replicate", 0.5),
 ]
 
 

@@ -253,8 +253,9 @@ Table<T> pick(int dtype) {
 
 int64_t pad8(int64_t n) { return (n + kPadTo - 1) / kPadTo * kPadTo; }
 
-// Everything both directions share, derived from the sizes (the launcher computes the
-// same padded sizes and checks them against ours through nca_step_cpu_layout).
+// Everything both directions share, derived from the sizes. The launcher pads the weights
+// by the same rule (kernels/cpu/nca_step.py, _pad with _PAD = kPadTo); every test against
+// the reference would fail if the two disagreed.
 template <typename T>
 void setup(Problem<T>& p, int64_t B, int64_t C, int64_t H, int64_t W, int F, int groups, int Hd,
            int frozen, int padding, uint64_t seed, uint32_t step, uint32_t threshold, int tile_w) {
