@@ -106,6 +106,31 @@ def test_kernels_compile_with_triton_3_0(acc, half_weights):
         assert out.count(f"{kernel}:") == n, (kernel, out[-3000:])
 
 
+def test_sm90_matrix_reports_each_case(tmp_path):
+    """scripts/triton_sm90_matrix.sh runs every case in its own process with the case's knobs,
+    reports each case's spill stacks, and names every failing case and exits 1 (here with a
+    stand-in for Python that fails the halo attention cases and spills in the bfloat16
+    Med-NCA rule)."""
+    stub = tmp_path / "python"
+    stub.write_text("""#!/bin/sh
+[ "$FASTNCA_TRITON_NA_FORWARD" = halo ] && { echo 'Traceback: CompilationError' >&2; exit 1; }
+case "$2" in 8,32,64,64,128,2,1,1,bfloat16) echo "k: REG:255 STACK:672";; *) echo "k: REG:90 STACK:0";; esac
+echo "k2: REG:32 STACK:0"
+""")
+    stub.chmod(0o755)
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "triton_sm90_matrix.sh")], env={**os.environ, "PY": str(stub)},
+                         capture_output=True, text=True, timeout=300)
+    lines = res.stdout.splitlines()
+    fails = [ln for ln in lines if ln.startswith("FAIL")]
+    oks = [ln for ln in lines if ln.startswith("ok")]
+    assert res.returncode == 1, res.stdout[-2000:]
+    assert len(fails) == 24 and all(ln.startswith("FAIL [na halo ") for ln in fails), fails
+    assert len(oks) == 96 and all(ln.endswith("2 kernels; ") or "STACK:672" in ln for ln in oks), oks
+    spilled = [ln.split("] ")[0] for ln in oks if "STACK:672" in ln]  # that rule in each mode
+    assert len(spilled) == 9 and "ok   [nca 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
+    assert "CompilationError" in res.stdout
+
+
 def test_backward_variants_explicit_list():
     """--variant TILE:ACC:PREC runs exactly the listed variants, in order; a malformed one
     is refused."""
