@@ -95,6 +95,11 @@
 #       inf/NaN in half inputs, half outputs within an ulp of float64 (test_neighborhood_attention.py);
 #       the benchmark's FLOP count now credits fc2 with C - frozen rows (69376 a Med-NCA cell, not
 #       69632), so compare roof fractions with older JSON at that 0.4%.
+#     Session 19 (2026-11-28, no GPU, no kernel change): scripts/triton_sm90_matrix.sh, 120
+#       cases (every rule shape, dtype, attention border and opt-in mode), compiles for sm_90
+#       with triton 3.0, 3.6 (the lent machines') and 3.9; so call 1 should meet no compile
+#       error. New CPU (interpreter) tests run =chunked / =gemm at GPU tiles over several
+#       tiles a program (test_hidden_chunk_kernel_over_tiles_and_batch_chunks).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
