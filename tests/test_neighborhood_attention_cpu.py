@@ -2,6 +2,8 @@
 against the reference: o, lse, dq, dk, dv for every border, kernel size, grid (tiny grids
 included), head dim (fast paths and odd sizes), dtype, instruction-set path and packed
 strided views; softmax properties; bitwise determinism; fp64 gradcheck; launcher checks."""
+import platform
+
 import pytest
 import torch
 
@@ -111,6 +113,88 @@ def test_instruction_set_paths(isa, dtype, monkeypatch):
     for D in (7, 32, 64, 128):
         check((1, 6, 5, 2, D), 3, "zeros", dtype=dtype, packed=True, seed=D)
         check((1, 5, 5, 1, D), 5, "shift", dtype=dtype, seed=D + 1, lse_grad=False)
+
+
+# (D, kernel_size, border): whole vectors plus a scalar tail. At 8 lanes (avx2, base)
+# 9/17/33/65 are 1/2/4/8 vectors + 1 and 139 is 8 + 8 + 1 vectors + 3; at 16 lanes (avx512,
+# avx2-wide) 17/33/65 are 1/2/4 vectors + 1 and 139 is 8 vectors + 11.
+TAIL_CASES = [(9, 5, "zeros"), (17, 7, "mask"), (33, 3, "circular"), (65, 7, "shift"), (139, 5, "mask")]
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx2-wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_head_dims_with_vector_blocks_and_scalar_tails(isa, dtype, monkeypatch):
+    """Head dims of whole vectors and a scalar tail, on every variant this CPU can run
+    (test_head_dims' sizes are whole vectors or below one vector: their tails start at 0 or
+    are empty). A tail that restarts at element 0 of a key, value or half query/grad_o
+    row, or that overwrites the vector part of a dot product, shows here."""
+    monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
+    if cpu.isa() != isa:
+        pytest.skip(f"this CPU runs at most {cpu.isa()}")
+    for D, ks, border in TAIL_CASES:
+        check((1, 7, 8, 2, D), ks, border, dtype=dtype, packed=D % 2 == 1, seed=D, lse_grad=D < 100)
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx2-wide"])
+def test_float16_subnormal_inputs_convert_exactly(isa, monkeypatch):
+    """float16 subnormals (below 2^-14) widen to float32 exactly in the vectorised half
+    loads (a conversion that flushed them to zero gave all-zero logits, uniform weights):
+    subnormal q against large k, then subnormal k against large q (D = 64: whole vectors
+    at 8 and 16 lanes). Forward only: the gradients of such k overflow float16."""
+    monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
+    if cpu.isa() != isa:
+        pytest.skip(f"this CPU runs at most {cpu.isa()}")
+    g = torch.Generator().manual_seed(11)
+    shape = (1, 5, 6, 2, 64)
+
+    def rnd(s):
+        return (torch.randn(shape, generator=g, dtype=torch.float64).clamp(-3.5, 3.5) * s).half()
+
+    tiny, big, v = rnd(2.0 ** -16), rnd(2.0 ** 14), rnd(1.0)
+    assert (tiny.abs() < 2 ** -14).all() and (tiny != 0).float().mean() > 0.9 and big.isfinite().all()
+    for q, k in ((tiny, big), (big, tiny)):
+        assert (0.5 * (q.double() * k.double()).sum(-1)).std() > 0.5  # logits of order 1, not ~0
+        o, lse = cpu.forward(q, k, v, 3, "zeros", 0.5)
+        ro, rlse = ref.forward(q, k, v, 3, "zeros", 0.5)
+        assert rel_err(o, ro) <= REL[torch.float16], ("o", rel_err(o, ro))
+        assert rel_err(lse, rlse) <= 1e-6, ("lse", rel_err(lse, rlse))
+
+
+def _cpuinfo_flags():
+    """The CPU feature flags Linux reports, or None (no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), None)
+
+
+def test_isa_is_the_best_supported_and_requests_cap_it(monkeypatch):
+    """Unset (or auto) runs the best variant the CPU supports, as Linux reports its flags
+    (an AVX-512 machine that ran avx2 would skip every avx512 test above); FASTNCA_CPU_ISA
+    caps it, and base always runs when asked (a request that fell back to the best
+    variant would make test_instruction_set_paths skip the portable path)."""
+    order = ["base", "avx2", "avx512"]
+    monkeypatch.delenv("FASTNCA_CPU_ISA", raising=False)
+    best = cpu.isa()
+    assert best in order
+    flags = _cpuinfo_flags()
+    if platform.machine().lower() in ("x86_64", "amd64") and flags is not None:
+        expected = ("avx512" if {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"} <= flags
+                    else "avx2" if {"avx2", "fma"} <= flags else "base")
+        assert best == expected, (best, expected)
+    for name in ("auto", ""):
+        monkeypatch.setenv("FASTNCA_CPU_ISA", name)
+        assert cpu.isa() == best
+    for name in order:
+        monkeypatch.setenv("FASTNCA_CPU_ISA", name)
+        assert cpu.isa() == order[min(order.index(name), order.index(best))], name
+    monkeypatch.setenv("FASTNCA_CPU_ISA", "avx2-wide")
+    assert cpu.isa() == ("base" if best == "base" else "avx2-wide")
+    monkeypatch.setenv("FASTNCA_CPU_ISA", "sse2")
+    with pytest.raises(ValueError, match="FASTNCA_CPU_ISA"):
+        cpu.isa()
 
 
 def _spy_on_kernels(monkeypatch):
