@@ -6,6 +6,7 @@ import torch
 import fastnca
 from fastnca import _backend, _ext
 from test_nca_step import make_rule, make_state
+from conftest import mentions
 
 
 def test_auto_backend_skips_kernels_without_the_dtype(monkeypatch):
@@ -61,7 +62,7 @@ def test_scale_and_probability_types():
         fastnca.neighborhood_attention2d(q, q, q, scale="a")
     with pytest.raises(TypeError, match="scale must be None or a finite float, got bool"):
         fastnca.neighborhood_attention2d(q, q, q, scale=True)
-    with pytest.raises(ValueError, match="scale must be None or a finite float, got inf"):
+    with pytest.raises(ValueError, match=r"scale must be None or a finite float.*, got inf"):
         fastnca.neighborhood_attention2d(q, q, q, scale=float("inf"))
     # 0-dim tensors are accepted like Python numbers (as seed and step are)
     torch.testing.assert_close(fastnca.neighborhood_attention2d(q, q, q, scale=torch.tensor(0.3)),
@@ -77,7 +78,7 @@ def test_scale_and_probability_types():
 
 
 def test_fire_mask_cell_count_bound():
-    with pytest.raises(ValueError, match="batch \\* height \\* width must be < 2\\^62 cells"):
+    with pytest.raises(ValueError, match=r"batch \* height \* width .*must be < 2\^62 cells"):
         fastnca.fire_mask(2**40, 2**40, 1, 0.5, seed=1, backend="reference")
 
 
@@ -480,3 +481,89 @@ def test_cuda_nca_refusal_traces_with_dynamic_sizes(monkeypatch):
     assert calls == []  # traced: left to the kernels
     pick(torch.ones(1, 5, 3, 3))
     assert len(calls) == 1  # eager: checked
+
+
+# ---------------------------------------------------------------------------------------
+# Adversarial input review (session 19, "badinput"): each test below failed when written;
+# they describe what the validation should do (a clear error naming the argument).
+# ---------------------------------------------------------------------------------------
+
+def _usable(backend):
+    if backend is not None and fastnca.backends()[backend] is not True:
+        pytest.skip(f"{backend}: {fastnca.backends()[backend]}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", None])
+@pytest.mark.parametrize("scale", [1e39, -1e39, 1e300])
+def test_scale_outside_the_compute_dtype_is_refused(backend, scale):
+    """A scale that float32 cannot hold is infinite inside every kernel (the logits are then
+    inf/NaN and the output NaN, with a different NaN pattern on triton): it passed the
+    "finite float" check because it is finite as a Python float."""
+    _usable(backend)
+    q = torch.randn(1, 3, 4, 1, 4)
+    with pytest.raises(ValueError, match=mentions("scale")):
+        fastnca.neighborhood_attention2d(q, q, q, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", None])
+@pytest.mark.parametrize("sizes,name", [((0, 2**70, 1), "height"), ((0, 2**61, 4), "height"),
+                                        ((0, 4, 2**70), "width"), ((2**70, 0, 1), "batch")])
+def test_fire_mask_bounds_every_size_also_with_a_zero_one(backend, sizes, name):
+    """The < 2^62 cells bound is on the product, so a zero size let any other size through to
+    torch.empty ("Stride calculation overflowed") or to the op schema ("Expected a value of
+    type 'int' for argument 'height' but instead found type 'int'")."""
+    _usable(backend)
+    with pytest.raises(ValueError, match=mentions(name)):
+        fastnca.fire_mask(*sizes, 0.5, seed=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_float_arguments_too_large_for_a_float_are_named(backend):
+    """An int past the float range (10**400) raised a bare OverflowError ("int too large to
+    convert to float") that names no argument."""
+    x, rule, q = make_state(1, 3, 4, 4), make_rule(3), torch.randn(1, 3, 4, 1, 4)
+    with pytest.raises((TypeError, ValueError), match=mentions("update_prob")):
+        fastnca.nca_step(x, *rule, seed=0, update_prob=10**400, backend=backend)
+    with pytest.raises((TypeError, ValueError), match=mentions("update_prob")):
+        fastnca.fire_mask(1, 2, 2, 10**400, seed=0, backend=backend)
+    with pytest.raises((TypeError, ValueError), match=mentions("scale")):
+        fastnca.neighborhood_attention2d(q, q, q, scale=-10**400, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_scalar_arguments_as_meta_tensors_are_named(backend):
+    """0-dim tensors are accepted for seed, step, update_prob, scale; a meta one has no value
+    and failed inside torch ("Tensor.item() cannot be called on meta tensors")."""
+    x, rule, q = make_state(1, 3, 4, 4), make_rule(3), torch.randn(1, 3, 4, 1, 4)
+    meta = {"i": torch.tensor(3, device="meta"), "f": torch.tensor(0.5, device="meta")}
+    with pytest.raises((TypeError, ValueError), match=mentions("seed")):
+        fastnca.nca_step(x, *rule, seed=meta["i"], backend=backend)
+    with pytest.raises((TypeError, ValueError), match=mentions("step")):
+        fastnca.nca_step(x, *rule, seed=0, step=meta["i"], backend=backend)
+    with pytest.raises((TypeError, ValueError), match=mentions("update_prob")):
+        fastnca.fire_mask(1, 2, 2, meta["f"], seed=0, backend=backend)
+    with pytest.raises((TypeError, ValueError), match=mentions("scale")):
+        fastnca.neighborhood_attention2d(q, q, q, scale=meta["f"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", None])
+@pytest.mark.parametrize("device", [123, "foo", "torch.zeros"])
+def test_fire_mask_device_argument_is_checked(backend, device):
+    """device=123 raised "Cannot access accelerator device when none is available.", a
+    tensor torch's "device() received an invalid combination of arguments", "foo" torch's
+    device-string error: none of them names the argument."""
+    _usable(backend)
+    device = torch.zeros(1) if device == "torch.zeros" else device
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=mentions("fire_mask", "device")):
+        fastnca.fire_mask(1, 2, 2, 0.5, seed=0, device=device, backend=backend)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_fire_mask_on_a_missing_device_type_says_so(backend):
+    """device="mps" without MPS: backend "cpu"/"triton" say "runs on CPU tensors, got mps
+    tensors", but None and "reference" failed in aten ("Could not run
+    'aten::empty.memory_format' with arguments from the 'MPS' backend"). Same input, one
+    kind of message, as for a missing CUDA device."""
+    with pytest.raises(RuntimeError, match=mentions("fire_mask", "mps")):
+        fastnca.fire_mask(1, 2, 2, 0.5, seed=0, device="mps", backend=backend)

@@ -13,6 +13,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPUTE_DTYPES = FLOAT_DTYPES + (torch.float64,)
 PADDINGS = ("reflect", "zeros", "circular", "replicate")
 BORDERS = ("zeros", "mask", "circular", "shift")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
@@ -66,8 +67,11 @@ def attention_scale(x) -> float | None:
     if x is None:
         return None
     scale = real(x, "scale", "None or a finite float")
-    if not -math.inf < scale < math.inf:  # not math.isfinite: a SymFloat under torch.compile
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    # float32's range, not just finite: the kernels scale float32 logits, where a larger
+    # scale is inf (not math.isfinite: a SymFloat under torch.compile)
+    if not -_FLOAT32_MAX <= scale <= _FLOAT32_MAX:
+        raise ValueError(f"scale must be None or a finite float within float32's range "
+                         f"(|scale| <= {_FLOAT32_MAX:.4g}), got {scale!r}")
     return scale
 
 
@@ -84,6 +88,7 @@ def groups(x, channels) -> int:
 def integer(x, name: str, low: int | None = None, high: int | None = None) -> int:
     """An int in [low, high) (Python int, numpy int or 0-dim integer tensor)."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        _has_value(x, name, "an integer")
         x = int(x.item())
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
@@ -101,10 +106,20 @@ def real(x, name: str, what: str = "a float") -> float:
         if x.requires_grad:
             raise TypeError(f"{name} must be {what}; a tensor that requires grad is not supported "
                             "(no gradient flows to it): pass a float or a detached tensor")
+        _has_value(x, name, what)
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:  # an int past float64's range
+        raise ValueError(f"{name} must be {what}, got an integer of {len(str(abs(int(x))))} digits") from None
+
+
+def _has_value(x: torch.Tensor, name: str, what: str) -> None:
+    """A scalar argument given as a tensor must hold a value (a meta tensor has none)."""
+    if x.device.type == "meta":
+        raise TypeError(f"{name} must be {what}; a meta tensor has no value")
 
 
 def probability(x, name: str) -> float:

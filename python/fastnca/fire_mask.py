@@ -46,20 +46,35 @@ def fire_mask(
             or ``with torch.device(...)``).
         backend: None (fastest usable), "reference", "cpu", "cuda" or "triton".
     """
-    batch = _checks.integer(batch, "batch", 0)
-    height = _checks.integer(height, "height", 0)
-    width = _checks.integer(width, "width", 0)
-    if batch * height * width >= 1 << 62:  # cell indices stay well inside int64
-        raise ValueError(f"fire_mask: batch * height * width must be < 2^62 cells, got {batch}x{height}x{width}")
+    # each size too (with one of them 0 the product says nothing of the others)
+    batch = _checks.integer(batch, "batch", 0, 1 << 62)
+    height = _checks.integer(height, "height", 0, 1 << 62)
+    width = _checks.integer(width, "width", 0, 1 << 62)
+    # cell indices stay well inside int64, and so do the strides of an empty mask
+    if max(batch, 1) * max(height, 1) * max(width, 1) >= 1 << 62:
+        raise ValueError(f"fire_mask: batch * height * width (sizes 0 taken as 1) must be < 2^62 cells, "
+                         f"got {batch}x{height}x{width}")
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
     step = _checks.integer(step, "step", 0, 1 << 64)
     if device is None:  # a factory call's device: traceable, and right on torch < 2.8, whose
         device = torch.empty(0).device  # get_default_device() ignores `with torch.device(...)`
     else:
-        device = torch.device(device)
+        if not isinstance(device, (torch.device, str)):
+            raise TypeError(f"fire_mask: device must be a torch.device, a device string or None, "
+                            f"got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"fire_mask: device {device!r} is not a device torch knows ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"fire_mask: device {device} requested, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda", "meta"):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, NotImplementedError) as e:
+            raise RuntimeError(f"fire_mask: device {device} requested, but torch cannot allocate there "
+                               f"({type(e).__name__})") from None
     backend = _backend.resolve(backend, "fire_mask", device)
     # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
     return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),
