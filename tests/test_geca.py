@@ -698,3 +698,69 @@ def test_final_layer_norm_epsilon():
     """GECA.md: the final LayerNorm has no affine parameters and eps 1e-6."""
     norm = tiny().final_layer.norm_final
     assert norm.eps == 1e-6 and not norm.elementwise_affine
+
+
+# Adversarial input review (session 19, "badinput"): these failed when written.
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 5), (2, 4, 5, 0)])
+def test_forward_checks_empty_grids(shape):
+    """x with H or W = 0 raised IndexError in seed_cells ("index 0 is out of bounds for
+    dimension 2 with size 0")."""
+    m = tiny()
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\bx\b)(?=.*\bH\b)"):
+        m(torch.randn(*shape), torch.tensor([7, 7]), torch.eye(5)[:2], seed=1)
+
+
+def test_evolve_checks_cells():
+    """evolve() on a 3-D or a non-tensor cells failed with "not enough values to unpack
+    (expected 4, got 3)" / AttributeError."""
+    m = tiny()
+    t, y = torch.tensor([7, 7]), torch.eye(5)[:2]
+    with pytest.raises(ValueError, match=r"\bcells\b"):
+        m.evolve(torch.randn(44, 5, 5), t, y, seed=1)
+    with pytest.raises(TypeError, match=r"cells must be a torch.Tensor"):
+        m.evolve(torch.randn(2, 44, 5, 5).numpy(), t, y, seed=1)
+
+
+def test_forward_checks_t_type():
+    """t=None / a string failed inside torch.as_tensor ("Could not infer dtype of NoneType",
+    "new(): invalid data type 'str'")."""
+    m = tiny()
+    x, y = torch.randn(2, 4, 5, 5), torch.eye(5)[:2]
+    for bad in (None, "7"):
+        with pytest.raises(TypeError, match=r"\bt\b"):
+            m(x, bad, y, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_forward_input_dtype_is_named(dtype):
+    """x (or cells) of another dtype than the model failed in the first Linear ("expected m1
+    and m2 to have the same dtype, but got: double != float"). Either it runs (a float x
+    cast to the model's dtype) or the error names x and its dtype."""
+    m = perturb_(tiny()).eval()
+    x, t, y = torch.randn(2, 4, 5, 5), torch.tensor([7, 7]), torch.eye(5)[:2]
+    try:
+        out = m(x.to(dtype), t, y, seed=1)
+    except TypeError as e:
+        assert "x" in str(e) and str(dtype).replace("torch.", "") in str(e), str(e)
+    else:
+        assert dtype.is_floating_point, "an integer x must not be accepted silently"
+        torch.testing.assert_close(out.float(), m(x, t, y, seed=1), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_checks_devices():
+    """x / y on another device than the model failed with torch's internal "Tensor on device
+    cpu is not on the expected device meta!"."""
+    m = tiny()
+    x, t, y = torch.randn(2, 4, 5, 5), torch.tensor([7, 7]), torch.eye(5)[:2]
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\bx\b)(?=.*\bmeta\b)"):
+        m(x.to("meta"), t, y, seed=1)
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\by\b)(?=.*\bmeta\b)"):
+        m(x, t, y.to("meta"), seed=1)
+
+
+def test_constructor_checks_the_backend_name():
+    """GeCA(backend="gpu") was accepted and failed at the first forward; fastnca.nn's modules
+    check the name when built."""
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        GeCA(GeCAConfig(**TINY), backend="gpu")

@@ -552,3 +552,47 @@ def test_training_matches_reference(backend, mode):
     # reference's; even the reference run in fp64 differs by <= 1 ulp (8.8e-8 rel).
     assert_close(torch.tensor([*got[0], got[2]]), torch.tensor([*expected[0], expected[2]]),
                  torch.float32, f"{backend} {mode} losses")
+
+
+# Adversarial input review (session 19, "badinput"): these failed when written.
+
+@pytest.mark.parametrize("bad", ["numpy", "list", torch.bool, torch.int64, torch.uint8])
+def test_forward_checks_the_image_type_and_dtype(bad):
+    """A numpy/list image raised AttributeError ("'numpy.ndarray' object has no attribute
+    'dim'"); bool/int64 images NotImplementedError from F.interpolate; a uint8 image an error
+    about "state" (an argument the caller never passed)."""
+    model = MedNCA(channels=6, hidden=8, steps=2)
+    img = torch.rand(2, 1, 16, 16)
+    if bad == "numpy":
+        img, exc, words = img.numpy(), TypeError, ("image", "Tensor")
+    elif bad == "list":
+        img, exc, words = img.tolist(), TypeError, ("image", "Tensor")
+    else:
+        img, exc, words = (img * 200).to(bad), TypeError, ("image", "dtype")
+    with pytest.raises(exc, match="(?s)^" + "".join(rf"(?=.*\b{w}\b)" for w in words)):
+        model(img, seed=1, backend="reference")
+
+
+def test_forward_on_meta_images():
+    """The ops run meta tensors on the reference; MedNCA.forward failed before reaching them
+    ("unknown device type for autocast in get_autocast_dispatch_key_from_device_type", from
+    torch.is_autocast_enabled("meta") in _seed_state)."""
+    model = MedNCA(channels=6, hidden=8, steps=2).to("meta")
+    out = model(torch.rand(2, 1, 16, 16, device="meta"), seed=1)
+    assert out.shape == (2, 1, 16, 16) and out.device.type == "meta"
+
+
+def test_patch_mode_checks_the_target_device():
+    """A target on another device than the image was accepted: the target patch came back
+    on that device (meta here), to fail later in the loss."""
+    model = MedNCA(channels=6, hidden=8, steps=2)
+    img, tgt = synthetic_ellipses(2, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\btarget\b)(?=.*\bmeta\b)"):
+        model.forward_patch(img, tgt.to("meta"), patch_size=8, seed=1, backend="reference")
+
+
+def test_dice_bce_loss_checks_shapes():
+    """Logits and target of different sizes failed after flattening with torch's "The size
+    of tensor a (512) must match the size of tensor b (128)", naming neither."""
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\blogits\b)(?=.*\btarget\b)"):
+        dice_bce_loss(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 8, 8))

@@ -228,3 +228,31 @@ def test_nca_draws_its_seed_on_the_cpu_whatever_the_default_device():
     finally:
         torch.set_default_device(None)
     assert torch.equal(got, expected)
+
+
+# Adversarial input review (session 19, "badinput"): these failed when written.
+
+@pytest.mark.parametrize("what,kw", [("NCA", dict(channels=4, dtype=torch.int32)),
+                                     ("NeighborhoodAttention2d", dict(dim=8, num_heads=2, dtype=torch.int64))])
+def test_constructors_refuse_a_non_floating_dtype(what, kw):
+    """dtype=torch.int32 failed inside torch's initialisers ('"check_uniform_bounds" not
+    implemented for 'Int'', "Only Tensors of floating point and complex dtype can require
+    gradients"), naming no argument."""
+    cls = NCA if what == "NCA" else NeighborhoodAttention2d
+    with pytest.raises(TypeError, match=r"(?s)^(?=.*\bdtype\b)(?=.*\b(int32|int64)\b)"):
+        cls(**kw)
+
+
+def test_attention_module_input_dtype_is_handled_like_the_nca_module():
+    """NCA.forward takes a state of another float dtype than its parameters; the attention
+    module failed in its QKV linear ("expected m1 and m2 to have the same dtype, but got:
+    double != float"). Either it runs, or the error names x and the dtypes."""
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(8, 2, backend="reference")
+    x = torch.randn(1, 4, 5, 8)
+    try:
+        out = m(x.double())
+    except TypeError as e:
+        assert "x" in str(e) and "float64" in str(e), str(e)
+    else:
+        torch.testing.assert_close(out.float(), m(x), rtol=1e-5, atol=1e-5)

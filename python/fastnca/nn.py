@@ -11,6 +11,19 @@ from .nca_step import nca_rollout
 from .neighborhood_attention import neighborhood_attention2d
 
 
+def _check_dtype(dtype) -> None:
+    """A module's parameter dtype: None (torch's default) or a floating-point dtype."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype}")
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
+
+
 def _check_backend(backend) -> None:
     if backend is not None:
         _backend.check_name(backend)
@@ -76,6 +89,7 @@ class NCA(nn.Module):
         if checkpoint_every is not None:
             checkpoint_every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
         _check_backend(backend)
+        _check_dtype(dtype)
         kw = {"device": device, "dtype": dtype}
         self.channels, self.hidden, self.filters, self.groups = channels, hidden, filters, groups
         self.padding, self.update_prob, self.frozen_channels = padding, update_prob, frozen_channels
@@ -133,6 +147,7 @@ class NeighborhoodAttention2d(nn.Module):
         border = _checks.choice(border, "border", _checks.BORDERS)
         scale = _checks.attention_scale(scale)
         _check_backend(backend)
+        _check_dtype(dtype)
         kw = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kernel_size, self.border, self.scale, self.backend = kernel_size, border, scale, backend
@@ -145,6 +160,9 @@ class NeighborhoodAttention2d(nn.Module):
         _checks.tensor(x, "x")
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, H, W, {self.dim}], got {tuple(x.shape)}")
+        if x.dtype != self.qkv.weight.dtype and not _autocast_on(x.device):  # (autocast casts both)
+            raise TypeError(f"x must have the module's dtype {str(self.qkv.weight.dtype).replace('torch.', '')} "
+                            f"(or run under torch.autocast), got {str(x.dtype).replace('torch.', '')}")
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         o = neighborhood_attention2d(q, k, v, self.kernel_size, self.border, self.scale,

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import _seed_or_draw, draw_seed
+from fastnca.nn import _autocast_on, _check_backend, _seed_or_draw, draw_seed
 
 __all__ = [
     "GeCA",
@@ -279,6 +279,7 @@ class GeCA(nn.Module):
         if config is not None and not isinstance(config, GeCAConfig):
             raise TypeError(f"config must be a GeCAConfig (or pass the sizes as keywords: GeCA(**d)), "
                             f"got {type(config).__name__}")
+        _check_backend(backend)
         cfg = config if config is not None else GeCAConfig(**kw)
         self.config = cfg
         self.checkpoint_steps = checkpoint_steps
@@ -361,7 +362,11 @@ class GeCA(nn.Module):
     def _conditioning(self, t, y, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """t as [B] on the cells' device (a number or a 0-dim / one-element tensor is
         broadcast); y checked to be [B, ncls]."""
-        t = torch.as_tensor(t, device=device)
+        try:
+            t = torch.as_tensor(t, device=device)
+        except (TypeError, RuntimeError, ValueError):
+            raise TypeError(f"t must be timesteps (a tensor, a number or a sequence of numbers), "
+                            f"got {type(t).__name__}") from None
         if t.dim() == 0 or t.shape == (1,):
             t = t.reshape(1).expand(B)
         if t.shape != (B,):
@@ -370,6 +375,8 @@ class GeCA(nn.Module):
         if not isinstance(y, torch.Tensor) or y.shape != (B, ncls):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y must be [B, num_classes] = [{B}, {ncls}] multi-hot labels, got {got}")
+        if y.device != device:
+            raise ValueError(f"y is on {y.device} but the cells are on {device}")
         return t, y
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -388,6 +395,19 @@ class GeCA(nn.Module):
             update = update * mask.unsqueeze(-1).to(update.dtype)
         return torch.cat([keep, live + update], dim=-1)
 
+    def _check_input(self, x, name: str) -> None:
+        """x or cells: a 4-D tensor of the model's device and dtype (or under autocast), H, W >= 1."""
+        _checks.tensor(x, name, ndim=4)
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(x.shape)}")
+        w = self.cell_to_embedding.weight
+        if x.device != w.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {w.device}")
+        if x.dtype != w.dtype and not (x.is_floating_point() and _autocast_on(x.device)):
+            dt = str(x.dtype).replace("torch.", "")
+            raise TypeError(f"{name} must have the model's dtype {str(w.dtype).replace('torch.', '')} "
+                            f"(or run under torch.autocast), got {dt}")
+
     def evolve(self, cells: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, steps: int | None = None,
                seed: int | None = None, update_prob: float | None = None) -> torch.Tensor:
         """Run the CA from ``cells`` [B, C, H, W] for ``steps`` (default 12) steps with
@@ -395,6 +415,7 @@ class GeCA(nn.Module):
         Step i uses ``fastnca.fire_mask(B, H, W, update_prob, seed, step=i)``; ``seed``
         defaults to a draw from torch's default generator."""
         cfg = self.config
+        self._check_input(cells, "cells")
         B, C, H, W = cells.shape
         if C != cfg.cell_channels:
             raise ValueError(f"cells have {C} channels, GeCA expects {cfg.cell_channels} "
@@ -428,7 +449,7 @@ class GeCA(nn.Module):
         multi-hot labels. ``cells`` (optional, [B, C, H, W]) is the starting state whose
         x_t channels are replaced by x (Gene Heredity Guidance); default: the seed.
         Returns the out channels [B, 2*in_ch, H, W], plus the final cells if ``return_cells``."""
-        _checks.tensor(x, "x", ndim=4)
+        self._check_input(x, "x")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W] (the model's in_channels), "
                              f"got shape {tuple(x.shape)}")

@@ -34,7 +34,7 @@ from torch import nn
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import _check_state, _seed_or_draw
+from fastnca.nn import _autocast_on, _check_state, _seed_or_draw
 
 __all__ = [
     "BackboneNCA",
@@ -266,7 +266,7 @@ class MedNCA(nn.Module):
     def _seed_state(self, image: torch.Tensor) -> torch.Tensor:
         B, _, H, W = image.shape
         dtype = image.dtype
-        if torch.is_autocast_enabled(image.device.type):
+        if _autocast_on(image.device):
             # the NCA state itself goes to the autocast dtype (the kernels compute in fp32)
             dtype = torch.get_autocast_dtype(image.device.type)
         state = image.new_zeros(B, self.channels, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -274,6 +274,8 @@ class MedNCA(nn.Module):
         return state
 
     def _check_image(self, image: torch.Tensor) -> None:
+        _checks.tensor(image, "image")
+        _checks.floating(image, "image")
         if image.dim() != 4 or image.shape[1] != self.input_channels:
             raise ValueError(f"image must be [B, {self.input_channels}, H, W], got {tuple(image.shape)}")
         H, W = image.shape[-2:]
@@ -329,6 +331,7 @@ class MedNCA(nn.Module):
             got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
             raise ValueError(f"target must be [B, output_channels, H, W] = [{B}, {self.output_channels}, {H}, {W}] "
                              f"like the logits, got {got}")
+        _checks.same_device(image, "image", target=target)
         p = _checks.integer(patch_size, "patch_size")
         if p > H or p > W or p < 2:
             raise ValueError(f"patch_size must be in [2, min(H, W)], got {p} for {H}x{W}")
@@ -462,6 +465,9 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     logits, target: [B, out, H, W]. Dice is soft (on sigmoid probabilities) with
     ``smooth`` added to numerator and denominator, as in the original.
     """
+    if logits.shape != target.shape:
+        raise ValueError(f"logits and target must have the same shape, got {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}")
     logits, target = logits.float(), target.float()
     loss = logits.new_zeros(())
     for c in range(logits.shape[1]):
