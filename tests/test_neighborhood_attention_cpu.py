@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastnca
+from fastnca import _ext
 from fastnca.kernels.reference import neighborhood_attention as ref
 
 cpu = pytest.importorskip("fastnca.kernels.cpu.neighborhood_attention")
@@ -195,6 +196,22 @@ def test_isa_is_the_best_supported_and_requests_cap_it(monkeypatch):
     monkeypatch.setenv("FASTNCA_CPU_ISA", "sse2")
     with pytest.raises(ValueError, match="FASTNCA_CPU_ISA"):
         cpu.isa()
+
+
+@pytest.mark.parametrize("isa,vector_bytes", [("base", 32), ("avx2", 32), ("avx512", 64), ("avx2-wide", 64)])
+def test_each_variant_runs_its_own_vector_width(isa, vector_bytes, monkeypatch):
+    """The code a variant runs has that variant's vector width (the kernels' lane count, test
+    hook na2d_lanes): 16 float32 lanes for avx512 and for the avx2-wide hook, which must run
+    the AVX-512 kernels' 64-byte code on AVX2 (8-lane code there gives the same values, so
+    no comparison with the reference sees it), 8 for avx2 and base; float64 half as many."""
+    monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
+    if cpu.isa() != isa:
+        pytest.skip(f"this CPU runs at most {cpu.isa()}")
+    mod = cpu._module()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        lanes = vector_bytes // (8 if dtype == torch.float64 else 4)
+        for D in (7, 32, 64, 128):
+            assert mod.na2d_lanes(_ext.DTYPE_CODES[dtype], D, cpu._isa()) == lanes, (dtype, D)
 
 
 def _spy_on_kernels(monkeypatch):

@@ -684,16 +684,18 @@ int detected_isa() {
 
 struct Kernels {
   RowsFn forward, backward_query, backward_key;
+  int lanes;  // vector lanes of the compute type in the selected code (test hook na2d_lanes)
 };
 
 template <int kIsa, class K>
 Kernels kernels_for() {
 #ifdef FASTNCA_NA_X86
   if constexpr (kIsa == kIsaAvx512)
-    return {&forward_avx512<K>, &backward_query_avx512<K>, &backward_key_avx512<K>};
-  if constexpr (kIsa == kIsaAvx2) return {&forward_avx2<K>, &backward_query_avx2<K>, &backward_key_avx2<K>};
+    return {&forward_avx512<K>, &backward_query_avx512<K>, &backward_key_avx512<K>, K::L};
+  if constexpr (kIsa == kIsaAvx2)
+    return {&forward_avx2<K>, &backward_query_avx2<K>, &backward_key_avx2<K>, K::L};
 #endif
-  return {&forward_base<K>, &backward_query_base<K>, &backward_key_base<K>};
+  return {&forward_base<K>, &backward_query_base<K>, &backward_key_base<K>, K::L};
 }
 
 template <int kIsa, int kVB, int kDType>
@@ -899,4 +901,6 @@ FASTNCA_BINDINGS(m) {
         "Neighbourhood attention backward: (q, k, v, o, grad_o, lse, grad_lse|0, ws, dq, dk, dv).");
   m.def("na2d_isa", [](int isa) { return std::string(isa_name(effective_isa(isa))); }, "isa"_a = -1,
         "Instruction-set variant the neighbourhood-attention kernels run with for this isa request.");
+  m.def("na2d_lanes", [](int dtype, int D, int isa) { return select(dtype, D, isa).lanes; }, "dtype"_a, "D"_a,
+        "isa"_a = -1, "Test hook: vector lanes of the kernels a call of this dtype code and head dim runs.");
 }
