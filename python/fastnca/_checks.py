@@ -2,7 +2,6 @@
 what was expected, so a wrong call fails here and never inside a kernel."""
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Iterable
 
@@ -34,12 +33,32 @@ def boolean(x, name: str) -> bool:
     return x
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def floating(x: torch.Tensor, name: str, dtypes: Iterable[torch.dtype] = COMPUTE_DTYPES) -> None:
     dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = ", ".join(dtype_name(d) for d in dtypes)
         expected = names if len(dtypes) == 1 else f"one of {names}"
-        raise TypeError(f"{name} must have dtype {expected}; got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype {expected}; got {dtype_name(x.dtype)}")
+
+
+def autocast_on(device: torch.device) -> bool:
+    """torch.autocast is enabled for ``device``'s type (False for types without autocast: meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
+def parameter_dtype(x: torch.Tensor, name: str, dtype: torch.dtype, owner: str) -> None:
+    """A module input of its parameters' ``dtype``, or of any floating dtype under autocast
+    (which casts both operands of the module's matmuls)."""
+    if x.dtype != dtype and not (x.is_floating_point() and autocast_on(x.device)):
+        raise TypeError(f"{name} must have the {owner}'s dtype {dtype_name(dtype)} (or run under torch.autocast), "
+                        f"got {dtype_name(x.dtype)}")
 
 
 def shape(x: torch.Tensor, name: str, expected: tuple, what: str = "") -> None:

@@ -46,11 +46,11 @@ def fire_mask(
             or ``with torch.device(...)``).
         backend: None (fastest usable), "reference", "cpu", "cuda" or "triton".
     """
-    # each size too (with one of them 0 the product says nothing of the others)
-    batch = _checks.integer(batch, "batch", 0, 1 << 62)
-    height = _checks.integer(height, "height", 0, 1 << 62)
-    width = _checks.integer(width, "width", 0, 1 << 62)
-    # cell indices stay well inside int64, and so do the strides of an empty mask
+    batch = _checks.integer(batch, "batch", 0)
+    height = _checks.integer(height, "height", 0)
+    width = _checks.integer(width, "width", 0)
+    # cell indices stay well inside int64, and so do the strides of an empty mask (a size 0
+    # must not let the others through)
     if max(batch, 1) * max(height, 1) * max(width, 1) >= 1 << 62:
         raise ValueError(f"fire_mask: batch * height * width (sizes 0 taken as 1) must be < 2^62 cells, "
                          f"got {batch}x{height}x{width}")

@@ -17,13 +17,6 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype}")
 
 
-def _autocast_on(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type without autocast (meta)
-        return False
-
-
 def _check_backend(backend) -> None:
     if backend is not None:
         _backend.check_name(backend)
@@ -160,9 +153,7 @@ class NeighborhoodAttention2d(nn.Module):
         _checks.tensor(x, "x")
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, H, W, {self.dim}], got {tuple(x.shape)}")
-        if x.dtype != self.qkv.weight.dtype and not _autocast_on(x.device):  # (autocast casts both)
-            raise TypeError(f"x must have the module's dtype {str(self.qkv.weight.dtype).replace('torch.', '')} "
-                            f"(or run under torch.autocast), got {str(x.dtype).replace('torch.', '')}")
+        _checks.parameter_dtype(x, "x", self.qkv.weight.dtype, "module")
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         o = neighborhood_attention2d(q, k, v, self.kernel_size, self.border, self.scale,

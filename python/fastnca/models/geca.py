@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import _autocast_on, _check_backend, _seed_or_draw, draw_seed
+from fastnca.nn import _check_backend, _seed_or_draw, draw_seed
 
 __all__ = [
     "GeCA",
@@ -359,9 +359,10 @@ class GeCA(nn.Module):
             self._pos_cache = {key: pe}
         return pe
 
-    def _conditioning(self, t, y, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conditioning(self, t, y, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t as [B] on the cells' device (a number or a 0-dim / one-element tensor is
-        broadcast); y checked to be [B, ncls]."""
+        broadcast); y checked to be [B, ncls] on that device."""
+        B, device = cells.shape[0], cells.device
         try:
             t = torch.as_tensor(t, device=device)
         except (TypeError, RuntimeError, ValueError):
@@ -375,8 +376,7 @@ class GeCA(nn.Module):
         if not isinstance(y, torch.Tensor) or y.shape != (B, ncls):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y must be [B, num_classes] = [{B}, {ncls}] multi-hot labels, got {got}")
-        if y.device != device:
-            raise ValueError(f"y is on {y.device} but the cells are on {device}")
+        _checks.same_device(cells, "cells", y=y)
         return t, y
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -401,12 +401,8 @@ class GeCA(nn.Module):
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(x.shape)}")
         w = self.cell_to_embedding.weight
-        if x.device != w.device:
-            raise ValueError(f"{name} is on {x.device} but the model is on {w.device}")
-        if x.dtype != w.dtype and not (x.is_floating_point() and _autocast_on(x.device)):
-            dt = str(x.dtype).replace("torch.", "")
-            raise TypeError(f"{name} must have the model's dtype {str(w.dtype).replace('torch.', '')} "
-                            f"(or run under torch.autocast), got {dt}")
+        _checks.same_device(w, "the model", **{name: x})
+        _checks.parameter_dtype(x, name, w.dtype, "model")
 
     def evolve(self, cells: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, steps: int | None = None,
                seed: int | None = None, update_prob: float | None = None) -> torch.Tensor:
@@ -420,7 +416,7 @@ class GeCA(nn.Module):
         if C != cfg.cell_channels:
             raise ValueError(f"cells have {C} channels, GeCA expects {cfg.cell_channels} "
                              f"({cfg.in_channels} x_t + {cfg.out_channels} out + {cfg.hidden_channels} hidden)")
-        t, y = self._conditioning(t, y, B, cells.device)
+        t, y = self._conditioning(t, y, cells)
         steps = cfg.ca_steps if steps is None else _checks.integer(steps, "steps", 0)
         p = cfg.update_prob if update_prob is None else _checks.probability(update_prob, "update_prob")
         if p < 1.0:

@@ -34,7 +34,7 @@ from torch import nn
 
 import fastnca
 from fastnca import _checks
-from fastnca.nn import _autocast_on, _check_state, _seed_or_draw
+from fastnca.nn import _check_state, _seed_or_draw
 
 __all__ = [
     "BackboneNCA",
@@ -266,7 +266,7 @@ class MedNCA(nn.Module):
     def _seed_state(self, image: torch.Tensor) -> torch.Tensor:
         B, _, H, W = image.shape
         dtype = image.dtype
-        if _autocast_on(image.device):
+        if _checks.autocast_on(image.device):
             # the NCA state itself goes to the autocast dtype (the kernels compute in fp32)
             dtype = torch.get_autocast_dtype(image.device.type)
         state = image.new_zeros(B, self.channels, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)
