@@ -215,16 +215,21 @@ def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc):
     assert chunked.launches > 0 and other.launches == 0 and (fc.launches > 0) == (acc == "gemm")
 
 
-class _TileSpy:
-    """Stands in for a kernel: records each launch's BLOCK_M and RESIDENT, then launches it."""
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's BLOCK_M, RESIDENT and num_warps, then
+    launches it; with ``fail_resident``, raises OutOfResources for resident launches, as a
+    GPU whose shared memory cannot hold the weights does."""
 
-    def __init__(self, kernel):
-        self.kernel, self.rows, self.resident = kernel, [], []
+    def __init__(self, kernel, fail_resident=False):
+        self.kernel, self.fail, self.rows, self.resident, self.warps = kernel, fail_resident, [], [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.rows.append(kwargs["BLOCK_M"])
+            self.rows.append(kwargs.get("BLOCK_M"))
             self.resident.append(kwargs.get("RESIDENT", False))
+            self.warps.append(kwargs.get("num_warps"))
+            if self.fail and self.resident[-1]:
+                raise tri.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -240,7 +245,7 @@ def test_hidden_chunk_kernel_over_tiles_and_batch_chunks(monkeypatch, acc):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "16")
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
-    spy = _TileSpy(tri._nca_step_backward_cell_gemm_kernel)
+    spy = _LaunchSpy(tri._nca_step_backward_cell_gemm_kernel)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", spy)
     case = (3, 8, 5, 7, 40, 2, 1, 1, "reflect", 0.5)  # 105 cells, 54 fire; hidden 40: 3 chunks of 16
     check_against_reference(case)
@@ -301,24 +306,6 @@ def test_gemm_weight_grads_are_computed_there(monkeypatch):
         check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5))
 
 
-class _CellLaunchSpy:
-    """Stands in for the backward cell kernel: records each launch's RESIDENT and, with
-    ``fail_resident``, raises OutOfResources for resident launches, as a GPU whose shared
-    memory cannot hold the weights does."""
-
-    def __init__(self, kernel, fail_resident=False):
-        self.kernel, self.fail, self.resident, self.warps = kernel, fail_resident, [], []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.resident.append(kwargs["RESIDENT"])
-            self.warps.append(kwargs.get("num_warps"))
-            if self.fail and kwargs["RESIDENT"]:
-                raise tri.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
 @pytest.mark.parametrize("case,dtype", [
     ((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5), torch.float32),
@@ -335,9 +322,9 @@ def test_resident_weights(monkeypatch, acc, case, dtype):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel)
-    fwd = _CellLaunchSpy(tri._nca_step_forward_kernel)
-    inp = _CellLaunchSpy(tri._nca_step_backward_input_kernel)
+    spy = _LaunchSpy(tri._nca_step_backward_cell_kernel)
+    fwd = _LaunchSpy(tri._nca_step_forward_kernel)
+    inp = _LaunchSpy(tri._nca_step_backward_input_kernel)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
     monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
     monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
@@ -353,9 +340,9 @@ def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
     monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
-    fwd = _CellLaunchSpy(tri._nca_step_forward_kernel, fail_resident=True)
-    inp = _CellLaunchSpy(tri._nca_step_backward_input_kernel, fail_resident=True)
+    spy = _LaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
+    fwd = _LaunchSpy(tri._nca_step_forward_kernel, fail_resident=True)
+    inp = _LaunchSpy(tri._nca_step_backward_input_kernel, fail_resident=True)
     monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
     monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
     monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
@@ -384,7 +371,7 @@ def test_resident_cell_kernel_takes_8_warps_at_16_rows(monkeypatch, acc):
                         lambda rule, dev, n, prec="tf32x3", resident=False: (16, 8 if resident else 4, 3, 1))
     case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
     for fail, want in ((False, [8]), (True, [8, 4])):
-        spy = _CellLaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=fail)
+        spy = _LaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=fail)
         monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
         check_against_reference(case)
         assert spy.warps == want and spy.resident == [True, False][:len(want)], (fail, spy.warps)
@@ -894,7 +881,7 @@ def test_pinned_tiles_reach_the_kernels_under_the_interpreter(monkeypatch, var, 
     kernel, the persistent resident input kernel); the results match the reference."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    spy = _TileSpy(getattr(tri, kernel))
+    spy = _LaunchSpy(getattr(tri, kernel))
     monkeypatch.setattr(tri, kernel, spy)
     check_pinned_tile(monkeypatch, (2, 8, 5, 7, 16, 2, 1, 1, "reflect", 0.5), var, tile)
     assert spy.rows and set(spy.rows) == {int(tile.split(",")[0])}, spy.rows
