@@ -567,3 +567,40 @@ def test_fire_mask_on_a_missing_device_type_says_so(backend):
     kind of message, as for a missing CUDA device."""
     with pytest.raises(RuntimeError, match=mentions("fire_mask", "mps")):
         fastnca.fire_mask(1, 2, 2, 0.5, seed=0, device="mps", backend=backend)
+
+
+def test_fire_mask_probes_a_device_type_once(monkeypatch):
+    """An allocatable device outside cpu / cuda / meta is probed with torch.empty the first
+    time fire_mask is asked for it, not on every call; a device that failed its probe is
+    probed again (and refused again)."""
+    import sys
+
+    fm = sys.modules["fastnca.fire_mask"]  # the module (fastnca.fire_mask is the function)
+    probes = []
+    real_empty = torch.empty
+
+    def empty(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type in ("mps", "xpu"):
+            probes.append(str(device))
+            if torch.device(device).type == "mps":
+                raise RuntimeError("no MPS here")
+            return real_empty(*args, **kwargs)  # stands in for an allocation on xpu
+        return real_empty(*args, device=device, **kwargs)
+
+    class Probed(Exception):
+        pass
+
+    def resolve(*args):  # the call stops right after the device checks
+        raise Probed
+
+    monkeypatch.setattr(fm, "_ALLOCATABLE", set())
+    monkeypatch.setattr(fm.torch, "empty", empty)
+    monkeypatch.setattr(fm._backend, "resolve", resolve)
+    for _ in range(3):
+        with pytest.raises(Probed):
+            fastnca.fire_mask(1, 2, 2, 0.5, seed=0, device="xpu", backend="reference")
+    assert probes == ["xpu"]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=mentions("fire_mask", "mps")):
+            fastnca.fire_mask(1, 2, 2, 0.5, seed=0, device="mps", backend="reference")
+    assert probes == ["xpu", "mps", "mps"]

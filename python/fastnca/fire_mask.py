@@ -10,6 +10,10 @@ import torch
 
 from . import _backend, _checks
 
+# Devices outside cpu / cuda / meta that torch has allocated on once (fire_mask probes each
+# such device the first time it is asked for it, not on every call).
+_ALLOCATABLE: set[torch.device] = set()
+
 
 @torch.library.custom_op("fastnca::fire_mask", mutates_args=())
 def _fire_mask_op(
@@ -69,12 +73,13 @@ def fire_mask(
             raise ValueError(f"fire_mask: device {device!r} is not a device torch knows ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"fire_mask: device {device} requested, but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda", "meta"):
+    if device.type not in ("cpu", "cuda", "meta") and device not in _ALLOCATABLE:
         try:
             torch.empty(0, device=device)
         except (RuntimeError, NotImplementedError) as e:
             raise RuntimeError(f"fire_mask: device {device} requested, but torch cannot allocate there "
                                f"({type(e).__name__})") from None
+        _ALLOCATABLE.add(device)
     backend = _backend.resolve(backend, "fire_mask", device)
     # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
     return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),

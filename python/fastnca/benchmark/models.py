@@ -6,6 +6,7 @@ import types
 
 import torch
 
+from .._checks import dtype_name
 from .common import Result, largest_size_within, median_ms, peak_mb, release, sync, timed_backends
 from .neighborhood_attention import unfold_attention
 
@@ -43,7 +44,7 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
     from fastnca.models.geca_diffusion import create_diffusion
 
     results = []
-    dname = str(dtype).replace("torch.", "")
+    dname = dtype_name(dtype)
     if device.type == "cuda":
         configs = [("GeCA-S", 32, 32), ("GeCA-XS", 32, 32)]
     else:
@@ -85,7 +86,7 @@ def geca_sampling(device: torch.device, dtype: torch.dtype, quick: bool, log=pri
     from fastnca.models.geca_diffusion import create_diffusion
 
     results = []
-    dname = str(dtype).replace("torch.", "")
+    dname = dtype_name(dtype)
     if device.type == "cuda":
         configs = [("GeCA-S", 32, 32, 25), ("GeCA-XS", 32, 32, 25)]
     else:
@@ -200,7 +201,7 @@ MAX_SIZE_BUDGET_GB = 8
 
 def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
     results = []
-    dname = str(dtype).replace("torch.", "")
+    dname = dtype_name(dtype)
     B, size = (8, 256) if device.type == "cuda" else (1, 64)
     label = f"Med-NCA C=32 h=128 B={B} {size}x{size} 64+64 steps"
     impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, "nca_step", reference=False)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fastnca
 
+from .._checks import dtype_name
 from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
@@ -111,7 +112,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
     ]
     if quick:
         configs = configs[:1]
-    dname = str(dtype).replace("torch.", "")
+    dname = dtype_name(dtype)
     backends = timed_backends(device, "nca_step")
     # On a GPU the reference backend stays: its backward recomputes the step in float32
     # torch ops (cuBLAS / cuDNN GEMMs and convolutions, TF32 off), unfused and on every

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fastnca
 
+from .._checks import dtype_name
 from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
@@ -58,7 +59,7 @@ def attention_bytes(B: int, H: int, W: int, nh: int, D: int, elem: int) -> tuple
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
     results = []
-    dname = str(dtype).replace("torch.", "")
+    dname = dtype_name(dtype)
     if device.type == "cuda":
         shapes = [("GeCA-S", 32, 32, 32, 12, 64), ("GeCA-XS", 32, 32, 32, 6, 64), ("high-res", 4, 128, 128, 4, 32)]
     elif quick:
