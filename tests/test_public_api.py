@@ -83,6 +83,7 @@ def test_fire_mask_cell_count_bound():
 
 
 def test_env_backend_errors_say_to_change_the_env(monkeypatch):
+    _usable("triton")
     monkeypatch.setenv("FASTNCA_BACKEND", "triton")
     x = make_state(1, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="unset FASTNCA_BACKEND or set it to 'reference'"):

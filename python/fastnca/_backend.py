@@ -147,13 +147,19 @@ NCA_LIMITS = {
 }
 
 
-def _over(size, limit) -> bool:
+def _over(size, limit, grid: bool = False) -> bool:
     """size > limit where that is known without a guard: a symbolic size (torch.compile with
     dynamic shapes, torch.export) is not specialised against the limit (export refuses the
-    guard on an unbounded dim); the kernels check such sizes again when they run."""
+    guard on an unbounded dim); the kernels check such sizes again when they run. ``grid``:
+    a batch, grid or attention size, which compile may make symbolic, is not checked under
+    compile at all: dynamo of torch 2.4-2.7 (at least) passes a symbolic size off as an int,
+    to type() and isinstance alike, so the check would add the guard. (The rule's sizes
+    come from the weights, whose shapes dynamo keeps static.)"""
     if limit is None:
         return False
-    if isinstance(size, int):
+    if grid and torch.compiler.is_compiling():
+        return False
+    if type(size) is int:
         return size > limit
     try:
         from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -218,11 +224,11 @@ def nca_unsupported(backend: str, *, C: int, F: int, hidden: int, depthwise: boo
         return f"its kernels support at most {lim['filters']} filters per channel, got {F}"
     if _over(hidden, lim.get("hidden")):
         return f"its kernels support a hidden size of at most {lim['hidden']}, got {hidden}"
-    if _over(height, lim.get("side")) or _over(width, lim.get("side")):
+    if _over(height, lim.get("side"), grid=True) or _over(width, lim.get("side"), grid=True):
         return f"its kernels support height and width of at most {lim['side']}, got {height}x{width}"
     if depthwise and _over(F, lim.get("depthwise_filters")):
         return f"its kernels support at most {lim['depthwise_filters']} depthwise filters per channel, got {F}"
-    if _over(cells, lim.get("cells")):
+    if _over(cells, lim.get("cells"), grid=True):
         return f"its kernels support at most {lim['cells']} cells (B*H*W), got {cells}"
     if (backend == "cuda" and device is not None and device.type == "cuda" and not torch.compiler.is_compiling()
             and all(type(n) is int for n in (C, F, hidden, frozen))):  # not symbolic (export)
@@ -238,9 +244,9 @@ ATTENTION_LIMITS = {"cpu": {"dim": 1 << 30}, "cuda": {"side": 1 << 30}, "triton"
 def attention_unsupported(backend: str, *, shape: tuple) -> str | None:
     """Why ``backend``'s attention kernels refuse q/k/v of ``shape`` [B, H, W, heads, D], or None."""
     lim = ATTENTION_LIMITS.get(backend, {})
-    if any(_over(n, lim.get("dim")) for n in shape):
+    if any(_over(n, lim.get("dim"), grid=True) for n in shape):
         return f"its kernels support sizes of at most {lim['dim']} in every dimension, got {tuple(shape)}"
-    if _over(shape[1], lim.get("side")) or _over(shape[2], lim.get("side")):
+    if _over(shape[1], lim.get("side"), grid=True) or _over(shape[2], lim.get("side"), grid=True):
         return f"its kernels support height and width of at most {lim['side']}, got {shape[1]}x{shape[2]}"
     return None
 
@@ -261,6 +267,13 @@ def check_name(backend, source: str = "backend") -> None:
                          f"got {backend!r}")
 
 
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    """FASTNCA_BACKEND, "" when unset. Under torch.compile it is read once, at trace time, as
+    a constant (dynamo of torch 2.4 cannot trace os.environ.get of an unset variable)."""
+    return os.environ.get("FASTNCA_BACKEND", "")
+
+
 def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype | None = None,
             sizes: dict | None = None) -> str:
     """Concrete backend for ``op`` on ``device`` (and tensors of ``dtype``, and for nca_step
@@ -268,8 +281,8 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
     the attention), when given); raises with
     the reason when impossible."""
     source = "backend"
-    if backend is None and os.environ.get("FASTNCA_BACKEND"):
-        backend, source = os.environ["FASTNCA_BACKEND"], "FASTNCA_BACKEND"
+    if backend is None and _env_backend():
+        backend, source = _env_backend(), "FASTNCA_BACKEND"
 
     def refuses(name):
         if sizes is None:

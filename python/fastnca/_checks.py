@@ -25,12 +25,12 @@ def tensor(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
 
 def boolean(x, name: str) -> bool:
     """A Python bool from a bool or a numpy bool (not from ints: 0/1 are not flags here)."""
+    if isinstance(x, bool):  # first: dynamo of torch 2.4 cannot trace type(x).__module__
+        return x
     if type(x).__module__ == "numpy" and type(x).__name__ in ("bool_", "bool"):
         return bool(x)
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__module__}.{type(x).__name__}"
-                        if type(x).__module__ != "builtins" else f"{name} must be a bool, got {type(x).__name__}")
-    return x
+    raise TypeError(f"{name} must be a bool, got {type(x).__module__}.{type(x).__name__}"
+                    if type(x).__module__ != "builtins" else f"{name} must be a bool, got {type(x).__name__}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -55,8 +55,19 @@ def call(op, function: type[torch.autograd.Function], impl: Callable, tensors: t
     if not is_plain or getattr(forward_ad, "_current_level", -1) >= 0:
         unsupported_autodiff(op._name, tensors)
     if not is_plain:
+        if not needs_grad(*tensors) and _constants_of_a_transform(tensors):
+            # (torch 2.4's custom-op autograd refused any func transform, constants too)
+            with torch._C._DisableFuncTorch():  # the transform would wrap what the op allocates
+                return impl(*args)
         return op(*args)
     return function.apply(*args) if (needs_grad(*tensors) if grad is None else grad) else impl(*args)
+
+
+def _constants_of_a_transform(tensors: tuple) -> bool:
+    """Inside a torch.func transform, with no dispatch mode, the op's tensors are all plain
+    and none is wrapped by the transform: constants to it, so the op is one of constants."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not _dispatch_modes() and all(t is None or (type(t) in _PLAIN and not wrapped(t)) for t in tensors)
 
 
 def unsupported_autodiff(name: str, tensors: tuple) -> None:

@@ -83,4 +83,4 @@ def fire_mask(
     backend = _backend.resolve(backend, "fire_mask", device)
     # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
     return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),
-                         step & 0xFFFFFFFF, device, backend)
+                         step % (1 << 32), device, backend)

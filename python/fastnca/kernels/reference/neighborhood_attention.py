@@ -22,6 +22,14 @@ def key_indices(n: int, kernel_size: int, border: str, device) -> torch.Tensor:
     return torch.where((k >= 0) & (k < n), k, torch.full_like(k, -1))
 
 
+def _pad_grid(t):
+    """t [B, H, W, heads, D] with a zero row H and a zero column W appended (torch.cat, not
+    F.pad, which refuses a tensor with a zero-size dimension on torch < 2.5)."""
+    B, H, W = t.shape[:3]
+    t = torch.cat([t, t.new_zeros(B, 1, *t.shape[2:])], dim=1)
+    return torch.cat([t, t.new_zeros(B, H + 1, 1, *t.shape[3:])], dim=2)
+
+
 def _windows(k, v, kernel_size, border):
     """Each query's window of keys and values, [B, H, W, ks*ks, heads, D] (row-major
     offsets), plus the padded-grid index of every window entry for scattering back."""
@@ -31,10 +39,9 @@ def _windows(k, v, kernel_size, border):
     # Row H / column W of the zero-padded grid stands for "outside": zero key and value.
     ry = torch.where(iy < 0, H, iy)[:, None, :, None]  # [H, 1, ks, 1]
     rx = torch.where(ix < 0, W, ix)[None, :, None, :]  # [1, W, 1, ks]
-    pad = (0, 0, 0, 0, 0, 1, 0, 1)
     kk = kernel_size * kernel_size
-    kw = torch.nn.functional.pad(k, pad)[:, ry, rx].reshape(B, H, W, kk, nh, D)
-    vw = torch.nn.functional.pad(v, pad)[:, ry, rx].reshape(B, H, W, kk, nh, D)
+    kw = _pad_grid(k)[:, ry, rx].reshape(B, H, W, kk, nh, D)
+    vw = _pad_grid(v)[:, ry, rx].reshape(B, H, W, kk, nh, D)
     flat = (ry * (W + 1) + rx).reshape(H * W * kk)
     inside = ((iy >= 0)[:, None, :, None] & (ix >= 0)[None, :, None, :]).reshape(H, W, kk)
     return kw, vw, flat, inside
