@@ -20,6 +20,10 @@ from fastnca import _backend  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
+# The folder that holds the fastnca under test (this checkout's python/, or site-packages
+# for an installed one): what subprocesses put first on PYTHONPATH to run the same package.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastnca.__file__)))
+
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split(".")[:2])
 
 

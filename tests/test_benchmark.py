@@ -388,6 +388,33 @@ def test_environment_names_the_commit(monkeypatch):
     assert environment(torch.device("cpu"))["git_commit"] == head
 
 
+def test_git_commit_only_of_a_fastnca_checkout(tmp_path):
+    """An installed fastnca inside another git repository (a project's .venv) records no
+    commit, not that repository's HEAD; a checkout's python/fastnca records its own."""
+    import subprocess
+
+    from fastnca.benchmark.common import git_commit
+
+    def git(*args, cwd=tmp_path):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        git("init", "-q")
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("git not usable here")
+    site = tmp_path / ".venv" / "lib" / "site-packages" / "fastnca"
+    checkout = tmp_path / "python" / "fastnca"
+    for d in (site, checkout):
+        d.mkdir(parents=True)
+        (d / "__init__.py").write_text("")
+    git("add", "-A")
+    git("commit", "-q", "-m", "x")
+    assert git_commit(str(site)) is None
+    assert git_commit(str(checkout)) == git("rev-parse", "HEAD")
+    assert git_commit(str(tmp_path / "nowhere")) is None
+
+
 def _stub_measures(monkeypatch, module, ms=1.0, peak=10.0):
     from fastnca.benchmark import common
     from fastnca.benchmark.common import Timing

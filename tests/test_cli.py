@@ -1,6 +1,9 @@
 """The ``fastnca`` command: ``info`` and a quick ``bench`` writing its JSON."""
 import json
+import re
+from pathlib import Path
 
+import pytest
 import torch
 
 from fastnca.cli import main
@@ -14,6 +17,20 @@ def test_info(capsys):
     lines = {ln.split()[0]: ln.split(None, 1)[1].strip() for ln in capsys.readouterr().out.splitlines()[1:] if ln.strip()}
     for name, status in fastnca.backends().items():
         assert lines[name] == ("available" if status is True else status), name
+
+
+def test_version(capsys):
+    """--version names fastnca's version (the one pyproject.toml builds, where that file is
+    beside the tests) and torch's."""
+    import fastnca
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastnca {fastnca.__version__} (torch {torch.__version__})"
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        assert re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M).group(1) == fastnca.__version__
 
 
 def test_bench_quick_writes_json(tmp_path, capsys):

@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PACKAGE_PARENT
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+if not (EXAMPLES / "train_geca.py").is_file():
+    pytest.skip("examples/ is not beside tests/ (tests run outside a source tree)", allow_module_level=True)
 sys.path.insert(0, str(EXAMPLES))
 
 from train_geca import load_vae, main as train_main, read_png, read_rgb  # noqa: E402
@@ -28,7 +32,7 @@ FAST = ["--image-size", "8", "--batch-size", "4", "--sample-every", "1", "--ckpt
 
 def run(*args, ok=True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     if ok:

@@ -88,7 +88,7 @@ def _availability(name: str) -> bool | str:
         return True
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
-            return "triton not installed (pip install fastnca[triton])"
+            return 'triton not installed (pip install "fastnca[triton]")'
         if not torch.cuda.is_available() and not _triton_interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 before import to run Triton on CPU tensors)"
         if not torch.cuda.is_available():

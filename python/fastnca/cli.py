@@ -124,6 +124,9 @@ def _plot(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastnca", description=__doc__)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastnca {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run the speed/memory benchmarks and print a table")
     b.add_argument("--quick", action="store_true",

@@ -396,6 +396,22 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     return 2 * a.nbytes / (ms * 1e-3) / 1e9
 
 
+def git_commit(package_dir: str) -> str | None:
+    """HEAD of the fastnca checkout whose package folder (python/fastnca) is ``package_dir``,
+    or None: an installed fastnca lies in site-packages, often inside the user's own git
+    repository (a project's .venv), whose commit would be the wrong one to record."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir, capture_output=True,
+                             text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if len(out) != 2:
+        return None
+    top, head = out
+    ours = os.path.join(top, "python", "fastnca")
+    return head if os.path.isdir(ours) and os.path.samefile(ours, package_dir) else None
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
@@ -416,12 +432,7 @@ def environment(device: torch.device) -> dict:
     # A copy of the tree without .git (a remote GPU machine) names its commit in FASTNCA_GIT_COMMIT.
     env["git_commit"] = os.environ.get("FASTNCA_GIT_COMMIT")
     if not env["git_commit"]:
-        try:
-            here = os.path.dirname(os.path.abspath(__file__))
-            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                               text=True, timeout=5).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            env["git_commit"] = None
+        env["git_commit"] = git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         from .. import __version__
 

@@ -4,7 +4,7 @@ One PNG per results file: a row per benchmark (op and configuration), time on th
 (forward and forward + backward per implementation, log scale, with the speed-up over the
 suite's baseline) and memory on the right (peak during one forward + backward, else the
 bytes autograd saves). Where a CUDA-graph replay was measured, a tick marks its time: the
-kernels without the host's launch cost. Needs matplotlib (``pip install fastnca[plot]``).
+kernels without the host's launch cost. Needs matplotlib (``pip install "fastnca[plot]"``).
 """
 from __future__ import annotations
 
