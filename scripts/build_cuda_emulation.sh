@@ -29,6 +29,8 @@ thread_local dim3 gridDim;
 PYBIND11_MODULE(fastnca_cuda_emu, m) {
   m.doc() = "fastnca CUDA kernels compiled for host emulation (tests only)";
   for (auto& bind : fastnca::binders()) bind(m);
+  m.def("set_smem_poison", [](uint32_t bits) { fastnca_emu::smem_poison = bits; },
+        "the word that fills shared memory at each block's launch (default 0x7FC00000, a NaN)");
 }
 CPP
 flags=(-std=c++17 -O1 -g0 -fPIC -shared -pthread -DFASTNCA_CUDA_EMULATION -Wno-attributes

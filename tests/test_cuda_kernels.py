@@ -196,6 +196,22 @@ def test_emulated_nca_step_half_output_rounded_once(emulated, dtype):
     assert ulps <= 1 and changed < 0.02, f"{ulps:.0f} ulp off, {changed:.1%} of the elements differ"
 
 
+@pytest.mark.parametrize("poison", [0, 1])
+def test_emulated_nca_step_past_the_firing_list(emulated, poison):
+    """Shared memory filled with small integers instead of NaN at each launch: a slot read
+    past the end of a tile's firing list then names a real cell (0: the tile's first,
+    whatever fires) rather than a huge index that reads as idle. A forward that took one
+    slot too many (s <= count) passed every case under the NaN fill; on a GPU it reads
+    whatever a previous block left there."""
+    mod = emulation_module()
+    mod.set_smem_poison(poison)
+    try:
+        for case in [(1, 16, 17, 31, 2, 64, 1, "reflect", 1, 0.5), (2, 5, 6, 7, 2, 24, "C", "zeros", 0, 0.3)]:
+            check_nca(emulated, *case)
+    finally:
+        mod.set_smem_poison(0x7FC00000)
+
+
 def test_emulated_nca_step_one_cell_per_thread(emulated, monkeypatch):
     monkeypatch.setenv("FASTNCA_CUDA_NCA_CPT", "1")
     check_nca(emulated, 1, 16, 5, 7, 2, 64, 1, "reflect", 1, 0.5)
