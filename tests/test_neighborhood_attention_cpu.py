@@ -137,14 +137,31 @@ def test_head_dims_with_vector_blocks_and_scalar_tails(isa, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx2-wide"])
-def test_float16_subnormal_inputs_convert_exactly(isa, monkeypatch):
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "ftz-daz"])
+def test_float16_subnormal_inputs_convert_exactly(isa, flush_denormal, monkeypatch):
     """float16 subnormals (below 2^-14) widen to float32 exactly in the vectorised half
     loads (a conversion that flushed them to zero gave all-zero logits, uniform weights):
     subnormal q against large k, then subnormal k against large q (D = 64: whole vectors
-    at 8 and 16 lanes). Forward only: the gradients of such k overflow float16."""
+    at 8 and 16 lanes). Forward only: the gradients of such k overflow float16. Also with
+    the CPU's flush-to-zero / denormals-are-zero modes on (torch.set_flush_denormal, or a
+    library built with -ffast-math, as torch 2.4's inductor kernels were, in the process):
+    a float16 subnormal is a normal float32, but a conversion through a float32 denormal
+    (a rebias by 2^112) read it as 0 there."""
     monkeypatch.setenv("FASTNCA_CPU_ISA", isa)
     if cpu.isa() != isa:
         pytest.skip(f"this CPU runs at most {cpu.isa()}")
+    if flush_denormal:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU has no flush-denormal mode")
+        try:
+            _subnormal_case()
+        finally:
+            torch.set_flush_denormal(False)
+    else:
+        _subnormal_case()
+
+
+def _subnormal_case():
     g = torch.Generator().manual_seed(11)
     shape = (1, 5, 6, 2, 64)
 

@@ -107,6 +107,8 @@ CASES = [  # (B, H, W, heads, D, kernel_size, border, dtype)
     (1, 3, 5, 1, 96, 3, "mask", torch.float32),      # fp32 D 96 (padded to 128)
     (1, 4, 4, 6, 16, 3, "zeros", torch.bfloat16),    # 6 heads in a half dtype
     (1, 3, 4, 2, 6, 3, "zeros", torch.bfloat16),     # bf16 word loads of an even D padded 6 -> 8
+    (2, 3, 40, 3, 5, 3, "zeros", torch.float16),     # 2 column tiles, padded head and D: a row's last
+                                                     # cell is next to the first of the earlier tile
 ]
 
 
@@ -598,3 +600,64 @@ def test_autotune_keys_precede_tuned_parameters():
         first_tuned = min(params.index(n) for n in config_set)
         for key in tuner.keys:
             assert params.index(key) < first_tuned, (tuner.fn.fn.__name__, key, sorted(config_set))
+
+
+def test_halo_formulations_read_inputs_through_their_strides(monkeypatch):
+    """The halo kernels (FASTNCA_TRITON_NA_FORWARD / _BACKWARD=halo) take q, k, v, grad_o and
+    grad_lse through their own strides, as the window kernels do (the public tests' cases
+    under the knobs): four tensors dense in four dim orders with the stride-0 grad_lse of
+    lse.sum() (q the contiguous one there), packed and interleaved views of one qkv tensor,
+    and a grad_o with a non-unit last stride or fully expanded."""
+    from test_neighborhood_attention import test_each_input_is_read_through_its_own_strides
+
+    monkeypatch.setenv("FASTNCA_TRITON_NA_FORWARD", "halo")
+    monkeypatch.setenv("FASTNCA_TRITON_NA_BACKWARD", "halo")
+    assert tri._halo_setup(torch.empty(2, 5, 6, 2, 8, device=DEVICE), 3, "zeros") is not None  # the halo kernels run
+    test_each_input_is_read_through_its_own_strides("triton", "zeros", 3)
+    for layout in ("packed", "interleaved"):
+        check_against_reference(1, 5, 6, 2, 8, 3, "zeros", torch.float32, layout=layout)
+    test_strided_grad_o()
+
+
+def test_grad_o_alignment_counts_in_the_vector_width():
+    """The window backward's vector width and bfloat16 word loads (_vec, _pairs) hold for
+    grad_o's own row strides and address, not only q, k, v and o's: a bfloat16 grad_o with
+    odd row strides (a slice of a wider tensor) or at an odd element offset, beside aligned
+    q, k, v (no int32 view of it exists)."""
+    q, k, v = qkv(1, 4, 5, 2, 8, torch.bfloat16, seed=10)
+    o, lse = tri.forward(q, k, v, 3, "zeros", 0.3)
+    ro, rlse = ref.forward(q, k, v, 3, "zeros", 0.3)
+    g = torch.Generator().manual_seed(11)
+    wide = torch.randn(1, 4, 5, 2, 9, generator=g).to(torch.bfloat16).to(DEVICE)
+    flat = torch.randn(o.numel() + 1, generator=g).to(torch.bfloat16).to(DEVICE)
+    for do in (wide[..., :8], flat[1:].view(o.shape)):
+        assert do.stride(-1) == 1 and (do.stride(-2) % 2 or do.storage_offset() % 2)
+        got = tri.backward(do, None, q, k, v, o, lse, 3, "zeros", 0.3)
+        want = ref.backward(do, None, q, k, v, ro, rlse, 3, "zeros", 0.3)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) <= 2 * REL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("D", [5, 6])
+def test_half_gradients_are_rounded_once(D):
+    """float16 dq, dk, dv are computed in float32 and rounded once to float16 (a scale
+    applied after the rounding rounds twice, up to an ulp off): each lies within half an
+    ulp of the float64 gradient of the same inputs, up to float32's rounding (relative to
+    the largest gradient). The float64 reference takes the kernels' Di = <do, o> of the
+    float16 o they read, through its grad_lse (Di - dlse). D = 5: scalar loads, row-looped
+    windows; D = 6: the unrolled k=3 window; both with a masked tail of the head dim and a
+    scale that is not a power of two."""
+    q, k, v = qkv(1, 4, 5, 2, D, torch.float16, seed=12)
+    scale = D ** -0.5
+    o, lse = tri.forward(q, k, v, 3, "zeros", scale)
+    g = torch.Generator().manual_seed(13)
+    do = torch.randn(o.shape, generator=g, dtype=torch.float64).to(torch.float16).to(DEVICE)
+    got = tri.backward(do, None, q, k, v, o, lse, 3, "zeros", scale)
+    q64, k64, v64, do64, o64 = (t.double().cpu() for t in (q, k, v, do, o))
+    ro, rlse = ref.forward(q64, k64, v64, 3, "zeros", scale)
+    shift = (do64 * ro).sum(-1) - (do64 * o64).sum(-1)  # the reference's Di minus the kernels'
+    exact = ref.backward(do64, shift, q64, k64, v64, ro, rlse, 3, "zeros", scale)
+    for name, a, x in zip(("dq", "dk", "dv"), got, exact):
+        ulp = torch.ldexp(torch.ones_like(x), (torch.frexp(x)[1] - 11).clamp(min=-24))  # float16's at x
+        err = (a.cpu().double() - x).abs() - 1e-5 * x.abs().max()
+        assert bool((err <= 0.5 * ulp).all()), f"{name}: {(err / ulp).max().item():.3f} ulp off"

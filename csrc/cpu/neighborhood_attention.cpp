@@ -80,6 +80,11 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 FASTNCA_NA_INLINE u32x8 widen(u16x8 h) { return __builtin_convertvector(h, u32x8); }
 FASTNCA_NA_INLINE u32x16 widen(u16x16 h) { return __builtin_convertvector(h, u32x16); }
+// Integer lanes (< 2^24) to float, exactly.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+FASTNCA_NA_INLINE f32x8 to_float(u32x8 u) { return __builtin_convertvector(u, f32x8); }
+FASTNCA_NA_INLINE f32x16 to_float(u32x16 u) { return __builtin_convertvector(u, f32x16); }
 
 // Vector types per (compute type, vector bytes), spelled out: GCC drops vector_size
 // attributes that depend on template parameters at template definition time.
@@ -125,20 +130,24 @@ struct Cfg {
   // L elements of storage type at p, converted to the compute type.
   static FASTNCA_NA_INLINE V load(const T* p) {
     if constexpr (kDType == kFloat16) {
-      // Branch-free half -> float: shift exponent+mantissa into place and multiply by
-      // 2^112 (rebias 15 -> 127; exact for normals and subnormals), inf/NaN patched.
+      // Branch-free half -> float, with integer operations and one exact int -> float
+      // conversion: no float32 denormal arises, so the flush-to-zero / denormals-are-zero
+      // modes (torch.set_flush_denormal, or a library built with -ffast-math) cannot flush
+      // half subnormals (the multiply-by-2^112 rebias read them as float32 denormals: DAZ
+      // made them 0). Normals: exponent+mantissa shifted into place, rebiased 15 -> 127;
+      // subnormals and zero: mantissa * 2^-24; inf/NaN patched.
       using U = typename VecTypes<C, kVB_>::U;
       typename VecTypes<C, kVB_>::H16 h;
       std::memcpy(&h, p, sizeof h);
       const U u = widen(h);
       const U em = (u & 0x7fffu) << 13;
-      V f;
-      std::memcpy(&f, &em, sizeof f);
-      f = f * 0x1p112f;
-      U bits;
-      std::memcpy(&bits, &f, sizeof bits);
+      const V sub = to_float(u & 0x3ffu) * 0x1p-24f;
+      U sub_bits;
+      std::memcpy(&sub_bits, &sub, sizeof sub_bits);
+      U bits = em < (1u << 23) ? sub_bits : em + ((127u - 15u) << 23);
       bits = em >= (0x7c00u << 13) ? (em | 0x7f800000u) : bits;
       bits |= (u & 0x8000u) << 16;
+      V f;
       std::memcpy(&f, &bits, sizeof f);
       return f;
     } else if constexpr (kDType == kBFloat16) {
