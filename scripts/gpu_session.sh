@@ -102,9 +102,9 @@
 #       tiles a program (test_hidden_chunk_kernel_over_tiles_and_batch_chunks).
 #     Session 20 (2026-11-28, no GPU, no GPU kernel change): torch 2.4-2.7 fixes in the Python
 #       layer (grid-size limits are not checked under torch.compile; FASTNCA_BACKEND read as a
-#       trace-time constant), new GPU-marked cases from two mutation reviews (Triton attention:
-#       halo strides, grad_o alignment, half gradients rounded once; CUDA: inputs each in
-#       its own strides, half outputs rounded once), and CMake without
+#       trace-time constant); new Triton attention tests from a mutation review, which run
+#       on the GPU's device too (halo strides, grad_o alignment, half gradients rounded once,
+#       a two-column-tile case); new CUDA emulation tests (CPU only); CMake without
 #       find_package(CUDAToolkit) (build checked for sm_90 on the CPU machine).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
