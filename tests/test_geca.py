@@ -764,3 +764,190 @@ def test_constructor_checks_the_backend_name():
     check the name when built."""
     with pytest.raises(ValueError, match="backend must be None or one of"):
         GeCA(GeCAConfig(**TINY), backend="gpu")
+
+
+def test_space_timesteps_uneven_sections():
+    """When T does not divide into the sections, the first sections are one step longer
+    (improved DDPM): 10 steps in 3 sections are 4 + 3 + 3, 13 in 2 are 7 + 6."""
+    assert space_timesteps(10, "2,2,2") == {0, 3, 4, 6, 7, 9}
+    assert space_timesteps(13, "3,2") == {0, 3, 6, 7, 12}
+
+
+def test_training_losses_give_the_model_the_original_timesteps():
+    """On a respaced diffusion, training_losses indexes its own steps with t but the model
+    sees timestep_map[t] (as the sampler does)."""
+    d = create_diffusion("10")
+    seen = []
+
+    class Spy(_FixedOutput):
+        def forward(self, x, t, y, **kw):
+            seen.append(t.clone())
+            return super().forward(x, t, y, **kw)
+
+    model = Spy(torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0)))
+    t = torch.tensor([0, 4, 9])
+    d.training_losses(model, torch.rand(3, 4, 4, 4) * 2 - 1, t, torch.zeros(3, 5))
+    assert seen[0].tolist() == d.timestep_map[t].tolist() != t.tolist()
+
+
+def test_vb_term_is_rescaled_by_T_over_1000():
+    """The hybrid loss scales L_vb by num_timesteps / 1000 (improved DDPM's rescaled hybrid)."""
+    d = create_diffusion(num_timesteps=50)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 4, 4, 4, generator=g) * 2 - 1
+    model = _FixedOutput(torch.randn(2, 8, 4, 4, generator=g))
+    noise = torch.randn(2, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 30])
+    losses = d.training_losses(model, x0, t, torch.zeros(2, 5), noise=noise)
+    xt = d.q_sample(x0, t, noise)
+    raw = d.vb_terms_bpd(model(xt, t, None).detach(), x0, xt, t)
+    torch.testing.assert_close(losses["vb"].detach(), raw * 0.05, rtol=1e-6, atol=0)
+
+
+def test_posterior_log_variance_clipped_to_the_t1_value():
+    """GECA.md: the learned range's lower end is log(beta_tilde_t), its t = 0 entry (0)
+    clipped to the t = 1 value; the upper end is log(beta_t)."""
+    for d in (create_diffusion(num_timesteps=20), create_diffusion("5")):
+        pv = d.posterior_variance
+        want = torch.cat([pv[1:2], pv[1:]]).log()
+        torch.testing.assert_close(d.posterior_log_variance_clipped, want, rtol=1e-12, atol=0)
+        xt = torch.zeros(d.num_timesteps, 4, 2, 2)
+        t = torch.arange(d.num_timesteps)
+        lo = d.p_mean_variance(torch.cat([xt, -torch.ones_like(xt)], 1), xt, t)["log_variance"]
+        hi = d.p_mean_variance(torch.cat([xt, torch.ones_like(xt)], 1), xt, t)["log_variance"]
+        torch.testing.assert_close(lo[:, 0, 0, 0], want.float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(hi[:, 0, 0, 0], d.betas.log().float(), rtol=1e-6, atol=0)
+
+
+def test_forward_replaces_the_x_t_channels_of_given_cells():
+    """forward(x, cells=...) starts from the given cells with their x_t channels replaced
+    by x (Gene Heredity: the carried cells hold the previous step's x_t)."""
+    m = perturb_(tiny()).eval()
+    x, t, y = inputs(B=2, H=5, W=5, seed=3)
+    cells = m.seed_cells(torch.randn_like(x), generator=torch.Generator().manual_seed(0))
+    cells[:, 12:] = 0.3 * torch.randn_like(cells[:, 12:])
+    _, final = m(x, t, y, cells=cells, steps=4, seed=4, return_cells=True)
+    assert torch.equal(final[:, :4], x)
+    start = torch.cat([x, cells[:, 4:]], 1)
+    torch.testing.assert_close(final, m.evolve(start, t, y, steps=4, seed=4), rtol=0, atol=0)
+
+
+def test_label_embedder_train_argument_overrides_the_mode():
+    """y_embedder(y, train=...) drops labels as asked whatever the module's mode."""
+    m = tiny(class_dropout_prob=0.5)
+    y = torch.ones(256, 5)
+    full = m.y_embedder.embedding_table(y)
+    m.eval()
+    torch.manual_seed(0)
+    assert not torch.equal(m.y_embedder(y, train=True), full)
+    m.train()
+    assert torch.equal(m.y_embedder(y, train=False), full)
+
+
+def test_sampler_guides_with_a_scale_below_one():
+    """Any cfg_scale != 1 guides (0 = unconditional, 0.5 = between): the batch is doubled with
+    the null label and the posterior gets cfg_combine at that scale."""
+    d = create_diffusion("2")
+    rec = _Recorder(perturb_(tiny()).eval())
+    y = torch.tensor([[1.0, 0, 1, 0, 0]])
+    seen = []
+    real_pm = d.p_mean_variance
+    d.p_mean_variance = lambda out, x, t, **kw: seen.append(out.clone()) or real_pm(out, x, t, **kw)
+    d.sample(rec, y, (1, 4, 4, 4), cfg_scale=0.5, ca_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(rec.calls) == 2
+    for call, out in zip(rec.calls, seen):
+        assert call["x"].shape[0] == 2 and (call["y"][1:] == 0).all()
+        outs = call["final"][:, 4:12]
+        torch.testing.assert_close(out, cfg_combine(outs, 0.5, 4), rtol=0, atol=0)
+
+
+def test_position_table_follows_the_grid_shape():
+    """One model called on grids of the same height and other widths uses each grid's own
+    position table (equal to a fresh model's result)."""
+    m = perturb_(tiny()).eval()
+    fresh = perturb_(tiny()).eval()
+    for H, W in ((5, 5), (5, 7), (4, 7)):
+        x, t, y = inputs(B=1, H=H, W=W, seed=H * W)
+        cells = m.seed_cells(x, generator=torch.Generator().manual_seed(0))
+        fresh._pos_cache = {}
+        torch.testing.assert_close(m.evolve(cells, t, y, steps=2, seed=1),
+                                   fresh.evolve(cells, t, y, steps=2, seed=1), rtol=0, atol=0)
+
+
+def test_attention_kernel_size_of_the_config():
+    """GeCAConfig(kernel_size=5): the model's attention is a 5x5 neighbourhood with zero
+    keys and values outside the grid (checked with F.unfold, as the 3x3 original)."""
+    m = perturb_(tiny(kernel_size=5)).eval()
+    attn = m.transformer.layers[0][0].fn
+    B, H, W, h, d = 1, 6, 7, attn.heads, attn.dim_head
+    xs = torch.randn(B, H, W, h * d)
+    q, k, v = (z.reshape(B, H * W, h, d).transpose(1, 2) for z in attn.to_qkv(xs).chunk(3, dim=-1))
+
+    def unfold(z):  # [b, h, n, d] -> [b, h, d, 25, n], zero outside the grid
+        return F.unfold(z.transpose(2, 3).reshape(B * h, d, H, W), 5, padding=2).view(B, h, d, 25, H * W)
+
+    a = (torch.einsum("bhnd,bhdjn->bhnj", q, unfold(k)) * d ** -0.5).softmax(-1)
+    o = torch.einsum("bhnj,bhdjn->bhnd", a, unfold(v)).transpose(1, 2).reshape(B, H, W, h * d)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(xs), attn.to_out(o), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_embedding_odd_dim_is_zero_padded():
+    """An odd frequency dim gets the even-dim features plus one zero column (as DiT), so a
+    GeCAConfig(freq_dim=odd) model runs."""
+    from fastnca.models.geca import timestep_embedding
+
+    t = torch.tensor([0, 3, 999])
+    odd, even = timestep_embedding(t, 7), timestep_embedding(t, 6)
+    assert odd.shape == (3, 7)
+    torch.testing.assert_close(odd[:, :6], even, rtol=0, atol=0)
+    assert (odd[:, 6] == 0).all()
+    x, t, y = inputs(B=2, H=4, W=4)
+    assert tiny(freq_dim=255)(x, t, y, steps=1, seed=0).shape == (2, 8, 4, 4)
+
+
+def test_load_original_state_dict_non_strict():
+    """strict=False loads the matching keys of a partial checkpoint with an extra key and
+    reports both, as torch's load_state_dict does."""
+    src = perturb_(tiny())
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("final_layer.")}
+    sd["pos_embed"] = torch.zeros(1)
+    m = tiny()
+    res = m.load_original_state_dict({"ema": sd, "model": sd}, strict=False)
+    assert "pos_embed" in res.unexpected_keys and "final_layer.linear.weight" in res.missing_keys
+    assert torch.equal(m.cell_to_embedding.weight, src.cell_to_embedding.weight)
+    with pytest.raises(RuntimeError):
+        m.load_original_state_dict(sd)
+
+
+def test_heredity_cells_carry_out_only():
+    """The "out" ablation carries the out channels and starts the hidden ones at zero."""
+    m = tiny()
+    prev = torch.randn(2, 20, 5, 5)
+    c = heredity_cells(m, prev, "out", torch.Generator().manual_seed(0))
+    assert torch.equal(c[:, 4:12], prev[:, 4:12]) and (c[:, 12:] == 0).all()
+
+
+def test_clip_denoised_clamps_the_predicted_x0_to_the_data_range():
+    """clip_denoised=True clamps pred_xstart to [-1, 1] (the data range) before the
+    posterior mean; False leaves it."""
+    d = create_diffusion(num_timesteps=20)
+    g = torch.Generator().manual_seed(5)
+    xt = 3 * torch.randn(2, 4, 3, 3, generator=g)
+    mo = torch.randn(2, 8, 3, 3, generator=g)
+    t = torch.tensor([2, 15])
+    raw = d.p_mean_variance(mo, xt, t)
+    clipped = d.p_mean_variance(mo, xt, t, clip_denoised=True)
+    assert raw["pred_xstart"].min() < -1 and raw["pred_xstart"].max() > 1
+    torch.testing.assert_close(clipped["pred_xstart"], raw["pred_xstart"].clamp(-1, 1), rtol=0, atol=0)
+    mean, _, _ = d.q_posterior_mean_variance(raw["pred_xstart"].clamp(-1, 1), xt, t)
+    torch.testing.assert_close(clipped["mean"], mean, rtol=0, atol=0)
+
+
+def test_space_timesteps_ddim_takes_the_smallest_stride():
+    """"ddimN" keeps range(0, T, stride) for the stride giving exactly N steps, stride 1
+    included."""
+    assert space_timesteps(10, "ddim10") == set(range(10))
+    assert space_timesteps(10, "ddim5") == {0, 2, 4, 6, 8}
+    with pytest.raises(ValueError, match="exactly 7 steps"):
+        space_timesteps(10, "ddim7")

@@ -596,3 +596,92 @@ def test_dice_bce_loss_checks_shapes():
     of tensor a (512) must match the size of tensor b (128)", naming neither."""
     with pytest.raises(ValueError, match=r"(?s)^(?=.*\blogits\b)(?=.*\btarget\b)"):
         dice_bce_loss(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 8, 8))
+
+
+def test_level1_swaps_in_every_image_channel():
+    """With two image channels, level 1 starts from both full-resolution image channels and
+    the upsampled state's channels from input_channels on (not from channel 1)."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=(2, 2), input_channels=2, output_channels=1, fire_rate=0.5)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img = torch.rand(2, 2, 8, 8)
+    with torch.no_grad():
+        got = model(img, seed=3, backend="reference", return_state=True)
+        s0 = model.backbones[0](model._seed_state(downscale(img, 4)), 2, seed=3, start_step=0, backend="reference")
+        s1 = torch.cat([img, F.interpolate(s0, scale_factor=4, mode="nearest")[:, 2:]], 1)
+        want = model.backbones[1](s1, 2, seed=3, start_step=2, backend="reference")
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, :2], img)  # both image channels frozen
+    assert torch.equal(model(img, seed=3, backend="reference"), want[:, 2:3])
+
+
+def test_patch_positions_cover_the_whole_image():
+    """Patch corners are uniform over every valid position of a non-square image: rows in
+    [0, H - p], columns in [0, W - p] (the last ones included), and a patch as large as the
+    short side is allowed."""
+    model = MedNCA(channels=4, hidden=4, steps=1)
+    H, W, B = 8, 12, 64
+    img = torch.rand(B, 1, H, W)
+    coords = torch.arange(float(H * W)).reshape(1, 1, H, W).expand(B, 1, H, W)
+    for p in (4, 8):
+        with torch.no_grad():
+            _, tgt = model.forward_patch(img, coords, patch_size=p, seed=0, backend="reference",
+                                         generator=torch.Generator().manual_seed(p))
+        corners = [divmod(int(tgt[b, 0, 0, 0]), W) for b in range(B)]
+        assert {y for y, _ in corners} == set(range(H - p + 1)), p
+        assert {x for _, x in corners} == set(range(W - p + 1)), p
+        for b, (y0, x0) in enumerate(corners):
+            assert torch.equal(tgt[b, 0], coords[b, 0, y0:y0 + p, x0:x0 + p])
+
+
+def test_original_fc1_must_have_no_bias():
+    """The original fc1 has no bias: a checkpoint with a nonzero one is refused (dropping it
+    would change the model silently); a zero one is accepted."""
+    orig = _random_original(4, 8)
+    sd = dict(orig.state_dict())
+    ours = BackboneNCA(4, 8)
+    ours.load_original_state_dict({**sd, "fc1.bias": torch.zeros(4)})
+    with pytest.raises(ValueError, match="no bias"):
+        ours.load_original_state_dict({**sd, "fc1.bias": torch.full((4,), 0.1)})
+
+
+def test_soft_dice_has_no_smoothing():
+    """MEDNCA.md: the evaluation Dice is 2 sum(p y) / (sum(p) + sum(y)), no smoothing."""
+    prob = torch.tensor([[0.5, 0.0], [0.25, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert soft_dice(prob, target) == pytest.approx(2 * 0.5 / (0.75 + 1.0), rel=1e-12)
+
+
+def test_from_original_config_and_overrides(tmp_path):
+    """from_original reads steps, fire rate, channels and downscale from the config (dict
+    or the authors' one-element list) and keyword arguments override each of them."""
+    for i in range(2):
+        torch.save(_random_original(6, 8, seed=i).state_dict(), tmp_path / f"m{i}.pth")
+    cfg = {"inference_steps": 7, "cell_fire_rate": 0.25, "input_channels": 1, "output_channels": 2,
+           "input_size": [[8, 8], [16, 16]]}
+    (tmp_path / "config.json").write_text(json.dumps([cfg]))
+    for c in (cfg, tmp_path / "config.json"):
+        m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", c)
+        assert (m.steps, m.backbones[1].update_prob, m.output_channels, m.downscale) == ((7, 7), 0.75, 2, 2)
+    m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg, steps=(3, 5), fire_rate=0.1,
+                             downscale=4, output_channels=1)
+    assert (m.steps, m.backbones[0].update_prob, m.output_channels, m.downscale) == ((3, 5), 0.9, 1, 4)
+    assert (m.channels, m.backbones[0].hidden) == (6, 8)
+
+
+def test_several_output_channels():
+    """output_channels = 2: the logits are channels [input_channels, input_channels + 2) of
+    the final state, in full-resolution and patch mode."""
+    torch.manual_seed(0)
+    model = MedNCA(channels=6, hidden=8, steps=2, output_channels=2, fire_rate=0.0)
+    for b in model.backbones:
+        nn.init.normal_(b.fc2_weight, std=0.3)
+    img = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        state = model(img, seed=1, backend="reference", return_state=True)
+        logits = model(img, seed=1, backend="reference")
+        patch, tgt = model.forward_patch(img, torch.rand(2, 2, 8, 8), patch_size=8, seed=1, backend="reference")
+    assert torch.equal(logits, state[:, 1:3])
+    assert patch.shape == tgt.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(patch, logits)  # the whole image as the patch

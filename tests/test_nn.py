@@ -257,3 +257,39 @@ def test_attention_module_input_dtype_is_handled_like_the_nca_module():
         assert "x" in str(e) and "float64" in str(e), str(e)
     else:
         torch.testing.assert_close(out.float(), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_attention_module_uses_its_kernel_size_scale_and_border(kernel_size):
+    """The module attends with its own kernel size, scale and border, checked against plain
+    torch on a circular grid (torch.roll) with a non-default scale."""
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(8, 2, kernel_size=kernel_size, border="circular", scale=0.7, backend="reference")
+    x = torch.randn(2, 6, 7, 8)
+    q, k, v = m.qkv(x).view(2, 6, 7, 3, 2, 4).unbind(3)
+    r = range(-(kernel_size // 2), kernel_size // 2 + 1)
+    offs = [(dy, dx) for dy in r for dx in r]
+
+    def nb(z, dy, dx):  # z[i + dy, j + dx], wrapping around
+        return torch.roll(z, shifts=(-dy, -dx), dims=(1, 2))
+
+    logits = torch.stack([(q * nb(k, dy, dx)).sum(-1) * 0.7 for dy, dx in offs], -1)
+    w = logits.softmax(-1)
+    o = sum(w[..., i, None] * nb(v, dy, dx) for i, (dy, dx) in enumerate(offs))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.proj(o.reshape(2, 6, 7, 8)), rtol=1e-5, atol=1e-5)
+
+
+def test_nca_module_uses_its_padding_fc2_bias_and_update_prob():
+    """NCA.forward runs the rollout with the module's padding, fc2 bias and update
+    probability."""
+    torch.manual_seed(0)
+    nca = NCA(4, hidden=8, padding="circular", update_prob=0.3, fc2_bias=True, frozen_channels=1,
+              backend="reference")
+    for p in nca.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 4, 5, 6)
+    want = fastnca.nca_rollout(x, nca.perception_weight, nca.perception_bias, nca.fc1_weight, nca.fc1_bias,
+                               nca.fc2_weight, nca.fc2_bias, steps=3, padding="circular", update_prob=0.3,
+                               seed=9, frozen_channels=1, backend="reference")
+    torch.testing.assert_close(nca(x, steps=3, seed=9), want, rtol=0, atol=0)
