@@ -661,7 +661,7 @@ def test_from_original_config_and_overrides(tmp_path):
     cfg = {"inference_steps": 7, "cell_fire_rate": 0.25, "input_channels": 1, "output_channels": 2,
            "input_size": [[8, 8], [16, 16]]}
     (tmp_path / "config.json").write_text(json.dumps([cfg]))
-    for c in (cfg, tmp_path / "config.json"):
+    for c in (cfg, [cfg], tmp_path / "config.json", str(tmp_path / "config.json")):
         m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", c)
         assert (m.steps, m.backbones[1].update_prob, m.output_channels, m.downscale) == ((7, 7), 0.75, 2, 2)
     m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg, steps=(3, 5), fire_rate=0.1,

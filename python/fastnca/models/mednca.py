@@ -377,7 +377,7 @@ class MedNCA(nn.Module):
         cls,
         model0_path: str | Path,
         model1_path: str | Path,
-        config: str | Path | dict | None = None,
+        config: str | Path | dict | list | None = None,
         *,
         steps: int | Sequence[int] | None = None,
         fire_rate: float | None = None,
@@ -388,18 +388,16 @@ class MedNCA(nn.Module):
     ) -> "MedNCA":
         """Load the authors' Med-NCA / M3D-NCA 2D checkpoints (one state dict per level).
 
-        ``config`` (path to their ``config.json`` or its dict) supplies steps
+        ``config`` (path to their ``config.json``, or what it holds: a one-element list of a
+        dict, or the dict) supplies steps
         (``inference_steps``), ``cell_fire_rate``, input/output channels and the
         downscale factor (from ``input_size``); keyword arguments override it.
         Channels and hidden size come from the weights.
         """
         cfg = {}
         if config is not None:
-            if not isinstance(config, dict):
-                cfg = json.loads(Path(config).read_text())
-            else:
-                cfg = config
-            if isinstance(cfg, list):  # their config.json is a one-element list
+            cfg = config if isinstance(config, (dict, list)) else json.loads(Path(config).read_text())
+            if isinstance(cfg, list):  # their config.json is a one-element list (on disk or loaded)
                 cfg = cfg[0]
         sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
         for path, sd in zip((model0_path, model1_path), sds):
