@@ -281,8 +281,8 @@ def resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dty
     the attention), when given); raises with
     the reason when impossible."""
     source = "backend"
-    if backend is None and _env_backend():
-        backend, source = _env_backend(), "FASTNCA_BACKEND"
+    if backend is None and (env := _env_backend()):
+        backend, source = env, "FASTNCA_BACKEND"
 
     def refuses(name):
         if sizes is None:

@@ -154,6 +154,13 @@ def choice(x, name: str, options: tuple) -> str:
     return x
 
 
+def step_counter(x, name: str = "step") -> int:
+    """A step: an int in [0, 2^64), of which only the low 32 bits enter the fire-mask
+    counter (DESIGN.md, Op 1), returned reduced (% rather than &, which dynamo of torch 2.5
+    cannot apply to a symbolic int)."""
+    return integer(x, name, 0, 1 << 64) % (1 << 32)
+
+
 def seed(x, name: str = "seed") -> int:
     return integer(x, name, 0, 1 << 64)
 

@@ -60,7 +60,7 @@ def fire_mask(
                          f"got {batch}x{height}x{width}")
     update_prob = _checks.probability(update_prob, "update_prob")
     seed = _checks.seed(seed)
-    step = _checks.integer(step, "step", 0, 1 << 64)
+    step = _checks.step_counter(step)
     if device is None:  # a factory call's device: traceable, and right on torch < 2.8, whose
         device = torch.empty(0).device  # get_default_device() ignores `with torch.device(...)`
     else:
@@ -81,6 +81,4 @@ def fire_mask(
                                f"({type(e).__name__})") from None
         _ALLOCATABLE.add(device)
     backend = _backend.resolve(backend, "fire_mask", device)
-    # Only the low 32 bits of step enter the counter (DESIGN.md, Op 1).
-    return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed),
-                         step % (1 << 32), device, backend)
+    return _fire_mask_op(batch, height, width, update_prob, _checks.seed_to_i64(seed), step, device, backend)

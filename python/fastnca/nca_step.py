@@ -319,7 +319,7 @@ def nca_step(state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc
     tensors, (groups, padding, update_prob, seed, frozen) = _check_and_normalise(
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
-    step = _checks.integer(step, "step", 0, 1 << 64) % (1 << 32)  # (not &: dynamo of torch 2.5 on a SymInt)
+    step = _checks.step_counter(step)
     grad = _eager.needs_grad(*tensors)
     sizes = _sizes(state, tensors[1], tensors[3], groups, frozen, grad)
     backend = _backend.backend_for_input(state, _backend.resolve(backend, "nca_step", state.device, state.dtype, sizes))
@@ -352,14 +352,11 @@ def nca_rollout(state, perception_weight, perception_bias, fc1_weight, fc1_bias,
         state, perception_weight, perception_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         groups, padding, update_prob, seed, frozen_channels)
     steps = _checks.integer(steps, "steps", 0)
-    start_step = _checks.integer(start_step, "start_step", 0, 1 << 64)
+    start_step = _checks.step_counter(start_step, "start_step")
     if checkpoint_every is None:
         every = max(1, math.ceil(math.sqrt(steps)))
     else:
         every = _checks.integer(checkpoint_every, "checkpoint_every", 1)
-    # the fire-mask counter holds step mod 2^32 (DESIGN.md, Op 1); % rather than &, which
-    # dynamo of torch 2.5 cannot apply to a symbolic int
-    start_step %= 1 << 32
     keep = _eager.needs_grad(*tensors)
     backend = _backend.backend_for_input(state, _backend.resolve(backend, "nca_step", state.device, state.dtype,
                                                                  _sizes(state, tensors[1], tensors[3], groups, frozen, keep)))
