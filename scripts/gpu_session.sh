@@ -106,6 +106,14 @@
 #       on the GPU's device too (halo strides, grad_o alignment, half gradients rounded once,
 #       a two-column-tile case); new CUDA emulation tests (CPU only); CMake without
 #       find_package(CUDAToolkit) (build checked for sm_90 on the CPU machine).
+#     Session 21 (2026-11-28, H200, 15 device minutes): the seventh run, at 109ac01, did call 1
+#       and the variants (benchmarks/README.md, "Seventh GPU run"): 808 GPU tests passed, 2
+#       failed (opt-in tiles, since refused / reported), sanitizer clean, partial benchmark
+#       JSON; half weights became the default. Next: the host path (2.5 ms of host work a
+#       Triton step against 1.8 ms of kernels): timeline:nca:triton before and after, and the
+#       model suites (mednca, geca), never run on the H200. Call 1 as above took 539 s of
+#       its 585 (the nca bench was cut at 120 s after the depthwise =gemm row), the variants
+#       71 s; a warm machine is given back after 30 s idle.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

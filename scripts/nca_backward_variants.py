@@ -8,8 +8,9 @@ and dot precision ("default": every precision knob unset, what ships; "split-bwd
 default with FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split
 hi + lo as before 2026-11-27; "tf32x3": 3xTF32 with one or two TF32 products where an
 operand comes from a half tensor, no bfloat16 dots; "bf16-dots": that with bfloat16 dots;
-"tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; "half-weights": the
-default with FASTNCA_TRITON_NCA_HALF_WEIGHTS=1 (bfloat16 dots read a bfloat16 weight copy); or TF32 under
+"tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; "fp32-weights": the
+default with FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the
+default before 2026-11-28, not their bfloat16 copy); or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
 Triton settings, then TF32 and the opt-in modes: resident weights, =gemm, both) and in
@@ -24,7 +25,7 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec default split-bwd half-weights tf32x3 tf32x3-all tf32 bf16-dots]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec default split-bwd fp32-weights tf32x3 tf32x3-all tf32 bf16-dots]
            [--variant TILE:ACC:PREC ...] [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64]
            [--device cuda]
 """
@@ -58,9 +59,9 @@ def main() -> int:
     ap.add_argument("--acc", nargs="*", default=[""],
                     help="registers / mixed / memory / gemm / chunked ('' or 'default' = the default)")
     ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
-    ap.add_argument("--prec", nargs="*", default=["default", "split-bwd", "half-weights", "tf32x3", "tf32"],
+    ap.add_argument("--prec", nargs="*", default=["default", "split-bwd", "fp32-weights", "tf32x3", "tf32"],
                     help="default (no precision knob set) / split-bwd (FASTNCA_TRITON_NCA_BWD_TF32=0) / "
-                         "half-weights (FASTNCA_TRITON_NCA_HALF_WEIGHTS=1) / tf32x3 / "
+                         "fp32-weights (FASTNCA_TRITON_NCA_HALF_WEIGHTS=0) / tf32x3 / "
                          "tf32x3-all / tf32 (these three with FASTNCA_TRITON_NCA_BF16_DOTS=0 and BWD_TF32=0) / "
                          "bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1, BWD_TF32=0)")
     ap.add_argument("--variant", nargs="*", default=[],
@@ -104,7 +105,7 @@ def main() -> int:
     for t, it, acc, wts, prec in combos:
         label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
                  "default": "default prec", "split-bwd": "split bwd",
-                 "half-weights": "half weights"}.get(prec, "3xTF32")
+                 "fp32-weights": "fp32 weights"}.get(prec, "3xTF32")
         name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
                 f"{f' weights={wts}' if wts else ''} {label}")
         variants.append((name, "triton", (t, it, wts), acc, prec))
@@ -122,10 +123,10 @@ def main() -> int:
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
                      FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
-                     FASTNCA_TRITON_NCA_BF16_DOTS=(None if prec in ("default", "split-bwd", "half-weights")
+                     FASTNCA_TRITON_NCA_BF16_DOTS=(None if prec in ("default", "split-bwd", "fp32-weights")
                                                    else "1" if prec == "bf16-dots" else "0"),
-                     FASTNCA_TRITON_NCA_BWD_TF32=None if prec in ("default", "half-weights") else "0",
-                     FASTNCA_TRITON_NCA_HALF_WEIGHTS="1" if prec == "half-weights" else None,
+                     FASTNCA_TRITON_NCA_BWD_TF32=None if prec in ("default", "fp32-weights") else "0",
+                     FASTNCA_TRITON_NCA_HALF_WEIGHTS="0" if prec == "fp32-weights" else None,
                      FASTNCA_TRITON_NCA_HALF_DQ=None)  # the default, whatever the caller exported
 
         def call(kern=kern):
@@ -202,7 +203,7 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
         if b == "triton":
             runs.append(("triton TF32", lambda: run("triton"), True))
             runs.append(("triton split-bwd", lambda: run("triton", bwd_tf32="0"), False))  # before 2026-11-27
-            runs.append(("triton half-weights", lambda: run("triton", half_weights="1"), False))  # opt-in
+            runs.append(("triton fp32-weights", lambda: run("triton", half_weights="0"), False))  # before 2026-11-28
             for wts, acc in [("resident", None), (None, "gemm"), (None, "chunked"), ("resident", "gemm")]:  # opt-in
                 label = " ".join(m for m in (acc, wts) if m)
                 runs.append((f"triton {label}", lambda wts=wts, acc=acc: run("triton", acc=acc, weights=wts), False))

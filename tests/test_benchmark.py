@@ -464,3 +464,21 @@ def test_attention_suite_credits_its_bytes(monkeypatch):
         assert r.extra["gbs_fwd"] == pytest.approx(fwd / 1e-3 / 1e9)
         assert r.extra["gbs_fwd_bwd"] == pytest.approx((fwd + bwd) / 1e-3 / 1e9)
         assert r.extra["bw_fraction_fwd"] == pytest.approx(r.extra["gbs_fwd"] / 100.0)
+
+
+def test_full_resolution_peak_under_warm_only(monkeypatch):
+    """--warm-only runs no 1024x1024 peak rows (peak_mb returns None there: the warm-up of
+    the H200 run at 109ac01 failed on None + float in each row) and allocates nothing for
+    them; a timed run does measure them."""
+    from fastnca.benchmark import common, nca_step
+
+    calls = []
+    monkeypatch.setattr(nca_step, "peak_mb", lambda fn, device: calls.append(fn) or 100.0)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: calls.append("alloc") or torch.zeros(1, 2, 3, 3))
+    args = ((torch.zeros(1),), 2, {}, 64, "mednca B=8 256x256", "float32", ["reference"], torch.device("cpu"),
+            lambda msg: None)
+    monkeypatch.setattr(common, "WARM_ONLY", True)
+    assert nca_step._full_resolution_peak(None, *args) == [] and calls == []
+    monkeypatch.setattr(common, "WARM_ONLY", False)
+    rows = nca_step._full_resolution_peak(None, *args)
+    assert [r.impl for r in rows] == ["pytorch", "fastnca:reference"] and all(r.peak_mb > 100 for r in rows)

@@ -120,7 +120,7 @@ NCA_CASES = [
 NCA_MODES = {"default": {}, "gemm": {"FASTNCA_TRITON_NCA_BWD_ACC": "gemm", "FASTNCA_TRITON_NCA_BWD_HCHUNK": "16"},
              "chunked": {"FASTNCA_TRITON_NCA_BWD_ACC": "chunked", "FASTNCA_TRITON_NCA_BWD_HCHUNK": "16"},
              "memory": {"FASTNCA_TRITON_NCA_BWD_ACC": "memory"},
-             "half-weights": {"FASTNCA_TRITON_NCA_HALF_WEIGHTS": "1"}}
+             "fp32-weights": {"FASTNCA_TRITON_NCA_HALF_WEIGHTS": "0"}}
 
 
 @pytest.mark.parametrize("mode", list(NCA_MODES))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastnca
 
 from .._checks import dtype_name
+from . import common
 from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
@@ -155,9 +156,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             products throughout) and FASTNCA_TRITON_NCA_HALF_DQ=0 (the backward's dQ workspace
             in float32); "fp32-dq": the latter alone; "split-bwd": under
             FASTNCA_TRITON_NCA_BWD_TF32=0 (the backward's gradient-only products split hi + lo,
-            as before 2026-11-27; the two rows above take it too); "half-weights": under
-            FASTNCA_TRITON_NCA_HALF_WEIGHTS=1 (bfloat16 dots read a bfloat16 copy of the
-            weights; opt-in); "gemm resident": under
+            as before 2026-11-27; the two rows above take it too); "fp32-weights": under
+            FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the
+            default before 2026-11-28; the three rows above take it too); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory); "gemm" alone: the hidden-chunk cell kernel; "chunked":
@@ -170,7 +171,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
                             FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
                             FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
-                            FASTNCA_TRITON_NCA_HALF_WEIGHTS="1" if "half-weights" in words else None,
+                            FASTNCA_TRITON_NCA_HALF_WEIGHTS=("0" if {"fp32-weights", "split-bwd", "fp32-dq"}
+                                                             & set(words) else None),
                             FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
                                                         "chunked" if "chunked" in words else None),
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
@@ -203,7 +205,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                      ("fastnca:triton gemm", "triton", "gemm")]  # opt-in: hidden chunks, weight grads as GEMMs
             if bf16:
                 fast += [("fastnca:triton split-bwd", "triton", "split-bwd"),  # the products before 2026-11-27
-                         ("fastnca:triton half-weights", "triton", "half-weights")]  # opt-in
+                         ("fastnca:triton fp32-weights", "triton", "fp32-weights")]  # the default before 2026-11-28
             fast.append(("fastnca:triton tf32", "triton", "tf32"))
             if bf16:  # the defaults of before 2026-11-27
                 fast += [("fastnca:triton fp32-dq", "triton", "fp32-dq"),
@@ -259,8 +261,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
 
 def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, device, log) -> list[Result]:
     """Peak CUDA memory of one 64-step rollout training step at 1024x1024, B=1, against
-    4 GB: peak_mb adds the state and its output gradient (allocated before the measure)."""
+    4 GB: peak_mb adds the state and its output gradient (allocated before the measure).
+    No rows under --warm-only: a peak needs no warm compile caches, and the eager row alone
+    allocates ~38 GB (a warm-up took its peaks as None and failed on them)."""
     results = []
+    if common.WARM_ONLY:
+        return results
     dtype = rule[0].dtype
     big = torch.randn(1, C, 1024, 1024, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     big.requires_grad_(True)

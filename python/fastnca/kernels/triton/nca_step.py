@@ -98,6 +98,7 @@ Backward (nothing but the inputs is saved; everything is recomputed):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -1482,8 +1483,8 @@ def _bwd_tf32(dtypes: dict) -> bool:
 
 def _half_weights(dtypes: dict) -> bool:
     """Whether the rule keeps a bfloat16 copy of its arranged weights for the kernels'
-    bfloat16 dots (_weight_src): FASTNCA_TRITON_NCA_HALF_WEIGHTS=1 (opt-in, untimed;
-    benchmark row `half-weights`), state, pw, w1 and w2 bfloat16, bfloat16 dots on. Those
+    bfloat16 dots (_weight_src): state, pw, w1 and w2 bfloat16 and bfloat16 dots on
+    (FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 turns it off; benchmark row `fp32-weights`). Those
     dots (the conv, fc1's state part and dh = gd W2: 29% of the weight bytes of the Med-NCA
     backward cell kernel) then read their weights in half the bytes, without a conversion
     in the kernel. The weights are staged again at every tile: ~185 KB of float32 a 16-cell
@@ -1492,9 +1493,13 @@ def _half_weights(dtypes: dict) -> bool:
     loop over the 9 taps. sm_90 compile, Med-NCA rule, instructions a tile (static, plus
     the tap loop's extra trips): forward 3784 -> 3136 at 64 rows (255 registers against
     217, no spills either way); default cell kernel 2395 -> 1832 at 16 rows, stack 672 ->
-    608 bytes. Untimed, so opt-in; the hidden-chunk kernels spill more with it (=chunked at
-    64 rows: 480 -> 888 bytes)."""
-    return (_knob01("FASTNCA_TRITON_NCA_HALF_WEIGHTS") == "1" and _knob01("FASTNCA_TRITON_NCA_BF16_DOTS") != "0"
+    608 bytes. The default since the H200 run at 109ac01 (Med-NCA rule, bf16, B=8,
+    256x256): backward kernels 1.45 against 1.75 ms, a 64-step rollout's training 134
+    against 158 ms (scripts/nca_backward_variants.py, 2 interleaved rounds), a step's
+    fwd+bwd 1.50 against 1.85 ms replayed from a CUDA graph; its GPU tests passed. Where
+    bfloat16 dots do not run (another precision, the interpreter without a test's bfloat16
+    dots), the kernels read the float32 weights and the copy goes unused."""
+    return (_knob01("FASTNCA_TRITON_NCA_HALF_WEIGHTS") != "0" and _knob01("FASTNCA_TRITON_NCA_BF16_DOTS") != "0"
             and _bf16_rule(dtypes))
 
 
@@ -1627,7 +1632,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
                 return out
     if (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
         block_m, warps = pinned
-        with on_device(state.device):
+        with on_device(state.device), _pinned_fit("FASTNCA_TRITON_NCA_FWD_TILE"):
             _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
                                                                  num_stages=1)
     else:
@@ -1678,6 +1683,22 @@ def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] |
         raise ValueError(f"{var}={block_m},{warps}: a dot of this kernel would get more warp groups than "
                          "64-row blocks (see _wgmma_safe); pick another tile")
     return block_m, warps, n_stages
+
+
+@contextlib.contextmanager
+def _pinned_fit(var: str):
+    """Launches at a tile that ``var`` may pin (_pinned_tile): Triton's OutOfResources of a
+    pinned tile becomes a ValueError that names the variable and the bytes (an H200 gives a
+    block 227 KB of shared memory; the float32 =chunked cell kernel at 128 rows on 8 warps
+    asks 232 KB). Unpinned tiles are the kernels' own choice: their errors pass unchanged."""
+    try:
+        yield
+    except OutOfResources as e:
+        v = os.environ.get(var)
+        if not v:
+            raise
+        raise ValueError(f"{var}={v}: the kernel at this tile needs {e.required} bytes of {e.name}, the GPU "
+                         f"gives a block {e.limit}; pick a smaller tile") from None
 
 
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3",
@@ -1842,14 +1863,20 @@ def _hidden_chunk(rule: _Rule) -> int:
     return min(hc, rule.HID_PAD)
 
 
-def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, programs: int):
+def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, programs: int, gemm: bool = False):
     """(BLOCK_M, warps, programs, stages) of _nca_step_backward_cell_gemm_kernel: half
     states 64 rows on one warp group (wgmma), float32 ones 32 rows on 4 warps, unless
     FASTNCA_TRITON_NCA_BWD_TILE pins another; programs as the other cell kernel's
     (``programs``), within the tiles. sm_90 compile, Med-NCA rule (untimed): bfloat16 at
     64/4 255 registers + 256 B of stack, at 32/4 231 and none; float32 (tf32x3 products) at
-    64/4 720 B of stack, at 32/4 8 B."""
+    64/4 720 B of stack, at 32/4 8 B. ``gemm`` (=gemm, not =chunked) with a half state
+    refuses 128-row tiles: on an H200 (Triton 3.6, 109ac01) 128 rows on 8 warps gave a
+    wrong d_state (relative error 0.75) where the interpreter's result at the same tile is
+    right and =chunked at that tile passed; the cause is not known."""
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
+    if pinned and gemm and pinned[0] == 128 and rule.dtypes["state"] in _HALF:
+        raise ValueError("FASTNCA_TRITON_NCA_BWD_TILE: =gemm with a half state refuses 128-row tiles (a wrong "
+                         "d_state on an H200 at 128,8, cause unknown); pick 64 rows or fewer")
     if interpreting() and not pinned:
         return _INTERPRET_BLOCK_M, 4, programs, 1
     default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
@@ -2060,7 +2087,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     # =gemm, rules of one channel and conv chunk: the cell kernel in hidden chunks
     hidden_chunks = chunked or (gemm and rule.ONE_CHUNK and not resident)
     if hidden_chunks:
-        block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
+        block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G, gemm=gemm)
     (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
     in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
     if in_resident:  # persistent: its own tile and program count
@@ -2104,10 +2131,12 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
                          sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
             cell_grid = (min(G, cdiv(N, block_m)),)
-            if hidden_chunks:
-                _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **cell_kw)
-            elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args, cell_res_kw)):
-                _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
+            with _pinned_fit("FASTNCA_TRITON_NCA_BWD_TILE"):
+                if hidden_chunks:
+                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **cell_kw)
+                elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
+                                                     cell_res_kw)):
+                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
             if gemm:
                 _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
                     act, partials, pos, c0, c0 + N, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
@@ -2120,9 +2149,10 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
             in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W,
                        *d_c.stride(), *g_c.stride())
-            if not (in_resident and _try_resident(
-                    _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
-                _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
+            with _pinned_fit("FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
+                if not (in_resident and _try_resident(
+                        _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
+                    _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
     del ws, wq
     weights = (pw, pb, w1, b1, w2, b2)
     own._fold(zero=sink is not None)
