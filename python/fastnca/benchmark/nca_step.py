@@ -161,7 +161,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             default before 2026-11-28; the three rows above take it too); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
-            kept in shared memory); "gemm" alone: the hidden-chunk cell kernel; "chunked":
+            kept in shared memory); "gemm" alone: the hidden-chunk cell kernel (float32; on a GPU
+            half states take the other cell kernel, kernels/triton/nca_step._takes_hidden_chunks); "chunked":
             FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots)."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
