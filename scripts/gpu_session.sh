@@ -13,7 +13,8 @@
 #   STAGE: build (fastnca._C_cuda; fastnca._C goes on in the background) | build-cpu (waits
 #          for it) | test | test-cuda | test-triton | sanitize[:TOOL,...] | sanitize-triton[:TOOL,...]
 #          | bench[:OPS[:DTYPES]] | bench-warm[:OPS[:DTYPES]] | bench-quick (BENCH_IMPLS=A,B: only
-#          the implementations whose names contain A or B, and each suite's baseline)
+#          the implementations whose names contain A or B, and each suite's baseline;
+#          BENCH_VARIANTS=1: also the opt-in formulations' rows, fastnca bench --variants)
 #          | ncu:OP:BACKEND[:DTYPE] (Nsight Compute of one fwd+bwd, OP nca|attention)
 #          | ncu-source:OP:BACKEND[:DTYPE] (warp-stall samples per source line of the op's kernels)
 #          | timeline:OP:BACKEND[:DTYPE] (wall vs kernel vs host time per fwd+bwd, torch.profiler)
@@ -113,7 +114,14 @@
 #       Triton step against 1.8 ms of kernels): timeline:nca:triton before and after, and the
 #       model suites (mednca, geca), never run on the H200. Call 1 as above took 539 s of
 #       its 585 (the nca bench was cut at 120 s after the depthwise =gemm row), the variants
-#       71 s; a warm machine is given back after 30 s idle.
+#       71 s; a warm machine is given back after 30 s idle. Since then `fastnca bench` times
+#       the opt-in rows only with --variants (BENCH_VARIANTS=1 here), and this script sets
+#       TRITON_CACHE_AUTOTUNING=1. Plan for the next lent GPU, call 1 (~540 s):
+#         scripts/gpu_session.sh build@100 test@280+sanitize:memcheck,racecheck@240+bench-warm:nca,attention,mednca,geca:bfloat16@280 \
+#             bench:nca,attention:bfloat16@150 pack
+#       (the tests include the =gemm half-state fallback and the pinned-tile errors, untested
+#       on a GPU), then on the warm machine at once (~250 s):
+#         scripts/gpu_session.sh timeline:nca:triton@40 timeline:attention:triton@40 bench:mednca,geca:bfloat16@150 pack
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
@@ -130,6 +138,9 @@ out=${OUT:-build/gpu-session}
 mkdir -p "$out/logs"
 py=$(command -v python3 || command -v python)
 export PATH="$(dirname "$py"):$PATH" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Triton's knob for keeping autotuning results on disk (newer releases; older ones ignore
+# it): a timed bench after bench-warm, another process, then re-times no tile configs
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(build test sanitize bench)
 
@@ -188,6 +199,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
         if [[ $arg == *:* ]]; then d=${arg#*:}; for d in ${d//,/ }; do args+=(--dtype "$d"); done; fi
       fi
       [[ -n ${BENCH_IMPLS:-} ]] && args+=(--impls "$BENCH_IMPLS")
+      [[ -n ${BENCH_VARIANTS:-} ]] && args+=(--variants)
       "${tmo[@]}" "$py" -m fastnca.cli bench "${args[@]}" > "$out/logs/$tag.log" 2>&1
       local rc=$?
       [[ $name == bench ]] && grep -E "^roofs|^    |error|Error" "$out/logs/$tag.log" | tail -60

@@ -482,3 +482,26 @@ def test_full_resolution_peak_under_warm_only(monkeypatch):
     monkeypatch.setattr(common, "WARM_ONLY", False)
     rows = nca_step._full_resolution_peak(None, *args)
     assert [r.impl for r in rows] == ["pytorch", "fastnca:reference"] and all(r.peak_mb > 100 for r in rows)
+
+
+def test_variant_rows_only_with_variants(monkeypatch):
+    """The opt-in formulations' rows (fastnca bench --variants) on a GPU: the hidden-chunk
+    modes first, the older bfloat16 defaults for bfloat16 only, none by default (a user's
+    run times what ships; the seventh GPU run's nca suite did not finish in 120 s with
+    them). The CLI hands --variants to the suites for that run only."""
+    from fastnca.benchmark import common, nca_step
+    from fastnca.cli import main
+
+    bf16 = [name for name, _, _ in nca_step.variant_rows(torch.bfloat16)]
+    fp32 = [name for name, _, _ in nca_step.variant_rows(torch.float32)]
+    assert bf16[:2] == fp32[:2] == ["fastnca:triton chunked", "fastnca:triton gemm"]
+    assert "fastnca:triton fp32-weights" in bf16 and not any("fp32-" in n for n in fp32)
+    assert all(mode for _, _, mode in nca_step.variant_rows(torch.bfloat16))
+    seen = []
+    monkeypatch.setattr(common, "matmul_roof_gflops", lambda device, dtype, n=None, tf32=False: 1.0)
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda device: 1.0)
+    monkeypatch.setattr(nca_step, "run", lambda device, dtype, quick, roofs, log=print: seen.append(common.VARIANTS)
+                        or [])
+    for flags in ([], ["--variants"], []):
+        assert main(["bench", "--device", "cpu", "--quick", "--ops", "nca", *flags]) == 0
+    assert seen == [False, True, False] and common.VARIANTS is False

@@ -69,6 +69,7 @@ def _bench(args) -> int:
     common.MADE.clear()
     common.WARM_ONLY = args.warm_only
     common.IMPLS = [part for part in (args.impls or "").split(",") if part] or None
+    common.VARIANTS = args.variants
     results = []
     written = [0]
 
@@ -95,7 +96,7 @@ def _bench(args) -> int:
                     common.write_json(args.json, env, roofs, results, run_args)
                     written[0] = len(common.MADE)
     finally:
-        common.WARM_ONLY = False
+        common.WARM_ONLY = common.VARIANTS = False
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     common.print_table(results)
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
     b.add_argument("--warm-only", action="store_true",
                    help="run every implementation once and time nothing: fills the Triton and "
                         "Inductor compile caches ahead of a timed run (writes no JSON)")
+    b.add_argument("--variants", action="store_true",
+                   help="GPU: also time the opt-in Triton formulations and the older defaults (the rows "
+                        "that decide defaults; several minutes more)")
     b.set_defaults(func=_bench)
     p = sub.add_parser("plot", help="draw fastnca bench --json results (time and memory per implementation)")
     p.add_argument("results", nargs="+", help="JSON files written by fastnca bench --json")

@@ -90,6 +90,10 @@ def sync(device: torch.device) -> None:
 # the on-disk compile caches (Triton kernels, Inductor graphs) ahead of a timed run.
 WARM_ONLY = False
 
+# ``fastnca bench --variants``: also time the opt-in Triton formulations and the older
+# defaults (rows for choosing defaults, GPU only).
+VARIANTS = False
+
 # ``fastnca bench --impls A,B``: run only the implementations whose names contain one of
 # these substrings (each suite's baseline always runs: the ratios are against it).
 IMPLS: list | None = None

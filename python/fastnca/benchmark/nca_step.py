@@ -199,19 +199,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         slow = [r for r in fast if r[1] in ("cuda", "reference")] if device.type == "cuda" else []
         fast = [r for r in fast if r not in slow]  # on a GPU the slow cuda / reference rows come last
         if "triton" in backends and device.type == "cuda":
-            # most wanted first (a time-limited run keeps the rows it reached): the untimed
-            # candidates, then the user's TF32 switch and the older defaults for comparison
-            bf16 = dtype == torch.bfloat16
-            fast += [("fastnca:triton chunked", "triton", "chunked"),  # opt-in: hidden chunks, partials in slots
-                     ("fastnca:triton gemm", "triton", "gemm")]  # opt-in: hidden chunks, weight grads as GEMMs
-            if bf16:
-                fast += [("fastnca:triton split-bwd", "triton", "split-bwd"),  # the products before 2026-11-27
-                         ("fastnca:triton fp32-weights", "triton", "fp32-weights")]  # the default before 2026-11-28
-            fast.append(("fastnca:triton tf32", "triton", "tf32"))
-            if bf16:  # the defaults of before 2026-11-27
-                fast += [("fastnca:triton fp32-dq", "triton", "fp32-dq"),
-                         ("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq")]
-            fast.append(("fastnca:triton gemm resident", "triton", "gemm resident"))  # opt-in
+            fast.append(("fastnca:triton tf32", "triton", "tf32"))  # the user's TF32 switch
+            if common.VARIANTS:
+                fast += variant_rows(dtype)
         fast += slow
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
@@ -258,6 +248,21 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda" and name == "mednca":
             results += _full_resolution_peak(impls[0][1], rule, C, kw, steps, label, dname, backends, device, log)
     return results
+
+
+def variant_rows(dtype: torch.dtype) -> list[tuple[str, str, str]]:
+    """The rows ``fastnca bench --variants`` adds on a GPU, (name, backend, mode), most
+    wanted first (a time-limited run keeps the rows it reached): the opt-in Triton
+    formulations, then the older defaults. They decide defaults; users' runs leave them out."""
+    bf16 = dtype == torch.bfloat16
+    rows = [("fastnca:triton chunked", "triton", "chunked"),  # opt-in: hidden chunks, partials in slots
+            ("fastnca:triton gemm", "triton", "gemm")]  # opt-in: weight grads as GEMMs
+    if bf16:
+        rows += [("fastnca:triton split-bwd", "triton", "split-bwd"),  # the products before 2026-11-27
+                 ("fastnca:triton fp32-weights", "triton", "fp32-weights"),  # the default before 2026-11-28
+                 ("fastnca:triton fp32-dq", "triton", "fp32-dq"),  # the defaults before 2026-11-27
+                 ("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq")]
+    return rows + [("fastnca:triton gemm resident", "triton", "gemm resident")]  # opt-in
 
 
 def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, device, log) -> list[Result]:

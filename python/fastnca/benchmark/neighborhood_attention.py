@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fastnca
 
 from .._checks import dtype_name
+from . import common
 from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
@@ -85,16 +86,17 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             impls.append(("natten", nat, True))
         for b in backends:
             impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
-        knobs = {}  # the opt-in Triton formulations, each under its environment knobs
+        knobs = {}  # the Triton rows, each under its environment knobs
         if "triton" in backends and device.type == "cuda":
             # every knob set (None: unset) in each row, whatever the caller's environment holds
             base = dict(FASTNCA_TRITON_NA_FORWARD=None, FASTNCA_TRITON_NA_BACKWARD=None,
                         FASTNCA_TRITON_NA_HALO_TILE=None)
-            halo = dict(base, FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo")
-            knobs = {"fastnca:triton": base,
-                     "fastnca:triton halo": halo,  # tensor cores, 8x8-query tiles
-                     "fastnca:triton halo 4x8": dict(halo, FASTNCA_TRITON_NA_HALO_TILE="4x8"),  # half the scores
-                     "fastnca:triton split": dict(base, FASTNCA_TRITON_NA_BACKWARD="split")}  # dk/dv from stored p, ds
+            knobs = {"fastnca:triton": base}
+            if common.VARIANTS:  # the opt-in formulations (fastnca bench --variants)
+                halo = dict(base, FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo")
+                knobs.update({"fastnca:triton halo": halo,  # tensor cores, 8x8-query tiles
+                              "fastnca:triton halo 4x8": dict(halo, FASTNCA_TRITON_NA_HALO_TILE="4x8"),
+                              "fastnca:triton split": dict(base, FASTNCA_TRITON_NA_BACKWARD="split")})  # stored p, ds
             for impl in list(knobs)[1:]:  # "fastnca:triton" itself is in impls already
                 impls.append((impl, lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
