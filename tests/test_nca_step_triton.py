@@ -800,6 +800,26 @@ def test_rollout_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 3), (7, 300), (8, 256), (20, 1100)])
+@pytest.mark.parametrize("zero", [True, False])
+def test_fold_partials(rows, cols, zero):
+    """_fold: total += partials summed over rows (8 at a step, any row and column count,
+    the totals' own values kept), within float32 rounding of a float64 sum, the same bits
+    every call; the partials zeroed after when asked, left as they were otherwise."""
+    g = torch.Generator().manual_seed(rows * cols)
+    parts = torch.randn(rows, cols, generator=g).to(DEVICE)
+    start = torch.randn(cols, generator=g).to(DEVICE)
+    results = []
+    for _ in range(2):
+        p, total = parts.clone(), start.clone()
+        tri._fold(p, total, zero)
+        results.append(total)
+        assert torch.equal(p, torch.zeros_like(p) if zero else parts)
+    want = start.double() + parts.double().sum(0)
+    assert torch.equal(results[0], results[1])
+    assert (results[0].double() - want).abs().max() <= 1e-6 * (rows + 1) * want.abs().max().clamp(min=1)
+
+
 @pytest.mark.parametrize("acc", ["gemm", "chunked"])
 def test_gemm_rollout_equals_loop_of_steps(monkeypatch, acc):
     """=gemm and =chunked in a rollout: the fc kernel's (or the hidden-chunk kernel's)

@@ -1961,26 +1961,33 @@ BACKWARD_OUT_MAY_BE_GRAD = True
 
 
 @triton.jit
-def _fold_partials_kernel(part_ptr, rows, cols, total_ptr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    """total[c] += sum over r of part[r, c], r in order (deterministic); ZERO: part = 0 after."""
+def _fold_partials_kernel(part_ptr, rows, cols, total_ptr, ZERO: tl.constexpr, BLOCK: tl.constexpr,
+                          ROWS: tl.constexpr):
+    """total[c] += sum over r of part[r, c]: ROWS rows a step summed as one fixed tree, the
+    steps in order (deterministic, the same order for every call of one shape); ZERO: part
+    = 0 after. A step's ROWS loads are in flight together: one row a step, 35 programs on
+    the Med-NCA rule's 264 slots, took 74 us a fold on an H200 (109ac01), latency-bound."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = c < cols
+    offs_r = tl.arange(0, ROWS)
     s = tl.zeros([BLOCK], tl.float32)
-    for r in range(rows):
-        p = part_ptr + r * cols + c  # < _PARTIAL_BUDGET / 4 elements: int32
-        s += tl.load(p, mask=live, other=0.0)
+    for r0 in range(0, rows, ROWS):
+        r = r0 + offs_r
+        m = (r < rows)[:, None] & live[None, :]
+        p = part_ptr + r[:, None] * cols + c[None, :]  # < _PARTIAL_BUDGET / 4 + ROWS * cols: int32
+        s += tl.sum(tl.load(p, mask=m, other=0.0), axis=0)
         if ZERO:
-            tl.store(p, tl.zeros([BLOCK], tl.float32), mask=live)
+            tl.store(p, tl.zeros([ROWS, BLOCK], tl.float32), mask=m)
     tl.store(total_ptr + c, tl.load(total_ptr + c, mask=live, other=0.0) + s, mask=live)
 
 
 def _fold(partials, total, zero):
-    """total += partials.sum(0), each column summed over the rows in order; partials zeroed
-    after when ``zero`` (one launch)."""
+    """total += partials.sum(0), each column summed over the rows in a fixed order;
+    partials zeroed after when ``zero`` (one launch: 256 columns a program, 8 rows a step)."""
     rows, cols = partials.shape
-    block = 1024
+    block = 256
     with on_device(partials.device):
-        _fold_partials_kernel[(cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block)
+        _fold_partials_kernel[(cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block, ROWS=8)
 
 
 class GradSink:
