@@ -107,6 +107,8 @@
 #       on the GPU's device too (halo strides, grad_o alignment, half gradients rounded once,
 #       a two-column-tile case); new CUDA emulation tests (CPU only); CMake without
 #       find_package(CUDAToolkit) (build checked for sm_90 on the CPU machine).
+#     (the precision "half-weights" above is the default now; nca_backward_variants.py
+#       refuses the name: "fp32-weights" is the old default)
 #     Session 21 (2026-11-28, H200, 15 device minutes): the seventh run, at 109ac01, did call 1
 #       and the variants (benchmarks/README.md, "Seventh GPU run"): 808 GPU tests passed, 2
 #       failed (opt-in tiles, since refused / reported), sanitizer clean, partial benchmark
@@ -199,7 +201,7 @@ run_stage() {  # run_stage NAME[:ARGS] SECONDS
         if [[ $arg == *:* ]]; then d=${arg#*:}; for d in ${d//,/ }; do args+=(--dtype "$d"); done; fi
       fi
       [[ -n ${BENCH_IMPLS:-} ]] && args+=(--impls "$BENCH_IMPLS")
-      [[ -n ${BENCH_VARIANTS:-} ]] && args+=(--variants)
+      [[ ${BENCH_VARIANTS:-0} == 1 ]] && args+=(--variants)
       "${tmo[@]}" "$py" -m fastnca.cli bench "${args[@]}" > "$out/logs/$tag.log" 2>&1
       local rc=$?
       [[ $name == bench ]] && grep -E "^roofs|^    |error|Error" "$out/logs/$tag.log" | tail -60

@@ -73,6 +73,10 @@ def main() -> int:
     ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
     ap.add_argument("--rollout-steps", type=int, default=64, help="the rollout's steps (default 64)")
     a = ap.parse_args()
+    precs = ("default", "split-bwd", "fp32-weights", "tf32x3", "tf32x3-all", "tf32", "bf16-dots")
+    for prec in a.prec + [v.split(":")[2] for v in a.variant if v.count(":") == 2]:
+        if prec not in precs and prec != "":  # a removed name ("half-weights", the default now) is no variant
+            ap.error(f"precision {prec!r}: choose from {', '.join(precs)}")
     for opt in ("tiles", "input_tiles", "acc", "weights"):  # 'default' spells '' where quoting is awkward
         setattr(a, opt, ["" if v == "default" else v for v in getattr(a, opt)])
     dev = torch.device(a.device)

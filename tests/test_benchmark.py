@@ -492,6 +492,14 @@ def test_variant_rows_only_with_variants(monkeypatch):
     from fastnca.benchmark import common, nca_step
     from fastnca.cli import main
 
+    from fastnca.benchmark import neighborhood_attention
+
+    assert nca_step.triton_rows(torch.bfloat16, False) == [("fastnca:triton tf32", "triton", "tf32")]
+    assert nca_step.triton_rows(torch.bfloat16, True)[1:] == nca_step.variant_rows(torch.bfloat16)
+    assert list(neighborhood_attention.triton_knobs(False)) == ["fastnca:triton"]
+    knobs = neighborhood_attention.triton_knobs(True)
+    assert list(knobs) == ["fastnca:triton", "fastnca:triton halo", "fastnca:triton halo 4x8", "fastnca:triton split"]
+    assert all(set(k) == set(knobs["fastnca:triton"]) for k in knobs.values())  # every knob pinned in each row
     bf16 = [name for name, _, _ in nca_step.variant_rows(torch.bfloat16)]
     fp32 = [name for name, _, _ in nca_step.variant_rows(torch.float32)]
     assert bf16[:2] == fp32[:2] == ["fastnca:triton chunked", "fastnca:triton gemm"]

@@ -268,6 +268,26 @@ def test_gemm_hidden_chunk_kernel_choice():
     assert not any(choose(fp32, acc, False, gpu=False) for acc in (tri._ACC_REGISTERS, tri._ACC_MEMORY))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_half_state_fallback_kernel(monkeypatch, dtype):
+    """The path =gemm with a half state takes on a GPU (_takes_hidden_chunks): the other
+    cell kernel's =gemm path, staged, on a rule of one channel and conv chunk, run here
+    with the selector told it is on a GPU: against the reference, and no launch of the
+    hidden-chunk kernel."""
+    real = tri._takes_hidden_chunks
+    monkeypatch.setattr(tri, "_takes_hidden_chunks", lambda rule, acc, resident, gpu: real(rule, acc, resident, True))
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
+    hidden = _LaunchCount(tri._nca_step_backward_cell_gemm_kernel)
+    other = _LaunchCount(tri._nca_step_backward_cell_kernel)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", hidden)
+    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", other)
+    case = (2, 16, 9, 7, 32, 2, 1, 1, "reflect", 0.5)
+    state, _, *w = make_inputs(*case[:8], dtype, dtype)
+    assert tri._Rule(state, *w, 1, "reflect", 1).ONE_CHUNK
+    check_against_reference(case, dtype, dtype, channels_last=True)
+    assert hidden.launches == 0 and other.launches > 0
+
+
 class _LaunchSpy:
     """Stands in for a kernel: records each launch's BLOCK_M, RESIDENT and num_warps, then
     launches it; with ``fail_resident``, raises OutOfResources for resident launches, as a
@@ -1088,10 +1108,13 @@ def test_gpu_gemm_hidden_chunk_tiles(monkeypatch, tile, hc, dtype, acc):
             check_against_reference(medNCA, dtype, dtype, channels_last=True)
         return
     if (acc, dtype) == ("gemm", torch.bfloat16):
+        if tile != "64,4" or hc != "32":
+            pytest.skip("the other cell kernel at its own tile: one case runs it")
         monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")  # the tile is the hidden-chunk kernel's
         spy = _LaunchCount(tri._nca_step_backward_cell_gemm_kernel)
         monkeypatch.setattr(tri, "_nca_step_backward_cell_gemm_kernel", spy)
         check_against_reference(medNCA, dtype, dtype, channels_last=True)
+        check_against_reference((2, 16, 33, 20, 64, 2, "C", 0, "zeros", 0.5), dtype, dtype)
         assert spy.launches == 0
         return
     check_against_reference(medNCA, dtype, dtype, channels_last=True)

@@ -160,6 +160,11 @@ def test_backward_variants_explicit_list():
                     ["triton", "tile=default", "acc=gemm"]] and "failed" not in out, out
     bad = subprocess.run(cmd[:-3] + ["default:gemm"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "TILE:ACC:PREC" in bad.stderr
+    # a precision of no known name (half-weights: the default since 2026-11-28) is refused,
+    # not timed as 3xTF32 under its name
+    for args in (["--variant", "default:default:half-weights"], ["--prec", "half-weights"]):
+        bad = subprocess.run(cmd[:-4] + args, capture_output=True, text=True, env=env, timeout=600)
+        assert bad.returncode != 0 and "precision 'half-weights': choose from" in bad.stderr, bad.stderr
 
 
 def test_backward_variants_rollout_smoke():

@@ -158,7 +158,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             FASTNCA_TRITON_NCA_BWD_TF32=0 (the backward's gradient-only products split hi + lo,
             as before 2026-11-27; the two rows above take it too); "fp32-weights": under
             FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the
-            default before 2026-11-28; the three rows above take it too); "gemm resident": under
+            default before 2026-11-28; the rows above keep the bfloat16 copy, as
+            scripts/nca_backward_variants.py's precisions of the same names do); "gemm resident": under
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory); "gemm" alone: the hidden-chunk cell kernel (float32; on a GPU
@@ -172,8 +173,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                 knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
                             FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
                             FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
-                            FASTNCA_TRITON_NCA_HALF_WEIGHTS=("0" if {"fp32-weights", "split-bwd", "fp32-dq"}
-                                                             & set(words) else None),
+                            FASTNCA_TRITON_NCA_HALF_WEIGHTS="0" if "fp32-weights" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
                                                         "chunked" if "chunked" in words else None),
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
@@ -199,9 +199,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         slow = [r for r in fast if r[1] in ("cuda", "reference")] if device.type == "cuda" else []
         fast = [r for r in fast if r not in slow]  # on a GPU the slow cuda / reference rows come last
         if "triton" in backends and device.type == "cuda":
-            fast.append(("fastnca:triton tf32", "triton", "tf32"))  # the user's TF32 switch
-            if common.VARIANTS:
-                fast += variant_rows(dtype)
+            fast += triton_rows(dtype, common.VARIANTS)
         fast += slow
         runners += [(name,
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
@@ -248,6 +246,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         if device.type == "cuda" and name == "mednca":
             results += _full_resolution_peak(impls[0][1], rule, C, kw, steps, label, dname, backends, device, log)
     return results
+
+
+def triton_rows(dtype: torch.dtype, variants: bool) -> list[tuple[str, str, str]]:
+    """The Triton rows a GPU run adds after fastnca:triton itself, (name, backend, mode): the
+    user's TF32 switch, then with ``variants`` (fastnca bench --variants) variant_rows."""
+    return [("fastnca:triton tf32", "triton", "tf32")] + (variant_rows(dtype) if variants else [])
 
 
 def variant_rows(dtype: torch.dtype) -> list[tuple[str, str, str]]:

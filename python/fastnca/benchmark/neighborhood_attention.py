@@ -58,6 +58,20 @@ def attention_bytes(B: int, H: int, W: int, nh: int, D: int, elem: int) -> tuple
     return 4 * n * elem + 4 * queries, 8 * n * elem + 4 * queries
 
 
+def triton_knobs(variants: bool) -> dict:
+    """The Triton rows of a GPU run, each with its environment knobs (every knob set, None
+    for unset, whatever the caller's environment holds): fastnca:triton, and with
+    ``variants`` (fastnca bench --variants) the opt-in formulations."""
+    base = dict(FASTNCA_TRITON_NA_FORWARD=None, FASTNCA_TRITON_NA_BACKWARD=None, FASTNCA_TRITON_NA_HALO_TILE=None)
+    knobs = {"fastnca:triton": base}
+    if variants:
+        halo = dict(base, FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo")
+        knobs.update({"fastnca:triton halo": halo,  # tensor cores, 8x8-query tiles
+                      "fastnca:triton halo 4x8": dict(halo, FASTNCA_TRITON_NA_HALO_TILE="4x8"),  # half the scores
+                      "fastnca:triton split": dict(base, FASTNCA_TRITON_NA_BACKWARD="split")})  # dk/dv from p, ds
+    return knobs
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=print) -> list[Result]:
     results = []
     dname = dtype_name(dtype)
@@ -86,19 +100,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             impls.append(("natten", nat, True))
         for b in backends:
             impls.append((f"fastnca:{b}", lambda q, k, v, b=b: fastnca.neighborhood_attention2d(q, k, v, backend=b), True))
-        knobs = {}  # the Triton rows, each under its environment knobs
-        if "triton" in backends and device.type == "cuda":
-            # every knob set (None: unset) in each row, whatever the caller's environment holds
-            base = dict(FASTNCA_TRITON_NA_FORWARD=None, FASTNCA_TRITON_NA_BACKWARD=None,
-                        FASTNCA_TRITON_NA_HALO_TILE=None)
-            knobs = {"fastnca:triton": base}
-            if common.VARIANTS:  # the opt-in formulations (fastnca bench --variants)
-                halo = dict(base, FASTNCA_TRITON_NA_FORWARD="halo", FASTNCA_TRITON_NA_BACKWARD="halo")
-                knobs.update({"fastnca:triton halo": halo,  # tensor cores, 8x8-query tiles
-                              "fastnca:triton halo 4x8": dict(halo, FASTNCA_TRITON_NA_HALO_TILE="4x8"),
-                              "fastnca:triton split": dict(base, FASTNCA_TRITON_NA_BACKWARD="split")})  # stored p, ds
-            for impl in list(knobs)[1:]:  # "fastnca:triton" itself is in impls already
-                impls.append((impl, lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
+        knobs = triton_knobs(common.VARIANTS) if "triton" in backends and device.type == "cuda" else {}
+        for impl in list(knobs)[1:]:  # "fastnca:triton" itself is in impls already
+            impls.append((impl, lambda q, k, v: fastnca.neighborhood_attention2d(q, k, v, backend="triton"), True))
         reps = 5 if quick else 9
         for impl, fn, has_bwd in selected(impls):
             log(f"  attention {name} {impl} ...")

@@ -1687,19 +1687,20 @@ def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] |
 
 
 @contextlib.contextmanager
-def _pinned_fit(var: str):
-    """Launches at a tile that ``var`` may pin (_pinned_tile): Triton's OutOfResources of a
-    pinned tile becomes a ValueError that names the variable and the bytes (an H200 gives a
-    block 227 KB of shared memory; the float32 =chunked cell kernel at 128 rows on 8 warps
-    asks 232 KB). Unpinned tiles are the kernels' own choice: their errors pass unchanged."""
+def _pinned_fit(*names: str):
+    """Launches at a tile that the variables ``names`` may pin (_pinned_tile), the first of
+    them that is set naming it: Triton's OutOfResources of a pinned tile becomes a ValueError
+    that names the variable and the bytes (an H200 gives a block 227 KB of shared memory;
+    the float32 =chunked cell kernel at 128 rows on 8 warps asks 232 KB). Unpinned tiles
+    are the kernels' own choice: their errors pass unchanged."""
     try:
         yield
     except OutOfResources as e:
-        v = os.environ.get(var)
-        if not v:
+        var = next((n for n in names if os.environ.get(n)), None)
+        if var is None:
             raise
-        raise ValueError(f"{var}={v}: the kernel at this tile needs {e.required} bytes of {e.name}, the GPU "
-                         f"gives a block {e.limit}; pick a smaller tile") from None
+        raise ValueError(f"{var}={os.environ[var]}: the kernel at this tile needs {e.required} bytes of {e.name}, "
+                         f"the GPU gives a block {e.limit}; pick a smaller tile") from None
 
 
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3",
@@ -1768,7 +1769,9 @@ def _register_accumulators(rule: _Rule) -> int:
     activations, _nca_step_backward_fc_kernel; H100, dd6c6c4, Med-NCA rule, bf16: the
     backward kernels 12% faster than with register partials), =chunked for 4 on rules of
     one channel and conv chunk (the hidden-chunk cell kernel, _nca_step_backward_cell_gemm_kernel,
-    with its fc partials read-modify-written in its slot; untimed), 0 on the others."""
+    with its fc partials read-modify-written in its slot; H200, 109ac01, Med-NCA rule, bf16:
+    backward kernels 1.57 ms at 64,4 against the default's 1.75, a 64-step rollout's
+    training 137 against 158 ms, both behind half weights' 1.45 and 134), 0 on the others."""
     fits = (rule.ONE_CHUNK
             and rule.HID_PAD * (2 * rule.C_PAD + rule.FC_CEIL) <= 16384)
     v = _bwd_acc_knob()
@@ -1790,8 +1793,9 @@ def _takes_hidden_chunks(rule: _Rule, reg_acc: int, resident: bool, gpu: bool) -
     40x48: 128,8 with float32 weights, 64,4 with the bfloat16 weight copy; 64,4 with
     float32 weights was right), while =chunked (the same kernel without the activation
     rows) was right at every tile, and the interpreter is right at both. Cause unknown; so
-    such a call takes the other cell kernel, whose =gemm path (REG_ACC 3, the same GEMM
-    weight gradients) passed its GPU tests."""
+    such a call takes the other cell kernel's =gemm path (REG_ACC 3, the same GEMM weight
+    gradients), which passed its GPU tests on rules of several chunks and with resident
+    weights; on this rule, staged, it has not run on a GPU yet (a CPU test runs it)."""
     if reg_acc == _ACC_CHUNKED:
         return True
     if reg_acc != _ACC_GEMM or not rule.ONE_CHUNK or resident:
@@ -1824,7 +1828,8 @@ def _resident_weights() -> bool:
     """FASTNCA_TRITON_NCA_WEIGHTS (benchmarking knob, default "staged"): "resident" keeps
     the weight operands in shared memory across a program's tiles, for rules of one channel
     and conv chunk: in the backward cell kernel (with register partials or =gemm) and in a
-    persistent compact forward (the kernels' RESIDENT; untimed). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
+    persistent compact forward (the kernels' RESIDENT; H200, 109ac01: a 64-step rollout's
+    training 157 ms against the staged default's 158). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
     bfloat16 state and weights, 384 KB in float32, whose tf32x3
     keeps two copies), the launch falls back to the staged kernel."""
     v = os.environ.get("FASTNCA_TRITON_NCA_WEIGHTS", "")
@@ -2168,7 +2173,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
             in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W,
                        *d_c.stride(), *g_c.stride())
-            with _pinned_fit("FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
+            # large rules and the interpreter give the input kernel the cell kernel's tile
+            with _pinned_fit("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
+                             *(("FASTNCA_TRITON_NCA_BWD_TILE",) if (in_m, in_warps) == (block_m, warps) else ())):
                 if not (in_resident and _try_resident(
                         _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
                     _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
