@@ -229,6 +229,8 @@ class _OutOfSharedMemory:
     ("FASTNCA_TRITON_NCA_BWD_TILE", "_nca_step_backward_cell_gemm_kernel", "chunked"),
     ("FASTNCA_TRITON_NCA_BWD_TILE", "_nca_step_backward_cell_kernel", ""),
     ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "_nca_step_backward_input_kernel", ""),
+    # the interpreter (as large rules on a GPU) gives the input kernel the cell kernel's tile
+    ("FASTNCA_TRITON_NCA_BWD_TILE", "_nca_step_backward_input_kernel", ""),
     ("FASTNCA_TRITON_NCA_FWD_TILE", "_nca_step_forward_kernel", "")])
 def test_pinned_tile_over_shared_memory(monkeypatch, var, kernel, acc):
     """A pinned tile whose kernel does not fit a block's shared memory raises a ValueError

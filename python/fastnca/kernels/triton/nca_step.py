@@ -1720,7 +1720,7 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
         sms, smem = _device_limits(device)
-        if rule.HID_PAD >= 256 or rule.C_PAD >= 128:
+        if _large_rule(rule):
             # dz, h ([BLOCK_M, HID_PAD]) and the [C_PAD, HID_PAD] partial updates dominate.
             # The largest rules (C=128, F=3, hidden=256) take 164 KB of shared memory at
             # BLOCK_M=32 (sm_80/sm_90 compiles): over an A100's 163 KB, so 16 there.
@@ -1844,6 +1844,12 @@ def _resident_weights() -> bool:
     return v == "resident"
 
 
+def _large_rule(rule: _Rule) -> bool:
+    """Hidden 256 or C 128 (padded): the cell kernel takes its own tile rule, and the input
+    and conv kernels take the cell kernel's rows (_backward_tiling, _side_tiles)."""
+    return rule.HID_PAD >= 256 or rule.C_PAD >= 128
+
+
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, resident: bool = False):
     """((BLOCK_M, warps, stages) of the input-gradient kernel, BLOCK_M of the conv-gradient
     kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the sm_90 compile of
@@ -1858,7 +1864,7 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, res
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
     if interpreting():
         return pinned or (block_m, warps, 1), block_m
-    large = rule.HID_PAD >= 256 or rule.C_PAD >= 128
+    large = _large_rule(rule)
     conv_m = block_m if large else 64
     if pinned:
         return pinned, conv_m
@@ -2173,9 +2179,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
             in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W,
                        *d_c.stride(), *g_c.stride())
-            # large rules and the interpreter give the input kernel the cell kernel's tile
+            # large rules and the interpreter give the input kernel the cell kernel's tile (_side_tiles)
             with _pinned_fit("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
-                             *(("FASTNCA_TRITON_NCA_BWD_TILE",) if (in_m, in_warps) == (block_m, warps) else ())):
+                             *(("FASTNCA_TRITON_NCA_BWD_TILE",) if interpreting() or _large_rule(rule) else ())):
                 if not (in_resident and _try_resident(
                         _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
                     _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
