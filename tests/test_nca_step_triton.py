@@ -340,6 +340,67 @@ def test_chunked_partials_fall_back_on_wide_rules(monkeypatch):
     check_against_reference((2, 64, 5, 6, 128, 1, 1, 2, "reflect", 0.5))
 
 
+def check_backward_against_reference(state, grad_out, w, args):
+    """tri.backward against the float64 reference on given inputs: every gradient at the
+    float32 tolerance where the reference is finite, the same non-finite entries elsewhere."""
+    got = tri.backward(grad_out, state, *args)
+    want = ref.backward(grad_out.double(), state.double(), *(t.double() for t in w), *args[6:])
+    for name, a, b in zip(GRAD_NAMES, got, want):
+        fin = b.isfinite()
+        assert torch.equal(a.isfinite(), fin) and torch.equal(a.isnan(), b.isnan()), name
+        assert rel_err(a[fin], b[fin]) <= 1e-5, f"{name}: rel err {rel_err(a[fin], b[fin]):.2e}"
+    return got
+
+
+@pytest.mark.parametrize("acc", ["", "memory", "gemm", "chunked"])
+def test_non_finite_grad_on_frozen_channels(monkeypatch, acc):
+    """An inf or NaN of grad_out on a frozen channel reaches d_state there (the identity)
+    and nothing else, in every cell kernel (the hidden-chunk one under =gemm and =chunked):
+    gd is masked to the updated channels before dh = gd W2 (W2's frozen columns are zero,
+    but inf * 0 is NaN)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    frozen = 2
+    state, grad_out, *w = make_inputs(2, 8, 5, 6, 16, 2, 1, frozen, seed=4)
+    grad_out[:, 0, ::2, ::2] = float("inf")
+    grad_out[:, 1, 1::2, ::3] = float("nan")
+    got = check_backward_against_reference(state, grad_out, w, (*w, 1, "reflect", 0.5, 11, 2, frozen))
+    assert not got[0][:, :frozen].isfinite().all() and got[0][:, frozen:].isfinite().all()
+
+
+@pytest.mark.parametrize("acc", ["", "gemm", "chunked"])
+def test_relu_gradient_at_exact_zero(monkeypatch, acc):
+    """relu'(0) = 0, as in torch: hidden units with zero weights and bias (z == 0 exactly at
+    every cell) get no gradient, in every cell kernel (the hidden-chunk one under =gemm and
+    =chunked, here in chunks of 16 units)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", "16")
+    state, grad_out, *w = make_inputs(2, 8, 5, 6, 40, 2, 1, 1, seed=5)
+    dead = [3, 21]
+    w[2][dead] = 0.0
+    w[3][dead] = 0.0
+    got = check_backward_against_reference(state, grad_out, w, (*w, 1, "reflect", 0.5, 11, 2, 1))
+    assert not got[3][dead].any() and not got[4][dead].any()
+
+
+@pytest.mark.parametrize("acc", ["", "chunked"])
+def test_partial_sums_in_private_slots(monkeypatch, acc):
+    """Each cell-kernel program and each conv-gradient cell range adds into a slot of its
+    own, which one fixed-order fold sums (no atomics). A shared slot would be a race on a
+    GPU, but the interpreter runs programs one after another and sums it right: so the
+    slots themselves are checked (under the interpreter: 4 tiles of firing cells over 3
+    programs, 2 conv cell ranges)."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    folded = []
+    fold = tri._fold
+    monkeypatch.setattr(tri, "_fold", lambda partials, total, zero: (folded.append(partials.clone()),
+                                                                      fold(partials, total, zero)))
+    check_against_reference((2, 4, 16, 32, 8, 1, 1, 0, "zeros", 1.0))  # 1024 cells, all fire
+    cell, conv = folded
+    assert cell.shape[0] > 1 and conv.shape[0] > 1
+    assert all(row.any() for row in cell)  # every program had tiles: all cells fire
+    assert sum(bool(row.any()) for row in conv) > 1  # the first two ranges have tiles
+
+
 def test_hidden_chunk_knob(monkeypatch):
     from types import SimpleNamespace
 
@@ -482,8 +543,10 @@ def test_border_reader_tiles(padding, groups):
     """The input-gradient kernel gathers the border readers only in tiles that have them:
     rows of 700 cells give tiles (256 cells under the interpreter) with no border reader,
     with one along x only (x = 0 or 1 side, not both), and with both, beside rows that are
-    y borders."""
-    check_against_reference((1, 2, 6, 700, 4, 1, groups, 0, padding, 0.5))
+    y borders. Every cell fires, so every border reader's dQ counts: at update_prob 0.5 no
+    reader on the x = W side fired in the last tile's rows, and a flag keyed on the other
+    side's readers passed (mutation review, session 22)."""
+    check_against_reference((1, 2, 6, 700, 4, 1, groups, 0, padding, 1.0))
 
 
 EXACT_DTYPES = [
