@@ -53,6 +53,7 @@ for dt in float32 bfloat16; do
     case_ "nca fp32-weights $r,$dt" FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 $(resources) "$r,$dt"
     case_ "nca tf32 $r,$dt" DOT_PREC=tf32 $(resources) "$r,$dt"
     case_ "nca channels_last $r,$dt" LAYOUT=channels_last $(resources) "$r,$dt"
+    case_ "nca fwd-hchunk $r,$dt" FASTNCA_TRITON_NCA_FWD_HCHUNK=32 $(resources) "$r,$dt"
   done
 done
 exit $failed

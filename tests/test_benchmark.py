@@ -486,9 +486,10 @@ def test_full_resolution_peak_under_warm_only(monkeypatch):
 
 def test_variant_rows_only_with_variants(monkeypatch):
     """The opt-in formulations' rows (fastnca bench --variants) on a GPU: the hidden-chunk
-    modes first, the older bfloat16 defaults for bfloat16 only, none by default (a user's
-    run times what ships; the seventh GPU run's nca suite did not finish in 120 s with
-    them). The CLI hands --variants to the suites for that run only."""
+    modes first (the forward's, then the backward's), the older bfloat16 defaults for
+    bfloat16 only, none by default (a user's run times what ships; the seventh GPU run's nca
+    suite did not finish in 120 s with them). The CLI hands --variants to the suites for
+    that run only."""
     from fastnca.benchmark import common, nca_step
     from fastnca.cli import main
 
@@ -502,7 +503,7 @@ def test_variant_rows_only_with_variants(monkeypatch):
     assert all(set(k) == set(knobs["fastnca:triton"]) for k in knobs.values())  # every knob pinned in each row
     bf16 = [name for name, _, _ in nca_step.variant_rows(torch.bfloat16)]
     fp32 = [name for name, _, _ in nca_step.variant_rows(torch.float32)]
-    assert bf16[:2] == fp32[:2] == ["fastnca:triton chunked", "fastnca:triton gemm"]
+    assert bf16[:3] == fp32[:3] == ["fastnca:triton fwd-hchunk", "fastnca:triton chunked", "fastnca:triton gemm"]
     assert "fastnca:triton fp32-weights" in bf16 and not any("fp32-" in n for n in fp32)
     assert all(mode for _, _, mode in nca_step.variant_rows(torch.bfloat16))
     seen = []

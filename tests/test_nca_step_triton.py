@@ -416,6 +416,54 @@ def test_hidden_chunk_knob(monkeypatch):
             tri._hidden_chunk(rule)
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-grid", "compact"])
+@pytest.mark.parametrize("case", [(2, 8, 5, 6, 40, 2, 1, 1, "reflect", 0.5),
+                                  (1, 8, 7, 5, 24, 3, "C", 2, "circular", 1.0),
+                                  CASES[0], CASES[3], CASES[6], CASES[-2]], ids=lambda c: "x".join(map(str, c)))
+def test_forward_hidden_chunks(monkeypatch, case, compact):
+    """FASTNCA_TRITON_NCA_FWD_HCHUNK=16: the forward walks the hidden layer 16 units at a
+    time (several chunks at hidden 24, 40; one at 16 or less; padded units in the last
+    chunk), over every grid or the listed firing cells, and matches the reference; the
+    backward is the same as without it. NaN activations leave frozen channels bitwise."""
+    from test_nca_step import check_frozen_channels_kept_beside_nan
+
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", "16")
+    if compact:
+        monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
+    fwd = _LaunchSpy(tri._nca_step_forward_kernel)
+    monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
+    monkeypatch.setattr(tri, "_forward_autotuned", lambda: fwd)  # (a GPU autotunes: the same kernel)
+    hc = []
+    record = tri._forward_hidden_chunk
+    monkeypatch.setattr(tri, "_forward_hidden_chunk", lambda rule: hc.append(record(rule)) or hc[-1])
+    check_against_reference(case)
+    check_against_reference(case, torch.bfloat16, channels_last=True, grads=False)
+    assert fwd.rows and hc and all(h == 16 for h in hc)
+    check_frozen_channels_kept_beside_nan("triton", DEVICE)
+
+
+def test_forward_hidden_chunk_knob(monkeypatch):
+    """FASTNCA_TRITON_NCA_FWD_HCHUNK: unset or 0 off; a power of two in 16..256, at most the
+    padded hidden width, on rules of one channel and conv chunk only (0 on others, whose
+    forward keeps the whole hidden layer); anything else is refused, naming the variable."""
+    state, _, *w = make_inputs(1, 32, 2, 2, 128, 2, 1, 1)
+    mednca = tri._Rule(state, *w, 1, "reflect", 1)
+    wide = tri._Rule(*(lambda s, g, *ws: (s, *ws))(*make_inputs(1, 64, 2, 2, 128, 2, 1, 0)), 1, "zeros", 0)
+    assert mednca.ONE_CHUNK and not wide.ONE_CHUNK
+    assert tri._forward_hidden_chunk(mednca) == 0
+    for v, want in (("0", 0), ("16", 16), ("32", 32), ("256", 128)):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", v)
+        assert tri._forward_hidden_chunk(mednca) == want
+        assert tri._forward_hidden_chunk(wide) == 0
+    for bad in ("8", "24", "512", "x", "-16"):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", bad)
+        with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_FWD_HCHUNK"):
+            tri._forward_hidden_chunk(mednca)
+    # a wide rule at a valid chunk runs the whole-layer forward, and matches the reference
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", "16")
+    check_against_reference((1, 64, 3, 4, 40, 2, 1, 0, "zeros", 0.5), grads=False)
+
+
 @pytest.mark.parametrize("weights", ["staged", "resident"])
 def test_compact_forward_keeps_frozen_channels_beside_nan(weights, monkeypatch):
     """The compact forward (every listed cell fires), staged and resident: frozen channels

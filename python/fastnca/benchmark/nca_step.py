@@ -164,7 +164,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
             kept in shared memory); "gemm" alone: the hidden-chunk cell kernel (float32; on a GPU
             half states take the other cell kernel, kernels/triton/nca_step._takes_hidden_chunks); "chunked":
-            FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots)."""
+            FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots); "fwd-hchunk":
+            FASTNCA_TRITON_NCA_FWD_HCHUNK=32 (the forward's hidden layer 32 units at a time)."""
             def f():
                 ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
                     else contextlib.nullcontext()
@@ -177,6 +178,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                             FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
                                                         "chunked" if "chunked" in words else None),
                             FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
+                            FASTNCA_TRITON_NCA_FWD_HCHUNK="32" if "fwd-hchunk" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
                 with torch.set_grad_enabled(grad), ctx, knobs:
                     y = forward()
@@ -259,7 +261,8 @@ def variant_rows(dtype: torch.dtype) -> list[tuple[str, str, str]]:
     wanted first (a time-limited run keeps the rows it reached): the opt-in Triton
     formulations, then the older defaults. They decide defaults; users' runs leave them out."""
     bf16 = dtype == torch.bfloat16
-    rows = [("fastnca:triton chunked", "triton", "chunked"),  # opt-in: hidden chunks, partials in slots
+    rows = [("fastnca:triton fwd-hchunk", "triton", "fwd-hchunk"),  # opt-in: the forward in hidden chunks
+            ("fastnca:triton chunked", "triton", "chunked"),  # opt-in: hidden chunks, partials in slots
             ("fastnca:triton gemm", "triton", "gemm")]  # opt-in: weight grads as GEMMs
     if bf16:
         rows += [("fastnca:triton split-bwd", "triton", "split-bwd"),  # the products before 2026-11-27

@@ -511,6 +511,44 @@ def _nca_step_arrange_kernel(
 # ---------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s_w, s_c, o_c, offs_c, cmask,
+                           w1a_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, frozen,
+                           F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr,
+                           FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr, HC: tl.constexpr):
+    """The forward of a strip of cells for a rule of one channel and one conv chunk, the
+    hidden layer HC units at a time (FASTNCA_TRITON_NCA_FWD_HCHUNK): x and the conv are
+    loaded and computed once; each chunk's z, h = relu(z) and its product with W2's rows
+    add into delta, so only a [BLOCK_M, HC] slice of the hidden layer is live, not
+    [BLOCK_M, HID_PAD] (the same walk as the backward's hidden-chunk kernel). Every z is
+    the same sum over the same inputs as in _hidden; delta sums the chunks in order.
+    m: the fire mask of the rows (1 for every listed cell)."""
+    kmask = rows[:, None] & cmask[None, :]
+    # x stays in the state's dtype: the operand of bfloat16 dots (_mm casts)
+    x = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0)
+    offs_f = tl.arange(0, FC_CEIL)
+    conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, offs_f < FC,
+                       pw_ptr, pb_ptr, F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
+    offs_j = tl.arange(0, HC)
+    delta = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
+    for j0 in range(0, HID_PAD, HC):
+        offs_h = j0 + offs_j
+        z = _mm(x, tl.load(w1a_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]), None,
+                DOT_PREC, EXACT, _EX_STATE, _EX_W1)
+        z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+                DOT_PREC, EXACT, _EX_NONE, _EX_W1)
+        z = z + tl.load(b1_ptr + offs_h)[None, :]
+        h = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN, as _hidden's
+        delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]), delta,
+                    DOT_PREC, EXACT, _EX_NONE, _EX_W2)
+    delta += tl.load(b2_ptr + offs_c)[None, :]
+    xk = x.to(tl.float32)
+    # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
+    new = tl.where((offs_c[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
+    tl.store(o_row + offs_c.to(tl.int64)[None, :] * o_c, new.to(o_row.dtype.element_ty), mask=kmask)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_forward_kernel(
     x_ptr, out_ptr, idx_ptr, count_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
@@ -519,11 +557,13 @@ def _nca_step_forward_kernel(
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT: tl.constexpr, HALF_W: tl.constexpr, COMPACT: tl.constexpr, RESIDENT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
     the others); programs past the list's last tile do nothing. Otherwise every cell, the
     mask drawn in-kernel (one launch: small states, where launches dominate).
+    HC > 0 (FASTNCA_TRITON_NCA_FWD_HCHUNK, rules of one channel and conv chunk; opt-in):
+    the hidden layer in chunks of HC units (_forward_hidden_chunks).
     RESIDENT (with COMPACT, rules of one channel and conv chunk; opt-in): persistent, each
     program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1).
     wh: the bfloat16 copy of the arranged weights (HALF_W): the conv and fc1's state part,
@@ -579,19 +619,24 @@ def _nca_step_forward_kernel(
 
         w1a_d, _, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD,
                                            FC_CEIL)
-        h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                       w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                       FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
-        for k0 in range(0, C, C_BLK):
-            offs_k = k0 + tl.arange(0, C_BLK)
-            kmask = rows[:, None] & (offs_k < C)[None, :]
-            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-            delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
-                        DOT_PREC, EXACT, _EX_NONE, _EX_W2)
-            delta += tl.load(b2_ptr + offs_k)[None, :]
-            # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
-            new = tl.where((offs_k[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
-            tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
+        if HC > 0:
+            _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s_w, s_c, o_c, offs_c, cmask,
+                                   w1a_d, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_d, pb_ptr, frozen, F, FC, C_PAD,
+                                   HID_PAD, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, EXACT, HC)
+        else:
+            h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                           w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
+                           FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
+            for k0 in range(0, C, C_BLK):
+                offs_k = k0 + tl.arange(0, C_BLK)
+                kmask = rows[:, None] & (offs_k < C)[None, :]
+                xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+                delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
+                            DOT_PREC, EXACT, _EX_NONE, _EX_W2)
+                delta += tl.load(b2_ptr + offs_k)[None, :]
+                # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
+                new = tl.where((offs_k[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
+                tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -650,11 +695,11 @@ def _cell_tile_safe(rule, block_m: int, num_warps: int) -> bool:
 
 
 def _forward_prune(configs, named_args, **kwargs):
-    """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD, C_PAD, FC_BLK)])
+    """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD or HC, C_PAD, FC_BLK)])
     would need more than ~128 registers per thread (spills), and tiles with more warp
     groups than 64-row blocks (_wgmma_safe)."""
     a = {**named_args, **kwargs}
-    width = max(a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
+    width = max(a.get("HC") or a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
     safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps)]
     keep = [c for c in safe if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
     return keep or safe[:1]
@@ -674,7 +719,7 @@ def _forward_autotuned():
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                  for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "RESIDENT"],
+        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "RESIDENT", "HC"],
         prune_configs_by={"early_config_prune": _forward_prune},
     )(_nca_step_forward_kernel)
 
@@ -1618,7 +1663,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx = count = out  # placeholders, never read
     args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
-    cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False)
+    cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False, HC=_forward_hidden_chunk(rule))
     if compact and _resident_weights() and rule.ONE_CHUNK:
         # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
         # on 8 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 152 KB of shared
@@ -1641,6 +1686,28 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
             grid = lambda meta: (cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
             _forward_autotuned()[grid](*args, **cx)
     return out
+
+
+def _forward_hidden_chunk(rule: _Rule) -> int:
+    """HC of the forward kernel: FASTNCA_TRITON_NCA_FWD_HCHUNK (opt-in, untimed), a power of
+    two in 16..256, at most HID_PAD, for rules of one channel and conv chunk (the Med-NCA
+    rule); 0 (unset, "0", or other rules) keeps the whole hidden layer of a tile live.
+    Untimed. sm_90 compiles of the Med-NCA rule, bfloat16 (2026-11-28): an NCHW state's
+    forward spills 720 / 1920 / 2752 bytes a thread at tiles 32/4, 64/4, 128/8 with triton
+    3.9 (48 / 56 / 8 with 3.6, the lent GPUs'); at HC=32 and 64/4, 1216 (3.9) and 0 (3.6).
+    A channels_last state (the benchmark's) spills in neither; at 64/4 HC=32 takes 254 ->
+    207 registers and 2400 -> 1480 static instructions (3.6; the chunk loop runs 4 times).
+    See _forward_hidden_chunks."""
+    v = os.environ.get("FASTNCA_TRITON_NCA_FWD_HCHUNK", "")
+    if v in ("", "0"):
+        return 0
+    try:
+        hc = int(v)
+    except ValueError:
+        hc = 0
+    if hc < 16 or hc & (hc - 1) or hc > 256:
+        raise ValueError(f"FASTNCA_TRITON_NCA_FWD_HCHUNK must be 0 or a power of two in 16..256, got {v!r}")
+    return min(hc, rule.HID_PAD) if rule.ONE_CHUNK else 0
 
 
 def _pinned_forward_tile() -> tuple[int, int] | None:
