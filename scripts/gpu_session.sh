@@ -124,11 +124,18 @@
 #       (the tests include the =gemm half-state fallback and the pinned-tile errors, untested
 #       on a GPU), then on the warm machine at once (~250 s):
 #         VARIANTS_ARGS="--variant default:default:default default:default:fp32-weights 64,4:chunked:default
-#         32,4:chunked:default --no-cuda --rounds 3" scripts/gpu_session.sh variants@90 \
+#         32,4:chunked:default --no-cuda --rounds 3" scripts/gpu_session.sh variants@120 \
 #             timeline:nca:triton@30 bench:mednca,geca:bfloat16@120 pack
 #       (the 64-step rollout is kernel-bound, ~1.9 ms of kernels a step against ~2.2 ms:
 #       the backward kernels decide issue 3; =chunked with half weights and the new fold
 #       of the weight-gradient partials are untimed)
+#     Session 22 (2026-11-28, no GPU): one kernel change, opt-in: the forward in hidden chunks
+#       (FASTNCA_TRITON_NCA_FWD_HCHUNK=32; variants row "triton fwd-hchunk 32" in the
+#       rollouts, bench --variants row "fastnca:triton fwd-hchunk"). It adds a rollout row
+#       and its forward autotune to call 2's variants: give that stage @120, not @90. The
+#       rollout does two forwards a step (0.215 ms each in graph replay at 109ac01): a win
+#       there of more than the rounds' spread makes it the default. New CPU tests from
+#       mutation reviews (no GPU test changed).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

@@ -1548,3 +1548,23 @@ def check_half_weight_copy(monkeypatch, case):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1"):
         tri._Rule(state, *w, g, padding, frozen)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("tile", ["autotune", "32,4", "64,4", "128,8"])
+@pytest.mark.parametrize("hc", ["16", "32", "64"])
+def test_gpu_forward_hidden_chunks(monkeypatch, tile, hc):
+    """The forward in hidden chunks (FASTNCA_TRITON_NCA_FWD_HCHUNK, opt-in) at the tiles its
+    autotuner tries, on the Med-NCA rule in bfloat16 (channels_last, the benchmark's layout)
+    and float32 (NCHW), over every cell and over the listed firing cells, and on a
+    depthwise rule: against the reference at the dtype's tolerance."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", hc)
+    if tile != "autotune":
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", tile)
+    medNCA = (2, 32, 40, 48, 128, 2, 1, 1, "reflect", 0.5)
+    for compact in (False, True):
+        monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1 if compact else 1 << 40)
+        check_against_reference(medNCA, torch.bfloat16, torch.bfloat16, channels_last=True, grads=False)
+        check_against_reference(medNCA, grads=False)
+        check_against_reference((2, 16, 33, 20, 64, 2, "C", 0, "zeros", 0.5), torch.bfloat16, grads=False)
