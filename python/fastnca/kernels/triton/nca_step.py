@@ -512,6 +512,21 @@ def _nca_step_arrange_kernel(
 
 
 @triton.jit
+def _hidden_units(x, conv, w1a_ptr, w1bt_ptr, b1_ptr, offs_c, offs_f, offs_h, HID_PAD: tl.constexpr,
+                  DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
+    """h = relu(x W1a + conv W1b + b1) for the hidden units offs_h of a tile (rules of one
+    channel and conv chunk: x [BLOCK_M, C_PAD] in the state's dtype, conv [BLOCK_M, FC_CEIL]);
+    the chunk step of _forward_hidden_chunks and _nca_step_backward_cell_gemm_kernel. Each
+    z is the sum _hidden forms, over the same inputs."""
+    z = _mm(x, tl.load(w1a_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]), None,
+            DOT_PREC, EXACT, _EX_STATE, _EX_W1)
+    z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
+            DOT_PREC, EXACT, _EX_NONE, _EX_W1)
+    z = z + tl.load(b1_ptr + offs_h)[None, :]
+    return tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN, as _hidden's
+
+
+@triton.jit
 def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s_w, s_c, o_c, offs_c, cmask,
                            w1a_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, frozen,
                            F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr,
@@ -534,12 +549,7 @@ def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s
     delta = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
     for j0 in range(0, HID_PAD, HC):
         offs_h = j0 + offs_j
-        z = _mm(x, tl.load(w1a_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :]), None,
-                DOT_PREC, EXACT, _EX_STATE, _EX_W1)
-        z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                DOT_PREC, EXACT, _EX_NONE, _EX_W1)
-        z = z + tl.load(b1_ptr + offs_h)[None, :]
-        h = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN, as _hidden's
+        h = _hidden_units(x, conv, w1a_ptr, w1bt_ptr, b1_ptr, offs_c, offs_f, offs_h, HID_PAD, DOT_PREC, EXACT)
         delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]), delta,
                     DOT_PREC, EXACT, _EX_NONE, _EX_W2)
     delta += tl.load(b2_ptr + offs_c)[None, :]
@@ -1010,12 +1020,7 @@ def _nca_step_backward_cell_gemm_kernel(
         dq = tl.zeros([BLOCK_M, FC_CEIL], dtype=tl.float32)
         for j0 in range(0, HID_PAD, HC):
             offs_h = j0 + offs_j
-            z = _mm(x, tl.load(w1a_d + offs_c[:, None] * HID_PAD + offs_h[None, :]), None,
-                    DOT_PREC, EXACT, _EX_STATE, _EX_W1)
-            z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
-                    DOT_PREC, EXACT, _EX_NONE, _EX_W1)
-            z = z + tl.load(b1_ptr + offs_h)[None, :]
-            h = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN, as the forward's
+            h = _hidden_units(x, conv, w1a_d, w1bt_ptr, b1_ptr, offs_c, offs_f, offs_h, HID_PAD, DOT_PREC, EXACT)
             dh = _mm(gd, tl.load(w2_d + offs_h[None, :] * C_PAD + offs_c[:, None]), None,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
             dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
@@ -1698,16 +1703,25 @@ def _forward_hidden_chunk(rule: _Rule) -> int:
     A channels_last state (the benchmark's) spills in neither; at 64/4 HC=32 takes 254 ->
     207 registers and 2400 -> 1480 static instructions (3.6; the chunk loop runs 4 times).
     See _forward_hidden_chunks."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_FWD_HCHUNK", "")
-    if v in ("", "0"):
+    hc = _chunk_knob("FASTNCA_TRITON_NCA_FWD_HCHUNK", zero_ok=True)
+    return min(hc, rule.HID_PAD) if hc and rule.ONE_CHUNK else 0
+
+
+def _chunk_knob(var: str, zero_ok: bool = False) -> int | None:
+    """A hidden-chunk knob's value: None when unset (or "0" with ``zero_ok``: 0), else a power of
+    two in 16..256, anything else refused with a ValueError naming ``var``."""
+    v = os.environ.get(var, "")
+    if not v:
+        return None
+    if zero_ok and v == "0":
         return 0
     try:
         hc = int(v)
     except ValueError:
         hc = 0
     if hc < 16 or hc & (hc - 1) or hc > 256:
-        raise ValueError(f"FASTNCA_TRITON_NCA_FWD_HCHUNK must be 0 or a power of two in 16..256, got {v!r}")
-    return min(hc, rule.HID_PAD) if rule.ONE_CHUNK else 0
+        raise ValueError(f"{var} must be {'0 or ' if zero_ok else ''}a power of two in 16..256, got {v!r}")
+    return hc
 
 
 def _pinned_forward_tile() -> tuple[int, int] | None:
@@ -1948,16 +1962,8 @@ _FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
 def _hidden_chunk(rule: _Rule) -> int:
     """HC of _nca_step_backward_cell_gemm_kernel: hidden units a chunk, 32 (at most HID_PAD)
     unless FASTNCA_TRITON_NCA_BWD_HCHUNK pins a power of two in 16..HID_PAD."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_BWD_HCHUNK", "")
-    if not v:
-        return min(32, rule.HID_PAD)
-    try:
-        hc = int(v)
-    except ValueError:
-        hc = 0
-    if hc < 16 or hc & (hc - 1) or hc > 256:
-        raise ValueError(f"FASTNCA_TRITON_NCA_BWD_HCHUNK must be a power of two in 16..256, got {v!r}")
-    return min(hc, rule.HID_PAD)
+    hc = _chunk_knob("FASTNCA_TRITON_NCA_BWD_HCHUNK")
+    return min(32 if hc is None else hc, rule.HID_PAD)
 
 
 def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, programs: int):
