@@ -28,9 +28,12 @@ def test_opcheck_nca_step(test_utils):
     torch.library.opcheck(ops.nca_step.default, nca_args(), test_utils=test_utils)
 
 
-def test_opcheck_nca_rollout():
+@pytest.mark.parametrize("steps", [5, 0])
+def test_opcheck_nca_rollout(steps):
+    """Also 0 steps: the backward's d_state is then grad_out's value in a new tensor (a
+    custom op may not return an alias of its input)."""
     x, pw, pb, w1, b1, w2, b2, groups, padding, p, seed, step, frozen, backend = nca_args()
-    args = (x, pw, pb, w1, b1, w2, b2, 5, step, 2, True, groups, padding, p, seed, frozen, backend)
+    args = (x, pw, pb, w1, b1, w2, b2, steps, step, 2, True, groups, padding, p, seed, frozen, backend)
     torch.library.opcheck(ops.nca_rollout.default, args)
 
 
@@ -69,6 +72,8 @@ def test_opcheck_nca_rollout_kernels(backend, channels_last):
     # 3 steps, a checkpoint every 2: one checkpoint (in the state's memory format) is kept.
     args = (x, pw, pb, w1, b1, w2, b2, 3, step, 2, True, groups, padding, p, seed, frozen, backend)
     torch.library.opcheck(ops.nca_rollout.default, args)
+    _, ckpt = ops.nca_rollout(*args)
+    assert ckpt.shape[0] == 1 and ckpt[0].is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))

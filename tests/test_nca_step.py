@@ -408,6 +408,17 @@ ARG_ERRORS = [
     (dict(fc1_weight=torch.zeros(6, 9, device="meta")), ValueError, mentions("fc1_weight", "meta")),
     (dict(perception_bias=torch.zeros(6, device="meta")), ValueError, mentions("perception_bias", "meta")),
     (dict(fc2_bias=torch.zeros(3, device="meta")), ValueError, mentions("fc2_bias", "meta")),
+    (dict(fc1_bias=torch.zeros(6, device="meta")), ValueError, mentions("fc1_bias", "meta")),
+    # Biases are checked like the weights: an integer bias would be taken silently.
+    (dict(fc1_bias=torch.zeros(6, dtype=torch.int32)), TypeError, mentions("fc1_bias")),
+    (dict(fc2_bias=torch.zeros(3, dtype=torch.int64)), TypeError, mentions("fc2_bias")),
+    (dict(step=2**64), ValueError, mentions("step")),
+    # An otherwise consistent rule with no hidden units or no perception filters: the
+    # reference's torch code would run the first and fail inside conv2d on the second.
+    (dict(fc1_weight=torch.zeros(0, 9), fc1_bias=torch.zeros(0), fc2_weight=torch.zeros(3, 0), backend="reference"),
+     ValueError, mentions("fc1_weight")),
+    (dict(perception_weight=torch.zeros(0, 3, 3, 3), perception_bias=torch.zeros(0), fc1_weight=torch.zeros(6, 3),
+          backend="reference"), ValueError, mentions("perception_weight")),
 ]
 
 
@@ -702,6 +713,14 @@ def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, g
     shifted_g.copy_(g)
     with pytest.raises(ValueError, match="out may be grad_out itself"):
         k.backward(shifted_g, x, *w, *args, out=shifted_out)
+    # grad_out's own memory seen through other strides (same address, same span) is not
+    # grad_out itself: each element would be written over another one still to be read
+    other = torch.channels_last if g.is_contiguous() else torch.contiguous_format
+    buf = g.clone()
+    twisted = buf.as_strided(buf.shape, torch.empty_like(buf, memory_format=other).stride())
+    assert twisted.data_ptr() == buf.data_ptr() and twisted.stride() != buf.stride()
+    with pytest.raises(ValueError, match="out may be grad_out itself"):
+        k.backward(buf, x, *w, *args, out=twisted)
 
 
 @pytest.mark.parametrize("acc,weights", [("gemm", ""), ("", "resident"), ("gemm", "resident")])
@@ -727,6 +746,38 @@ def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
     assert k.BACKWARD_OUT_MAY_BE_GRAD  # every fast backend: the rollout relies on it
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
+
+
+def test_backward_batch_chunk_bounds():
+    """Batch items per backward launch: the fp32 workspace within the state's bytes, but
+    never fewer than BACKWARD_CHUNK_MIN_CELLS cells a launch (nor more than the batch)."""
+    assert _common.BACKWARD_CHUNK_MIN_CELLS == 1 << 16
+    x = torch.empty(256, 4, 32, 32, device="meta")  # 1024 cells an item, 16 bytes of state a cell
+    assert _common.backward_batch_chunk(x, 4) == 256  # the whole workspace fits in the state's bytes
+    assert _common.backward_batch_chunk(x, 1024) == 64  # 4 items by bytes, raised to 2^16 cells
+    assert _common.backward_batch_chunk(x[:3], 1024) == 3
+    assert _common.backward_batch_chunk(torch.empty(2, 1, 512, 512, device="meta"), 4096) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_backends("nca_step")])
+def test_rollout_keeps_no_checkpoints_without_grad(backend, monkeypatch):
+    """Under torch.no_grad (inputs that require grad, as an nn.NCA's parameters do) the
+    rollout allocates no checkpoints: none would be used."""
+    import importlib
+
+    nca_mod = importlib.import_module("fastnca.nca_step")  # the package's nca_step is the function
+    dev = device_for(backend)
+    counts = []
+    empty = nca_mod._empty_checkpoints
+    monkeypatch.setattr(nca_mod, "_empty_checkpoints", lambda state, n: counts.append(n) or empty(state, n))
+    rule = make_rule(3, device=dev, requires_grad=True)
+    x = make_state(1, 3, 4, 5, device=dev, requires_grad=True)
+    kw = dict(steps=9, checkpoint_every=3, seed=1, backend=backend)
+    with torch.no_grad():
+        fastnca.nca_rollout(x, *rule, **kw)
+    assert counts == [0]
+    fastnca.nca_rollout(x, *rule, **kw)
+    assert counts == [0, 2]
 
 
 def test_rollout_checkpoints_take_no_gradient():

@@ -391,6 +391,8 @@ ARG_ERRORS = [
     (dict(border="shift", kernel_size=7), ValueError, "border='shift' needs height and width >= kernel_size=7"),
     (dict(border="shift", query=torch.zeros(1, 2, 4, 2, 8), key=torch.zeros(1, 2, 4, 2, 8),
           value=torch.zeros(1, 2, 4, 2, 8)), ValueError, "border='shift' needs height and width >= kernel_size=3"),
+    (dict(border="shift", query=torch.zeros(1, 4, 2, 2, 8), key=torch.zeros(1, 4, 2, 2, 8),
+          value=torch.zeros(1, 4, 2, 2, 8)), ValueError, "border='shift' needs height and width >= kernel_size=3"),
     (dict(scale=float("nan")), ValueError, "scale must be None or a finite float"),
     (dict(backend="natten"), ValueError, "backend must be None or one of"),
     # Matched on the argument's name (and, for a device mismatch, the device), not on the
@@ -497,6 +499,21 @@ def test_backend_matches_reference(backend, dtype, case):
     assert_close(lse, rlse, torch.float32, "lse")  # float32 for every input dtype: it is computed and kept in fp32
     for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
         assert_close(a, b, dtype, name, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+def test_backend_head_dim_one_with_any_stride(backend):
+    """A size-1 head dim is contiguous whatever its stride: every backend takes it (the
+    cuda and triton kernels require stride(-1) == 1 of what they are given) and matches
+    the reference."""
+    dev = device_for(backend)
+    base = torch.randn(1, 4, 5, 2, 3, generator=torch.Generator().manual_seed(3)).to(dev)
+    q = base.transpose(-1, -2)[..., :1].requires_grad_(True)  # [1, 4, 5, 3, 1], stride(-1) == 3
+    assert q.stride(-1) != 1
+    o = fastnca.neighborhood_attention2d(q, q, q, backend=backend)
+    r = fastnca.neighborhood_attention2d(q, q, q, backend="reference")
+    assert_close(o, r, torch.float32, "o")
+    assert_close(torch.autograd.grad(o.sum(), q)[0], torch.autograd.grad(r.sum(), q)[0], torch.float32, "dq")
 
 
 @pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))

@@ -35,6 +35,20 @@ def test_bad_fastnca_backend_env_is_named(monkeypatch):
         fastnca.nca_step(make_state(1, 3, 4, 4), *make_rule(3), seed=0)
 
 
+def test_fastnca_backend_env_does_not_override_an_explicit_backend(monkeypatch):
+    """FASTNCA_BACKEND stands in for backend=None only: an explicit backend= wins (here
+    "cuda", which CPU tensors cannot take, would raise)."""
+    monkeypatch.setenv("FASTNCA_BACKEND", "cuda")
+    x, rule = make_state(1, 3, 4, 4), make_rule(3)
+    out = fastnca.nca_step(x, *rule, seed=0, backend="reference")
+    monkeypatch.delenv("FASTNCA_BACKEND")
+    assert torch.equal(out, fastnca.nca_step(x, *rule, seed=0, backend="reference"))
+    monkeypatch.setenv("FASTNCA_BACKEND", "cuda")
+    q = torch.randn(1, 4, 4, 1, 8)
+    fastnca.neighborhood_attention2d(q, q, q, backend="reference")
+    fastnca.fire_mask(1, 2, 2, 0.5, seed=0, backend="reference")
+
+
 @pytest.mark.parametrize("frozen,match", [(0, r"must have shape \[3, 6\], got \(2, 6\)"),
                                           (1, r"must have shape \[3, 6\] or \[2, 6\] .*got \(1, 6\)")])
 def test_fc2_shape_message(frozen, match):
