@@ -8,7 +8,8 @@
 #   PY=/path/to/venv-with-triton-3.6/bin/python scripts/triton_sm90_matrix.sh > matrix.log
 # Seen (2026-11-28, 2 shared cores): 120 cases, about 25 minutes; every case compiles with
 # triton 3.0, 3.6 and 3.9 (the Med-NCA rule's default bfloat16 backward cell kernel spills
-# 672 bytes with 3.6 and 3.9).
+# 672 bytes with 3.6 and 3.9). The 4 fwd-hchunk cases, added later (124 in all), compile with
+# 3.0, 3.6 and 3.9 (checked on their own, with float16 too).
 # Rules: B,C,H,W,hidden,F,groups,frozen; attention: B,H,W,heads,D,kernel_size,border.
 set -uo pipefail
 cd "$(dirname "$0")/.."
