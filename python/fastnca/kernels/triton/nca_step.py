@@ -512,6 +512,14 @@ def _nca_step_arrange_kernel(
 
 
 @triton.jit
+def _stepped(xk, delta, offs_k, frozen, m):
+    """The new state of a strip's channels offs_k: xk + delta on the updated channels of the
+    cells that fire (m != 0), xk itself elsewhere: idle cells keep their state exactly (not
+    xk + 0 * delta: a delta may be inf/NaN)."""
+    return tl.where((offs_k[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
+
+
+@triton.jit
 def _hidden_units(x, conv, w1a_ptr, w1bt_ptr, b1_ptr, offs_c, offs_f, offs_h, HID_PAD: tl.constexpr,
                   DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
     """h = relu(x W1a + conv W1b + b1) for the hidden units offs_h of a tile (rules of one
@@ -553,9 +561,7 @@ def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s
         delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :]), delta,
                     DOT_PREC, EXACT, _EX_NONE, _EX_W2)
     delta += tl.load(b2_ptr + offs_c)[None, :]
-    xk = x.to(tl.float32)
-    # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
-    new = tl.where((offs_c[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
+    new = _stepped(x.to(tl.float32), delta, offs_c, frozen, m)
     tl.store(o_row + offs_c.to(tl.int64)[None, :] * o_c, new.to(o_row.dtype.element_ty), mask=kmask)
 
 
@@ -644,8 +650,7 @@ def _nca_step_forward_kernel(
                 delta = _mm(h, tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]), None,
                             DOT_PREC, EXACT, _EX_NONE, _EX_W2)
                 delta += tl.load(b2_ptr + offs_k)[None, :]
-                # idle cells keep their state exactly (not xk + 0 * delta: a delta may be inf/NaN)
-                new = tl.where((offs_k[None, :] >= frozen) & (m[:, None] != 0), xk + delta, xk)
+                new = _stepped(xk, delta, offs_k, frozen, m)
                 tl.store(o_row + offs_k.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -1697,7 +1702,7 @@ def _forward_hidden_chunk(rule: _Rule) -> int:
     """HC of the forward kernel: FASTNCA_TRITON_NCA_FWD_HCHUNK (opt-in, untimed), a power of
     two in 16..256, at most HID_PAD, for rules of one channel and conv chunk (the Med-NCA
     rule); 0 (unset, "0", or other rules) keeps the whole hidden layer of a tile live.
-    Untimed. sm_90 compiles of the Med-NCA rule, bfloat16 (2026-11-28): an NCHW state's
+    sm_90 compiles of the Med-NCA rule, bfloat16 (2026-11-28): an NCHW state's
     forward spills 720 / 1920 / 2752 bytes a thread at tiles 32/4, 64/4, 128/8 with triton
     3.9 (48 / 56 / 8 with 3.6, the lent GPUs'); at HC=32 and 64/4, 1216 (3.9) and 0 (3.6).
     A channels_last state (the benchmark's) spills in neither; at 64/4 HC=32 takes 254 ->
