@@ -79,11 +79,15 @@ def launch_costs() -> None:
     args = (*w, 1, "reflect", 0.5, 1, 2, 1)
     rule = tri.prepare(x, *w, 1, "reflect", 1)
     g = torch.randn_like(x)
+    xs = x[:, :, :64, :64].contiguous(memory_format=torch.channels_last)  # Med-NCA's training states
+    gs = torch.randn_like(xs)
     q, k, v = (torch.randn(32, 32, 32, 12, 64, dtype=dt) for _ in range(3))
     o, lse = tri_na.forward(q, k, v, 3, "zeros", 0.125)
     ops = {
         "nca_step forward (B=8, 256x256)": lambda: tri.forward(x, *args, prepared=rule),
         "nca_step backward": lambda: tri.backward(g, x, *args, prepared=rule),
+        "nca_step forward (B=8, 64x64)": lambda: tri.forward(xs, *args, prepared=rule),
+        "nca_step backward (B=8, 64x64)": lambda: tri.backward(gs, xs, *args, prepared=rule),
         "attention forward (GeCA-S)": lambda: tri_na.forward(q, k, v, 3, "zeros", 0.125),
         "attention backward": lambda: tri_na.backward(torch.randn_like(o), None, q, k, v, o, lse, 3, "zeros", 0.125),
     }

@@ -45,6 +45,16 @@ def _true_fp32_reference():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture(params=["every-cell", "listed"])
+def walk(request, monkeypatch):
+    """The backward's two walks: every cell, the cell kernel drawing the mask (states
+    below _COMPACT_BACKWARD_CELLS, every CPU test's size), or the listed firing cells
+    (larger states; the threshold lowered here so that small states take it too)."""
+    if request.param == "listed":
+        monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 1)
+    return request.param
+
+
 def make_inputs(B, C, H, W, hidden, F, groups, frozen, dtype=torch.float32, wdtype=torch.float32,
                 channels_last=False, seed=0):
     """Backend-level inputs: (state, grad_out, pw, pb, w1, b1, w2, b2); w2/b2 already have
@@ -116,12 +126,12 @@ CASES = [
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_every_padding(padding, groups):
+def test_every_padding(padding, groups, walk):
     check_against_reference((2, 3, 3, 5, 5, 2, groups, 1, padding, 0.5))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_reference(case):
+def test_matches_reference(case, walk):
     check_against_reference(case)
 
 
@@ -135,7 +145,7 @@ def test_compact_forward(monkeypatch, case):
     check_against_reference(case, torch.bfloat16, channels_last=True, grads=False)
 
 
-def test_weight_grad_accumulators(monkeypatch):
+def test_weight_grad_accumulators(monkeypatch, walk):
     """The backward keeps its fc weight-grad partials in registers for rules of one channel
     and conv chunk (the Med-NCA rule), in memory otherwise or when
     FASTNCA_TRITON_NCA_BWD_ACC=memory asks, all but d_w1b in registers with =mixed; every
@@ -167,7 +177,7 @@ def test_weight_grad_accumulators(monkeypatch):
     ((2, 8, 5, 6, 16, 2, "C", 2, "replicate", 0.5), torch.float16),
     ((1, 8, 6, 7, 128, 2, 1, 1, "reflect", 0.5), torch.float32),      # hidden in several fc tiles
 ], ids=["dense", "depthwise", "tiny", "none-fire", "bf16", "fp16-depthwise", "wide-hidden"])
-def test_gemm_weight_grads(monkeypatch, case, dtype):
+def test_gemm_weight_grads(monkeypatch, case, dtype, walk):
     """FASTNCA_TRITON_NCA_BWD_ACC=gemm: the cell kernel writes the firing cells' dz, h, gd,
     x and conv rows, and _nca_step_backward_fc_kernel reduces them (over two cell ranges
     under the interpreter) into the weight gradients; against the reference."""
@@ -197,7 +207,7 @@ class _LaunchCount:
     ((2, 8, 5, 6, 33, 1, "C", 0, "replicate", 0.5), torch.float16),
 ], ids=["dense", "depthwise", "bf16", "fp16-depthwise"])
 @pytest.mark.parametrize("acc", ["gemm", "chunked"])
-def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc):
+def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc, walk):
     """=gemm and =chunked on rules of one channel and conv chunk run
     _nca_step_backward_cell_gemm_kernel (hidden units HC at a time; here 16, so several
     chunks add into dP_x and dQ, and under =chunked into the weight-gradient partials):
@@ -310,7 +320,7 @@ class _LaunchSpy:
 
 
 @pytest.mark.parametrize("acc", ["chunked", "gemm"])
-def test_hidden_chunk_kernel_over_tiles_and_batch_chunks(monkeypatch, acc):
+def test_hidden_chunk_kernel_over_tiles_and_batch_chunks(monkeypatch, acc, walk):
     """The hidden-chunk cell kernel at a pinned 16-row tile (the interpreter takes it too):
     4 tiles of firing cells over 3 programs, the last one partial, so =chunked's fc partials
     (read-modify-written in a program's slot per tile) and both modes' bias partials add over
@@ -353,7 +363,7 @@ def check_backward_against_reference(state, grad_out, w, args):
 
 
 @pytest.mark.parametrize("acc", ["", "memory", "gemm", "chunked"])
-def test_non_finite_grad_on_frozen_channels(monkeypatch, acc):
+def test_non_finite_grad_on_frozen_channels(monkeypatch, acc, walk):
     """An inf or NaN of grad_out on a frozen channel reaches d_state there (the identity)
     and nothing else, in every cell kernel (the hidden-chunk one under =gemm and =chunked):
     gd is masked to the updated channels before dh = gd W2 (W2's frozen columns are zero,
@@ -368,7 +378,7 @@ def test_non_finite_grad_on_frozen_channels(monkeypatch, acc):
 
 
 @pytest.mark.parametrize("acc", ["", "gemm", "chunked"])
-def test_relu_gradient_at_exact_zero(monkeypatch, acc):
+def test_relu_gradient_at_exact_zero(monkeypatch, acc, walk):
     """relu'(0) = 0, as in torch: hidden units with zero weights and bias (z == 0 exactly at
     every cell) get no gradient, in every cell kernel (the hidden-chunk one under =gemm and
     =chunked, here in chunks of 16 units)."""
@@ -383,7 +393,7 @@ def test_relu_gradient_at_exact_zero(monkeypatch, acc):
 
 
 @pytest.mark.parametrize("acc", ["", "chunked"])
-def test_partial_sums_in_private_slots(monkeypatch, acc):
+def test_partial_sums_in_private_slots(monkeypatch, acc, walk):
     """Each cell-kernel program and each conv-gradient cell range adds into a slot of its
     own, which one fixed-order fold sums (no atomics). A shared slot would be a race on a
     GPU, but the interpreter runs programs one after another and sums it right: so the
@@ -392,8 +402,8 @@ def test_partial_sums_in_private_slots(monkeypatch, acc):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     folded = []
     fold = tri._fold
-    monkeypatch.setattr(tri, "_fold", lambda partials, total, zero: (folded.append(partials.clone()),
-                                                                      fold(partials, total, zero)))
+    monkeypatch.setattr(tri, "_fold", lambda folds, zero: (folded.extend(p.clone() for p, _ in folds),
+                                                           fold(folds, zero)))
     check_against_reference((2, 4, 16, 32, 8, 1, 1, 0, "zeros", 1.0))  # 1024 cells, all fire
     cell, conv = folded
     assert cell.shape[0] > 1 and conv.shape[0] > 1
@@ -563,7 +573,7 @@ def test_resident_cell_kernel_takes_8_warps_at_16_rows(monkeypatch, acc):
 
 
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_channel_chunks(monkeypatch, groups):
+def test_channel_chunks(monkeypatch, groups, walk):
     """Big rules process channels C_BLK and conv outputs FC_BLK at a time; shrink the
     chunk budget so that a small rule takes 2 channel chunks and 3 conv chunks."""
     monkeypatch.setattr(tri, "_DOT_TILE", 256)
@@ -581,13 +591,13 @@ def test_channel_chunks(monkeypatch, groups):
     (torch.bfloat16, torch.float32, False),
     (torch.bfloat16, torch.bfloat16, True),
 ], ids=["fp32-cl", "fp16-cl", "bf16", "bf16-bf16weights-cl"])
-def test_dtypes_and_layouts(dtype, wdtype, channels_last):
+def test_dtypes_and_layouts(dtype, wdtype, channels_last, walk):
     check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), dtype, wdtype, channels_last)
 
 
 @pytest.mark.parametrize("padding", ["reflect", "replicate", "circular"])
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_border_reader_tiles(padding, groups):
+def test_border_reader_tiles(padding, groups, walk):
     """The input-gradient kernel gathers the border readers only in tiles that have them:
     rows of 700 cells give tiles (256 cells under the interpreter) with no border reader,
     with one along x only (x = 0 or 1 side, not both), and with both, beside rows that are
@@ -629,11 +639,13 @@ def check_exact_operand_products(monkeypatch, case, dtype, wdtype, weights_tagge
     want = (ref.forward(d[0], *d[2:], *args[6:]), *ref.backward(d[1], d[0], *d[2:], *args[6:]))
     for name, a, b in zip(("out",) + GRAD_NAMES, got, want):
         assert rel_err(a, b) <= REL_TOL[a.dtype], f"{name}: rel err {rel_err(a, b):.2e}"
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "0")  # the comparison switch: tf32x3 everywhere
-    assert rule.constexprs()["EXACT"] == 0
+    # the comparison switch: tf32x3 everywhere (a rule reads the knobs once, at its first call)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "0")
+    assert rule.constexprs()["EXACT"] == want_bits
+    assert tri._Rule(state, *w, g, padding, frozen).constexprs()["EXACT"] == 0
     monkeypatch.setenv("FASTNCA_TRITON_NCA_EXACT", "no")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_EXACT"):
-        rule.constexprs()
+        tri._Rule(state, *w, g, padding, frozen).constexprs()
 
 
 @pytest.fixture
@@ -876,7 +888,7 @@ def test_mask_is_fire_mask(seed, step, p):
     assert torch.equal(out, m[:, None].expand(B, C, H, W).float())
 
 
-def test_gradients_are_bitwise_reproducible():
+def test_gradients_are_bitwise_reproducible(walk):
     state, grad_out, *w = make_inputs(2, 3, 17, 31, 5, 2, 1, 1)  # 5 tiles over 3 programs
     args = (*w, 1, "reflect", 0.5, 11, 2, 1)
     g1 = tri.backward(grad_out, state, *args)
@@ -886,7 +898,7 @@ def test_gradients_are_bitwise_reproducible():
 
 
 @pytest.mark.parametrize("wdtype,shape", [(torch.float32, (1, 48, 40)), (torch.bfloat16, (3, 9, 7))])
-def test_grad_sink_sums_the_steps(wdtype, shape, monkeypatch):
+def test_grad_sink_sums_the_steps(wdtype, shape, monkeypatch, walk):
     """A GradSink (nca_rollout's backward) collects the weight gradients of several backward
     calls, with d_state per call as without it. float32: bitwise the sum, in call order, of
     the calls' own gradients (what autograd makes of the loop of nca_step), on a state of
@@ -938,23 +950,32 @@ def test_rollout_gradients_are_bitwise_reproducible():
 def test_fold_partials(rows, cols, zero):
     """_fold: total += partials summed over rows (8 at a step, any row and column count,
     the totals' own values kept), within float32 rounding of a float64 sum, the same bits
-    every call; the partials zeroed after when asked, left as they were otherwise."""
+    every call; the partials zeroed after when asked, left as they were otherwise. Alone,
+    and beside a second buffer of another shape in the same launch (each its own sums)."""
     g = torch.Generator().manual_seed(rows * cols)
     parts = torch.randn(rows, cols, generator=g).to(DEVICE)
     start = torch.randn(cols, generator=g).to(DEVICE)
+    other = torch.randn(3, 700, generator=g).to(DEVICE)
+    other_start = torch.randn(700, generator=g).to(DEVICE)
     results = []
-    for _ in range(2):
-        p, total = parts.clone(), start.clone()
-        tri._fold(p, total, zero)
+    for pair in (False, True, False):
+        p, total, q, q_total = parts.clone(), start.clone(), other.clone(), other_start.clone()
+        tri._fold(((p, total), (q, q_total)) if pair else ((p, total),), zero)
         results.append(total)
         assert torch.equal(p, torch.zeros_like(p) if zero else parts)
+        if pair:
+            assert torch.equal(q, torch.zeros_like(q) if zero else other)
+            q_want = other_start.double() + other.double().sum(0)
+            assert (q_total.double() - q_want).abs().max() <= 4e-6 * q_want.abs().max().clamp(min=1)
+        else:
+            assert torch.equal(q, other) and torch.equal(q_total, other_start)
     want = start.double() + parts.double().sum(0)
-    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert (results[0].double() - want).abs().max() <= 1e-6 * (rows + 1) * want.abs().max().clamp(min=1)
 
 
 @pytest.mark.parametrize("acc", ["gemm", "chunked"])
-def test_gemm_rollout_equals_loop_of_steps(monkeypatch, acc):
+def test_gemm_rollout_equals_loop_of_steps(monkeypatch, acc, walk):
     """=gemm and =chunked in a rollout: the fc kernel's (or the hidden-chunk kernel's)
     partials land in the slots the GradSink folds, so the rollout's gradients stay bitwise
     those of the loop of nca_step."""
@@ -1005,7 +1026,7 @@ GPU_CASES = [
 @gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_shapes(case, dtype):
+def test_gpu_shapes(case, dtype, walk):
     check_against_reference(case, dtype, channels_last=dtype == torch.bfloat16)
 
 
@@ -1568,3 +1589,48 @@ def test_gpu_forward_hidden_chunks(monkeypatch, tile, hc):
         check_against_reference(medNCA, torch.bfloat16, torch.bfloat16, channels_last=True, grads=False)
         check_against_reference(medNCA, grads=False)
         check_against_reference((2, 16, 33, 20, 64, 2, "C", 0, "zeros", 0.5), torch.bfloat16, grads=False)
+
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["every-cell", "listed"])
+def test_backward_walk_by_state_size(monkeypatch, listed):
+    """A state below _COMPACT_BACKWARD_CELLS takes the every-cell walk: no mask, list or
+    zero-fill launches (the cell kernel draws the mask and writes every row); one of that
+    many cells, the listed walk. The gradients of the two agree (fp32 summation order
+    aside)."""
+    state, grad_out, *w = make_inputs(2, 3, 5, 4, 6, 2, 1, 1, seed=8)
+    args = (grad_out, state, *w, 1, "replicate", 0.5, 5, 3, 1)
+    calls = []
+    for name in ("_fire_mask", "_firing_cells"):
+        monkeypatch.setattr(tri, name, (lambda f, n: lambda *a: calls.append(n) or f(*a))(getattr(tri, name), name))
+    zero = torch.Tensor.zero_
+    monkeypatch.setattr(torch.Tensor, "zero_", lambda t: calls.append("zero_") or zero(t))
+    monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 40 if listed else 41)  # the state's 40 cells
+    got = tri.backward(*args)
+    assert calls == (["_fire_mask", "_firing_cells", "zero_"] if listed else [])
+    monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 41 if listed else 40)
+    for name, a, b in zip(GRAD_NAMES, got, tri.backward(*args)):
+        assert rel_err(a, b) <= 1e-6, name
+
+
+@pytest.mark.parametrize("acc", ["", "memory", "mixed", "gemm", "chunked"])
+def test_idle_cells_enter_no_gradient(monkeypatch, walk, acc):
+    """A NaN or inf that only idle cells read (the cell and its 8 neighbours do not fire)
+    leaves every gradient bitwise as a finite value there gives, in every cell kernel and
+    in both walks: the every-cell walk recomputes idle cells too, and keeps their
+    activations (and their shifted state in the conv-gradient kernel) out of every product."""
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
+    C, H, W, p, seed, step = 4, 9, 11, 0.2, 5, 2
+    fires = fastnca.fire_mask(1, H, W, p, seed=seed, step=step)[0]
+    near = torch.nn.functional.max_pool2d(torch.nn.functional.pad(fires[None, None].float(), (1,) * 4,
+                                                                  mode="reflect"), 3, stride=1)[0, 0] > 0
+    y, x_ = map(int, (~near).nonzero()[0])
+    state, grad_out, *w = make_inputs(1, C, H, W, 16, 2, 1, 1, seed=6)
+    grads = []
+    for value in (0.25, float("nan"), float("inf")):
+        x = state.clone()
+        x[0, :, y, x_] = value
+        grads.append(tri.backward(grad_out, x, *w, 1, "reflect", p, seed, step, 1))
+    for other in grads[1:]:
+        for name, a, b in zip(GRAD_NAMES, grads[0], other):
+            assert torch.equal(a, b), name

@@ -1,10 +1,12 @@
 """``nca_step`` in Triton: a fused forward over the firing cells (plus a copy of the idle
 ones) and a three-kernel recomputing backward.
 
-Both directions draw the step's fire mask first (the Triton fire_mask kernel, bit-identical
-to fastnca.fire_mask) and list its firing cells on the device (`_firing_cells`: cumsum +
-scatter, the count stays in device memory, no host sync): only those, about update_prob of
-the cells, run perception and MLP.
+On large states both directions draw the step's fire mask first (the Triton fire_mask
+kernel, bit-identical to fastnca.fire_mask) and list its firing cells on the device
+(`_firing_cells`: cumsum + scatter, the count stays in device memory, no host sync): only
+those, about update_prob of the cells, run perception and MLP. Small states, whose steps
+are host-bound, run every cell with the mask drawn in the kernels instead: fewer launches
+(_COMPACT_FORWARD_CELLS, _COMPACT_BACKWARD_CELLS).
 
 Layout and assumptions (the launchers below enforce them):
 - state / grad_out / out / d_state: [B, C, H, W] fp32, fp16 or bf16 with ANY element
@@ -32,11 +34,16 @@ Layout and assumptions (the launchers below enforce them):
   weights the backward's gradient-only products take one TF32 product (_bwd_tf32).
 
 Backward (nothing but the inputs is saved; everything is recomputed):
-- Only the firing cells (about update_prob of them) have dz != 0. The launcher draws the
-  step's mask (the Triton fire_mask kernel, bit-identical to the forward's) and lists its
-  firing cells once, in cell order, on the device (cumsum + scatter, counts in device
-  memory: no host sync); kernels A and C walk each chunk's range of that list
-  (_list_range), B reads the mask for each cell's own direct term.
+- Only the firing cells (about update_prob of them) have dz != 0. On states of at least
+  _COMPACT_BACKWARD_CELLS cells the launcher draws the step's mask (the Triton fire_mask
+  kernel, bit-identical to the forward's) and lists its firing cells once, in cell order,
+  on the device (cumsum + scatter, counts in device memory: no host sync); kernels A and C
+  walk each chunk's range of that list (_list_range), B reads the mask for each cell's own
+  direct term. On smaller states (LISTED false) A and C walk every cell and draw the mask
+  themselves: A writes an idle cell's rows too (g and a zero dQ; its recomputed
+  activations, zeroed, enter no product), C leaves an idle cell's shifted state unread,
+  and B reads every cell's row. That saves four launches a step (mask, cumsum, list, the
+  dQ zero fill) where the host, not the GPU, sets the pace.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
   dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] (with bfloat16 state
@@ -87,9 +94,10 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   including the extra reflect/replicate/circular reads at the borders, gathered only in
   tiles that have them) and adds the transposed conv to g + dP_x (to g alone where the
   cell does not fire: A never wrote its workspace row). The launcher zeroes the dQ
-  columns before A, so readers that do not fire add 0 without a fire-bit lookup.
-- The [G, ...] and per-range partials are summed by one fixed-order fold per buffer
-  (_fold_partials_kernel).
+  columns before A (the listed walk; the every-cell walk has A write them), so readers
+  that do not fire add 0 without a fire-bit lookup.
+- The [G, ...] and per-range partials are summed by a fixed-order fold, both buffers in
+  one launch (_fold_partials_kernel).
 - Large states run A, C and B per batch chunk (kernels/_common.backward_batch_chunk: the
   workspace stays within the state's bytes, >= 65536 cells a chunk), each chunk on its
   range of the step's list; A and C add each chunk's sums into the same slots, in chunk
@@ -744,13 +752,13 @@ def _forward_autotuned():
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["c0", "c1"])
+@triton.jit(do_not_specialize=["c0", "c1", "seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
-    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, seed_lo, seed_hi, step_lo, threshold, frozen,
+    LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT: tl.constexpr, HALF_W: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr,
@@ -759,7 +767,8 @@ def _nca_step_backward_cell_kernel(
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
     partials (d_w1, d_b1, d_w2, d_b2, d_pb) -> this program's own slot. The firing cells of
     the batch chunk are listed in idx[0..count) (ascending; count in device memory): cells
-    that do not fire have dz = 0 and contribute nothing here.
+    that do not fire have dz = 0 and contribute nothing here. LISTED false: the tiles are
+    every cell of the chunk, the mask drawn here; an idle cell writes g and a zero dQ.
 
     REG_ACC (rules of one channel chunk and one conv chunk: C_BLK = C_PAD, FC_BLK =
     FC_CEIL): 1, the partials stay in registers over the program's tiles and are stored
@@ -808,7 +817,7 @@ def _nca_step_backward_cell_kernel(
     acc_w1a = tl.zeros([HID_PAD, C_BLK], dtype=tl.float32)
     acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
-    start, count = _list_range(pos_ptr, c0, c1)
+    start, count = _cell_range(pos_ptr, c0, c1, LISTED)
     if RES:  # loaded once: the compiler keeps loop-invariant dot operands in shared memory
         w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
                                                             offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
@@ -817,7 +826,8 @@ def _nca_step_backward_cell_kernel(
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
-        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0  # in the chunk
+        offs_m = _walked_cells(idx_ptr, start, pos, rows, c0, LISTED)  # in the chunk
+        fires = _walked_firing(rows, offs_m, c0, seed_lo, seed_hi, step_lo, threshold, LISTED)
         b, y, xx = _cell_coords(offs_m, H, W)
         ws_row = offs_m.to(tl.int64) * K1
         wq_row = offs_m.to(tl.int64) * WQ
@@ -837,22 +847,27 @@ def _nca_step_backward_cell_kernel(
             h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                                w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
                                FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
+        if not LISTED:  # an idle cell's recompute (say of NaN neighbours) enters no product
+            h = tl.where(fires[:, None], h, 0.0)
+            if KEEP:
+                conv0 = tl.where(fires[:, None], conv0, 0.0)
         if GEMM:  # stored at once: the kept conv tile is then dead here, not live to the dq loop
             tl.store(act_row + A_H + offs_h[None, :], h.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             if KEEP:
                 tl.store(act_row + A_CV + offs_fb[None, :], conv0.to(act_ptr.dtype.element_ty), mask=rows[:, None])
 
-        # ---- gd = g on the updated channels (every listed cell fires; zero on frozen
-        # channels and dead rows); d_w2, d_b2 partials; dh = gd @ W2. (Pointer names are
+        # ---- gd = g on the updated channels of firing cells (zero on frozen channels, on
+        # cells that do not fire, and on dead rows); d_w2, d_b2 partials; dh = gd @ W2. A
+        # walked cell that does not fire (not LISTED) has gd = dh = dz = 0: it adds nothing
+        # to the partials and writes g + 0 and 0 to the workspace. (Pointer names are
         # distinct on purpose: a name reassigned in a later loop with another shape would
         # become an ill-typed loop-carried value for the compiler.)
-        m = rows.to(tl.float32)
         dh = tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32)
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + offs_kb
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c,
                          mask=rows[:, None] & (offs_k < C)[None, :], other=0.0).to(tl.float32)
-            gdk = tl.where(offs_k[None, :] >= frozen, gk * m[:, None], 0.0)
+            gdk = tl.where(fires[:, None] & (offs_k[None, :] >= frozen), gk, 0.0)
             if GEMM:
                 tl.store(act_row + A_GD + offs_k[None, :], gdk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             elif REGS:
@@ -884,7 +899,8 @@ def _nca_step_backward_cell_kernel(
         for k0 in range(0, C, C_BLK):
             offs_k = k0 + offs_kb
             kmask = rows[:, None] & (offs_k < C)[None, :]
-            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
+            xk = tl.load(x_row + offs_k.to(tl.int64)[None, :] * s_c, mask=kmask & fires[:, None],
+                         other=0.0).to(tl.float32)
             if GEMM:
                 tl.store(act_row + A_X + offs_k[None, :], xk.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             elif REGS:
@@ -924,6 +940,8 @@ def _nca_step_backward_cell_kernel(
                     conv_g = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                          offs_f, fmask, pw_d, pb_ptr,
                                          F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                    if not LISTED:
+                        conv_g = tl.where(fires[:, None], conv_g, 0.0)
                     tl.store(act_row + A_CV + offs_f[None, :], conv_g.to(act_ptr.dtype.element_ty),
                              mask=rows[:, None])
             elif REGS:
@@ -936,6 +954,8 @@ def _nca_step_backward_cell_kernel(
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_d, pb_ptr,
                                    F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                if not LISTED:
+                    conv = tl.where(fires[:, None], conv, 0.0)
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
                 tl.store(p_w1b, _mm(tl.trans(dz), conv, tl.load(p_w1b), DOT_PREC, EXACT, _EX_BWD, _EX_BWD))
         if REG_ACC != 1:
@@ -955,13 +975,13 @@ def _nca_step_backward_cell_kernel(
         tl.store(dpb_ptr + offs_fb, tl.load(dpb_ptr + offs_fb) + acc_pb)
 
 
-@triton.jit(do_not_specialize=["c0", "c1"])
+@triton.jit(do_not_specialize=["c0", "c1", "seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_backward_cell_gemm_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
-    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, frozen,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
+    H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, seed_lo, seed_hi, step_lo, threshold, frozen,
+    LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT: tl.constexpr, HALF_W: tl.constexpr, HC: tl.constexpr, PARTIALS: tl.constexpr,
@@ -999,11 +1019,12 @@ def _nca_step_backward_cell_gemm_kernel(
     offs_j = tl.arange(0, HC)
     acc_b2 = tl.zeros([C_PAD], dtype=tl.float32)
     acc_pb = tl.zeros([FC_CEIL], dtype=tl.float32)
-    start, count = _list_range(pos_ptr, c0, c1)
+    start, count = _cell_range(pos_ptr, c0, c1, LISTED)
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
-        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0  # in the chunk
+        offs_m = _walked_cells(idx_ptr, start, pos, rows, c0, LISTED)  # in the chunk
+        fires = _walked_firing(rows, offs_m, c0, seed_lo, seed_hi, step_lo, threshold, LISTED)
         b, y, xx = _cell_coords(offs_m, H, W)
         act_row = act_ptr + (pos.to(tl.int64) * A_ROW)[:, None]
         xb = b.to(tl.int64) * s_b
@@ -1013,10 +1034,13 @@ def _nca_step_backward_cell_gemm_kernel(
                     + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0)
         g = tl.load(g_ptr + (b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w)[:, None]
                     + offs_c.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0)
-        gd = tl.where(offs_c[None, :] >= frozen, g, 0.0)  # every listed cell fires
+        gd = tl.where(fires[:, None] & (offs_c[None, :] >= frozen), g, 0.0)  # idle cells: dz = 0
         acc_b2 += tl.sum(gd.to(tl.float32), axis=0)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask, pw_d, pb_ptr,
                            F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
+        if not LISTED:  # an idle cell's recompute (say of NaN neighbours) enters no product
+            x = tl.where(fires[:, None], x, 0.0)
+            conv = tl.where(fires[:, None], conv, 0.0)
         if not PARTIALS:
             tl.store(act_row + A_GD + offs_c[None, :], gd.to(act_ptr.dtype.element_ty), mask=rows[:, None])
             tl.store(act_row + A_X + offs_c[None, :], x.to(act_ptr.dtype.element_ty), mask=rows[:, None])
@@ -1055,22 +1079,23 @@ def _nca_step_backward_cell_gemm_kernel(
     tl.store(dpb_ptr + offs_f, tl.load(dpb_ptr + offs_f) + acc_pb)
 
 
-@triton.jit(do_not_specialize=["c0", "c1"])
+@triton.jit(do_not_specialize=["c0", "c1", "seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_backward_conv_kernel(
-    wq_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
+    wq_ptr, x_ptr, dpw_ptr, idx_ptr, pos_ptr, c0, c1, H, W, s_b, s_c, s_h, s_w, seed_lo, seed_hi, step_lo, threshold,
+    LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, WQ: tl.constexpr,
 ):
     """d_pw[tap] partial = dQ^T @ (state shifted by tap) over one range of the firing cells
-    idx[0..count) (the others have dQ = 0): a split-K GEMM over cells, split evenly by the
+    idx[0..count) (the others have dQ = 0; LISTED false: of every cell, an idle one's
+    shifted state left unread): a split-K GEMM over cells, split evenly by the
     count into as many ranges as axis 1 has programs: deterministic. Program (axis 0) =
     tap * (FC_CEIL / FC_BLK) + conv chunk, (axis 1) = cell range; each adds its sum to its
     own [FC_BLK, C_PAD] (depthwise: [FC_BLK]) block of partial `part` = axis 1 (zeroed once;
     the batch chunks add in order)."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
-    start, count = _list_range(pos_ptr, c0, c1)
+    start, count = _cell_range(pos_ptr, c0, c1, LISTED)
     num_tiles = tl.cdiv(count, BLOCK_M)
     tiles_per_part = tl.cdiv(num_tiles, tl.num_programs(1))
     NF: tl.constexpr = FC_CEIL // FC_BLK
@@ -1094,14 +1119,17 @@ def _nca_step_backward_conv_kernel(
     for tile in range(t0, tl.minimum(t0 + tiles_per_part, num_tiles)):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
-        offs_m = tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0
+        offs_m = _walked_cells(idx_ptr, start, pos, rows, c0, LISTED)
+        # every walked cell's dQ row is written (0 where it does not fire); an idle cell's
+        # shifted state is not read (a NaN there would make 0 * NaN)
+        fires = _walked_firing(rows, offs_m, c0, seed_lo, seed_hi, step_lo, threshold, LISTED)
         b, y, xx = _cell_coords(offs_m, H, W)
         dq = tl.load(wq_ptr + (offs_m.to(tl.int64) * WQ)[:, None] + offs_f[None, :],
                      mask=rows[:, None] & fmask[None, :], other=0.0).to(tl.float32)
         ny, vy = _pad_index(y + (ky - 1), H, PAD)
         nx, vx = _pad_index(xx + (kx - 1), W, PAD)
         off = b.to(tl.int64) * s_b + ny.to(tl.int64) * s_h + nx.to(tl.int64) * s_w
-        t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=(rows & vy & vx)[:, None] & chmask[None, :],
+        t = tl.load(x_ptr + off[:, None] + ch[None, :], mask=(fires & vy & vx)[:, None] & chmask[None, :],
                     other=0.0).to(tl.float32)
         if DEPTHWISE:
             acc_d += tl.sum(dq * t, axis=0)
@@ -1147,7 +1175,7 @@ def _fc_grad_tile(act_ptr, out_ptr, p0, p1, A0: tl.constexpr, A_VALID, B0: tl.co
 @triton.jit(do_not_specialize=["c0", "c1"])
 def _nca_step_backward_fc_kernel(
     act_ptr, part_ptr, pos_ptr, c0, c1, SLOT, C,
-    C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+    LISTED: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
     TH: tl.constexpr, TC: tl.constexpr, TF: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
@@ -1159,7 +1187,7 @@ def _nca_step_backward_fc_kernel(
     cell kernel adds only bias partials there in this mode): deterministic, no atomics."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
-    _, count = _list_range(pos_ptr, c0, c1)
+    _, count = _cell_range(pos_ptr, c0, c1, LISTED)
     per = tl.cdiv(tl.cdiv(count, BLOCK_K), tl.num_programs(1)) * BLOCK_K
     p0 = part * per
     p1 = tl.minimum(p0 + per, count)
@@ -1294,7 +1322,8 @@ def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W
                 C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
                 C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
                 DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-                RES: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr):
+                RES: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
+                LISTED: tl.constexpr):
     """d_state of the cells offs_m (the input kernel's docstring). RES: dense rule of one
     conv chunk, taps unrolled with the weights w0..w8 given (loaded once by the caller);
     otherwise per-tap weights loaded here (w0..w8 unused)."""
@@ -1303,11 +1332,15 @@ def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     io_mask = rows[:, None] & cmask[None, :]
-    fires = (tl.load(fire_ptr + offs_m, mask=rows, other=0) != 0)[:, None]
-    acc = tl.load(ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :], mask=io_mask & fires, other=0.0)
-    g_row = b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w
-    acc += tl.load(g_ptr + g_row[:, None] + offs_c.to(tl.int64)[None, :] * g_c, mask=io_mask & ~fires,
-                   other=0.0).to(tl.float32)
+    ws_tile = ws_ptr + offs_m.to(tl.int64)[:, None] * K1 + offs_c[None, :]
+    if LISTED:  # the cell kernel wrote the rows of the firing cells only
+        fires = (tl.load(fire_ptr + offs_m, mask=rows, other=0) != 0)[:, None]
+        acc = tl.load(ws_tile, mask=io_mask & fires, other=0.0)
+        g_row = b.to(tl.int64) * g_b + y.to(tl.int64) * g_h + xx.to(tl.int64) * g_w
+        acc += tl.load(g_ptr + g_row[:, None] + offs_c.to(tl.int64)[None, :] * g_c, mask=io_mask & ~fires,
+                       other=0.0).to(tl.float32)
+    else:  # every cell's row: g + dP_x, or g where the cell does not fire
+        acc = tl.load(ws_tile, mask=io_mask, other=0.0)
 
     cb = b.to(tl.int64) * H
     yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2 = _readers(y, H, rows, PAD)
@@ -1372,12 +1405,13 @@ def _nca_step_backward_input_kernel(
     C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
     DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
-    HALF_W: tl.constexpr,
+    HALF_W: tl.constexpr, LISTED: tl.constexpr,
 ):
     """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
     dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
-    fire is the launcher's zero fill). A cell that does not fire has dP_x = 0: its direct
-    term is g itself (the cell kernel does not write its g + dP_x columns).
+    fire is the launcher's zero fill, or LISTED false the cell kernel's zero). A cell that
+    does not fire has dP_x = 0: its direct term is g itself (LISTED: the cell kernel does
+    not write its g + dP_x columns; else it writes g there).
     RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident, dense rules of one conv chunk; opt-in):
     persistent over tiles pid, pid + G, ..., the 9 taps' weights loaded once (kept in
     shared memory) and the taps unrolled. whpw: the pw segment of the bfloat16 weight
@@ -1401,13 +1435,13 @@ def _nca_step_backward_input_kernel(
             _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, tile * BLOCK_M + tl.arange(0, BLOCK_M), N,
                         H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
                         C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, True,
-                        K1, WQ, HALF_DQ)
+                        K1, WQ, HALF_DQ, LISTED)
     else:
         nil = tl.zeros([1], dtype=tl.float32)  # placeholders for the weight operands
         _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, pid * BLOCK_M + tl.arange(0, BLOCK_M), N, H,
                     W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, nil, nil, nil, nil, nil, nil, nil, nil, nil,
                     C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, False,
-                    K1, WQ, HALF_DQ)
+                    K1, WQ, HALF_DQ, LISTED)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1613,6 +1647,8 @@ class _Rule:
         # the kernels' weight arguments: the 7 float32 segments, then the bfloat16 copy
         self._weights = (*self.split(buf), wh)
         self.half_pw = self.split(wh)[5]  # the input-gradient kernel's pw, for its bfloat16 dots
+        self._cx = None  # constexprs(), made at the first call
+        self._forward: dict = {}  # forward_setup(), by compact
 
     def split(self, flat):
         """Views of the 7 segments of ``flat`` [..., SLOT] (w1a, w1b, b1, w2, b2, pw, pb)."""
@@ -1624,11 +1660,25 @@ class _Rule:
         return self._weights
 
     def constexprs(self):
-        prec = _dot_precision(self.device)
-        return dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
-                    C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
-                    FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
-                    DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes), HALF_W=self.HALF_W)
+        """The kernels' shared constexpr keywords (a new dict), the knobs read at the first
+        call: a rule lives for one op (nca_step's call, or every step of nca_rollout's)."""
+        if self._cx is None:
+            prec = _dot_precision(self.device)
+            self._cx = dict(C=self.C, F=self.F, FC=self.FC, HID=self.HID,
+                            C_PAD=self.C_PAD, HID_PAD=self.HID_PAD, C_BLK=self.C_BLK, FC_BLK=self.FC_BLK,
+                            FC_CEIL=self.FC_CEIL, DEPTHWISE=self.DEPTHWISE, PAD=self.PAD,
+                            DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes), HALF_W=self.HALF_W)
+        return dict(self._cx)
+
+    def forward_setup(self, compact: bool):
+        """(constexpr keywords, resident weights, pinned tile) of the forward kernel, the
+        knobs read once per rule (constexprs)."""
+        setup = self._forward.get(compact)
+        if setup is None:
+            cx = dict(self.constexprs(), COMPACT=compact, RESIDENT=False, HC=_forward_hidden_chunk(self))
+            setup = self._forward[compact] = (cx, compact and _resident_weights() and self.ONE_CHUNK,
+                                              _pinned_forward_tile())
+        return setup
 
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
@@ -1645,6 +1695,12 @@ def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
 # launches); 131072 cells save ~85 us. Below, a rollout is launch-bound anyway (the
 # Med-NCA training stages run 8 x 64 x 64 = 32768-cell states).
 _COMPACT_FORWARD_CELLS = 131072
+# The backward walks the listed firing cells of states of at least this many cells, every
+# cell of smaller ones: there the cell kernel draws the mask itself, and a cell that does
+# not fire writes g and a zero dQ to the workspace. That saves the mask, cumsum, list and
+# zero-fill launches (four of a step's eight; ~60 us of host time a step on 2 CPU cores,
+# scripts/host_cost.py) at the cost of the MLP backward of the idle cells, as the forward.
+_COMPACT_BACKWARD_CELLS = 131072
 
 
 def _fire_args(update_prob, seed, step):
@@ -1673,20 +1729,20 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx = count = out  # placeholders, never read
     args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
-    cx = dict(rule.constexprs(), COMPACT=compact, RESIDENT=False, HC=_forward_hidden_chunk(rule))
-    if compact and _resident_weights() and rule.ONE_CHUNK:
+    cx, resident, pinned = rule.forward_setup(compact)
+    if resident:
         # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
         # on 8 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 152 KB of shared
         # memory, so one block an SM; 125 registers on 8 warps, 168 on 4; at 32 rows the
         # im2col tile's pointers spill)
-        pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
-        block_m, warps = pinned[:2] if pinned else ((_INTERPRET_BLOCK_M, 4) if interpreting() else (16, 8))
+        res_pin = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
+        block_m, warps = res_pin[:2] if res_pin else ((_INTERPRET_BLOCK_M, 4) if interpreting() else (16, 8))
         programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
         with on_device(state.device):
             if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
                              dict(cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)):
                 return out
-    if (pinned := _pinned_forward_tile()) is not None:  # no tuning runs
+    if pinned is not None:  # no tuning runs
         block_m, warps = pinned
         with on_device(state.device), _pinned_fit("FASTNCA_TRITON_NCA_FWD_TILE"):
             _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
@@ -2045,18 +2101,44 @@ def _list_range(pos_ptr, c0, c1):
     return start, tl.load(pos_ptr + c1 - 1) - start
 
 
+@triton.jit
+def _cell_range(pos_ptr, c0, c1, LISTED: tl.constexpr):
+    """(start, count) of the cells c0..c1 a kernel walks: their firing cells' range of the
+    step's list (LISTED, _list_range), or all of them (count c1 - c0, start unused)."""
+    if LISTED:
+        return _list_range(pos_ptr, c0, c1)
+    else:
+        return 0, c1 - c0
+
+
+@triton.jit
+def _walked_cells(idx_ptr, start, pos, rows, c0, LISTED: tl.constexpr):
+    """The cells (in the chunk, from c0) at places pos of a kernel's walk (_cell_range):
+    listed, or every cell in order."""
+    if LISTED:
+        return tl.load(idx_ptr + start + pos, mask=rows, other=c0) - c0
+    else:
+        return pos
+
+
+@triton.jit
+def _walked_firing(rows, offs_m, c0, seed_lo, seed_hi, step_lo, threshold, LISTED: tl.constexpr):
+    """Which walked cells fire: every listed one; else the step's mask, drawn here."""
+    if LISTED:
+        return rows
+    else:
+        return rows & (_fire(c0 + offs_m, seed_lo, seed_hi, step_lo, threshold) != 0.0)
+
+
 # backward(..., out=grad_out) is safe: d_state is written only after grad_out is read.
 BACKWARD_OUT_MAY_BE_GRAD = True
 
 
 @triton.jit
-def _fold_partials_kernel(part_ptr, rows, cols, total_ptr, ZERO: tl.constexpr, BLOCK: tl.constexpr,
-                          ROWS: tl.constexpr):
-    """total[c] += sum over r of part[r, c]: ROWS rows a step summed as one fixed tree, the
-    steps in order (deterministic, the same order for every call of one shape); ZERO: part
-    = 0 after. A step's ROWS loads are in flight together: one row a step, 35 programs on
-    the Med-NCA rule's 264 slots, took 74 us a fold on an H200 (109ac01), latency-bound."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _fold_columns(part_ptr, rows, cols, total_ptr, c, ZERO: tl.constexpr, BLOCK: tl.constexpr,
+                  ROWS: tl.constexpr):
+    """total[c] += sum over r of part[r, c] for the columns c of one program (see
+    _fold_partials_kernel)."""
     live = c < cols
     offs_r = tl.arange(0, ROWS)
     s = tl.zeros([BLOCK], tl.float32)
@@ -2070,13 +2152,33 @@ def _fold_partials_kernel(part_ptr, rows, cols, total_ptr, ZERO: tl.constexpr, B
     tl.store(total_ptr + c, tl.load(total_ptr + c, mask=live, other=0.0) + s, mask=live)
 
 
-def _fold(partials, total, zero):
-    """total += partials.sum(0), each column summed over the rows in a fixed order;
-    partials zeroed after when ``zero`` (one launch: 256 columns a program, 8 rows a step)."""
-    rows, cols = partials.shape
+@triton.jit
+def _fold_partials_kernel(part_a, rows_a, cols_a, total_a, part_b, rows_b, cols_b, total_b, programs_a,
+                          ZERO: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """total[c] += sum over r of part[r, c] for two buffers in one launch (programs
+    0..programs_a-1 fold a, the rest b): ROWS rows a step summed as one fixed tree, the
+    steps in order (deterministic, the same order for every call of one shape); ZERO: part
+    = 0 after. A step's ROWS loads are in flight together: one row a step, 35 programs on
+    the Med-NCA rule's 264 slots, took 74 us a fold on an H200 (109ac01), latency-bound."""
+    pid = tl.program_id(0)
+    if pid < programs_a:
+        _fold_columns(part_a, rows_a, cols_a, total_a, pid * BLOCK + tl.arange(0, BLOCK), ZERO, BLOCK, ROWS)
+    else:
+        _fold_columns(part_b, rows_b, cols_b, total_b, (pid - programs_a) * BLOCK + tl.arange(0, BLOCK),
+                      ZERO, BLOCK, ROWS)
+
+
+def _fold(folds, zero):
+    """total += partials.sum(0) for each (partials, total) of ``folds`` (one or two), each
+    column summed over the rows in a fixed order; partials zeroed after when ``zero``. One
+    launch: 256 columns a program, 8 rows a step."""
+    (pa, ta), (pb, tb) = folds if len(folds) == 2 else (folds[0], folds[0])
     block = 256
-    with on_device(partials.device):
-        _fold_partials_kernel[(cdiv(cols, block),)](partials, rows, cols, total, ZERO=zero, BLOCK=block, ROWS=8)
+    progs_a = cdiv(pa.shape[1], block)
+    progs_b = cdiv(pb.shape[1], block) if len(folds) == 2 else 0
+    with on_device(pa.device):
+        _fold_partials_kernel[(progs_a + progs_b,)](pa, pa.shape[0], pa.shape[1], ta, pb, pb.shape[0], pb.shape[1],
+                                                    tb, progs_a, ZERO=zero, BLOCK=block, ROWS=8)
 
 
 class GradSink:
@@ -2091,6 +2193,15 @@ class GradSink:
     def __init__(self):
         self._bufs = None  # (partials, dpw_parts, total_a, total_pw) after the first call
         self._finish = None
+        self._plans: dict = {}  # the backward's plans, by rule and layouts (_BackwardPlan)
+
+    def _plan(self, rule, state, grad_out):
+        """The backward plan of these layouts, made at the first call that has them."""
+        key = (id(rule), state.shape, state.stride(), grad_out.stride(), state.dtype, grad_out.dtype, state.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _BackwardPlan(rule, state, grad_out, self)
+        return plan
 
     def _slots(self, shapes, device):
         """The partial-sum buffers, zero at every call (the totals hold the sums)."""
@@ -2106,8 +2217,7 @@ class GradSink:
         """Add the partials of the call just made to the totals; zero them for the next call
         (a sink used once skips that)."""
         partials, dpw_parts, total_a, total_pw = self._bufs
-        _fold(partials, total_a, zero)
-        _fold(dpw_parts, total_pw, zero)
+        _fold(((partials, total_a), (dpw_parts, total_pw)), zero)
 
     def result(self):
         """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
@@ -2143,131 +2253,164 @@ def _cell_slot_sizes(rule):
     return sizes
 
 
+class _BackwardPlan:
+    """Everything a backward call decides from the rule, the tensors' layouts and the knobs
+    (kernel choice, tiles, batch chunks, launch keywords, workspaces, slot views): made once
+    per layout and kept in the call's GradSink, so that the steps of nca_rollout's backward
+    pay for it once, with workspaces reused from step to step (one stream, in order)."""
+
+    def __init__(self, rule: _Rule, state, grad_out, sink: GradSink):
+        B, C, H, W = state.shape
+        dev = state.device
+        self.rule = rule  # kept: the plan's key holds its id
+        reg_acc = _register_accumulators(rule)
+        resident = _resident_weights()
+        self.gemm = gemm = reg_acc == _ACC_GEMM
+        chunked = reg_acc == _ACC_CHUNKED  # the hidden-chunk kernel, partials in its slot
+        # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
+        # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
+        act_row = _act_row(rule) if gemm else 0
+        # The workspace: g + dP_x (float32) and dQ, as [cells, C + FC] float32 rows, or dQ in
+        # a bfloat16 workspace of its own (_half_dq). Batch chunks bound it
+        # (_common.backward_batch_chunk).
+        half_dq = rule.dtypes["dq"] == torch.bfloat16
+        ws_bytes = 4 * C + (2 * rule.FC_CEIL if half_dq else 4 * rule.FC)
+        self.chunk = chunk = _common.backward_batch_chunk(state, ws_bytes + act_row * state.element_size())
+        n_ws = min(B, chunk) * H * W
+        if half_dq:
+            self.ws = torch.empty(n_ws, C, dtype=torch.float32, device=dev)
+            self.wq = torch.empty(n_ws, rule.FC_CEIL, dtype=torch.bfloat16, device=dev)
+            k1, wq_row = C, rule.FC_CEIL
+        else:
+            self.ws = torch.empty(n_ws, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ]
+            self.wq = self.ws[:, C:]
+            k1 = wq_row = C + rule.FC
+        self.act = torch.empty(n_ws, act_row, dtype=state.dtype, device=dev) if gemm else self.ws  # ws: unread
+        sizes_a = _cell_slot_sizes(rule)
+        self.slot = sum(sizes_a)
+        nf = rule.FC_CEIL // rule.FC_BLK
+        self.conv_programs = 9 * nf
+        cx = rule.constexprs()
+        cx["EXACT"] |= _exact_bits(cx["DOT_PREC"], dict(grad=grad_out.dtype))
+        # One tiling and one set of partial-sum slots for every chunk (the first chunk is the
+        # largest): the kernels add each chunk's sums into them, reduced once at the end (per
+        # chunk that was a zero fill, two reductions, a cat and an add: ~40 us a chunk on an
+        # H100, ~5% of the Med-NCA step's backward at 8 chunks).
+        n0 = min(B, chunk) * H * W
+        block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
+        self.hidden_chunks = _takes_hidden_chunks(rule, reg_acc, resident, gpu=not interpreting())
+        if self.hidden_chunks:
+            block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
+        (in_m, in_warps, in_stages), self.cv_m = _side_tiles(rule, dev, block_m, warps)
+        self.in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
+        if self.in_resident:  # persistent: its own tile and program count
+            (self.res_in_m, res_in_warps, _), _ = _side_tiles(rule, dev, block_m, warps, resident=True)
+            self.in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
+        self.parts = _conv_grad_parts(dev, self.conv_programs, cdiv(n0, self.cv_m))
+        if gemm:
+            fc_tile, self.fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
+            # cell ranges: as many as the conv-gradient kernel would take, within the G slots
+            self.fc_parts = min(G, _conv_grad_parts(dev, self.fc_programs, cdiv(n0, _FC_BLOCK_K)))
+            self.fc_kw = dict(C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD, FC_CEIL=rule.FC_CEIL, **fc_tile,
+                              BLOCK_K=_FC_BLOCK_K, DOT_PREC=cx["DOT_PREC"],
+                              HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
+        # One private slot per program (cell kernel) and per cell range (conv kernel).
+        self.partials, self.dpw_parts = sink._slots(((G, self.slot), (self.parts, rule.sizes[5])), dev)
+        self.slot_views = torch.split(self.partials, sizes_a, dim=1)  # w1a, w1b, db1, dw2, db2, (dpw), dpb
+        # Large states: only firing cells (about update_prob of them) run the cell and
+        # conv-gradient kernels: the step lists them once in cell order on the device (a
+        # cumsum and a scatter, no host sync), each chunk takes its range of the list
+        # (_list_range); the input kernel reads the mask for each cell's direct term. Small
+        # states: the kernels walk every cell and the cell kernel draws the mask
+        # (_COMPACT_BACKWARD_CELLS).
+        self.listed = listed = B * H * W >= _COMPACT_BACKWARD_CELLS
+        self.G = G
+        self.cell_kw = dict(**cx, **(dict(HC=_hidden_chunk(rule), PARTIALS=chunked) if self.hidden_chunks
+                                     else dict(REG_ACC=reg_acc)),
+                            LISTED=listed, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
+        if resident:  # the staged fallback keeps the staged tile
+            self.cell_res_kw = dict(self.cell_kw,
+                                    num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
+        self.resident = resident
+        self.conv_kw = dict(LISTED=listed, C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK,
+                            FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"],
+                            EXACT=cx["EXACT"] & _TF32_BITS, BLOCK_M=self.cv_m, WQ=wq_row, num_warps=4, num_stages=1)
+        self.in_m = in_m
+        self.in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
+                          FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
+                          DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row,
+                          HALF_DQ=half_dq, HALF_W=rule.HALF_W, LISTED=listed, num_warps=in_warps,
+                          num_stages=in_stages)
+        if self.in_resident:
+            self.in_res_kw = dict(self.in_kw, BLOCK_M=self.res_in_m, num_warps=res_in_warps)
+        # large rules and the interpreter give the input kernel the cell kernel's tile (_side_tiles)
+        self.in_pins = ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
+                        *(("FASTNCA_TRITON_NCA_BWD_TILE",) if interpreting() or _large_rule(rule) else ()))
+
+
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
              prepared=None, out=None, sink=None):
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
     itself (the rollout's backward reuses one buffer for every step's gradient): the input
     kernel, the only writer of d_state, reads grad_out only at the cells it writes, before
     writing them. ``sink``: a GradSink that collects the weight gradients instead (then
-    returned as None), for calls with one ``prepared`` rule."""
+    returned as None), for calls with one ``prepared`` rule (their plan made once,
+    _BackwardPlan)."""
     rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     B, C, H, W = state.shape
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
-    reg_acc = _register_accumulators(rule)
-    resident = _resident_weights()
-    gemm = reg_acc == _ACC_GEMM
-    chunked = reg_acc == _ACC_CHUNKED  # the hidden-chunk kernel, partials in its slot
-    # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
-    # state's dtype (what autograd would save in it), for the fc weight-gradient GEMMs.
-    act_row = _act_row(rule) if gemm else 0
-    # The transient workspace: g + dP_x (float32) and dQ, as [cells, C + FC] float32 rows,
-    # or dQ in a bfloat16 workspace of its own (_half_dq). Batch chunks bound it
-    # (_common.backward_batch_chunk).
-    half_dq = rule.dtypes["dq"] == torch.bfloat16
-    ws_bytes = 4 * C + (2 * rule.FC_CEIL if half_dq else 4 * rule.FC)
-    chunk = _common.backward_batch_chunk(state, ws_bytes + act_row * state.element_size())
-    n_ws = min(B, chunk) * H * W
-    if half_dq:
-        ws = torch.empty(n_ws, C, dtype=torch.float32, device=dev)
-        wq = torch.empty(n_ws, rule.FC_CEIL, dtype=torch.bfloat16, device=dev)
-        k1, wq_row = C, rule.FC_CEIL
-    else:
-        ws = torch.empty(n_ws, C + rule.FC, dtype=torch.float32, device=dev)  # [g + dP_x | dQ]
-        wq = ws[:, C:]
-        k1 = wq_row = C + rule.FC
-    act = torch.empty(n_ws, act_row, dtype=state.dtype, device=dev) if gemm else ws  # ws: unread
+    # A call without a sink sums its own partials the same way, in a sink used once.
+    own = GradSink() if sink is None else sink
+    plan = own._plan(rule, state, grad_out)
+    ws, wq, act = plan.ws, plan.wq, plan.act
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
         wq.fill_(float("nan"))
-        if gemm:
+        if plan.gemm:
             act.fill_(float("nan"))
-    sizes_a = _cell_slot_sizes(rule)
-    nf = rule.FC_CEIL // rule.FC_BLK
-    conv_programs = 9 * nf
-    cx = rule.constexprs()
-    cx["EXACT"] |= _exact_bits(cx["DOT_PREC"], dict(grad=grad_out.dtype))
-    # One tiling and one set of partial-sum slots for every chunk (the first chunk is the
-    # largest): the kernels add each chunk's sums into them, reduced once at the end (per
-    # chunk that was a zero fill, two reductions, a cat and an add: ~40 us a chunk on an
-    # H100, ~5% of the Med-NCA step's backward at 8 chunks).
-    n0 = min(B, chunk) * H * W
-    block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
-    hidden_chunks = _takes_hidden_chunks(rule, reg_acc, resident, gpu=not interpreting())
-    if hidden_chunks:
-        block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
-    (in_m, in_warps, in_stages), cv_m = _side_tiles(rule, dev, block_m, warps)
-    in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
-    if in_resident:  # persistent: its own tile and program count
-        (res_in_m, res_in_warps, _), _ = _side_tiles(rule, dev, block_m, warps, resident=True)
-        in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
-    parts = _conv_grad_parts(dev, conv_programs, cdiv(n0, cv_m))
-    if gemm:
-        fc_tile, fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
-        # cell ranges: as many as the conv-gradient kernel would take, within the G slots
-        fc_parts = min(G, _conv_grad_parts(dev, fc_programs, cdiv(n0, _FC_BLOCK_K)))
-    # One private slot per program (cell kernel) and per cell range (conv kernel).
-    shapes = ((G, sum(sizes_a)), (parts, rule.sizes[5]))
-    # A call without a sink sums its own partials the same way, in a sink used once.
-    own = GradSink() if sink is None else sink
-    partials, dpw_parts = own._slots(shapes, dev)
-    w1a, w1b, db1, dw2, db2, _, dpb = torch.split(partials, sizes_a, dim=1)
-    # Only firing cells (about update_prob of them) run the cell and conv-gradient kernels:
-    # the step lists them once in cell order on the device (a cumsum and a scatter, no host
-    # sync), each chunk takes its range of the list (_list_range); the input kernel reads
-    # the mask for each cell's direct term.
-    fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
-    idx, pos = _firing_cells(fires.reshape(-1))
-    cell_kw = dict(**cx, **(dict(HC=_hidden_chunk(rule), PARTIALS=chunked) if hidden_chunks else dict(REG_ACC=reg_acc)),
-                   BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
-    if resident:  # the staged fallback keeps the staged tile
-        cell_res_kw = dict(cell_kw, num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
-    in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
-                 FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
-                 DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row, HALF_DQ=half_dq,
-                 HALF_W=rule.HALF_W, num_warps=in_warps, num_stages=in_stages)
-    if in_resident:
-        in_res_kw = dict(in_kw, BLOCK_M=res_in_m, num_warps=res_in_warps)
+    w1a, w1b, db1, dw2, db2, _, dpb = plan.slot_views
+    fire_args = _fire_args(update_prob, seed, step)
+    if plan.listed:
+        fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
+        idx, pos = _firing_cells(fires.reshape(-1))
+    else:
+        idx = pos = ws  # placeholders, never read
+    weights = rule.weights()
+    chunk = plan.chunk
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
         g_c, x_c, d_c = grad_out[b0:b0 + nb], state[b0:b0 + nb], d_state[b0:b0 + nb]
         N = nb * H * W
         c0 = b0 * H * W  # the chunk's first cell
-        fire_c = fires[b0:b0 + nb].reshape(N)
-        wq[:N].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
+        if plan.listed:
+            fire_c = fires[b0:b0 + nb].reshape(N).view(torch.uint8)
+            wq[:N].zero_()  # dQ of the cells that do not fire (the cell kernel writes the others)
+        else:
+            fire_c = ws  # never read: the cell kernel writes every cell's rows
         with on_device(dev):
-            cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *rule.weights(), w1a, w1b, db1, dw2, db2, dpb,
-                         sum(sizes_a), H, W, *x_c.stride(), *g_c.stride(), frozen)
-            cell_grid = (min(G, cdiv(N, block_m)),)
+            cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *weights, w1a, w1b, db1, dw2, db2, dpb,
+                         plan.slot, H, W, *x_c.stride(), *g_c.stride(), *fire_args, frozen)
+            cell_grid = (min(plan.G, cdiv(N, plan.cell_kw["BLOCK_M"])),)
             with _pinned_fit("FASTNCA_TRITON_NCA_BWD_TILE"):
-                if hidden_chunks:
-                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **cell_kw)
-                elif not (resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
-                                                     cell_res_kw)):
-                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **cell_kw, RESIDENT=False)
-            if gemm:
-                _nca_step_backward_fc_kernel[(fc_programs, fc_parts)](
-                    act, partials, pos, c0, c0 + N, partials.shape[1], C, C_PAD=rule.C_PAD, HID_PAD=rule.HID_PAD,
-                    FC_CEIL=rule.FC_CEIL, **fc_tile, BLOCK_K=_FC_BLOCK_K, DOT_PREC=cx["DOT_PREC"],
-                    HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
-            _nca_step_backward_conv_kernel[(conv_programs, parts)](
-                wq, x_c, dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(),
-                C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL,
-                DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"] & _TF32_BITS,
-                BLOCK_M=cv_m, WQ=wq_row, num_warps=4, num_stages=1)
-            in_args = (ws, wq, rule.weights()[5], rule.half_pw, d_c, fire_c.view(torch.uint8), g_c, N, H, W,
-                       *d_c.stride(), *g_c.stride())
-            # large rules and the interpreter give the input kernel the cell kernel's tile (_side_tiles)
-            with _pinned_fit("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
-                             *(("FASTNCA_TRITON_NCA_BWD_TILE",) if interpreting() or _large_rule(rule) else ())):
-                if not (in_resident and _try_resident(
-                        _nca_step_backward_input_kernel, (min(cdiv(N, res_in_m), in_programs),), in_args, in_res_kw)):
-                    _nca_step_backward_input_kernel[(cdiv(N, in_m),)](*in_args, **in_kw, RESIDENT=False)
-    del ws, wq
-    weights = (pw, pb, w1, b1, w2, b2)
+                if plan.hidden_chunks:
+                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **plan.cell_kw)
+                elif not (plan.resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
+                                                          plan.cell_res_kw)):
+                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **plan.cell_kw, RESIDENT=False)
+            if plan.gemm:
+                _nca_step_backward_fc_kernel[(plan.fc_programs, plan.fc_parts)](
+                    act, plan.partials, pos, c0, c0 + N, plan.slot, C, LISTED=plan.listed, **plan.fc_kw)
+            _nca_step_backward_conv_kernel[(plan.conv_programs, plan.parts)](
+                wq, x_c, plan.dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(), *fire_args, **plan.conv_kw)
+            in_args = (ws, wq, weights[5], rule.half_pw, d_c, fire_c, g_c, N, H, W, *d_c.stride(), *g_c.stride())
+            with _pinned_fit(*plan.in_pins):
+                if not (plan.in_resident and _try_resident(
+                        _nca_step_backward_input_kernel, (min(cdiv(N, plan.res_in_m), plan.in_programs),), in_args,
+                        plan.in_res_kw)):
+                    _nca_step_backward_input_kernel[(cdiv(N, plan.in_m),)](*in_args, **plan.in_kw, RESIDENT=False)
     own._fold(zero=sink is not None)
-    own._finish = functools.partial(_weight_grads, rule, weights)
+    own._finish = functools.partial(_weight_grads, rule, (pw, pb, w1, b1, w2, b2))
     if sink is not None:
         return (d_state,) + (None,) * 6
     return (d_state, *own.result())
-
