@@ -136,6 +136,16 @@
 #       rollout does two forwards a step (0.215 ms each in graph replay at 109ac01): a win
 #       there of more than the rounds' spread makes it the default. New CPU tests from
 #       mutation reviews (no GPU test changed).
+#     Session 23 (2026-11-28, no GPU): the host path of small states. Below 131072 cells the
+#       Triton backward walks every cell with the mask drawn in its cell and conv kernels
+#       (no mask, cumsum, list or zero-fill launch), its two folds are one launch, and the
+#       rollout's backward makes its plan once (Python a 64-step rollout 6.2 -> 3.0 ms on 2
+#       CPU cores, scripts/host_cost.py). The Med-NCA training states (B=8 x 64x64) take
+#       that walk; the benchmark's 256x256 steps keep the listed one (their kernels
+#       unchanged but for a select). Both walks run in the GPU tests (test_gpu_shapes,
+#       fixture `walk`). In call 2, add timeline:rollout:triton@40 (a 64-step rollout on
+#       B=8 x 64x64: wall against kernel time) before the model suites; bench:mednca's
+#       patch-64 row is the host-bound one (H100, bf1a97b: Triton 221 ms, eager 134).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

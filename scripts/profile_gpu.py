@@ -13,7 +13,9 @@ per iteration (CUDA events) against the GPU time its kernels take and the host t
 the Python/autograd path: wall well above kernel time means the op is launch- or
 host-bound there. Shapes are the benchmark's: the Med-NCA rule
 (C=32, hidden 128, F=2, reflect, frozen 1) on B=8 x 256x256 for `nca`; GeCA-S attention
-(B=32, 32x32, 12 heads, D=64) for `attention`.
+(B=32, 32x32, 12 heads, D=64) for `attention`; `rollout`: a 64-step nca_rollout of the
+Med-NCA rule on B=8 x 64x64, the states Med-NCA trains on (its patches and its downscaled
+first stage), where the host sets the pace.
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--summarize-source":
         return summarize_source(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("op", choices=["nca", "attention"])
+    ap.add_argument("op", choices=["nca", "attention", "rollout"])
     ap.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--groups", default="1", help="1 or C (depthwise), nca only")
@@ -125,15 +127,20 @@ def main() -> int:
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=g) * s).to(dev, dtype).requires_grad_(True)
 
-    if args.op == "nca":
+    if args.op in ("nca", "rollout"):
         C, hid, F = (32, 128, 2) if args.groups == "1" else (16, 128, 2)
         groups = 1 if args.groups == "1" else C
-        x = rnd(8, C, 256, 256).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        size = 256 if args.op == "nca" else 64
+        x = rnd(8, C, size, size).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         rule = make_rule(C, hid, F, groups, 1, dev, dtype)
+        kw = dict(groups=groups, padding="reflect" if groups == 1 else "zeros", update_prob=0.5, frozen_channels=1,
+                  seed=1, backend=args.backend)
 
         def run():
-            y = fastnca.nca_step(x, *rule, groups=groups, padding="reflect" if groups == 1 else "zeros",
-                                 update_prob=0.5, frozen_channels=1, seed=1, step=0, backend=args.backend)
+            if args.op == "nca":
+                y = fastnca.nca_step(x, *rule, step=0, **kw)
+            else:
+                y = fastnca.nca_rollout(x, *rule, steps=64, **kw)
             y.backward(torch.ones_like(y))
     else:
         qkv = rnd(32, 32, 32, 3, 12, 64)
