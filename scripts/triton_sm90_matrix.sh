@@ -10,6 +10,7 @@
 # triton 3.0, 3.6 and 3.9 (the Med-NCA rule's default bfloat16 backward cell kernel spills
 # 672 bytes with 3.6 and 3.9). The 4 fwd-hchunk cases, added later (124 in all), compile with
 # 3.0, 3.6 and 3.9 (checked on their own, with float16 too).
+# Each nca rule also runs with WALK=listed (the backward's two walks, session 23): 148 cases.
 # Rules: B,C,H,W,hidden,F,groups,frozen; attention: B,H,W,heads,D,kernel_size,border.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,12 @@ case_() {  # case_ LABEL [VAR=VALUE...] ARG
 resources() { echo "$PY" scripts/triton_sm90_resources.py; }
 
 for dt in float32 bfloat16 float16; do
-  for r in $rules; do case_ "nca $r,$dt" $(resources) "$r,$dt"; done
+  for r in $rules; do
+    case_ "nca $r,$dt" $(resources) "$r,$dt"
+    # states this small walk every cell in the backward (and forward); WALK=listed compiles
+    # the large states' kernels, which walk the listed firing cells, on the same rule
+    case_ "nca listed $r,$dt" WALK=listed $(resources) "$r,$dt"
+  done
   for a in $attention; do
     case_ "na $a,$dt" $(resources) "na:$a,$dt"
     case_ "na halo $a,$dt" FASTNCA_TRITON_NA_FORWARD=halo FASTNCA_TRITON_NA_BACKWARD=halo $(resources) "na:$a,$dt"

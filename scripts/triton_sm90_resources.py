@@ -8,7 +8,7 @@ cubin (Triton ships cuobjdump in triton/backends/nvidia/bin). Flags an N=8 wgmma
 (triton-lang/triton#10629) and wgmma layouts with more warp groups than 64-row blocks
 (split over N or repeating rows; see _wgmma_safe in kernels/triton/nca_step.py).
 
-Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] [LAYOUT=channels_last] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
+Usage: [DOT_PREC=tf32] [DUMP_DIR=dir] [LAYOUT=channels_last] [WALK=listed] python scripts/triton_sm90_resources.py B,C,H,W,hidden,F,groups,frozen[,dtype] ...
        (groups: 1 or C; dtype of state and weights, default float32), e.g.
        8,32,64,64,128,2,1,1,bfloat16 for the Med-NCA rule in bf16 (FASTNCA_TRITON_NCA_EXACT=0:
        tf32x3 for every product, as before the half-operand products of _mm);
@@ -83,6 +83,8 @@ tri.on_device = tri_na.on_device = lambda device: contextlib.nullcontext()
 # DOT_PREC=tf32 shows what torch.backends.cuda.matmul.allow_tf32 = True compiles to.
 _PREC = os.environ.get("DOT_PREC") or ("tf32x3" if _runtime._TF32X3 else "ieee")
 tri._dot_precision = lambda device: _PREC
+if os.environ.get("WALK") == "listed":  # the large states' kernels (listed firing cells) on any size
+    tri._COMPACT_BACKWARD_CELLS = tri._COMPACT_FORWARD_CELLS = 1
 tri_na.autotuning = lambda: False  # the default tiles
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 

@@ -146,9 +146,10 @@ echo "k2: REG:32 STACK:0"
     oks = [ln for ln in lines if ln.startswith("ok")]
     assert res.returncode == 1, res.stdout[-2000:]
     assert len(fails) == 24 and all(ln.startswith("FAIL [na halo ") for ln in fails), fails
-    assert len(oks) == 100 and all(ln.endswith("2 kernels; ") or "STACK:672" in ln for ln in oks), oks
-    spilled = [ln.split("] ")[0] for ln in oks if "STACK:672" in ln]  # that rule in each mode
-    assert len(spilled) == 10 and "ok   [nca 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
+    assert len(oks) == 124 and all(ln.endswith("2 kernels; ") or "STACK:672" in ln for ln in oks), oks
+    spilled = [ln.split("] ")[0] for ln in oks if "STACK:672" in ln]  # that rule in each mode and walk
+    assert len(spilled) == 11 and "ok   [nca 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
+    assert "ok   [nca listed 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
     assert "CompilationError" in res.stdout
 
 
