@@ -49,12 +49,14 @@ def backward_out(out: torch.Tensor | None, state: torch.Tensor, grad: torch.Tens
         raise ValueError(f"out must have non-negative strides whose elements torch can tell apart "
                          f"(not overlapping, e.g. dense), got strides {out.stride()}")
 
+    a0, a1 = _span(out)
+
     def overlaps(t):
-        (a0, a1), (b0, b1) = _span(out), _span(t)
+        b0, b1 = _span(t)
         return a0 <= b1 and b0 <= a1
 
     if overlaps(state):
         raise ValueError("out must not overlap state")
-    if overlaps(grad) and (out.data_ptr() != grad.data_ptr() or out.stride() != grad.stride()):
+    if out is not grad and overlaps(grad) and (out.data_ptr() != grad.data_ptr() or out.stride() != grad.stride()):
         raise ValueError("out may be grad_out itself but must not overlap it otherwise")
     return out
