@@ -260,9 +260,33 @@ def _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W: tl.constexpr, E
 
 
 @triton.jit
-def _program_slot(dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, slot):
-    """The partial-sum pointers moved to this program's private slot (``slot`` elements)."""
-    return dw1a_ptr + slot, dw1b_ptr + slot, db1_ptr + slot, dw2_ptr + slot, db2_ptr + slot, dpb_ptr + slot
+def _weight_segments(wf_ptr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
+                     DEPTHWISE: tl.constexpr):
+    """Pointers to the 7 segments of the arranged float32 weights (_Rule.sizes: w1at, w1bt,
+    b1p, w2t, b2p, pwt, pbp), from the buffer's start: one kernel argument, not seven
+    (each argument costs launch time on the host: scripts/host_cost.py)."""
+    O_W1B: tl.constexpr = C_PAD * HID_PAD
+    O_B1: tl.constexpr = O_W1B + FC_CEIL * HID_PAD
+    O_W2: tl.constexpr = O_B1 + HID_PAD
+    O_B2: tl.constexpr = O_W2 + HID_PAD * C_PAD
+    O_PW: tl.constexpr = O_B2 + C_PAD
+    O_PB: tl.constexpr = O_PW + (9 * FC_CEIL if DEPTHWISE else 9 * FC_CEIL * C_PAD)
+    return (wf_ptr, wf_ptr + O_W1B, wf_ptr + O_B1, wf_ptr + O_W2, wf_ptr + O_B2, wf_ptr + O_PW,
+            wf_ptr + O_PB)
+
+
+@triton.jit
+def _program_slot(part_ptr, slot, C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """Pointers to this program's private slot (``slot`` elements from part_ptr) of the cell
+    kernel's partials, segments d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pb (_cell_slot_sizes:
+    _Rule.sizes without d_pw)."""
+    O_W1B: tl.constexpr = C_PAD * HID_PAD
+    O_B1: tl.constexpr = O_W1B + FC_CEIL * HID_PAD
+    O_W2: tl.constexpr = O_B1 + HID_PAD
+    O_B2: tl.constexpr = O_W2 + HID_PAD * C_PAD
+    O_PB: tl.constexpr = O_B2 + C_PAD
+    p = part_ptr + slot
+    return p, p + O_W1B, p + O_B1, p + O_W2, p + O_B2, p + O_PB
 
 
 @triton.jit
@@ -575,7 +599,7 @@ def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_forward_kernel(
-    x_ptr, out_ptr, idx_ptr, count_ptr, w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
+    x_ptr, out_ptr, idx_ptr, count_ptr, wf_ptr, wh_ptr,
     N, H, W, s_b, s_c, s_h, s_w, o_b, o_c, o_h, o_w, seed_lo, seed_hi, step_lo, threshold, frozen,
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
@@ -592,6 +616,8 @@ def _nca_step_forward_kernel(
     program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1).
     wh: the bfloat16 copy of the arranged weights (HALF_W): the conv and fc1's state part,
     bfloat16 dots, read their weights there."""
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr = _weight_segments(wf_ptr, C_PAD, HID_PAD, FC_CEIL,
+                                                                                   DEPTHWISE)
     pid = tl.program_id(0)
     if COMPACT:
         count = tl.load(count_ptr)
@@ -755,8 +781,8 @@ def _forward_autotuned():
 @triton.jit(do_not_specialize=["c0", "c1", "seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_backward_cell_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
-    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
-    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
+    wf_ptr, wh_ptr,
+    part_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, seed_lo, seed_hi, step_lo, threshold, frozen,
     LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
@@ -781,6 +807,8 @@ def _nca_step_backward_cell_kernel(
     read-modify-written in the slot per tile.
     wh: the bfloat16 copy of the arranged weights (HALF_W), read by the bfloat16 dots (the
     recompute's conv and fc1 state part, dh = gd W2); the TF32 products read float32."""
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr = _weight_segments(wf_ptr, C_PAD, HID_PAD, FC_CEIL,
+                                                                                   DEPTHWISE)
     # act row layout (the same in _nca_step_backward_fc_kernel and _act_row):
     # [dz | h (HID_PAD each) | gd | x (C_PAD each) | conv (FC_CEIL)]. Derived here, not
     # passed: five more constexpr arguments cost ~0.7 us a launch (scripts/host_cost.py).
@@ -801,7 +829,7 @@ def _nca_step_backward_cell_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
-        dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, pid.to(tl.int64) * SLOT)
+        part_ptr, pid.to(tl.int64) * SLOT, C_PAD, HID_PAD, FC_CEIL)
 
     # workspace rows: g + dP_x at ws[cell, :C] (row stride K1), dQ at wq[cell, :FC] (stride
     # WQ; wq is ws[:, C:] itself, or a bfloat16 workspace of its own: _half_dq)
@@ -978,8 +1006,8 @@ def _nca_step_backward_cell_kernel(
 @triton.jit(do_not_specialize=["c0", "c1", "seed_lo", "seed_hi", "step_lo", "threshold"])
 def _nca_step_backward_cell_gemm_kernel(
     g_ptr, x_ptr, ws_ptr, wq_ptr, act_ptr, idx_ptr, pos_ptr, c0, c1,
-    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, wh_ptr,
-    dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, SLOT: tl.constexpr,
+    wf_ptr, wh_ptr,
+    part_ptr, SLOT: tl.constexpr,
     H, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w, seed_lo, seed_hi, step_lo, threshold, frozen,
     LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
@@ -1002,6 +1030,8 @@ def _nca_step_backward_cell_gemm_kernel(
     partials of each chunk (d_w1a, d_w1b rows and d_w2 columns of its hidden units) are
     read-modify-written in this program's slot per tile instead (~2 KB a cell of L2
     traffic at 64 rows, no workspace and no fc kernel)."""
+    w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr = _weight_segments(wf_ptr, C_PAD, HID_PAD, FC_CEIL,
+                                                                                   DEPTHWISE)
     A_H: tl.constexpr = HID_PAD
     A_GD: tl.constexpr = 2 * HID_PAD
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
@@ -1011,7 +1041,7 @@ def _nca_step_backward_cell_gemm_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
-        dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr, pid.to(tl.int64) * SLOT)
+        part_ptr, pid.to(tl.int64) * SLOT, C_PAD, HID_PAD, FC_CEIL)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_f = tl.arange(0, FC_CEIL)
@@ -1646,6 +1676,7 @@ class _Rule:
                 FC_CEIL=fcc, DEPTHWISE=self.DEPTHWISE, HALF_W=self.HALF_W, BLOCK=1024)
         # the kernels' weight arguments: the 7 float32 segments, then the bfloat16 copy
         self._weights = (*self.split(buf), wh)
+        self._buf = buf
         self.half_pw = self.split(wh)[5]  # the input-gradient kernel's pw, for its bfloat16 dots
         self._cx = None  # constexprs(), made at the first call
         self._forward: dict = {}  # forward_setup(), by compact
@@ -1658,6 +1689,11 @@ class _Rule:
         """w1at, w1bt, b1p, w2t, b2p, pwt, pbp (float32), wh (their bfloat16 copy, or the
         float32 buffer itself without HALF_W)."""
         return self._weights
+
+    def kernel_weights(self):
+        """(the float32 buffer, wh): the nca kernels' two weight arguments, whose segments
+        they derive (_weight_segments)."""
+        return self._buf, self._weights[7]
 
     def constexprs(self):
         """The kernels' shared constexpr keywords (a new dict), the knobs read at the first
@@ -1727,7 +1763,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
                 C_PAD=rule.C_PAD, C=C, BLOCK_M=copy_m)
     else:
         idx = count = out  # placeholders, never read
-    args = (state, out, idx, count, *rule.weights(), N, H, W, *state.stride(), *out.stride(),
+    args = (state, out, idx, count, *rule.kernel_weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
     cx, resident, pinned = rule.forward_setup(compact)
     if resident:
@@ -2316,7 +2352,6 @@ class _BackwardPlan:
                               HALF_DOT=state.dtype in _HALF and not interpreting(), num_warps=4, num_stages=2)
         # One private slot per program (cell kernel) and per cell range (conv kernel).
         self.partials, self.dpw_parts = sink._slots(((G, self.slot), (self.parts, rule.sizes[5])), dev)
-        self.slot_views = torch.split(self.partials, sizes_a, dim=1)  # w1a, w1b, db1, dw2, db2, (dpw), dpb
         # Large states: only firing cells (about update_prob of them) run the cell and
         # conv-gradient kernels: the step lists them once in cell order on the device (a
         # cumsum and a scatter, no host sync), each chunk takes its range of the list
@@ -2369,7 +2404,6 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         wq.fill_(float("nan"))
         if plan.gemm:
             act.fill_(float("nan"))
-    w1a, w1b, db1, dw2, db2, _, dpb = plan.slot_views
     fire_args = _fire_args(update_prob, seed, step)
     if plan.listed:
         fires = _fire_mask(B, H, W, update_prob, seed, step, dev)  # bool [B, H, W], the forward's mask
@@ -2377,6 +2411,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     else:
         idx = pos = ws  # placeholders, never read
     weights = rule.weights()
+    kernel_weights = rule.kernel_weights()
     chunk = plan.chunk
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
@@ -2389,8 +2424,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         else:
             fire_c = ws  # never read: the cell kernel writes every cell's rows
         with on_device(dev):
-            cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *weights, w1a, w1b, db1, dw2, db2, dpb,
-                         plan.slot, H, W, *x_c.stride(), *g_c.stride(), *fire_args, frozen)
+            cell_args = (g_c, x_c, ws, wq, act, idx, pos, c0, c0 + N, *kernel_weights, plan.partials, plan.slot,
+                         H, W, *x_c.stride(), *g_c.stride(), *fire_args, frozen)
             cell_grid = (min(plan.G, cdiv(N, plan.cell_kw["BLOCK_M"])),)
             with _pinned_fit("FASTNCA_TRITON_NCA_BWD_TILE"):
                 if plan.hidden_chunks:
