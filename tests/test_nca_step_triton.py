@@ -972,6 +972,10 @@ def test_fold_partials(rows, cols, zero):
     want = start.double() + parts.double().sum(0)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert (results[0].double() - want).abs().max() <= 1e-6 * (rows + 1) * want.abs().max().clamp(min=1)
+    # add=False (a one-call sink: its totals are set, not zeroed first and added to)
+    p, total = parts.clone(), torch.full_like(start, float("nan"))
+    tri._fold(((p, total),), zero, add=False)
+    assert (total.double() - parts.double().sum(0)).abs().max() <= 1e-6 * rows * want.abs().max().clamp(min=1)
 
 
 @pytest.mark.parametrize("acc", ["gemm", "chunked"])

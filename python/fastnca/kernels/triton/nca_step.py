@@ -2171,10 +2171,10 @@ BACKWARD_OUT_MAY_BE_GRAD = True
 
 
 @triton.jit
-def _fold_columns(part_ptr, rows, cols, total_ptr, c, ZERO: tl.constexpr, BLOCK: tl.constexpr,
-                  ROWS: tl.constexpr):
+def _fold_columns(part_ptr, rows, cols, total_ptr, c, ZERO: tl.constexpr, ADD: tl.constexpr,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """total[c] += sum over r of part[r, c] for the columns c of one program (see
-    _fold_partials_kernel)."""
+    _fold_partials_kernel); total[c] = that sum where not ADD."""
     live = c < cols
     offs_r = tl.arange(0, ROWS)
     s = tl.zeros([BLOCK], tl.float32)
@@ -2185,12 +2185,14 @@ def _fold_columns(part_ptr, rows, cols, total_ptr, c, ZERO: tl.constexpr, BLOCK:
         s += tl.sum(tl.load(p, mask=m, other=0.0), axis=0)
         if ZERO:
             tl.store(p, tl.zeros([ROWS, BLOCK], tl.float32), mask=m)
-    tl.store(total_ptr + c, tl.load(total_ptr + c, mask=live, other=0.0) + s, mask=live)
+    if ADD:
+        s += tl.load(total_ptr + c, mask=live, other=0.0)
+    tl.store(total_ptr + c, s, mask=live)
 
 
 @triton.jit
 def _fold_partials_kernel(part_a, rows_a, cols_a, total_a, part_b, rows_b, cols_b, total_b, programs_a,
-                          ZERO: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                          ZERO: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """total[c] += sum over r of part[r, c] for two buffers in one launch (programs
     0..programs_a-1 fold a, the rest b): ROWS rows a step summed as one fixed tree, the
     steps in order (deterministic, the same order for every call of one shape); ZERO: part
@@ -2198,23 +2200,23 @@ def _fold_partials_kernel(part_a, rows_a, cols_a, total_a, part_b, rows_b, cols_
     the Med-NCA rule's 264 slots, took 74 us a fold on an H200 (109ac01), latency-bound."""
     pid = tl.program_id(0)
     if pid < programs_a:
-        _fold_columns(part_a, rows_a, cols_a, total_a, pid * BLOCK + tl.arange(0, BLOCK), ZERO, BLOCK, ROWS)
+        _fold_columns(part_a, rows_a, cols_a, total_a, pid * BLOCK + tl.arange(0, BLOCK), ZERO, ADD, BLOCK, ROWS)
     else:
         _fold_columns(part_b, rows_b, cols_b, total_b, (pid - programs_a) * BLOCK + tl.arange(0, BLOCK),
-                      ZERO, BLOCK, ROWS)
+                      ZERO, ADD, BLOCK, ROWS)
 
 
-def _fold(folds, zero):
+def _fold(folds, zero, add=True):
     """total += partials.sum(0) for each (partials, total) of ``folds`` (one or two), each
-    column summed over the rows in a fixed order; partials zeroed after when ``zero``. One
-    launch: 256 columns a program, 8 rows a step."""
+    column summed over the rows in a fixed order (total = the sum where not ``add``);
+    partials zeroed after when ``zero``. One launch: 256 columns a program, 8 rows a step."""
     (pa, ta), (pb, tb) = folds if len(folds) == 2 else (folds[0], folds[0])
     block = 256
     progs_a = cdiv(pa.shape[1], block)
     progs_b = cdiv(pb.shape[1], block) if len(folds) == 2 else 0
     with on_device(pa.device):
         _fold_partials_kernel[(progs_a + progs_b,)](pa, pa.shape[0], pa.shape[1], ta, pb, pb.shape[0], pb.shape[1],
-                                                    tb, progs_a, ZERO=zero, BLOCK=block, ROWS=8)
+                                                    tb, progs_a, ZERO=zero, ADD=add, BLOCK=block, ROWS=8)
 
 
 class GradSink:
@@ -2226,9 +2228,10 @@ class GradSink:
     its unpacking, casts, fills and the caller's accumulation: 16 small launches. The last
     call's weights give the layouts and dtypes."""
 
-    def __init__(self):
+    def __init__(self, once: bool = False):
         self._bufs = None  # (partials, dpw_parts, total_a, total_pw) after the first call
         self._finish = None
+        self._once = once  # one call's sink (backward without a sink): totals set, not added to
         self._plans: dict = {}  # the backward's plans, by rule and layouts (_BackwardPlan)
 
     def _plan(self, rule, state, grad_out):
@@ -2242,8 +2245,9 @@ class GradSink:
     def _slots(self, shapes, device):
         """The partial-sum buffers, zero at every call (the totals hold the sums)."""
         if self._bufs is None:
+            total = torch.empty if self._once else torch.zeros
             self._bufs = tuple(torch.zeros(s, dtype=torch.float32, device=device) for s in shapes) + \
-                tuple(torch.zeros(s[1], dtype=torch.float32, device=device) for s in shapes)
+                tuple(total(s[1], dtype=torch.float32, device=device) for s in shapes)
         elif tuple(tuple(b.shape) for b in self._bufs[:2]) != tuple(shapes):
             raise ValueError("a GradSink sums the gradients of one rule layout and tiling; got partial "
                              f"slots of shapes {shapes} after {[tuple(b.shape) for b in self._bufs[:2]]}")
@@ -2253,7 +2257,7 @@ class GradSink:
         """Add the partials of the call just made to the totals; zero them for the next call
         (a sink used once skips that)."""
         partials, dpw_parts, total_a, total_pw = self._bufs
-        _fold(((partials, total_a), (dpw_parts, total_pw)), zero)
+        _fold(((partials, total_a), (dpw_parts, total_pw)), zero, add=not self._once)
 
     def result(self):
         """The summed weight gradients (pw, pb, w1, b1, w2, b2), in the weights' dtypes."""
@@ -2267,17 +2271,16 @@ def _weight_grads(rule, weights, total_a, total_pw):
     into the weights' layouts and dtypes (copies: no two returned grads share a buffer)."""
     pw, pb, w1, b1, w2, b2 = weights
     C, frozen = rule.C, rule.FROZEN
-    segs = list(total_a.split(_cell_slot_sizes(rule)))
-    segs[5] = total_pw
-    d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pw, d_pb = rule.split(torch.cat(segs))
+    d_w1a, d_w1b, d_b1, d_w2, d_b2, _, d_pb = total_a.split(_cell_slot_sizes(rule))
     hid, FC, cp, hp, fcc = rule.HID, rule.FC, rule.C_PAD, rule.HID_PAD, rule.FC_CEIL
-    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)
-    if rule.DEPTHWISE:
-        g_pw = d_pw.view(9, fcc)[:, :FC].T.reshape(FC, 1, 3, 3)
+    g_w1 = torch.cat([d_w1a.view(hp, cp)[:hid, :C], d_w1b.view(hp, fcc)[:hid, :FC]], dim=1)  # a new tensor
+    if rule.DEPTHWISE:  # views: [FC, 9], [FC, C, 9]
+        g_pw = total_pw.view(9, fcc)[:, :FC].T
     else:
-        g_pw = d_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0).reshape(FC, C, 3, 3)
+        g_pw = total_pw.view(9, fcc, cp)[:, :FC, :C].permute(1, 2, 0)
     grads = (g_pw, d_pb[:FC], g_w1, d_b1[:hid], d_w2.view(cp, hp)[frozen:C, :hid], d_b2[frozen:C])
-    return tuple(g.to(w.dtype, memory_format=torch.contiguous_format, copy=True).reshape(w.shape)
+    # one copy each (the cat's result is new already): the views' layout and dtype at once
+    return tuple(g.to(w.dtype, memory_format=torch.contiguous_format, copy=g is not g_w1).reshape(w.shape)
                  for g, w in zip(grads, weights))
 
 
@@ -2396,7 +2399,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
     # A call without a sink sums its own partials the same way, in a sink used once.
-    own = GradSink() if sink is None else sink
+    own = GradSink(once=True) if sink is None else sink
     plan = own._plan(rule, state, grad_out)
     ws, wq, act = plan.ws, plan.wq, plan.act
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
