@@ -676,6 +676,15 @@ def test_backend_gradients_are_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def _triton_walk(monkeypatch, listed: bool) -> None:
+    """The Triton backward's walk: listed firing cells on any state (listed), else its
+    default by state size (these tests' small states: every cell)."""
+    if listed:
+        from fastnca.kernels.triton import nca_step as tri
+
+        monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 1)
+
+
 def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, groups=1,
                                   channels_last=False):
     """A kernel module's backward over batch chunks (forced on a small state) and with
@@ -723,13 +732,16 @@ def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, g
         k.backward(buf, x, *w, *args, out=twisted)
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["every-cell", "listed"])
 @pytest.mark.parametrize("acc,weights", [("gemm", ""), ("", "resident"), ("gemm", "resident")])
-def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, monkeypatch):
+def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, listed, monkeypatch):
     """The Triton backward's opt-in modes (FASTNCA_TRITON_NCA_BWD_ACC=gemm: the fc kernel adds
     each chunk's sums into the same slots; FASTNCA_TRITON_NCA_WEIGHTS=resident) over batch
-    chunks and in place, dense and depthwise."""
+    chunks and in place, dense and depthwise, in both walks of the backward (listed:
+    _COMPACT_BACKWARD_CELLS lowered so that this small state takes it)."""
     if fastnca.backends()["triton"] is not True:
         pytest.skip(f"triton: {fastnca.backends()['triton']}")
+    _triton_walk(monkeypatch, listed)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
     k = _backend.kernel("triton", "nca_step")
@@ -741,11 +753,17 @@ def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, monkeypa
 def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
     """The cuda and triton backwards run over batch chunks that keep their fp32 workspace
     within the state's size (the cpu one works image by image and ignores the chunking);
-    nca_rollout's backward writes each step's d_state over its grad on every backend."""
+    nca_rollout's backward writes each step's d_state over its grad on every backend. The
+    triton backward in its listed walk too (the state here is small enough for the
+    every-cell one)."""
     k = _backend.kernel(backend, "nca_step")
     assert k.BACKWARD_OUT_MAY_BE_GRAD  # every fast backend: the rollout relies on it
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
+    if backend == "triton":
+        _triton_walk(monkeypatch, listed=True)
+        check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
+        check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
 
 
 def test_backward_batch_chunk_bounds():

@@ -402,8 +402,8 @@ def test_partial_sums_in_private_slots(monkeypatch, acc, walk):
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     folded = []
     fold = tri._fold
-    monkeypatch.setattr(tri, "_fold", lambda folds, zero: (folded.extend(p.clone() for p, _ in folds),
-                                                           fold(folds, zero)))
+    monkeypatch.setattr(tri, "_fold", lambda folds, zero, add=True: (folded.extend(p.clone() for p, _ in folds),
+                                                                     fold(folds, zero, add)))
     check_against_reference((2, 4, 16, 32, 8, 1, 1, 0, "zeros", 1.0))  # 1024 cells, all fire
     cell, conv = folded
     assert cell.shape[0] > 1 and conv.shape[0] > 1
@@ -1617,19 +1617,28 @@ def test_backward_walk_by_state_size(monkeypatch, listed):
         assert rel_err(a, b) <= 1e-6, name
 
 
-@pytest.mark.parametrize("acc", ["", "memory", "mixed", "gemm", "chunked"])
+@pytest.mark.parametrize("acc", ["", "memory", "mixed", "gemm", "chunked", "gemm-plain", "gemm-plain-chunks"])
 def test_idle_cells_enter_no_gradient(monkeypatch, walk, acc):
     """A NaN or inf that only idle cells read (the cell and its 8 neighbours do not fire)
     leaves every gradient bitwise as a finite value there gives, in every cell kernel and
     in both walks: the every-cell walk recomputes idle cells too, and keeps their
-    activations (and their shifted state in the conv-gradient kernel) out of every product."""
+    activations (and their shifted state in the conv-gradient kernel) out of every product.
+    gemm-plain: =gemm in the other cell kernel (REG_ACC 3, as half states on a GPU), its
+    conv tile kept; -chunks: on a rule of several conv chunks, recomputed per chunk."""
+    C, hidden, F = 4, 16, 2
+    if acc.startswith("gemm-plain"):
+        monkeypatch.setattr(tri, "_takes_hidden_chunks", lambda *a, **k: False)
+        if acc.endswith("chunks"):
+            monkeypatch.setattr(tri, "_DOT_TILE", 256)  # conv chunks of 8 of the 72 outputs
+            C, hidden, F = 24, 16, 3
+        acc = "gemm"
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
-    C, H, W, p, seed, step = 4, 9, 11, 0.2, 5, 2
+    H, W, p, seed, step = 9, 11, 0.2, 5, 2
     fires = fastnca.fire_mask(1, H, W, p, seed=seed, step=step)[0]
     near = torch.nn.functional.max_pool2d(torch.nn.functional.pad(fires[None, None].float(), (1,) * 4,
                                                                   mode="reflect"), 3, stride=1)[0, 0] > 0
     y, x_ = map(int, (~near).nonzero()[0])
-    state, grad_out, *w = make_inputs(1, C, H, W, 16, 2, 1, 1, seed=6)
+    state, grad_out, *w = make_inputs(1, C, H, W, hidden, F, 1, 1, seed=6)
     grads = []
     for value in (0.25, float("nan"), float("inf")):
         x = state.clone()
@@ -1638,3 +1647,21 @@ def test_idle_cells_enter_no_gradient(monkeypatch, walk, acc):
     for other in grads[1:]:
         for name, a, b in zip(GRAD_NAMES, grads[0], other):
             assert torch.equal(a, b), name
+
+
+def test_rollout_backward_plans_once(monkeypatch):
+    """nca_rollout's backward makes one plan (tiles, workspaces) for all its steps, also where
+    autograd hands it an expanded gradient (out.sum(): strides 0) and its later steps a
+    dense one; a backward without a prepared rule keeps no plan in its sink."""
+    made = []
+    init = tri._BackwardPlan.__init__
+    monkeypatch.setattr(tri._BackwardPlan, "__init__", lambda self, *a: (made.append(a[1].stride()), init(self, *a))[1])
+    state, _, *w = make_inputs(2, 4, 6, 5, 8, 2, 1, 1)
+    params = [t.clone().requires_grad_(True) for t in (state, *w)]
+    out = fastnca.nca_rollout(*params, steps=6, checkpoint_every=3, seed=3, frozen_channels=1, backend="triton")
+    torch.autograd.grad(out.sum(), params)
+    assert len(made) == 1, made
+    sink = tri.GradSink()
+    for step in range(2):
+        tri.backward(torch.randn_like(state), state, *w, 1, "reflect", 0.5, 3, step, 1, sink=sink)
+    assert not sink._plans

@@ -39,8 +39,8 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   kernel, bit-identical to the forward's) and lists its firing cells once, in cell order,
   on the device (cumsum + scatter, counts in device memory: no host sync); kernels A and C
   walk each chunk's range of that list (_list_range), B reads the mask for each cell's own
-  direct term. On smaller states (LISTED false) A and C walk every cell and draw the mask
-  themselves: A writes an idle cell's rows too (g and a zero dQ; its recomputed
+  direct term. On smaller states (LISTED false) A (and A') and C walk every cell, A and C
+  drawing the mask themselves, and D (=gemm) reduces over every cell's row: A writes an idle cell's rows too (g and a zero dQ; its recomputed
   activations, zeroed, enter no product), C leaves an idle cell's shifted state unread,
   and B reads every cell's row. That saves four launches a step (mask, cumsum, list, the
   dQ zero fill) where the host, not the GPU, sets the pace.
@@ -54,10 +54,10 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   rule); else read-modify-written in its own slot of a [G, ...] buffer per tile. No
   atomics either way.
 - Opt-in (FASTNCA_TRITON_NCA_BWD_ACC=gemm): kernel A keeps no fc weight-grad
-  partials. It writes each listed cell's [dz | h | gd | x | conv] to row `pos` (its place
-  in the list) of a second workspace in the state's dtype, the activations autograd would
+  partials. It writes each walked cell's [dz | h | gd | x | conv] to row `pos` (its place
+  in the walk) of a second workspace in the state's dtype, the activations autograd would
   save, and kernel D (_nca_step_backward_fc_kernel) reduces them as split-K GEMMs over
-  the list: d_w1 = dz^T [x | conv], d_w2 = gd^T h (half states: half dots, float32 sums).
+  the walk: d_w1 = dz^T [x | conv], d_w2 = gd^T h (half states: half dots, float32 sums).
   sm_90 compile of the Med-NCA rule at kernel A's default 16 rows on 4 warps: its spill
   stack drops from 840 to 48 bytes (bfloat16) and from 1112 to 232 (float32); kernel D
   takes 138 / 203 registers, no stack. The workspace adds 768 bytes a cell in bfloat16
@@ -93,7 +93,8 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   inverse neighbourhood (every (output cell, tap) whose padded read lands on it,
   including the extra reflect/replicate/circular reads at the borders, gathered only in
   tiles that have them) and adds the transposed conv to g + dP_x (to g alone where the
-  cell does not fire: A never wrote its workspace row). The launcher zeroes the dQ
+  cell does not fire: in the listed walk A never wrote its workspace row, in the
+  every-cell walk A wrote g there). The launcher zeroes the dQ
   columns before A (the listed walk; the every-cell walk has A write them), so readers
   that do not fire add 0 without a fire-bit lookup.
 - The [G, ...] and per-range partials are summed by a fixed-order fold, both buffers in
@@ -801,8 +802,8 @@ def _nca_step_backward_cell_kernel(
     once at the end, and the conv tile of the recompute is kept for d_w1b; 2, the same but
     d_w1b, the largest, is read-modify-written in the slot per tile. 0: every partial is
     read-modify-written in the slot per tile and chunk, and each conv chunk is recomputed.
-    3 (FASTNCA_TRITON_NCA_BWD_ACC=gemm): no fc weight-grad partials here; each listed
-    cell's dz, h, gd, x and conv go to row `pos` (its place in the list) of `act` (the
+    3 (FASTNCA_TRITON_NCA_BWD_ACC=gemm): no fc weight-grad partials here; each walked
+    cell's dz, h, gd, x and conv go to row `pos` (its place in the walk) of `act` (the
     state's dtype), for _nca_step_backward_fc_kernel's GEMMs; only the bias partials are
     read-modify-written in the slot per tile.
     wh: the bfloat16 copy of the arranged weights (HALF_W), read by the bfloat16 dots (the
@@ -1181,7 +1182,7 @@ def _fc_grad_tile(act_ptr, out_ptr, p0, p1, A0: tl.constexpr, A_VALID, B0: tl.co
                   BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr):
     """out[ta-th TA rows, tb-th TB columns] (row width OUT_W) += sum over act rows p0..p1
     of act[:, A0 + a]^T act[:, B0 + b]: one tile of one weight gradient over one range of
-    the listed cells. Columns a >= A_VALID / b >= B_VALID are read as zero (never written
+    the walked cells. Columns a >= A_VALID / b >= B_VALID are read as zero (never written
     by the cell kernel)."""
     offs_a = ta * TA + tl.arange(0, TA)
     offs_b = tb * TB + tl.arange(0, TB)
@@ -1210,7 +1211,7 @@ def _nca_step_backward_fc_kernel(
     DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     """The fc weight gradients of FASTNCA_TRITON_NCA_BWD_ACC=gemm, as split-K GEMMs over
-    the listed cells from the rows the cell kernel wrote to `act` (its docstring):
+    the walked cells (listed, or every cell) from the rows the cell kernel wrote to `act`:
     d_w1a = dz^T x, d_w1b = dz^T conv, d_w2 = gd^T h. Axis 0: one output tile of one of
     the three; axis 1: one of an even split of the rows 0..count (in device memory),
     whose sum is added to slot row `part` of the cell kernel's partials (same layout; the
@@ -1732,10 +1733,11 @@ def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
 # Med-NCA training stages run 8 x 64 x 64 = 32768-cell states).
 _COMPACT_FORWARD_CELLS = 131072
 # The backward walks the listed firing cells of states of at least this many cells, every
-# cell of smaller ones: there the cell kernel draws the mask itself, and a cell that does
-# not fire writes g and a zero dQ to the workspace. That saves the mask, cumsum, list and
-# zero-fill launches (four of a step's eight; ~60 us of host time a step on 2 CPU cores,
-# scripts/host_cost.py) at the cost of the MLP backward of the idle cells, as the forward.
+# cell of smaller ones: there the cell and conv kernels draw the mask themselves, and a
+# cell that does not fire writes g and a zero dQ to the workspace. That saves the mask and
+# list launches and the cumsum and dQ zero-fill kernels (on 2 CPU cores ~8 us of Triton's
+# launch path a step, scripts/host_cost.py, besides the two PyTorch kernels and their
+# Python) at the cost of the MLP backward of the idle cells, as the forward does.
 _COMPACT_BACKWARD_CELLS = 131072
 
 
@@ -2234,12 +2236,18 @@ class GradSink:
         self._once = once  # one call's sink (backward without a sink): totals set, not added to
         self._plans: dict = {}  # the backward's plans, by rule and layouts (_BackwardPlan)
 
-    def _plan(self, rule, state, grad_out):
-        """The backward plan of these layouts, made at the first call that has them."""
-        key = (id(rule), state.shape, state.stride(), grad_out.stride(), state.dtype, grad_out.dtype, state.device)
+    def _plan(self, rule, state, grad_out, keep: bool):
+        """The backward plan of this rule, shape and dtypes (no stride enters it: an
+        expanded grad_out, as autograd gives for out.sum(), and the dense ones of later
+        steps share a plan and its workspaces), made at the first call that has them;
+        ``keep``: cached for the next call (a ``prepared`` rule; a rule made for one call
+        makes a plan for that call only)."""
+        key = (id(rule), state.shape, state.dtype, grad_out.dtype, state.device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = _BackwardPlan(rule, state, grad_out, self)
+            plan = _BackwardPlan(rule, state, grad_out, self)
+            if keep:
+                self._plans[key] = plan
         return plan
 
     def _slots(self, shapes, device):
@@ -2359,7 +2367,7 @@ class _BackwardPlan:
         # conv-gradient kernels: the step lists them once in cell order on the device (a
         # cumsum and a scatter, no host sync), each chunk takes its range of the list
         # (_list_range); the input kernel reads the mask for each cell's direct term. Small
-        # states: the kernels walk every cell and the cell kernel draws the mask
+        # states: the kernels walk every cell and the cell and conv kernels draw the mask
         # (_COMPACT_BACKWARD_CELLS).
         self.listed = listed = B * H * W >= _COMPACT_BACKWARD_CELLS
         self.G = G
@@ -2390,7 +2398,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
              prepared=None, out=None, sink=None):
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
     itself (the rollout's backward reuses one buffer for every step's gradient): the input
-    kernel, the only writer of d_state, reads grad_out only at the cells it writes, before
+    kernel, the only writer of d_state, reads grad_out (listed walk; the every-cell walk
+    reads the cell kernel's copy in the workspace) only at the cells it writes, before
     writing them. ``sink``: a GradSink that collects the weight gradients instead (then
     returned as None), for calls with one ``prepared`` rule (their plan made once,
     _BackwardPlan)."""
@@ -2400,7 +2409,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     d_state = _common.backward_out(out, state, grad_out)
     # A call without a sink sums its own partials the same way, in a sink used once.
     own = GradSink(once=True) if sink is None else sink
-    plan = own._plan(rule, state, grad_out)
+    plan = own._plan(rule, state, grad_out, keep=prepared is not None)
     ws, wq, act = plan.ws, plan.wq, plan.act
     if interpreting():  # CPU tests: a read of a workspace entry nobody wrote shows as NaN
         ws.fill_(float("nan"))
