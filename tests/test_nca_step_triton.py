@@ -177,7 +177,7 @@ def test_weight_grad_accumulators(monkeypatch, walk):
     ((2, 8, 5, 6, 16, 2, "C", 2, "replicate", 0.5), torch.float16),
     ((1, 8, 6, 7, 128, 2, 1, 1, "reflect", 0.5), torch.float32),      # hidden in several fc tiles
 ], ids=["dense", "depthwise", "tiny", "none-fire", "bf16", "fp16-depthwise", "wide-hidden"])
-def test_gemm_weight_grads(monkeypatch, case, dtype, walk):
+def test_gemm_weight_grads(monkeypatch, case, dtype):
     """FASTNCA_TRITON_NCA_BWD_ACC=gemm: the cell kernel writes the firing cells' dz, h, gd,
     x and conv rows, and _nca_step_backward_fc_kernel reduces them (over two cell ranges
     under the interpreter) into the weight gradients; against the reference."""
@@ -207,7 +207,7 @@ class _LaunchCount:
     ((2, 8, 5, 6, 33, 1, "C", 0, "replicate", 0.5), torch.float16),
 ], ids=["dense", "depthwise", "bf16", "fp16-depthwise"])
 @pytest.mark.parametrize("acc", ["gemm", "chunked"])
-def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc, walk):
+def test_gemm_hidden_chunks(monkeypatch, case, dtype, acc):
     """=gemm and =chunked on rules of one channel and conv chunk run
     _nca_step_backward_cell_gemm_kernel (hidden units HC at a time; here 16, so several
     chunks add into dP_x and dQ, and under =chunked into the weight-gradient partials):
