@@ -141,8 +141,8 @@
 #       (no mask, cumsum, list or zero-fill launch), its two folds are one launch, and the
 #       rollout's backward makes its plan once, and the kernels take 2 weight arguments, not
 #       8 (Python a 64-step rollout 6.2 -> 2.7 ms on 2 CPU cores, Triton's launch path a
-#       64x64 step 78 -> 60 us; scripts/host_cost.py). The Med-NCA training states (B=8 x 64x64) take
-#       that walk; the benchmark's 256x256 steps keep the listed one (their kernels
+#       64x64 step 78 -> 60 us; scripts/host_cost.py). The Med-NCA training states
+#       (B=8 x 64x64) take that walk; the benchmark's 256x256 steps keep the listed one (their kernels
 #       unchanged but for a select). Both walks run in the GPU tests (test_gpu_shapes,
 #       fixture `walk`). In call 2, add timeline:rollout:triton@40 (a 64-step rollout on
 #       B=8 x 64x64: wall against kernel time) before the model suites; bench:mednca's

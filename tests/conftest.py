@@ -149,6 +149,18 @@ def fire_bits(n: int, seed: int, step: int) -> list:
     return reference_fire_bits(n, seed, step).tolist()
 
 
+def isolated_idle_cell(H: int, W: int, update_prob: float, seed: int, step: int, padding: str):
+    """(fires, y, x): the mask fire_mask(1, H, W, update_prob, seed, step)[0] and the first
+    cell that neither fires nor has a firing cell in its 3x3 window, read through
+    ``padding`` (zeros, reflect or replicate): a value there reaches no firing cell."""
+    fires = fastnca.fire_mask(1, H, W, update_prob, seed=seed, step=step)[0]
+    near = torch.nn.functional.pad(fires[None, None].float(), (1, 1, 1, 1),
+                                   mode="constant" if padding == "zeros" else padding)
+    near = torch.nn.functional.max_pool2d(near, 3, stride=1)[0, 0] > 0
+    y, x = map(int, (~near).nonzero()[0])
+    return fires, y, x
+
+
 def assert_close(actual, expected, dtype, name="", scale=1.0):
     """Elementwise check with atol relative to the tensor's magnitude: two fp32 sums of the
     same terms in different orders differ by ~eps * max|term|, not by eps per element.

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastnca
-from conftest import assert_close, copies_of, device_for, fast_backends, fire_bits, graph_held, mentions
+from conftest import (assert_close, copies_of, device_for, fast_backends, fire_bits, graph_held,
+                      isolated_idle_cell, mentions)
 from fastnca import _backend
 from fastnca.kernels import _common
 from fastnca.kernels.reference import nca_step as ref_nca
@@ -257,12 +258,7 @@ def test_gradients_leave_out_what_only_idle_cells_read(backend, padding, groups)
     device = device_for(backend)
     C, H, W, p, seed, step = 3, 9, 11, 0.2, 5, 2
     groups = C if groups == "C" else 1
-    fires = fastnca.fire_mask(1, H, W, p, seed=seed, step=step)[0]
-    # a cell whose neighbourhood, read through the padding, has no firing cell
-    near = torch.nn.functional.pad(fires[None, None].float(), (1, 1, 1, 1),
-                                   mode="constant" if padding == "zeros" else padding)
-    near = torch.nn.functional.max_pool2d(near, 3, stride=1)[0, 0] > 0
-    y, x_ = map(int, (~near).nonzero()[0])
+    fires, y, x_ = isolated_idle_cell(H, W, p, seed, step, padding)
     assert fires.any() and not fires[max(0, y - 1):y + 2, max(0, x_ - 1):x_ + 2].any()
     rule = [t.to(device) for t in make_rule(C, hidden=6, groups=groups)]
     g = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(1)).to(device)

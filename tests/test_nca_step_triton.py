@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import fastnca  # noqa: E402
+from conftest import isolated_idle_cell  # noqa: E402
 from fastnca.kernels import _common  # noqa: E402
 from fastnca.kernels.reference import nca_step as ref  # noqa: E402
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
@@ -1634,10 +1635,7 @@ def test_idle_cells_enter_no_gradient(monkeypatch, walk, acc):
         acc = "gemm"
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     H, W, p, seed, step = 9, 11, 0.2, 5, 2
-    fires = fastnca.fire_mask(1, H, W, p, seed=seed, step=step)[0]
-    near = torch.nn.functional.max_pool2d(torch.nn.functional.pad(fires[None, None].float(), (1,) * 4,
-                                                                  mode="reflect"), 3, stride=1)[0, 0] > 0
-    y, x_ = map(int, (~near).nonzero()[0])
+    _, y, x_ = isolated_idle_cell(H, W, p, seed, step, "reflect")
     state, grad_out, *w = make_inputs(1, C, H, W, hidden, F, 1, 1, seed=6)
     grads = []
     for value in (0.25, float("nan"), float("inf")):

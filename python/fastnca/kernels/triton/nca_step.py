@@ -40,10 +40,11 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   on the device (cumsum + scatter, counts in device memory: no host sync); kernels A and C
   walk each chunk's range of that list (_list_range), B reads the mask for each cell's own
   direct term. On smaller states (LISTED false) A (and A') and C walk every cell, A and C
-  drawing the mask themselves, and D (=gemm) reduces over every cell's row: A writes an idle cell's rows too (g and a zero dQ; its recomputed
-  activations, zeroed, enter no product), C leaves an idle cell's shifted state unread,
-  and B reads every cell's row. That saves four launches a step (mask, cumsum, list, the
-  dQ zero fill) where the host, not the GPU, sets the pace.
+  drawing the mask themselves, and D (=gemm) reduces over every cell's row: A writes an
+  idle cell's rows too (g and a zero dQ; its recomputed activations, zeroed, enter no
+  product), C leaves an idle cell's shifted state unread, and B reads every cell's row.
+  That saves the mask and list launches and the cumsum and dQ zero-fill kernels a step,
+  where the host, not the GPU, sets the pace.
 - kernel A (_nca_step_backward_cell_kernel), persistent: each of G programs walks the
   tiles pid, pid+G, ... of listed cells and recomputes x, conv, z, h; then gd = g, dz, dP. It writes
   dP = [g + dP_x | dQ] into a transient fp32 workspace [N, C + FC] (with bfloat16 state
@@ -250,14 +251,14 @@ def _weight_src(ptr, wh_ptr, SEG: tl.constexpr, HALF_W: tl.constexpr, EXACT: tl.
 
 @triton.jit
 def _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W: tl.constexpr, EXACT: tl.constexpr,
-                      C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+                      C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr):
     """_weight_src of the weight operands that can be bfloat16 dots: (fc1's state part, W2
-    for the backward's dh = gd W2, pw for the conv); segment offsets of the arranged layout."""
-    SEG_W2: tl.constexpr = (C_PAD + FC_CEIL + 1) * HID_PAD
-    SEG_PW: tl.constexpr = SEG_W2 + HID_PAD * C_PAD + C_PAD
-    return (_weight_src(w1at_ptr, wh_ptr, 0, HALF_W, EXACT, _EX_STATE, _EX_W1),
-            _weight_src(w2t_ptr, wh_ptr, SEG_W2, HALF_W, EXACT, _EX_GRAD, _EX_W2),
-            _weight_src(pw_ptr, wh_ptr, SEG_PW, HALF_W, EXACT, _EX_STATE, _EX_PW))
+    for the backward's dh = gd W2, pw for the conv); wh has the float32 buffer's layout
+    (_weight_segments)."""
+    wh_w1a, _, _, wh_w2, _, wh_pw, _ = _weight_segments(wh_ptr, C_PAD, HID_PAD, FC_CEIL, DEPTHWISE)
+    return (_weight_src(w1at_ptr, wh_w1a, 0, HALF_W, EXACT, _EX_STATE, _EX_W1),
+            _weight_src(w2t_ptr, wh_w2, 0, HALF_W, EXACT, _EX_GRAD, _EX_W2),
+            _weight_src(pw_ptr, wh_pw, 0, HALF_W, EXACT, _EX_STATE, _EX_PW))
 
 
 @triton.jit
@@ -278,16 +279,12 @@ def _weight_segments(wf_ptr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL
 
 @triton.jit
 def _program_slot(part_ptr, slot, C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
-    """Pointers to this program's private slot (``slot`` elements from part_ptr) of the cell
-    kernel's partials, segments d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pb (_cell_slot_sizes:
-    _Rule.sizes without d_pw)."""
-    O_W1B: tl.constexpr = C_PAD * HID_PAD
-    O_B1: tl.constexpr = O_W1B + FC_CEIL * HID_PAD
-    O_W2: tl.constexpr = O_B1 + HID_PAD
-    O_B2: tl.constexpr = O_W2 + HID_PAD * C_PAD
-    O_PB: tl.constexpr = O_B2 + C_PAD
-    p = part_ptr + slot
-    return p, p + O_W1B, p + O_B1, p + O_W2, p + O_B2, p + O_PB
+    """Pointers to the cell kernel's partials in slot ``slot`` (elements from part_ptr),
+    segments d_w1a, d_w1b, d_b1, d_w2, d_b2, d_pb (_cell_slot_sizes: _Rule.sizes without
+    d_pw, so d_pb starts where the weights' pw segment does)."""
+    # (DEPTHWISE moves only the 7th pointer, dropped here)
+    w1a, w1b, b1, w2, b2, pb, _ = _weight_segments(part_ptr + slot, C_PAD, HID_PAD, FC_CEIL, False)
+    return w1a, w1b, b1, w2, b2, pb
 
 
 @triton.jit
@@ -669,7 +666,7 @@ def _nca_step_forward_kernel(
         o_row = out_ptr + ob[:, None]
 
         w1a_d, _, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD,
-                                           FC_CEIL)
+                                           FC_CEIL, DEPTHWISE)
         if HC > 0:
             _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s_w, s_c, o_c, offs_c, cmask,
                                    w1a_d, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_d, pb_ptr, frozen, F, FC, C_PAD,
@@ -826,7 +823,8 @@ def _nca_step_backward_cell_kernel(
     # operand's load is invariant in the tile loop and the compiler keeps it in shared
     # memory across the program's tiles, instead of staging it from L2 at every tile.
     RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
-    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
+    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL,
+                                          DEPTHWISE)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
@@ -1038,7 +1036,8 @@ def _nca_step_backward_cell_gemm_kernel(
     A_X: tl.constexpr = 2 * HID_PAD + C_PAD
     A_CV: tl.constexpr = 2 * HID_PAD + 2 * C_PAD
     A_ROW: tl.constexpr = 2 * HID_PAD + 2 * C_PAD + FC_CEIL
-    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL)
+    w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL,
+                                          DEPTHWISE)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     dw1a_ptr, dw1b_ptr, db1_ptr, dw2_ptr, db2_ptr, dpb_ptr = _program_slot(
@@ -1222,7 +1221,7 @@ def _nca_step_backward_fc_kernel(
     per = tl.cdiv(tl.cdiv(count, BLOCK_K), tl.num_programs(1)) * BLOCK_K
     p0 = part * per
     p1 = tl.minimum(p0 + per, count)
-    out = part_ptr + part.to(tl.int64) * SLOT
+    d_w1a, d_w1b, _, d_w2, _, _ = _program_slot(part_ptr, part.to(tl.int64) * SLOT, C_PAD, HID_PAD, FC_CEIL)
     # the cell kernel's act row layout
     A_H: tl.constexpr = HID_PAD
     A_GD: tl.constexpr = 2 * HID_PAD
@@ -1232,16 +1231,16 @@ def _nca_step_backward_fc_kernel(
     NH: tl.constexpr = HID_PAD // TH
     NC: tl.constexpr = C_PAD // TC
     NF: tl.constexpr = FC_CEIL // TF
-    if pid < NH * NC:  # d_w1a [HID_PAD, C_PAD], slot offset 0
-        _fc_grad_tile(act_ptr, out, p0, p1, 0, HID_PAD, A_X, C, C_PAD, pid // NC, pid % NC,
+    if pid < NH * NC:  # d_w1a [HID_PAD, C_PAD]
+        _fc_grad_tile(act_ptr, d_w1a, p0, p1, 0, HID_PAD, A_X, C, C_PAD, pid // NC, pid % NC,
                       TH, TC, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
-    elif pid < NH * (NC + NF):  # d_w1b [HID_PAD, FC_CEIL] after it
+    elif pid < NH * (NC + NF):  # d_w1b [HID_PAD, FC_CEIL]
         q = pid - NH * NC
-        _fc_grad_tile(act_ptr, out + HID_PAD * C_PAD, p0, p1, 0, HID_PAD, A_CV, FC_CEIL, FC_CEIL, q // NF, q % NF,
+        _fc_grad_tile(act_ptr, d_w1b, p0, p1, 0, HID_PAD, A_CV, FC_CEIL, FC_CEIL, q // NF, q % NF,
                       TH, TF, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
-    else:  # d_w2 [C_PAD, HID_PAD] after d_b1
+    else:  # d_w2 [C_PAD, HID_PAD]
         q = pid - NH * (NC + NF)
-        _fc_grad_tile(act_ptr, out + HID_PAD * (C_PAD + FC_CEIL + 1), p0, p1, A_GD, C, A_H, HID_PAD, HID_PAD,
+        _fc_grad_tile(act_ptr, d_w2, p0, p1, A_GD, C, A_H, HID_PAD, HID_PAD,
                       q // NH, q % NH, TC, TH, A_ROW, BLOCK_K, DOT_PREC, HALF_DOT)
 
 
@@ -2302,8 +2301,8 @@ def _cell_slot_sizes(rule):
 
 class _BackwardPlan:
     """Everything a backward call decides from the rule, the tensors' layouts and the knobs
-    (kernel choice, tiles, batch chunks, launch keywords, workspaces, slot views): made once
-    per layout and kept in the call's GradSink, so that the steps of nca_rollout's backward
+    (kernel choice, tiles, batch chunks, launch keywords, workspaces, partial slots): made
+    once per rule, shape and dtypes and kept in the call's GradSink (GradSink._plan), so that the steps of nca_rollout's backward
     pay for it once, with workspaces reused from step to step (one stream, in order)."""
 
     def __init__(self, rule: _Rule, state, grad_out, sink: GradSink):
