@@ -237,6 +237,18 @@ def graph_times(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None,
         return {"graph_error": f"{type(e).__name__}: {e}"[:120]}
 
 
+def tuned_extra(key_prefix: tuple) -> dict:
+    """{"tuned": {"kernel[key]": config}}: the tiles fastnca's autotuned Triton kernels
+    picked so far in this process, for tuning keys opening with key_prefix (attention: H, W,
+    heads, D; the nca forward: C, F, hidden); {} when none (not autotuned, or no Triton)."""
+    try:
+        from fastnca.kernels.triton._runtime import tuned_configs
+    except ImportError:
+        return {}
+    tuned = tuned_configs(key_prefix)
+    return {"tuned": tuned} if tuned else {}
+
+
 def saved_mb(fn: Callable[[], object]) -> float:
     """MB of distinct storages autograd saves for backward while ``fn`` runs."""
     if WARM_ONLY:

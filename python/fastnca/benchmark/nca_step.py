@@ -11,7 +11,7 @@ import fastnca
 
 from .._checks import dtype_name
 from . import common
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
+from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends, tuned_extra
 
 
 class PaperStep(torch.nn.Module):
@@ -224,6 +224,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                     # mask drawn on the host and copied over cannot be captured)
                     extra.update(graph_times(timed(step_fwd, step_g, False, mode),
                                              timed(step_fwd, step_g, True, mode), device, reps))
+                if impl.startswith("fastnca:triton"):  # the forward tile its autotuner picked
+                    extra.update(tuned_extra((C,)))
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
                                       peak_mb(timed(step_fwd, step_g, True, mode), device, cpu=True), extra=extra))

@@ -11,7 +11,7 @@ import fastnca
 
 from .._checks import dtype_name
 from . import common
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends
+from .common import Result, env, graph_times, tuned_extra, median_ms, peak_mb, release, saved_mb, selected, timed_backends
 
 
 def unfold_attention(q, k, v):
@@ -147,6 +147,8 @@ def _measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps, bytes_fwd, 
             if g_fb:
                 extra["bw_fraction_fwd_bwd_graph"] = (bytes_fwd + bytes_bwd) / (g_fb * 1e-3) / 1e9 / bw
         smb = saved_mb(lambda: fn(*qkv.unbind(3))) if has_bwd else None
+        if impl.startswith("fastnca:triton"):  # the tiles its autotuner picked (none on a CPU)
+            extra.update(tuned_extra((qkv.shape[1], qkv.shape[2], qkv.shape[4], qkv.shape[5])))
         note = "" if has_bwd else "no backward on this device"
         if impl == "flex_attention":
             note = (note + "; " if note else "") + "mask-border semantics"

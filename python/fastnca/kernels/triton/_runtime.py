@@ -68,6 +68,29 @@ def autotuning() -> bool:
     return knob01("FASTNCA_TRITON_AUTOTUNE") != "0" and not interpreting()
 
 
+_AUTOTUNERS: list = []
+
+
+def autotune(kernel, **kwargs):
+    """triton.autotune(**kwargs)(kernel), kept in a list so that a benchmark can record the
+    tile each autotuned kernel picked (tuned_configs)."""
+    tuner = triton.autotune(**kwargs)(kernel)
+    _AUTOTUNERS.append(tuner)
+    return tuner
+
+
+def tuned_configs(key_prefix: tuple = ()) -> dict[str, str]:
+    """The config each of this package's autotuned kernels picked, "kernel[key]": "config",
+    for the tuning keys that start with key_prefix (an attention kernel's key opens with H,
+    W, heads, D)."""
+    out = {}
+    for tuner in _AUTOTUNERS:
+        for key, config in getattr(tuner, "cache", {}).items():
+            if tuple(key[:len(key_prefix)]) == tuple(key_prefix):
+                out[f"{tuner.fn.fn.__name__}{list(key)}"] = str(config)
+    return out
+
+
 def on_device(device: torch.device):
     """The launch's device guard: the tensor's CUDA device current, nothing on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -122,7 +122,7 @@ from triton.runtime.errors import OutOfResources
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
+from ._runtime import autotune, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
 from ._runtime import knob01 as _knob01
 from .fire_mask import fire_mask as _fire_mask
 
@@ -763,12 +763,13 @@ def _forward_autotuned():
     """The autotuned forward, made on first use: an Autotuner asks the active driver for
     its benchmarker when constructed (triton 3.2), and under TRITON_INTERPRET=1 on a
     machine without a GPU there is none, so building it at import failed there."""
-    return triton.autotune(
+    return autotune(
+        _nca_step_forward_kernel,
         configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                  for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
         key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "RESIDENT", "HC"],
         prune_configs_by={"early_config_prune": _forward_prune},
-    )(_nca_step_forward_kernel)
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import autotuning, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
+from ._runtime import autotune, autotuning, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
 
 _ZEROS = const(_ext.BORDER_CODES["zeros"])
 _MASK = const(_ext.BORDER_CODES["mask"])
@@ -972,20 +972,27 @@ def _tile_configs(H: int, W: int, block_h: int, block_d: int, backward: bool, ve
     """Candidates (BLOCK_Y, BLOCK_X, NSPLIT, num_warps) for cells of BLOCK_H heads of BLOCK_D.
 
     Full budget per [BLOCK_M, BLOCK_D] block: 4096 elements forward (live fp32 blocks q,
-    acc, k, v), 2048 backward (k/v/dk/dv + the gathered q/do), at 8 warps; then half and
-    quarter tiles at 4 warps for more resident programs. sm_90 compiles at D=64 fp16, k=3
-    (registers/thread): forward 4096 x 8 warps 111-148, 2048 x 4 warps 119-149 (4096 x 4
-    warps spills); backward 2048 x 8 warps 151, 1024 x 4 warps 158-225, 512 x 4 warps 128
-    (16 warps/SM). Unaligned rows (vec = 1) load element by element, each with a 64-bit
-    address: a quarter of the budget (fp32 D=5 forward at 4096 spills: 255 regs + stack).
-    Tiles are capped at the grid (no program made only of padding). Not yet timed on a
-    GPU: the autotuner picks.
+    acc, k, v), 2048 backward (k/v/dk/dv + the gathered q/do), at 8 warps, then at 4 warps
+    (half the threads a row: fewer of them repeat a row's softmax and index work, more
+    registers), then half and quarter tiles at 4 warps for more resident programs. Unaligned
+    rows (vec = 1) load element by element, each with a 64-bit address: a quarter of the
+    budget (fp32 D=5 forward at 4096 spilled: 255 regs + stack). Tiles are capped at the
+    grid (no program made only of padding). The autotuner picks; the benchmark records its
+    pick (tuned_configs).
+
+    sm_90 compiles (triton 3.6, 2026-11-28; registers, SASS instructions a thread x threads
+    a query row): GeCA-S bf16 forward at 8 warps 79-93 regs, 1208-1232 x 4; the full budget
+    at 4 warps 92-96 regs, 1936-1952 x 2 (21% fewer instructions a row); the half and
+    quarter tiles 63-85 regs, 1208 x 4 and 832-856 x 8. Backward at 8 warps 80 regs, 1712 x
+    8; full at 4 warps 141-144 regs, 2728 x 4 (20% fewer); 1352 x 16 at the quarter tile.
+    The 4-warp full tiles compile without spills at the high-res shape (D=32), in float32,
+    at k=7 (shift) and at D=5 (8 bytes of stack in one forward). Untimed on a GPU.
     """
     hp, wp = next_pow2(H), next_pow2(W)
     width = block_h * block_d
     full = (2048 if backward else 4096) // (4 if vec == 1 else 1)
     out, seen = [], set()
-    for budget, nw, rows in ((full, 8, (1, 2, 4)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
+    for budget, nw, rows in ((full, 8, (1, 2, 4)), (full, 4, (1, 2)), (full // 2, 4, (1, 2)), (full // 4, 4, (1, 2))):
         cells = max(1, budget // width)
         for by in rows:
             by_ = min(by, hp)
@@ -1002,7 +1009,9 @@ def _default_config(H: int, W: int, block_h: int, block_d: int, backward: bool, 
         # The interpreter pays per program and per op, not per element: one tile per image.
         by, bx = min(next_pow2(H), 8), min(next_pow2(W), 32)
         return {"BLOCK_Y": by, "BLOCK_X": bx, "NSPLIT": _nsplit(by * bx * block_h, block_d, vec, 4), "num_warps": 4}
-    cfg = _tile_configs(H, W, block_h, block_d, backward, vec)[1]  # full budget, 2 rows, 8 warps
+    # full budget on 8 warps, 2 rows of cells (1 on a grid of one row)
+    eight = [c for c in _tile_configs(H, W, block_h, block_d, backward, vec) if c.num_warps == 8]
+    cfg = eight[min(1, len(eight) - 1)]
     return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
 
@@ -1014,7 +1023,7 @@ def _tuned(kernel_name: str, hp: int, wp: int, block_h: int, block_d: int, backw
     # One Autotuner per candidate list (it depends on the head tile, grid caps and vec).
     configs = _tile_configs(hp, wp, block_h, block_d, backward, vec)
     key = _AUTOTUNE_KEY + (["PASS"] if kernel_name == "_na2d_backward_kernel" else [])
-    return triton.autotune(configs=configs, key=key)(globals()[kernel_name])
+    return autotune(globals()[kernel_name], configs=configs, key=key)
 
 
 def _launch(kernel_name, backward, B, H, W, NH, args, consts):
