@@ -147,6 +147,13 @@
 #       fixture `walk`). In call 2, add timeline:rollout:triton@40 (a 64-step rollout on
 #       B=8 x 64x64: wall against kernel time) before the model suites; bench:mednca's
 #       patch-64 row is the host-bound one (H100, bf1a97b: Triton 221 ms, eager 134).
+#     Session 24 (2026-11-28, no GPU): two more attention autotune candidates a kernel, the
+#       full tile on 4 warps (sm_90: forward 2 threads a query row, 21% fewer instructions a
+#       row; backward 4 threads, 20% fewer, 141-144 registers). The timed bench autotunes,
+#       and each Triton row's JSON now names what the autotuner picked (extra.tuned): read
+#       it after call 1's bench:attention; if a 4-warp full tile wins, make it the default
+#       (_default_config; the tests pin the default). The GPU tests add
+#       test_autotuned_launch_records_its_pick, and the every-candidate test has 9 indices.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

@@ -598,13 +598,15 @@ def test_dtypes_and_layouts(dtype, wdtype, channels_last, walk):
 
 @pytest.mark.parametrize("padding", ["reflect", "replicate", "circular"])
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
-def test_border_reader_tiles(padding, groups, walk):
+def test_border_reader_tiles(padding, groups):
     """The input-gradient kernel gathers the border readers only in tiles that have them:
     rows of 700 cells give tiles (256 cells under the interpreter) with no border reader,
     with one along x only (x = 0 or 1 side, not both), and with both, beside rows that are
     y borders. Every cell fires, so every border reader's dQ counts: at update_prob 0.5 no
     reader on the x = W side fired in the last tile's rows, and a flag keyed on the other
-    side's readers passed (mutation review, session 22)."""
+    side's readers passed (mutation review, session 22). The default walk only: the two
+    walks share the gathers (they differ in the direct term, which the walk-parametrised
+    tests cover), and this state costs ~6 s a case under the interpreter."""
     check_against_reference((1, 2, 6, 700, 4, 1, groups, 0, padding, 1.0))
 
 

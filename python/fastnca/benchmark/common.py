@@ -562,6 +562,10 @@ DEFINITIONS = {
     "tf32_roof_fraction_*": "float32 on CUDA: over the single-TF32 tensor-core matmul roof (the default 3xTF32 "
                             "products reach at most about 1/3 of it; float32 roof_fraction_* is over the "
                             "non-tensor-core float32 matmul)",
+    "extra.tuned": "Triton rows on a GPU: the config each autotuned fastnca kernel picked for "
+                   "this row's shape, \"kernel[tuning key]\": \"config\" (attention keys open with "
+                   "H, W, heads, D; the nca forward's with C), from the Autotuner's cache (from "
+                   "2026-11-28)",
     "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
                                            "the measured device copy bandwidth",
     "*_graph_ms, *_graph": "CUDA: the same call captured once in a CUDA graph and replayed "
