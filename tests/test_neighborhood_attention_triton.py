@@ -585,28 +585,30 @@ def test_circular_index_maps_on_long_axes(n):
 
 
 def test_tuned_configs_name_each_kernels_pick(monkeypatch):
-    """tuned_configs (what the benchmark records as "tuned") lists the config each autotuned
-    kernel holds for a tuning key, under the kernel's name and key, filtered by the key's
-    opening values; the same for the nca forward's autotuner (an entry put in each cache
-    the way Triton's Autotuner stores its pick: no GPU here to tune)."""
-    from fastnca.benchmark.common import tuned_extra
+    """tuned_configs lists the config each autotuned kernel (attention and the nca forward)
+    holds per tuning key, under the kernel's name and key, and the benchmark's tuned_since
+    keeps the picks made after its tuned_now() snapshot: a row's own tuning (entries put in
+    the caches the way Triton's Autotuner stores its picks: no GPU here to tune)."""
+    from fastnca.benchmark.common import tuned_now, tuned_since
     from fastnca.kernels.triton import _runtime
     from fastnca.kernels.triton import nca_step as tri_nca
 
     fwd = tri._tuned("_na2d_forward_kernel", 32, 32, 2, 64, False, 8)
     nca = tri_nca._forward_autotuned()
     assert fwd in _runtime._AUTOTUNERS and nca in _runtime._AUTOTUNERS
+    for tuner in (fwd, nca):
+        monkeypatch.setattr(tuner, "cache", {})
     key = (32, 32, 12, 64, 3, 0, 8, "torch.bfloat16")
-    monkeypatch.setitem(fwd.cache, key, fwd.configs[4])
-    monkeypatch.setitem(fwd.cache, (8, 8, 12, 64, 3, 0, 8, "torch.bfloat16"), fwd.configs[0])
-    monkeypatch.setitem(nca.cache, (32, 2, 128), nca.configs[1])
-    got = _runtime.tuned_configs((32, 32, 12, 64))
-    assert got == {f"_na2d_forward_kernel{list(key)}": str(fwd.configs[4])}, got
-    assert "BLOCK_Y: 2, BLOCK_X: 16, NSPLIT: 4, num_warps: 4" in got[f"_na2d_forward_kernel{list(key)}"]
-    assert tuned_extra((32, 32, 12, 64)) == {"tuned": got}
-    assert _runtime.tuned_configs((32,)) == {"_nca_step_forward_kernel[32, 2, 128]": str(nca.configs[1]),
-                                             **got}
-    assert tuned_extra((5, 5)) == {}
+    fwd.cache[key] = fwd.configs[4]
+    before = tuned_now()
+    assert before == {f"_na2d_forward_kernel{list(key)}": str(fwd.configs[4])}, before
+    assert "BLOCK_Y: 2, BLOCK_X: 16, NSPLIT: 4, num_warps: 4" in before[f"_na2d_forward_kernel{list(key)}"]
+    assert tuned_since(before) == {}
+    nca.cache[(32, 2, 128)] = nca.configs[1]
+    fwd.cache[(8, 8, 12, 64, 3, 0, 8, "torch.bfloat16")] = fwd.configs[0]
+    assert tuned_since(before) == {"tuned": {"_nca_step_forward_kernel[32, 2, 128]": str(nca.configs[1]),
+                                             "_na2d_forward_kernel[8, 8, 12, 64, 3, 0, 8, 'torch.bfloat16']":
+                                             str(fwd.configs[0])}}
 
 
 @gpu
@@ -615,15 +617,16 @@ def test_autotuned_launch_records_its_pick(monkeypatch):
     """With autotuning on (the default on a GPU), a fwd+bwd leaves the forward's and the
     backward's pick in tuned_configs, each one of the _tile_configs candidates, and the
     outputs match the reference."""
-    from fastnca.kernels.triton._runtime import tuned_configs
+    from fastnca.benchmark.common import tuned_now, tuned_since
 
     monkeypatch.delenv("FASTNCA_TRITON_AUTOTUNE", raising=False)
     B, H, W, nh, D = 2, 13, 11, 6, 64
+    before = tuned_now()
     check_against_reference(B, H, W, nh, D, 3, "zeros", torch.bfloat16)
-    got = tuned_configs((H, W, nh, D))
+    got = tuned_since(before).get("tuned", {})
     bh, bd = tri._head_tile(nh, D)
     for name, bwd in (("_na2d_forward_kernel", False), ("_na2d_backward_kernel", True)):
-        picks = [v for k, v in got.items() if k.startswith(name + "[")]
+        picks = [v for k, v in got.items() if k.startswith(f"{name}[{H}, {W}, {nh}, {D}, ")]
         assert picks, (name, got)
         cands = {str(c) for c in tri._tile_configs(H, W, bh, bd, bwd, 8)}
         assert all(p in cands for p in picks), (picks, cands)

@@ -237,16 +237,21 @@ def graph_times(fwd: Callable[[], object], fwd_bwd: Callable[[], object] | None,
         return {"graph_error": f"{type(e).__name__}: {e}"[:120]}
 
 
-def tuned_extra(key_prefix: tuple) -> dict:
-    """{"tuned": {"kernel[key]": config}}: the tiles fastnca's autotuned Triton kernels
-    picked so far in this process, for tuning keys opening with key_prefix (attention: H, W,
-    heads, D; the nca forward: C, F, hidden); {} when none (not autotuned, or no Triton)."""
+def tuned_now() -> dict[str, str]:
+    """What fastnca's autotuned Triton kernels picked so far in this process (tuned_configs),
+    {} without Triton."""
     try:
         from fastnca.kernels.triton._runtime import tuned_configs
     except ImportError:
         return {}
-    tuned = tuned_configs(key_prefix)
-    return {"tuned": tuned} if tuned else {}
+    return tuned_configs()
+
+
+def tuned_since(before: dict[str, str]) -> dict:
+    """{"tuned": {"kernel[key]": config}} of the picks made since tuned_now() gave ``before``
+    (a row's own tuning), or {} when none."""
+    new = {k: v for k, v in tuned_now().items() if k not in before}
+    return {"tuned": new} if new else {}
 
 
 def saved_mb(fn: Callable[[], object]) -> float:
@@ -562,10 +567,10 @@ DEFINITIONS = {
     "tf32_roof_fraction_*": "float32 on CUDA: over the single-TF32 tensor-core matmul roof (the default 3xTF32 "
                             "products reach at most about 1/3 of it; float32 roof_fraction_* is over the "
                             "non-tensor-core float32 matmul)",
-    "extra.tuned": "Triton rows on a GPU: the config each autotuned fastnca kernel picked for "
-                   "this row's shape, \"kernel[tuning key]\": \"config\" (attention keys open with "
-                   "H, W, heads, D; the nca forward's with C), from the Autotuner's cache (from "
-                   "2026-11-28)",
+    "extra.tuned": "Triton rows on a GPU: the config each autotuned fastnca kernel picked while "
+                   "the row was measured, \"kernel[tuning key]\": \"config\" (attention keys open "
+                   "with H, W, heads, D; the nca forward's with C, F, hidden); a key an earlier row "
+                   "of the run tuned is not repeated (from 2026-11-28)",
     "gbs_fwd, gbs_fwd_bwd, bw_fraction_*": "attention: GB/s of the minimum traffic, and over "
                                            "the measured device copy bandwidth",
     "*_graph_ms, *_graph": "CUDA: the same call captured once in a CUDA graph and replayed "

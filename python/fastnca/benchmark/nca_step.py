@@ -11,7 +11,8 @@ import fastnca
 
 from .._checks import dtype_name
 from . import common
-from .common import Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends, tuned_extra
+from .common import (Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends,
+                     tuned_now, tuned_since)
 
 
 class PaperStep(torch.nn.Module):
@@ -216,6 +217,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
         for impl, step_fwd, step_g, roll_fwd, roll_g, mode in runners:
             log(f"  nca_step {name} {impl} ...")
+            before = tuned_now()
             try:
                 fwd = median_ms(timed(step_fwd, step_g, False, mode), device, reps=reps)
                 fb = median_ms(timed(step_fwd, step_g, True, mode), device, reps=reps)
@@ -224,8 +226,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                     # mask drawn on the host and copied over cannot be captured)
                     extra.update(graph_times(timed(step_fwd, step_g, False, mode),
                                              timed(step_fwd, step_g, True, mode), device, reps))
-                if impl.startswith("fastnca:triton"):  # the forward tile its autotuner picked
-                    extra.update(tuned_extra((C,)))
+                extra.update(tuned_since(before))  # the forward tile the Triton autotuner picked
                 results.append(Result("nca_step", label, impl, dname, fwd, fb,
                                       saved_mb(lambda: _kept(step_fwd)),
                                       peak_mb(timed(step_fwd, step_g, True, mode), device, cpu=True), extra=extra))

@@ -11,7 +11,8 @@ import fastnca
 
 from .._checks import dtype_name
 from . import common
-from .common import Result, env, graph_times, tuned_extra, median_ms, peak_mb, release, saved_mb, selected, timed_backends
+from .common import (Result, env, graph_times, median_ms, peak_mb, release, saved_mb, selected, timed_backends,
+                     tuned_now, tuned_since)
 
 
 def unfold_attention(q, k, v):
@@ -120,6 +121,7 @@ def _measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps, bytes_fwd, 
     outside (the views' UnbindBackward) records the stream it was made on, the legacy default
     stream, and a CUDA-graph capture of a backward that reaches it fails (the engine makes
     that stream wait on the capturing one)."""
+    before = tuned_now()
     try:
         def fwd():  # detached inputs: FlexAttention on CPU refuses requires_grad ones
             with torch.no_grad():
@@ -147,8 +149,7 @@ def _measure(label, impl, fn, has_bwd, qkv, do, dname, device, reps, bytes_fwd, 
             if g_fb:
                 extra["bw_fraction_fwd_bwd_graph"] = (bytes_fwd + bytes_bwd) / (g_fb * 1e-3) / 1e9 / bw
         smb = saved_mb(lambda: fn(*qkv.unbind(3))) if has_bwd else None
-        if impl.startswith("fastnca:triton"):  # the tiles its autotuner picked (none on a CPU)
-            extra.update(tuned_extra((qkv.shape[1], qkv.shape[2], qkv.shape[4], qkv.shape[5])))
+        extra.update(tuned_since(before))  # the tiles the Triton autotuner picked (none on a CPU)
         note = "" if has_bwd else "no backward on this device"
         if impl == "flex_attention":
             note = (note + "; " if note else "") + "mask-border semantics"

@@ -79,16 +79,11 @@ def autotune(kernel, **kwargs):
     return tuner
 
 
-def tuned_configs(key_prefix: tuple = ()) -> dict[str, str]:
-    """The config each of this package's autotuned kernels picked, "kernel[key]": "config",
-    for the tuning keys that start with key_prefix (an attention kernel's key opens with H,
-    W, heads, D)."""
-    out = {}
-    for tuner in _AUTOTUNERS:
-        for key, config in getattr(tuner, "cache", {}).items():
-            if tuple(key[:len(key_prefix)]) == tuple(key_prefix):
-                out[f"{tuner.fn.fn.__name__}{list(key)}"] = str(config)
-    return out
+def tuned_configs() -> dict[str, str]:
+    """The config each of this package's autotuned kernels picked for each tuning key so far
+    in this process, "kernel[key]": "config" (Triton's Autotuner keeps them in its cache)."""
+    return {f"{tuner.fn.fn.__name__}{list(key)}": str(config)
+            for tuner in _AUTOTUNERS for key, config in getattr(tuner, "cache", {}).items()}
 
 
 def on_device(device: torch.device):
