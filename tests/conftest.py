@@ -161,6 +161,15 @@ def isolated_idle_cell(H: int, W: int, update_prob: float, seed: int, step: int,
     return fires, y, x
 
 
+def listed_walk(monkeypatch) -> None:
+    """The Triton nca backward's listed walk (firing cells only, the large states' walk) on
+    states of any size: _COMPACT_BACKWARD_CELLS lowered to 1, as small test states otherwise
+    take the every-cell walk."""
+    from fastnca.kernels.triton import nca_step as tri
+
+    monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 1)
+
+
 def assert_close(actual, expected, dtype, name="", scale=1.0):
     """Elementwise check with atol relative to the tensor's magnitude: two fp32 sums of the
     same terms in different orders differ by ~eps * max|term|, not by eps per element.

@@ -8,7 +8,7 @@ import torch
 
 import fastnca
 from conftest import (assert_close, copies_of, device_for, fast_backends, fire_bits, graph_held,
-                      isolated_idle_cell, mentions)
+                      isolated_idle_cell, listed_walk, mentions)
 from fastnca import _backend
 from fastnca.kernels import _common
 from fastnca.kernels.reference import nca_step as ref_nca
@@ -672,15 +672,6 @@ def test_backend_gradients_are_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def _triton_walk(monkeypatch, listed: bool) -> None:
-    """The Triton backward's walk: listed firing cells on any state (listed), else its
-    default by state size (these tests' small states: every cell)."""
-    if listed:
-        from fastnca.kernels.triton import nca_step as tri
-
-        monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 1)
-
-
 def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, groups=1,
                                   channels_last=False):
     """A kernel module's backward over batch chunks (forced on a small state) and with
@@ -737,7 +728,8 @@ def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, listed, 
     _COMPACT_BACKWARD_CELLS lowered so that this small state takes it)."""
     if fastnca.backends()["triton"] is not True:
         pytest.skip(f"triton: {fastnca.backends()['triton']}")
-    _triton_walk(monkeypatch, listed)
+    if listed:
+        listed_walk(monkeypatch)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
     k = _backend.kernel("triton", "nca_step")
@@ -757,7 +749,7 @@ def test_backend_backward_in_batch_chunks_and_in_place(backend, monkeypatch):
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
     check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
     if backend == "triton":
-        _triton_walk(monkeypatch, listed=True)
+        listed_walk(monkeypatch)
         check_backward_chunks_and_out(k, device_for(backend), monkeypatch)
         check_backward_chunks_and_out(k, device_for(backend), monkeypatch, groups="C", channels_last=True)
 

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import fastnca  # noqa: E402
-from conftest import isolated_idle_cell  # noqa: E402
+from conftest import isolated_idle_cell, listed_walk  # noqa: E402
 from fastnca.kernels import _common  # noqa: E402
 from fastnca.kernels.reference import nca_step as ref  # noqa: E402
 from fastnca.kernels.triton import nca_step as tri  # noqa: E402
@@ -52,7 +52,7 @@ def walk(request, monkeypatch):
     below _COMPACT_BACKWARD_CELLS, every CPU test's size), or the listed firing cells
     (larger states; the threshold lowered here so that small states take it too)."""
     if request.param == "listed":
-        monkeypatch.setattr(tri, "_COMPACT_BACKWARD_CELLS", 1)
+        listed_walk(monkeypatch)
     return request.param
 
 

@@ -2303,8 +2303,9 @@ def _cell_slot_sizes(rule):
 class _BackwardPlan:
     """Everything a backward call decides from the rule, the tensors' layouts and the knobs
     (kernel choice, tiles, batch chunks, launch keywords, workspaces, partial slots): made
-    once per rule, shape and dtypes and kept in the call's GradSink (GradSink._plan), so that the steps of nca_rollout's backward
-    pay for it once, with workspaces reused from step to step (one stream, in order)."""
+    once per rule, shape and dtypes and kept in the call's GradSink (GradSink._plan), so
+    that the steps of nca_rollout's backward pay for it once, with workspaces reused from
+    step to step (one stream, in order)."""
 
     def __init__(self, rule: _Rule, state, grad_out, sink: GradSink):
         B, C, H, W = state.shape

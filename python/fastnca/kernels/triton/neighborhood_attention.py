@@ -56,7 +56,8 @@ import triton
 import triton.language as tl
 
 from ... import _ext
-from ._runtime import autotune, autotuning, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
+from ._runtime import (autotune, autotuning, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device,
+                       triton_version)
 
 _ZEROS = const(_ext.BORDER_CODES["zeros"])
 _MASK = const(_ext.BORDER_CODES["mask"])
