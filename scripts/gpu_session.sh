@@ -154,6 +154,13 @@
 #       it after call 1's bench:attention; if a 4-warp full tile wins, make it the default
 #       (_default_config; the tests pin the default). The GPU tests add
 #       test_autotuned_launch_records_its_pick, and the every-candidate test has 9 indices.
+#     Session 25 (2026-11-28, no GPU): resident weights removed (lost on both GPUs). An
+#       NCHW state's conv now takes the tap loop, not the im2col dot (sm_90 compiles: the
+#       im2col gather spilled, forward 1592 bytes of stack with triton 3.7, torch 2.13's;
+#       channels_last, the models' and the benchmark's layout, unchanged). The bench adds
+#       the row "fastnca:triton nchw" after fastnca:triton: compare the two rows (the
+#       GPU has triton 3.6, where the NCHW im2col forward spilled only 72 bytes). The GPU
+#       tests run the half-weight test in both layouts.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

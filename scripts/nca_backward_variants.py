@@ -2,9 +2,7 @@
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
 the cell kernel, the fc weight gradients as GEMMs over a workspace of activations, or chunked:
-the hidden-chunk cell kernel with its partials in memory), whether its
-weight operands stay in shared memory across tiles (FASTNCA_TRITON_NCA_WEIGHTS=resident)
-and dot precision ("default": every precision knob unset, what ships; "split-bwd": the
+the hidden-chunk cell kernel with its partials in memory) and dot precision ("default": every precision knob unset, what ships; "split-bwd": the
 default with FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split
 hi + lo as before 2026-11-27; "tf32x3": 3xTF32 with one or two TF32 products where an
 operand comes from a half tensor, no bfloat16 dots; "bf16-dots": that with bfloat16 dots;
@@ -13,8 +11,8 @@ default with FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 w
 default before 2026-11-28, not their bfloat16 copy); or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
-Triton settings, then TF32 and the opt-in modes: the forward in hidden chunks, resident
-weights, =gemm, both) and in eager PyTorch (benchmark.nca_step.PaperStep), same state, in
+Triton settings, then TF32 and the opt-in modes: the forward in hidden chunks, =gemm,
+=chunked) and in eager PyTorch (benchmark.nca_step.PaperStep), same state, in
 --rounds interleaved rounds.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
@@ -26,7 +24,7 @@ reported.
 
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
-           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--weights staged resident] [--prec default split-bwd fp32-weights tf32x3 tf32x3-all tf32 bf16-dots]
+           [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--prec default split-bwd fp32-weights tf32x3 tf32x3-all tf32 bf16-dots]
            [--variant TILE:ACC:PREC ...] [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64]
            [--device cuda]
 """
@@ -59,7 +57,6 @@ def main() -> int:
                     help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""],
                     help="registers / mixed / memory / gemm / chunked ('' or 'default' = the default)")
-    ap.add_argument("--weights", nargs="*", default=[""], help="staged / resident ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["default", "split-bwd", "fp32-weights", "tf32x3", "tf32"],
                     help="default (no precision knob set) / split-bwd (FASTNCA_TRITON_NCA_BWD_TF32=0) / "
                          "fp32-weights (FASTNCA_TRITON_NCA_HALF_WEIGHTS=0) / tf32x3 / "
@@ -68,7 +65,7 @@ def main() -> int:
     ap.add_argument("--variant", nargs="*", default=[],
                     help="explicit variants TILE:ACC:PREC ('default' or '' for a default part), e.g. "
                          "default:default:default 64,4:chunked:default; replaces the product of --tiles, "
-                         "--input-tiles, --acc, --weights and --prec")
+                         "--input-tiles, --acc and --prec")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
@@ -78,7 +75,7 @@ def main() -> int:
     for prec in a.prec + [v.split(":")[2] for v in a.variant if v.count(":") == 2]:
         if prec not in precs and prec != "":  # a removed name ("half-weights", the default now) is no variant
             ap.error(f"precision {prec!r}: choose from {', '.join(precs)}")
-    for opt in ("tiles", "input_tiles", "acc", "weights"):  # 'default' spells '' where quoting is awkward
+    for opt in ("tiles", "input_tiles", "acc"):  # 'default' spells '' where quoting is awkward
         setattr(a, opt, ["" if v == "default" else v for v in getattr(a, opt)])
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -95,7 +92,7 @@ def main() -> int:
     args = (*w, groups, "reflect", 0.5, 1, 3, frozen)
 
     use_cuda = not a.no_cuda and _backend._usable_on("cuda", dev) is True
-    variants = [("cuda", "cuda", (None, None, None), None, "")] if use_cuda else []
+    variants = [("cuda", "cuda", (None, None), None, "")] if use_cuda else []
     if a.variant:  # explicit TILE:ACC:PREC triples instead of the product of the lists
         combos = []
         for v in a.variant:
@@ -103,17 +100,15 @@ def main() -> int:
             if len(parts) != 3:
                 ap.error(f"--variant takes TILE:ACC:PREC, got {v!r}")
             t, acc, prec = ("" if p == "default" else p for p in parts)
-            combos.append((t, "", acc, "", prec or "default"))
+            combos.append((t, "", acc, prec or "default"))
     else:
-        combos = [(t, it, acc, wts, prec) for t in a.tiles for it in a.input_tiles for acc in a.acc
-                  for wts in a.weights for prec in a.prec]
-    for t, it, acc, wts, prec in combos:
+        combos = [(t, it, acc, prec) for t in a.tiles for it in a.input_tiles for acc in a.acc for prec in a.prec]
+    for t, it, acc, prec in combos:
         label = {"tf32": "TF32", "tf32x3-all": "3xTF32 all", "bf16-dots": "3xTF32 bf16 dots",
                  "default": "default prec", "split-bwd": "split bwd",
                  "fp32-weights": "fp32 weights"}.get(prec, "3xTF32")
-        name = (f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'}"
-                f"{f' weights={wts}' if wts else ''} {label}")
-        variants.append((name, "triton", (t, it, wts), acc, prec))
+        name = f"triton tile={t or 'default'}{f' input={it}' if it else ''} acc={acc or 'default'} {label}"
+        variants.append((name, "triton", (t, it), acc, prec))
     print(f"nca_step backward, rule C={C} hidden={hidden} F={F} groups={groups} frozen={frozen}, "
           f"{a.dtype} state [{B}, {C}, {H}, {W}], "
           f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
@@ -126,7 +121,6 @@ def main() -> int:
         kern = _backend.kernel(backend, "nca_step")
         knobs = dict(FASTNCA_TRITON_NCA_BWD_TILE=tile[0] or None, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=tile[1] or None,
                      FASTNCA_TRITON_NCA_BWD_ACC=acc or None,
-                     FASTNCA_TRITON_NCA_WEIGHTS=tile[2] or None,
                      FASTNCA_TRITON_NCA_EXACT="0" if prec == "tf32x3-all" else None,
                      FASTNCA_TRITON_NCA_BF16_DOTS=(None if prec in ("default", "split-bwd", "fp32-weights")
                                                    else "1" if prec == "bf16-dots" else "0"),
@@ -193,10 +187,10 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, acc=None, weights=None, bwd_tf32=None, half_weights=None, fwd_hchunk=None):
+    def run(backend, acc=None, bwd_tf32=None, half_weights=None, fwd_hchunk=None):
         s = x.detach().requires_grad_()
         with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc, FASTNCA_TRITON_NCA_BF16_DOTS=None,
-                 FASTNCA_TRITON_NCA_HALF_DQ=None, FASTNCA_TRITON_NCA_WEIGHTS=weights,
+                 FASTNCA_TRITON_NCA_HALF_DQ=None,
                  FASTNCA_TRITON_NCA_BWD_TF32=bwd_tf32, FASTNCA_TRITON_NCA_HALF_WEIGHTS=half_weights,
                  FASTNCA_TRITON_NCA_FWD_HCHUNK=fwd_hchunk):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
@@ -212,9 +206,8 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
             runs.append(("triton fwd-hchunk 32", lambda: run("triton", fwd_hchunk="32"), False))
             runs.append(("triton split-bwd", lambda: run("triton", bwd_tf32="0"), False))  # before 2026-11-27
             runs.append(("triton fp32-weights", lambda: run("triton", half_weights="0"), False))  # before 2026-11-28
-            for wts, acc in [("resident", None), (None, "gemm"), (None, "chunked"), ("resident", "gemm")]:  # opt-in
-                label = " ".join(m for m in (acc, wts) if m)
-                runs.append((f"triton {label}", lambda wts=wts, acc=acc: run("triton", acc=acc, weights=wts), False))
+            for acc in ("gemm", "chunked"):  # opt-in
+                runs.append((f"triton {acc}", lambda acc=acc: run("triton", acc=acc), False))
 
     def attempt(name, fn, tf32, measure):
         """(True, measure(fn)), or (False, None) with the failure reported."""

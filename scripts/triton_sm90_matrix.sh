@@ -56,7 +56,6 @@ for mode in mixed memory gemm chunked; do
 done
 for dt in float32 bfloat16; do
   for r in 8,32,64,64,128,2,1,1 8,16,64,64,128,1,16,0; do
-    case_ "nca resident $r,$dt" FASTNCA_TRITON_NCA_WEIGHTS=resident $(resources) "$r,$dt"
     case_ "nca fp32-weights $r,$dt" FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 $(resources) "$r,$dt"
     case_ "nca tf32 $r,$dt" DOT_PREC=tf32 $(resources) "$r,$dt"
     case_ "nca channels_last $r,$dt" LAYOUT=channels_last $(resources) "$r,$dt"

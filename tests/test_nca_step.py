@@ -720,18 +720,16 @@ def check_backward_chunks_and_out(k, device, monkeypatch, dtype=torch.float32, g
 
 
 @pytest.mark.parametrize("listed", [False, True], ids=["every-cell", "listed"])
-@pytest.mark.parametrize("acc,weights", [("gemm", ""), ("", "resident"), ("gemm", "resident")])
-def test_triton_opt_in_modes_in_batch_chunks_and_in_place(acc, weights, listed, monkeypatch):
-    """The Triton backward's opt-in modes (FASTNCA_TRITON_NCA_BWD_ACC=gemm: the fc kernel adds
-    each chunk's sums into the same slots; FASTNCA_TRITON_NCA_WEIGHTS=resident) over batch
-    chunks and in place, dense and depthwise, in both walks of the backward (listed:
-    _COMPACT_BACKWARD_CELLS lowered so that this small state takes it)."""
+def test_triton_gemm_mode_in_batch_chunks_and_in_place(listed, monkeypatch):
+    """The Triton backward's opt-in FASTNCA_TRITON_NCA_BWD_ACC=gemm (the fc kernel adds each
+    chunk's sums into the same slots) over batch chunks and in place, dense and depthwise,
+    in both walks of the backward (listed: _COMPACT_BACKWARD_CELLS lowered so that this
+    small state takes it)."""
     if fastnca.backends()["triton"] is not True:
         pytest.skip(f"triton: {fastnca.backends()['triton']}")
     if listed:
         listed_walk(monkeypatch)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
     k = _backend.kernel("triton", "nca_step")
     check_backward_chunks_and_out(k, device_for("triton"), monkeypatch)
     check_backward_chunks_and_out(k, device_for("triton"), monkeypatch, groups="C")

@@ -263,7 +263,7 @@ def test_pinned_tile_over_shared_memory(monkeypatch, var, kernel, acc):
 
 def test_gemm_hidden_chunk_kernel_choice():
     """Which cell kernel the backward takes: the hidden-chunk one under =chunked, and under
-    =gemm on rules of one channel and conv chunk without resident weights, except for half
+    =gemm on rules of one channel and conv chunk, except for half
     states on a GPU (a wrong d_state in bfloat16 on an H200); the interpreter keeps it for
     them, so the CPU tests still run that kernel."""
     def rule(dtype, C=32):
@@ -272,13 +272,12 @@ def test_gemm_hidden_chunk_kernel_choice():
 
     half, fp32, wide = rule(torch.bfloat16), rule(torch.float32), rule(torch.float32, C=64)
     choose = tri._takes_hidden_chunks
-    assert choose(half, tri._ACC_CHUNKED, False, gpu=True) and choose(fp32, tri._ACC_CHUNKED, True, gpu=True)
-    assert choose(fp32, tri._ACC_GEMM, False, gpu=True) and choose(half, tri._ACC_GEMM, False, gpu=False)
-    assert not choose(half, tri._ACC_GEMM, False, gpu=True)
-    assert not choose(rule(torch.float16), tri._ACC_GEMM, False, gpu=True)
-    assert not choose(fp32, tri._ACC_GEMM, True, gpu=True)  # resident weights: the other kernel
-    assert not choose(wide, tri._ACC_GEMM, False, gpu=False)  # several channel chunks
-    assert not any(choose(fp32, acc, False, gpu=False) for acc in (tri._ACC_REGISTERS, tri._ACC_MEMORY))
+    assert choose(half, tri._ACC_CHUNKED, gpu=True) and choose(fp32, tri._ACC_CHUNKED, gpu=True)
+    assert choose(fp32, tri._ACC_GEMM, gpu=True) and choose(half, tri._ACC_GEMM, gpu=False)
+    assert not choose(half, tri._ACC_GEMM, gpu=True)
+    assert not choose(rule(torch.float16), tri._ACC_GEMM, gpu=True)
+    assert not choose(wide, tri._ACC_GEMM, gpu=False)  # several channel chunks
+    assert not any(choose(fp32, acc, gpu=False) for acc in (tri._ACC_REGISTERS, tri._ACC_MEMORY))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -288,7 +287,7 @@ def test_gemm_half_state_fallback_kernel(monkeypatch, dtype):
     with the selector told it is on a GPU: against the reference, and no launch of the
     hidden-chunk kernel."""
     real = tri._takes_hidden_chunks
-    monkeypatch.setattr(tri, "_takes_hidden_chunks", lambda rule, acc, resident, gpu: real(rule, acc, resident, True))
+    monkeypatch.setattr(tri, "_takes_hidden_chunks", lambda rule, acc, gpu: real(rule, acc, True))
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
     hidden = _LaunchCount(tri._nca_step_backward_cell_gemm_kernel)
     other = _LaunchCount(tri._nca_step_backward_cell_kernel)
@@ -302,20 +301,14 @@ def test_gemm_half_state_fallback_kernel(monkeypatch, dtype):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records each launch's BLOCK_M, RESIDENT and num_warps, then
-    launches it; with ``fail_resident``, raises OutOfResources for resident launches, as a
-    GPU whose shared memory cannot hold the weights does."""
+    """Stands in for a kernel: records each launch's BLOCK_M, then launches it."""
 
-    def __init__(self, kernel, fail_resident=False):
-        self.kernel, self.fail, self.rows, self.resident, self.warps = kernel, fail_resident, [], [], []
+    def __init__(self, kernel):
+        self.kernel, self.rows = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.rows.append(kwargs.get("BLOCK_M"))
-            self.resident.append(kwargs.get("RESIDENT", False))
-            self.warps.append(kwargs.get("num_warps"))
-            if self.fail and self.resident[-1]:
-                raise tri.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -475,15 +468,12 @@ def test_forward_hidden_chunk_knob(monkeypatch):
     check_against_reference((1, 64, 3, 4, 40, 2, 1, 0, "zeros", 0.5), grads=False)
 
 
-@pytest.mark.parametrize("weights", ["staged", "resident"])
-def test_compact_forward_keeps_frozen_channels_beside_nan(weights, monkeypatch):
-    """The compact forward (every listed cell fires), staged and resident: frozen channels
-    keep the state bitwise beside NaN activations (the resident kernel's select of the
-    updated channels had no test; its zero weights alone give 0 * NaN there)."""
+def test_compact_forward_keeps_frozen_channels_beside_nan(monkeypatch):
+    """The compact forward (every listed cell fires): frozen channels keep the state bitwise
+    beside NaN activations (its zero weights alone would give 0 * NaN there)."""
     from test_nca_step import check_frozen_channels_kept_beside_nan
 
     monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", weights)
     check_frozen_channels_kept_beside_nan("triton", DEVICE)
 
 
@@ -499,78 +489,6 @@ def test_gemm_weight_grads_are_computed_there(monkeypatch):
     monkeypatch.setattr(tri, "_nca_step_backward_fc_kernel", _Dropped())
     with pytest.raises(AssertionError, match="d_w1"):
         check_against_reference((2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5))
-
-
-@pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
-@pytest.mark.parametrize("case,dtype", [
-    ((3, 8, 17, 31, 16, 2, 1, 1, "reflect", 0.5), torch.float32),
-    ((3, 8, 17, 31, 16, 3, "C", 3, "zeros", 0.5), torch.float32),
-    ((2, 3, 3, 5, 5, 2, 1, 1, "circular", 0.5), torch.bfloat16),
-    ((1, 3, 1, 3, 5, 2, 1, 0, "replicate", 1.0), torch.float16),    # H = 1: every vertical tap maps to row 0
-], ids=["dense", "depthwise", "bf16-circular", "fp16-one-row"])
-def test_resident_weights(monkeypatch, acc, case, dtype):
-    """FASTNCA_TRITON_NCA_WEIGHTS=resident: the backward cell kernel and the compact forward
-    (persistent then) load their weight operands once and run the dense conv as an im2col
-    dot (taps 0..7, then tap 8); the input-gradient kernel (dense rules) loads its 9 taps'
-    weights once and unrolls the taps. Each takes that path (RESIDENT launches) and the
-    results match the reference."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    spy = _LaunchSpy(tri._nca_step_backward_cell_kernel)
-    fwd = _LaunchSpy(tri._nca_step_forward_kernel)
-    inp = _LaunchSpy(tri._nca_step_backward_input_kernel)
-    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
-    monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
-    monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
-    check_against_reference(case, dtype, channels_last=dtype != torch.float32)
-    assert spy.resident and all(spy.resident)
-    assert fwd.resident == [True]
-    assert inp.resident == [case[6] != "C"]  # depthwise: per-channel weight vectors, staged
-
-
-def test_resident_weights_fall_back_where_they_do_not_fit(monkeypatch):
-    """A resident launch that runs out of shared memory is retried staged, and the
-    configuration is remembered (no second resident attempt); the knob checks its value."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
-    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    spy = _LaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=True)
-    fwd = _LaunchSpy(tri._nca_step_forward_kernel, fail_resident=True)
-    inp = _LaunchSpy(tri._nca_step_backward_input_kernel, fail_resident=True)
-    monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
-    monkeypatch.setattr(tri, "_nca_step_forward_kernel", fwd)
-    monkeypatch.setattr(tri, "_nca_step_backward_input_kernel", inp)
-    case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
-    check_against_reference(case)
-    for kernel in (spy, fwd, inp):
-        assert kernel.resident == [True, False]
-    assert len(tri._RESIDENT_TOO_BIG) == 3
-    check_against_reference(case)
-    for kernel in (spy, fwd, inp):
-        assert kernel.resident == [True, False, False]
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "shared")
-    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_WEIGHTS"):
-        check_against_reference(case)
-
-
-@pytest.mark.parametrize("acc", ["", "gemm"], ids=["registers", "gemm"])
-def test_resident_cell_kernel_takes_8_warps_at_16_rows(monkeypatch, acc):
-    """Resident weights fill an SM's shared memory, so at the 16-row tile the resident cell
-    kernel runs on 8 warps (one block an SM; the tile from _backward_tiling(resident=True),
-    stubbed here as the GPU's), and the staged fallback keeps the staged tile's 4 warps."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", acc)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
-    monkeypatch.setattr(tri, "_backward_tiling",
-                        lambda rule, dev, n, prec="tf32x3", resident=False: (16, 8 if resident else 4, 3, 1))
-    case = (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5)
-    for fail, want in ((False, [8]), (True, [8, 4])):
-        spy = _LaunchSpy(tri._nca_step_backward_cell_kernel, fail_resident=fail)
-        monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy)
-        check_against_reference(case)
-        assert spy.warps == want and spy.resident == [True, False][:len(want)], (fail, spy.warps)
-        monkeypatch.setattr(tri, "_nca_step_backward_cell_kernel", spy.kernel)
 
 
 @pytest.mark.parametrize("groups", [1, "C"], ids=["dense", "depthwise"])
@@ -1101,26 +1019,21 @@ def test_pinned_tiles_under_the_interpreter(monkeypatch, var, tile):
 
 @pytest.mark.parametrize("var,tile,kernel,env", [
     ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4", "_nca_step_forward_kernel", {}),
-    ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4", "_nca_step_forward_kernel", {"FASTNCA_TRITON_NCA_WEIGHTS": "resident"}),
     ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_kernel", {}),
     ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_gemm_kernel",
      {"FASTNCA_TRITON_NCA_BWD_ACC": "chunked"}),
     ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4", "_nca_step_backward_input_kernel", {}),
-    ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4", "_nca_step_backward_input_kernel",
-     {"FASTNCA_TRITON_NCA_WEIGHTS": "resident"}),
-], ids=["fwd", "fwd-resident", "cell", "cell-chunked", "input", "input-resident"])
+], ids=["fwd", "cell", "cell-chunked", "input"])
 def test_pinned_tiles_reach_the_kernels_under_the_interpreter(monkeypatch, var, tile, kernel, env):
     """A pinned tile is the one each kernel launches with under the interpreter too, in
-    every mode that has its own tiling (the resident compact forward, the hidden-chunk cell
-    kernel, the persistent resident input kernel); the results match the reference."""
+    every mode that has its own tiling (the hidden-chunk cell kernel); the results match the
+    reference."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     spy = _LaunchSpy(getattr(tri, kernel))
     monkeypatch.setattr(tri, kernel, spy)
     check_pinned_tile(monkeypatch, (2, 8, 5, 7, 16, 2, 1, 1, "reflect", 0.5), var, tile)
     assert spy.rows and set(spy.rows) == {int(tile.split(",")[0])}, spy.rows
-    if env.get("FASTNCA_TRITON_NCA_WEIGHTS") == "resident":
-        assert any(spy.resident)
 
 
 def test_gpu_tile_candidates_are_tested():
@@ -1183,37 +1096,6 @@ def test_gpu_gradients_are_bitwise_reproducible(monkeypatch, acc):
     g2 = tri.backward(grad_out, state, *args)
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         assert torch.equal(a, b), name
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("mode", ["registers", "gemm", "gemm-16,4"])
-def test_gpu_resident_weights(monkeypatch, case, mode):
-    """FASTNCA_TRITON_NCA_WEIGHTS=resident on a GPU (forward, cell and input kernels),
-    bfloat16 state and weights (where the weights fit shared memory; the others fall back),
-    against the reference (the resident cell kernel takes 16 rows on 8 warps; "gemm-16,4"
-    pins the 4-warp tile of the staged kernel)."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "" if mode == "registers" else "gemm")
-    if mode == "gemm-16,4":
-        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
-    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)  # the persistent resident forward too
-    check_against_reference(case, torch.bfloat16, torch.bfloat16, channels_last=True)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_resident_weights_fall_back_in_float32(monkeypatch):
-    """Float32 Med-NCA weights resident need more shared memory than a GPU has (sm_90
-    compile: cell kernel 384 KB, forward 288 KB): the launches fall back to the staged
-    kernels, remembered, and the results keep the float32 tolerance."""
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_WEIGHTS", "resident")
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_ACC", "gemm")
-    monkeypatch.setattr(tri, "_RESIDENT_TOO_BIG", set())
-    monkeypatch.setattr(tri, "_COMPACT_FORWARD_CELLS", 1)
-    check_against_reference(GPU_CASES[0], torch.float32)
-    assert len(tri._RESIDENT_TOO_BIG) >= 2, tri._RESIDENT_TOO_BIG
 
 
 @pytest.mark.gpu
@@ -1368,14 +1250,11 @@ def test_pinned_backward_tile(monkeypatch):
     c_pad, hid_pad, c_blk, fc_blk, _ = tri._tile_dims(32, 64, 128)  # the Med-NCA rule
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, SLOT=4096)
     cuda = torch.device("cuda")
-    # unpinned, the resident cell kernel takes the staged 16 rows on 8 warps (the SM's one block)
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE", raising=False)
     assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (16, 4)
-    assert tri._backward_tiling(rule, cuda, 1 << 20, resident=True)[:2] == (16, 8)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
     block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
     assert (block_m, warps, stages) == (16, 4, 1)
-    assert tri._backward_tiling(rule, cuda, 1 << 20, resident=True)[:2] == (16, 4)  # a pinned tile stays
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "32,8,2")
     block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
     assert (block_m, warps, stages) == (32, 8, 2)
@@ -1397,12 +1276,10 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
     assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1), 64)
-    assert tri._side_tiles(rule, cuda, 16, 4, resident=True) == ((32, 4, 1), 64)  # the persistent kernel's
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
     assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4, 1), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")  # pipelined gathers
     assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 3), 64)
-    assert tri._side_tiles(rule, cuda, 16, 4, resident=True) == ((64, 4, 3), 64)  # a pin holds for both
     for bad in ("64,x", "64,4,5", "64,4,2,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
@@ -1528,27 +1405,61 @@ def check_bwd_tf32(monkeypatch, case):
 HALF_W_CASES = HALF_DQ_CASES + [(2, 16, 5, 6, 32, 2, 1, 0, "zeros", 0.5), (1, 16, 4, 5, 32, 1, 1, 1, "replicate", 1.0)]
 
 
-@pytest.mark.parametrize("case", HALF_W_CASES, ids=["dense-reflect", "depthwise", "dense-zeros", "dense-replicate"])
-def test_half_weight_copy(monkeypatch, tf32_dots, case):
-    check_half_weight_copy(monkeypatch, case)
+@pytest.mark.parametrize("case,channels_last", [(HALF_W_CASES[0], False), (HALF_W_CASES[0], True),
+                                                 (HALF_W_CASES[1], True), (HALF_W_CASES[2], True),
+                                                 (HALF_W_CASES[3], False)],
+                         ids=["dense-reflect", "dense-reflect-cl", "depthwise-cl", "dense-zeros-cl", "dense-replicate"])
+def test_half_weight_copy(monkeypatch, tf32_dots, case, channels_last):
+    check_half_weight_copy(monkeypatch, case, channels_last)
 
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", HALF_GPU_CASES, ids=HALF_GPU_IDS)
-def test_gpu_half_weight_copy(monkeypatch, case):
-    check_half_weight_copy(monkeypatch, case)
+def test_gpu_half_weight_copy(monkeypatch, case, channels_last):
+    check_half_weight_copy(monkeypatch, case, channels_last)
 
 
-def check_half_weight_copy(monkeypatch, case):
+def test_im2col_conv_only_for_contiguous_channels(monkeypatch, tf32_dots):
+    """With the bfloat16 weight copy, a dense rule of one conv chunk runs the conv as an
+    im2col dot (_conv_im2col) where the state's channels are contiguous (channels_last), in
+    the forward and the backward's recompute; an NCHW state keeps the tap loop, whose
+    gathers do not spill (the im2col gather is a scalar load an element there). The two
+    layouts agree to the bfloat16 dots' rounding of the conv's sums."""
+    state, grad_out, w, args, *_ = bf16_rule_inputs(monkeypatch, (2, 8, 5, 6, 16, 2, 1, 1, "reflect", 0.5), seed=12)
+    calls = []
+    real = tri._conv_im2col
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tri, "_conv_im2col", counted)
+    got = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, g = state.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout)
+        calls.clear()
+        out = tri.forward(x, *args)
+        n_fwd = len(calls)
+        got[layout] = (out, *tri.backward(g, x, *args))
+        assert (n_fwd, len(calls) - n_fwd) == ((1, 1) if layout == torch.channels_last else (0, 0)), layout
+    for name, a, b in zip(("out",) + GRAD_NAMES, got[torch.contiguous_format], got[torch.channels_last]):
+        if a is not None:
+            assert fro_err(b.float(), a.float()) < 2e-2, name
+
+
+def check_half_weight_copy(monkeypatch, case, channels_last=False):
     """The bfloat16 dots read their weights from a bfloat16 copy of the arranged weights
     (the same values; the default, FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 turns it off), and
     dense rules of one conv chunk run the conv as an im2col dot. The forward and every
     gradient keep the accuracy of the float32 copy's (within 1.5x + 1e-3 of its Frobenius
     error against float64; the conv sums in another order); the kernels do read the copy
     (a zeroed copy changes the results). Taken only with bfloat16 state and weight
-    matrices, and bfloat16 dots on."""
+    matrices, and bfloat16 dots on; the im2col conv with a channels_last state only."""
     state, grad_out, w, args, g, padding, frozen = bf16_rule_inputs(monkeypatch, case, seed=10)
+    if channels_last:
+        state, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (state, grad_out))
 
     def run(rule=None):
         return (tri.forward(state, *args, prepared=rule), *tri.backward(grad_out, state, *args, prepared=rule))

@@ -160,10 +160,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             as before 2026-11-27; the two rows above take it too); "fp32-weights": under
             FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the
             default before 2026-11-28; the rows above keep the bfloat16 copy, as
-            scripts/nca_backward_variants.py's precisions of the same names do); "gemm resident": under
+            scripts/nca_backward_variants.py's precisions of the same names do); "gemm":
             FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
-            the firing cells' activations) and FASTNCA_TRITON_NCA_WEIGHTS=resident (weights
-            kept in shared memory); "gemm" alone: the hidden-chunk cell kernel (float32; on a GPU
+            the firing cells' activations; the hidden-chunk cell kernel in float32, on a GPU
             half states take the other cell kernel, kernels/triton/nca_step._takes_hidden_chunks); "chunked":
             FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots); "fwd-hchunk":
             FASTNCA_TRITON_NCA_FWD_HCHUNK=32 (the forward's hidden layer 32 units at a time)."""
@@ -178,7 +177,6 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                             FASTNCA_TRITON_NCA_HALF_WEIGHTS="0" if "fp32-weights" in words else None,
                             FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
                                                         "chunked" if "chunked" in words else None),
-                            FASTNCA_TRITON_NCA_WEIGHTS="resident" if "resident" in words else None,
                             FASTNCA_TRITON_NCA_FWD_HCHUNK="32" if "fwd-hchunk" in words else None,
                             FASTNCA_TRITON_NCA_EXACT=None)
                 with torch.set_grad_enabled(grad), ctx, knobs:
@@ -208,6 +206,16 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                      lambda b=b: fastnca.nca_step(x, *rule, seed=1, step=0, backend=b, **kw), g,
                      lambda b=b: fastnca.nca_rollout(xr, *rule, steps=steps, seed=1, backend=b, **kw), gr, mode)
                     for name, b, mode in fast]
+        # The same state NCHW-contiguous, a plain tensor's layout (the rows above are
+        # channels_last, the models' layout): its gathers read a channel a load.
+        xn, xrn = (t.detach().contiguous().requires_grad_(True) for t in (x, xr))
+        if "triton" in backends and device.type == "cuda":
+            at = next(i for i, r in enumerate(runners) if r[0] == "fastnca:triton") + 1
+            runners.insert(at, ("fastnca:triton nchw",
+                                lambda: fastnca.nca_step(xn, *rule, seed=1, step=0, backend="triton", **kw),
+                                g.contiguous(),
+                                lambda: fastnca.nca_rollout(xrn, *rule, steps=steps, seed=1, backend="triton", **kw),
+                                gr.contiguous(), None))
         runners = selected(runners)
         reps = 3 if quick else 5
         rreps = 3 if quick else 5  # rollouts: seconds each on a CPU, still a median of 5 (2-3 were noisy)
@@ -245,7 +253,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                                       saved_mb(lambda: _kept(roll_fwd)), rpeak, extra=rextra))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            for t in (x, xl, xr, xlr, *rule):
+            for t in (x, xl, xr, xlr, xn, xrn, *rule):
                 t.grad = None
             release(device)
         if device.type == "cuda" and name == "mednca":
@@ -272,7 +280,7 @@ def variant_rows(dtype: torch.dtype) -> list[tuple[str, str, str]]:
                  ("fastnca:triton fp32-weights", "triton", "fp32-weights"),  # the default before 2026-11-28
                  ("fastnca:triton fp32-dq", "triton", "fp32-dq"),  # the defaults before 2026-11-27
                  ("fastnca:triton no-bf16-dots fp32-dq", "triton", "no-bf16-dots fp32-dq")]
-    return rows + [("fastnca:triton gemm resident", "triton", "gemm resident")]  # opt-in
+    return rows
 
 
 def _full_resolution_peak(paper, rule, C, kw, steps, label, dname, backends, device, log) -> list[Result]:

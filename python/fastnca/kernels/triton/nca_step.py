@@ -70,20 +70,11 @@ Backward (nothing but the inputs is saved; everything is recomputed):
   are live and a tile takes 64 rows on one warp group (A spills at 16). With
   FASTNCA_TRITON_NCA_BWD_ACC=chunked it runs without the activation workspace and kernel
   D: each chunk's fc weight-grad partials are read-modify-written in its slot per tile.
-- Opt-in (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv
-  chunk): kernel A loads its weight operands once, before its tile loop, so the compiler
-  keeps them in shared memory across the program's tiles. By default every 16-cell tile
-  stages ~180 KB of them from L2 through registers (Med-NCA rule). The dense conv then runs
-  as an im2col dot (taps 0..7, K = 8 * C_PAD, then tap 8). sm_90 compile, Med-NCA rule,
-  =gemm: bfloat16 200 KB of shared memory, no spill stack (staged: 48 B). Float32
-  (384 KB) does not fit: the launch falls back to staged. One such block fills an SM, so
-  at 16 rows it runs on 8 warps (=gemm: 234 registers, no stack). First H100 timing
-  (dd6c6c4, at 4 warps then): 4-7% slower than staged.
-  The compact forward does the same when the knob is set, as a persistent kernel of 16-row
-  tiles on 8 warps (bfloat16: 152 KB, 125 registers; float32 falls back), and so does kernel B for
-  dense rules of one conv chunk: persistent 32-row tiles, the 9 taps' weights loaded once
-  and the taps unrolled, so that several taps' gathers can be in flight (bfloat16: 92 KB,
-  214 registers, no spills; the staged kernel issues one tap's gather at a time).
+- Tried and removed (2191e7d has it): weights kept resident in shared memory across a
+  persistent program's tiles (FASTNCA_TRITON_NCA_WEIGHTS=resident) in the forward and
+  kernels A and B. H100 (dd6c6c4): backward kernels 2.85 against 2.73 ms staged; H200
+  (109ac01): a 64-step rollout's training 157 against 158 ms, and 168 against 140 under
+  =gemm. Staging the weights from L2 at every tile costs no more than the lost occupancy.
 - kernel C (_nca_step_backward_conv_kernel): d_pw = sum over cells of dQ^T (x)
   shifted state, one program per (tap, conv chunk, cell range), the accumulator in
   registers; dQ comes from the workspace (a split-K GEMM over cells, like the CUDA
@@ -112,7 +103,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 
 import torch
 import triton
@@ -122,7 +112,7 @@ from triton.runtime.errors import OutOfResources
 from ... import _backend, _ext
 from .. import _common
 from ._philox import fire_bits
-from ._runtime import autotune, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device, triton_version
+from ._runtime import autotune, cdiv, const, fp32_dot_precision, interpreting, next_pow2, on_device
 from ._runtime import knob01 as _knob01
 from .fire_mask import fire_mask as _fire_mask
 
@@ -292,7 +282,7 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
                 pw_ptr, pb_ptr,
                 F: tl.constexpr, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr,
                 BLOCK_M: tl.constexpr, FC_BLK: tl.constexpr, DEPTHWISE: tl.constexpr,
-                DOT_PREC: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
+                DOT_PREC: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr, CH_CONTIG: tl.constexpr):
     """conv[m, o] for the FC_BLK output channels offs_f (bias included).
 
     Each of the 9 shifted state tiles is loaded straight from global memory (the 3 rows
@@ -301,9 +291,17 @@ def _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs
     for C=128, hidden=256 with tf32x3, over the 227 KB of an H100; and sm_90a compile
     times were ~7x longer (AOT compile here: backward cell kernel 162 s -> 22 s).
     Dense rules of one conv chunk whose pw comes as the bfloat16 copy (HALF_W) take
-    _conv_im2col instead: two bfloat16 dots (K = 8 C_PAD and C_PAD) with no tap loop, their
-    weights 32 KB a tile for the Med-NCA rule."""
-    IM2COL: tl.constexpr = ((not DEPTHWISE) and (FC_BLK == FC_CEIL)) and (pw_ptr.dtype.element_ty == tl.bfloat16)
+    _conv_im2col instead, where the state's channels are contiguous (CH_CONTIG,
+    channels_last): two bfloat16 dots (K = 8 C_PAD and C_PAD) with no tap loop, their
+    weights 32 KB a tile for the Med-NCA rule. An NCHW state keeps the tap loop: its
+    [BLOCK_M, 8, C_PAD] gather is one scalar load and one 64-bit address an element, and
+    the im2col kernels spilled (sm_90 compiles, Med-NCA rule, bfloat16, 2026-11-28: the
+    forward at 64 rows on 4 warps 1592 bytes of stack with triton 3.7, torch 2.13's, against
+    16 with the tap loop; the =chunked cell kernel 888 / 2040 bytes with triton 3.6 / 3.7
+    against 656 / 400)."""
+    # (pairs: Triton 3.0 takes no chained and)
+    IM2COL: tl.constexpr = ((CH_CONTIG and (not DEPTHWISE)) and ((FC_BLK == FC_CEIL)
+                                                                and (pw_ptr.dtype.element_ty == tl.bfloat16)))
     if IM2COL:
         w_pw8, w_pw9 = _im2col_weights(pw_ptr, offs_c, offs_f, C_PAD, FC_CEIL)
         conv = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
@@ -388,7 +386,7 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
             C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr,
             HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
             DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, PAD: tl.constexpr,
-            KEEP_CONV: tl.constexpr, EXACT: tl.constexpr):
+            KEEP_CONV: tl.constexpr, EXACT: tl.constexpr, CH_CONTIG: tl.constexpr):
     """(h, conv): h = relu(x @ W1a^T + conv @ W1b^T + b1) for a strip of cells. Channels
     come C_BLK and the conv FC_BLK at a time so no weight operand exceeds 16-32 KB (a
     C=128, hidden=256 rule still fits shared memory) and the perception P never exists
@@ -405,7 +403,7 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
         offs_f = tl.arange(0, FC_BLK)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                            offs_f, offs_f < FC, pw_ptr, pb_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
         z = _mm(conv, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                 DOT_PREC, EXACT, _EX_NONE, _EX_W1)
     else:
@@ -413,53 +411,12 @@ def _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, o
             offs_f = f0 + tl.arange(0, FC_BLK)
             conv_f = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                  offs_f, offs_f < FC, pw_ptr, pb_ptr,
-                                 F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                                 F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
             z = _mm(conv_f, tl.load(w1bt_ptr + offs_f[:, None] * HID_PAD + offs_h[None, :]), z,
                     DOT_PREC, EXACT, _EX_NONE, _EX_W1)
         conv = 0.0
     z = z + tl.load(b1_ptr + offs_h)[None, :]
     return tl.where(z < 0.0, 0.0, z), conv  # ReLU that keeps NaN (tl.maximum would drop it), like torch
-
-
-@triton.jit
-def _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr, offs_c, offs_h, offs_fb,
-                  C_PAD: tl.constexpr, HID_PAD: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr):
-    """The weights of _hidden_resident for a rule of one channel and conv chunk, loaded once
-    before a persistent kernel's tile loop (FASTNCA_TRITON_NCA_WEIGHTS=resident): Triton
-    keeps loop-invariant dot operands in shared memory. (w_x [C_PAD, HID_PAD], w_cv
-    [FC_BLK, HID_PAD], the dense conv's taps 0..7 [8 C_PAD, FC_BLK] and 8 [C_PAD, FC_BLK]
-    (depthwise: placeholders), pb, b1)."""
-    w_x = tl.load(w1at_ptr + offs_c[:, None] * HID_PAD + offs_h[None, :])
-    w_cv = tl.load(w1bt_ptr + offs_fb[:, None] * HID_PAD + offs_h[None, :])
-    pb_v = tl.load(pb_ptr + offs_fb)
-    b1_v = tl.load(b1_ptr + offs_h)
-    if DEPTHWISE:  # per-tap weight vectors: small, loaded per tile
-        w_pw8 = pb_v
-        w_pw9 = pb_v
-    else:
-        w_pw8, w_pw9 = _im2col_weights(pw_ptr, offs_c, offs_fb, C_PAD, FC_CEIL)
-    return w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v
-
-
-@triton.jit
-def _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_fb, pw_ptr, pb_ptr,
-                     w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
-                     F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr,
-                     FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr):
-    """_hidden with KEEP_CONV for a rule of one channel and conv chunk, from the weights of
-    _resident_fc1: (h, conv)."""
-    x_all = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=rows[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
-    z = _mm(x_all, w_x, tl.zeros([BLOCK_M, HID_PAD], dtype=tl.float32), DOT_PREC, EXACT, _EX_STATE, _EX_W1)
-    if DEPTHWISE:
-        conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_fb, offs_fb < FC,
-                           pw_ptr, pb_ptr, F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
-    else:
-        conv = _conv_im2col(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, w_pw8, w_pw9,
-                            pb_v, C_PAD, BLOCK_M, FC_BLK, DOT_PREC, PAD, EXACT)
-    z = _mm(conv, w_cv, z, DOT_PREC, EXACT, _EX_NONE, _EX_W1) + b1_v[None, :]
-    return tl.where(z < 0.0, 0.0, z), conv
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,7 +526,8 @@ def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s
                            w1a_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr, frozen,
                            F: tl.constexpr, FC: tl.constexpr, C_PAD: tl.constexpr, HID_PAD: tl.constexpr,
                            FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr, HC: tl.constexpr):
+                           BLOCK_M: tl.constexpr, PAD: tl.constexpr, EXACT: tl.constexpr, HC: tl.constexpr,
+                           CH_CONTIG: tl.constexpr):
     """The forward of a strip of cells for a rule of one channel and one conv chunk, the
     hidden layer HC units at a time (FASTNCA_TRITON_NCA_FWD_HCHUNK): x and the conv are
     loaded and computed once; each chunk's z, h = relu(z) and its product with W2's rows
@@ -582,7 +540,7 @@ def _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s
     x = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0)
     offs_f = tl.arange(0, FC_CEIL)
     conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, offs_f < FC,
-                       pw_ptr, pb_ptr, F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                       pw_ptr, pb_ptr, F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
     offs_j = tl.arange(0, HC)
     delta = tl.zeros([BLOCK_M, C_PAD], dtype=tl.float32)
     for j0 in range(0, HID_PAD, HC):
@@ -602,16 +560,14 @@ def _nca_step_forward_kernel(
     C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, HALF_W: tl.constexpr, COMPACT: tl.constexpr, RESIDENT: tl.constexpr,
-    HC: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, COMPACT: tl.constexpr, HC: tl.constexpr,
+    CH_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """COMPACT: out = x + delta at the firing cells idx[0..count) (the copy kernel writes
     the others); programs past the list's last tile do nothing. Otherwise every cell, the
     mask drawn in-kernel (one launch: small states, where launches dominate).
     HC > 0 (FASTNCA_TRITON_NCA_FWD_HCHUNK, rules of one channel and conv chunk; opt-in):
     the hidden layer in chunks of HC units (_forward_hidden_chunks).
-    RESIDENT (with COMPACT, rules of one channel and conv chunk; opt-in): persistent, each
-    program walks the tiles pid, pid + G, ... with its weights loaded once (_resident_fc1).
     wh: the bfloat16 copy of the arranged weights (HALF_W): the conv and fc1's state part,
     bfloat16 dots, read their weights there."""
     w1at_ptr, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_ptr, pb_ptr = _weight_segments(wf_ptr, C_PAD, HID_PAD, FC_CEIL,
@@ -624,33 +580,7 @@ def _nca_step_forward_kernel(
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     offs_h = tl.arange(0, HID_PAD)
-    RES: tl.constexpr = RESIDENT & COMPACT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL)
-    if RES:
-        offs_fb = tl.arange(0, FC_BLK)
-        w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
-                                                            offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
-                                                            FC_CEIL, DEPTHWISE)
-        w_out = tl.load(w2t_ptr + offs_h[:, None] * C_PAD + offs_c[None, :])
-        b2_v = tl.load(b2_ptr + offs_c)
-        for tile in range(pid, tl.cdiv(count, BLOCK_M), tl.num_programs(0)):
-            pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            rows = pos < count
-            offs_m = tl.load(idx_ptr + pos, mask=rows, other=0)
-            b, y, xx = _cell_coords(offs_m, H, W)
-            xb = b.to(tl.int64) * s_b
-            x_row = x_ptr + (xb + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w)[:, None]
-            ob = b.to(tl.int64) * o_b + y.to(tl.int64) * o_h + xx.to(tl.int64) * o_w
-            h, _ = _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask,
-                                    offs_fb, pw_ptr, pb_ptr, w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
-                                    F, FC, C_PAD, HID_PAD, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M,
-                                    PAD, EXACT)
-            kmask = rows[:, None] & cmask[None, :]
-            xk = tl.load(x_row + offs_c.to(tl.int64)[None, :] * s_c, mask=kmask, other=0.0).to(tl.float32)
-            delta = _mm(h, w_out, None, DOT_PREC, EXACT, _EX_NONE, _EX_W2) + b2_v[None, :]
-            new = tl.where(offs_c[None, :] >= frozen, xk + delta, xk)  # every listed cell fires
-            tl.store(out_ptr + ob[:, None] + offs_c.to(tl.int64)[None, :] * o_c, new.to(out_ptr.dtype.element_ty),
-                     mask=kmask)
-    elif pid < tl.cdiv(count, BLOCK_M):  # the grid covers every cell, the list ~update_prob of them
+    if pid < tl.cdiv(count, BLOCK_M):  # the grid covers every cell, the list ~update_prob of them
         pos = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
         if COMPACT:
@@ -670,11 +600,11 @@ def _nca_step_forward_kernel(
         if HC > 0:
             _forward_hidden_chunks(x_ptr, x_row, o_row, rows, m, xb, y, xx, H, W, s_h, s_w, s_c, o_c, offs_c, cmask,
                                    w1a_d, w1bt_ptr, b1_ptr, w2t_ptr, b2_ptr, pw_d, pb_ptr, frozen, F, FC, C_PAD,
-                                   HID_PAD, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, EXACT, HC)
+                                   HID_PAD, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, EXACT, HC, CH_CONTIG)
         else:
             h, _ = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
                            w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK, FC_BLK,
-                           FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT)
+                           FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, False, EXACT, CH_CONTIG)
             for k0 in range(0, C, C_BLK):
                 offs_k = k0 + tl.arange(0, C_BLK)
                 kmask = rows[:, None] & (offs_k < C)[None, :]
@@ -767,7 +697,7 @@ def _forward_autotuned():
         _nca_step_forward_kernel,
         configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                  for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
-        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "RESIDENT", "HC"],
+        key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "HC", "CH_CONTIG"],
         prune_configs_by={"early_config_prune": _forward_prune},
     )
 
@@ -786,7 +716,7 @@ def _nca_step_backward_cell_kernel(
     LISTED: tl.constexpr, C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HID: tl.constexpr,
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    EXACT: tl.constexpr, HALF_W: tl.constexpr, REG_ACC: tl.constexpr, RESIDENT: tl.constexpr,
+    EXACT: tl.constexpr, HALF_W: tl.constexpr, REG_ACC: tl.constexpr, CH_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr,
 ):
     """Per tile of firing cells: recompute, then dP -> workspace and the fc weight-grad
@@ -819,11 +749,6 @@ def _nca_step_backward_cell_kernel(
     GEMM: tl.constexpr = REG_ACC == 3
     REGS: tl.constexpr = (REG_ACC == 1) | (REG_ACC == 2)  # partials in registers
     KEEP: tl.constexpr = REGS | (GEMM & (FC_BLK == FC_CEIL))  # the recompute's conv tile is kept
-    # RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident; rules of one channel and conv chunk,
-    # partials in registers or =gemm): the conv's taps unrolled, so that every weight
-    # operand's load is invariant in the tile loop and the compiler keeps it in shared
-    # memory across the program's tiles, instead of staging it from L2 at every tile.
-    RES: tl.constexpr = RESIDENT & (C_BLK == C_PAD) & (FC_BLK == FC_CEIL) & KEEP
     w1a_d, w2_d, pw_d = _bf16_weight_srcs(w1at_ptr, w2t_ptr, pw_ptr, wh_ptr, HALF_W, EXACT, C_PAD, HID_PAD, FC_CEIL,
                                           DEPTHWISE)
     pid = tl.program_id(0)
@@ -846,11 +771,6 @@ def _nca_step_backward_cell_kernel(
     acc_w1b = tl.zeros([HID_PAD, FC_BLK], dtype=tl.float32)
     acc_pb = tl.zeros([FC_BLK], dtype=tl.float32)
     start, count = _cell_range(pos_ptr, c0, c1, LISTED)
-    if RES:  # loaded once: the compiler keeps loop-invariant dot operands in shared memory
-        w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v = _resident_fc1(w1at_ptr, w1bt_ptr, b1_ptr, pw_ptr, pb_ptr,
-                                                            offs_c, offs_h, offs_fb, C_PAD, HID_PAD,
-                                                            FC_CEIL, DEPTHWISE)
-        w_dh = tl.load(w2t_ptr + offs_h[None, :] * C_PAD + offs_c[:, None])  # [C_PAD, HID_PAD] = W2
     for tile in range(pid, tl.cdiv(count, BLOCK_M), nprog):
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pos < count
@@ -866,15 +786,9 @@ def _nca_step_backward_cell_kernel(
 
         # ---- recompute the forward up to h (with REG_ACC the single conv chunk is kept for
         # d_w1b; otherwise conv chunks are recomputed below)
-        if RES:
-            h, conv0 = _hidden_resident(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask,
-                                        offs_fb, pw_ptr, pb_ptr, w_x, w_cv, w_pw8, w_pw9, pb_v, b1_v,
-                                        F, FC, C_PAD, HID_PAD, FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M,
-                                        PAD, EXACT)
-        else:
-            h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
-                               w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
-                               FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT)
+        h, conv0 = _hidden(x_ptr, x_row, rows, xb, y, xx, H, W, s_h, s_w, s_c, offs_c, cmask, offs_h,
+                           w1a_d, w1bt_ptr, b1_ptr, pw_d, pb_ptr, C, F, FC, C_PAD, HID_PAD, C_BLK,
+                           FC_BLK, FC_CEIL, DEPTHWISE, DOT_PREC, BLOCK_M, PAD, KEEP, EXACT, CH_CONTIG)
         if not LISTED:  # an idle cell's recompute (say of NaN neighbours) enters no product
             h = tl.where(fires[:, None], h, 0.0)
             if KEEP:
@@ -908,11 +822,7 @@ def _nca_step_backward_cell_kernel(
             else:
                 p_b2 = db2_ptr + offs_k
                 tl.store(p_b2, tl.load(p_b2) + tl.sum(gdk, axis=0))
-            if RES:
-                w_dhk = w_dh
-            else:
-                w_dhk = tl.load(w2_d + offs_h[None, :] * C_PAD + offs_k[:, None])
-            dh = _mm(gdk, w_dhk, dh,
+            dh = _mm(gdk, tl.load(w2_d + offs_h[None, :] * C_PAD + offs_k[:, None]), dh,
                      DOT_PREC, EXACT, _EX_GRAD, _EX_W2)
         dz = tl.where(h > 0.0, dh, 0.0)  # relu'(z): z > 0 <=> h > 0
         if GEMM:
@@ -937,11 +847,7 @@ def _nca_step_backward_cell_kernel(
                 p_w1a = dw1a_ptr + offs_h[:, None] * C_PAD + offs_k[None, :]
                 tl.store(p_w1a, _mm(tl.trans(dz), xk, tl.load(p_w1a), DOT_PREC, EXACT, _EX_BWD, _EX_STATE))
             gk = tl.load(g_row + offs_k.to(tl.int64)[None, :] * g_c, mask=kmask, other=0.0).to(tl.float32)
-            if RES:
-                w_dpx = tl.trans(w_x)
-            else:
-                w_dpx = tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD)
-            dpx = _mm(dz, w_dpx, gk,
+            dpx = _mm(dz, tl.load(w1at_ptr + offs_h[:, None] + offs_k[None, :] * HID_PAD), gk,
                       DOT_PREC, EXACT, _EX_BWD, _EX_W1)
             tl.store(ws_ptr + ws_row[:, None] + offs_k[None, :], dpx, mask=kmask)
 
@@ -950,11 +856,7 @@ def _nca_step_backward_cell_kernel(
         for f0 in range(0, FC, FC_BLK):
             offs_f = f0 + offs_fb
             fmask = offs_f < FC
-            if RES:
-                w_dq = tl.trans(w_cv)
-            else:
-                w_dq = tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None])
-            dq = _mm(dz, w_dq, None,
+            dq = _mm(dz, tl.load(w1bt_ptr + offs_f[None, :] * HID_PAD + offs_h[:, None]), None,
                      DOT_PREC, EXACT, _EX_BWD, _EX_W1)
             tl.store(wq_ptr + wq_row[:, None] + offs_f[None, :], dq.to(wq_ptr.dtype.element_ty),
                      mask=rows[:, None] & fmask[None, :])
@@ -967,7 +869,7 @@ def _nca_step_backward_cell_kernel(
                 if not KEEP:
                     conv_g = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                          offs_f, fmask, pw_d, pb_ptr,
-                                         F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                                         F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
                     if not LISTED:
                         conv_g = tl.where(fires[:, None], conv_g, 0.0)
                     tl.store(act_row + A_CV + offs_f[None, :], conv_g.to(act_ptr.dtype.element_ty),
@@ -981,7 +883,7 @@ def _nca_step_backward_cell_kernel(
             else:
                 conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask,
                                    offs_f, fmask, pw_d, pb_ptr,
-                                   F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                                   F, C_PAD, FC_CEIL, BLOCK_M, FC_BLK, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
                 if not LISTED:
                     conv = tl.where(fires[:, None], conv, 0.0)
                 p_w1b = dw1b_ptr + offs_h[:, None] * FC_CEIL + offs_f[None, :]
@@ -1013,7 +915,7 @@ def _nca_step_backward_cell_gemm_kernel(
     C_PAD: tl.constexpr, HID_PAD: tl.constexpr, C_BLK: tl.constexpr, FC_BLK: tl.constexpr,
     FC_CEIL: tl.constexpr, DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     EXACT: tl.constexpr, HALF_W: tl.constexpr, HC: tl.constexpr, PARTIALS: tl.constexpr,
-    BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr,
+    CH_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr,
 ):
     """The cell kernel of FASTNCA_TRITON_NCA_BWD_ACC=gemm for rules of one channel and one
     conv chunk (C_BLK = C_PAD, FC_BLK = FC_CEIL; the Med-NCA rule), in hidden chunks: per
@@ -1068,7 +970,7 @@ def _nca_step_backward_cell_gemm_kernel(
         gd = tl.where(fires[:, None] & (offs_c[None, :] >= frozen), g, 0.0)  # idle cells: dz = 0
         acc_b2 += tl.sum(gd.to(tl.float32), axis=0)
         conv = _conv_chunk(x_ptr, xb, y, xx, H, W, s_h, s_w, rows, s_c, offs_c, cmask, offs_f, fmask, pw_d, pb_ptr,
-                           F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT)
+                           F, C_PAD, FC_CEIL, BLOCK_M, FC_CEIL, DEPTHWISE, DOT_PREC, PAD, EXACT, CH_CONTIG)
         if not LISTED:  # an idle cell's recompute (say of NaN neighbours) enters no product
             x = tl.where(fires[:, None], x, 0.0)
             conv = tl.where(fires[:, None], conv, 0.0)
@@ -1341,23 +1243,30 @@ def _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, y
 
 
 @triton.jit
-def _pick9(i: tl.constexpr, w0, w1, w2, w3, w4, w5, w6, w7, w8):
-    """The i-th of nine values, i a compile-time constant (an unrolled tap's weights)."""
-    return (w0 if i == 0 else w1 if i == 1 else w2 if i == 2 else w3 if i == 3 else w4 if i == 4 else
-            w5 if i == 5 else w6 if i == 6 else w7 if i == 7 else w8)
+def _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
+    """pw[o, c, tap] as [FC_BLK, C_PAD] (the input kernel's operand for one tap; tap a
+    constant or a runtime value)."""
+    return tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL + offs_f[:, None])
 
 
 @triton.jit
-def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W, d_b, d_c, d_h, d_w,
-                g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
-                C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
-                C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-                DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-                RES: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
-                LISTED: tl.constexpr):
-    """d_state of the cells offs_m (the input kernel's docstring). RES: dense rule of one
-    conv chunk, taps unrolled with the weights w0..w8 given (loaded once by the caller);
-    otherwise per-tap weights loaded here (w0..w8 unused)."""
+def _nca_step_backward_input_kernel(
+    ws_ptr, wq_ptr, pw_ptr, whpw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
+    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
+    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
+    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
+    HALF_W: tl.constexpr, LISTED: tl.constexpr,
+):
+    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
+    dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
+    fire is the launcher's zero fill, or LISTED false the cell kernel's zero). A cell that
+    does not fire has dP_x = 0: its direct term is g itself (LISTED: the cell kernel does
+    not write its g + dP_x columns; else it writes g there).
+    whpw: the pw segment of the bfloat16 weight copy (HALF_W), read where the taps are
+    bfloat16 dots."""
+    pw_ptr = _weight_src(pw_ptr, whpw_ptr, 0, HALF_W, EXACT, _EX_DQ, _EX_PW)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m < N
     b, y, xx = _cell_coords(offs_m, H, W)
     offs_c = tl.arange(0, C_PAD)
@@ -1387,92 +1296,30 @@ def _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, offs_m, N, H, W
     ye2 = tl.max(ybv2.to(tl.int32), axis=0) > 0
     xe0 = tl.max(xbv0.to(tl.int32), axis=0) > 0
     xe2 = tl.max(xbv2.to(tl.int32), axis=0) > 0
-    if RES:  # taps unrolled: the gathers of several taps can be in flight at once
-        offs_f = tl.arange(0, FC_BLK)
+    for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
+        offs_f = f0 + tl.arange(0, FC_BLK)
         fmask = offs_f < FC
-        for tap in tl.static_range(9):
-            acc = _input_tap(acc, _pick9(tap, w0, w1, w2, w3, w4, w5, w6, w7, w8), tap // 3, tap % 3, wq_ptr,
-                             yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
-                             xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2, offs_f, fmask, WQ, PAD,
-                             DOT_PREC, EXACT, HALF_DQ)
-    else:
-        for f0 in range(0, FC_LOOP, FC_BLK):  # depthwise: FC_LOOP = 1, one pass over all taps
-            offs_f = f0 + tl.arange(0, FC_BLK)
-            fmask = offs_f < FC
-            for tap in range(9):  # runtime loop: see _conv_chunk
-                ky = tap // 3
-                kx = tap - ky * 3
-                if DEPTHWISE:
-                    yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge = _tap_readers(
-                        ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
-                        xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2)
-                    for f in tl.static_range(F):
-                        o = offs_c * F + f  # the output channels that read input channel c
-                        gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, o, cmask,
-                                         WQ, PAD)
-                        acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask,
-                                            other=0.0).to(tl.float32)[None, :]
-                else:
-                    w = _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD, FC_CEIL)
-                    acc = _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
-                                     xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2,
-                                     offs_f, fmask, WQ, PAD, DOT_PREC, EXACT, HALF_DQ)
+        for tap in range(9):  # runtime loop: see _conv_chunk
+            ky = tap // 3
+            kx = tap - ky * 3
+            if DEPTHWISE:
+                yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge = _tap_readers(
+                    ky, kx, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2, xd0, xd1, xd2, xb0, xb2,
+                    xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2)
+                for f in tl.static_range(F):
+                    o = offs_c * F + f  # the output channels that read input channel c
+                    gq = _gather_tap(wq_ptr, yd, yv, yb, ybv, xd, xv, xb, xbv, y_edge, x_edge, o, cmask,
+                                     WQ, PAD)
+                    acc += gq * tl.load(pw_ptr + tap * FC_CEIL + o, mask=cmask,
+                                        other=0.0).to(tl.float32)[None, :]
+            else:
+                w = _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD, FC_CEIL)
+                acc = _input_tap(acc, w, ky, kx, wq_ptr, yd0, yd1, yd2, yb0, yb2, yv0, yv1, yv2, ybv0, ybv2,
+                                 xd0, xd1, xd2, xb0, xb2, xv0, xv1, xv2, xbv0, xbv2, ye0, ye2, xe0, xe2,
+                                 offs_f, fmask, WQ, PAD, DOT_PREC, EXACT, HALF_DQ)
     db = b.to(tl.int64) * d_b + y.to(tl.int64) * d_h + xx.to(tl.int64) * d_w
     tl.store(dx_ptr + db[:, None] + offs_c.to(tl.int64)[None, :] * d_c,
              acc.to(dx_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def _pw_tap_t(pw_ptr, tap, offs_c, offs_f, C_PAD: tl.constexpr, FC_CEIL: tl.constexpr):
-    """pw[o, c, tap] as [FC_BLK, C_PAD] (the input kernel's operand for one tap; tap a
-    constant or a runtime value)."""
-    return tl.load(pw_ptr + tap * C_PAD * FC_CEIL + offs_c[None, :] * FC_CEIL + offs_f[:, None])
-
-
-@triton.jit
-def _nca_step_backward_input_kernel(
-    ws_ptr, wq_ptr, pw_ptr, whpw_ptr, dx_ptr, fire_ptr, g_ptr, N, H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w,
-    C: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, FC_LOOP: tl.constexpr,
-    C_PAD: tl.constexpr, FC_BLK: tl.constexpr, FC_CEIL: tl.constexpr,
-    DEPTHWISE: tl.constexpr, PAD: tl.constexpr, DOT_PREC: tl.constexpr, EXACT: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, K1: tl.constexpr, WQ: tl.constexpr, HALF_DQ: tl.constexpr,
-    HALF_W: tl.constexpr, LISTED: tl.constexpr,
-):
-    """d_state = (g + dP_x) + conv_transpose(dQ) with the padding adjoint, by gathering
-    dQ from the readers of each source cell (no atomics; the dQ of a reader that does not
-    fire is the launcher's zero fill, or LISTED false the cell kernel's zero). A cell that
-    does not fire has dP_x = 0: its direct term is g itself (LISTED: the cell kernel does
-    not write its g + dP_x columns; else it writes g there).
-    RESIDENT (FASTNCA_TRITON_NCA_WEIGHTS=resident, dense rules of one conv chunk; opt-in):
-    persistent over tiles pid, pid + G, ..., the 9 taps' weights loaded once (kept in
-    shared memory) and the taps unrolled. whpw: the pw segment of the bfloat16 weight
-    copy (HALF_W), read where the taps are bfloat16 dots."""
-    pid = tl.program_id(0)
-    pw_ptr = _weight_src(pw_ptr, whpw_ptr, 0, HALF_W, EXACT, _EX_DQ, _EX_PW)
-    RES: tl.constexpr = RESIDENT & (not DEPTHWISE) & (FC_BLK == FC_CEIL)
-    if RES:
-        offs_c = tl.arange(0, C_PAD)
-        offs_f = tl.arange(0, FC_BLK)
-        w0 = _pw_tap_t(pw_ptr, 0, offs_c, offs_f, C_PAD, FC_CEIL)
-        w1 = _pw_tap_t(pw_ptr, 1, offs_c, offs_f, C_PAD, FC_CEIL)
-        w2 = _pw_tap_t(pw_ptr, 2, offs_c, offs_f, C_PAD, FC_CEIL)
-        w3 = _pw_tap_t(pw_ptr, 3, offs_c, offs_f, C_PAD, FC_CEIL)
-        w4 = _pw_tap_t(pw_ptr, 4, offs_c, offs_f, C_PAD, FC_CEIL)
-        w5 = _pw_tap_t(pw_ptr, 5, offs_c, offs_f, C_PAD, FC_CEIL)
-        w6 = _pw_tap_t(pw_ptr, 6, offs_c, offs_f, C_PAD, FC_CEIL)
-        w7 = _pw_tap_t(pw_ptr, 7, offs_c, offs_f, C_PAD, FC_CEIL)
-        w8 = _pw_tap_t(pw_ptr, 8, offs_c, offs_f, C_PAD, FC_CEIL)
-        for tile in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
-            _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, tile * BLOCK_M + tl.arange(0, BLOCK_M), N,
-                        H, W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, w0, w1, w2, w3, w4, w5, w6, w7, w8,
-                        C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, True,
-                        K1, WQ, HALF_DQ, LISTED)
-    else:
-        nil = tl.zeros([1], dtype=tl.float32)  # placeholders for the weight operands
-        _input_tile(ws_ptr, wq_ptr, pw_ptr, dx_ptr, fire_ptr, g_ptr, pid * BLOCK_M + tl.arange(0, BLOCK_M), N, H,
-                    W, d_b, d_c, d_h, d_w, g_b, g_c, g_h, g_w, nil, nil, nil, nil, nil, nil, nil, nil, nil,
-                    C, F, FC, FC_LOOP, C_PAD, FC_BLK, FC_CEIL, DEPTHWISE, PAD, DOT_PREC, EXACT, False,
-                    K1, WQ, HALF_DQ, LISTED)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1657,7 +1504,7 @@ class _Rule:
         FC, hid = pw.shape[0], w1.shape[0]
         self.C, self.F, self.FC, self.HID, self.FROZEN = C, FC // C, FC, hid, frozen
         self.C_PAD, self.HID_PAD, self.C_BLK, self.FC_BLK, self.FC_CEIL = _tile_dims(C, FC, hid)
-        # one channel chunk and one conv chunk (register partials, resident weights)
+        # one channel chunk and one conv chunk (register partials, the hidden-chunk kernels)
         self.ONE_CHUNK = self.C_BLK == self.C_PAD and self.FC_BLK == self.FC_CEIL
         self.DEPTHWISE = groups != 1  # C == 1 with groups == 1 == C takes the dense path
         self.PAD = _ext.PADDING_CODES[padding]
@@ -1680,7 +1527,7 @@ class _Rule:
         self._buf = buf
         self.half_pw = self.split(wh)[5]  # the input-gradient kernel's pw, for its bfloat16 dots
         self._cx = None  # constexprs(), made at the first call
-        self._forward: dict = {}  # forward_setup(), by compact
+        self._forward: dict = {}  # forward_setup(), by (compact, ch_contig)
 
     def split(self, flat):
         """Views of the 7 segments of ``flat`` [..., SLOT] (w1a, w1b, b1, w2, b2, pw, pb)."""
@@ -1707,14 +1554,13 @@ class _Rule:
                             DOT_PREC=prec, EXACT=_exact_bits(prec, self.dtypes), HALF_W=self.HALF_W)
         return dict(self._cx)
 
-    def forward_setup(self, compact: bool):
-        """(constexpr keywords, resident weights, pinned tile) of the forward kernel, the
-        knobs read once per rule (constexprs)."""
-        setup = self._forward.get(compact)
+    def forward_setup(self, compact: bool, ch_contig: bool):
+        """(constexpr keywords, pinned tile) of the forward kernel, the knobs read once per
+        rule (constexprs); ``ch_contig``: the state's channels are contiguous (CH_CONTIG)."""
+        setup = self._forward.get((compact, ch_contig))
         if setup is None:
-            cx = dict(self.constexprs(), COMPACT=compact, RESIDENT=False, HC=_forward_hidden_chunk(self))
-            setup = self._forward[compact] = (cx, compact and _resident_weights() and self.ONE_CHUNK,
-                                              _pinned_forward_tile())
+            cx = dict(self.constexprs(), COMPACT=compact, HC=_forward_hidden_chunk(self), CH_CONTIG=ch_contig)
+            setup = self._forward[(compact, ch_contig)] = (cx, _pinned_forward_tile())
         return setup
 
 
@@ -1767,19 +1613,7 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
         idx = count = out  # placeholders, never read
     args = (state, out, idx, count, *rule.kernel_weights(), N, H, W, *state.stride(), *out.stride(),
             *_fire_args(update_prob, seed, step), frozen)
-    cx, resident, pinned = rule.forward_setup(compact)
-    if resident:
-        # persistent, weights loaded once per program (opt-in, untimed): a fixed tile, 16 rows
-        # on 8 warps unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 152 KB of shared
-        # memory, so one block an SM; 125 registers on 8 warps, 168 on 4; at 32 rows the
-        # im2col tile's pointers spill)
-        res_pin = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
-        block_m, warps = res_pin[:2] if res_pin else ((_INTERPRET_BLOCK_M, 4) if interpreting() else (16, 8))
-        programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(state.device)[0]
-        with on_device(state.device):
-            if _try_resident(_nca_step_forward_kernel, (max(1, min(programs, cdiv(N, block_m))),), args,
-                             dict(cx, BLOCK_M=block_m, num_warps=warps, num_stages=1)):
-                return out
+    cx, pinned = rule.forward_setup(compact, state.stride(1) == 1)
     if pinned is not None:  # no tuning runs
         block_m, warps = pinned
         with on_device(state.device), _pinned_fit("FASTNCA_TRITON_NCA_FWD_TILE"):
@@ -1883,17 +1717,11 @@ def _pinned_fit(*names: str):
                          f"the GPU gives a block {e.limit}; pick a smaller tile") from None
 
 
-def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3",
-                     resident: bool = False):
+def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3"):
     """(BLOCK_M, num_warps, programs, num_stages) for the backward with dots of precision
     ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum order, so
     it must be a pure function of the shapes, the device and the precision for grads to be
-    bitwise reproducible across processes. ``resident``: the tile of the resident cell
-    kernel (FASTNCA_TRITON_NCA_WEIGHTS=resident), whose weights fill an SM's shared memory
-    (Med-NCA rule, bf16: ~200 KB), one block an SM: at 16 rows that block takes 8 warps
-    unless the tile is pinned (sm_90 compile, Med-NCA rule, bf16: =gemm 234 registers, no
-    stack; register partials 112 B of stack, 608 at 4 warps). Its rows and programs are
-    the staged kernel's."""
+    bitwise reproducible across processes."""
     stages = 1
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
     if interpreting():
@@ -1918,8 +1746,6 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
         programs = 2 * sms
     if pinned:  # on a GPU and under the interpreter alike
         block_m, warps, stages = pinned
-    elif resident and block_m == 16 and _cell_tile_safe(rule, 16, 8):  # (never the interpreter's 256 rows)
-        warps = 8
     programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages
 
@@ -1964,64 +1790,24 @@ def _register_accumulators(rule: _Rule) -> int:
     return _ACC_MIXED if v == "mixed" else _ACC_REGISTERS
 
 
-def _takes_hidden_chunks(rule: _Rule, reg_acc: int, resident: bool, gpu: bool) -> bool:
+def _takes_hidden_chunks(rule: _Rule, reg_acc: int, gpu: bool) -> bool:
     """Whether the backward's cell kernel is the hidden-chunk one
     (_nca_step_backward_cell_gemm_kernel): under =chunked, and under =gemm on rules of one
-    channel and conv chunk without resident weights, except with a half state on a GPU.
+    channel and conv chunk, except with a half state on a GPU.
     There, on an H200 (Triton 3.6, 109ac01), =gemm's hidden-chunk kernel gave a wrong
     d_state (relative error 0.75-0.85) in two runs at two tiles (bfloat16, Med-NCA rule,
     40x48: 128,8 with float32 weights, 64,4 with the bfloat16 weight copy; 64,4 with
     float32 weights was right), while =chunked (the same kernel without the activation
     rows) was right at every tile, and the interpreter is right at both. Cause unknown; so
     such a call takes the other cell kernel's =gemm path (REG_ACC 3, the same GEMM weight
-    gradients), which passed its GPU tests on rules of several chunks and with resident
-    weights; on this rule, staged, it has not run on a GPU yet (a CPU test runs it)."""
+    gradients), which passed its GPU tests on rules of several chunks and (with weights
+    resident in shared memory, since removed) on this rule; staged on this rule it has not
+    run on a GPU yet (a CPU test runs it)."""
     if reg_acc == _ACC_CHUNKED:
         return True
-    if reg_acc != _ACC_GEMM or not rule.ONE_CHUNK or resident:
+    if reg_acc != _ACC_GEMM or not rule.ONE_CHUNK:
         return False
     return not (gpu and rule.dtypes["state"] in _HALF)
-
-
-# Kernel configurations whose resident weights did not fit a GPU's shared memory.
-_RESIDENT_TOO_BIG: set = set()
-
-
-def _try_resident(kernel, grid, args, kw) -> bool:
-    """Launch ``kernel`` with RESIDENT=True; False, launching nothing, where its weights do not
-    fit the GPU's shared memory (known from an earlier try, or OutOfResources now): the
-    caller then launches the staged kernel."""
-    kw = dict(kw, RESIDENT=True)
-    key = (getattr(kernel, "__name__", repr(kernel)), torch.cuda.current_device() if torch.cuda.is_available() else -1,
-           tuple(sorted((k, str(v)) for k, v in kw.items())))
-    if key in _RESIDENT_TOO_BIG:
-        return False
-    try:
-        kernel[grid](*args, **kw)
-    except OutOfResources:
-        _RESIDENT_TOO_BIG.add(key)
-        return False
-    return True
-
-
-def _resident_weights() -> bool:
-    """FASTNCA_TRITON_NCA_WEIGHTS (benchmarking knob, default "staged"): "resident" keeps
-    the weight operands in shared memory across a program's tiles, for rules of one channel
-    and conv chunk: in the backward cell kernel (with register partials or =gemm) and in a
-    persistent compact forward (the kernels' RESIDENT; H200, 109ac01: a 64-step rollout's
-    training 157 ms against the staged default's 158). Where they do not fit (sm_90 compile, Med-NCA rule: 200 KB with
-    bfloat16 state and weights, 384 KB in float32, whose tf32x3
-    keeps two copies), the launch falls back to the staged kernel."""
-    v = os.environ.get("FASTNCA_TRITON_NCA_WEIGHTS", "")
-    if v not in ("", "staged", "resident"):
-        raise ValueError(f"FASTNCA_TRITON_NCA_WEIGHTS must be 'staged' or 'resident', got {v!r}")
-    if v == "resident" and triton_version() < (3, 3):
-        # Triton 3.0-3.2's backends abort the process (LLVM ERROR) compiling the resident
-        # float32 forward on sm_80/sm_90 (AOT compiles, 2026-11-27): stay staged.
-        warnings.warn("FASTNCA_TRITON_NCA_WEIGHTS=resident needs triton >= 3.3; using the staged kernels",
-                      stacklevel=3)
-        return False
-    return v == "resident"
 
 
 def _large_rule(rule: _Rule) -> bool:
@@ -2030,13 +1816,11 @@ def _large_rule(rule: _Rule) -> bool:
     return rule.HID_PAD >= 256 or rule.C_PAD >= 128
 
 
-def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, resident: bool = False):
+def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
     """((BLOCK_M, warps, stages) of the input-gradient kernel, BLOCK_M of the conv-gradient
     kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the sm_90 compile of
     the Med-NCA rule pipelines the tap loop's gathers with cp.async (72 KB, 232 registers;
-    untimed). ``resident``: the tile of the resident input kernel, 32 rows on 4 warps
-    unless pinned (sm_90 compile, Med-NCA rule, bfloat16: 214 registers, 92 KB, no spills;
-    at 64 rows 120 bytes of stack). Small rules: 64 rows on 4 warps, one warp group (the
+    untimed). Small rules: 64 rows on 4 warps, one warp group (the
     conv kernel's dot reduces over the rows; the input kernel took 0.27 ms a 65536-cell
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     spread two warp groups over one 64-row dot: _wgmma_safe); large rules and the
@@ -2048,8 +1832,6 @@ def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int, res
     conv_m = block_m if large else 64
     if pinned:
         return pinned, conv_m
-    if resident:
-        return (32, 4, 1), conv_m
     if large:
         return (block_m, warps, 1), conv_m
     return (64, 4, 1), conv_m
@@ -2312,7 +2094,6 @@ class _BackwardPlan:
         dev = state.device
         self.rule = rule  # kept: the plan's key holds its id
         reg_acc = _register_accumulators(rule)
-        resident = _resident_weights()
         self.gemm = gemm = reg_acc == _ACC_GEMM
         chunked = reg_acc == _ACC_CHUNKED  # the hidden-chunk kernel, partials in its slot
         # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
@@ -2346,14 +2127,10 @@ class _BackwardPlan:
         # H100, ~5% of the Med-NCA step's backward at 8 chunks).
         n0 = min(B, chunk) * H * W
         block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
-        self.hidden_chunks = _takes_hidden_chunks(rule, reg_acc, resident, gpu=not interpreting())
+        self.hidden_chunks = _takes_hidden_chunks(rule, reg_acc, gpu=not interpreting())
         if self.hidden_chunks:
             block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
         (in_m, in_warps, in_stages), self.cv_m = _side_tiles(rule, dev, block_m, warps)
-        self.in_resident = resident and not rule.DEPTHWISE and rule.FC_BLK == rule.FC_CEIL
-        if self.in_resident:  # persistent: its own tile and program count
-            (self.res_in_m, res_in_warps, _), _ = _side_tiles(rule, dev, block_m, warps, resident=True)
-            self.in_programs = _INTERPRET_PROGRAMS if interpreting() else 2 * _device_limits(dev)[0]
         self.parts = _conv_grad_parts(dev, self.conv_programs, cdiv(n0, self.cv_m))
         if gemm:
             fc_tile, self.fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
@@ -2375,10 +2152,6 @@ class _BackwardPlan:
         self.cell_kw = dict(**cx, **(dict(HC=_hidden_chunk(rule), PARTIALS=chunked) if self.hidden_chunks
                                      else dict(REG_ACC=reg_acc)),
                             LISTED=listed, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
-        if resident:  # the staged fallback keeps the staged tile
-            self.cell_res_kw = dict(self.cell_kw,
-                                    num_warps=_backward_tiling(rule, dev, n0, cx["DOT_PREC"], resident=True)[1])
-        self.resident = resident
         self.conv_kw = dict(LISTED=listed, C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK,
                             FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"],
                             EXACT=cx["EXACT"] & _TF32_BITS, BLOCK_M=self.cv_m, WQ=wq_row, num_warps=4, num_stages=1)
@@ -2388,8 +2161,6 @@ class _BackwardPlan:
                           DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row,
                           HALF_DQ=half_dq, HALF_W=rule.HALF_W, LISTED=listed, num_warps=in_warps,
                           num_stages=in_stages)
-        if self.in_resident:
-            self.in_res_kw = dict(self.in_kw, BLOCK_M=self.res_in_m, num_warps=res_in_warps)
         # large rules and the interpreter give the input kernel the cell kernel's tile (_side_tiles)
         self.in_pins = ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
                         *(("FASTNCA_TRITON_NCA_BWD_TILE",) if interpreting() or _large_rule(rule) else ()))
@@ -2442,10 +2213,10 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_grid = (min(plan.G, cdiv(N, plan.cell_kw["BLOCK_M"])),)
             with _pinned_fit("FASTNCA_TRITON_NCA_BWD_TILE"):
                 if plan.hidden_chunks:
-                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **plan.cell_kw)
-                elif not (plan.resident and _try_resident(_nca_step_backward_cell_kernel, cell_grid, cell_args,
-                                                          plan.cell_res_kw)):
-                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **plan.cell_kw, RESIDENT=False)
+                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **plan.cell_kw,
+                                                                   CH_CONTIG=x_c.stride(1) == 1)
+                else:
+                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **plan.cell_kw, CH_CONTIG=x_c.stride(1) == 1)
             if plan.gemm:
                 _nca_step_backward_fc_kernel[(plan.fc_programs, plan.fc_parts)](
                     act, plan.partials, pos, c0, c0 + N, plan.slot, C, LISTED=plan.listed, **plan.fc_kw)
@@ -2453,10 +2224,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
                 wq, x_c, plan.dpw_parts, idx, pos, c0, c0 + N, H, W, *x_c.stride(), *fire_args, **plan.conv_kw)
             in_args = (ws, wq, weights[5], rule.half_pw, d_c, fire_c, g_c, N, H, W, *d_c.stride(), *g_c.stride())
             with _pinned_fit(*plan.in_pins):
-                if not (plan.in_resident and _try_resident(
-                        _nca_step_backward_input_kernel, (min(cdiv(N, plan.res_in_m), plan.in_programs),), in_args,
-                        plan.in_res_kw)):
-                    _nca_step_backward_input_kernel[(cdiv(N, plan.in_m),)](*in_args, **plan.in_kw, RESIDENT=False)
+                _nca_step_backward_input_kernel[(cdiv(N, plan.in_m),)](*in_args, **plan.in_kw)
     own._fold(zero=sink is not None)
     own._finish = functools.partial(_weight_grads, rule, (pw, pb, w1, b1, w2, b2))
     if sink is not None:
