@@ -11,6 +11,11 @@
 # 672 bytes with 3.6 and 3.9). The 4 fwd-hchunk cases, added later (124 in all), compile with
 # 3.0, 3.6 and 3.9 (checked on their own, with float16 too).
 # Each nca rule also runs with WALK=listed (the backward's two walks, session 23): 148 cases.
+# Triton 3.7.1 (torch 2.13's pin; 2026-11-28, a subset: the whole matrix would take hours
+# beside other jobs): the Med-NCA rule in bfloat16 and float16, channels_last, in every
+# backward mode and walk and with fp32 weights, NCHW in the default mode, the depthwise
+# rule, and GeCA-S attention in every formulation all compile.
+# The "resident" cases are gone with that mode (session 25): 144 cases.
 # Rules: B,C,H,W,hidden,F,groups,frozen; attention: B,H,W,heads,D,kernel_size,border.
 set -uo pipefail
 cd "$(dirname "$0")/.."
