@@ -161,9 +161,12 @@
 #       the row "fastnca:triton nchw" after fastnca:triton: compare the two rows (the
 #       GPU has triton 3.6, where the NCHW im2col forward spilled only 72 bytes). The GPU
 #       tests run the half-weight test in both layouts. Call 2's VARIANTS_ARGS: add
-#       16,8:default:default and default:mixed:default (kernels alone; cheap): the cell
-#       kernel's 16/4 register-partial tile was last compared with them in 3xTF32 days
-#       (H100, bf1a97b, one round: 2.9-4.2 ms across these modes and input tiles, noisy).
+#       16,8:default:default, default:mixed:default and default:memory:default (kernels
+#       alone; cheap): the cell kernel's 16/4 register-partial tile was last compared with
+#       them in 3xTF32 days (H100, bf1a97b and c849cdb: within noise). sm_90 compile now
+#       (triton 3.6, Med-NCA bf16, channels_last; stack bytes / static SASS a thread):
+#       registers 16/4 456 / 3000, 16/8 16 / 1776 (twice the warps), mixed 16/4 224 /
+#       2680, mixed 16/8 0 / 1712, memory 16/4 0 / 2560 (but ~8 KB of partial traffic a cell).
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.
