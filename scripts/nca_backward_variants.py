@@ -2,9 +2,10 @@
 the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
 weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
 the cell kernel, the fc weight gradients as GEMMs over a workspace of activations, or chunked:
-the hidden-chunk cell kernel with its partials in memory) and dot precision ("default": every precision knob unset, what ships; "split-bwd": the
-default with FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split
-hi + lo as before 2026-11-27; "tf32x3": 3xTF32 with one or two TF32 products where an
+the hidden-chunk cell kernel with its partials in memory) and dot precision ("default":
+every precision knob unset, what ships; "split-bwd": the default with
+FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split hi + lo as
+before 2026-11-27; "tf32x3": 3xTF32 with one or two TF32 products where an
 operand comes from a half tensor, no bfloat16 dots; "bf16-dots": that with bfloat16 dots;
 "tf32x3-all": 3xTF32 for every product, FASTNCA_TRITON_NCA_EXACT=0; "fp32-weights": the
 default with FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the

@@ -107,15 +107,16 @@ def test_kernels_compile_with_triton_3_0(acc, half_weights):
     modes (the im2col conv), NCHW in the others (the tap loop). Nothing else tests 3.0: CI
     installs the newest Triton and the lent GPUs have 3.6 (an nca compile error on 3.0 went
     unseen until 2026-11-27)."""
+    im2col = acc in ("", "chunked") and half_weights == ""  # these modes also take the listed walk
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TRITON30, PACKAGE_PARENT]),
            "FASTNCA_TRITON_NCA_BWD_ACC": acc, "FASTNCA_TRITON_NCA_HALF_WEIGHTS": half_weights,
-           "LAYOUT": "channels_last" if acc in ("", "chunked") and half_weights == "" else ""}
+           "LAYOUT": "channels_last" if im2col else ""}
     env.pop("TRITON_INTERPRET", None)
     version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()
     assert version == "3.0.0", version
     # the listed walk (a state of _COMPACT_BACKWARD_CELLS) in the default and =chunked modes
-    listed = ["2,32,256,256,128,2,1,1,bfloat16"] if acc in ("", "chunked") and half_weights == "" else []
+    listed = ["2,32,256,256,128,2,1,1,bfloat16"] if im2col else []
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_sm90_resources.py"),
                           "8,32,64,64,128,2,1,1,bfloat16", *listed, "8,16,64,64,128,3,16,4",
                           "na:2,16,16,4,32,3,zeros,bfloat16"],

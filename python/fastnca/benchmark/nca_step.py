@@ -208,8 +208,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                     for name, b, mode in fast]
         # The same state NCHW-contiguous, a plain tensor's layout (the rows above are
         # channels_last, the models' layout): its gathers read a channel a load.
-        xn, xrn = (t.detach().contiguous().requires_grad_(True) for t in (x, xr))
+        nchw = []  # its inputs, made only where the row runs
         if "triton" in backends and device.type == "cuda":
+            xn, xrn = nchw = [t.detach().contiguous().requires_grad_(True) for t in (x, xr)]
             at = next(i for i, r in enumerate(runners) if r[0] == "fastnca:triton") + 1
             runners.insert(at, ("fastnca:triton nchw",
                                 lambda: fastnca.nca_step(xn, *rule, seed=1, step=0, backend="triton", **kw),
@@ -253,7 +254,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                                       saved_mb(lambda: _kept(roll_fwd)), rpeak, extra=rextra))
             except Exception as e:
                 results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            for t in (x, xl, xr, xlr, xn, xrn, *rule):
+            for t in (x, xl, xr, xlr, *nchw, *rule):
                 t.grad = None
             release(device)
         if device.type == "cuda" and name == "mednca":

@@ -2196,6 +2196,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         idx = pos = ws  # placeholders, never read
     weights = rule.weights()
     kernel_weights = rule.kernel_weights()
+    ch_contig = state.stride(1) == 1  # the cell kernels' CH_CONTIG (a batch chunk keeps the strides)
     chunk = plan.chunk
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
@@ -2213,10 +2214,9 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
             cell_grid = (min(plan.G, cdiv(N, plan.cell_kw["BLOCK_M"])),)
             with _pinned_fit("FASTNCA_TRITON_NCA_BWD_TILE"):
                 if plan.hidden_chunks:
-                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **plan.cell_kw,
-                                                                   CH_CONTIG=x_c.stride(1) == 1)
+                    _nca_step_backward_cell_gemm_kernel[cell_grid](*cell_args, **plan.cell_kw, CH_CONTIG=ch_contig)
                 else:
-                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **plan.cell_kw, CH_CONTIG=x_c.stride(1) == 1)
+                    _nca_step_backward_cell_kernel[cell_grid](*cell_args, **plan.cell_kw, CH_CONTIG=ch_contig)
             if plan.gemm:
                 _nca_step_backward_fc_kernel[(plan.fc_programs, plan.fc_parts)](
                     act, plan.partials, pos, c0, c0 + N, plan.slot, C, LISTED=plan.listed, **plan.fc_kw)
