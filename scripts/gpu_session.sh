@@ -167,6 +167,25 @@
 #       (triton 3.6, Med-NCA bf16, channels_last; stack bytes / static SASS a thread):
 #       registers 16/4 456 / 3000, 16/8 16 / 1776 (twice the warps), mixed 16/4 224 /
 #       2680, mixed 16/8 0 / 1712, memory 16/4 0 / 2560 (but ~8 KB of partial traffic a cell).
+#     Session 26 (2026-11-28, no GPU): register caps, opt-in. The tile knobs take a 4th field,
+#       REGS (ptxas maxnreg: FASTNCA_TRITON_NCA_BWD_TILE=16,4,1,128); a capped persistent cell
+#       kernel runs as many programs as the SMs hold. The forward's autotuner adds 64/4
+#       capped at 168 for the hidden-chunk forward only (sm_90, triton 3.6: 209 -> 168
+#       registers, no spill, 2 -> 3 blocks an SM); the variants' rollout row "triton
+#       fwd-hchunk 32" tunes it, and the script now prints the forward's picks ("tuned").
+#       Nsight Compute put these kernels at 12% occupancy, mostly idle (3a51e20). Call 2
+#       changes: VARIANTS_ARGS adds 16,8,1,128:default:default (640 B of spill, 2 blocks of
+#       8 warps), 16,4,1,128:gemm:default (272 B, 4 blocks) and default/64,4,1,96:default:default
+#       (the input kernel at 96 registers: no spill, 5 blocks, not 4); and ncu-source:nca:triton
+#       (warp stalls per source line, never run yet) takes timeline:nca:triton's place:
+#         VARIANTS_ARGS="--variant default:default:default default:default:fp32-weights
+#         64,4:chunked:default 32,4:chunked:default 16,8:default:default default:mixed:default
+#         default:memory:default 16,8,1,128:default:default 16,4,1,128:gemm:default
+#         default/64,4,1,96:default:default --no-cuda --rounds 3" scripts/gpu_session.sh \
+#             variants@130 ncu-source:nca:triton@60 timeline:rollout:triton@30 \
+#             bench:mednca,geca:bfloat16@100 pack
+#       A capped row that wins both the kernels and the rollout becomes the default tile;
+#       the fwd-hchunk rollout's "tuned" line says whether its forward took the cap.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

@@ -1,8 +1,9 @@
 """Time the nca_step backward kernels alone on a GPU, per variant, for choosing defaults:
-the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]), where its
-weight-grad partials live (FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in
-the cell kernel, the fc weight gradients as GEMMs over a workspace of activations, or chunked:
-the hidden-chunk cell kernel with its partials in memory) and dot precision ("default":
+the Triton backward's tile (FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES[,REGS]], REGS
+a register cap a thread), where its weight-grad partials live
+(FASTNCA_TRITON_NCA_BWD_ACC=registers|mixed|memory, or gemm: none in the cell kernel, the fc
+weight gradients as GEMMs over a workspace of activations, or chunked: the hidden-chunk cell
+kernel with its partials in memory) and dot precision ("default":
 every precision knob unset, what ships; "split-bwd": the default with
 FASTNCA_TRITON_NCA_BWD_TF32=0, the backward's gradient-only products split hi + lo as
 before 2026-11-27; "tf32x3": 3xTF32 with one or two TF32 products where an
@@ -26,7 +27,7 @@ reported.
 Usage: python scripts/nca_backward_variants.py [--rule C,hidden,F,groups,frozen]
            [--shape B,H,W] [--dtype bfloat16] [--tiles 16,4 32,4 32,8,2 ...]
            [--input-tiles 64,4 128,8 ...] [--acc registers mixed memory gemm] [--prec default split-bwd fp32-weights tf32x3 tf32x3-all tf32 bf16-dots]
-           [--variant TILE:ACC:PREC ...] [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64]
+           [--variant TILE[/INPUT_TILE]:ACC:PREC ...] [--rounds 7] [--no-cuda] [--rollout] [--rollout-steps 64]
            [--device cuda]
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ import fastnca  # noqa: E402
 from fastnca import _backend  # noqa: E402
 from fastnca.benchmark.common import batch_ms, batch_size, env, peak_mb, sync  # noqa: E402
 from fastnca.benchmark.nca_step import PaperStep, _tf32, make_rule  # noqa: E402
+from fastnca.kernels.triton._runtime import tuned_configs  # noqa: E402
 
 
 def main() -> int:
@@ -53,9 +55,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1")
     ap.add_argument("--tiles", nargs="*", default=["", "16,8", "32,4", "32,8"],
-                    help="Triton backward tiles BLOCK_M,WARPS[,STAGES] ('' or 'default' = the default choice)")
+                    help="Triton backward tiles BLOCK_M,WARPS[,STAGES[,REGS]] ('' or 'default' = the default choice)")
     ap.add_argument("--input-tiles", nargs="*", default=[""],
-                    help="input-gradient kernel tiles BLOCK_M,WARPS ('' or 'default' = the default choice)")
+                    help="input-gradient kernel tiles BLOCK_M,WARPS[,STAGES[,REGS]] "
+                         "('' or 'default' = the default choice)")
     ap.add_argument("--acc", nargs="*", default=[""],
                     help="registers / mixed / memory / gemm / chunked ('' or 'default' = the default)")
     ap.add_argument("--prec", nargs="*", default=["default", "split-bwd", "fp32-weights", "tf32x3", "tf32"],
@@ -64,9 +67,9 @@ def main() -> int:
                          "tf32x3-all / tf32 (these three with FASTNCA_TRITON_NCA_BF16_DOTS=0 and BWD_TF32=0) / "
                          "bf16-dots (tf32x3 with FASTNCA_TRITON_NCA_BF16_DOTS=1, BWD_TF32=0)")
     ap.add_argument("--variant", nargs="*", default=[],
-                    help="explicit variants TILE:ACC:PREC ('default' or '' for a default part), e.g. "
-                         "default:default:default 64,4:chunked:default; replaces the product of --tiles, "
-                         "--input-tiles, --acc and --prec")
+                    help="explicit variants TILE[/INPUT_TILE]:ACC:PREC ('default' or '' for a default part), "
+                         "e.g. default:default:default 64,4:chunked:default default/64,4,1,96:default:default; "
+                         "replaces the product of --tiles, --input-tiles, --acc and --prec")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one batch per variant each)")
     ap.add_argument("--no-cuda", action="store_true", help="leave out the CUDA backward")
     ap.add_argument("--rollout", action="store_true", help="also time a rollout fwd+bwd (--rollout-steps)")
@@ -99,9 +102,10 @@ def main() -> int:
         for v in a.variant:
             parts = v.split(":")
             if len(parts) != 3:
-                ap.error(f"--variant takes TILE:ACC:PREC, got {v!r}")
+                ap.error(f"--variant takes TILE[/INPUT_TILE]:ACC:PREC, got {v!r}")
             t, acc, prec = ("" if p == "default" else p for p in parts)
-            combos.append((t, "", acc, prec or "default"))
+            t, _, it = t.partition("/")  # TILE/INPUT_TILE: the input kernel's tile too
+            combos.append(("" if t == "default" else t, "" if it == "default" else it, acc, prec or "default"))
     else:
         combos = [(t, it, acc, prec) for t in a.tiles for it in a.input_tiles for acc in a.acc for prec in a.prec]
     for t, it, acc, prec in combos:
@@ -243,6 +247,11 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
         if times:
             print(f"  {name:<30} {statistics.median(times):9.1f} ms [{min(times):.1f}-{max(times):.1f}]   "
                   f"peak {float('nan') if peak is None else peak:8.0f} MiB", flush=True)
+    # what the forward's autotuner picked per key (HC > 0: the fwd-hchunk row, whose
+    # candidates include a register cap, maxnreg)
+    for key, config in tuned_configs().items():
+        if key.startswith("_nca_step_forward_kernel"):
+            print(f"  tuned {key}: {config}", flush=True)
 
 
 if __name__ == "__main__":

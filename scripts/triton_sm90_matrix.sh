@@ -16,6 +16,7 @@
 # backward mode and walk and with fp32 weights, NCHW in the default mode, the depthwise
 # rule, and GeCA-S attention in every formulation all compile.
 # The "resident" cases are gone with that mode (session 25): 144 cases.
+# Register caps (session 26): 8 more, 152 cases; all 8 compile with triton 3.0, 3.6 and 3.7.
 # Rules: B,C,H,W,hidden,F,groups,frozen; attention: B,H,W,heads,D,kernel_size,border.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,12 @@ for dt in float32 bfloat16; do
     case_ "nca tf32 $r,$dt" DOT_PREC=tf32 $(resources) "$r,$dt"
     case_ "nca channels_last $r,$dt" LAYOUT=channels_last $(resources) "$r,$dt"
     case_ "nca fwd-hchunk $r,$dt" FASTNCA_TRITON_NCA_FWD_HCHUNK=32 $(resources) "$r,$dt"
+    # register caps (session 26): the forward's capped autotune candidate, and the caps
+    # gpu_session.sh's variants pin on the cell (=gemm too) and input kernels
+    case_ "nca regs $r,$dt" LAYOUT=channels_last FASTNCA_TRITON_NCA_FWD_HCHUNK=32 FASTNCA_TRITON_NCA_FWD_TILE=64,4,1,168 \
+      FASTNCA_TRITON_NCA_BWD_TILE=16,8,1,128 FASTNCA_TRITON_NCA_BWD_INPUT_TILE=64,4,1,96 $(resources) "$r,$dt"
+    case_ "nca regs gemm $r,$dt" LAYOUT=channels_last FASTNCA_TRITON_NCA_BWD_ACC=gemm \
+      FASTNCA_TRITON_NCA_BWD_TILE=16,4,1,128 $(resources) "$r,$dt"
   done
 done
 exit $failed

@@ -301,14 +301,16 @@ def test_gemm_half_state_fallback_kernel(monkeypatch, dtype):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records each launch's BLOCK_M, then launches it."""
+    """Stands in for a kernel: records each launch's BLOCK_M and register cap (maxnreg,
+    None without one), then launches it."""
 
     def __init__(self, kernel):
-        self.kernel, self.rows = kernel, []
+        self.kernel, self.rows, self.regs = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.rows.append(kwargs.get("BLOCK_M"))
+            self.regs.append(kwargs.get("maxnreg"))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -998,14 +1000,17 @@ def check_pinned_tile(monkeypatch, case, var, tile):
 @gpu
 @pytest.mark.parametrize("case", TILE_RULES, ids=["mednca", "depthwise"])
 @pytest.mark.parametrize("var,tile", [("FASTNCA_TRITON_NCA_FWD_TILE", t) for t in ("32,4", "64,4", "128,8")]
-                         + [("FASTNCA_TRITON_NCA_BWD_TILE", t) for t in ("16,4", "32,4", "32,8", "16,8")]
-                         + [("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", t) for t in ("64,4", "128,8", "32,4", "64,4,3")])
+                         + [("FASTNCA_TRITON_NCA_FWD_TILE", "64,4,1,168")]
+                         + [("FASTNCA_TRITON_NCA_BWD_TILE", t) for t in ("16,4", "32,4", "32,8", "16,8", "16,8,1,128")]
+                         + [("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", t)
+                            for t in ("64,4", "128,8", "32,4", "64,4,3", "64,4,1,96")])
 def test_gpu_every_tile_matches_reference(monkeypatch, case, var, tile):
     check_pinned_tile(monkeypatch, case, var, tile)
 
 
 @pytest.mark.parametrize("var,tile", [("FASTNCA_TRITON_NCA_FWD_TILE", "16,4"), ("FASTNCA_TRITON_NCA_FWD_TILE", "128,8"),
                                       ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4"), ("FASTNCA_TRITON_NCA_BWD_TILE", "32,8"),
+                                      ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4,1,128"),
                                       ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")])
 def test_pinned_tiles_under_the_interpreter(monkeypatch, var, tile):
     """The tile knobs hold under the interpreter too (its own tile is 256 rows): the GPU's
@@ -1019,50 +1024,92 @@ def test_pinned_tiles_under_the_interpreter(monkeypatch, var, tile):
 
 @pytest.mark.parametrize("var,tile,kernel,env", [
     ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4", "_nca_step_forward_kernel", {}),
+    ("FASTNCA_TRITON_NCA_FWD_TILE", "16,4,1,168", "_nca_step_forward_kernel", {}),
     ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_kernel", {}),
+    ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4,1,128", "_nca_step_backward_cell_kernel", {}),
     ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4", "_nca_step_backward_cell_gemm_kernel",
      {"FASTNCA_TRITON_NCA_BWD_ACC": "chunked"}),
+    ("FASTNCA_TRITON_NCA_BWD_TILE", "16,4,2,96", "_nca_step_backward_cell_gemm_kernel",
+     {"FASTNCA_TRITON_NCA_BWD_ACC": "chunked"}),
     ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4", "_nca_step_backward_input_kernel", {}),
-], ids=["fwd", "cell", "cell-chunked", "input"])
+    ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "32,4,1,96", "_nca_step_backward_input_kernel", {}),
+], ids=["fwd", "fwd-regs", "cell", "cell-regs", "cell-chunked", "cell-chunked-regs", "input", "input-regs"])
 def test_pinned_tiles_reach_the_kernels_under_the_interpreter(monkeypatch, var, tile, kernel, env):
     """A pinned tile is the one each kernel launches with under the interpreter too, in
-    every mode that has its own tiling (the hidden-chunk cell kernel); the results match the
-    reference."""
+    every mode that has its own tiling (the hidden-chunk cell kernel), its register cap (the
+    4th field) passed as maxnreg, no cap as none; the results match the reference (the
+    interpreter runs no ptxas: a cap changes nothing there)."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     spy = _LaunchSpy(getattr(tri, kernel))
     monkeypatch.setattr(tri, kernel, spy)
     check_pinned_tile(monkeypatch, (2, 8, 5, 7, 16, 2, 1, 1, "reflect", 0.5), var, tile)
-    assert spy.rows and set(spy.rows) == {int(tile.split(",")[0])}, spy.rows
+    fields = tile.split(",")
+    assert spy.rows and set(spy.rows) == {int(fields[0])}, spy.rows
+    assert set(spy.regs) == {int(fields[3]) if len(fields) == 4 else None}, spy.regs
 
 
 def test_gpu_tile_candidates_are_tested():
     """The pinned-tile GPU test above covers every forward autotune candidate that
-    _wgmma_safe keeps (a new candidate must join it)."""
-    tested = {"32,4", "64,4", "128,8"}
+    _wgmma_safe keeps, register cap included (a new candidate must join it)."""
+    tested = {"32,4", "64,4", "128,8", "64,4,1,168"}
     for c in tri._forward_autotuned().configs:
         if tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps):
-            assert f"{c.kwargs['BLOCK_M']},{c.num_warps}" in tested, c
+            regs = getattr(c, "maxnreg", None)
+            assert f"{c.kwargs['BLOCK_M']},{c.num_warps}" + (f",{c.num_stages},{regs}" if regs else "") in tested, c
+
+
+def test_forward_register_cap_only_for_hidden_chunks():
+    """The register-capped forward candidate is tuned only where the hidden layer comes in
+    chunks (HC > 0), the case whose sm_90 compile fits the cap without spilling; every other
+    candidate is kept or dropped as before."""
+    configs = tri._forward_autotuned().configs
+    capped = [c for c in configs if getattr(c, "maxnreg", None)]
+    assert [(c.kwargs["BLOCK_M"], c.num_warps, c.maxnreg) for c in capped] == [(64, 4, 168)]
+    sizes = dict(HID_PAD=128, C_PAD=32, FC_BLK=64, C_BLK=32)
+    whole = tri._forward_prune(configs, dict(sizes, HC=0))
+    chunks = tri._forward_prune(configs, dict(sizes, HC=32))
+    assert not any(getattr(c, "maxnreg", None) for c in whole)
+    assert [c for c in chunks if not getattr(c, "maxnreg", None)] == whole
+    assert capped[0] in chunks
+
+
+def test_resident_programs():
+    """Persistent programs under a register cap: what an SM's 65536 registers hold at once
+    (a thread's count rounded up to a multiple of 8, at most 64 warps an SM); 2 an SM
+    without a cap."""
+    assert tri._resident_programs(132, 4, 0) == 264
+    assert tri._resident_programs(132, 4, 128) == 4 * 132
+    assert tri._resident_programs(132, 4, 168) == 3 * 132
+    assert tri._resident_programs(132, 4, 161) == 3 * 132  # 168 after rounding
+    assert tri._resident_programs(132, 8, 128) == 2 * 132
+    assert tri._resident_programs(132, 8, 255) == 132
+    assert tri._resident_programs(132, 4, 32) == 16 * 132  # 64 warps an SM at most
+    assert tri._resident_programs(132, 1, 32) == 64 * 132
 
 
 def test_pinned_forward_tile(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_FWD_TILE", raising=False)
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(tri, "interpreting", lambda: True)
-    assert tri._pinned_forward_tile() == (tri._INTERPRET_BLOCK_M, 4)
+    assert tri._pinned_forward_tile() == (tri._INTERPRET_BLOCK_M, 4, 1, 0)
     monkeypatch.setattr(tri, "interpreting", lambda: False)
     assert tri._pinned_forward_tile() is None
     monkeypatch.setenv("FASTNCA_TRITON_AUTOTUNE", "0")
-    assert tri._pinned_forward_tile() == (64, 4)
-    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "128,8")
-    assert tri._pinned_forward_tile() == (128, 8)
+    assert tri._pinned_forward_tile() == (64, 4, 1, 0)
+    for tile, want in (("128,8", (128, 8, 1, 0)), ("64,4,2", (64, 4, 2, 0)), ("64,4,1,168", (64, 4, 1, 168)),
+                       ("32,4,1,0", (32, 4, 1, 0))):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", tile)
+        assert tri._pinned_forward_tile() == want
     for bad, match in (("64,8", "more warp groups than 64-row blocks"), ("48,4", "FASTNCA_TRITON_NCA_FWD_TILE"),
-                       ("64", "FASTNCA_TRITON_NCA_FWD_TILE"), ("64,4,2", "'BLOCK_M,WARPS'")):
+                       ("64", "FASTNCA_TRITON_NCA_FWD_TILE"), ("64,4,1,168,1", r"'BLOCK_M,WARPS\[,STAGES\[,REGS\]\]'"),
+                       ("64,4,1,31", "REGS 0 or 32..255"), ("64,4,1,256", "REGS 0 or 32..255"),
+                       ("64,4,0,128", "stages in 1..4")):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", bad)
         with pytest.raises(ValueError, match=match):
             tri._pinned_forward_tile()
     monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "64,3")
-    with pytest.raises(ValueError, match="warps in 1/2/4/8, got"):  # no stages in this knob's message
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_FWD_TILE: BLOCK_M in 16/32/64/128, warps in 1/2/4/8"):
         tri._pinned_forward_tile()
     monkeypatch.delenv("FASTNCA_TRITON_NCA_FWD_TILE")
     for bad in ("off", "false", "no", "O"):  # a typo raises, as every on/off knob
@@ -1200,7 +1247,7 @@ def test_gpu_tiles_keep_one_warp_group_per_64_rows(monkeypatch, C, hidden, F):
         # the cell kernel's weight-gradient dots have C_BLK and HID_PAD rows
         for m in (block_m, c_blk, hid_pad):
             assert tri._wgmma_safe(m, warps), (block_m, warps, prec, m)
-        (in_m, in_warps, _), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
+        (in_m, in_warps, _, _), _ = tri._side_tiles(rule, torch.device("cuda"), block_m, warps)
         assert tri._wgmma_safe(in_m, in_warps), (in_m, in_warps)
     configs = tri._forward_autotuned().configs
     kept = tri._forward_prune(configs, dict(HID_PAD=hid_pad, C_PAD=c_pad, FC_BLK=fc_blk, C_BLK=c_blk))
@@ -1226,7 +1273,7 @@ def test_hidden_chunk_tiles(monkeypatch, acc):
     rule = SimpleNamespace(C_PAD=c_pad, HID_PAD=hid_pad, C_BLK=c_blk, FC_BLK=fc_blk, FC_CEIL=fcc, SLOT=4096,
                            ONE_CHUNK=True, dtypes=dict(state=torch.bfloat16))
     cuda = torch.device("cuda")
-    assert tri._hidden_chunk_tiling(rule, cuda, 1 << 20, 264) == (64, 4, 264, 1)
+    assert tri._hidden_chunk_tiling(rule, cuda, 1 << 20, 264) == (64, 4, 264, 1, 0)
     assert tri._hidden_chunk_tiling(SimpleNamespace(**{**vars(rule), "dtypes": dict(state=torch.float32)}),
                                     cuda, 1 << 20, 264)[:2] == (32, 4)
     for tile, hc in (("16,8", "16"), ("128,8", "32")):
@@ -1253,12 +1300,17 @@ def test_pinned_backward_tile(monkeypatch):
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE", raising=False)
     assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (16, 4)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4")
-    block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
-    assert (block_m, warps, stages) == (16, 4, 1)
+    assert tri._backward_tiling(rule, cuda, 1 << 20) == (16, 4, 264, 1, 0)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "32,8,2")
-    block_m, warps, _, stages = tri._backward_tiling(rule, cuda, 1 << 20)
-    assert (block_m, warps, stages) == (32, 8, 2)
-    for bad in ("16", "16,x", "24,4", "32,3", "32,4,0", "32,4,5", "32,4,2,1"):
+    assert tri._backward_tiling(rule, cuda, 1 << 20) == (32, 8, 264, 2, 0)
+    # a register cap: the persistent programs become what the SMs hold at once
+    for tile, want in (("16,4,1,128", (16, 4, 4 * 132, 1, 128)), ("16,8,2,128", (16, 8, 2 * 132, 2, 128)),
+                       ("16,4,1,0", (16, 4, 264, 1, 0)), ("16,8,1,255", (16, 8, 132, 1, 255))):
+        monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", tile)
+        assert tri._backward_tiling(rule, cuda, 1 << 20) == want, tile
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", "16,4,1,128")
+    assert tri._backward_tiling(rule, cuda, 16 * 100)[2] == 100  # within the tiles
+    for bad in ("16", "16,x", "24,4", "32,3", "32,4,0", "32,4,5", "32,4,2,1", "32,4,2,300", "32,4,2,128,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_TILE"):
             tri._backward_tiling(rule, cuda, 1 << 20)
@@ -1275,12 +1327,14 @@ def test_pinned_backward_tile(monkeypatch):
     assert tri._backward_tiling(rule, cuda, 1 << 20)[:2] == (32, 8)  # Med-NCA: 32 and 128 rows
     monkeypatch.delenv("FASTNCA_TRITON_NCA_BWD_TILE")
     # the input-gradient kernel's own knob
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1, 0), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "128,4")
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4, 1), 64)
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((128, 4, 1, 0), 64)
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,3")  # pipelined gathers
-    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 3), 64)
-    for bad in ("64,x", "64,4,5", "64,4,2,1"):
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 3, 0), 64)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", "64,4,1,96")  # a register cap
+    assert tri._side_tiles(rule, cuda, 16, 4) == ((64, 4, 1, 96), 64)
+    for bad in ("64,x", "64,4,5", "64,4,2,1", "64,4,1,96,1"):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_INPUT_TILE"):
             tri._side_tiles(rule, cuda, 16, 4)

@@ -153,31 +153,34 @@ echo "k2: REG:32 STACK:0"
     oks = [ln for ln in lines if ln.startswith("ok")]
     assert res.returncode == 1, res.stdout[-2000:]
     assert len(fails) == 24 and all(ln.startswith("FAIL [na halo ") for ln in fails), fails
-    assert len(oks) == 120 and all(ln.endswith("2 kernels; ") or "STACK:672" in ln for ln in oks), oks
+    assert len(oks) == 128 and all(ln.endswith("2 kernels; ") or "STACK:672" in ln for ln in oks), oks
     spilled = [ln.split("] ")[0] for ln in oks if "STACK:672" in ln]  # that rule in each mode and walk
-    assert len(spilled) == 10 and "ok   [nca 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
+    assert len(spilled) == 12 and "ok   [nca 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
+    assert "ok   [nca regs gemm 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled  # the register caps
     assert "ok   [nca listed 8,32,64,64,128,2,1,1,bfloat16" in spilled, spilled
     assert "CompilationError" in res.stdout
 
 
 def test_backward_variants_explicit_list():
-    """--variant TILE:ACC:PREC runs exactly the listed variants, in order; a malformed one
-    is refused."""
+    """--variant TILE[/INPUT_TILE]:ACC:PREC runs exactly the listed variants, in order, an
+    input-gradient tile (with a register cap) too; a malformed one is refused."""
     _needs_triton_interpreter()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, str(ROOT / "scripts" / "nca_backward_variants.py"), "--device", "cpu",
            "--rule", "8,16,2,1,1", "--shape", "1,5,6", "--dtype", "float32", "--rounds", "1", "--variant",
-           "default:default:default", "16,4:chunked:default", "default:gemm:split-bwd"]
+           "default:default:default", "16,4:chunked:default", "default:gemm:split-bwd",
+           "16,4,1,128/default:default:default", "default/32,4,1,96:default:default"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
     rows = [line.split()[:3] for line in out.splitlines() if "triton tile=" in line]
     assert rows == [["triton", "tile=default", "acc=default"], ["triton", "tile=16,4", "acc=chunked"],
-                    ["triton", "tile=default", "acc=gemm"]] and "failed" not in out, out
-    bad = subprocess.run(cmd[:-3] + ["default:gemm"], capture_output=True, text=True, env=env, timeout=600)
-    assert bad.returncode != 0 and "TILE:ACC:PREC" in bad.stderr
+                    ["triton", "tile=default", "acc=gemm"], ["triton", "tile=16,4,1,128", "acc=default"],
+                    ["triton", "tile=default", "input=32,4,1,96"]] and "failed" not in out, out
+    bad = subprocess.run(cmd[:-5] + ["default:gemm"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "TILE[/INPUT_TILE]:ACC:PREC" in bad.stderr
     # a precision of no known name (half-weights: the default since 2026-11-28) is refused,
     # not timed as 3xTF32 under its name
     for args in (["--variant", "default:default:half-weights"], ["--prec", "half-weights"]):
-        bad = subprocess.run(cmd[:-4] + args, capture_output=True, text=True, env=env, timeout=600)
+        bad = subprocess.run(cmd[:-6] + args, capture_output=True, text=True, env=env, timeout=600)
         assert bad.returncode != 0 and "precision 'half-weights': choose from" in bad.stderr, bad.stderr
 
 

@@ -673,11 +673,13 @@ def _cell_tile_safe(rule, block_m: int, num_warps: int) -> bool:
 
 def _forward_prune(configs, named_args, **kwargs):
     """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD or HC, C_PAD, FC_BLK)])
-    would need more than ~128 registers per thread (spills), and tiles with more warp
-    groups than 64-row blocks (_wgmma_safe)."""
+    would need more than ~128 registers per thread (spills), tiles with more warp groups
+    than 64-row blocks (_wgmma_safe), and the register-capped candidates where the hidden
+    layer is not chunked (HC = 0; see _FORWARD_CONFIGS)."""
     a = {**named_args, **kwargs}
     width = max(a.get("HC") or a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
-    safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps)]
+    safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps)
+            and (a.get("HC") or not getattr(c, "maxnreg", None))]
     keep = [c for c in safe if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
     return keep or safe[:1]
 
@@ -688,6 +690,17 @@ def _forward_prune(configs, named_args, **kwargs):
 # compiles (triton 3.9, tf32x3): C=16, F=2, hidden=128 -> 234-255 registers, no spills,
 # 16-48 KB shared memory for these tiles; C=128, F=3, hidden=256 at 32/8 warps -> 80 KB,
 # 1.4 KB spills.
+# The last candidate caps a thread's registers at 168 (ptxas .maxnreg), for the hidden-chunk
+# forward only (FASTNCA_TRITON_NCA_FWD_HCHUNK; _forward_prune drops it elsewhere): 3 blocks
+# of 4 warps an SM instead of 2. Nsight Compute put the forward at 12.5% occupancy (H100,
+# 3a51e20) with the SMs mostly idle (21% SM, 2% DRAM throughput): latency it cannot hide.
+# sm_90 compiles, Med-NCA rule, bfloat16, channels_last, 64 rows on 4 warps (triton 3.6,
+# scripts/triton_sm90_resources.py, stack bytes a thread): HC=32 takes 209 registers, 0
+# stack; capped at 168, 0; at 128 (4 blocks), 184. The whole hidden layer (HC = 0): 254
+# registers, 0 stack; at 168, 288; at 128, 672. Untimed.
+_FORWARD_CONFIGS = ((32, 4, None), (64, 4, None), (64, 8, None), (128, 8, None), (64, 4, 168))
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_autotuned():
     """The autotuned forward, made on first use: an Autotuner asks the active driver for
@@ -695,8 +708,8 @@ def _forward_autotuned():
     machine without a GPU there is none, so building it at import failed there."""
     return autotune(
         _nca_step_forward_kernel,
-        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-                 for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
+        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1, maxnreg=regs)
+                 for bm, w, regs in _FORWARD_CONFIGS],
         key=["C", "F", "HID", "DEPTHWISE", "DOT_PREC", "EXACT", "COMPACT", "HC", "CH_CONTIG"],
         prune_configs_by={"early_config_prune": _forward_prune},
     )
@@ -1615,10 +1628,10 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
             *_fire_args(update_prob, seed, step), frozen)
     cx, pinned = rule.forward_setup(compact, state.stride(1) == 1)
     if pinned is not None:  # no tuning runs
-        block_m, warps = pinned
+        block_m, warps, stages, regs = pinned
         with on_device(state.device), _pinned_fit("FASTNCA_TRITON_NCA_FWD_TILE"):
-            _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m, num_warps=warps,
-                                                                 num_stages=1)
+            _nca_step_forward_kernel[(cdiv(N, block_m),)](*args, **cx, BLOCK_M=block_m,
+                                                          **_launch_kw(warps, stages, regs))
     else:
         with on_device(state.device):
             grid = lambda meta: (cdiv(N, meta["BLOCK_M"]),)  # noqa: E731
@@ -1657,47 +1670,73 @@ def _chunk_knob(var: str, zero_ok: bool = False) -> int | None:
     return hc
 
 
-def _pinned_forward_tile() -> tuple[int, int] | None:
-    """The forward's tile when it is not autotuned: FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS
-    (a testing and benchmarking knob, e.g. to check every autotune candidate on a GPU, or a
-    tile's rows under the interpreter), else the interpreter's tile, else 64 rows on 4 warps
-    under FASTNCA_TRITON_AUTOTUNE=0; None: autotune. Both knobs are checked in any case."""
+def _pinned_forward_tile() -> tuple[int, int, int, int] | None:
+    """The forward's tile (BLOCK_M, warps, stages, register cap) when it is not autotuned:
+    FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS[,STAGES[,REGS]] (a testing and benchmarking
+    knob, e.g. to check every autotune candidate on a GPU, or a tile's rows under the
+    interpreter), else the interpreter's tile, else 64 rows on 4 warps under
+    FASTNCA_TRITON_AUTOTUNE=0; None: autotune. Both knobs are checked in any case."""
     autotune_off = _knob01("FASTNCA_TRITON_AUTOTUNE") == "0"
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_FWD_TILE", _wgmma_safe)
     if pinned:
-        return pinned[:2]
+        return pinned
     if interpreting():
-        return _INTERPRET_BLOCK_M, 4
-    return (64, 4) if autotune_off else None
+        return _INTERPRET_BLOCK_M, 4, 1, 0
+    return (64, 4, 1, 0) if autotune_off else None
 
 
-def _pinned_tile(var: str, safe, stages: bool = False) -> tuple[int, int, int] | None:
-    """A tile pinned by an environment variable: FASTNCA_TRITON_NCA_BWD_TILE=BLOCK_M,WARPS[,STAGES]
-    for the backward cell kernel and FASTNCA_TRITON_NCA_BWD_INPUT_TILE=BLOCK_M,WARPS[,STAGES]
-    for the input-gradient kernel (stages=True), FASTNCA_TRITON_NCA_FWD_TILE=BLOCK_M,WARPS for the forward
-    (benchmarking and testing knobs; BLOCK_M in 16..128, a power of two, warps in 1..8,
-    software pipelining stages in 1..4, default 1). ``safe(block_m, warps)``: the kernel's
-    warp-group rule (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused. The
-    interpreter takes a pinned tile's rows too (its own tile is 256 rows), so CPU tests can
-    run the GPU's tiles."""
+_TILE_FORM = "BLOCK_M,WARPS[,STAGES[,REGS]]"
+
+
+def _pinned_tile(var: str, safe) -> tuple[int, int, int, int] | None:
+    """A tile pinned by an environment variable, as (BLOCK_M, warps, stages, register cap):
+    FASTNCA_TRITON_NCA_BWD_TILE (the backward cell kernel), FASTNCA_TRITON_NCA_BWD_INPUT_TILE
+    (the input-gradient kernel) and FASTNCA_TRITON_NCA_FWD_TILE (the forward), each
+    BLOCK_M,WARPS[,STAGES[,REGS]] (benchmarking and testing knobs): BLOCK_M in 16..128, a
+    power of two, warps in 1..8, software pipelining stages in 1..4 (default 1), REGS a cap
+    on the registers a thread (ptxas .maxnreg, 32..255; 0 or absent: none; see _launch_kw
+    and _resident_programs). ``safe(block_m, warps)``: the kernel's warp-group rule
+    (_wgmma_safe, _cell_tile_safe); a tile that breaks it is refused. The interpreter takes
+    a pinned tile's rows too (its own tile is 256 rows), so CPU tests can run the GPU's
+    tiles; it ignores the register cap."""
     v = os.environ.get(var)
     if not v:
         return None
-    form = "BLOCK_M,WARPS[,STAGES]" if stages else "BLOCK_M,WARPS"
     try:
         block_m, warps, *rest = (int(t) for t in v.split(","))
     except ValueError:
-        raise ValueError(f"{var} must be '{form}', got {v!r}") from None
-    if len(rest) > (1 if stages else 0):
-        raise ValueError(f"{var} must be '{form}', got {v!r}")
+        raise ValueError(f"{var} must be '{_TILE_FORM}', got {v!r}") from None
+    if len(rest) > 2:
+        raise ValueError(f"{var} must be '{_TILE_FORM}', got {v!r}")
     n_stages = rest[0] if rest else 1
-    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= n_stages <= 4:
-        raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8"
-                         f"{' and stages in 1..4' if stages else ''}, got {v!r}")
+    regs = rest[1] if len(rest) == 2 else 0
+    if block_m not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8) or not 1 <= n_stages <= 4 \
+            or not (regs == 0 or 32 <= regs <= 255):
+        raise ValueError(f"{var}: BLOCK_M in 16/32/64/128, warps in 1/2/4/8, stages in 1..4 and REGS 0 or "
+                         f"32..255, got {v!r}")
     if not safe(block_m, warps):
         raise ValueError(f"{var}={block_m},{warps}: a dot of this kernel would get more warp groups than "
                          "64-row blocks (see _wgmma_safe); pick another tile")
-    return block_m, warps, n_stages
+    return block_m, warps, n_stages, regs
+
+
+def _launch_kw(warps: int, stages: int, regs: int) -> dict:
+    """A kernel's launch keywords for a tile: num_warps, num_stages and, with a register
+    cap, maxnreg (ptxas spills what does not fit; Triton >= 3.0 takes it on NVIDIA GPUs, the
+    interpreter ignores it)."""
+    return dict(num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
+
+
+def _resident_programs(sms: int, warps: int, regs: int) -> int:
+    """The persistent cell kernels' programs under a register cap: as many as the capped
+    registers let an SM hold at once (65536 registers an SM, allocated per warp in units of
+    256, i.e. a thread's count rounded up to a multiple of 8; at most 64 warps), at least
+    one an SM. Uncapped tiles keep 2 an SM: at 255 registers, what 4 warps leave room for.
+    A pure function of the tile and the device, as the partial-sum order needs."""
+    if not regs:
+        return 2 * sms
+    per_sm = min(65536 // (cdiv(regs, 8) * 8 * 32 * warps), 64 // warps)
+    return max(1, per_sm) * sms
 
 
 @contextlib.contextmanager
@@ -1718,12 +1757,14 @@ def _pinned_fit(*names: str):
 
 
 def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: str = "tf32x3"):
-    """(BLOCK_M, num_warps, programs, num_stages) for the backward with dots of precision
-    ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum order, so
-    it must be a pure function of the shapes, the device and the precision for grads to be
-    bitwise reproducible across processes."""
-    stages = 1
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
+    """(BLOCK_M, num_warps, programs, num_stages, register cap) for the backward with dots of
+    precision ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum
+    order, so it must be a pure function of the shapes, the device and the precision for
+    grads to be bitwise reproducible across processes. A pinned register cap (the 4th field
+    of FASTNCA_TRITON_NCA_BWD_TILE) sets the persistent programs to what the SMs hold at
+    once (_resident_programs)."""
+    stages, regs = 1, 0
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule))
     if interpreting():
         block_m, warps, programs = _INTERPRET_BLOCK_M, 4, _INTERPRET_PROGRAMS
     else:
@@ -1745,9 +1786,11 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             block_m, warps = (32 if prec == "tf32" else 16), 4
         programs = 2 * sms
     if pinned:  # on a GPU and under the interpreter alike
-        block_m, warps, stages = pinned
+        block_m, warps, stages, regs = pinned
+        if regs and not interpreting():
+            programs = _resident_programs(sms, warps, regs)
     programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
-    return block_m, warps, programs, stages
+    return block_m, warps, programs, stages, regs
 
 
 def _bwd_acc_knob() -> str:
@@ -1817,24 +1860,24 @@ def _large_rule(rule: _Rule) -> bool:
 
 
 def _side_tiles(rule: _Rule, device: torch.device, block_m: int, warps: int):
-    """((BLOCK_M, warps, stages) of the input-gradient kernel, BLOCK_M of the conv-gradient
-    kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the sm_90 compile of
-    the Med-NCA rule pipelines the tap loop's gathers with cp.async (72 KB, 232 registers;
-    untimed). Small rules: 64 rows on 4 warps, one warp group (the
+    """((BLOCK_M, warps, stages, register cap) of the input-gradient kernel, BLOCK_M of the
+    conv-gradient kernel) given the cell kernel's tile. Stages 1 unless pinned: at 3, the
+    sm_90 compile of the Med-NCA rule pipelines the tap loop's gathers with cp.async (72 KB,
+    232 registers; untimed). Small rules: 64 rows on 4 warps, one warp group (the
     conv kernel's dot reduces over the rows; the input kernel took 0.27 ms a 65536-cell
     chunk at 64 rows on 8 warps on an H100 against 0.30 at 16/4, but 8 warps on 64 rows
     spread two warp groups over one 64-row dot: _wgmma_safe); large rules and the
     interpreter keep the cell kernel's rows. The conv kernel's dots have 4 warps: always safe."""
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe, stages=True)
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_INPUT_TILE", _wgmma_safe)
     if interpreting():
-        return pinned or (block_m, warps, 1), block_m
+        return pinned or (block_m, warps, 1, 0), block_m
     large = _large_rule(rule)
     conv_m = block_m if large else 64
     if pinned:
         return pinned, conv_m
     if large:
-        return (block_m, warps, 1), conv_m
-    return (64, 4, 1), conv_m
+        return (block_m, warps, 1, 0), conv_m
+    return (64, 4, 1, 0), conv_m
 
 
 _FC_BLOCK_K = 64  # cells per step of the fc weight-gradient GEMMs' reduction
@@ -1848,18 +1891,18 @@ def _hidden_chunk(rule: _Rule) -> int:
 
 
 def _hidden_chunk_tiling(rule: _Rule, device: torch.device, num_cells: int, programs: int):
-    """(BLOCK_M, warps, programs, stages) of _nca_step_backward_cell_gemm_kernel: half
-    states 64 rows on one warp group (wgmma), float32 ones 32 rows on 4 warps, unless
+    """(BLOCK_M, warps, programs, stages, register cap) of _nca_step_backward_cell_gemm_kernel:
+    half states 64 rows on one warp group (wgmma), float32 ones 32 rows on 4 warps, unless
     FASTNCA_TRITON_NCA_BWD_TILE pins another; programs as the other cell kernel's
     (``programs``), within the tiles. sm_90 compile, Med-NCA rule (untimed): bfloat16 at
     64/4 255 registers + 256 B of stack, at 32/4 231 and none; float32 (tf32x3 products) at
     64/4 720 B of stack, at 32/4 8 B."""
-    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule), stages=True)
+    pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule))
     if interpreting() and not pinned:
-        return _INTERPRET_BLOCK_M, 4, programs, 1
-    default = (64, 4, 1) if rule.dtypes["state"] in _HALF else (32, 4, 1)
-    block_m, warps, stages = pinned or default
-    return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages
+        return _INTERPRET_BLOCK_M, 4, programs, 1, 0
+    default = (64, 4, 1, 0) if rule.dtypes["state"] in _HALF else (32, 4, 1, 0)
+    block_m, warps, stages, regs = pinned or default
+    return block_m, warps, max(1, min(programs, cdiv(num_cells, block_m))), stages, regs
 
 
 def _act_row(rule: _Rule) -> int:
@@ -2126,11 +2169,11 @@ class _BackwardPlan:
         # chunk that was a zero fill, two reductions, a cat and an add: ~40 us a chunk on an
         # H100, ~5% of the Med-NCA step's backward at 8 chunks).
         n0 = min(B, chunk) * H * W
-        block_m, warps, G, stages = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
+        block_m, warps, G, stages, regs = _backward_tiling(rule, dev, n0, cx["DOT_PREC"])
         self.hidden_chunks = _takes_hidden_chunks(rule, reg_acc, gpu=not interpreting())
         if self.hidden_chunks:
-            block_m, warps, G, stages = _hidden_chunk_tiling(rule, dev, n0, G)
-        (in_m, in_warps, in_stages), self.cv_m = _side_tiles(rule, dev, block_m, warps)
+            block_m, warps, G, stages, regs = _hidden_chunk_tiling(rule, dev, n0, G)
+        (in_m, in_warps, in_stages, in_regs), self.cv_m = _side_tiles(rule, dev, block_m, warps)
         self.parts = _conv_grad_parts(dev, self.conv_programs, cdiv(n0, self.cv_m))
         if gemm:
             fc_tile, self.fc_programs = _fc_grad_tiles(rule, state.dtype in _HALF)
@@ -2151,7 +2194,7 @@ class _BackwardPlan:
         self.G = G
         self.cell_kw = dict(**cx, **(dict(HC=_hidden_chunk(rule), PARTIALS=chunked) if self.hidden_chunks
                                      else dict(REG_ACC=reg_acc)),
-                            LISTED=listed, BLOCK_M=block_m, K1=k1, WQ=wq_row, num_warps=warps, num_stages=stages)
+                            LISTED=listed, BLOCK_M=block_m, K1=k1, WQ=wq_row, **_launch_kw(warps, stages, regs))
         self.conv_kw = dict(LISTED=listed, C=C, F=rule.F, FC=rule.FC, C_PAD=rule.C_PAD, FC_BLK=rule.FC_BLK,
                             FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD, DOT_PREC=cx["DOT_PREC"],
                             EXACT=cx["EXACT"] & _TF32_BITS, BLOCK_M=self.cv_m, WQ=wq_row, num_warps=4, num_stages=1)
@@ -2159,8 +2202,8 @@ class _BackwardPlan:
         self.in_kw = dict(C=C, F=rule.F, FC=rule.FC, FC_LOOP=1 if rule.DEPTHWISE else rule.FC, C_PAD=rule.C_PAD,
                           FC_BLK=rule.FC_BLK, FC_CEIL=rule.FC_CEIL, DEPTHWISE=rule.DEPTHWISE, PAD=rule.PAD,
                           DOT_PREC=cx["DOT_PREC"], EXACT=cx["EXACT"], BLOCK_M=in_m, K1=k1, WQ=wq_row,
-                          HALF_DQ=half_dq, HALF_W=rule.HALF_W, LISTED=listed, num_warps=in_warps,
-                          num_stages=in_stages)
+                          HALF_DQ=half_dq, HALF_W=rule.HALF_W, LISTED=listed,
+                          **_launch_kw(in_warps, in_stages, in_regs))
         # large rules and the interpreter give the input kernel the cell kernel's tile (_side_tiles)
         self.in_pins = ("FASTNCA_TRITON_NCA_BWD_INPUT_TILE",
                         *(("FASTNCA_TRITON_NCA_BWD_TILE",) if interpreting() or _large_rule(rule) else ()))
