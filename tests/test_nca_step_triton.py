@@ -1050,13 +1050,15 @@ def test_pinned_tiles_reach_the_kernels_under_the_interpreter(monkeypatch, var, 
 
 
 def test_gpu_tile_candidates_are_tested():
-    """The pinned-tile GPU test above covers every forward autotune candidate that
-    _wgmma_safe keeps, register cap included (a new candidate must join it)."""
+    """The pinned-tile GPU tests cover every forward autotune candidate that _wgmma_safe
+    keeps (a new candidate must join them): the every-tile test, and the hidden-chunk
+    forward's, the only forward the register-capped candidate is tuned for."""
     tested = {"32,4", "64,4", "128,8", "64,4,1,168"}
     for c in tri._forward_autotuned().configs:
         if tri._wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps):
             regs = getattr(c, "maxnreg", None)
-            assert f"{c.kwargs['BLOCK_M']},{c.num_warps}" + (f",{c.num_stages},{regs}" if regs else "") in tested, c
+            tile = f"{c.kwargs['BLOCK_M']},{c.num_warps}" + (f",{c.num_stages},{regs}" if regs else "")
+            assert tile in tested and tile in HCHUNK_FORWARD_TILES, c
 
 
 def test_forward_register_cap_only_for_hidden_chunks():
@@ -1074,10 +1076,25 @@ def test_forward_register_cap_only_for_hidden_chunks():
     assert capped[0] in chunks
 
 
+def test_register_cap_is_refused_on_rocm(monkeypatch):
+    """Triton's HIP backend takes no maxnreg: on ROCm the capped forward candidate is not
+    tuned, and a pinned REGS raises an error naming the knob (not Triton's KeyError at
+    launch); a tile without a cap still pins."""
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    configs = tri._forward_autotuned().configs
+    kept = tri._forward_prune(configs, dict(HID_PAD=128, C_PAD=32, FC_BLK=64, C_BLK=32, HC=32))
+    assert kept and not any(getattr(c, "maxnreg", None) for c in kept)
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "64,4,1,168")
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_FWD_TILE=64,4,1,168: a register cap"):
+        tri._pinned_forward_tile()
+    monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", "64,4,1,0")
+    assert tri._pinned_forward_tile() == (64, 4, 1, 0)
+
+
 def test_resident_programs():
     """Persistent programs under a register cap: what an SM's 65536 registers hold at once
-    (a thread's count rounded up to a multiple of 8, at most 64 warps an SM); 2 an SM
-    without a cap."""
+    (a thread's count rounded up to a multiple of 8, at most 64 warps and 32 blocks an SM);
+    2 an SM without a cap."""
     assert tri._resident_programs(132, 4, 0) == 264
     assert tri._resident_programs(132, 4, 128) == 4 * 132
     assert tri._resident_programs(132, 4, 168) == 3 * 132
@@ -1085,7 +1102,7 @@ def test_resident_programs():
     assert tri._resident_programs(132, 8, 128) == 2 * 132
     assert tri._resident_programs(132, 8, 255) == 132
     assert tri._resident_programs(132, 4, 32) == 16 * 132  # 64 warps an SM at most
-    assert tri._resident_programs(132, 1, 32) == 64 * 132
+    assert tri._resident_programs(132, 1, 32) == 32 * 132  # and 32 blocks
 
 
 def test_pinned_forward_tile(monkeypatch):
@@ -1543,15 +1560,19 @@ def check_half_weight_copy(monkeypatch, case, channels_last=False):
         tri._Rule(state, *w, g, padding, frozen)
 
 
+HCHUNK_FORWARD_TILES = ["autotune", "32,4", "64,4", "128,8", "64,4,1,168"]
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("tile", ["autotune", "32,4", "64,4", "128,8"])
+@pytest.mark.parametrize("tile", HCHUNK_FORWARD_TILES)
 @pytest.mark.parametrize("hc", ["16", "32", "64"])
 def test_gpu_forward_hidden_chunks(monkeypatch, tile, hc):
     """The forward in hidden chunks (FASTNCA_TRITON_NCA_FWD_HCHUNK, opt-in) at the tiles its
-    autotuner tries, on the Med-NCA rule in bfloat16 (channels_last, the benchmark's layout)
-    and float32 (NCHW), over every cell and over the listed firing cells, and on a
-    depthwise rule: against the reference at the dtype's tolerance."""
+    autotuner tries, the register-capped candidate too (kept for this forward only), on the
+    Med-NCA rule in bfloat16 (channels_last, the benchmark's layout) and float32 (NCHW),
+    over every cell and over the listed firing cells, and on a depthwise rule: against the
+    reference at the dtype's tolerance."""
     monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_HCHUNK", hc)
     if tile != "autotune":
         monkeypatch.setenv("FASTNCA_TRITON_NCA_FWD_TILE", tile)

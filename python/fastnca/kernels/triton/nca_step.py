@@ -675,11 +675,12 @@ def _forward_prune(configs, named_args, **kwargs):
     """Drop tiles whose largest fp32 accumulator ([BLOCK_M, max(HID_PAD or HC, C_PAD, FC_BLK)])
     would need more than ~128 registers per thread (spills), tiles with more warp groups
     than 64-row blocks (_wgmma_safe), and the register-capped candidates where the hidden
-    layer is not chunked (HC = 0; see _FORWARD_CONFIGS)."""
+    layer is not chunked (HC = 0; see _FORWARD_CONFIGS) or on ROCm (no maxnreg there)."""
     a = {**named_args, **kwargs}
     width = max(a.get("HC") or a["HID_PAD"], a["C_PAD"], a["FC_BLK"])
+    capped_ok = bool(a.get("HC")) and torch.version.hip is None  # HIP: no maxnreg option
     safe = [c for c in configs if _wgmma_safe(c.kwargs["BLOCK_M"], c.num_warps)
-            and (a.get("HC") or not getattr(c, "maxnreg", None))]
+            and (capped_ok or not getattr(c, "maxnreg", None))]
     keep = [c for c in safe if c.kwargs["BLOCK_M"] * width <= 128 * 32 * c.num_warps]
     return keep or safe[:1]
 
@@ -1717,6 +1718,8 @@ def _pinned_tile(var: str, safe) -> tuple[int, int, int, int] | None:
     if not safe(block_m, warps):
         raise ValueError(f"{var}={block_m},{warps}: a dot of this kernel would get more warp groups than "
                          "64-row blocks (see _wgmma_safe); pick another tile")
+    if regs and torch.version.hip is not None:  # Triton's HIP backend has no maxnreg option
+        raise ValueError(f"{var}={v}: a register cap (REGS) is an NVIDIA option; on ROCm leave it out")
     return block_m, warps, n_stages, regs
 
 
@@ -1730,12 +1733,14 @@ def _launch_kw(warps: int, stages: int, regs: int) -> dict:
 def _resident_programs(sms: int, warps: int, regs: int) -> int:
     """The persistent cell kernels' programs under a register cap: as many as the capped
     registers let an SM hold at once (65536 registers an SM, allocated per warp in units of
-    256, i.e. a thread's count rounded up to a multiple of 8; at most 64 warps), at least
-    one an SM. Uncapped tiles keep 2 an SM: at 255 registers, what 4 warps leave room for.
-    A pure function of the tile and the device, as the partial-sum order needs."""
+    256, i.e. a thread's count rounded up to a multiple of 8), within sm_80's and sm_90's
+    64 warps and 32 blocks an SM, at least one an SM. A GPU that holds fewer (sm_86 and
+    sm_89: 48 warps; shared memory) runs the rest as a second wave: slower, the same sums.
+    Uncapped tiles keep 2 an SM: at 255 registers, what 4 warps leave room for. A pure
+    function of the tile and the device, as the partial-sum order needs."""
     if not regs:
         return 2 * sms
-    per_sm = min(65536 // (cdiv(regs, 8) * 8 * 32 * warps), 64 // warps)
+    per_sm = min(65536 // (cdiv(regs, 8) * 8 * 32 * warps), 64 // warps, 32)
     return max(1, per_sm) * sms
 
 
