@@ -184,8 +184,9 @@
 #         default/64,4,1,96:default:default --no-cuda --rounds 3" scripts/gpu_session.sh \
 #             variants@130 ncu-source:nca:triton@60 timeline:rollout:triton@30 \
 #             bench:mednca,geca:bfloat16@100 pack
-#       A capped row that wins both the kernels and the rollout becomes the default tile;
-#       the fwd-hchunk rollout's "tuned" line says whether its forward took the cap.
+#       The rollouts add "triton input 64,4,1,96". A capped row that wins both the kernels
+#       and the rollout becomes the default tile; the fwd-hchunk rollout's "tuned" line says
+#       whether its forward took the cap.
 # Seen on an H100 (2026-11-27, dd6c6c4): build 63 s; `pytest -m gpu` (712 tests) reached 83%
 # in 220 s cold beside the sanitizer, the rest in 130 s warm; variants (8 kernel variants,
 # 7 rollouts) 60 s; memcheck of the Triton kernels gave nothing in 170 s.

@@ -13,8 +13,8 @@ default with FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 w
 default before 2026-11-28, not their bfloat16 copy); or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
-Triton settings, then TF32 and the opt-in modes: the forward in hidden chunks, =gemm,
-=chunked) and in eager PyTorch (benchmark.nca_step.PaperStep), same state, in
+Triton settings, then TF32 and the opt-in modes: the forward in hidden chunks, the input
+kernel capped at 96 registers, =gemm, =chunked) and in eager PyTorch (benchmark.nca_step.PaperStep), same state, in
 --rounds interleaved rounds.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
@@ -192,12 +192,12 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
             y = eager(y)
         y.float().sum().backward()
 
-    def run(backend, acc=None, bwd_tf32=None, half_weights=None, fwd_hchunk=None):
+    def run(backend, acc=None, bwd_tf32=None, half_weights=None, fwd_hchunk=None, input_tile=None):
         s = x.detach().requires_grad_()
         with env(FASTNCA_TRITON_NCA_EXACT=None, FASTNCA_TRITON_NCA_BWD_ACC=acc, FASTNCA_TRITON_NCA_BF16_DOTS=None,
                  FASTNCA_TRITON_NCA_HALF_DQ=None,
                  FASTNCA_TRITON_NCA_BWD_TF32=bwd_tf32, FASTNCA_TRITON_NCA_HALF_WEIGHTS=half_weights,
-                 FASTNCA_TRITON_NCA_FWD_HCHUNK=fwd_hchunk):
+                 FASTNCA_TRITON_NCA_FWD_HCHUNK=fwd_hchunk, FASTNCA_TRITON_NCA_BWD_INPUT_TILE=input_tile):
             y = fastnca.nca_rollout(s, *leaves, steps=steps, groups=groups, padding="reflect", update_prob=0.5,
                                     seed=1, frozen_channels=frozen, backend=backend)
             y.float().sum().backward()
@@ -209,6 +209,8 @@ def _time_rollouts(x, w, groups, frozen, backends, dev, rounds, steps):
             runs.append(("triton TF32", lambda: run("triton"), True))
             # opt-in (session 22): the forward's hidden layer 32 units at a time (two forwards a step)
             runs.append(("triton fwd-hchunk 32", lambda: run("triton", fwd_hchunk="32"), False))
+            # opt-in (session 26): the input kernel capped at 96 registers (5 blocks an SM, not 4)
+            runs.append(("triton input 64,4,1,96", lambda: run("triton", input_tile="64,4,1,96"), False))
             runs.append(("triton split-bwd", lambda: run("triton", bwd_tf32="0"), False))  # before 2026-11-27
             runs.append(("triton fp32-weights", lambda: run("triton", half_weights="0"), False))  # before 2026-11-28
             for acc in ("gemm", "chunked"):  # opt-in

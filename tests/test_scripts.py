@@ -196,8 +196,8 @@ def test_backward_variants_rollout_smoke():
     assert "failed" not in out, out
     rows = out.split("nca_rollout fwd+bwd, 2 steps, 2 interleaved rounds")[1].strip().splitlines()
     names = [row.strip().split("  ")[0] for row in rows]
-    assert names == ["eager", "triton", "triton TF32", "triton fwd-hchunk 32", "triton split-bwd",
-                     "triton fp32-weights", "triton gemm", "triton chunked"], out
+    assert names == ["eager", "triton", "triton TF32", "triton fwd-hchunk 32", "triton input 64,4,1,96",
+                     "triton split-bwd", "triton fp32-weights", "triton gemm", "triton chunked"], out
 
 
 def test_host_cost_python_part():
