@@ -14,8 +14,8 @@ default before 2026-11-28, not their bfloat16 copy); or TF32 under
 torch.backends.cuda.matmul.allow_tf32), beside the CUDA backward.
 With --rollout, also a 64-step nca_rollout forward+backward on each backend (default
 Triton settings, then TF32 and the opt-in modes: the forward in hidden chunks, the input
-kernel capped at 96 registers, =gemm, =chunked) and in eager PyTorch (benchmark.nca_step.PaperStep), same state, in
---rounds interleaved rounds.
+kernel capped at 96 registers, =gemm, =chunked) and in eager PyTorch
+(benchmark.nca_step.PaperStep), same state, in --rounds interleaved rounds.
 
 Med-NCA rule (C=32, hidden 128, F=2, reflect, frozen 1) unless --rule says otherwise;
 B=8, 256x256 bfloat16 state by default. Each variant: the median [min-max] over --rounds

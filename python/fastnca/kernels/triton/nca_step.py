@@ -1765,9 +1765,9 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
     """(BLOCK_M, num_warps, programs, num_stages, register cap) for the backward with dots of
     precision ``prec``. Not autotuned on purpose: the tile partition fixes the partial-sum
     order, so it must be a pure function of the shapes, the device and the precision for
-    grads to be bitwise reproducible across processes. A pinned register cap (the 4th field
-    of FASTNCA_TRITON_NCA_BWD_TILE) sets the persistent programs to what the SMs hold at
-    once (_resident_programs)."""
+    grads to be bitwise reproducible across processes. The persistent programs come from
+    _resident_programs: 2 an SM, or with a pinned register cap (the 4th field of
+    FASTNCA_TRITON_NCA_BWD_TILE) what the SMs hold at once."""
     stages, regs = 1, 0
     pinned = _pinned_tile("FASTNCA_TRITON_NCA_BWD_TILE", functools.partial(_cell_tile_safe, rule))
     if interpreting():
@@ -1789,11 +1789,10 @@ def _backward_tiling(rule: _Rule, device: torch.device, num_cells: int, prec: st
             # 4.4, 32/8: 4.1, 16/4: 4.5). Every kernel sits at 255 registers; narrower
             # tiles spill less.
             block_m, warps = (32 if prec == "tf32" else 16), 4
-        programs = 2 * sms
     if pinned:  # on a GPU and under the interpreter alike
         block_m, warps, stages, regs = pinned
-        if regs and not interpreting():
-            programs = _resident_programs(sms, warps, regs)
+    if not interpreting():
+        programs = _resident_programs(sms, warps, regs)
     programs = max(1, min(programs, cdiv(num_cells, block_m), _PARTIAL_BUDGET // (4 * rule.SLOT)))
     return block_m, warps, programs, stages, regs
 
