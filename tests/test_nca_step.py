@@ -627,6 +627,31 @@ def test_backend_rollout_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", fast_backends("nca_step"))
+def test_prepared_rule_is_refused_for_another_rule(backend):
+    """nca_rollout arranges a backend's weights once (its kernel module's prepare) for all
+    its steps. The arranged buffers bound the kernels' reads, so a call whose rule or state
+    differs from the one prepared is refused, naming what differs, not run out of bounds."""
+    k = _backend.kernel(backend, "nca_step")
+    dev = device_for(backend)
+    x, w = make_state(1, 4, 5, 6, device=dev), make_rule(4, hidden=8, fc2_rows=3, device=dev)
+    args = (1, "reflect", 0.5, 3, 7, 1)
+    prepared = k.prepare(x, *w, *args[:2], 1)
+    assert torch.equal(k.forward(x, *w, *args, prepared=prepared), k.forward(x, *w, *args))
+    for a, b in zip(k.backward(x, x, *w, *args, prepared=prepared), k.backward(x, x, *w, *args)):
+        assert torch.equal(a, b)
+    x6, w6 = make_state(1, 6, 5, 6, device=dev), make_rule(6, hidden=8, fc2_rows=5, device=dev)
+    with pytest.raises(ValueError, match=r"prepared: .*channels 6 \(call\) vs 4 \(prepared\)"):
+        k.forward(x6, *w6, *args, prepared=prepared)
+    with pytest.raises(ValueError, match=r"prepared: .*channels 6 \(call\) vs 4 \(prepared\)"):
+        k.backward(x6, x6, *w6, *args, prepared=prepared)
+    with pytest.raises(ValueError, match=r"padding zeros \(call\) vs reflect \(prepared\)"):
+        k.forward(x, *w, 1, "zeros", *args[2:], prepared=prepared)
+    w_h = make_rule(4, hidden=16, fc2_rows=3, device=dev)
+    with pytest.raises(ValueError, match=r"w1 \(16, 12\) float32 \(call\) vs \(8, 12\) float32 \(prepared\)"):
+        k.backward(x, x, *w_h, *args, prepared=prepared)
+
+
+@pytest.mark.parametrize("backend", fast_backends("nca_step"))
 def test_backend_reads_channels_last_state_without_copy(backend):
     """DESIGN: channels_last is the fast layout and kernels must not force a copy of it. No
     aten copy runs on a state-shaped tensor in nca_step's forward or backward (the cpu

@@ -1539,7 +1539,8 @@ def check_half_weight_copy(monkeypatch, case, channels_last=False):
     assert not tri._Rule(state, *w, g, padding, frozen).HALF_W
     base = run()
     monkeypatch.delenv("FASTNCA_TRITON_NCA_HALF_WEIGHTS")  # the default
-    rule = tri._Rule(state, *w, g, padding, frozen)
+    prepared = tri.prepare(state, *w, g, padding, frozen)
+    rule = prepared.value
     assert rule.HALF_W and torch.equal(rule.weights()[7], torch.cat(rule.weights()[:7]).bfloat16())
     assert not tri._Rule(state, w[0], w[1], w[2].float(), *w[3:], g, padding, frozen).HALF_W
     monkeypatch.setenv("FASTNCA_TRITON_NCA_BF16_DOTS", "0")
@@ -1554,7 +1555,7 @@ def check_half_weight_copy(monkeypatch, case, channels_last=False):
             continue
         assert fro_err(got, a) <= 1.5 * fro_err(b, a) + 1e-3, f"{name}: {fro_err(got, a):.2e} vs {fro_err(b, a):.2e}"
     rule.weights()[7].zero_()  # the copy is what the bfloat16 dots read
-    assert not torch.equal(run(rule)[0], base[0])
+    assert not torch.equal(run(prepared)[0], base[0])
     monkeypatch.setenv("FASTNCA_TRITON_NCA_HALF_WEIGHTS", "yes")
     with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_HALF_WEIGHTS must be 0 or 1"):
         tri._Rule(state, *w, g, padding, frozen)

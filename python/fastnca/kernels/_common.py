@@ -19,6 +19,43 @@ def backward_batch_chunk(state: torch.Tensor, ws_bytes_per_cell: int) -> int:
     return max(1, min(B, max(by_bytes, by_cells)))
 
 
+class Prepared:
+    """A rule a backend arranged once (its ``prepare``) for the steps of one nca_rollout,
+    with what it was arranged for: the arranged buffers' sizes are the kernels' bounds, so
+    a call with another rule or state layout is refused (``arranged``), not run out of
+    bounds."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value, state, weights, groups, padding, frozen):
+        self.value = value
+        self.key = _rule_key(state, weights, groups, padding, frozen)
+
+
+def _rule_key(state, weights, groups, padding, frozen) -> tuple:
+    return (state.shape[1], state.dtype, state.device, groups, padding, frozen,
+            *((tuple(w.shape), w.dtype) for w in weights))
+
+
+def arranged(prepared: Prepared | None, state, weights, groups, padding, frozen):
+    """The arranged rule of ``prepared`` (None without one), after checking that this call
+    has the channels, dtypes, device, weight shapes, groups, padding and frozen channels it
+    was arranged for."""
+    if prepared is None:
+        return None
+    key = _rule_key(state, weights, groups, padding, frozen)
+    if key != prepared.key:
+        names = ("channels", "state dtype", "device", "groups", "padding", "frozen",
+                 "pw", "pb", "w1", "b1", "w2", "b2")
+        def show(v):  # a weight's (shape, dtype) as "(8, 12) float32"
+            return f"{v[0]} {str(v[1]).removeprefix('torch.')}" if isinstance(v, tuple) else str(v)
+
+        diff = [f"{n} {show(a)} (call) vs {show(b)} (prepared)" for n, a, b in zip(names, key, prepared.key)
+                if a != b]
+        raise ValueError("prepared: arranged for another rule than this call's: " + "; ".join(diff))
+    return prepared.value
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype every backend computes and accumulates in for inputs of ``dtype``: float64
     for float64, float32 for the rest."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backend, _ext
-from .._common import backward_out, compute_dtype, cpu_threads
+from .._common import Prepared, arranged, backward_out, compute_dtype, cpu_threads
 
 _PAD = 8  # must match kPadTo in csrc/cpu/nca_step.cpp
 _TILE_W = 0  # cells per tile; 0 = the kernel's tuned default (kTileW), for experiments
@@ -125,12 +125,14 @@ def _common(state, padding, update_prob, seed, step):
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """The weights arranged once for many steps with the same rule (nca_rollout): pass the
     result as ``prepared`` to forward and backward to skip their per-call arrangement."""
-    return _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
+    return Prepared(_weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True),
+                    state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
 
 
 def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
     dtype, pad, thr = _common(state, padding, update_prob, seed, step)
-    ws, d = prepared or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=False)
+    ws, d = (arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
+             or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=False))
     _check_view(state, "state", state.shape, state.dtype)
     out = torch.empty_like(state)
     _check_view(out, "out", state.shape, state.dtype)
@@ -151,7 +153,8 @@ BACKWARD_OUT_MAY_BE_GRAD = True
 def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen,
              prepared=None, out=None):
     dtype, pad, thr = _common(state, padding, update_prob, seed, step)
-    ws, d = prepared or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True)
+    ws, d = (arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
+             or _weights(state, pw, pb, w1, b1, w2, b2, groups, frozen, backward=True))
     _check_view(state, "state", state.shape, state.dtype)
     if grad_out.dtype != state.dtype:
         grad_out = grad_out.to(state.dtype)

@@ -122,13 +122,16 @@ def _cells_per_thread() -> int:
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """The weights arranged once for many steps (nca_rollout): pass as ``prepared``."""
+    weights = (pw, pb, w1, b1, w2, b2)
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     with _launch.device_guard(state.device):
-        return _arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True)
+        return _common.Prepared(_arrange(pw, pb, w1, b1, w2, b2, C, nf, hidden, depthwise, backward=True),
+                                state, weights, groups, padding, frozen)
 
 
 def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step, frozen, prepared=None):
+    prepared = _common.arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
     out = torch.empty_like(state)
@@ -199,6 +202,7 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     """d_state and the weight gradients. ``out``: where d_state goes; it may be ``grad_out``
     itself (the rollout's backward reuses one buffer for every step's gradient). ``sink``:
     a GradSink that collects the weight gradients instead (then returned as None)."""
+    prepared = _common.arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
     w2_in, b2_in = w2, b2
     w2, b2 = _frozen_rows(w2, b2, state.shape[1], frozen)
     B, C, H, W, nf, hidden, depthwise = _check(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)

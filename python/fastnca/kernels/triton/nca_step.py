@@ -1580,7 +1580,8 @@ class _Rule:
 
 def prepare(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen):
     """The rule arranged once for many steps (nca_rollout): pass it as ``prepared``."""
-    return _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    return _common.Prepared(_Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen),
+                            state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
 
 
 # States of at least this many cells run the forward on the firing cells only (fire mask,
@@ -1609,7 +1610,8 @@ def forward(state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, s
     """Large states: the MLP runs on the firing cells only (about update_prob of them,
     listed on the device) and a copy kernel writes the others; small states: one kernel
     over every cell (see _COMPACT_FORWARD_CELLS)."""
-    rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    rule = (_common.arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
+            or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen))
     B, C, H, W = state.shape
     N = B * H * W
     out = torch.empty_like(state)
@@ -2222,7 +2224,8 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
     writing them. ``sink``: a GradSink that collects the weight gradients instead (then
     returned as None), for calls with one ``prepared`` rule (their plan made once,
     _BackwardPlan)."""
-    rule = prepared or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen)
+    rule = (_common.arranged(prepared, state, (pw, pb, w1, b1, w2, b2), groups, padding, frozen)
+            or _Rule(state, pw, pb, w1, b1, w2, b2, groups, padding, frozen))
     B, C, H, W = state.shape
     dev = state.device
     d_state = _common.backward_out(out, state, grad_out)
