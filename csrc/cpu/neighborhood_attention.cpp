@@ -15,7 +15,8 @@
 //    array (no unfolded K/V, no score matrix), softmax in the compute type, o = sum p v.
 //    Window keys come from key_index() per axis (tables built once per call).
 //  * Backward pass 1, per query: recompute s and p = exp(s - lse), dp_j = <do, v_j>,
-//    Di = <do, o> - dlse, ds = p (dp - Di), dq = scale sum_j ds_j k_j. It also writes p and
+//    Di = sum_j p_j dp_j - dlse, ds = p (dp - Di), dq = scale sum_j ds_j k_j (Di from the
+//    compute-type p and dp, not from the stored o: see backward_query_rows). It also writes p and
 //    scale*ds of every window entry to a workspace [B, H, W, heads, 2, ks^2] (18 values per
 //    query-head at ks=3, 28% of q at D=64). Pass 2 then needs no dot product at all:
 //    5 D-length ops per (query, key) pair instead of 7 when pass 2 recomputes s and dp.
@@ -381,7 +382,7 @@ struct Problem {
 
 struct Args {
   const Problem* p;
-  View q, k, v, o, dO;  // o and dO: backward only
+  View q, k, v, dO;  // dO: backward only
   std::uintptr_t o_out, lse, dlse, ws, dq, dk, dv;
 };
 
@@ -512,9 +513,8 @@ FASTNCA_NA_INLINE void backward_query_rows(const Args& a, int64_t r0, int64_t r1
   const Problem& P = *a.p;
   const int D = K::kD ? K::kD : P.D, kk = P.ks * P.ks, NH = P.NH, W = P.W;
   const C scale = static_cast<C>(P.scale);
-  int64_t qs[4], ks_[4], vs_[4], os[4], ds_[4];
-  for (int i = 0; i < 4; ++i)
-    qs[i] = a.q.s[i], ks_[i] = a.k.s[i], vs_[i] = a.v.s[i], os[i] = a.o.s[i], ds_[i] = a.dO.s[i];
+  int64_t qs[4], ks_[4], vs_[4], ds_[4];
+  for (int i = 0; i < 4; ++i) qs[i] = a.q.s[i], ks_[i] = a.k.s[i], vs_[i] = a.v.s[i], ds_[i] = a.dO.s[i];
   std::vector<C> buf(3 * static_cast<size_t>(D));
   C* __restrict qb = buf.data();
   C* __restrict db = qb + D;
@@ -523,7 +523,6 @@ FASTNCA_NA_INLINE void backward_query_rows(const Args& a, int64_t r0, int64_t r1
   const T* vp[kMaxWindow];
   alignas(64) C s[kHeadChunk][kWindowPad];
   alignas(64) C dp[kHeadChunk][kWindowPad];
-  C Di[kHeadChunk];
   Window win;
   const C* lse = reinterpret_cast<const C*>(a.lse);
   const C* dlse = reinterpret_cast<const C*>(a.dlse);  // may be null
@@ -541,7 +540,7 @@ FASTNCA_NA_INLINE void backward_query_rows(const Args& a, int64_t r0, int64_t r1
       const int64_t i0 = (row * W + x) * NH;
       for (int h0 = 0; h0 < NH; h0 += kHeadChunk) {
         const int hn = std::min(kHeadChunk, NH - h0);
-        for (int t = 0; t < hn; ++t) {  // dot products: s = <q, k_j>, dp = <do, v_j>, Di
+        for (int t = 0; t < hn; ++t) {  // dot products: s = <q, k_j>, dp = <do, v_j>
           const int h = h0 + t;
           const T* kh = at<T>(a.k.ptr, ks_, b, 0, 0, h);
           const T* vh = at<T>(a.v.ptr, vs_, b, 0, 0, h);
@@ -551,17 +550,21 @@ FASTNCA_NA_INLINE void backward_query_rows(const Args& a, int64_t r0, int64_t r1
           }
           const C* qa = query_side<K>(at<T>(a.q.ptr, qs, b, y, x, h), qb, D);
           const C* da = query_side<K>(at<T>(a.dO.ptr, ds_, b, y, x, h), db, D);
-          Di[t] = dot<K>(da, at<T>(a.o.ptr, os, b, y, x, h), D) - (dlse ? dlse[i0 + h] : C(0));
           multi_dot<K>(qa, kp, n, D, s[t]);
           multi_dot<K>(da, vp, n, D, dp[t]);
         }
         for (int t = 0; t < hn; ++t) {  // p = exp(scale s - lse): s[] -> p, dp[] -> scale*ds
-          const V vl = K::splat(lse[i0 + h0 + t]), vDi = K::splat(Di[t]);
-          for (int j = 0; j < npad; j += L) {
-            const V p = K::vexp(K::loadc(s[t] + j) * vscale - vl);
-            K::storec(s[t] + j, p);
-            K::storec(dp[t] + j, p * (K::loadc(dp[t] + j) - vDi) * vscale);
-          }
+          const V vl = K::splat(lse[i0 + h0 + t]);
+          for (int j = 0; j < npad; j += L) K::storec(s[t] + j, K::vexp(K::loadc(s[t] + j) * vscale - vl));
+          // Di = sum_j p_j dp_j - dlse_i from the compute-precision p and dp (as the reference
+          // and the CUDA kernel), not <do_i, o_i>: o is stored rounded to the input dtype,
+          // and with half inputs whose values share a large offset that rounding swamps
+          // dp_j - Di. n multiply-adds in window order (deterministic).
+          C di = 0;
+          for (int j = 0; j < n; ++j) di += s[t][j] * dp[t][j];
+          const V vDi = K::splat(di - (dlse ? dlse[i0 + h0 + t] : C(0)));
+          for (int j = 0; j < npad; j += L)
+            K::storec(dp[t] + j, K::loadc(s[t] + j) * (K::loadc(dp[t] + j) - vDi) * vscale);
           C* wp = ws + (i0 + h0 + t) * 2 * kk;  // [p | scale*ds] per window entry
           if (n < kk)
             for (int j = 0; j < 2 * kk; ++j) wp[j] = 0;
@@ -865,27 +868,26 @@ void na2d_forward(const std::vector<std::uintptr_t>& ptrs, const std::vector<int
                 [&](int64_t r0, int64_t r1) { kern.forward(a, r0, r1); });
 }
 
-// ptrs = (q, k, v, o, grad_o, lse, grad_lse or 0, workspace, dq, dk, dv);
-// strides = 4 element strides each of q, k, v, o, grad_o.
+// ptrs = (q, k, v, grad_o, lse, grad_lse or 0, workspace, dq, dk, dv);
+// strides = 4 element strides each of q, k, v, grad_o. (o is not read: Di comes from p, dp.)
 void na2d_backward(const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& strides,
                    const std::vector<int64_t>& shape, int ks, int border, double scale, int dtype, int threads,
                    int isa) {
-  if (ptrs.size() != 11 || strides.size() != 20)
-    throw std::invalid_argument("na2d_backward: expects 11 pointers, 20 strides");
+  if (ptrs.size() != 10 || strides.size() != 16)
+    throw std::invalid_argument("na2d_backward: expects 10 pointers, 16 strides");
   const Problem P = make_problem(shape, ks, border, scale, dtype);
   Args a{};
   a.p = &P;
   a.q = make_view(ptrs[0], strides, 0, "q");
   a.k = make_view(ptrs[1], strides, 4, "k");
   a.v = make_view(ptrs[2], strides, 8, "v");
-  a.o = make_view(ptrs[3], strides, 12, "o");
-  a.dO = make_view(ptrs[4], strides, 16, "grad_o");
-  a.lse = ptrs[5];
-  a.dlse = ptrs[6];
-  a.ws = ptrs[7];
-  a.dq = ptrs[8];
-  a.dk = ptrs[9];
-  a.dv = ptrs[10];
+  a.dO = make_view(ptrs[3], strides, 12, "grad_o");
+  a.lse = ptrs[4];
+  a.dlse = ptrs[5];
+  a.ws = ptrs[6];
+  a.dq = ptrs[7];
+  a.dk = ptrs[8];
+  a.dv = ptrs[9];
   if (!a.lse || !a.ws || !a.dq || !a.dk || !a.dv) throw std::invalid_argument("na2d_backward: null pointer");
   const Kernels kern = select(dtype, P.D, isa);
   const int64_t rows = static_cast<int64_t>(P.B) * P.H;
@@ -907,7 +909,7 @@ FASTNCA_BINDINGS(m) {
         "Neighbourhood attention forward: (q, k, v, o, lse) pointers, q/k/v strides.");
   m.def("na2d_backward", &na2d_backward, "ptrs"_a, "strides"_a, "shape"_a, "kernel_size"_a, "border"_a,
         "scale"_a, "dtype"_a, "threads"_a, "isa"_a = -1, py::call_guard<py::gil_scoped_release>(),
-        "Neighbourhood attention backward: (q, k, v, o, grad_o, lse, grad_lse|0, ws, dq, dk, dv).");
+        "Neighbourhood attention backward: (q, k, v, grad_o, lse, grad_lse|0, ws, dq, dk, dv).");
   m.def("na2d_isa", [](int isa) { return std::string(isa_name(effective_isa(isa))); }, "isa"_a = -1,
         "Instruction-set variant the neighbourhood-attention kernels run with for this isa request.");
   m.def("na2d_lanes", [](int dtype, int D, int isa) { return select(dtype, D, isa).lanes; }, "dtype"_a, "D"_a,

@@ -2,8 +2,11 @@
 neighbourhood (GeCA's 3x3 local attention; NATTEN's semantics under ``border="shift"``).
 
 Forward saves q, k, v, o and the log-sum-exp; backward recomputes the probabilities
-(FlashAttention-style, D_i = <do_i, o_i>) and gathers dk, dv over each key's inverse
-neighbourhood, deterministically.
+(FlashAttention-style) and gathers dk, dv over each key's inverse neighbourhood,
+deterministically. D_i = sum_j p_ij dp_ij = <do_i, o_i>: the reference, cpu and cuda
+backends form it from the float32 recompute; triton, as FlashAttention, from the saved o,
+rounded to the input dtype, which costs half-precision gradients accuracy where values
+share an offset large against their spread.
 """
 
 

@@ -110,7 +110,6 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     # grad_o may come with any strides (e.g. expanded zeros): stride 1 along D is all the
     # kernel needs. lse/grad_lse are small: contiguous in the compute dtype.
     grad_o = _head_contiguous(grad_o, q.dtype)
-    o = _head_contiguous(o, q.dtype)
     lse = lse.to(ct).contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.to(ct).contiguous()
@@ -126,7 +125,7 @@ def backward(grad_o, grad_lse, q, k, v, o, lse, kernel_size, border, scale):
     ws = torch.empty(chunk * item_ws, dtype=ct, device=q.device)
     for b0 in range(0, B, chunk):
         part = slice(b0, min(B, b0 + chunk))
-        ts = [t[part] for t in (q, k, v, o, grad_o)]
+        ts = [t[part] for t in (q, k, v, grad_o)]  # o is not read (Di = sum_j p_ij dp_ij)
         ptrs = [*(t.data_ptr() for t in ts), lse[part].data_ptr(),
                 0 if grad_lse is None else grad_lse[part].data_ptr(), ws.data_ptr(),
                 dq[part].data_ptr(), dk[part].data_ptr(), dv[part].data_ptr()]
