@@ -196,6 +196,23 @@ def test_large_logits(backend, ks, border):
     assert_close(lse, rlse, torch.float32, "lse")
 
 
+@pytest.mark.parametrize("backend", fast_backends("neighborhood_attention"))
+def test_scale_multiplies_the_finished_logit(backend):
+    """The logit is scale * <q, k>, the scale applied to the finished dot product (any
+    |scale| <= FLT_MAX is accepted): with scale 1.5e38 and <q, k> = 1 the logit is finite,
+    while scaling an operand first (q * scale, as the triton kernels did) overflows a
+    partial product to inf and gives a NaN output and NaN gradients."""
+    dev = device_for(backend)
+    q, k, v = (torch.tensor(t, device=dev).view(1, 1, 1, 1, 2).requires_grad_()
+               for t in ([2.0, 2.0], [1.5, -1.0], [3.0, 4.0]))
+    o, lse = fastnca.neighborhood_attention2d(q, k, v, 3, "zeros", 1.5e38, return_lse=True, backend=backend)
+    # the one key in the grid has logit 1.5e38, the 8 zero keys outside it logit 0
+    assert torch.equal(o.detach().cpu().flatten(), torch.tensor([3.0, 4.0]))
+    assert lse.item() == pytest.approx(1.5e38, rel=1e-6)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads), grads
+
+
 def very_negative_inputs(ks: int):
     """float64 q, k, v, grad_o [1, 5, 6, 2, 8] whose every logit (scale 8^-0.5) lies near -120."""
     g = torch.Generator().manual_seed(ks)

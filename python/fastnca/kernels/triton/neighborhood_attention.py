@@ -266,7 +266,7 @@ def _rowsum(t):
 # ---- forward -------------------------------------------------------------------------
 @triton.jit
 def _fwd_row(a, m_i, l_i, acc, q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-             H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+             H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
              FULL: tl.constexpr):
     """Online-softmax update with the KS keys of window row a (offsets (a, -r..r)), loaded
     in the grid (_in_grid: yl, xl the query's own coordinates, clamped)."""
@@ -279,7 +279,7 @@ def _fwd_row(a, m_i, l_i, acc, q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, s
         kxl = _in_grid(kx, xl, BORDER)
         k = _f32(_load_rows(_ptrs(k_ptr, k_base, kyl, kxl, sky, skx, d, 1, VEC), dm, FULL), PAIRS)
         v = _f32(_load_rows(_ptrs(v_ptr, v_base, kyl, kxl, svy, svx, d, 1, VEC), dm, FULL), PAIRS)
-        s = _rowsum(q * k)
+        s = _rowsum(q * k) * scale
         if BORDER == _MASK:
             # Outside keys take s = m_i (the max stays put) and p = 0. Padded rows
             # (ok = 0, never stored) count as inside, with the finite logit of a
@@ -310,7 +310,7 @@ def _lse(m, l):
 
 
 @triton.jit
-def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, BORDER: tl.constexpr,
+def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER: tl.constexpr,
                   VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
     """The logit of each query row's key, loaded at (ky, kx) (in the grid: _in_grid);
     inside: whether the window's key is in the grid. An outside key under border="mask"
@@ -320,7 +320,7 @@ def _window_score(q, ky, kx, inside, ok, d, dm, k_ptr, k_base, sky, skx, BORDER:
     p = 1, a finite output of the clamped cell's values). Under "zeros" it is a zero key,
     logit exactly 0. Padded rows (ok = 0, never stored) count as inside."""
     k = _load_rows(_ptrs(k_ptr, k_base, ky, kx, sky, skx, d, 1, VEC), dm, FULL)
-    s = _rowsum(q * _f32(k, PAIRS))
+    s = _rowsum(q * _f32(k, PAIRS)) * scale
     if BORDER == _MASK:
         s = tl.where(inside | (ok == 0), s, -float("inf"))
     elif BORDER == _ZEROS or BORDER == _SHIFT:
@@ -341,7 +341,7 @@ def _window_value(acc, p, ky, kx, inside, d, dm, v_ptr, v_base, svy, svx, BORDER
 
 
 @triton.jit
-def _fwd_window3(q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W,
+def _fwd_window3(q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx, H, W, scale,
                  BORDER: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr, FULL: tl.constexpr):
     """(max logit, softmax denominator, unnormalised output) of a whole 3x3 window in two
     passes: its 9 logits and their max, then the probabilities and the output. Per query
@@ -360,15 +360,15 @@ def _fwd_window3(q, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_b
     i0, i1, i2 = (ya >= 0) & (xa >= 0), (ya >= 0) & (xb >= 0), (ya >= 0) & (xc >= 0)
     i3, i4, i5 = (yb >= 0) & (xa >= 0), (yb >= 0) & (xb >= 0), (yb >= 0) & (xc >= 0)
     i6, i7, i8 = (yc >= 0) & (xa >= 0), (yc >= 0) & (xb >= 0), (yc >= 0) & (xc >= 0)
-    s0 = _window_score(q, la, ma, i0, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s1 = _window_score(q, la, mb, i1, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s2 = _window_score(q, la, mc, i2, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s3 = _window_score(q, lb, ma, i3, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s4 = _window_score(q, lb, mb, i4, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s5 = _window_score(q, lb, mc, i5, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s6 = _window_score(q, lc, ma, i6, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s7 = _window_score(q, lc, mb, i7, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
-    s8 = _window_score(q, lc, mc, i8, ok, d, dm, k_ptr, k_base, sky, skx, BORDER, VEC, PAIRS, FULL)
+    s0 = _window_score(q, la, ma, i0, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s1 = _window_score(q, la, mb, i1, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s2 = _window_score(q, la, mc, i2, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s3 = _window_score(q, lb, ma, i3, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s4 = _window_score(q, lb, mb, i4, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s5 = _window_score(q, lb, mc, i5, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s6 = _window_score(q, lc, ma, i6, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s7 = _window_score(q, lc, mb, i7, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
+    s8 = _window_score(q, lc, mc, i8, ok, d, dm, k_ptr, k_base, sky, skx, scale, BORDER, VEC, PAIRS, FULL)
     m = tl.maximum(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)),
                    tl.maximum(tl.maximum(s4, s5), tl.maximum(tl.maximum(s6, s7), s8)))
     p0 = _exp(s0 - m)
@@ -413,7 +413,7 @@ def _na2d_forward_kernel(
     k_base = b64 * skb + h64 * skh
     v_base = b64 * svb + h64 * svh
     q = _load_rows(_ptrs(q_ptr, b64 * sqb + h64 * sqh, yl, xl, sqy, sqx, dl, 1, VL), dml, FULL)
-    q = _f32(q, PAIRS) * scale
+    q = _f32(q, PAIRS)  # the logits are scale * <q, k> (the rounding of every backend)
 
     # UNROLL (k=3): the whole window unrolled, in two passes (_fwd_window3), lets the
     # compiler issue all its loads at once. At k=5/7 that hoisting spills (sm_90, 8 warps:
@@ -421,7 +421,7 @@ def _na2d_forward_kernel(
     # and only the KS loads of one row are unrolled (128 regs).
     if UNROLL:
         m_i, l_i, acc = _fwd_window3(q, y, x, yl, xl, ok, dl, dml, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-                                     H, W, BORDER, VL, PAIRS, FULL)
+                                     H, W, scale, BORDER, VL, PAIRS, FULL)
     else:
         # The running max starts at -FLT_MAX, not -inf: under border="mask" a window may
         # open with outside keys, and -inf - -inf would be NaN.
@@ -430,7 +430,7 @@ def _na2d_forward_kernel(
         acc = tl.zeros_like(q)
         for ai in range(KS):
             m_i, l_i, acc = _fwd_row(ai - R, m_i, l_i, acc, q, y, x, yl, xl, ok, dl, dml, k_ptr, k_base, sky, skx,
-                                     v_ptr, v_base, svy, svx, H, W, KS, BORDER, VL, PAIRS, FULL)
+                                     v_ptr, v_base, svy, svx, H, W, scale, KS, BORDER, VL, PAIRS, FULL)
 
     row = _out_rows(b64, y, x, h, H, W, NH)
     out = tl.multiple_of(row * D, VEC)
@@ -707,7 +707,7 @@ def _na2d_backward_preprocess_kernel(
 
 @triton.jit
 def _dq_row(a, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx, v_ptr, v_base, svy, svx,
-            pds_ptr, row, n_rows, H, W, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
+            pds_ptr, row, n_rows, H, W, scale, KS: tl.constexpr, BORDER: tl.constexpr, VEC: tl.constexpr,
             PAIRS: tl.constexpr, STORE_PDS: tl.constexpr, FULL: tl.constexpr):
     """dq_i (unscaled) += sum over window row a of p_ij (dp_ij - Di) k_j. Outside keys add
     nothing: p_ij = 0 (their k_j is loaded from an in-grid cell, _in_grid). STORE_PDS: also writes p_ij and ds_ij
@@ -723,7 +723,7 @@ def _dq_row(a, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, 
         kxl = _in_grid(kx, xl, BORDER)
         k = _f32(_load_rows(_ptrs(k_ptr, k_base, kyl, kxl, sky, skx, d, 1, VEC), dm, FULL), PAIRS)
         v = _f32(_load_rows(_ptrs(v_ptr, v_base, kyl, kxl, svy, svx, d, 1, VEC), dm, FULL), PAIRS)
-        p = tl.where(inside, _exp(_rowsum(q * k) - lse), 0.0)  # q carries the scale
+        p = tl.where(inside, _exp(_rowsum(q * k) * scale - lse), 0.0)
         ds = p * (_rowsum(do * v) - di)
         dq += ds[:, None, None] * k
         if STORE_PDS:
@@ -735,7 +735,7 @@ def _dq_row(a, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, 
 
 @triton.jit
 def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx,
-                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, VEC: tl.constexpr,
+                do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, scale, VEC: tl.constexpr,
                 PAIRS: tl.constexpr, FROM_PDS: tl.constexpr, FULL: tl.constexpr):
     """Adds query (iy, ix)'s share to dk_j (unscaled) and dv_j; rows with valid = 0 add 0.
     (iy, ix) and h: where the query is loaded from, always in the grid (_in_grid, clamped
@@ -753,7 +753,7 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
     else:
         lse_i = tl.load(ws_ptr + 2 * row)
         di_i = tl.load(ws_ptr + 2 * row + 1)
-        p = tl.where(valid, _exp(_rowsum(qi * kj) - lse_i), 0.0)  # kj carries the scale
+        p = tl.where(valid, _exp(_rowsum(qi * kj) * scale - lse_i), 0.0)
         ds = p * (_rowsum(doi * vj) - di_i)
     dk += ds[:, None, None] * qi
     dv += p[:, None, None] * doi
@@ -762,7 +762,7 @@ def _dkv_update(dk, dv, kj, vj, iy, ix, valid, slot, b64, h, H, W, NH, q_ptr, q_
 
 @triton.jit
 def _dkv_row(a, dk, dv, kj, vj, y, x, yl, xl, ok, b64, h, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base,
-             sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS: tl.constexpr, BORDER: tl.constexpr,
+             sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, scale, KS: tl.constexpr, BORDER: tl.constexpr,
              VEC: tl.constexpr, PAIRS: tl.constexpr, FROM_PDS: tl.constexpr, FULL: tl.constexpr):
     """dk_j, dv_j from the queries reading key j through window row a: one per offset for
     zeros/mask/circular (circular grids smaller than the window repeat a pair once per
@@ -775,7 +775,7 @@ def _dkv_row(a, dk, dv, kj, vj, y, x, yl, xl, ok, b64, h, H, W, NH, q_ptr, q_bas
         valid = ok & (iy >= 0) & (ix >= 0)
         dk, dv = _dkv_update(dk, dv, kj, vj, iyl, _in_grid(ix, xl, BORDER), valid, (a + R) * KS + bi, b64, h,
                              H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr,
-                             n_rows, d, dm, VEC, PAIRS, FROM_PDS, FULL)
+                             n_rows, d, dm, scale, VEC, PAIRS, FROM_PDS, FULL)
     return dk, dv
 
 
@@ -789,7 +789,7 @@ def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, 
     Loads read at (yl, xl) and row rowl: in the grid also for padded rows."""
     R: tl.constexpr = KS // 2
     q = _load_rows(_ptrs(q_ptr, q_base, yl, xl, sqy, sqx, d, 1, VEC), dm, FULL)
-    q = _f32(q, PAIRS) * scale
+    q = _f32(q, PAIRS)
     do = _load_rows(_ptrs(do_ptr, do_base, yl, xl, sdoy, sdox, d, sdod, VEC), dm, FULL)
     do = _f32(do, PAIRS)
     lse = tl.load(ws_ptr + 2 * rowl)
@@ -798,12 +798,12 @@ def _dq_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dq_ptr, b64, 
     if UNROLL:  # as in the forward kernel
         for ai in tl.static_range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS,
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, scale, KS, BORDER, VEC, PAIRS, STORE_PDS,
                          FULL)
     else:
         for ai in range(KS):
             dq = _dq_row(ai - R, dq, q, do, lse, di, y, x, yl, xl, ok, d, dm, k_ptr, k_base, sky, skx,
-                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, KS, BORDER, VEC, PAIRS, STORE_PDS,
+                         v_ptr, v_base, svy, svx, pds_ptr, row, n_rows, H, W, scale, KS, BORDER, VEC, PAIRS, STORE_PDS,
                          FULL)
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=smask)
 
@@ -823,7 +823,7 @@ def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_p
         vj = kj
     else:
         kj = _load_rows(_ptrs(k_ptr, k_base, yl, xl, sky, skx, d, 1, VEC), dm, FULL)
-        kj = _f32(kj, PAIRS) * scale
+        kj = _f32(kj, PAIRS)
         vj = _load_rows(_ptrs(v_ptr, v_base, yl, xl, svy, svx, d, 1, VEC), dm, FULL)
         vj = _f32(vj, PAIRS)
     dk = tl.zeros([BLOCK_M, NSPLIT, BLOCK_D // NSPLIT], tl.float32)
@@ -847,16 +847,16 @@ def _dkv_pass(q_ptr, k_ptr, v_ptr, do_ptr, ws_ptr, pds_ptr, n_rows, dk_ptr, dv_p
                 # iy, ix >= 0; past the grid only beyond a row's own range (valid = 0)
                 dk, dv = _dkv_update(dk, dv, kj, vj, tl.minimum(iy, H - 1), tl.minimum(ix, W - 1), valid, slot,
                                      b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx, do_ptr, do_base, sdoy, sdox, sdod,
-                                     ws_ptr, pds_ptr, n_rows, d, dm, VEC, PAIRS, FROM_PDS, FULL)
+                                     ws_ptr, pds_ptr, n_rows, d, dm, scale, VEC, PAIRS, FROM_PDS, FULL)
     elif UNROLL:
         for ai in tl.static_range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, yl, xl, ok, b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, scale, KS, BORDER, VEC,
                               PAIRS, FROM_PDS, FULL)
     else:
         for ai in range(KS):
             dk, dv = _dkv_row(ai - R, dk, dv, kj, vj, y, x, yl, xl, ok, b64, hl, H, W, NH, q_ptr, q_base, sqy, sqx,
-                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, KS, BORDER, VEC,
+                              do_ptr, do_base, sdoy, sdox, sdod, ws_ptr, pds_ptr, n_rows, d, dm, scale, KS, BORDER, VEC,
                               PAIRS, FROM_PDS, FULL)
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=smask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=smask)
