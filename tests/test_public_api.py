@@ -151,7 +151,25 @@ def test_triton_interpret_agrees_with_the_kernels():
     from fastnca.kernels.triton import _runtime, nca_step, neighborhood_attention
 
     assert nca_step.interpreting is _runtime.interpreting is neighborhood_attention.interpreting
-    assert _backend._triton_interpret() == _runtime.interpreting()
+    assert _backend._triton_interpret() == _runtime.interpreting() == _backend._INTERPRET
+
+
+def test_compiled_backend_choice_traces_no_metadata_lookup():
+    """torch.compile traces the backend choice as plain lookups of what was settled at
+    import: with backend="triton" on CPU tensors (the interpreter) it once read Triton's
+    version through importlib.metadata at trace time, behind dynamo's lru_cache warning."""
+    import warnings
+
+    if fastnca.backends()["triton"] is not True or torch.cuda.is_available():
+        pytest.skip("needs the triton backend on CPU tensors (TRITON_INTERPRET=1)")
+    q = torch.randn(1, 4, 5, 2, 4)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(lambda q: fastnca.neighborhood_attention2d(q, q, q, backend="triton"),
+                            fullgraph=True, backend="eager")(q)
+    assert torch.allclose(out, fastnca.neighborhood_attention2d(q, q, q, backend="reference"), atol=1e-5)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message)[:200] for w in caught]
 
 
 def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):

@@ -100,6 +100,7 @@ def _availability(name: str) -> bool | str:
 # Settled once at import (as DESIGN.md says: TRITON_INTERPRET must be set before import),
 # so that resolve() is plain dict lookups when torch.compile traces a call.
 _STATUS = {name: _availability(name) for name in BACKENDS}
+_INTERPRET = _triton_interpret()  # TRITON_INTERPRET at import: what the kernels were decorated with
 _KERNELS = {(b, op): importlib.util.find_spec(f"fastnca.kernels.{b}.{op}") is not None
             for b in BACKENDS for op in OPS}
 
@@ -126,7 +127,7 @@ def _usable_on(backend: str, device: torch.device) -> bool | str:
         return f"backend 'cpu' runs on CPU tensors, got {device.type} tensors"
     if backend == "cuda" and device.type != "cuda":
         return f"backend 'cuda' runs on CUDA tensors, got {device.type} tensors"
-    if backend == "triton" and device.type == "cpu" and not _triton_interpret():
+    if backend == "triton" and device.type == "cpu" and not _INTERPRET:
         return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
     if backend == "triton" and device.type not in ("cpu", "cuda"):
         return f"backend 'triton' runs on CUDA tensors, got {device.type} tensors"
