@@ -52,7 +52,8 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--no-ghg", action="store_true", help="re-seed the cells at every diffusion step")
     p.add_argument("--carry", default=None, choices=["hidden", "out", "out+hidden", "none"])
-    p.add_argument("--clip", default=None, choices=["on", "off"], help="clip predicted x0 (default: on in image space)")
+    p.add_argument("--clip", default="off", choices=["on", "off"],
+                   help="clip predicted x0 to [-1, 1] (default off, as the authors' sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="geca_samples.png")
@@ -99,7 +100,7 @@ def main(argv=None):
     t0 = time.time()
     x = sample_images(model, y, size, in_channels, sample_steps=args.steps, cfg_scale=args.cfg_scale, ghg=ghg,
                       carry=args.carry, device=device, vae=vae, seed=args.seed, progress=True,
-                      clip=None if args.clip is None else args.clip == "on")
+                      clip=args.clip == "on")
     dt = time.time() - t0
     write_png(args.out, image_grid(x, nrow=args.per_label))
     if args.save_pt:

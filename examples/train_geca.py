@@ -319,12 +319,13 @@ def label_bank(num_classes: int, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model, y, size, in_channels, *, sample_steps, cfg_scale, ghg=True, carry=None, device,
-                  vae=None, seed=0, progress=False, clip=None):
-    """Respaced ancestral sampling (x0 clipped to [-1, 1] in image space), decoded by the VAE if any."""
+                  vae=None, seed=0, progress=False, clip=False):
+    """Respaced ancestral sampling, decoded by the VAE if any. ``clip``: clip the predicted x0
+    to [-1, 1] (off by default: the authors' sampler never clips, in latent or image space)."""
     diff = create_diffusion(str(sample_steps))
     g = torch.Generator(device=device).manual_seed(seed)
     x = diff.sample(model, y.to(device), (len(y), in_channels, size, size), cfg_scale=cfg_scale, ghg=ghg,
-                    carry=carry, clip_denoised=(vae is None) if clip is None else clip, generator=g,
+                    carry=carry, clip_denoised=clip, generator=g,
                     progress=progress)
     if vae is not None:
         x = vae.decode(x / LATENT_SCALE).sample

@@ -301,6 +301,29 @@ def test_sample_grid(trained, tmp_path, flags, carry):
     assert torch.equal(s["labels"], torch.eye(5).repeat_interleave(3, 0))
 
 
+def test_sampler_clips_only_when_asked(monkeypatch, capsys):
+    """The authors' sampler never clips the predicted x0, in latent or image space: nor does
+    sample_images (which sample_geca.py and the training script's sample grids call) unless
+    asked (sample_geca.py --clip on). It clipped in image space by default."""
+    import sample_geca
+    import train_geca
+
+    seen = []
+
+    class Spy:
+        def sample(self, *args, clip_denoised, **kw):
+            seen.append(clip_denoised)
+            return torch.zeros(1)
+
+    monkeypatch.setattr(train_geca, "create_diffusion", lambda steps: Spy())
+    for kw in ({}, {"clip": True}):
+        train_geca.sample_images(None, torch.zeros(1, 5), 8, 3, sample_steps=2, cfg_scale=1.0, device="cpu", **kw)
+    assert seen == [False, True]
+    with pytest.raises(SystemExit):
+        sample_geca.main(["--help"])
+    assert "(default off, as the authors' sampler)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_sample_flags_against_the_checkpoint(trained, tmp_path):
     """The checkpoint's sizes fill the model flags; --ca-steps / --update-prob given on the
     command line win over its sampling settings (they were silently replaced), and a size
