@@ -279,6 +279,39 @@ def test_gradients_leave_out_what_only_idle_cells_read(backend, padding, groups)
             assert not any(d.any() for d in grads[0][1:])
 
 
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("nca_step"))
+@pytest.mark.parametrize("groups", [1, "C"])
+def test_output_gradient_of_idle_cells_reaches_only_their_own(backend, groups):
+    """A NaN or inf in grad_out at a cell that does not fire reaches d_state at that cell
+    (the identity path) and nothing else: every other d_state entry and every weight
+    gradient is, bit for bit, what a finite value there gives (as autograd of the forward's
+    where gives the idle branch exact zeros). The reference multiplied it by the zero mask
+    (NaN) into every gradient."""
+    device = device_for(backend)
+    C, H, W, seed, step = 3, 6, 7, 5, 2
+    groups = C if groups == "C" else 1
+    fires = fastnca.fire_mask(1, H, W, 0.5, seed=seed, step=step)[0]
+    y, x_ = map(int, (~fires).nonzero()[0])
+    rule = [t.to(device) for t in make_rule(C, hidden=6, groups=groups)]
+    x = make_state(1, C, H, W, device=device)
+    grads = []
+    for value in (0.25, float("nan"), float("inf")):
+        g = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(1)).to(device)
+        g[0, :, y, x_] = value
+        xg = x.clone().requires_grad_(True)
+        w = [t.detach().clone().requires_grad_(True) for t in rule]
+        out = fastnca.nca_step(xg, *w, groups=groups, padding="reflect", update_prob=0.5, seed=seed, step=step,
+                               frozen_channels=1, backend=backend)
+        grads.append(torch.autograd.grad(out, [xg, *w], g))
+    own = torch.zeros(1, C, H, W, dtype=torch.bool, device=device)
+    own[0, :, y, x_] = True
+    for value, other in zip(("nan", "inf"), grads[1:]):
+        assert not torch.isfinite(other[0][own]).any(), value
+        assert torch.equal(grads[0][0][~own], other[0][~own]), value
+        for name, a, b in zip(("pw", "pb", "w1", "b1", "w2", "b2"), grads[0][1:], other[1:]):
+            assert torch.equal(a, b), (value, name)
+
+
 def saved_bytes(fn):
     """Bytes autograd keeps for backward while ``fn`` runs (distinct storages counted once):
     the saved tensors and any tensor the graph's nodes hold as attributes (graph_held)."""

@@ -73,17 +73,18 @@ def backward(grad_out, state, pw, pb, w1, b1, w2, b2, groups, padding, update_pr
         state, pw, pb, w1, b1, w2, b2, groups, padding, update_prob, seed, step)
     C, H, W = x.shape[1:]
     g = grad_out.to(x.dtype)
-    gd = g[:, frozen:] * m  # gradient of delta
-    # Cells that do not fire take no part in the weight gradients: their activations are
-    # left out (where), not multiplied by their zero gradient, so that a NaN or inf only
-    # idle cells compute or read does not reach the sums (the fused kernels skip them).
+    # Cells that do not fire take no part in the weight gradients: their output gradient,
+    # activations and dP are left out (where), not multiplied by a zero, so that a NaN or
+    # inf only idle cells hold, compute or read does not reach the sums (the fused kernels
+    # skip them; autograd of the forward's where gives the idle branch exact zeros).
     fires = m != 0
+    gd = torch.where(fires, g[:, frozen:], 0)  # gradient of delta
     d_w2 = torch.einsum("bchw,bjhw->cj", gd, torch.where(fires, h, 0))
     d_b2 = gd.sum((0, 2, 3))
     dz = torch.einsum("bchw,cj->bjhw", gd, w2_) * (z > 0)
     d_w1 = torch.einsum("bjhw,bkhw->jk", dz, torch.where(fires, p, 0))
     d_b1 = dz.sum((0, 2, 3))
-    dp = torch.einsum("bjhw,jk->bkhw", dz, w1_)
+    dp = torch.where(fires, torch.einsum("bjhw,jk->bkhw", dz, w1_), 0)
     dconv = dp[:, C:]
     ry = _pad_adjoint(H, padding, x.device, x.dtype)
     rx = _pad_adjoint(W, padding, x.device, x.dtype)
