@@ -81,7 +81,7 @@ def test_param_count_shipped_model():
     C, h = cfg["channel_n"], cfg["hidden_size"]
     model = MedNCA.from_original(HIPPO / "model0.pth", HIPPO / "model1.pth", HIPPO / "config.json")
     assert model.channels == C and model.steps == (cfg["inference_steps"],) * 2
-    assert model.downscale == cfg["input_size"][1][0] // cfg["input_size"][0][0] == 4
+    assert model.downscale == 4
     assert model.backbones[0].update_prob == 1 - cfg["cell_fire_rate"]
     assert _n_params(model) == 2 * (2 * (9 * C * C + C) + 3 * C * h + h + h * C)
     original = sum(v.numel() for p in ("model0.pth", "model1.pth")
@@ -654,8 +654,9 @@ def test_soft_dice_has_no_smoothing():
 
 
 def test_from_original_config_and_overrides(tmp_path):
-    """from_original reads steps, fire rate, channels and downscale from the config (dict
-    or the authors' one-element list) and keyword arguments override each of them."""
+    """from_original reads steps, fire rate and channels from the config (dict or the
+    authors' one-element list) and keyword arguments override each of them and the
+    downscale (4 otherwise)."""
     for i in range(2):
         torch.save(_random_original(6, 8, seed=i).state_dict(), tmp_path / f"m{i}.pth")
     cfg = {"inference_steps": 7, "cell_fire_rate": 0.25, "input_channels": 1, "output_channels": 2,
@@ -663,11 +664,97 @@ def test_from_original_config_and_overrides(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([cfg]))
     for c in (cfg, [cfg], tmp_path / "config.json", str(tmp_path / "config.json")):
         m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", c)
-        assert (m.steps, m.backbones[1].update_prob, m.output_channels, m.downscale) == ((7, 7), 0.75, 2, 2)
+        assert (m.steps, m.backbones[1].update_prob, m.output_channels, m.downscale) == ((7, 7), 0.75, 2, 4)
     m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg, steps=(3, 5), fire_rate=0.1,
-                             downscale=4, output_channels=1)
-    assert (m.steps, m.backbones[0].update_prob, m.output_channels, m.downscale) == ((3, 5), 0.9, 1, 4)
+                             downscale=2, output_channels=1)
+    assert (m.steps, m.backbones[0].update_prob, m.output_channels, m.downscale) == ((3, 5), 0.9, 1, 2)
     assert (m.channels, m.backbones[0].hidden) == (6, 8)
+
+
+# Review of the original loaders (session "mednca-loaders"): these failed when written.
+
+@pytest.mark.parametrize("input_size", [[[32, 32], [64, 64]], [[8, 8], [16, 16]], [[16, 16], [64, 64]], None])
+def test_from_original_downscale_is_4_whatever_input_size(tmp_path, input_size):
+    """The authors' code always runs level 0 on the image downscaled by 4 (get_outputs
+    divides by 4); their input_size[0] is only the random level-1 training patch. A config
+    with input_size [[32, 32], [64, 64]] gave downscale 2 (the hippocampus Dice fell from
+    0.89 to 0.48); only the downscale= keyword changes the factor."""
+    for i in range(2):
+        torch.save(_random_original(6, 8, seed=i).state_dict(), tmp_path / f"m{i}.pth")
+    cfg = {"inference_steps": 3} if input_size is None else {"inference_steps": 3, "input_size": input_size}
+    m = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg)
+    assert m.downscale == m.config["downscale"] == 4
+    assert MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg, downscale=2).downscale == 2
+
+
+@pytest.mark.skipif(not HIPPO.exists(), reason="shared/ data not present")
+def test_shipped_model_downscale_ignores_input_size():
+    """The real weights with the shipped config's input_size changed to [[32, 32], [64, 64]]
+    (another training patch size): still downscale 4, and level 0 sees the 16x16 image the
+    weights were trained on (one forward pass on one slice; the Dice test covers the rest)."""
+    cfg = json.loads((HIPPO / "config.json").read_text())[0]
+    model = MedNCA.from_original(HIPPO / "model0.pth", HIPPO / "model1.pth",
+                                 dict(cfg, input_size=[[32, 32], [64, 64]]))
+    assert model.downscale == 4
+    shipped = MedNCA.from_original(HIPPO / "model0.pth", HIPPO / "model1.pth", HIPPO / "config.json")
+    img = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(img, seed=0, backend="reference"), shipped(img, seed=0, backend="reference"))
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module, before):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} was overwritten by a refused state dict"
+
+
+def test_original_state_dict_refuses_unexpected_keys(tmp_path):
+    """Keys outside p0, p1, fc0, fc1 (a BatchNorm, a third perception conv) were ignored and
+    the rest loaded: another architecture ran silently as Med-NCA. Now a ValueError names
+    every unexpected key and the backbone keeps its parameters; from_original refuses the
+    file before building a model."""
+    sd = dict(_random_original(4, 8).state_dict())
+    extra = {"bn.weight": torch.ones(4), "p2.weight": torch.zeros(4, 4, 3, 3)}
+    ours = BackboneNCA(4, 8)
+    before = _params(ours)
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*\bunexpected\b)(?=.*\bbn\.weight\b)(?=.*\bp2\.weight\b)"):
+        ours.load_original_state_dict({**sd, **extra})
+    _assert_unchanged(ours, before)
+    torch.save({**sd, **extra}, tmp_path / "m0.pth")
+    torch.save(sd, tmp_path / "m1.pth")
+    with pytest.raises(ValueError, match=r"(?s)^(?=.*m0\.pth)(?=.*\bbn\.weight\b)(?=.*\bp2\.weight\b)"):
+        MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth")
+    ours.load_original_state_dict(sd)  # the original keys alone load
+    assert torch.equal(ours.fc2_weight, sd["fc1.weight"])
+
+
+@pytest.mark.parametrize("bad", ["nonzero fc1.bias", "fc1.weight shape", "fc0.bias shape", "extra key",
+                                 "non-tensor"])
+def test_refused_original_state_dict_leaves_the_backbone_unchanged(bad):
+    """Every check runs before the first copy. The nonzero-fc1.bias check ran after the
+    copy loop, and a wrong shape was found only when its turn in the loop came: the error
+    was raised with the earlier parameters already overwritten (a half-loaded model)."""
+    sd = dict(_random_original(4, 8).state_dict())
+    if bad == "nonzero fc1.bias":
+        sd["fc1.bias"], exc, match = torch.full((4,), 0.1), ValueError, "no bias"
+    elif bad == "fc1.weight shape":
+        sd["fc1.weight"], exc, match = torch.zeros(4, 9), ValueError, r"fc1\.weight has shape \(4, 9\)"
+    elif bad == "fc0.bias shape":
+        sd["fc0.bias"], exc, match = torch.zeros(9), ValueError, r"fc0\.bias has shape \(9,\)"
+    elif bad == "extra key":
+        sd["fc0.running_mean"], exc, match = torch.zeros(8), ValueError, r"unexpected fc0\.running_mean"
+    else:
+        sd["fc1.weight"], exc, match = sd["fc1.weight"].tolist(), TypeError, r"fc1\.weight must be a torch\.Tensor"
+    ours = BackboneNCA(4, 8)
+    before = _params(ours)
+    with pytest.raises(exc, match=match):
+        ours.load_original_state_dict(sd)
+    _assert_unchanged(ours, before)
 
 
 def test_several_output_channels():

@@ -55,16 +55,36 @@ __all__ = [
 
 
 _ORIGINAL_KEYS = ("p0.weight", "p0.bias", "p1.weight", "p1.bias", "fc0.weight", "fc0.bias", "fc1.weight")
+# The original fc1 is Linear(hidden, C, bias=False). An all-zero fc1.bias is accepted
+# (dropping it changes nothing), so it is the one key allowed beyond _ORIGINAL_KEYS.
+_ORIGINAL_OPTIONAL_KEYS = ("fc1.bias",)
 
 
 def _check_original_state_dict(sd, what: str) -> None:
-    """Raise unless ``sd`` holds an original Med-NCA BackboneNCA's weights (naming the
-    loader of a fastnca checkpoint when it is one)."""
+    """Raise unless ``sd`` holds an original Med-NCA BackboneNCA's weights and nothing else
+    (naming the loader of a fastnca checkpoint when it is one).
+
+    Unexpected keys are refused, not ignored: weights the model has no place for (a
+    ``bn.weight``, a third perception ``p2.weight``) mean another architecture, and
+    loading the rest would run a different model silently. Everything here depends on
+    ``sd`` alone, so the loaders run it before they copy anything.
+    """
     missing = [k for k in _ORIGINAL_KEYS if not isinstance(sd, dict) or k not in sd]
     if missing:
         hint = (" (a fastnca checkpoint: load it with MedNCA.load)"
                 if isinstance(sd, dict) and sd.get("format") == "fastnca.mednca" else "")
         raise ValueError(f"{what} is not an original Med-NCA level state dict: missing {', '.join(missing)}{hint}")
+    unexpected = [k for k in sd if k not in _ORIGINAL_KEYS + _ORIGINAL_OPTIONAL_KEYS]
+    if unexpected:
+        raise ValueError(f"{what} is not an original Med-NCA level state dict: unexpected "
+                         f"{', '.join(map(str, unexpected))} (expected exactly {', '.join(_ORIGINAL_KEYS)}, "
+                         "and optionally an all-zero fc1.bias)")
+    for k in _ORIGINAL_KEYS + _ORIGINAL_OPTIONAL_KEYS:
+        if k in sd and not isinstance(sd[k], torch.Tensor):
+            raise TypeError(f"{what}: {k} must be a torch.Tensor, got {type(sd[k]).__name__}")
+    if "fc1.bias" in sd and torch.any(sd["fc1.bias"] != 0):
+        raise ValueError(f"{what} has a nonzero fc1.bias, but the original fc1 has no bias "
+                         "(dropping it would change the model silently)")
 
 
 class BackboneNCA(nn.Module):
@@ -171,23 +191,28 @@ class BackboneNCA(nn.Module):
 
         The original convs act on the W,H-transposed grid: transposing each 3x3
         kernel spatially gives the same map on our untransposed NCHW grid.
+
+        All or nothing: the keys, the fc1 bias and every shape are checked before the
+        first parameter is written, so a refused state dict leaves the module as it was.
         """
         _check_original_state_dict(sd, "the state dict")
+        C, h = self.channels, self.hidden
+        shapes = {"p0.weight": (C, C, 3, 3), "p0.bias": (C,), "p1.weight": (C, C, 3, 3), "p1.bias": (C,),
+                  "fc0.weight": (h, 3 * C), "fc0.bias": (h,), "fc1.weight": (C, h)}
+        for key, shape in shapes.items():
+            if tuple(sd[key].shape) != shape:
+                raise ValueError(f"the state dict's {key} has shape {tuple(sd[key].shape)}, this BackboneNCA "
+                                 f"(channels={C}, hidden={h}) needs {shape}")
         pw = torch.cat([sd["p0.weight"], sd["p1.weight"]], 0).transpose(-1, -2)
         pb = torch.cat([sd["p0.bias"], sd["p1.bias"]], 0)
-        expected = {
-            "perception_weight": (self.perception_weight, pw),
-            "perception_bias": (self.perception_bias, pb),
-            "fc1_weight": (self.fc1_weight, sd["fc0.weight"]),
-            "fc1_bias": (self.fc1_bias, sd["fc0.bias"]),
-            "fc2_weight": (self.fc2_weight, sd["fc1.weight"]),
-        }
-        for name, (param, value) in expected.items():
-            if param.shape != value.shape:
-                raise ValueError(f"{name}: checkpoint gives shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+        for param, value in (
+            (self.perception_weight, pw),
+            (self.perception_bias, pb),
+            (self.fc1_weight, sd["fc0.weight"]),
+            (self.fc1_bias, sd["fc0.bias"]),
+            (self.fc2_weight, sd["fc1.weight"]),
+        ):
             param.copy_(value)
-        if sd.get("fc1.bias") is not None and torch.any(sd["fc1.bias"] != 0):
-            raise ValueError("the original fc1 has no bias; this checkpoint has a nonzero one")
 
 
 # --------------------------------------------------------------------------- two-level model
@@ -389,10 +414,17 @@ class MedNCA(nn.Module):
         """Load the authors' Med-NCA / M3D-NCA 2D checkpoints (one state dict per level).
 
         ``config`` (path to their ``config.json``, or what it holds: a one-element list of a
-        dict, or the dict) supplies steps
-        (``inference_steps``), ``cell_fire_rate``, input/output channels and the
-        downscale factor (from ``input_size``); keyword arguments override it.
-        Channels and hidden size come from the weights.
+        dict, or the dict) supplies steps (``inference_steps``), ``cell_fire_rate`` and
+        input/output channels; keyword arguments override it. Channels and hidden size
+        come from the weights.
+
+        ``downscale`` is 4 unless given: the authors' code always runs level 0 on the image
+        downscaled by 4 (its ``get_outputs`` divides by 4). Their ``input_size`` is not
+        that factor: ``input_size[0]`` is only the size of the random level-1 training
+        patch, so e.g. ``[[32, 32], [64, 64]]`` still means downscale 4 (reading 2 from
+        it dropped the hippocampus Dice from 0.89 to 0.48).
+
+        Both state dicts are checked (keys, fc1 bias) before the model is built.
         """
         cfg = {}
         if config is not None:
@@ -404,15 +436,12 @@ class MedNCA(nn.Module):
             _check_original_state_dict(sd, str(path))
         C = sds[0]["p0.weight"].shape[0]
         hidden = sds[0]["fc0.weight"].shape[0]
-        if downscale is None:
-            sizes = cfg.get("input_size")
-            downscale = int(sizes[-1][0] // sizes[0][0]) if sizes else 4
         model = cls(
             channels=C,
             hidden=hidden,
             fire_rate=fire_rate if fire_rate is not None else cfg.get("cell_fire_rate", 0.5),
             steps=steps if steps is not None else cfg.get("inference_steps", 64),
-            downscale=downscale,
+            downscale=downscale if downscale is not None else 4,
             input_channels=input_channels if input_channels is not None else cfg.get("input_channels", 1),
             output_channels=output_channels if output_channels is not None else cfg.get("output_channels", 1),
         )
