@@ -671,6 +671,35 @@ def test_from_original_config_and_overrides(tmp_path):
     assert (m.channels, m.backbones[0].hidden) == (6, 8)
 
 
+def test_from_original_packaged_state_dict(tmp_path):
+    """The authors' packaged MedNCA module saves one state dict holding both levels
+    (backbone_lowres.* for level 0, backbone_highres.* for level 1): passed alone it loads
+    the same model as the per-level files. A per-level file passed alone, a packaged file
+    passed as one of two, and keys outside the two levels are refused, naming what to do."""
+    levels = [_random_original(6, 8, seed=i).state_dict() for i in range(2)]
+    for i, sd in enumerate(levels):
+        torch.save(sd, tmp_path / f"m{i}.pth")
+    packed = {f"{pre}.{k}": v for pre, sd in zip(("backbone_lowres", "backbone_highres"), levels) for k, v in sd.items()}
+    torch.save(packed, tmp_path / "packed.pth")
+    cfg = {"inference_steps": 7, "cell_fire_rate": 0.25}
+    want = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg)
+    got = MedNCA.from_original(tmp_path / "packed.pth", None, cfg)
+    assert (got.steps, got.downscale, got.channels) == (want.steps, want.downscale, want.channels)
+    for (name, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="pass both paths"):
+        MedNCA.from_original(tmp_path / "m0.pth")
+    with pytest.raises(ValueError, match="packaged Med-NCA state dict .both levels.: pass it alone"):
+        MedNCA.from_original(tmp_path / "packed.pth", tmp_path / "m1.pth")
+    torch.save({**packed, "head.weight": torch.ones(1)}, tmp_path / "stray.pth")
+    with pytest.raises(ValueError, match="keys outside backbone_lowres.* and backbone_highres.*: head.weight"):
+        MedNCA.from_original(tmp_path / "stray.pth")
+    del packed["backbone_highres.fc0.bias"]
+    torch.save(packed, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short.pth \(backbone_highres\) is not an original .* missing fc0.bias"):
+        MedNCA.from_original(tmp_path / "short.pth")
+
+
 # Review of the original loaders (session "mednca-loaders"): these failed when written.
 
 @pytest.mark.parametrize("input_size", [[[32, 32], [64, 64]], [[8, 8], [16, 16]], [[16, 16], [64, 64]], None])

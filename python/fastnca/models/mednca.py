@@ -87,6 +87,24 @@ def _check_original_state_dict(sd, what: str) -> None:
                          "(dropping it would change the model silently)")
 
 
+# The authors' packaged MedNCA module holds the two levels as these submodules.
+_PACKAGED = ("backbone_lowres.", "backbone_highres.")
+
+
+def _packaged_levels(sd, what: str) -> tuple[list, list]:
+    """The two level state dicts of the authors' packaged MedNCA state dict, and names for
+    them in errors; every key must belong to one of the two levels."""
+    if not isinstance(sd, dict) or not any(str(k).startswith(_PACKAGED[0]) for k in sd):
+        raise ValueError(f"{what}: one file holds both levels only as the authors' packaged MedNCA state dict "
+                         f"(keys {_PACKAGED[0]}* and {_PACKAGED[1]}*); for per-level files (model0.pth, "
+                         "model1.pth) pass both paths")
+    stray = [k for k in sd if not str(k).startswith(_PACKAGED)]
+    if stray:
+        raise ValueError(f"{what}: keys outside {_PACKAGED[0]}* and {_PACKAGED[1]}*: {', '.join(map(str, stray))}")
+    levels = [{k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)} for pre in _PACKAGED]
+    return levels, [f"{what} ({pre[:-1]})" for pre in _PACKAGED]
+
+
 class BackboneNCA(nn.Module):
     """One Med-NCA level: ``steps`` NCA updates of a ``[B, C, H, W]`` state.
 
@@ -401,7 +419,7 @@ class MedNCA(nn.Module):
     def from_original(
         cls,
         model0_path: str | Path,
-        model1_path: str | Path,
+        model1_path: str | Path | None = None,
         config: str | Path | dict | list | None = None,
         *,
         steps: int | Sequence[int] | None = None,
@@ -411,7 +429,10 @@ class MedNCA(nn.Module):
         output_channels: int | None = None,
         map_location: str | torch.device = "cpu",
     ) -> "MedNCA":
-        """Load the authors' Med-NCA / M3D-NCA 2D checkpoints (one state dict per level).
+        """Load the authors' Med-NCA / M3D-NCA 2D checkpoints: one state dict per level
+        (``model0.pth``, ``model1.pth``), or, with ``model1_path`` None, the single state
+        dict of their packaged ``MedNCA`` module (keys ``backbone_lowres.*`` for level 0
+        and ``backbone_highres.*`` for level 1).
 
         ``config`` (path to their ``config.json``, or what it holds: a one-element list of a
         dict, or the dict) supplies steps (``inference_steps``), ``cell_fire_rate`` and
@@ -431,9 +452,18 @@ class MedNCA(nn.Module):
             cfg = config if isinstance(config, (dict, list)) else json.loads(Path(config).read_text())
             if isinstance(cfg, list):  # their config.json is a one-element list (on disk or loaded)
                 cfg = cfg[0]
-        sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
-        for path, sd in zip((model0_path, model1_path), sds):
-            _check_original_state_dict(sd, str(path))
+        if model1_path is None:
+            sds, whats = _packaged_levels(torch.load(model0_path, map_location=map_location, weights_only=True),
+                                          str(model0_path))
+        else:
+            sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
+            whats = [str(p) for p in (model0_path, model1_path)]
+            for what, sd in zip(whats, sds):
+                if isinstance(sd, dict) and any(str(k).startswith(_PACKAGED[0]) for k in sd):
+                    raise ValueError(f"{what} is a packaged Med-NCA state dict (both levels): pass it alone, "
+                                     "MedNCA.from_original(path, None, config)")
+        for what, sd in zip(whats, sds):
+            _check_original_state_dict(sd, what)
         C = sds[0]["p0.weight"].shape[0]
         hidden = sds[0]["fc0.weight"].shape[0]
         model = cls(
