@@ -7,7 +7,8 @@
 #   bench     fastnca bench --json: every op and model against PyTorch on this GPU
 # Logs and benchmark JSON go to $OUT (the device tool's return folder) or, without it,
 # build/gpu-session/. On a copied tree without .git, set FASTNCA_GIT_COMMIT so the JSON
-# names the commit it measured.
+# names the commit it measured, and FASTNCA_GIT_DIRTY=0 (a clean tree: `git status
+# --porcelain --untracked-files=no` prints nothing) or 1, or the JSON says unknown.
 #
 # Usage: scripts/gpu_session.sh STAGE...   (default: build test sanitize bench)
 #   STAGE: build (fastnca._C_cuda; fastnca._C goes on in the background) | build-cpu (waits
@@ -117,8 +118,9 @@
 #       model suites (mednca, geca), never run on the H200. Call 1 as above took 539 s of
 #       its 585 (the nca bench was cut at 120 s after the depthwise =gemm row), the variants
 #       71 s; a warm machine is given back after 30 s idle. Since then `fastnca bench` times
-#       the opt-in rows only with --variants (BENCH_VARIANTS=1 here), and this script sets
-#       TRITON_CACHE_AUTOTUNING=1. Plan for the next lent GPU, call 1 (~540 s):
+#       the opt-in rows only with --variants (BENCH_VARIANTS=1 here); this script set
+#       TRITON_CACHE_AUTOTUNING=1 from then until session 27, which turned it off again (picks
+#       made beside the tests). Plan for the next lent GPU, call 1 (~540 s):
 #         scripts/gpu_session.sh build@100 test@280+sanitize:memcheck,racecheck@240+bench-warm:nca,attention,mednca,geca:bfloat16@280 \
 #             bench:nca,attention:bfloat16@150 pack
 #       (the tests include the =gemm half-state fallback and the pinned-tile errors, untested
@@ -203,9 +205,11 @@ out=${OUT:-build/gpu-session}
 mkdir -p "$out/logs"
 py=$(command -v python3 || command -v python)
 export PATH="$(dirname "$py"):$PATH" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# Triton's knob for keeping autotuning results on disk (newer releases; older ones ignore
-# it): a timed bench after bench-warm, another process, then re-times no tile configs
-export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
+# Triton's knob for keeping autotuning results on disk (newer releases) stays off unless
+# exported: bench-warm runs beside the GPU tests and the sanitizer, so tiles it picked
+# would be chosen on a shared GPU and reused untimed by the timed bench. bench-warm still
+# fills the compile cache (every candidate compiled); the timed bench re-times the
+# candidates, alone on the GPU, in its own warm-up.
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(build test sanitize bench)
 

@@ -1,5 +1,6 @@
 """Benchmark helpers that do not need a GPU: the largest-size-within-a-memory-budget search, the
 CUDA-graph columns of the table, and the plots of committed results."""
+import dataclasses
 import os
 
 import pytest
@@ -109,6 +110,36 @@ def test_json_rows_carry_their_ratios(tmp_path):
     assert got[0]["extra"]["ratios"] == {"fwd_ms": 1.0, "fwd_bwd_ms": 1.0, "saved_mb": 1.0, "peak_mb": 1.0}
     assert got[1]["extra"]["ratios"] == {"fwd_ms": 4.0, "fwd_bwd_ms": 2.0, "saved_mb": 10.0}  # peak not measured
     assert "ratios" not in got[2]["extra"]  # no baseline in its group
+
+
+def test_rollout_memory_ratio_over_the_whole_footprint():
+    """A rollout's peak_mb leaves out the state and the gradients every implementation holds;
+    extra.peak_with_inputs_mb adds them, and its ratio is reported beside peak_mb's (at
+    109ac01 on an H200 the Med-NCA rule's 33x over peak_mb was 28x over the whole footprint)."""
+    from fastnca.benchmark.common import Result, baseline_ratios
+
+    rows = [Result("nca_rollout", "c", "pytorch", "bfloat16", 1.0, 2.0, None, 18815.0,
+                   extra={"peak_with_inputs_mb": 18911.0}),
+            Result("nca_rollout", "c", "fastnca:triton", "bfloat16", 1.0, 2.0, None, 570.0,
+                   extra={"peak_with_inputs_mb": 666.0}),
+            Result("nca_rollout", "c", "fastnca:cpu", "bfloat16", 1.0, 2.0, None, 570.0)]
+    q = baseline_ratios([dataclasses.asdict(r) for r in rows])
+    assert q[1]["peak_mb"] == pytest.approx(33.0, abs=0.1)
+    assert q[1]["peak_with_inputs_mb"] == pytest.approx(28.4, abs=0.1)
+    assert "peak_with_inputs_mb" not in q[2]  # the row does not have it
+
+
+def test_forward_slower_than_forward_and_backward_is_marked_suspect():
+    """The forward is part of forward + backward: a row whose forward alone takes longer is
+    marked in its note (H200, 109ac01: torch.compile of the depthwise rule, 221 ms a rollout
+    forward against 113 ms forward + backward); NaN times (warm-only runs) are not."""
+    from fastnca.benchmark.common import Result
+
+    assert Result("nca_rollout", "c", "pytorch+compile", "bfloat16", 221.3, 112.9, note="x").note == \
+        "SUSPECT: forward alone slower than forward+backward; x"
+    assert Result("nca_rollout", "c", "pytorch", "bfloat16", 72.2, 172.7).note == ""
+    assert Result("nca_rollout", "c", "pytorch", "bfloat16", float("nan"), float("nan")).note == ""
+    assert Result("nca_rollout", "c", "pytorch", "bfloat16", 3.0).note == ""
 
 
 def test_json_rows_carry_the_spread_of_their_samples(tmp_path):
@@ -345,8 +376,6 @@ def test_ratios_are_taken_within_a_dtype(tmp_path):
 
     rows = [Result("nca_step", "c", "pytorch", "bfloat16", 4.0), Result("nca_step", "c", "fastnca:cpu", "bfloat16", 1.0),
             Result("nca_step", "c", "pytorch", "float32", 8.0), Result("nca_step", "c", "fastnca:cpu", "float32", 2.0)]
-    import dataclasses
-
     got = [r.get("fwd_ms") for r in baseline_ratios([dataclasses.asdict(r) for r in rows])]
     assert got == [1.0, 4.0, 1.0, 4.0]
 
@@ -375,8 +404,12 @@ def test_environment_names_the_commit(monkeypatch):
     from fastnca.benchmark.common import environment
 
     monkeypatch.setenv("FASTNCA_GIT_COMMIT", "abc123")
-    assert environment(torch.device("cpu"))["git_commit"] == "abc123"
+    env = environment(torch.device("cpu"))
+    assert (env["git_commit"], env["git_dirty"]) == ("abc123", None)
+    monkeypatch.setenv("FASTNCA_GIT_DIRTY", "1")
+    assert environment(torch.device("cpu"))["git_dirty"] is True
     monkeypatch.delenv("FASTNCA_GIT_COMMIT")
+    monkeypatch.delenv("FASTNCA_GIT_DIRTY")
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -393,7 +426,7 @@ def test_git_commit_only_of_a_fastnca_checkout(tmp_path):
     commit, not that repository's HEAD; a checkout's python/fastnca records its own."""
     import subprocess
 
-    from fastnca.benchmark.common import git_commit
+    from fastnca.benchmark.common import git_commit, git_dirty
 
     def git(*args, cwd=tmp_path):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
@@ -413,6 +446,10 @@ def test_git_commit_only_of_a_fastnca_checkout(tmp_path):
     assert git_commit(str(site)) is None
     assert git_commit(str(checkout)) == git("rev-parse", "HEAD")
     assert git_commit(str(tmp_path / "nowhere")) is None
+    # git_dirty: whether that HEAD is exactly the code measured
+    assert (git_dirty(str(checkout)), git_dirty(str(site))) == (False, None)
+    (checkout / "__init__.py").write_text("x = 1\n")
+    assert git_dirty(str(checkout)) is True
 
 
 def _stub_measures(monkeypatch, module, ms=1.0, peak=10.0):

@@ -38,6 +38,11 @@ class Result:
                 setattr(self, name, float(t))
         if spread:
             self.extra = {**self.extra, "spread": spread}
+        f, fb = self.fwd_ms, self.fwd_bwd_ms
+        if f is not None and fb is not None and f > fb:  # NaN (warm-only runs) compares False
+            # the forward is part of forward + backward: a row where it alone takes longer
+            # measured something else (H200, 109ac01: the depthwise rule's compiled forward)
+            self.note = "; ".join(filter(None, ("SUSPECT: forward alone slower than forward+backward", self.note)))
         MADE.append(self)
 
     def noisy(self, factor: float = 1.5) -> str:
@@ -433,6 +438,20 @@ def git_commit(package_dir: str) -> str | None:
     return head if os.path.isdir(ours) and os.path.samefile(ours, package_dir) else None
 
 
+def git_dirty(package_dir: str) -> bool | None:
+    """Whether the fastnca checkout of ``package_dir`` (as git_commit) has uncommitted changes
+    to tracked files, so that its HEAD is not exactly the code measured; None where
+    git_commit finds no checkout."""
+    if git_commit(package_dir) is None:
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package_dir,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
@@ -451,9 +470,15 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     # A copy of the tree without .git (a remote GPU machine) names its commit in FASTNCA_GIT_COMMIT.
+    # git_dirty: uncommitted changes to tracked files (FASTNCA_GIT_DIRTY=0/1 with such a copy;
+    # unknown, None, when only the commit is given).
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["git_commit"] = os.environ.get("FASTNCA_GIT_COMMIT")
-    if not env["git_commit"]:
-        env["git_commit"] = git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if env["git_commit"]:
+        dirty = os.environ.get("FASTNCA_GIT_DIRTY")
+        env["git_dirty"] = None if dirty is None else dirty == "1"
+    else:
+        env["git_commit"], env["git_dirty"] = git_commit(package), git_dirty(package)
     try:
         from .. import __version__
 
@@ -501,7 +526,11 @@ def baseline_ratios(rows: list[dict], baselines: dict[str, str] = BASELINES) -> 
     out = []
     for r in rows:
         b = base.get((r["op"], r["config"], r.get("dtype")), {})
-        out.append({f: b[f] / r[f] for f in RATIO_FIELDS if b.get(f) and r.get(f)})
+        q = {f: b[f] / r[f] for f in RATIO_FIELDS if b.get(f) and r.get(f)}
+        bx, rx = b.get("extra") or {}, r.get("extra") or {}
+        if bx.get("peak_with_inputs_mb") and rx.get("peak_with_inputs_mb"):  # the whole footprint
+            q["peak_with_inputs_mb"] = bx["peak_with_inputs_mb"] / rx["peak_with_inputs_mb"]
+        out.append(q)
     return out
 
 
@@ -555,7 +584,7 @@ DEFINITIONS = {
     "gflops_fwd, gflops_train": "nca: model GFLOP/s, the same count for every implementation "
                                 "(benchmark.nca_step.flops_per_cell: the conv, fc1 and fc2 to the "
                                 "C - frozen updated channels; 69376 a cell for the Med-NCA rule, "
-                                "69632 in results before 2026-11-27, which counted fc2 to all C): "
+                                "69632 in results up to 2026-11-27 (ab815b9 included), which counted fc2 to all C): "
                                 "every cell (the fused kernels skip cells that do not fire, so "
                                 "this can exceed the matmul roof; fire_fraction is the measured "
                                 "share of firing cells), and a training step 3x the forward "
@@ -577,8 +606,11 @@ DEFINITIONS = {
                            "(median as above): the time of its kernels without the host's "
                            "launch cost; graph_error says why a capture failed",
     "ratios": "x = baseline / implementation: speed-up, or times less memory (the table's x "
-              "columns; in JSON, extra.ratios: fwd_ms, fwd_bwd_ms, saved_mb, peak_mb against the "
-              "suite's baseline row of the same op, config and dtype)",
+              "columns; in JSON, extra.ratios: fwd_ms, fwd_bwd_ms, saved_mb, peak_mb, and for "
+              "nca_rollout peak_with_inputs_mb (from 2026-11-29), against the suite's baseline row of "
+              "the same op, config and dtype)",
+    "note": "a row whose forward alone took longer than its forward + backward is marked SUSPECT "
+            "(from 2026-11-29)",
 }
 
 

@@ -148,43 +148,51 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
             # was recompiled with dynamic shapes: depthwise 1.7x slower than a fresh compile.
             impls.append(("pytorch+compile", torch.compile(paper, dynamic=False)))
 
-        def timed(forward, grad_out, grad, mode=None):
-            """forward(), and with ``grad`` its backward from grad_out, as one callable.
-            mode "tf32": both under torch.backends.cuda.matmul.allow_tf32 (the user's switch
-            from the default 3xTF32 fp32-level products to single TF32 ones); "fp32": cuBLAS
-            and cuDNN without TF32 (the reference backend's row); "no-bf16-dots fp32-dq": the
-            Triton kernels as before 2026-11-27, under FASTNCA_TRITON_NCA_BF16_DOTS=0 (3xTF32
-            products throughout) and FASTNCA_TRITON_NCA_HALF_DQ=0 (the backward's dQ workspace
-            in float32); "fp32-dq": the latter alone; "split-bwd": under
-            FASTNCA_TRITON_NCA_BWD_TF32=0 (the backward's gradient-only products split hi + lo,
-            as before 2026-11-27; the two rows above take it too); "fp32-weights": under
-            FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read the float32 weights, the
-            default before 2026-11-28; the rows above keep the bfloat16 copy, as
-            scripts/nca_backward_variants.py's precisions of the same names do); "gemm":
-            FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a workspace of
-            the firing cells' activations; the hidden-chunk cell kernel in float32, on a GPU
-            half states take the other cell kernel, kernels/triton/nca_step._takes_hidden_chunks); "chunked":
-            FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots); "fwd-hchunk":
-            FASTNCA_TRITON_NCA_FWD_HCHUNK=32 (the forward's hidden layer 32 units at a time)."""
+        def timed(forward, grad_out, grad):
+            """forward(), and with ``grad`` its backward from grad_out, as one callable,
+            run under the row's mode_context, which the caller enters around its measurements."""
             def f():
-                ctx = _tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32" \
-                    else contextlib.nullcontext()
-                # every formulation knob pinned (None: unset), whatever the caller exported
-                words = (mode or "").split()
-                knobs = env(FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
-                            FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
-                            FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
-                            FASTNCA_TRITON_NCA_HALF_WEIGHTS="0" if "fp32-weights" in words else None,
-                            FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else
-                                                        "chunked" if "chunked" in words else None),
-                            FASTNCA_TRITON_NCA_FWD_HCHUNK="32" if "fwd-hchunk" in words else None,
-                            FASTNCA_TRITON_NCA_EXACT=None)
-                with torch.set_grad_enabled(grad), ctx, knobs:
+                with torch.set_grad_enabled(grad):
                     y = forward()
                     if grad:
                         torch.autograd.backward(y, grad_out)
                 return y
             return f
+
+        def mode_context(mode):
+            """The settings a row runs under. mode "tf32": torch.backends.cuda.matmul.allow_tf32
+            (the user's switch from the default 3xTF32 fp32-level products to single TF32
+            ones); "fp32": cuBLAS and cuDNN without TF32 (the reference backend's row);
+            "no-bf16-dots fp32-dq": the Triton kernels as before 2026-11-27, under
+            FASTNCA_TRITON_NCA_BF16_DOTS=0 (3xTF32 products throughout) and
+            FASTNCA_TRITON_NCA_HALF_DQ=0 (the backward's dQ workspace in float32); "fp32-dq":
+            the latter alone; "split-bwd": under FASTNCA_TRITON_NCA_BWD_TF32=0 (the backward's
+            gradient-only products split hi + lo, as before 2026-11-27; the two rows above take
+            it too); "fp32-weights": under FASTNCA_TRITON_NCA_HALF_WEIGHTS=0 (bfloat16 dots read
+            the float32 weights, the default before 2026-11-28; the rows above keep the bfloat16
+            copy, as scripts/nca_backward_variants.py's precisions of the same names do);
+            "gemm": FASTNCA_TRITON_NCA_BWD_ACC=gemm (fc weight gradients as GEMMs over a
+            workspace of the firing cells' activations; the hidden-chunk cell kernel in float32,
+            on a GPU half states take the other cell kernel,
+            kernels/triton/nca_step._takes_hidden_chunks); "chunked":
+            FASTNCA_TRITON_NCA_BWD_ACC=chunked (that kernel, partials in its slots);
+            "fwd-hchunk": FASTNCA_TRITON_NCA_FWD_HCHUNK=32 (the forward's hidden layer 32 units
+            at a time). Every formulation knob is pinned (None: unset), whatever the caller
+            exported. Entered once per row: inside each timed call it cost ~20 us of host
+            time (7 variables and the TF32 flags, set and restored), in every eager row."""
+            stack = contextlib.ExitStack()
+            stack.enter_context(_tf32(True) if mode == "tf32" else _tf32(False, False) if mode == "fp32"
+                                else contextlib.nullcontext())
+            words = (mode or "").split()
+            stack.enter_context(env(
+                FASTNCA_TRITON_NCA_BF16_DOTS="0" if "no-bf16-dots" in words else None,
+                FASTNCA_TRITON_NCA_HALF_DQ="0" if "fp32-dq" in words else None,
+                FASTNCA_TRITON_NCA_BWD_TF32="0" if {"split-bwd", "fp32-dq"} & set(words) else None,
+                FASTNCA_TRITON_NCA_HALF_WEIGHTS="0" if "fp32-weights" in words else None,
+                FASTNCA_TRITON_NCA_BWD_ACC=("gemm" if "gemm" in words else "chunked" if "chunked" in words else None),
+                FASTNCA_TRITON_NCA_FWD_HCHUNK="32" if "fwd-hchunk" in words else None,
+                FASTNCA_TRITON_NCA_EXACT=None))
+            return stack
 
         def paper_loop(mod, n):
             def forward():
@@ -225,38 +233,40 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log=
                      for i in range(steps)) / steps
         rlabel = label.replace(f"{size}x{size}", f"{rsize}x{rsize}") + f" steps={steps}"
         for impl, step_fwd, step_g, roll_fwd, roll_g, mode in runners:
-            log(f"  nca_step {name} {impl} ...")
-            before = tuned_now()
-            try:
-                fwd = median_ms(timed(step_fwd, step_g, False, mode), device, reps=reps)
-                fb = median_ms(timed(step_fwd, step_g, True, mode), device, reps=reps)
-                extra = _throughput(cells * fpc, fwd, fb, roofs, dname, fired)
-                if "cpu mask" not in impl:  # the kernels alone, without the host's launch cost (a
-                    # mask drawn on the host and copied over cannot be captured)
-                    extra.update(graph_times(timed(step_fwd, step_g, False, mode),
-                                             timed(step_fwd, step_g, True, mode), device, reps))
-                extra.update(tuned_since(before))  # the forward tile the Triton autotuner picked
-                results.append(Result("nca_step", label, impl, dname, fwd, fb,
-                                      saved_mb(lambda: _kept(step_fwd)),
-                                      peak_mb(timed(step_fwd, step_g, True, mode), device, cpu=True), extra=extra))
-            except Exception as e:  # a failing implementation is reported, not fatal
-                results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            release(device)
-            try:
-                rfwd = median_ms(timed(roll_fwd, roll_g, False, mode), device, reps=rreps, warmup=1)
-                rfb = median_ms(timed(roll_fwd, roll_g, True, mode), device, reps=rreps, warmup=1)
-                rpeak = peak_mb(timed(roll_fwd, roll_g, True, mode), device, cpu=True)
-                rextra = _throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname, rfired)
-                if rpeak is not None:  # with the state, its gradient and the output gradient, which
-                    # every implementation holds too (peak_mb leaves out what existed before)
-                    rextra["peak_with_inputs_mb"] = rpeak + 3 * xr.nbytes / 2**20
-                results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
-                                      saved_mb(lambda: _kept(roll_fwd)), rpeak, extra=rextra))
-            except Exception as e:
-                results.append(Result("nca_rollout", rlabel, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
-            for t in (x, xl, xr, xlr, *nchw, *rule):
-                t.grad = None
-            release(device)
+            with mode_context(mode):
+                log(f"  nca_step {name} {impl} ...")
+                before = tuned_now()
+                try:
+                    fwd = median_ms(timed(step_fwd, step_g, False), device, reps=reps)
+                    fb = median_ms(timed(step_fwd, step_g, True), device, reps=reps)
+                    extra = _throughput(cells * fpc, fwd, fb, roofs, dname, fired)
+                    if "cpu mask" not in impl:  # the kernels alone, without the host's launch cost (a
+                        # mask drawn on the host and copied over cannot be captured)
+                        extra.update(graph_times(timed(step_fwd, step_g, False),
+                                                 timed(step_fwd, step_g, True), device, reps))
+                    extra.update(tuned_since(before))  # the forward tile the Triton autotuner picked
+                    results.append(Result("nca_step", label, impl, dname, fwd, fb,
+                                          saved_mb(lambda: _kept(step_fwd)),
+                                          peak_mb(timed(step_fwd, step_g, True), device, cpu=True), extra=extra))
+                except Exception as e:  # a failing implementation is reported, not fatal
+                    results.append(Result("nca_step", label, impl, dname, note=f"error: {type(e).__name__}: {e}"[:120]))
+                release(device)
+                try:
+                    rfwd = median_ms(timed(roll_fwd, roll_g, False), device, reps=rreps, warmup=1)
+                    rfb = median_ms(timed(roll_fwd, roll_g, True), device, reps=rreps, warmup=1)
+                    rpeak = peak_mb(timed(roll_fwd, roll_g, True), device, cpu=True)
+                    rextra = _throughput(B * rsize * rsize * fpc * steps, rfwd, rfb, roofs, dname, rfired)
+                    if rpeak is not None:  # with the state, its gradient and the output gradient, which
+                        # every implementation holds too (peak_mb leaves out what existed before)
+                        rextra["peak_with_inputs_mb"] = rpeak + 3 * xr.nbytes / 2**20
+                    results.append(Result("nca_rollout", rlabel, impl, dname, rfwd, rfb,
+                                          saved_mb(lambda: _kept(roll_fwd)), rpeak, extra=rextra))
+                except Exception as e:
+                    note = f"error: {type(e).__name__}: {e}"[:120]
+                    results.append(Result("nca_rollout", rlabel, impl, dname, note=note))
+                for t in (x, xl, xr, xlr, *nchw, *rule):
+                    t.grad = None
+                release(device)
         if device.type == "cuda" and name == "mednca":
             results += _full_resolution_peak(impls[0][1], rule, C, kw, steps, label, dname, backends, device, log)
     return results
