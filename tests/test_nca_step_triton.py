@@ -420,6 +420,11 @@ def test_hidden_chunk_knob(monkeypatch):
         monkeypatch.setenv("FASTNCA_TRITON_NCA_BWD_HCHUNK", bad)
         with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_HCHUNK"):
             tri._hidden_chunk(rule)
+    # refused by every backward, also one that does not run the hidden-chunk kernel (the
+    # default mode): a typo was accepted silently there
+    state, grad_out, *w = make_inputs(1, 4, 3, 3, 8, 2, 1, 1)
+    with pytest.raises(ValueError, match="FASTNCA_TRITON_NCA_BWD_HCHUNK"):
+        tri.backward(grad_out, state, *w, 1, "reflect", 0.5, 3, 0, 1)
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["dense-grid", "compact"])

@@ -132,13 +132,14 @@ def test_geca_module_exports_its_diffusion():
 @pytest.mark.parametrize("version,knobs", [("3.0.0", False), ("3.3.1", False), ("3.4.0", True), ("3.6.0", True)])
 def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, version, knobs):
     """Whether the triton backend takes CPU tensors follows TRITON_INTERPRET as the installed
-    Triton reads it: exactly "1" before 3.4, 1/true/on/yes in any case from 3.4."""
+    Triton reads it: exactly "1" before 3.4, 1/true/on/yes/y in any case from 3.4."""
     import importlib.metadata
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
     # read once per process (cached): here from the patched metadata on every call
     monkeypatch.setattr(_backend, "_version", _backend._version.__wrapped__)
     for value, old, new in (("1", True, True), ("true", False, True), ("On", False, True), ("YES", False, True),
+                            ("y", False, True), ("Y", False, True), ("t", False, False),
                             ("0", False, False), ("", False, False), ("false", False, False), ("2", False, False)):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert _backend._triton_interpret() == (new if knobs else old), value
@@ -152,6 +153,19 @@ def test_triton_interpret_agrees_with_the_kernels():
 
     assert nca_step.interpreting is _runtime.interpreting is neighborhood_attention.interpreting
     assert _backend._triton_interpret() == _runtime.interpreting() == _backend._INTERPRET
+
+
+def test_triton_interpret_values_as_the_installed_triton(monkeypatch):
+    """Every spelling of TRITON_INTERPRET reads as the installed Triton's own parser reads it
+    (from 3.4 its C++ getenv_bool), so backends() never disagrees with the kernels."""
+    pytest.importorskip("triton")
+    try:
+        from triton._C.libtriton import getenv_bool
+    except ImportError:
+        pytest.skip("this Triton reads TRITON_INTERPRET in Python (before 3.4)")
+    for value in ("1", "0", "true", "TRUE", "on", "Yes", "y", "n", "t", "2", "", "false", "off"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _backend._triton_interpret() == getenv_bool("TRITON_INTERPRET", False), value
 
 
 def test_compiled_backend_choice_traces_no_metadata_lookup():
@@ -198,6 +212,26 @@ def test_auto_backend_passes_over_kernels_that_refuse_the_sizes(monkeypatch):
     monkeypatch.setattr(_backend, "_cuda_nca_refusal", lambda *a: None)
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31)) == "cuda"
     assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, cells=2**31, F=26)) == "reference"
+    # the triton kernels are built for C <= 128, F <= 3, hidden <= 256 (larger tiles pass
+    # Triton's block limits): backend=None takes cuda for larger rules, triton otherwise
+    assert _backend.resolve(None, "nca_step", cuda, torch.float32, sizes) == "triton"
+    for big, what in ((dict(hidden=257), "hidden size of at most 256, got 257"), (dict(C=129), "128 channels"),
+                      (dict(F=4, depthwise=False), "3 filters per channel, got 4")):
+        assert what in _backend.nca_unsupported("triton", **dict(sizes, **big))
+        assert _backend.resolve(None, "nca_step", cuda, torch.float32, dict(sizes, **big)) == "cuda"
+
+
+def test_triton_kernels_refuse_rules_past_their_limits():
+    """The triton kernel module itself refuses a rule past NCA_LIMITS["triton"], naming the
+    limit, before it arranges any weight (a hidden layer of 512 failed in Triton's frontend,
+    or on a GPU ran out of shared memory)."""
+    pytest.importorskip("triton")
+    from fastnca.kernels.triton import nca_step as tri
+
+    x = make_state(1, 4, 3, 3)
+    rule = make_rule(4, hidden=512)
+    with pytest.raises(ValueError, match="triton nca_step: its kernels support a hidden size of at most 256, got 512"):
+        tri.prepare(x, *rule, 1, "reflect", 0)
 
 
 @pytest.fixture

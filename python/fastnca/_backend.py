@@ -39,11 +39,12 @@ _AUTO = {
 
 def _triton_interpret() -> bool:
     """TRITON_INTERPRET as the installed Triton reads it when it decorates kernels (without
-    importing Triton): 1, true, on or yes in any case from Triton 3.4 (its knobs), exactly
-    "1" before. kernels.triton._runtime.interpreting() is the decorated kernels' own answer."""
+    importing Triton): 1, true, on, yes or y in any case from Triton 3.4 (its knobs' C++
+    getenv_bool, checked on 3.6 and 3.9), exactly "1" before.
+    kernels.triton._runtime.interpreting() is the decorated kernels' own answer."""
     value = os.environ.get("TRITON_INTERPRET", "0")
     if _triton_version() >= (3, 4):
-        return value.lower() in ("1", "true", "on", "yes")
+        return value.lower() in ("1", "true", "on", "yes", "y")
     return value == "1"
 
 
@@ -144,7 +145,11 @@ _DTYPES = {"reference": _checks.COMPUTE_DTYPES, "cpu": _checks.COMPUTE_DTYPES,
 NCA_LIMITS = {
     "cpu": {"channels": 65536, "filters": 64, "hidden": 65536, "side": (1 << 30) - 1},
     "cuda": {"depthwise_filters": 25, "hidden": 65536},  # and shared memory: _cuda_nca_refusal
-    "triton": {"cells": 2**31 - 1024},  # tile positions (int32) run a tile past the last cell
+    # cells: tile positions (int32) run a tile past the last cell. channels, filters, hidden:
+    # the rules the kernels are built and GPU-tested for; the largest (C=128, F=3, hidden
+    # 256) takes 164 KB of shared memory a block (sm_90), and larger tiles pass Triton's
+    # 2^20-element block limit (hidden > 32768 at 32 rows) or a block's shared memory first.
+    "triton": {"channels": 128, "filters": 3, "hidden": 256, "cells": 2**31 - 1024},
 }
 
 

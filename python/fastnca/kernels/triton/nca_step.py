@@ -1394,7 +1394,6 @@ def _tile_dims(C: int, FC: int, hid: int) -> tuple[int, int, int, int, int]:
     return c_pad, hid_pad, c_blk, fc_blk, cdiv(FC, fc_blk) * fc_blk
 
 
-_MAX_CELLS = _backend.NCA_LIMITS["triton"]["cells"]
 _HALF = (torch.float16, torch.bfloat16)
 # EXACT bits by operand family, for the host (the kernels' _EX_* constants)
 _EXACT_BITS = dict(state=_EX_STATE.value, grad=_EX_GRAD.value, pw=_EX_PW.value, w1=_EX_W1.value, dq=_EX_DQ.value,
@@ -1510,8 +1509,10 @@ class _Rule:
         if state.dtype not in _SUPPORTED:
             raise TypeError(f"triton nca_step supports float32, float16 and bfloat16 states, got {state.dtype}")
         B, C, H, W = state.shape
-        if B * H * W > _MAX_CELLS:  # tile positions (int32) run up to a tile past the last cell
-            raise ValueError(f"triton nca_step needs B*H*W <= {_MAX_CELLS} cells, got {B * H * W}")
+        problem = _backend.nca_unsupported("triton", C=C, F=pw.shape[0] // max(C, 1), hidden=w1.shape[0],
+                                           depthwise=groups != 1, cells=B * H * W, height=H, width=W)
+        if problem:  # NCA_LIMITS["triton"]; tile positions (int32) run up to a tile past the last cell
+            raise ValueError(f"triton nca_step: {problem}")
         dev = self.device = state.device
         self.dtypes = dict(state=state.dtype, pw=pw.dtype, w1=w1.dtype, w2=w2.dtype,
                            dq=torch.bfloat16 if _half_dq(state.dtype, pw.dtype) else torch.float32)
@@ -2143,6 +2144,7 @@ class _BackwardPlan:
         dev = state.device
         self.rule = rule  # kept: the plan's key holds its id
         reg_acc = _register_accumulators(rule)
+        _hidden_chunk(rule)  # the knob checked in every mode, not only where the kernel takes it
         self.gemm = gemm = reg_acc == _ACC_GEMM
         chunked = reg_acc == _ACC_CHUNKED  # the hidden-chunk kernel, partials in its slot
         # =gemm: a second workspace, the firing cells' [dz | h | gd | x | conv] rows in the
