@@ -32,9 +32,15 @@ class Prepared:
         self.key = _rule_key(state, weights, groups, padding, frozen)
 
 
+_WEIGHTS = ("pw", "pb", "w1", "b1", "w2", "b2")
+_KEY_NAMES = ("channels", "state dtype", "device", "groups", "padding", "frozen",
+              *(f"{w} shape" for w in _WEIGHTS), *(f"{w} dtype" for w in _WEIGHTS))
+
+
 def _rule_key(state, weights, groups, padding, frozen) -> tuple:
+    # flat, torch.Size as is: ~1.7 us a call on 2 CPU cores (a rollout step checks 2-3 times)
     return (state.shape[1], state.dtype, state.device, groups, padding, frozen,
-            *((tuple(w.shape), w.dtype) for w in weights))
+            *[w.shape for w in weights], *[w.dtype for w in weights])
 
 
 def arranged(prepared: Prepared | None, state, weights, groups, padding, frozen):
@@ -45,12 +51,10 @@ def arranged(prepared: Prepared | None, state, weights, groups, padding, frozen)
         return None
     key = _rule_key(state, weights, groups, padding, frozen)
     if key != prepared.key:
-        names = ("channels", "state dtype", "device", "groups", "padding", "frozen",
-                 "pw", "pb", "w1", "b1", "w2", "b2")
-        def show(v):  # a weight's (shape, dtype) as "(8, 12) float32"
-            return f"{v[0]} {str(v[1]).removeprefix('torch.')}" if isinstance(v, tuple) else str(v)
+        def show(v):  # "(8, 12)" for a torch.Size, "float32" for a dtype
+            return str(tuple(v)) if isinstance(v, torch.Size) else str(v).removeprefix("torch.")
 
-        diff = [f"{n} {show(a)} (call) vs {show(b)} (prepared)" for n, a, b in zip(names, key, prepared.key)
+        diff = [f"{n} {show(a)} (call) vs {show(b)} (prepared)" for n, a, b in zip(_KEY_NAMES, key, prepared.key)
                 if a != b]
         raise ValueError("prepared: arranged for another rule than this call's: " + "; ".join(diff))
     return prepared.value
