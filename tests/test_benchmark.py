@@ -46,6 +46,21 @@ def test_every_suite_times_the_same_backends(monkeypatch, op):
     assert timed_backends(cpu, op, reference=False) == ["reference"]  # nothing else to time
 
 
+def test_model_suites_take_the_impls_filter(monkeypatch):
+    """fastnca bench --impls narrows the mednca and geca suites too (their baseline always
+    runs); they ignored it."""
+    from fastnca import _backend
+    from fastnca.benchmark import common, models
+
+    monkeypatch.setattr(_backend, "_usable_on", lambda b, device: True)
+    cuda = torch.device("cuda")
+    assert [i for i, _ in models._impls(cuda, "nca_step")] == ["pytorch", "fastnca:cpu", "fastnca:cuda",
+                                                               "fastnca:triton"]
+    monkeypatch.setattr(common, "IMPLS", ["triton"])
+    for op in ("nca_step", "neighborhood_attention"):
+        assert models._impls(cuda, op) == [("pytorch", None), ("fastnca:triton", "triton")]
+
+
 def test_out_of_memory_does_not_fit():
     best, probes = largest_size_within(quadratic(1.0, oom_above=700), 2**40, start=256, multiple=32, limit=16384)
     assert best == 672

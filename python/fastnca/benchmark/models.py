@@ -7,7 +7,7 @@ import types
 import torch
 
 from .._checks import dtype_name
-from .common import Result, largest_size_within, median_ms, peak_mb, release, sync, timed_backends
+from .common import Result, largest_size_within, median_ms, peak_mb, release, selected, sync, timed_backends
 from .neighborhood_attention import unfold_attention
 
 
@@ -18,9 +18,10 @@ def _unfold_forward(self, x, backend=None):
     return self.to_out(unfold_attention(q, k, v).reshape(B, H, W, self.heads * self.dim_head))
 
 
-def _geca_impls(device) -> list[tuple[str, str | None]]:
-    """(impl, backend): the original structure (backend None) first, then each fastnca backend."""
-    return [("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, "neighborhood_attention", reference=False)]
+def _impls(device, op: str) -> list[tuple[str, str | None]]:
+    """(impl, backend): the original structure (backend None) first, then each fastnca backend
+    with kernels for ``op``, narrowed by ``fastnca bench --impls`` (common.selected)."""
+    return selected([("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, op, reference=False)])
 
 
 def _geca_model(cfg, backend, device):
@@ -56,7 +57,7 @@ def geca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, log
         x0 = torch.randn(B, 4, size, size, device=device)
         y = (torch.rand(B, 5, device=device) < 0.5).float()
         t = torch.randint(0, 1000, (B,), device=device)
-        for impl, backend in _geca_impls(device):
+        for impl, backend in _impls(device, "neighborhood_attention"):
             model = _geca_model(cfg, backend, device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -96,7 +97,7 @@ def geca_sampling(device: torch.device, dtype: torch.dtype, quick: bool, log=pri
         diffusion = create_diffusion(str(steps))
         label = f"{name} B={B} {size}x{size} {steps} steps x 12 CA steps, CFG 1.5, GHG"
         y = (torch.rand(B, 5, device=device) < 0.5).float()
-        for impl, backend in _geca_impls(device):
+        for impl, backend in _impls(device, "neighborhood_attention"):
             model = _geca_model(cfg, backend, device).eval()
             amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -204,7 +205,7 @@ def mednca(device: torch.device, dtype: torch.dtype, quick: bool, roofs: dict, l
     dname = dtype_name(dtype)
     B, size = (8, 256) if device.type == "cuda" else (1, 64)
     label = f"Med-NCA C=32 h=128 B={B} {size}x{size} 64+64 steps"
-    impls = [("pytorch", None)] + [(f"fastnca:{b}", b) for b in timed_backends(device, "nca_step", reference=False)]
+    impls = _impls(device, "nca_step")
     for mode, patch in (("patch 64", 64), ("full-res", None)):
         for impl, backend in impls:
             log(f"  mednca {mode} {impl} ...")
