@@ -679,7 +679,8 @@ def test_from_original_packaged_state_dict(tmp_path):
     levels = [_random_original(6, 8, seed=i).state_dict() for i in range(2)]
     for i, sd in enumerate(levels):
         torch.save(sd, tmp_path / f"m{i}.pth")
-    packed = {f"{pre}.{k}": v for pre, sd in zip(("backbone_lowres", "backbone_highres"), levels) for k, v in sd.items()}
+    packed = {f"{pre}.{k}": v for pre, sd in zip(("backbone_lowres", "backbone_highres"), levels)
+              for k, v in sd.items()}
     torch.save(packed, tmp_path / "packed.pth")
     cfg = {"inference_steps": 7, "cell_fire_rate": 0.25}
     want = MedNCA.from_original(tmp_path / "m0.pth", tmp_path / "m1.pth", cfg)
