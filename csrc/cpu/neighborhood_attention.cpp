@@ -235,20 +235,6 @@ FASTNCA_NA_INLINE void from_compute(const typename K::C* __restrict src, typenam
   for (int d = 0; d < n; ++d) K::S::store(dst + d, src[d]);
 }
 
-// <a, p> for one vector (a in the compute type, p in storage type).
-template <class K>
-FASTNCA_NA_INLINE typename K::C dot(const typename K::C* __restrict a, const typename K::T* p, int Drt) {
-  using V = typename K::V;
-  constexpr int L = K::L;
-  const int D = K::kD ? K::kD : Drt;
-  const int nv = D / L;
-  V acc = {};
-  for (int c = 0; c < nv; ++c) acc += K::loadc(a + c * L) * K::load(p + c * L);
-  typename K::C s = K::hsum(acc);
-  for (int d = nv * L; d < D; ++d) s += a[d] * K::S::load(p + d);
-  return s;
-}
-
 // out[j] = <a, ptrs[j]> for j < n, and out[n .. next multiple of L) = 0. Two keys per
 // sweep share the loads of a; all lane sums are formed before any horizontal sum so the
 // sweeps do not wait on the reductions. (A shuffle-tree reduction of L keys at a time
