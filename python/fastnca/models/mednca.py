@@ -91,10 +91,15 @@ def _check_original_state_dict(sd, what: str) -> None:
 _PACKAGED = ("backbone_lowres.", "backbone_highres.")
 
 
+def _is_packaged(sd) -> bool:
+    """Whether ``sd`` is the authors' packaged MedNCA state dict (both levels in one)."""
+    return isinstance(sd, dict) and any(str(k).startswith(_PACKAGED[0]) for k in sd)
+
+
 def _packaged_levels(sd, what: str) -> tuple[list, list]:
     """The two level state dicts of the authors' packaged MedNCA state dict, and names for
     them in errors; every key must belong to one of the two levels."""
-    if not isinstance(sd, dict) or not any(str(k).startswith(_PACKAGED[0]) for k in sd):
+    if not _is_packaged(sd):
         raise ValueError(f"{what}: one file holds both levels only as the authors' packaged MedNCA state dict "
                          f"(keys {_PACKAGED[0]}* and {_PACKAGED[1]}*); for per-level files (model0.pth, "
                          "model1.pth) pass both paths")
@@ -459,7 +464,7 @@ class MedNCA(nn.Module):
             sds = [torch.load(p, map_location=map_location, weights_only=True) for p in (model0_path, model1_path)]
             whats = [str(p) for p in (model0_path, model1_path)]
             for what, sd in zip(whats, sds):
-                if isinstance(sd, dict) and any(str(k).startswith(_PACKAGED[0]) for k in sd):
+                if _is_packaged(sd):
                     raise ValueError(f"{what} is a packaged Med-NCA state dict (both levels): pass it alone, "
                                      "MedNCA.from_original(path, None, config)")
         for what, sd in zip(whats, sds):
